@@ -1,0 +1,321 @@
+"""End-to-end generation time by stage, and memory over many generations in one process (issue 6).
+
+    python benchmarks/generate.py                          # builds the tiny bundle (ONNX Runtime), CPU
+    python benchmarks/generate.py --bundle bundles/tiny --repeats 5 --json
+    python benchmarks/generate.py --repeat-generations 20  # RSS after each of 20 generations
+    python benchmarks/generate.py --device cuda            # tiny bundle on the ONNX Runtime CUDA EP
+
+Stage mode times the stages `Pipeline.generate` runs, one by one through the pipeline's own
+methods (a test checks the result equals `generate`'s): text (prompt embeddings; the prompt
+misses the cache on every repeat, the empty negative prompt is cached after the first
+generation, as in real use), reference_prep (crop / resize), reference_encode (VAE encoder),
+sampling (every DiT call with guidance and Euler steps), decode (VAE decoder), write (mp4 +
+contact sheet), and facesim when --face-crop is on. One warm-up generation, then --repeats;
+min and median per stage. Bundle build and load are reported, never timed as stages.
+
+Repeat mode runs `Pipeline.generate` N times in one process (same prompt, seed i) and records
+the RSS after each (after a gc.collect()), to show memory stays flat: first, last, slope.
+
+Without --bundle the tiny bundle is built in a child process, so this process holds the
+runtime only (no torch on the ONNX Runtime path), as a user's would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import harness
+
+STAGES = ("text", "reference_prep", "reference_encode", "sampling", "decode", "write", "facesim")
+PROMPT = "a woman smiling at the camera, soft window light"
+_BUILD = ("import sys; from pathlib import Path; from stdrc.export.build import BuildConfig, build_engines; "
+          "build_engines(BuildConfig(preset=sys.argv[1], backend=sys.argv[2], out=Path(sys.argv[3]), "
+          "cache_dir=Path(sys.argv[4]), progress=False))")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    bundle: Path | None = None  # None: build the tiny bundle into a temporary folder
+    backend: str = "onnxruntime"  # for the built bundle
+    device: str = "cpu"
+    steps: int | None = None  # None: the bundle's
+    distilled: bool = False
+    max_batch: int = 3
+    warmup: int = 1
+    repeats: int = 3
+    seed: int = 0
+    reference: Path | None = None  # None: a seeded synthetic image (no face: use without --face-crop)
+    face_crop: bool = False
+    repeat_generations: int = 0  # > 0: memory mode
+    cache_dir: Path | None = None
+
+
+def synthetic_reference(seed: int, size: int = 256) -> np.ndarray:
+    """A smooth seeded RGB image: something for the VAE encoder to encode, not a face."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = np.stack([xx, yy, (xx + yy) / 2], axis=-1) * 200 + 20
+    return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+
+
+def build_tiny_bundle(out: Path, backend: str, cache_dir: Path) -> float:
+    """build_engines in a child process (keeps torch out of this one); seconds taken."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _BUILD, "tiny", backend, str(out), str(cache_dir)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"building the tiny bundle failed (exit {done.returncode}):\n{tail}")
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def stage(times: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    times[name] = (time.perf_counter() - start) * 1e3
+
+
+def staged_generation(pipe, reference, prompt: str, seed: int, cfg: GenerateConfig,  # noqa: ANN001
+                      output: Path) -> tuple[dict[str, float], dict, object]:
+    """What `Pipeline.generate` does, stage by stage: (ms per stage, DiT call facts, result)."""
+    from stdrc.runtime import sampler as smp
+    from stdrc.runtime.pipeline import GenerationResult
+
+    g, b = pipe.manifest.guidance, pipe.bucket
+    scales = smp.GuidanceScales(text=g["text_scale"], ref=g["ref_scale"])
+    sigmas = pipe.sigmas(cfg.steps, cfg.distilled)
+    times: dict[str, float] = {}
+    calls: list[float] = []
+
+    def denoiser(**feeds: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        velocity = pipe.denoiser(**feeds)
+        calls.append((time.perf_counter() - start) * 1e3)
+        return velocity
+
+    with stage(times, "text"):
+        text, no_text = pipe.prompts(prompt), pipe.prompts("")
+    with stage(times, "reference_prep"):
+        image = pipe.prepare_reference(reference, cfg.face_crop)
+    with stage(times, "reference_encode"):
+        ref_tokens = pipe.encode_reference(image)
+    channels = pipe.manifest.model_config["dit"]["in_channels"]
+    noise = np.random.default_rng(seed).standard_normal((1, b.video_tokens, channels), dtype=np.float32)
+    with stage(times, "sampling"):
+        latent = smp.sample(denoiser, noise, sigmas, smp.Conditioning(ref_tokens, text, no_text), scales,
+                            cfg.max_batch)
+    with stage(times, "decode"):
+        frames = pipe.decode(latent, seed)
+    result = GenerationResult(frames=frames, latent=latent, reference=image)
+    with stage(times, "write"):
+        pipe.write(result, output)
+    if cfg.face_crop and "face_encoder" in pipe.engines:
+        with stage(times, "facesim"):
+            pipe.facesim(frames, image)
+    dit = {"steps": len(sigmas) - 1, "dit_calls": len(calls), "dit_ms_total": sum(calls),
+           "dit_ms_median": float(np.median(calls)) if calls else None}
+    return times, dit, result
+
+
+def _memory_now(device: str) -> dict:
+    out = {"rss_mb": harness.rss_mb()}
+    if device == "cuda":
+        out["gpu_used_mb"] = harness.gpu_used_mb()
+    return out
+
+
+def stage_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:  # noqa: ANN001
+    output = out_dir / "bench.mp4"
+    for i in range(cfg.warmup):
+        staged_generation(pipe, reference, f"{PROMPT} (warm-up {i})", cfg.seed, cfg, output)
+    harness.reset_peak_rss()
+    before = _memory_now(cfg.device)
+    runs, dits = [], []
+    for i in range(cfg.repeats):
+        times, dit, _ = staged_generation(pipe, reference, f"{PROMPT} ({i})", cfg.seed + i, cfg, output)
+        runs.append(times)
+        dits.append(dit)
+    names = [s for s in STAGES if s in runs[0]]
+    stages = {s: harness.Timing(tuple(r[s] for r in runs)).to_json() for s in names}
+    totals = harness.Timing(tuple(sum(r.values()) for r in runs))
+    memory = {"before": before, "peak_rss_mb": harness.peak_rss_mb(), "after": _memory_now(cfg.device),
+              "source": "process RSS high-water (VmHWM) over the timed generations; GPU: device memory in use"}
+    dit = {"steps": dits[0]["steps"], "dit_calls": dits[0]["dit_calls"],
+           "dit_ms_median": float(np.median([d["dit_ms_median"] for d in dits])),
+           "note": "DiT calls as the pipeline makes them: numpy in and out, host copies included"}
+    overhead = float(np.median([r["sampling"] - d["dit_ms_total"] for r, d in zip(runs, dits)]))
+    return {"stages_ms": stages, "total_ms": totals.to_json(), "dit": dit, "sampling_overhead_ms": overhead,
+            "memory": memory}
+
+
+def _slope(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    return float(np.polyfit(np.arange(len(values)), values, 1)[0])
+
+
+def repeat_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:  # noqa: ANN001
+    """`generate` N times in one process; RSS (and GPU memory) after each."""
+    output = out_dir / "repeat.mp4"
+    rss, gpu, seconds = [], [], []
+    for i in range(cfg.repeat_generations):
+        start = time.perf_counter()
+        pipe.generate(reference, PROMPT, seed=cfg.seed + i, steps=cfg.steps, distilled=cfg.distilled,
+                      max_batch=cfg.max_batch, face_crop=cfg.face_crop, output=output)
+        seconds.append(time.perf_counter() - start)
+        gc.collect()
+        now = _memory_now(cfg.device)
+        rss.append(now["rss_mb"])
+        if "gpu_used_mb" in now:
+            gpu.append(now["gpu_used_mb"])
+    out = {
+        "generations": cfg.repeat_generations, "rss_mb": rss, "first_mb": rss[0], "last_mb": rss[-1],
+        "max_mb": max(rss), "growth_mb": rss[-1] - rss[0],
+        "slope_mb_per_generation": _slope(rss), "slope_after_first_mb_per_generation": _slope(rss[1:]),
+        "seconds": [round(s, 4) for s in seconds],
+        "note": "RSS read after each generation and a gc.collect(); same prompt, seed + i",
+    }
+    if gpu:
+        out.update(gpu_used_mb=gpu, gpu_slope_mb_per_generation=_slope(gpu))
+    return out
+
+
+def bundle_facts(pipe) -> dict:  # noqa: ANN001
+    m, b = pipe.manifest, pipe.bucket
+    return {
+        "preset": m.preset, "frames": b.frames, "height": b.height, "width": b.width, "fps": b.fps,
+        "video_tokens": b.video_tokens, "reference_tokens": b.reference_tokens, "text_length": b.text_length,
+        "dit_layers": m.model_config["dit"]["num_layers"],
+        "components": {k: {"backend": e.backend, "precision": e.precision} for k, e in m.components.items()},
+        "default_steps": m.sampler["steps"], "guidance": m.guidance,
+    }
+
+
+def run(cfg: GenerateConfig) -> dict:
+    from stdrc.runtime.pipeline import Pipeline
+
+    load_start = harness.load_average()
+    with tempfile.TemporaryDirectory(prefix="stdrc-generate-") as tmp:
+        tmp = Path(tmp)
+        bundle, build_s = cfg.bundle, None
+        if bundle is None:
+            bundle = tmp / "bundle"
+            build_s = build_tiny_bundle(bundle, cfg.backend, cfg.cache_dir or tmp / "cache")
+        start = time.perf_counter()
+        pipe = Pipeline.from_bundle(bundle, device=cfg.device)
+        load_s = time.perf_counter() - start
+        reference = cfg.reference if cfg.reference is not None else synthetic_reference(cfg.seed)
+        rep = {
+            "benchmark": "generate",
+            "mode": "repeat" if cfg.repeat_generations else "stages",
+            "timestamp": harness.timestamp(),
+            "device": harness.device_info(cfg.device),
+            "preset": pipe.manifest.preset,
+            "config": {
+                "bundle": str(cfg.bundle) if cfg.bundle else None, "built_backend": None if cfg.bundle else cfg.backend,
+                "device": cfg.device, "steps": cfg.steps if cfg.steps is not None else pipe.manifest.sampler["steps"],
+                "distilled": cfg.distilled, "max_batch": cfg.max_batch, "warmup": cfg.warmup,
+                "repeats": cfg.repeats, "seed": cfg.seed, "face_crop": cfg.face_crop,
+                "reference": str(cfg.reference) if cfg.reference else "synthetic 256x256 (no face)",
+                "repeat_generations": cfg.repeat_generations,
+            },
+            "bundle": bundle_facts(pipe),
+            "build_s": build_s, "load_s": load_s,
+            "versions": harness.versions(),
+        }
+        if cfg.repeat_generations:
+            rep["repeat"] = repeat_mode(pipe, reference, cfg, tmp)
+        else:
+            rep.update(stage_mode(pipe, reference, cfg, tmp))
+        del pipe
+    rep["config"]["load_average"] = {"start": load_start, "end": harness.load_average()}
+    return rep
+
+
+def print_report(rep: dict) -> None:
+    c, b, dev = rep["config"], rep["bundle"], rep["device"]
+    where = f"{dev['name']} ({dev['cores']} cores)" if dev["kind"] == "cpu" else dev["name"]
+    backends = sorted({e["backend"] for e in b["components"].values()})
+    print(f"generate, preset {b['preset']}: {b['frames']}x{b['height']}x{b['width']}, {b['dit_layers']} DiT layers, "
+          f"{c['steps']} steps, max batch {c['max_batch']}, {'/'.join(backends)} on {c['device']}: {where}")
+    print(f"bundle built in {harness.fmt(rep['build_s'], '.1f')} s, loaded in {rep['load_s']:.2f} s "
+          f"(not in the stage times); load average {c['load_average']}")
+    if rep["mode"] == "repeat":
+        r = rep["repeat"]
+        print(f"{r['generations']} generations in one process, RSS MB after each: "
+              + " ".join(f"{x:.0f}" for x in r["rss_mb"]))
+        print(f"first {r['first_mb']:.1f} MB, last {r['last_mb']:.1f} MB, max {r['max_mb']:.1f} MB, "
+              f"growth {r['growth_mb']:+.1f} MB, slope {harness.fmt(r['slope_mb_per_generation'], '+.3f')} "
+              f"MB/generation ({harness.fmt(r['slope_after_first_mb_per_generation'], '+.3f')} after the first)")
+        return
+    print(f"warm-up {c['warmup']}, repeats {c['repeats']}; ms per stage")
+    print(f"{'stage':<17} {'min ms':>10} {'median ms':>10}")
+    for name, t in rep["stages_ms"].items():
+        print(f"{name:<17} {t['min']:>10.2f} {t['median']:>10.2f}")
+    print(f"{'total':<17} {rep['total_ms']['min']:>10.2f} {rep['total_ms']['median']:>10.2f}")
+    d = rep["dit"]
+    print(f"sampling: {d['dit_calls']} DiT calls for {d['steps']} steps, median {harness.fmt(d['dit_ms_median'], '.2f')} "
+          f"ms per call; guidance + Euler + stream batching {harness.fmt(rep['sampling_overhead_ms'], '.2f')} ms")
+    m = rep["memory"]
+    print(f"memory: RSS {harness.fmt(m['before']['rss_mb'], '.0f')} MB before, peak "
+          f"{harness.fmt(m['peak_rss_mb'], '.0f')} MB over the timed generations")
+    v = rep["versions"]
+    print(f"versions: onnxruntime {v['onnxruntime']}, numpy {v['numpy']}, stdrc {v['stdrc']}, python {v['python']}")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, default=None, help="engine bundle (default: build the tiny one)")
+    p.add_argument("--preset", default="tiny",
+                   help="preset to build when no --bundle is given: only tiny builds without real weights")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "aoti", "tensorrt"),
+                   help="backend of the built tiny bundle")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
+    p.add_argument("--distilled", action="store_true")
+    p.add_argument("--max-batch", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ref", type=Path, default=None, help="reference photo (default: synthetic, no face)")
+    p.add_argument("--face-crop", action="store_true", help="detect and crop the face (needs a real photo)")
+    p.add_argument("--repeat-generations", type=int, default=0, metavar="N",
+                   help="memory mode: N generations in one process, RSS after each")
+    p.add_argument("--cache-dir", type=Path, default=None, help="ONNX export cache for the build")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if a.bundle is None and a.preset != "tiny":
+        p.error(f"--preset {a.preset} needs real weights (a Gemma-3 text side): build its bundle with "
+                "build-engines --checkpoint ... and pass --bundle")
+    if a.repeats < 1 or a.warmup < 0 or a.repeat_generations < 0:
+        p.error("--repeats must be >= 1, --warmup and --repeat-generations >= 0")
+    cfg = GenerateConfig(bundle=a.bundle, backend=a.backend, device=a.device, steps=a.steps, distilled=a.distilled,
+                         max_batch=a.max_batch, warmup=a.warmup, repeats=a.repeats, seed=a.seed, reference=a.ref,
+                         face_crop=a.face_crop, repeat_generations=a.repeat_generations, cache_dir=a.cache_dir)
+    return cfg, a.json
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, as_json = parse_args(argv)
+    rep = run(cfg)
+    if as_json:
+        print(harness.dump_json(rep))
+    else:
+        print_report(rep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

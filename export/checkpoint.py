@@ -1,0 +1,160 @@
+"""Checkpoint loading from safetensors in LTX-2's key layouts. Never unpickles.
+
+Layouts: ltx-core's (plain DiT keys, `vae.encoder.` etc.), ComfyUI's (`model.diffusion_model.`
+prefix), and ST-DRC DiT files (an LTX-2-layout DiT alone). Config comes from the file's
+`config` metadata when present (as ltx-core reads it), else from the preset.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from ltx_core.loader.sd_ops import SDOps
+from ltx_core.model.transformer.model_configurator import LTXV_MODEL_COMFY_RENAMING_MAP
+from ltx_core.model.video_vae.model_configurator import VAE_DECODER_COMFY_KEYS_FILTER, VAE_ENCODER_COMFY_KEYS_FILTER
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from stdrc.export.config import DiTConfig, Preset, VAEConfig
+from stdrc.export.errors import CheckpointError
+from stdrc.runtime.manifest import sha256_file
+
+_COMFY_PREFIX = "model.diffusion_model."
+# Parts of LTX-2's audio-video model that the video-only DiT does not have.
+_AUDIO_MARKERS = ("audio_", "av_ca_", "a2v", "v2a")
+_MAX_LISTED = 8
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    sha256: str
+    metadata_config: dict[str, Any] | None
+    dit: dict[str, torch.Tensor]
+    vae_encoder: dict[str, torch.Tensor]
+    vae_decoder: dict[str, torch.Tensor]
+
+
+def _check_safetensors(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .safetensors file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (too short): pass a .safetensors checkpoint")
+        (size,) = struct.unpack("<Q", head)
+        if size > path.stat().st_size - 8 or size > 100_000_000:
+            raise CheckpointError(
+                f"{path} is not a safetensors file (bad header; pickled .ckpt/.pt files are never loaded): "
+                "convert it to .safetensors"
+            )
+        try:
+            json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is not a safetensors file (header is not JSON): {e}") from e
+
+
+def _read(path: Path, ops: SDOps | None) -> dict[str, torch.Tensor]:
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            key = name if ops is None else ops.apply_to_key(name)
+            if key is not None:
+                out[key] = f.get_tensor(name)
+    return out
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    _check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            meta = f.metadata() or {}
+        config = json.loads(meta["config"]) if "config" in meta else None
+        comfy = any(k.startswith(_COMFY_PREFIX) for k in keys)
+        if comfy:
+            dit = _read(path, LTXV_MODEL_COMFY_RENAMING_MAP)
+        else:
+            dit = {k: v for k, v in _read(path, None).items() if not k.startswith("vae.")}
+        enc = _read(path, VAE_ENCODER_COMFY_KEYS_FILTER)
+        dec = _read(path, VAE_DECODER_COMFY_KEYS_FILTER)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
+    dit = {k: v for k, v in dit.items() if not any(m in k.split(".")[0] for m in _AUDIO_MARKERS)}
+    return Checkpoint(path, sha256_file(path), config, dit, enc, dec)
+
+
+def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Preset:
+    """Preset with the DiT and VAE hyper-parameters a checkpoint's metadata states."""
+    if not config:
+        return preset
+    t = config.get("transformer", {})
+    dit_fields = {f for f in DiTConfig.__dataclass_fields__}
+    dit_changes = {k: v for k, v in t.items() if k in dit_fields}
+    if "positional_embedding_max_pos" in dit_changes:
+        dit_changes["positional_embedding_max_pos"] = tuple(dit_changes["positional_embedding_max_pos"])
+    v = config.get("vae", {})
+    vae_changes: dict[str, Any] = {}
+    for key in ("latent_channels", "patch_size", "norm_layer", "latent_log_var", "decoder_base_channels",
+                "causal_decoder", "timestep_conditioning"):
+        if key in v:
+            vae_changes[key] = v[key]
+    for key in ("encoder_blocks", "decoder_blocks"):
+        if key in v:
+            vae_changes[key] = tuple((name, params) for name, params in v[key])
+    return replace(preset, dit=replace(preset.dit, **dit_changes), vae=replace(preset.vae, **vae_changes))
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    """Load every tensor or raise one error listing missing, unexpected and mis-shaped keys."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:_MAX_LISTED])}{more}")
+    if problems:
+        raise CheckpointError(
+            f"{path} does not match the {what} of this preset ({'; '.join(problems)}): "
+            "pick the preset the checkpoint was trained with"
+        )
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def save_checkpoint(
+    path: str | Path,
+    dit: torch.nn.Module,
+    vae_encoder: torch.nn.Module | None = None,
+    vae_decoder: torch.nn.Module | None = None,
+    config: dict[str, Any] | None = None,
+    layout: str = "comfy",
+) -> None:
+    """Write an LTX-2-layout checkpoint (tests and conversions); `dit` is an LTXModel."""
+    prefix = _COMFY_PREFIX if layout == "comfy" else ""
+    tensors = {prefix + k: v.contiguous() for k, v in dit.state_dict().items()}
+    for name, module in (("encoder", vae_encoder), ("decoder", vae_decoder)):
+        if module is not None:
+            for k, v in module.state_dict().items():
+                key = k.replace("per_channel_statistics.", "vae.per_channel_statistics.", 1) if k.startswith(
+                    "per_channel_statistics.") else f"vae.{name}.{k}"
+                tensors[key] = v.contiguous()
+    meta = {"config": json.dumps(config)} if config else None
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)

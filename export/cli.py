@@ -1,0 +1,91 @@
+"""`stdrc-export`: build engine bundles and verify them. Parses into a config, calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from stdrc.runtime.errors import StdrcError
+
+
+def _build(args: argparse.Namespace) -> int:
+    from stdrc.export.build import BuildConfig, build_engines
+
+    cfg = BuildConfig(
+        preset=args.preset, checkpoint=args.checkpoint, frames=args.frames, height=args.height, width=args.width,
+        fps=args.fps, backend=args.backend, precision=args.precision, out=args.out or Path("bundles") / args.preset,
+        seed=args.seed, layout=args.layout, face_weights=args.face_weights, calibrate_fp8=args.calibrate_fp8,
+        progress=not args.quiet, **({"cache_dir": args.cache_dir} if args.cache_dir else {}),
+    )
+    path = build_engines(cfg)
+    print(f"bundle written to {path}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from stdrc.export.verify import reports_json, verify_bundle
+
+    reports = verify_bundle(args.bundle, args.checkpoint, device=args.device)
+    result = reports_json(reports)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, r in reports.items():
+            status = "ok" if r.ok else "FAIL"
+            print(f"{name:13s} {r.backend:11s} {r.precision:5s} max_abs_err={r.max_abs_err:.3e} "
+                  f"rel_l2={r.rel_l2:.3e} (tol {r.tolerance:.0e}) {status}")
+    return 0 if result["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stdrc-export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build-engines", help="preset or checkpoint -> ONNX -> engines -> bundle folder")
+    b.add_argument("--preset", default="tiny", help="tiny (default) or ltx2-video")
+    b.add_argument("--checkpoint", type=Path, default=None, help="LTX-2 / ST-DRC .safetensors (else seeded weights)")
+    b.add_argument("--frames", type=int, default=None, help="8k+1 (default: the preset's bucket)")
+    b.add_argument("--height", type=int, default=None, help="multiple of 32")
+    b.add_argument("--width", type=int, default=None, help="multiple of 32")
+    b.add_argument("--fps", type=float, default=None)
+    b.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch", "aoti"),
+                   help="auto = TensorRT when importable with a GPU, else ONNX Runtime")
+    b.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "fp8"))
+    b.add_argument("--layout", default="tass", choices=("tass", "overlap", "width_shift", "before"),
+                   help="reference token positions (TASS-RoPE by default)")
+    b.add_argument("--face-weights", type=Path, default=None, help="arcface_torch backbone.pth (iresnet50)")
+    b.add_argument("--calibrate-fp8", action="store_true",
+                   help="run modelopt FP8 calibration and record its measured error in the manifest")
+    b.add_argument("--seed", type=int, default=0, help="seed of the preset's random weights")
+    b.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default ~/.cache/stdrc)")
+    b.add_argument("--out", type=Path, default=None, help="bundle folder (default bundles/<preset>)")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.set_defaults(func=_build)
+    v = sub.add_parser("verify", help="each bundle component vs the PyTorch reference")
+    v.add_argument("bundle", type=Path)
+    v.add_argument("--checkpoint", type=Path, default=None)
+    v.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "torch.export"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except StdrcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no bundle was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Model configs and presets by name. Differences between models live here, not in code branches."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from stdrc.runtime.errors import InputError
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """LTX-2 video-only transformer hyper-parameters (ltx-core's `transformer` config keys)."""
+
+    num_layers: int = 48
+    num_attention_heads: int = 32
+    attention_head_dim: int = 128
+    in_channels: int = 128
+    out_channels: int = 128
+    cross_attention_dim: int = 4096
+    caption_channels: int = 3840
+    norm_eps: float = 1e-6
+    positional_embedding_theta: float = 10000.0
+    positional_embedding_max_pos: tuple[int, int, int] = (20, 2048, 2048)
+    timestep_scale_multiplier: int = 1000
+    rope_type: str = "interleaved"  # or "split"
+    frequencies_precision: str = "float32"  # or "float64"
+    apply_gated_attention: bool = False
+    cross_attention_adaln: bool = False
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def ltx_config(self) -> dict[str, Any]:
+        """The dict ltx-core's `LTXVideoOnlyModelConfigurator.from_config` reads."""
+        t = {k: v for k, v in asdict(self).items()}
+        t["positional_embedding_max_pos"] = list(self.positional_embedding_max_pos)
+        t.update(
+            dropout=0.0, attention_bias=True, num_vector_embeds=None, activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000, use_linear_projection=False, only_cross_attention=False,
+            cross_attention_norm=True, double_self_attention=False, upcast_attention=False,
+            standardization_norm="rms_norm", norm_elementwise_affine=False, qk_norm="rms_norm",
+            positional_embedding_type="rope", use_middle_indices_grid=True, attention_type="pytorch",
+        )
+        return {"transformer": t}
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """LTX-2 video VAE (ltx-core's `vae` config keys). Real block lists come from checkpoint metadata."""
+
+    latent_channels: int = 128
+    patch_size: int = 4
+    norm_layer: str = "pixel_norm"
+    latent_log_var: str = "uniform"
+    encoder_blocks: tuple[tuple[str, Any], ...] = ()
+    decoder_blocks: tuple[tuple[str, Any], ...] = ()
+    decoder_base_channels: int = 128
+    causal_decoder: bool = False
+    timestep_conditioning: bool = False
+    encoder_spatial_padding_mode: str = "zeros"
+    decoder_spatial_padding_mode: str = "reflect"
+    decode_timestep: float = 0.05
+    decode_noise_scale: float = 0.025
+
+    def ltx_config(self, which: str) -> dict[str, Any]:
+        blocks = self.encoder_blocks if which == "encoder" else self.decoder_blocks
+        vae = {
+            "dims": 3,
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": self.latent_channels,
+            "patch_size": self.patch_size,
+            "norm_layer": self.norm_layer,
+            "latent_log_var": self.latent_log_var,
+            "encoder_blocks" if which == "encoder" else "decoder_blocks": [list(b) for b in blocks],
+            "decoder_base_channels": self.decoder_base_channels,
+            "causal_decoder": self.causal_decoder,
+            "timestep_conditioning": self.timestep_conditioning,
+            "spatial_padding_mode": (
+                self.encoder_spatial_padding_mode if which == "encoder" else self.decoder_spatial_padding_mode
+            ),
+        }
+        return {"vae": vae}
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The text side: encoder features -> LTX-2 connector -> context of `caption_channels`.
+
+    kind "tiny": seeded byte-level encoder, no download. kind "gemma": Gemma-3 from a local folder.
+    """
+
+    kind: str = "gemma"
+    max_length: int = 1024
+    vocab_size: int = 259  # tiny: 256 bytes + pad + bos + eos
+    encoder_dim: int = 3840
+    encoder_layers: int = 48
+    connector_heads: int = 30
+    connector_head_dim: int = 128
+    connector_layers: int = 2
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dit: DiTConfig
+    vae: VAEConfig
+    text: TextConfig
+    default_bucket: dict[str, Any] = field(default_factory=dict)
+    steps: int = 40
+    text_scale: float = 3.0
+    ref_scale: float = 2.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_dit(self, **changes: Any) -> Preset:
+        return replace(self, dit=replace(self.dit, **changes))
+
+
+def _tiny() -> Preset:
+    return Preset(
+        name="tiny",
+        dit=DiTConfig(
+            num_layers=2, num_attention_heads=2, attention_head_dim=32, cross_attention_dim=64,
+            caption_channels=32,
+        ),
+        vae=VAEConfig(
+            encoder_blocks=(("res_x", {"num_layers": 1}), ("compress_all", {}), ("compress_all", {}),
+                            ("compress_all", {})),
+            decoder_blocks=(("res_x", {"num_layers": 1}), ("compress_all", {"multiplier": 2}),
+                            ("compress_all", {"multiplier": 2}), ("compress_all", {"multiplier": 2})),
+            decoder_base_channels=16,
+            timestep_conditioning=True,
+        ),
+        text=TextConfig(
+            kind="tiny", max_length=16, encoder_dim=32, encoder_layers=2, connector_heads=2,
+            connector_head_dim=16, connector_layers=1,
+        ),
+        default_bucket={"frames": 9, "height": 64, "width": 96, "text_length": 16, "fps": 24.0},
+        steps=8,
+    )
+
+
+def _ltx2_video() -> Preset:
+    """LTX-2's video stream at full size: ltx-core's LTXModel defaults (48 x 32 heads x 128, text 4096)."""
+    return Preset(
+        name="ltx2-video",
+        dit=DiTConfig(),
+        vae=VAEConfig(
+            # LTX-2 video VAE layout; a checkpoint's own metadata overrides it when loaded.
+            encoder_blocks=(("res_x", {"num_layers": 4}), ("compress_space_res", {"multiplier": 2}),
+                            ("res_x", {"num_layers": 6}), ("compress_time_res", {"multiplier": 2}),
+                            ("res_x", {"num_layers": 6}), ("compress_all_res", {"multiplier": 2}),
+                            ("res_x", {"num_layers": 2}), ("compress_all_res", {"multiplier": 2}),
+                            ("res_x", {"num_layers": 2})),
+            decoder_blocks=(("res_x", {"num_layers": 5, "inject_noise": False}),
+                            ("compress_all", {"residual": True, "multiplier": 2}),
+                            ("res_x", {"num_layers": 5, "inject_noise": False}),
+                            ("compress_all", {"residual": True, "multiplier": 2}),
+                            ("res_x", {"num_layers": 5, "inject_noise": False}),
+                            ("compress_all", {"residual": True, "multiplier": 2}),
+                            ("res_x", {"num_layers": 5, "inject_noise": False})),
+            timestep_conditioning=False,
+        ),
+        text=TextConfig(),
+        default_bucket={"frames": 121, "height": 512, "width": 768, "text_length": 1024, "fps": 24.0},
+        steps=40,
+    )
+
+
+PRESETS = {"tiny": _tiny, "ltx2-video": _ltx2_video}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise InputError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,121 @@
+"""The ST-DRC DiT: ltx-core's LTX-2 video-only transformer behind the plain-tensor interface of DESIGN.md §3.
+
+`STDRCTransformer.forward` takes tokens, per-token timesteps, text context and masks, and
+precomputed RoPE tables, so no position or trigonometry math is left inside an exported graph.
+It calls ltx-core's own preprocessor pieces and blocks, so it computes what `LTXModel.forward`
+computes for the same tokens and positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from ltx_core.guidance.perturbations import BatchedPerturbationConfig
+from ltx_core.model.transformer.model import LTXModel
+from ltx_core.model.transformer.model_configurator import LTXVideoOnlyModelConfigurator
+from ltx_core.model.transformer.transformer_args import TransformerArgs
+
+from stdrc.export.config import DiTConfig
+
+# One sample with no perturbation: blocks run full self-attention whatever the batch size.
+# (An empty list would make `all_in_batch` true and silently skip self-attention.)
+_NO_PERTURBATION = BatchedPerturbationConfig.empty(1)
+
+DIT_INPUTS = ("latent", "timestep", "context", "context_mask", "attn_mask")
+DIT_OUTPUTS = ("velocity",)
+
+
+def build_ltx_model(cfg: DiTConfig) -> LTXModel:
+    """ltx-core's video-only LTXModel, materialised on CPU (its caption projection is built on meta)."""
+    model = LTXVideoOnlyModelConfigurator.from_config(cfg.ltx_config())
+    return model.to_empty(device="cpu") if any(p.is_meta for p in model.parameters()) else model
+
+
+def init_seeded(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """Deterministic values for every parameter and buffer: ltx-core leaves some as `torch.empty`."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # state_dict: parameters and persistent buffers; derived constant tables are left alone
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("std-of-means"):
+                tensor.copy_(1.0 + 0.1 * torch.rand(tensor.shape, generator=gen))
+            elif name.endswith("timestep_scale_multiplier"):
+                tensor.fill_(1000.0)
+            elif tensor.ndim <= 1 and ("norm" in name and name.endswith("weight")):
+                tensor.fill_(1.0)
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * std)
+
+
+def key_bias(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N] 1/0 key visibility -> additive (B, 1, 1, N) bias, as ltx-core biases text keys."""
+    return ((attn_mask.to(dtype) - 1) * torch.finfo(dtype).max).reshape(attn_mask.shape[0], 1, 1, -1)
+
+
+class STDRCTransformer(torch.nn.Module):
+    """Wraps an `LTXModel` (video only); its state dict keys are LTX-2's under the `ltx.` prefix."""
+
+    def __init__(self, ltx: LTXModel):
+        super().__init__()
+        self.ltx = ltx
+
+    def forward(
+        self,
+        latent: torch.Tensor,  # [B, N, C]
+        timestep: torch.Tensor,  # [B, N] sigma per token
+        context: torch.Tensor,  # [B, L, caption_channels]
+        context_mask: torch.Tensor,  # [B, L] int64 1/0
+        attn_mask: torch.Tensor,  # [B, N] int64 1 = visible as key
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        m = self.ltx
+        prep = m.video_args_preprocessor
+        batch = latent.shape[0]
+        dtype = latent.dtype
+        x = m.patchify_proj(latent)
+        timesteps, embedded = prep._prepare_timestep(timestep, m.adaln_single, batch, dtype)
+        prompt_timestep = None
+        if prep.prompt_adaln is not None:
+            prompt_timestep, _ = prep._prepare_timestep(timestep[:, :1], prep.prompt_adaln, batch, dtype)
+        # split RoPE reshapes queries by the table's batch size: give the table the real one
+        cos = rope_cos.expand(batch, *rope_cos.shape[1:])
+        sin = rope_sin.expand(batch, *rope_sin.shape[1:])
+        args = TransformerArgs(
+            x=x,
+            context=prep._prepare_context(context, x),
+            context_mask=prep._prepare_attention_mask(context_mask.to(torch.int64), dtype),
+            timesteps=timesteps,
+            embedded_timestep=embedded,
+            positional_embeddings=(cos, sin),
+            cross_positional_embeddings=None,
+            cross_scale_shift_timestep=None,
+            cross_gate_timestep=None,
+            enabled=True,
+            prompt_timestep=prompt_timestep,
+            self_attention_mask=key_bias(attn_mask, dtype),
+        )
+        for block in m.transformer_blocks:
+            args, _ = block(video=args, audio=None, perturbations=_NO_PERTURBATION)
+        return m._process_output(m.scale_shift_table, m.norm_out, m.proj_out, args.x, args.embedded_timestep)
+
+
+class BakedRopeDiT(torch.nn.Module):
+    """The DiT for one bucket with its RoPE tables baked in as constants (ONNX initializers)."""
+
+    def __init__(self, dit: STDRCTransformer, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+        super().__init__()
+        self.dit = dit
+        self.register_buffer("rope_cos", rope_cos.clone())
+        self.register_buffer("rope_sin", rope_sin.clone())
+
+    def forward(self, latent, timestep, context, context_mask, attn_mask):  # noqa: ANN001, ANN201
+        return self.dit(latent, timestep, context, context_mask, attn_mask, self.rope_cos, self.rope_sin)
+
+
+def build_dit(cfg: DiTConfig, seed: int | None = 0) -> STDRCTransformer:
+    ltx = build_ltx_model(cfg)
+    if seed is not None:
+        init_seeded(ltx, seed)
+    return STDRCTransformer(ltx).eval()

@@ -1,0 +1,15 @@
+"""Errors of the export stage."""
+
+from stdrc.runtime.errors import StdrcError
+
+
+class ExportError(StdrcError):
+    """An export or build step failed; the message names the fix."""
+
+
+class CheckpointError(StdrcError):
+    """A checkpoint is not safetensors, or does not match the preset."""
+
+
+class ParityError(StdrcError):
+    """An exported component disagrees with the PyTorch reference beyond tolerance."""

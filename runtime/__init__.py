@@ -1,0 +1,1 @@
+"""The lean runtime: loads an engine bundle and generates video. Imports no model code."""

@@ -1,0 +1,214 @@
+"""TensorRT engines at run time: deserialize a plan, bind cuda-python device buffers, execute.
+
+UNTESTED in this project's CI: TensorRT cannot be installed there (PyPI's tensorrt packages are
+stubs that download from NVIDIA at install time) and there is no GPU. Only the plain-data parts
+(`check_build`, `normalize_capability`) and the missing-package errors are tested. The layer is
+kept thin on purpose: TensorRT 10/11 Python API plus cuda-python, both imported lazily; no torch.
+
+Buffer ownership: device buffers belong to the engine (allocated for the largest shapes seen,
+freed by `close()`); `run` copies outputs into fresh numpy arrays owned by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from stdrc.runtime.backends import check_feeds
+from stdrc.runtime.errors import BackendUnavailableError, BundleError
+from stdrc.runtime.manifest import ComponentEntry
+
+log = logging.getLogger(__name__)
+
+# Keys of a TensorRT component's manifest `build` field, written by stdrc.engines.tensorrt.
+TRT_VERSION_KEY = "tensorrt_version"
+COMPUTE_CAPABILITY_KEY = "compute_capability"
+GPU_NAME_KEY = "gpu_name"
+
+
+def import_tensorrt() -> ModuleType:
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise BackendUnavailableError(
+            "TensorRT is not installable here (PyPI's tensorrt packages only download it from NVIDIA): "
+            "install `tensorrt` on a machine with an NVIDIA GPU, or use --backend onnxruntime"
+        ) from e
+    return tensorrt
+
+
+def import_cudart() -> ModuleType:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError as e:
+            raise BackendUnavailableError(
+                "the tensorrt backend needs cuda-python: pip install 'stdrc[gpu]' on the GPU machine"
+            ) from e
+    return cudart
+
+
+def _ok(result: tuple) -> Any:
+    """cuda-python returns (error, *values): raise on error, return the value(s)."""
+    err, *values = result
+    if getattr(err, "value", err) != 0:
+        raise BackendUnavailableError(f"CUDA call failed with {err}: check the GPU and driver (nvidia-smi)")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def normalize_capability(capability: str | tuple[int, int]) -> str:
+    """(8, 9) or "8.9" -> "8.9"."""
+    if isinstance(capability, str):
+        major, _, minor = capability.partition(".")
+        return f"{int(major)}.{int(minor or 0)}"
+    major, minor = capability
+    return f"{int(major)}.{int(minor)}"
+
+
+def gpu_facts(device: int | None = None) -> dict[str, str]:
+    """Name and compute capability of the current (or given) CUDA device, via cuda-python."""
+    cudart = import_cudart()
+    dev = _ok(cudart.cudaGetDevice()) if device is None else device
+    prop = _ok(cudart.cudaGetDeviceProperties(dev))
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return {GPU_NAME_KEY: name.rstrip("\x00"), COMPUTE_CAPABILITY_KEY: f"{prop.major}.{prop.minor}"}
+
+
+def check_build(entry: ComponentEntry, trt_version: str, gpu: dict[str, str]) -> None:
+    """A plan runs only with the TensorRT version and GPU architecture that built it."""
+    built = entry.build
+    if TRT_VERSION_KEY not in built or COMPUTE_CAPABILITY_KEY not in built:
+        raise BundleError(f"{entry.file}: the manifest records no TensorRT version / compute capability: "
+                          "rebuild the bundle with `stdrc-export build-engines --backend tensorrt`")
+    if built[TRT_VERSION_KEY] != trt_version:
+        raise BundleError(
+            f"{entry.file} was built with TensorRT {built[TRT_VERSION_KEY]} and this machine has "
+            f"{trt_version}: "
+            "plans load only in the TensorRT version that built them; rebuild the bundle on this machine "
+            "with `stdrc-export build-engines --backend tensorrt`"
+        )
+    want = normalize_capability(built[COMPUTE_CAPABILITY_KEY])
+    have = normalize_capability(gpu[COMPUTE_CAPABILITY_KEY])
+    if want != have:
+        raise BundleError(
+            f"{entry.file} was built for compute capability {want} "
+            f"({built.get(GPU_NAME_KEY, 'unknown GPU')}) "
+            f"and this GPU ({gpu.get(GPU_NAME_KEY, 'unknown')}) is {have}: rebuild the bundle on this GPU "
+            "with `stdrc-export build-engines --backend tensorrt`"
+        )
+
+
+class TensorRTEngine:
+    """One deserialized plan with its execution context, stream and device buffers."""
+
+    def __init__(self, path: str | Path, entry: ComponentEntry, use_cuda_graph: bool = False):
+        trt = import_tensorrt()
+        self._cudart = cudart = import_cudart()
+        check_build(entry, trt.__version__, gpu_facts())
+        self.entry = entry
+        self.use_cuda_graph = use_cuda_graph
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise BundleError(f"TensorRT could not deserialize {path} (see its log above): "
+                              "rebuild the bundle")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self._inputs = [n for n in names if is_input[n]]
+        self._outputs = [t.name for t in entry.outputs]
+        want = {t.name for t in entry.inputs} | set(self._outputs)
+        if set(names) != want:
+            raise BundleError(f"{path} has tensors {sorted(names)}, the manifest says {sorted(want)}: "
+                              "rebuild the bundle")
+        self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
+        self._out_shapes: dict[str, tuple[int, ...]] = {}
+        self._shapes_key: tuple | None = None
+        self._graph_exec = None
+        self.stream = _ok(cudart.cudaStreamCreate())
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, capacity = self._buffers.get(name, (0, 0))
+        if nbytes > capacity:
+            if ptr:
+                _ok(self._cudart.cudaFree(ptr))
+            ptr, capacity = _ok(self._cudart.cudaMalloc(max(nbytes, 1))), max(nbytes, 1)
+            self._buffers[name] = (ptr, capacity)
+        self.context.set_tensor_address(name, ptr)
+        return ptr
+
+    def _bind(self, host: dict[str, np.ndarray]) -> None:
+        key = tuple(host[n].shape for n in self._inputs)
+        if key == self._shapes_key:
+            return
+        for n in self._inputs:
+            if not self.context.set_input_shape(n, host[n].shape):
+                raise BundleError(f"{self.entry.file}: shape {host[n].shape} for {n!r} is outside "
+                                  "the plan's profile")
+            self._buffer(n, host[n].nbytes)
+        for n in self._outputs:
+            shape = tuple(self.context.get_tensor_shape(n))
+            self._out_shapes[n] = shape
+            self._buffer(n, int(np.prod(shape)) * self._dtypes[n].itemsize)
+        self._shapes_key = key
+        self._drop_graph()  # a captured graph holds the old shapes and addresses
+
+    def _execute(self) -> None:
+        cudart, stream = self._cudart, int(self.stream)
+        if self._graph_exec is not None:
+            _ok(cudart.cudaGraphLaunch(self._graph_exec, self.stream))
+            return
+        if not self.context.execute_async_v3(stream):
+            raise BundleError(f"TensorRT execution of {self.entry.file} failed (see its log above)")
+        if self.use_cuda_graph:  # the run above was the warm-up; capture the next one for replays
+            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+            _ok(cudart.cudaStreamBeginCapture(self.stream, mode))
+            self.context.execute_async_v3(stream)
+            graph = _ok(cudart.cudaStreamEndCapture(self.stream))
+            self._graph_exec = _ok(cudart.cudaGraphInstantiate(graph, 0))
+            _ok(cudart.cudaGraphDestroy(graph))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Copy in, execute on the engine's stream, copy out, synchronize. Outputs belong to the caller."""
+        check_feeds(self.entry, feeds, self.entry.file)
+        cudart = self._cudart
+        host = {n: np.ascontiguousarray(feeds[n], dtype=self._dtypes[n]) for n in self._inputs}
+        self._bind(host)
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for n, arr in host.items():
+            _ok(cudart.cudaMemcpyAsync(self._buffers[n][0], arr.ctypes.data, arr.nbytes, h2d, self.stream))
+        self._execute()
+        out = {n: np.empty(self._out_shapes[n], self._dtypes[n]) for n in self._outputs}
+        for n, arr in out.items():
+            _ok(cudart.cudaMemcpyAsync(arr.ctypes.data, self._buffers[n][0], arr.nbytes, d2h, self.stream))
+        _ok(cudart.cudaStreamSynchronize(self.stream))  # `host` stays alive until here
+        return out
+
+    def _drop_graph(self) -> None:
+        if self._graph_exec is not None:
+            _ok(self._cudart.cudaGraphExecDestroy(self._graph_exec))
+            self._graph_exec = None
+
+    def close(self) -> None:
+        """Free the device buffers, graph and stream; the engine is unusable afterwards."""
+        self._drop_graph()
+        for ptr, _ in self._buffers.values():
+            _ok(self._cudart.cudaFree(ptr))
+        self._buffers.clear()
+        self._shapes_key = None
+        if self.stream is not None:
+            _ok(self._cudart.cudaStreamDestroy(self.stream))
+            self.stream = None
+
+    def __enter__(self) -> TensorRTEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

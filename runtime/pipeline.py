@@ -1,0 +1,198 @@
+"""`Pipeline`: a bundle loaded once, then `generate(reference, prompt, ...)` as often as wanted."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stdrc.runtime import sampler as smp
+from stdrc.runtime.backends import Engine, check_feeds, open_engine
+from stdrc.runtime.errors import BundleError, InputError, NoFaceError
+from stdrc.runtime.manifest import Manifest, check_files, read_manifest
+from stdrc.runtime.text import PromptCache, tokenizer_from_manifest
+from stdrc.runtime.video import as_rgb, contact_sheet, frames_to_uint8, load_image, resize_cover, write_png, write_video
+
+log = logging.getLogger(__name__)
+REQUIRED = ("text_encoder", "dit", "vae_encoder", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    frames: np.ndarray  # [F, H, W, 3] uint8
+    latent: np.ndarray  # final video tokens [1, N_video, C]
+    reference: np.ndarray  # the prepared reference image [H, W, 3]
+    facesim: float | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def patchify(latent: np.ndarray) -> np.ndarray:
+    """[1, C, F, H, W] -> [1, F*H*W, C] (ltx-core's patch size 1 order)."""
+    b, c = latent.shape[:2]
+    return np.ascontiguousarray(latent.reshape(b, c, -1).transpose(0, 2, 1))
+
+
+def unpatchify(tokens: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+    b, _, c = tokens.shape
+    return np.ascontiguousarray(tokens.transpose(0, 2, 1).reshape(b, c, *grid))
+
+
+class Pipeline:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, engines: dict[str, Engine]):
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.engines = engines
+        self.bucket = manifest.bucket
+        self._tokenize = tokenizer_from_manifest(manifest.text)
+        self.prompts = PromptCache(self._encode_prompt)
+        self._detector = None
+        self._embedder = None
+
+    @staticmethod
+    def from_bundle(path: str | Path, backend: str | None = None, device: str = "cpu",
+                    verify_hashes: bool = True) -> Pipeline:
+        """Validate the manifest and files (format, sha256, backend, TensorRT version/GPU), then load."""
+        bundle_dir = Path(path)
+        manifest = read_manifest(bundle_dir)
+        missing = [c for c in REQUIRED if c not in manifest.components]
+        if missing:
+            raise BundleError(f"bundle {bundle_dir} lacks {', '.join(missing)}: rebuild it with build-engines")
+        if backend is not None:
+            wrong = {k: e.backend for k, e in manifest.components.items() if e.backend != backend}
+            if wrong:
+                raise BundleError(
+                    f"bundle {bundle_dir} holds {sorted(set(wrong.values()))} engines, not {backend}: "
+                    f"rebuild it with --backend {backend} or drop --backend"
+                )
+        check_files(bundle_dir, manifest, hashes=verify_hashes)
+        engines = {name: open_engine(bundle_dir, name, entry, device) for name, entry in manifest.components.items()}
+        return Pipeline(bundle_dir, manifest, engines)
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        engine = self.engines[component]
+        check_feeds(engine.entry, feeds, component)
+        return engine.run(feeds)
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def _encode_prompt(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = self._tokenize(prompt)
+        out = self.run("text_encoder", {"token_ids": ids, "token_mask": mask})
+        return out["context"].astype(np.float32), out["context_mask"].astype(np.int64)
+
+    def prepare_reference(self, reference: str | Path | np.ndarray, face_crop: bool = True) -> np.ndarray:
+        """Largest face, cropped with margin and resized to the bucket; or the whole photo."""
+        image = load_image(reference) if isinstance(reference, (str, Path)) else as_rgb(np.asarray(reference))
+        b = self.bucket
+        if not face_crop:
+            return resize_cover(image, b.height, b.width)
+        from stdrc.runtime import face
+
+        if self._detector is None:
+            self._detector = face.YuNetDetector(face.find_yunet())
+        found = face.largest_face(self._detector.detect(image))
+        if found is None:
+            raise NoFaceError("no face found in the reference image: use a clearer photo, or pass --no-face-crop")
+        return face.crop_reference(image, found, b.height, b.width)
+
+    def encode_reference(self, image: np.ndarray) -> np.ndarray:
+        pixels = (image.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None, :, None]
+        latent = self.run("vae_encoder", {"image": np.ascontiguousarray(pixels)})["latent"]
+        return patchify(latent.astype(np.float32))
+
+    def decode(self, tokens: np.ndarray, seed: int) -> np.ndarray:
+        b, vae = self.bucket, self.manifest.model_config["vae"]
+        latent = unpatchify(tokens, (b.latent_frames, b.latent_height, b.latent_width))
+        if vae["timestep_conditioning"]:
+            noise = np.random.default_rng(seed + 1).standard_normal(latent.shape, dtype=np.float32)
+            scale = np.float32(vae["decode_noise_scale"])
+            latent = noise * scale + (np.float32(1.0) - scale) * latent
+        timestep = np.full((1,), vae["decode_timestep"], np.float32)
+        video = self.run("vae_decoder", {"latent": latent.astype(np.float32), "timestep": timestep})["video"]
+        return frames_to_uint8(video)
+
+    def sigmas(self, steps: int | None, distilled: bool) -> np.ndarray:
+        if distilled:
+            return np.array(smp.DISTILLED_SIGMAS, np.float32)
+        cfg = self.manifest.sampler
+        steps = cfg["steps"] if steps is None else steps
+        return smp.ltx2_sigmas(steps, tokens=cfg["shift_tokens"], max_shift=cfg["max_shift"],
+                               base_shift=cfg["base_shift"], terminal=cfg["terminal"])
+
+    def denoiser(self, latent, timestep, context, context_mask, attn_mask):  # noqa: ANN001, ANN201
+        feeds = {"latent": latent, "timestep": timestep, "context": context,
+                 "context_mask": context_mask, "attn_mask": attn_mask}
+        return self.run("dit", feeds)["velocity"]
+
+    # -- the whole thing ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        reference: str | Path | np.ndarray,
+        prompt: str,
+        negative_prompt: str = "",
+        seed: int = 0,
+        steps: int | None = None,
+        text_scale: float | None = None,
+        ref_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        cfg_rescale: float = 0.0,
+        distilled: bool = False,
+        max_batch: int = 3,
+        face_crop: bool = True,
+        output: str | Path | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> GenerationResult:
+        from stdrc.runtime.video import check_writable
+
+        if steps is not None and steps < 1:
+            raise InputError(f"steps={steps}: use --steps 1 or more")
+        if not 1 <= max_batch <= 3:
+            raise InputError(f"max_batch={max_batch}: use 1, 2 or 3 guidance streams per DiT call")
+        if output is not None:
+            check_writable(output)
+        g = self.manifest.guidance
+        scales = smp.GuidanceScales(
+            text=g["text_scale"] if text_scale is None else text_scale,
+            ref=g["ref_scale"] if ref_scale is None else ref_scale,
+            interval=guidance_interval, rescale=cfg_rescale,
+        )
+        sigmas = self.sigmas(steps, distilled)
+        image = self.prepare_reference(reference, face_crop)
+        cond = smp.Conditioning(self.encode_reference(image), self.prompts(prompt), self.prompts(negative_prompt))
+        b = self.bucket
+        channels = self.manifest.model_config["dit"]["in_channels"]
+        noise = np.random.default_rng(seed).standard_normal((1, b.video_tokens, channels), dtype=np.float32)
+        total = len(sigmas) - 1
+        latent = smp.sample(self.denoiser, noise, sigmas, cond, scales, max_batch,
+                            on_step=(lambda i: on_step(i, total)) if on_step else None)
+        frames = self.decode(latent, seed)
+        result = GenerationResult(frames=frames, latent=latent, reference=image)
+        score = self.facesim(frames, image) if "face_encoder" in self.engines and face_crop else None
+        files = self.write(result, output) if output is not None else {}
+        return GenerationResult(frames, latent, image, score, files)
+
+    def facesim(self, frames: np.ndarray, reference: np.ndarray) -> float | None:
+        from stdrc.runtime import face
+
+        if self._detector is None:
+            self._detector = face.YuNetDetector(face.find_yunet())
+        entry = self.manifest.components["face_encoder"]
+        if entry.backend != "onnxruntime":
+            return None
+        if self._embedder is None:
+            self._embedder = face.FaceEmbedder(self.bundle_dir / entry.file)
+        try:
+            return face.facesim(frames, reference, self._detector, self._embedder).score
+        except NoFaceError:
+            return None
+
+    def write(self, result: GenerationResult, output: str | Path) -> dict[str, str]:
+        output = Path(output)
+        codec = write_video(result.frames, output, self.bucket.fps)
+        sheet = output.with_name(output.stem + "_sheet.png")
+        write_png(contact_sheet(result.frames), sheet)
+        return {"video": str(output), "contact_sheet": str(sheet), "codec": codec}

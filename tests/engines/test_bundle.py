@@ -1,0 +1,97 @@
+"""build-engines -> bundle -> verify, on the tiny preset with ONNX Runtime (fp32, CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stdrc.engines.bundle import BundleWriter
+from stdrc.export.build import BuildConfig, build_engines
+from stdrc.export.verify import verify_bundle
+from stdrc.runtime.errors import BundleError
+from stdrc.runtime.manifest import FORMAT_VERSION, check_files, read_manifest, sha256_file
+
+
+def test_manifest_describes_the_bundle(tiny_bundle: Path) -> None:
+    m = read_manifest(tiny_bundle)
+    assert m.format == FORMAT_VERSION and m.preset == "tiny"
+    assert set(m.components) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
+    assert m.bucket.frames == 9 and m.bucket.video_tokens == 12 and m.bucket.reference_tokens == 6
+    dit = m.components["dit"]
+    assert [t.name for t in dit.inputs] == ["latent", "timestep", "context", "context_mask", "attn_mask"]
+    assert dit.inputs[0].shape == ("batch", 18, 128) and dit.dynamic_dims == {"batch": [1, 3, 3]}
+    assert m.rope["layout"] == "tass" and m.guidance["null_reference"] == "key_mask"
+    assert len(m.sampler["sigmas"]) == m.sampler["steps"] + 1
+    for rel, digest in {**{e.file: e.sha256 for e in m.components.values()}, m.rope["file"]: m.rope["sha256"]}.items():
+        assert sha256_file(tiny_bundle / rel) == digest
+    check_files(tiny_bundle, m)
+
+
+def test_verify_every_component_within_1e4(tiny_bundle: Path) -> None:
+    reports = verify_bundle(tiny_bundle)
+    assert set(reports) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
+    for name, r in reports.items():
+        assert r.ok and r.rel_l2 <= 1e-4, (name, r)
+        assert r.rel_l2 > 0 or r.max_abs_err == 0
+
+
+def test_verify_cli_json(tiny_bundle: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "stdrc.export.cli", "verify", str(tiny_bundle), "--json"],
+                         capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    assert set(data["components"]["dit"]) >= {"max_abs_err", "rel_l2", "ok"}
+    assert data["ok"] is True
+
+
+def test_tampered_engine_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    data = bytearray((copy / "dit.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "dit.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        verify_bundle(copy)
+
+
+def test_rebuild_uses_the_stage_cache(tiny_bundle: Path, cache_dir: Path, tmp_path: Path) -> None:
+    done = sorted(cache_dir.rglob("*.done"))
+    assert len(done) == 5
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    second = build_engines(BuildConfig(out=tmp_path / "again", cache_dir=cache_dir, backend="onnxruntime",
+                                       progress=False))
+    assert {p: p.stat().st_mtime_ns for p in done} == stamps  # nothing re-exported
+    a, b = read_manifest(tiny_bundle), read_manifest(second)
+    assert {k: v.sha256 for k, v in a.components.items()} == {k: v.sha256 for k, v in b.components.items()}
+
+
+def test_interrupted_build_leaves_no_bundle(tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    with pytest.raises(RuntimeError):
+        with BundleWriter(out) as writer:
+            writer.path("dit.onnx").write_bytes(b"half")
+            raise RuntimeError("killed mid-build")
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--frames", "10"], "not 8k+1"),
+    (["--height", "100"], "multiple of 32"),
+    (["--preset", "sd15"], "unknown preset"),
+    (["--checkpoint", "missing.safetensors"], "does not exist"),
+    (["--backend", "onnxruntime", "--precision", "fp8"], "FP8 needs --backend tensorrt"),
+])
+def test_build_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "b"
+    proc = subprocess.run([sys.executable, "-m", "stdrc.export.cli", "build-engines", "-q", "--out", str(out),
+                           "--cache-dir", str(tmp_path / "c"), *args], capture_output=True, text=True)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -1,0 +1,126 @@
+"""Checkpoint loading from LTX-2-layout safetensors, written here as small files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stdrc.export.checkpoint import read_checkpoint, save_checkpoint
+from stdrc.export.config import get_preset
+from stdrc.export.dit import build_dit
+from stdrc.export.errors import CheckpointError
+from stdrc.export.models import load_models
+from stdrc.export.vae import build_vae
+
+
+@pytest.fixture(scope="module")
+def donor():
+    preset = get_preset("tiny")
+    dit = build_dit(preset.dit, seed=11)
+    enc, dec = build_vae(preset.vae, seed=11)
+    return preset, dit, enc, dec
+
+
+@pytest.mark.parametrize("layout", ["comfy", "ltx"])
+def test_roundtrip_loads_the_same_weights(tmp_path: Path, donor, layout: str) -> None:
+    preset, dit, enc, dec = donor
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, dit.ltx, enc, dec, layout=layout)
+    models = load_models("tiny", checkpoint=path)
+    for k, v in dit.ltx.state_dict().items():
+        assert torch.equal(models.dit.ltx.state_dict()[k], v), k
+    for k, v in dec.state_dict().items():
+        assert torch.equal(models.vae_decoder.state_dict()[k], v), k
+    assert models.checkpoint_sha256 == read_checkpoint(path).sha256
+
+
+def test_dit_only_file_keeps_seeded_vae(tmp_path: Path, donor) -> None:
+    """ST-DRC weights are an LTX-2-layout DiT alone."""
+    _, dit, _, _ = donor
+    path = tmp_path / "stdrc_dit.safetensors"
+    save_checkpoint(path, dit.ltx, layout="ltx")
+    models = load_models("tiny", checkpoint=path)
+    assert torch.equal(models.dit.ltx.proj_out.weight, dit.ltx.proj_out.weight)
+
+
+def test_metadata_config_overrides_preset(tmp_path: Path) -> None:
+    preset = get_preset("tiny").with_dit(rope_type="split", num_layers=1)
+    dit = build_dit(preset.dit, seed=2)
+    path = tmp_path / "split.safetensors"
+    save_checkpoint(path, dit.ltx, config={"transformer": {"rope_type": "split", "num_layers": 1}})
+    models = load_models("tiny", checkpoint=path)
+    assert models.preset.dit.rope_type == "split" and models.preset.dit.num_layers == 1
+
+
+def test_audio_keys_of_av_checkpoints_are_ignored(tmp_path: Path, donor) -> None:
+    _, dit, _, _ = donor
+    tensors = {f"model.diffusion_model.{k}": v.contiguous() for k, v in dit.ltx.state_dict().items()}
+    tensors["model.diffusion_model.audio_patchify_proj.weight"] = torch.zeros(4, 4)
+    tensors["model.diffusion_model.av_ca_video_scale_shift_adaln_single.linear.bias"] = torch.zeros(4)
+    path = tmp_path / "av.safetensors"
+    save_file(tensors, str(path))
+    load_models("tiny", checkpoint=path)
+
+
+def _write_modified(tmp_path: Path, dit, change) -> Path:
+    tensors = {k: v.clone().contiguous() for k, v in dit.ltx.state_dict().items()}
+    change(tensors)
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def test_missing_key_is_listed(tmp_path: Path, donor) -> None:
+    path = _write_modified(tmp_path, donor[1], lambda t: t.pop("proj_out.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing: proj_out\.weight"):
+        load_models("tiny", checkpoint=path)
+
+
+def test_unexpected_key_is_listed(tmp_path: Path, donor) -> None:
+    path = _write_modified(tmp_path, donor[1], lambda t: t.__setitem__("extra_head.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match=r"1 unexpected: extra_head\.weight"):
+        load_models("tiny", checkpoint=path)
+
+
+def test_wrong_shape_is_listed(tmp_path: Path, donor) -> None:
+    path = _write_modified(tmp_path, donor[1], lambda t: t.__setitem__("proj_out.bias", torch.zeros(7)))
+    with pytest.raises(CheckpointError, match=r"wrong shape: proj_out\.bias: checkpoint \(7,\)"):
+        load_models("tiny", checkpoint=path)
+
+
+def test_other_preset_checkpoint_is_refused(tmp_path: Path) -> None:
+    bigger = get_preset("tiny").with_dit(num_layers=3)
+    path = tmp_path / "three_layers.safetensors"
+    save_checkpoint(path, build_dit(bigger.dit, seed=0).ltx)
+    with pytest.raises(CheckpointError, match="unexpected: transformer_blocks.2"):
+        load_models("tiny", checkpoint=path)
+
+
+def test_pickle_is_never_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(pickle.dumps({"weight": [1, 2, 3]}))
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_checkpoint(path)
+
+
+def test_truncated_file(tmp_path: Path, donor) -> None:
+    path = tmp_path / "full.safetensors"
+    save_checkpoint(path, donor[1].ltx)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated|not a safetensors"):
+        load_models("tiny", checkpoint=cut)
+
+
+def test_missing_and_garbage_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + json.dumps({"a": 1}).encode()[:5] + b"\xff" * 11)
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_checkpoint(junk)
