@@ -31,9 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 import harness
+import numpy as np
 
 BASELINE = "ltx-eager"
 BACKENDS = ("ltx-eager", "stdrc-torch", "onnxruntime", "torch-export", "aoti", "tensorrt")
@@ -67,13 +66,13 @@ class StepConfig:
 class ParamCounts:
     """Linear-layer weights of the DiT, split by which tokens they multiply."""
 
-    token: int  # outside the blocks, per video/reference token: patchify, adaLN (per-token timesteps), proj_out
+    token: int  # outside the blocks, per token: patchify, adaLN (timesteps are per token), proj_out
     text: int  # outside the blocks, per text token: caption projection
     block_token: int  # one block, per token: self-attention QKVO, cross-attention Q/O, feed-forward
     block_text: int  # one block, per text token: cross-attention K/V
 
     @staticmethod
-    def of(ltx) -> ParamCounts:  # noqa: ANN001
+    def of(ltx) -> ParamCounts:
         import torch
 
         counts = {"token": 0, "text": 0, "block_token": 0, "block_text": 0}
@@ -82,7 +81,8 @@ class ParamCounts:
                     name.startswith("transformer_blocks.0.") or not name.startswith("transformer_blocks.")):
                 continue
             on_text = name.startswith("caption_projection") or ".attn2.to_k" in name or ".attn2.to_v" in name
-            key = ("block_" if name.startswith("transformer_blocks.") else "") + ("text" if on_text else "token")
+            in_block = name.startswith("transformer_blocks.")
+            key = ("block_" if in_block else "") + ("text" if on_text else "token")
             counts[key] += module.weight.numel()
         return ParamCounts(**counts)
 
@@ -192,12 +192,13 @@ def _tensor(out: object) -> np.ndarray:
     return out.detach().float().cpu().numpy()
 
 
-def _ort_cuda(engine, feeds: dict[str, np.ndarray], tf32: bool) -> Loaded:  # noqa: ANN001
+def _ort_cuda(engine, feeds: dict[str, np.ndarray], tf32: bool) -> Loaded:
     """Inputs bound once on the GPU, output left there: no host copies in the timed call."""
     import onnxruntime as ort
 
     session = engine.session
-    session.set_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], [{"use_tf32": str(int(tf32))}, {}])
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    session.set_providers(providers, [{"use_tf32": str(int(tf32))}, {}])
     binding = session.io_binding()
     values = [ort.OrtValue.ortvalue_from_numpy(feeds[t.name], "cuda", 0) for t in engine.entry.inputs]
     for spec, value in zip(engine.entry.inputs, values):
@@ -212,7 +213,6 @@ def _ort_cuda(engine, feeds: dict[str, np.ndarray], tf32: bool) -> Loaded:  # no
 
 
 def load(name: str, s: Setup, entry: object, folder: Path | None, inputs: dict) -> Loaded:
-    import torch
 
     cfg, n = s.cfg, s.bucket.tokens
     args = [inputs[t.name] for t in s.spec.inputs]
@@ -255,18 +255,20 @@ def load(name: str, s: Setup, entry: object, folder: Path | None, inputs: dict) 
 
 # -- measuring --------------------------------------------------------------------------------
 
-def _memory(name: str, device: str, rss_before: float | None, gpu_before: float | None) -> dict:
+def _memory(name: str, device: str, rss_before: float | None, gpu_before: tuple[float, float] | None) -> dict:
     if device != "cuda":
         peak = harness.peak_rss_mb()
         return {"peak_mem_mb": peak, "mem_added_mb": None if rss_before is None else peak - rss_before,
                 "mem_source": "process RSS high-water (VmHWM), reset before loading this backend"}
     import torch
 
+    allocated_before, used_before = gpu_before
     if name in ("ltx-eager", "stdrc-torch", "torch-export", "aoti"):
-        return {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20,
-                "mem_added_mb": None, "mem_source": "torch.cuda.max_memory_allocated (reset before loading)"}
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return {"peak_mem_mb": peak, "mem_added_mb": peak - allocated_before,
+                "mem_source": "torch.cuda.max_memory_allocated, reset before loading this backend"}
     used = harness.gpu_used_mb()
-    return {"peak_mem_mb": used, "mem_added_mb": used - gpu_before,
+    return {"peak_mem_mb": used, "mem_added_mb": used - used_before,
             "mem_source": "device memory in use after the timed calls (cudaMemGetInfo), not a peak"}
 
 
@@ -278,7 +280,10 @@ def measure(name: str, s: Setup, built: tuple | None, reference: np.ndarray) -> 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     harness.reset_peak_rss()
-    rss_before, gpu_before = harness.rss_mb(), harness.gpu_used_mb()
+    rss_before = harness.rss_mb()
+    gpu_before = None
+    if cfg.device == "cuda":
+        gpu_before = (torch.cuda.memory_allocated() / 2**20, harness.gpu_used_mb())
     entry, folder = built if built else (None, None)
     inputs = {k: torch.from_numpy(v).to(cfg.device) for k, v in s.feeds.items()}
     with torch.inference_mode():
@@ -311,7 +316,8 @@ def run(cfg: StepConfig) -> dict:
         s = make_setup(cfg, Path(tmp))
         results: dict[str, dict] = {}
         built: dict[str, tuple] = {}
-        for name in names:  # ONNX builds first: torch builds move the module to the GPU
+        # ONNX-based builds first: the torch builds move the shared module to the GPU when there is one
+        for name in sorted(names, key=lambda n: n not in ("onnxruntime", "tensorrt")):
             reason = skip_reason(name, cfg)
             if reason:
                 results[name] = {"status": "skipped", "reason": reason}
@@ -320,7 +326,7 @@ def run(cfg: StepConfig) -> dict:
                     timing = harness.time_calls(lambda n=name: built.__setitem__(n, build(n, s, stack)),
                                                 0, 1, lambda: None)
                     results[name] = {"status": "ok", "build_s": timing.min_ms / 1e3}
-                except Exception as e:  # a backend that cannot build is reported, not fatal
+                except Exception as e:  # noqa: BLE001 -- a backend that cannot build is reported, not fatal
                     results[name] = {"status": "failed", "reason": f"build: {type(e).__name__}: {e}"}
             else:
                 results[name] = {"status": "ok", "build_s": 0.0}
@@ -334,7 +340,7 @@ def run(cfg: StepConfig) -> dict:
                 continue
             try:
                 results[name].update(measure(name, s, built.get(name), reference))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 -- likewise at run time
                 results[name] = {"status": "failed", "reason": f"run: {type(e).__name__}: {e}"}
         rep = report(s, names, results)
     rep["config"]["load_average"] = {"start": load_start, "end": harness.load_average()}
@@ -344,8 +350,8 @@ def run(cfg: StepConfig) -> dict:
 def report(s: Setup, names: list[str], results: dict[str, dict]) -> dict:
     cfg, b, d = s.cfg, s.bucket, s.models.preset.dit
     params = ParamCounts.of(s.module.dit.ltx)
-    shape = dict(heads=d.num_attention_heads, head_dim=d.attention_head_dim, batch=STREAMS, tokens=b.tokens,
-                 text_length=b.text_length)
+    shape = {"heads": d.num_attention_heads, "head_dim": d.attention_head_dim, "batch": STREAMS,
+             "tokens": b.tokens, "text_length": b.text_length}
     flops = dit_flops(params, d.num_layers, **shape)
     full_flops = dit_flops(params, s.full_layers, **shape)
     device = harness.device_info(cfg.device)
@@ -381,7 +387,8 @@ def report(s: Setup, names: list[str], results: dict[str, dict]) -> dict:
             "latent_grid": [b.latent_frames, b.latent_height, b.latent_width],
             "video_tokens": b.video_tokens, "reference_tokens": b.reference_tokens, "tokens": b.tokens,
             "text_length": b.text_length, "batch": STREAMS, "layout": "tass",
-            "layers": d.num_layers, "full_layers": s.full_layers, "depth_reduced": d.num_layers < s.full_layers,
+            "layers": d.num_layers, "full_layers": s.full_layers,
+            "depth_reduced": d.num_layers < s.full_layers,
             "heads": d.num_attention_heads, "head_dim": d.attention_head_dim, "rope_type": d.rope_type,
             "dtype": "float32", "tf32": cfg.tf32, "threads": cfg.threads, "device": cfg.device,
             "warmup": cfg.warmup, "repeats": cfg.repeats, "seed": cfg.seed,
@@ -401,7 +408,8 @@ def print_table(rep: dict) -> None:
           f"{c['frames']}x{c['height']}x{c['width']} -> {c['video_tokens']} video + {c['reference_tokens']} "
           f"reference tokens, text {c['text_length']}, batch {c['batch']} guidance streams, fp32"
           f"{' (TF32 on)' if c['tf32'] else ''}")
-    print(f"device {c['device']}: {where}, {c['threads']} threads; warm-up {c['warmup']}, repeats {c['repeats']}; "
+    print(f"device {c['device']}: {where}, {c['threads']} threads; "
+          f"warm-up {c['warmup']}, repeats {c['repeats']}; "
           f"{c['flops_per_step'] / 1e9:.3g} GFLOP per step")
     load = c.get("load_average") or {}
     print(f"load average (1/5/15 min): {load.get('start')} at start, {load.get('end')} at end")
@@ -419,7 +427,8 @@ def print_table(rep: dict) -> None:
             continue
         f = harness.fmt
         line = (f"{r['name']:<13} {f(r['ms_min'], '9.3f')} {f(r['ms_median'], '10.3f')} "
-                f"{f(r['ratio_to_baseline'], '6.2f')} {f(r['tokens_per_s'], '10.0f')} {f(r['tflops'], '8.4f')} "
+                f"{f(r['ratio_to_baseline'], '6.2f')} {f(r['tokens_per_s'], '10.0f')} "
+                f"{f(r['tflops'], '8.4f')} "
                 f"{f(r['pct_of_peak'], '6.1f')} {f(r['peak_mem_mb'], '8.0f')} {f(r['mem_added_mb'], '7.0f')} "
                 f"{f(r['build_s'], '7.1f')} {f(r['max_abs_diff'], '9.1e')}")
         if c["depth_reduced"]:

@@ -33,9 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 import harness
+import numpy as np
 
 STAGES = ("text", "reference_prep", "reference_encode", "sampling", "decode", "write", "facesim")
 PROMPT = "a woman smiling at the camera, soft window light"
@@ -73,7 +72,7 @@ def build_tiny_bundle(out: Path, backend: str, cache_dir: Path) -> float:
     """build_engines in a child process (keeps torch out of this one); seconds taken."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _BUILD, "tiny", backend, str(out), str(cache_dir)],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"building the tiny bundle failed (exit {done.returncode}):\n{tail}")
@@ -87,7 +86,7 @@ def stage(times: dict[str, float], name: str) -> Iterator[None]:
     times[name] = (time.perf_counter() - start) * 1e3
 
 
-def staged_generation(pipe, reference, prompt: str, seed: int, cfg: GenerateConfig,  # noqa: ANN001
+def staged_generation(pipe, reference, prompt: str, seed: int, cfg: GenerateConfig,
                       output: Path) -> tuple[dict[str, float], dict, object]:
     """What `Pipeline.generate` does, stage by stage: (ms per stage, DiT call facts, result)."""
     from stdrc.runtime import sampler as smp
@@ -136,7 +135,7 @@ def _memory_now(device: str) -> dict:
     return out
 
 
-def stage_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:  # noqa: ANN001
+def stage_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:
     output = out_dir / "bench.mp4"
     for i in range(cfg.warmup):
         staged_generation(pipe, reference, f"{PROMPT} (warm-up {i})", cfg.seed, cfg, output)
@@ -151,7 +150,8 @@ def stage_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:  # 
     stages = {s: harness.Timing(tuple(r[s] for r in runs)).to_json() for s in names}
     totals = harness.Timing(tuple(sum(r.values()) for r in runs))
     memory = {"before": before, "peak_rss_mb": harness.peak_rss_mb(), "after": _memory_now(cfg.device),
-              "source": "process RSS high-water (VmHWM) over the timed generations; GPU: device memory in use"}
+              "source": "process RSS high-water (VmHWM) over the timed generations; "
+                        "GPU: device memory in use"}
     dit = {"steps": dits[0]["steps"], "dit_calls": dits[0]["dit_calls"],
            "dit_ms_median": float(np.median([d["dit_ms_median"] for d in dits])),
            "note": "DiT calls as the pipeline makes them: numpy in and out, host copies included"}
@@ -166,7 +166,7 @@ def _slope(values: list[float]) -> float | None:
     return float(np.polyfit(np.arange(len(values)), values, 1)[0])
 
 
-def repeat_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:  # noqa: ANN001
+def repeat_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:
     """`generate` N times in one process; RSS (and GPU memory) after each."""
     output = out_dir / "repeat.mp4"
     rss, gpu, seconds = [], [], []
@@ -192,7 +192,7 @@ def repeat_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:  #
     return out
 
 
-def bundle_facts(pipe) -> dict:  # noqa: ANN001
+def bundle_facts(pipe) -> dict:
     m, b = pipe.manifest, pipe.bucket
     return {
         "preset": m.preset, "frames": b.frames, "height": b.height, "width": b.width, "fps": b.fps,
@@ -224,8 +224,9 @@ def run(cfg: GenerateConfig) -> dict:
             "device": harness.device_info(cfg.device),
             "preset": pipe.manifest.preset,
             "config": {
-                "bundle": str(cfg.bundle) if cfg.bundle else None, "built_backend": None if cfg.bundle else cfg.backend,
-                "device": cfg.device, "steps": cfg.steps if cfg.steps is not None else pipe.manifest.sampler["steps"],
+                "bundle": str(cfg.bundle) if cfg.bundle else None,
+                "built_backend": None if cfg.bundle else cfg.backend, "device": cfg.device,
+                "steps": cfg.steps if cfg.steps is not None else pipe.manifest.sampler["steps"],
                 "distilled": cfg.distilled, "max_batch": cfg.max_batch, "warmup": cfg.warmup,
                 "repeats": cfg.repeats, "seed": cfg.seed, "face_crop": cfg.face_crop,
                 "reference": str(cfg.reference) if cfg.reference else "synthetic 256x256 (no face)",
@@ -248,7 +249,8 @@ def print_report(rep: dict) -> None:
     c, b, dev = rep["config"], rep["bundle"], rep["device"]
     where = f"{dev['name']} ({dev['cores']} cores)" if dev["kind"] == "cpu" else dev["name"]
     backends = sorted({e["backend"] for e in b["components"].values()})
-    print(f"generate, preset {b['preset']}: {b['frames']}x{b['height']}x{b['width']}, {b['dit_layers']} DiT layers, "
+    print(f"generate, preset {b['preset']}: {b['frames']}x{b['height']}x{b['width']}, "
+          f"{b['dit_layers']} DiT layers, "
           f"{c['steps']} steps, max batch {c['max_batch']}, {'/'.join(backends)} on {c['device']}: {where}")
     print(f"bundle built in {harness.fmt(rep['build_s'], '.1f')} s, loaded in {rep['load_s']:.2f} s "
           f"(not in the stage times); load average {c['load_average']}")
@@ -258,7 +260,8 @@ def print_report(rep: dict) -> None:
               + " ".join(f"{x:.0f}" for x in r["rss_mb"]))
         print(f"first {r['first_mb']:.1f} MB, last {r['last_mb']:.1f} MB, max {r['max_mb']:.1f} MB, "
               f"growth {r['growth_mb']:+.1f} MB, slope {harness.fmt(r['slope_mb_per_generation'], '+.3f')} "
-              f"MB/generation ({harness.fmt(r['slope_after_first_mb_per_generation'], '+.3f')} after the first)")
+              f"MB/generation ({harness.fmt(r['slope_after_first_mb_per_generation'], '+.3f')} "
+              "after the first)")
         return
     print(f"warm-up {c['warmup']}, repeats {c['repeats']}; ms per stage")
     print(f"{'stage':<17} {'min ms':>10} {'median ms':>10}")
@@ -266,13 +269,15 @@ def print_report(rep: dict) -> None:
         print(f"{name:<17} {t['min']:>10.2f} {t['median']:>10.2f}")
     print(f"{'total':<17} {rep['total_ms']['min']:>10.2f} {rep['total_ms']['median']:>10.2f}")
     d = rep["dit"]
-    print(f"sampling: {d['dit_calls']} DiT calls for {d['steps']} steps, median {harness.fmt(d['dit_ms_median'], '.2f')} "
-          f"ms per call; guidance + Euler + stream batching {harness.fmt(rep['sampling_overhead_ms'], '.2f')} ms")
+    print(f"sampling: {d['dit_calls']} DiT calls for {d['steps']} steps, "
+          f"median {harness.fmt(d['dit_ms_median'], '.2f')} ms per call (numpy in and out); "
+          f"guidance + Euler + stream batching {harness.fmt(rep['sampling_overhead_ms'], '.2f')} ms")
     m = rep["memory"]
     print(f"memory: RSS {harness.fmt(m['before']['rss_mb'], '.0f')} MB before, peak "
           f"{harness.fmt(m['peak_rss_mb'], '.0f')} MB over the timed generations")
     v = rep["versions"]
-    print(f"versions: onnxruntime {v['onnxruntime']}, numpy {v['numpy']}, stdrc {v['stdrc']}, python {v['python']}")
+    print(f"versions: onnxruntime {v['onnxruntime']}, numpy {v['numpy']}, stdrc {v['stdrc']}, "
+          f"python {v['python']}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
@@ -301,9 +306,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
                 "build-engines --checkpoint ... and pass --bundle")
     if a.repeats < 1 or a.warmup < 0 or a.repeat_generations < 0:
         p.error("--repeats must be >= 1, --warmup and --repeat-generations >= 0")
-    cfg = GenerateConfig(bundle=a.bundle, backend=a.backend, device=a.device, steps=a.steps, distilled=a.distilled,
-                         max_batch=a.max_batch, warmup=a.warmup, repeats=a.repeats, seed=a.seed, reference=a.ref,
-                         face_crop=a.face_crop, repeat_generations=a.repeat_generations, cache_dir=a.cache_dir)
+    cfg = GenerateConfig(bundle=a.bundle, backend=a.backend, device=a.device, steps=a.steps,
+                         distilled=a.distilled, max_batch=a.max_batch, warmup=a.warmup, repeats=a.repeats,
+                         seed=a.seed, reference=a.ref, face_crop=a.face_crop,
+                         repeat_generations=a.repeat_generations, cache_dir=a.cache_dir)
     return cfg, a.json
 
 

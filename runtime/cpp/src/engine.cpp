@@ -1,0 +1,92 @@
+#include "stdrc/engine.h"
+
+#include <c10/util/Exception.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <filesystem>
+#include <sstream>
+
+#include "stdrc/errors.h"
+#ifdef STDRC_WITH_TENSORRT
+#include "stdrc/tensorrt_engine.h"
+#endif
+
+namespace stdrc {
+namespace {
+
+std::string dims(const std::vector<int64_t>& shape, const std::vector<std::string>& symbols = {}) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) out << ", ";
+    if (i < symbols.size() && !symbols[i].empty()) out << symbols[i];
+    else out << shape[i];
+  }
+  out << "]";
+  return out.str();
+}
+
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
+}  // namespace
+
+void check_inputs(const ComponentEntry& entry, const std::vector<at::Tensor>& inputs, const std::string& component) {
+  if (inputs.size() != entry.inputs.size())
+    throw InputError(component + ": " + std::to_string(inputs.size()) + " inputs given, the engine takes " +
+                     std::to_string(entry.inputs.size()));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const TensorSpec& spec = entry.inputs[i];
+    const at::Tensor& t = inputs[i];
+    bool ok = t.dim() == static_cast<int64_t>(spec.shape.size());
+    for (size_t d = 0; ok && d < spec.shape.size(); ++d) {
+      if (spec.symbols[d].empty()) {
+        ok = t.size(d) == spec.shape[d];
+      } else {
+        auto range = entry.dynamic_dims.find(spec.symbols[d]);
+        ok = range != entry.dynamic_dims.end() && range->second.size() == 3 && range->second[0] <= t.size(d) &&
+             t.size(d) <= range->second[2];
+      }
+    }
+    if (!ok)
+      throw InputError(component + ": input '" + spec.name + "' has shape " + dims(t.sizes().vec()) +
+                       ", the engine takes " + dims(spec.shape, spec.symbols));
+    const std::string dtype = t.scalar_type() == at::kFloat ? "float32" : t.scalar_type() == at::kLong ? "int64" : "other";
+    if (dtype != spec.dtype)
+      throw InputError(component + ": input '" + spec.name + "' is " + c10::toString(t.scalar_type()) +
+                       ", the engine takes " + spec.dtype);
+  }
+}
+
+std::vector<at::Tensor> Engine::run(const std::vector<at::Tensor>& inputs) {
+  check_inputs(entry_, inputs, name_);
+  return run_checked(inputs);
+}
+
+AotiEngine::AotiEngine(const std::string& path, ComponentEntry entry, std::string name, c10::Device device)
+    : Engine(std::move(entry), std::move(name)) {
+  try {
+    loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", false, 1, device.index());
+  } catch (const c10::Error& e) {
+    throw BundleError(path + " could not be loaded by libtorch (" + first_line(e.what_without_backtrace()) +
+                      "): rebuild the bundle with this torch version");
+  }
+}
+
+AotiEngine::~AotiEngine() = default;
+
+std::vector<at::Tensor> AotiEngine::run_checked(const std::vector<at::Tensor>& inputs) {
+  return loader_->run(inputs);
+}
+
+std::unique_ptr<Engine> open_engine(const std::string& bundle_dir, const std::string& name, const ComponentEntry& entry,
+                                    c10::Device device) {
+  const std::string path = (std::filesystem::path(bundle_dir) / entry.file).string();
+  if (entry.backend == "aoti") return std::make_unique<AotiEngine>(path, entry, name, device);
+#ifdef STDRC_WITH_TENSORRT
+  if (entry.backend == "tensorrt") return std::make_unique<TensorRTEngine>(path, entry, name, device);
+#endif
+  throw BundleError("bundle component " + name + " uses the " + entry.backend +
+                    " backend, which this C++ runtime cannot run: rebuild the bundle with --backend aoti");
+}
+
+}  // namespace stdrc

@@ -1,0 +1,172 @@
+#include "stdrc/runner.h"
+
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/full.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "stdrc/errors.h"
+#include "stdrc/npy.h"
+
+namespace stdrc {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string dims(at::IntArrayRef shape) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << "]";
+  return out.str();
+}
+
+// Reads `folder/name` as `want` (float32 or int64); converts within a kind (float64 -> float32).
+at::Tensor read_as(const fs::path& folder, const std::string& name, at::ScalarType want) {
+  const std::string path = (folder / name).string();
+  at::Tensor t = read_npy(path);
+  const bool is_float = at::isFloatingType(t.scalar_type());
+  if ((want == at::kFloat) != is_float)
+    throw InputError(path + " holds " + c10::toString(t.scalar_type()) + " values, the runner needs " +
+                     c10::toString(want) + ": write it with stdrc.runtime.cpp_inputs");
+  return t.to(want);
+}
+
+void expect_shape(const at::Tensor& t, const std::vector<int64_t>& want, const std::string& name) {
+  if (t.sizes().vec() != want)
+    throw InputError(name + " has shape " + dims(t.sizes()) + ", the bundle needs " + dims(want) +
+                     ": write the inputs for this bundle with stdrc.runtime.cpp_inputs");
+}
+
+const TensorSpec& spec(const ComponentEntry& entry, const std::string& name) {
+  for (const auto& t : entry.inputs)
+    if (t.name == name) return t;
+  throw BundleError("bundle engine lacks input '" + name + "': rebuild the bundle");
+}
+
+GuidanceScales guidance_from_json(const fs::path& path, GuidanceScales scales) {
+  nlohmann::json data;
+  try {
+    std::ifstream in(path);
+    data = nlohmann::json::parse(in);
+    const auto& g = data.at("guidance");
+    scales.text = g.at("text_scale").get<double>();
+    scales.ref = g.at("ref_scale").get<double>();
+    scales.rescale = g.value("rescale", 0.0);
+    if (g.contains("interval") && !g["interval"].is_null()) {
+      const auto lohi = g["interval"].get<std::vector<double>>();
+      if (lohi.size() != 2) throw InputError(path.string() + ": guidance.interval must be [lo, hi]");
+      scales.interval = std::make_pair(lohi[0], lohi[1]);
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(path.string() + " is not a valid inputs file (" + e.what() + "): rewrite it with stdrc.runtime.cpp_inputs");
+  }
+  return scales;
+}
+
+}  // namespace
+
+Runner::Runner(std::string bundle_dir, Manifest manifest, c10::Device device)
+    : bundle_dir_(std::move(bundle_dir)), manifest_(std::move(manifest)), device_(device) {}
+
+std::unique_ptr<Runner> Runner::from_bundle(const std::string& bundle_dir, c10::Device device) {
+  Manifest manifest = read_manifest(bundle_dir);
+  check_components(bundle_dir, manifest, {"dit", "vae_decoder"}, "aoti");
+  std::unique_ptr<Runner> runner(new Runner(bundle_dir, std::move(manifest), device));
+  runner->dit_ = open_engine(bundle_dir, "dit", runner->manifest_.component("dit"), device);
+  runner->decoder_ = open_engine(bundle_dir, "vae_decoder", runner->manifest_.component("vae_decoder"), device);
+  return runner;
+}
+
+RunInputs Runner::read_inputs(const std::string& folder) const {
+  const fs::path dir(folder);
+  if (!fs::is_directory(dir))
+    throw InputError("inputs folder " + folder + " does not exist: write one with stdrc.runtime.cpp_inputs.write_cpp_inputs");
+  RunInputs in;
+  in.noise = read_as(dir, files::kNoise, at::kFloat);
+  in.cond.reference = read_as(dir, files::kReference, at::kFloat);
+  in.cond.text_context = read_as(dir, files::kTextContext, at::kFloat);
+  in.cond.text_mask = read_as(dir, files::kTextMask, at::kLong);
+  in.cond.null_context = read_as(dir, files::kNullContext, at::kFloat);
+  in.cond.null_mask = read_as(dir, files::kNullMask, at::kLong);
+  if (manifest_.timestep_conditioning) in.decode_noise = read_as(dir, files::kDecodeNoise, at::kFloat);
+  if (fs::is_regular_file(dir / files::kSigmas)) {
+    const at::Tensor s = read_as(dir, files::kSigmas, at::kFloat).contiguous();
+    in.sigmas.assign(s.data_ptr<float>(), s.data_ptr<float>() + s.numel());
+  } else {
+    in.sigmas = manifest_.sigmas;
+  }
+  in.scales.text = manifest_.text_scale;
+  in.scales.ref = manifest_.ref_scale;
+  if (fs::is_regular_file(dir / files::kInputsJson)) in.scales = guidance_from_json(dir / files::kInputsJson, in.scales);
+  return in;
+}
+
+void Runner::check_inputs(const RunInputs& in) const {
+  const Bucket& b = manifest_.bucket;
+  const int64_t c = manifest_.latent_channels;
+  const TensorSpec& context = spec(manifest_.component("dit"), "context");
+  const std::vector<int64_t> ctx = {1, context.shape.at(1), context.shape.at(2)}, mask = {1, context.shape.at(1)};
+  expect_shape(in.noise, {1, b.video_tokens, c}, files::kNoise);
+  expect_shape(in.cond.reference, {1, b.reference_tokens, c}, files::kReference);
+  expect_shape(in.cond.text_context, ctx, files::kTextContext);
+  expect_shape(in.cond.text_mask, mask, files::kTextMask);
+  expect_shape(in.cond.null_context, ctx, files::kNullContext);
+  expect_shape(in.cond.null_mask, mask, files::kNullMask);
+  if (manifest_.timestep_conditioning)
+    expect_shape(in.decode_noise, spec(manifest_.component("vae_decoder"), "latent").shape, files::kDecodeNoise);
+  if (in.sigmas.size() < 2) throw InputError("sigmas: need at least 2 values (one step), got " + std::to_string(in.sigmas.size()));
+}
+
+at::Tensor Runner::sample(const RunInputs& in, int max_batch, const std::function<void(int)>& on_step) {
+  if (max_batch < 1 || max_batch > 3)
+    throw InputError("max_batch=" + std::to_string(max_batch) + ": use 1, 2 or 3 guidance streams per DiT call");
+  check_inputs(in);
+  auto to_dev = [this](const at::Tensor& t) { return t.to(device_); };
+  const Conditioning cond{to_dev(in.cond.reference), to_dev(in.cond.text_context), to_dev(in.cond.text_mask),
+                          to_dev(in.cond.null_context), to_dev(in.cond.null_mask)};
+  const Denoiser dit = [this](const at::Tensor& latent, const at::Tensor& timestep, const at::Tensor& context,
+                              const at::Tensor& context_mask, const at::Tensor& attn_mask) {
+    return dit_->run({latent, timestep, context, context_mask, attn_mask}).at(0);
+  };
+  return stdrc::sample(dit, to_dev(in.noise), in.sigmas, cond, in.scales, max_batch, on_step);
+}
+
+at::Tensor Runner::decode(const at::Tensor& tokens, const at::Tensor& decode_noise) {
+  const Bucket& b = manifest_.bucket;
+  at::Tensor latent = tokens.to(device_, at::kFloat).transpose(1, 2).reshape(
+      {1, tokens.size(2), b.latent_frames, b.latent_height, b.latent_width});
+  if (manifest_.timestep_conditioning) {
+    const float scale = manifest_.decode_noise_scale;
+    latent = decode_noise.to(device_) * scale + latent * (1.0f - scale);
+  }
+  const at::Tensor timestep = at::full({1}, manifest_.decode_timestep, latent.options());
+  return decoder_->run({latent.contiguous(), timestep}).at(0);
+}
+
+RunOutputs Runner::run(const RunInputs& in, int max_batch, const std::function<void(int)>& on_step) {
+  RunOutputs out;
+  out.latent = sample(in, max_batch, on_step);
+  out.video = decode(out.latent, in.decode_noise);
+  out.frames = frames_to_uint8(out.video);
+  return out;
+}
+
+at::Tensor frames_to_uint8(const at::Tensor& video) {
+  const at::Tensor frames = video.select(0, 0).permute({1, 2, 3, 0});
+  return ((frames + 1.0f) * 127.5f + 0.5f).clamp(0, 255).to(at::kByte).contiguous();
+}
+
+void write_outputs(const RunOutputs& out, const std::string& folder) {
+  std::error_code ec;
+  fs::create_directories(folder, ec);
+  if (!fs::is_directory(folder)) throw InputError("output folder " + folder + " cannot be created: pass --out in a writable place");
+  write_npy((fs::path(folder) / files::kLatent).string(), out.latent);
+  write_npy((fs::path(folder) / files::kVideo).string(), out.video);
+  write_npy((fs::path(folder) / files::kFrames).string(), out.frames);
+}
+
+}  // namespace stdrc

@@ -1,0 +1,118 @@
+"""Inputs for the C++ runner (`runtime/cpp`, `stdrc_run`), and the Python result on the same inputs.
+
+The C++ runner samples and decodes; the text side and the reference encoding stay in Python.
+`write_cpp_inputs` writes exactly what the runner reads (file names shared with
+`runtime/cpp/include/stdrc/runner.h`), drawn with the same seeds as `Pipeline.generate`, so
+`run_python(pipeline, folder)` == `Pipeline.generate(...)` == `stdrc_run --inputs folder`.
+No torch import here: the Python side runs on whatever backend the bundle holds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stdrc.runtime import sampler as smp
+from stdrc.runtime.errors import InputError
+from stdrc.runtime.pipeline import Pipeline, unpatchify
+from stdrc.runtime.video import frames_to_uint8
+
+# inputs (runner.h `files::`)
+NOISE, REFERENCE = "noise.npy", "reference_tokens.npy"
+TEXT_CONTEXT, TEXT_MASK = "text_context.npy", "text_mask.npy"
+NULL_CONTEXT, NULL_MASK = "null_context.npy", "null_mask.npy"
+DECODE_NOISE, SIGMAS, INPUTS_JSON = "decode_noise.npy", "sigmas.npy", "inputs.json"
+# outputs
+LATENT, VIDEO, FRAMES = "latent.npy", "video.npy", "frames.npy"
+
+
+@dataclass(frozen=True)
+class CppResult:
+    """Final video tokens [1, N_video, C] f32, decoder video [1, 3, F, H, W] f32, frames [F, H, W, 3] u8."""
+
+    latent: np.ndarray
+    video: np.ndarray
+    frames: np.ndarray
+
+
+def write_cpp_inputs(
+    pipeline: Pipeline,
+    reference: str | Path | np.ndarray,
+    prompt: str,
+    seed: int,
+    folder: str | Path,
+    negative_prompt: str = "",
+    steps: int | None = None,
+    text_scale: float | None = None,
+    ref_scale: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    cfg_rescale: float = 0.0,
+    distilled: bool = False,
+    face_crop: bool = True,
+) -> Path:
+    """Write the runner's inputs for one `generate(...)` call with these arguments; returns `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = pipeline.manifest.guidance
+    guidance = {
+        "text_scale": float(g["text_scale"] if text_scale is None else text_scale),
+        "ref_scale": float(g["ref_scale"] if ref_scale is None else ref_scale),
+        "interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
+        "rescale": float(cfg_rescale),
+    }
+    image = pipeline.prepare_reference(reference, face_crop)
+    text, no_text = pipeline.prompts(prompt), pipeline.prompts(negative_prompt)
+    b, config = pipeline.bucket, pipeline.manifest.model_config
+    channels = config["dit"]["in_channels"]
+    # The same draws as Pipeline.generate (noise) and Pipeline.decode (decode noise).
+    noise = np.random.default_rng(seed).standard_normal((1, b.video_tokens, channels), dtype=np.float32)
+    arrays = {
+        NOISE: noise,
+        REFERENCE: pipeline.encode_reference(image),
+        TEXT_CONTEXT: text[0], TEXT_MASK: text[1],
+        NULL_CONTEXT: no_text[0], NULL_MASK: no_text[1],
+        SIGMAS: pipeline.sigmas(steps, distilled),
+    }
+    if config["vae"]["timestep_conditioning"]:
+        shape = (1, config["vae"]["latent_channels"], b.latent_frames, b.latent_height, b.latent_width)
+        arrays[DECODE_NOISE] = np.random.default_rng(seed + 1).standard_normal(shape, dtype=np.float32)
+    for name, value in arrays.items():
+        want = np.int64 if name in (TEXT_MASK, NULL_MASK) else np.float32
+        np.save(folder / name, np.ascontiguousarray(value, dtype=want))
+    meta = {"format": 1, "bundle": str(pipeline.bundle_dir), "prompt": prompt, "negative_prompt": negative_prompt,
+            "seed": seed, "guidance": guidance}
+    (folder / INPUTS_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def _scales(folder: Path) -> smp.GuidanceScales:
+    g = json.loads((folder / INPUTS_JSON).read_text())["guidance"]
+    interval = tuple(g["interval"]) if g.get("interval") is not None else None
+    return smp.GuidanceScales(text=g["text_scale"], ref=g["ref_scale"], interval=interval, rescale=g.get("rescale", 0.0))
+
+
+def run_python(pipeline: Pipeline, folder: str | Path, max_batch: int = 3) -> CppResult:
+    """The Python runtime's sampling loop and decode on exactly the inputs in `folder`."""
+    folder = Path(folder)
+    if not (folder / INPUTS_JSON).is_file():
+        raise InputError(f"{folder} holds no {INPUTS_JSON}: write it with write_cpp_inputs")
+    load = lambda name: np.load(folder / name)  # noqa: E731
+    cond = smp.Conditioning(load(REFERENCE), (load(TEXT_CONTEXT), load(TEXT_MASK)), (load(NULL_CONTEXT), load(NULL_MASK)))
+    latent = smp.sample(pipeline.denoiser, load(NOISE), load(SIGMAS), cond, _scales(folder), max_batch)
+    b, vae = pipeline.bucket, pipeline.manifest.model_config["vae"]
+    grid = unpatchify(latent, (b.latent_frames, b.latent_height, b.latent_width))
+    if vae["timestep_conditioning"]:
+        scale = np.float32(vae["decode_noise_scale"])
+        grid = load(DECODE_NOISE) * scale + (np.float32(1.0) - scale) * grid
+    timestep = np.full((1,), vae["decode_timestep"], np.float32)
+    video = pipeline.run("vae_decoder", {"latent": grid.astype(np.float32), "timestep": timestep})["video"]
+    return CppResult(latent, video.astype(np.float32), frames_to_uint8(video))
+
+
+def read_cpp_outputs(folder: str | Path) -> CppResult:
+    """What `stdrc_run --out folder` wrote."""
+    folder = Path(folder)
+    return CppResult(np.load(folder / LATENT), np.load(folder / VIDEO), np.load(folder / FRAMES))

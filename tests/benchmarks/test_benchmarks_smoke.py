@@ -1,0 +1,135 @@
+"""Smoke tests of benchmarks/: both scripts run on tiny CPU and print well-formed JSON.
+
+No timing thresholds: only structure, positive finite numbers, the baseline's ratio of 1, and
+that the backends compared compute the same thing (values, not speed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+pytestmark = pytest.mark.slow  # ~40 s on 2 CPU cores: three ONNX exports and a bundle build
+pytest.importorskip("torch")
+pytest.importorskip("ltx_core")
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("dit_step"), importlib.import_module("generate")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def run_json(module, argv: list[str]) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert module.main([*argv, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="module")
+def dit_report(scripts, cache) -> dict:
+    dit_step, _ = scripts
+    backends = ["ltx-eager", "stdrc-torch", "onnxruntime", "tensorrt"]  # torch-export, aoti: slower builds
+    argv = ["--repeats", "2", "--warmup", "1", "--cache-dir", str(cache), "--backends", *backends]
+    return run_json(dit_step, argv)
+
+
+@pytest.fixture(scope="module")
+def bundle(scripts, cache, dit_report, tmp_path_factory) -> Path:
+    """Built after dit_step, sharing its cache: the exported dit.onnx is reused."""
+    _, generate = scripts
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    assert generate.build_tiny_bundle(out, "onnxruntime", cache) > 0
+    return out
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_dit_step_json(dit_report):
+    rep = dit_report
+    assert {"device", "preset", "config", "versions", "backends"} <= set(rep)
+    assert rep["preset"] == "tiny" and rep["device"]["kind"] == "cpu"
+    c = rep["config"]
+    assert c["batch"] == 3 and c["tokens"] == c["video_tokens"] + c["reference_tokens"]
+    assert c["repeats"] == 2 and c["dtype"] == "float32" and positive(c["flops_per_step"])
+    assert {"torch", "onnxruntime", "ltx-core", "tensorrt"} <= set(rep["versions"])
+    rows = {r["name"]: r for r in rep["backends"]}
+    assert list(rows) == ["ltx-eager", "stdrc-torch", "onnxruntime", "tensorrt"]
+    for name in ("ltx-eager", "stdrc-torch", "onnxruntime"):
+        r = rows[name]
+        assert r["status"] == "ok", r["reason"]
+        for key in ("ms_per_step", "ms_min", "ratio_to_baseline", "speedup", "tokens_per_s", "tflops",
+                    "peak_mem_mb"):
+            assert positive(r[key]), (name, key, r[key])
+        assert len(r["times_ms"]) == 2 and r["ms_min"] <= r["ms_median"]
+        assert r["pct_of_peak"] is None  # no known peak for a CPU
+        assert r["max_abs_diff"] < 1e-4, (name, r["max_abs_diff"])  # same computation, fp32
+    assert rows["ltx-eager"]["ratio_to_baseline"] == 1.0
+    assert rows["tensorrt"]["status"] in ("skipped", "failed", "ok")
+    if rows["tensorrt"]["status"] != "ok":
+        assert rows["tensorrt"]["reason"]
+
+
+def test_flops_formula(scripts):
+    dit_step, _ = scripts
+    p = dit_step.ParamCounts(token=10, text=3, block_token=100, block_text=7)
+    flops = dit_step.dit_flops(p, layers=2, heads=4, head_dim=8, batch=3, tokens=5, text_length=6)
+    linear = 2 * 3 * (5 * (10 + 2 * 100) + 6 * (3 + 2 * 7))
+    attention = 2 * (4 * 3 * 4 * 5**2 * 8 + 4 * 3 * 4 * 5 * 6 * 8)
+    assert flops == linear + attention
+
+
+def test_generate_stages_json(scripts, bundle):
+    _, generate = scripts
+    rep = run_json(generate, ["--bundle", str(bundle), "--repeats", "2"])
+    assert {"device", "preset", "config", "versions", "bundle", "stages_ms", "total_ms", "memory"} <= set(rep)
+    assert rep["mode"] == "stages" and rep["preset"] == "tiny"
+    stages = {"text", "reference_prep", "reference_encode", "sampling", "decode", "write"}
+    assert set(rep["stages_ms"]) == stages
+    for t in [*rep["stages_ms"].values(), rep["total_ms"]]:
+        assert len(t["all"]) == 2 and all(positive(x) for x in t["all"]) and t["min"] <= t["median"]
+    assert rep["dit"]["dit_calls"] == rep["dit"]["steps"] == rep["config"]["steps"]  # 3 streams, one call
+    assert positive(rep["memory"]["peak_rss_mb"])
+
+
+def test_generate_repeat_json(scripts, bundle):
+    _, generate = scripts
+    rep = run_json(generate, ["--bundle", str(bundle), "--repeat-generations", "3", "--steps", "2"])
+    r = rep["repeat"]
+    assert rep["mode"] == "repeat" and r["generations"] == 3 and len(r["rss_mb"]) == 3
+    assert all(positive(x) for x in r["rss_mb"]) and r["first_mb"] == r["rss_mb"][0]
+    assert math.isfinite(r["slope_mb_per_generation"])
+
+
+def test_staged_generation_equals_generate(scripts, bundle, tmp_path):
+    """The stage split times what `Pipeline.generate` computes, not something else."""
+    from stdrc.runtime.pipeline import Pipeline
+
+    _, generate = scripts
+    pipe = Pipeline.from_bundle(bundle)
+    reference = generate.synthetic_reference(0)
+    cfg = generate.GenerateConfig(steps=3)
+    _, _, staged = generate.staged_generation(pipe, reference, "a prompt", 5, cfg, tmp_path / "a.mp4")
+    direct = pipe.generate(reference, "a prompt", seed=5, steps=3, face_crop=False)
+    np.testing.assert_array_equal(staged.frames, direct.frames)
+    assert (tmp_path / "a.mp4").is_file()
