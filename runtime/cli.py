@@ -37,7 +37,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        face = f", FaceSim {result.facesim:.3f}" if result.facesim is not None else ""
+        has_encoder = "face_encoder" in pipe.engines and not args.no_face_crop
+        face = (f", FaceSim {result.facesim:.3f}" if result.facesim is not None
+                else ", FaceSim n/a (no face in the generated frames)" if has_encoder else "")
         print(f"wrote {result.files['video']} ({summary['frames']} frames, {result.files['codec']}) "
               f"and {result.files['contact_sheet']}{face}")
     return 0

@@ -186,9 +186,11 @@ class Pipeline:
         if self._embedder is None:
             self._embedder = face.FaceEmbedder(self.bundle_dir / entry.file)
         try:
-            return face.facesim(frames, reference, self._detector, self._embedder).score
+            result = face.facesim(frames, reference, self._detector, self._embedder)
         except NoFaceError:
             return None
+        # no face in any sampled frame: there is no similarity to report, not a score of 0
+        return None if result.frames_without_face == result.frames_sampled else result.score
 
     def write(self, result: GenerationResult, output: str | Path) -> dict[str, str]:
         output = Path(output)

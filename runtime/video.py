@@ -98,6 +98,7 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: float) -> str:
         except Exception as e:  # no imageio-ffmpeg, or an ffmpeg without libx264
             log.info("H.264 writer unavailable (%s); using mp4v", e)
             codec = _write_cv2(frames, Path(tmp), fps)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -125,6 +126,7 @@ def write_png(image: np.ndarray, path: str | os.PathLike) -> None:
     try:
         if not cv2.imwrite(tmp, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
             raise InputError(f"could not write {path}: check the folder is writable")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

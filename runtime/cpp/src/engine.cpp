@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "stdrc/errors.h"
+#include "stdrc/npy.h"
 #ifdef STDRC_WITH_TENSORRT
 #include "stdrc/tensorrt_engine.h"
 #endif
@@ -50,9 +51,8 @@ void check_inputs(const ComponentEntry& entry, const std::vector<at::Tensor>& in
     if (!ok)
       throw InputError(component + ": input '" + spec.name + "' has shape " + dims(t.sizes().vec()) +
                        ", the engine takes " + dims(spec.shape, spec.symbols));
-    const std::string dtype = t.scalar_type() == at::kFloat ? "float32" : t.scalar_type() == at::kLong ? "int64" : "other";
-    if (dtype != spec.dtype)
-      throw InputError(component + ": input '" + spec.name + "' is " + c10::toString(t.scalar_type()) +
+    if (dtype_name(t.scalar_type()) != spec.dtype)
+      throw InputError(component + ": input '" + spec.name + "' is " + dtype_name(t.scalar_type()) +
                        ", the engine takes " + spec.dtype);
   }
 }

@@ -19,11 +19,13 @@ constexpr char kMagic[] = "\x93NUMPY";
 struct DtypeName {
   const char* descr;
   at::ScalarType type;
+  const char* name;
 };
 // '|' (no byte order) is what numpy writes for one-byte types; '<' for little-endian ones.
 constexpr DtypeName kDtypes[] = {
-    {"<f4", at::kFloat}, {"<f8", at::kDouble}, {"<i4", at::kInt}, {"<i8", at::kLong},
-    {"|u1", at::kByte},  {"|b1", at::kBool},   {"<f2", at::kHalf},
+    {"<f4", at::kFloat, "float32"}, {"<f8", at::kDouble, "float64"}, {"<i4", at::kInt, "int32"},
+    {"<i8", at::kLong, "int64"},    {"|u1", at::kByte, "uint8"},     {"|b1", at::kBool, "bool"},
+    {"<f2", at::kHalf, "float16"},
 };
 
 // The value after `'key':` in numpy's header dict, up to the next top-level ',' or '}'.
@@ -64,6 +66,12 @@ std::string descr_of(at::ScalarType type) {
 }
 
 }  // namespace
+
+std::string dtype_name(at::ScalarType type) {
+  for (const auto& d : kDtypes)
+    if (d.type == type) return d.name;
+  return c10::toString(type);
+}
 
 at::Tensor read_npy(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -30,8 +30,8 @@ at::Tensor read_as(const fs::path& folder, const std::string& name, at::ScalarTy
   at::Tensor t = read_npy(path);
   const bool is_float = at::isFloatingType(t.scalar_type());
   if ((want == at::kFloat) != is_float)
-    throw InputError(path + " holds " + c10::toString(t.scalar_type()) + " values, the runner needs " +
-                     c10::toString(want) + ": write it with stdrc.runtime.cpp_inputs");
+    throw InputError(path + " holds " + dtype_name(t.scalar_type()) + " values, the runner needs " +
+                     dtype_name(want) + ": write it with stdrc.runtime.cpp_inputs");
   return t.to(want);
 }
 

@@ -12,6 +12,9 @@ namespace stdrc {
 // file, a big-endian or Fortran-ordered array, an unsupported dtype or a truncated file.
 at::Tensor read_npy(const std::string& path);
 
+// numpy's name for a dtype ("float32", "int64", ...), for messages and manifest checks.
+std::string dtype_name(at::ScalarType type);
+
 // Writes a tensor (any device, any strides) as a v1.0 .npy file, under a temp name then renamed.
 void write_npy(const std::string& path, const at::Tensor& tensor);
 
