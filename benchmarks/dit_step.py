@@ -26,8 +26,9 @@ import gc
 import math
 import sys
 import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -185,6 +186,7 @@ def build(name: str, s: Setup, stack: contextlib.ExitStack) -> tuple[object, Pat
 class Loaded(NamedTuple):
     call: Callable[[], object]
     to_numpy: Callable[[object], np.ndarray]  # the call's result -> velocity [B, N, C] float32
+    close: Callable[[], None] = lambda: None  # frees what the engine holds (TensorRT device buffers)
 
 
 def _tensor(out: object) -> np.ndarray:
@@ -249,7 +251,8 @@ def load(name: str, s: Setup, entry: object, folder: Path | None, inputs: dict) 
         from stdrc.runtime.backends import open_engine
 
         engine = open_engine(folder, "dit", entry, cfg.device)
-        return Loaded(lambda: engine.run(s.feeds), lambda out: out["velocity"])
+        close = getattr(engine, "close", lambda: None)
+        return Loaded(lambda: engine.run(s.feeds), lambda out: out["velocity"], close)
     raise ValueError(f"unknown backend {name!r}")
 
 
@@ -296,9 +299,15 @@ def measure(name: str, s: Setup, built: tuple | None, reference: np.ndarray) -> 
     rows = s.feeds["attn_mask"].all(axis=1) if name == BASELINE and not cfg.baseline_key_mask else slice(None)
     row["max_abs_diff"] = float(np.abs(out[rows] - reference[rows]).max())
     row["max_abs_ref"] = float(np.abs(reference[rows]).max())
+    loaded.close()
     del loaded, inputs
     gc.collect()
     return row
+
+
+def _error(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def run(cfg: StepConfig) -> dict:
@@ -309,7 +318,7 @@ def run(cfg: StepConfig) -> dict:
     torch.set_num_threads(threads)
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
-    cfg = StepConfig(**{**asdict(cfg), "threads": threads})
+    cfg = replace(cfg, threads=threads)
     names = resolve_backends(cfg)
     load_start = harness.load_average()
     with tempfile.TemporaryDirectory(prefix="stdrc-dit-step-") as tmp, contextlib.ExitStack() as stack:
@@ -322,12 +331,12 @@ def run(cfg: StepConfig) -> dict:
             if reason:
                 results[name] = {"status": "skipped", "reason": reason}
             elif name in BUILT:
+                start = time.perf_counter()
                 try:
-                    timing = harness.time_calls(lambda n=name: built.__setitem__(n, build(n, s, stack)),
-                                                0, 1, lambda: None)
-                    results[name] = {"status": "ok", "build_s": timing.min_ms / 1e3}
+                    built[name] = build(name, s, stack)
+                    results[name] = {"status": "ok", "build_s": time.perf_counter() - start}
                 except Exception as e:  # noqa: BLE001 -- a backend that cannot build is reported, not fatal
-                    results[name] = {"status": "failed", "reason": f"build: {type(e).__name__}: {e}"}
+                    results[name] = {"status": "failed", "reason": f"build: {_error(e)}"}
             else:
                 results[name] = {"status": "ok", "build_s": 0.0}
         s.module.to(cfg.device)
@@ -341,7 +350,7 @@ def run(cfg: StepConfig) -> dict:
             try:
                 results[name].update(measure(name, s, built.get(name), reference))
             except Exception as e:  # noqa: BLE001 -- likewise at run time
-                results[name] = {"status": "failed", "reason": f"run: {type(e).__name__}: {e}"}
+                results[name] = {"status": "failed", "reason": f"run: {_error(e)}"}
         rep = report(s, names, results)
     rep["config"]["load_average"] = {"start": load_start, "end": harness.load_average()}
     return rep
@@ -364,7 +373,8 @@ def report(s: Setup, names: list[str], results: dict[str, dict]) -> dict:
                "ms_min": None, "ms_median": None, "ratio_to_baseline": None, "speedup": None,
                "tokens_per_s": None, "tflops": None, "pct_of_peak": None, "peak_mem_mb": None,
                "mem_added_mb": None, "mem_source": r.get("mem_source"), "build_s": r.get("build_s"),
-               "est_full_depth_ms": None, "max_abs_diff": r.get("max_abs_diff"), "times_ms": None}
+               "est_full_depth_ms": None, "max_abs_diff": r.get("max_abs_diff"),
+               "max_abs_reference": r.get("max_abs_ref"), "times_ms": None}
         t = r.get("timing")
         if t is not None:
             seconds = t.median_ms / 1e3

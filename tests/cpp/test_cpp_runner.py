@@ -1,0 +1,143 @@
+"""The C++ runner (`runtime/cpp`, `stdrc_run`) against the Python runtime on the same aoti bundle and inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stdrc.runtime.cpp_inputs import NOISE, read_cpp_outputs, run_python, write_cpp_inputs
+from stdrc.runtime.pipeline import Pipeline
+
+pytestmark = pytest.mark.slow  # the aoti bundle (shared with test_aoti.py) and a libtorch C++ build
+
+FP32_ATOL = 1e-4
+PROMPT, SEED = "a person waving", 11
+
+# generate() keyword arguments -> the guidance paths they exercise
+CASES = {
+    "three-streams-batched": dict(max_batch=3),
+    "two-streams-split-interval-rescale": dict(ref_scale=1.0, guidance_interval=(0.3, 0.95), cfg_rescale=0.7,
+                                               max_batch=1),
+    "one-stream-distilled": dict(ref_scale=1.0, text_scale=1.0, distilled=True, max_batch=3),
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline(aoti_bundle: Path) -> Pipeline:
+    return Pipeline.from_bundle(aoti_bundle)
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    return np.random.default_rng(3).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def default_inputs(pipeline: Pipeline, reference: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cpp_inputs(pipeline, reference, PROMPT, SEED, tmp_path_factory.mktemp("cpp-inputs"), face_crop=False)
+
+
+def run_cpp(runner: Path, bundle: Path, inputs: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [str(runner), "--bundle", str(bundle), "--inputs", str(inputs), "--out", str(out), "--quiet", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpp_matches_python(case: str, cpp_runner: Path, aoti_bundle: Path, pipeline: Pipeline,
+                            reference: np.ndarray, tmp_path: Path) -> None:
+    kwargs = dict(CASES[case])
+    max_batch = kwargs.pop("max_batch")
+    inputs = write_cpp_inputs(pipeline, reference, PROMPT, SEED, tmp_path / "inputs", face_crop=False, **kwargs)
+    python = run_python(pipeline, inputs, max_batch=max_batch)
+    # the helper's inputs are generate()'s own draws: the comparison covers the real runtime path
+    generated = pipeline.generate(reference, PROMPT, seed=SEED, face_crop=False, max_batch=max_batch, **kwargs)
+    np.testing.assert_array_equal(python.latent, generated.latent)
+    np.testing.assert_array_equal(python.frames, generated.frames)
+
+    done = run_cpp(cpp_runner, aoti_bundle, inputs, tmp_path / "out", "--max-batch", str(max_batch))
+    assert done.returncode == 0, done.stderr
+    cpp = read_cpp_outputs(tmp_path / "out")
+    assert cpp.latent.shape == python.latent.shape and cpp.latent.dtype == np.float32
+    assert cpp.video.shape == python.video.shape and cpp.frames.dtype == np.uint8
+    assert np.abs(cpp.latent - python.latent).max() <= FP32_ATOL
+    assert np.abs(cpp.video - python.video).max() <= FP32_ATOL
+    assert np.abs(cpp.frames.astype(np.int16) - python.frames).max() <= 1  # uint8 rounding at a .5 boundary
+
+
+def test_cli_scales_override_inputs(cpp_runner: Path, aoti_bundle: Path, pipeline: Pipeline, default_inputs: Path,
+                                    tmp_path: Path) -> None:
+    done = run_cpp(cpp_runner, aoti_bundle, default_inputs, tmp_path / "out", "--ref-scale", "1", "--text-scale", "1")
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((default_inputs / "inputs.json").read_text())
+    meta["guidance"].update(text_scale=1.0, ref_scale=1.0)
+    (tmp_path / "in").mkdir()
+    for f in default_inputs.iterdir():
+        (tmp_path / "in" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "in" / "inputs.json").write_text(json.dumps(meta))
+    python = run_python(pipeline, tmp_path / "in")
+    assert np.abs(read_cpp_outputs(tmp_path / "out").latent - python.latent).max() <= FP32_ATOL
+
+
+def _linked_bundle(bundle: Path, dst: Path, manifest: dict | None = None, drop: str | None = None) -> Path:
+    dst.mkdir()
+    for f in bundle.iterdir():
+        if f.name not in ("manifest.json", drop):
+            (dst / f.name).symlink_to(f)
+    data = manifest if manifest is not None else json.loads((bundle / "manifest.json").read_text())
+    (dst / "manifest.json").write_text(json.dumps(data))
+    return dst
+
+
+def _bad_case(case: str, bundle: Path, inputs: Path, tmp: Path) -> tuple[Path, Path]:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if case == "missing-bundle-folder":
+        return tmp / "no-such-bundle", inputs
+    if case == "missing-bundle-file":
+        return _linked_bundle(bundle, tmp / "b", drop="vae_decoder.pt2"), inputs
+    if case == "format-version":
+        return _linked_bundle(bundle, tmp / "b", {**manifest, "format": 2}), inputs
+    if case == "other-backend":
+        manifest["components"]["dit"]["backend"] = "onnxruntime"
+        return _linked_bundle(bundle, tmp / "b", manifest), inputs
+    copied = tmp / "in"
+    copied.mkdir()
+    for f in inputs.iterdir():
+        (copied / f.name).write_bytes(f.read_bytes())
+    noise = np.load(inputs / NOISE)
+    if case == "noise-shape":
+        np.save(copied / NOISE, noise[:, :5])
+    elif case == "noise-dtype":
+        np.save(copied / NOISE, noise.astype(np.int32))
+    elif case == "noise-truncated":
+        (copied / NOISE).write_bytes((inputs / NOISE).read_bytes()[:200])
+    elif case == "noise-missing":
+        (copied / NOISE).unlink()
+    return bundle, copied
+
+
+BAD = {
+    "missing-bundle-folder": "does not exist",
+    "missing-bundle-file": "vae_decoder.pt2 is missing",
+    "format-version": "format 2 is not supported",
+    "other-backend": "rebuild the bundle with --backend aoti",
+    "noise-shape": "noise.npy has shape [1, 5, 128], the bundle needs [1, 12, 128]",
+    "noise-dtype": "holds int32 values, the runner needs float32",
+    "noise-truncated": "truncated",
+    "noise-missing": "noise.npy is missing",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_nonzero(case: str, cpp_runner: Path, aoti_bundle: Path, default_inputs: Path,
+                                           tmp_path: Path) -> None:
+    bundle, inputs = _bad_case(case, aoti_bundle, default_inputs, tmp_path)
+    done = run_cpp(cpp_runner, bundle, inputs, tmp_path / "out")
+    assert done.returncode > 0, f"exit {done.returncode} (a negative code is a crash): {done.stderr}"
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("stdrc_run: error: ") and BAD[case] in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()

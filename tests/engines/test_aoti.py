@@ -1,0 +1,88 @@
+"""`--backend aoti`: AOTInductor packages per component, checked against PyTorch, run by the Python runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stdrc.export.specs import component_specs
+from stdrc.runtime.backends import open_engine
+from stdrc.runtime.backends.torch import TorchEngine
+from stdrc.runtime.manifest import COMPONENTS, read_manifest
+from stdrc.runtime.pipeline import Pipeline
+
+pytestmark = pytest.mark.slow  # ~75-120 s on 2 CPU cores, almost all of it the five AOTInductor compiles
+
+FP32_ATOL = 1e-4
+PSNR_MIN_DB = 40.0
+
+
+@pytest.fixture(scope="session")
+def aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """Built once per session; tests/cpp/conftest.py reuses the same folder."""
+    from stdrc.export.build import BuildConfig, build_engines
+
+    out = tmp_path_factory.getbasetemp() / "aoti-bundle" / "tiny"
+    if not (out / "manifest.json").is_file():  # BundleWriter renames the folder into place only when complete
+        build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", progress=False))
+    return out
+
+
+def _batches(dynamic: dict[str, list[int]]) -> list[int | None]:
+    if "batch" not in dynamic:
+        return [None]
+    lo, opt, hi = dynamic["batch"]
+    return sorted({lo, opt, hi, (lo + hi) // 2})
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_manifest_records_aoti_packages(aoti_bundle: Path) -> None:
+    manifest = read_manifest(aoti_bundle)
+    assert set(manifest.components) == set(COMPONENTS)
+    for name, entry in manifest.components.items():
+        assert entry.backend == "aoti", name
+        assert entry.file == f"{name}.pt2"
+        assert entry.build["torch_version"] == torch.__version__
+    assert manifest.components["dit"].dynamic_dims == {"batch": [1, 3, 3]}
+
+
+def test_every_component_matches_pytorch(aoti_bundle: Path, tiny_models) -> None:
+    manifest = read_manifest(aoti_bundle)
+    modules = tiny_models.export_modules(manifest.bucket, manifest.rope["layout"])
+    specs = component_specs(tiny_models.preset, manifest.bucket)
+    assert set(manifest.components) <= set(specs), "a bundle component has no parity case"
+    errors = {}
+    for name, entry in manifest.components.items():
+        engine = open_engine(aoti_bundle, name, entry)
+        assert isinstance(engine, TorchEngine)
+        for batch in _batches(entry.dynamic_dims):
+            feeds = specs[name].sample_inputs(seed=1234, batch=batch)
+            got = engine.run(feeds)
+            with torch.no_grad():
+                want = modules[name](*[torch.from_numpy(feeds[t.name]) for t in specs[name].inputs])
+            want = want if isinstance(want, (tuple, list)) else (want,)
+            for spec, value in zip(entry.outputs, want):
+                assert got[spec.name].shape == tuple(value.shape), (name, batch, spec.name)
+                errors[(name, batch, spec.name)] = float(np.abs(got[spec.name] - value.float().numpy()).max())
+    bad = {k: v for k, v in errors.items() if v > FP32_ATOL}
+    assert not bad, f"aoti vs PyTorch max abs error over {FP32_ATOL}: {bad}"
+
+
+def test_generate_matches_onnxruntime(aoti_bundle: Path, tiny_bundle: Path) -> None:
+    reference = np.random.default_rng(7).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    results = {}
+    for label, bundle in (("aoti", aoti_bundle), ("onnxruntime", tiny_bundle)):
+        pipeline = Pipeline.from_bundle(bundle)
+        assert {e.entry.backend for e in pipeline.engines.values()} == {label}
+        results[label] = pipeline.generate(reference, "a person waving", seed=5, face_crop=False)
+    aoti, ort = results["aoti"], results["onnxruntime"]
+    assert aoti.frames.shape == ort.frames.shape == (9, 64, 96, 3)
+    assert np.abs(aoti.latent - ort.latent).max() <= 1e-3
+    assert psnr(aoti.frames, ort.frames) >= PSNR_MIN_DB
