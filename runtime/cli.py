@@ -18,6 +18,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     check_writable(args.output)  # fail before loading anything
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device)
+    if args.face_models:
+        pipe.use_face_models(args.face_models)
     bar = tqdm(desc="sampling", unit="step", disable=args.quiet)
 
     def on_step(i: int, total: int) -> None:
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-rescale", type=float, default=0.0)
     g.add_argument("--max-batch", type=int, default=3, help="guidance streams per DiT call (1-3)")
     g.add_argument("--no-face-crop", action="store_true", help="use the whole photo, no face detection")
+    g.add_argument("--face-models", default=None,
+                   help="insightface model folder or name (buffalo_l, antelopev2): SCRFD instead of YuNet")
     g.add_argument("--backend", default=None, help="require this backend (default: the bundle's)")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     g.add_argument("--json", action="store_true")

@@ -99,7 +99,10 @@ def run_python(pipeline: Pipeline, folder: str | Path, max_batch: int = 3) -> Cp
     folder = Path(folder)
     if not (folder / INPUTS_JSON).is_file():
         raise InputError(f"{folder} holds no {INPUTS_JSON}: write it with write_cpp_inputs")
-    load = lambda name: np.load(folder / name)  # noqa: E731
+
+    def load(name: str) -> np.ndarray:
+        return np.load(folder / name)
+
     cond = smp.Conditioning(load(REFERENCE), (load(TEXT_CONTEXT), load(TEXT_MASK)), (load(NULL_CONTEXT), load(NULL_MASK)))
     latent = smp.sample(pipeline.denoiser, load(NOISE), load(SIGMAS), cond, _scales(folder), max_batch)
     b, vae = pipeline.bucket, pipeline.manifest.model_config["vae"]

@@ -51,6 +51,12 @@ class Pipeline:
         self._detector = None
         self._embedder = None
 
+    def use_face_models(self, folder: str | Path) -> None:
+        """Detect faces with SCRFD from an insightface model folder (buffalo_l, antelopev2) instead of YuNet."""
+        from stdrc.runtime import face
+
+        self._detector = face.ScrfdDetector(face.resolve_model_folder(folder).detector)
+
     @staticmethod
     def from_bundle(path: str | Path, backend: str | None = None, device: str = "cpu",
                     verify_hashes: bool = True) -> Pipeline:

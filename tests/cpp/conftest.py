@@ -52,7 +52,7 @@ def cpp_runner(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython_EXECUTABLE={sys.executable}"]
     start = time.perf_counter()
     for cmd in (configure, ["cmake", "--build", str(build), "-j", "2"]):
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             pytest.fail(f"{' '.join(cmd[:2])} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     print(f"stdrc_run built in {time.perf_counter() - start:.1f} s")

@@ -140,6 +140,7 @@ def _bad_bundle(tiny_bundle: Path, tmp_path: Path, change: str) -> Path:
     ("no-manifest", "manifest.json is missing"),
     ("steps", "--steps 1 or more"),
     ("unwritable", "not writable"),
+    ("face-models", "insightface model folder"),
 ])
 def test_cli_bad_input(case: str, message: str, tiny_bundle: Path, astronaut_png: Path, blank_png: Path,
                        tmp_path: Path) -> None:
@@ -157,6 +158,8 @@ def test_cli_bad_input(case: str, message: str, tiny_bundle: Path, astronaut_png
         extra = ["--steps", "0"]
     elif case == "unwritable":
         out = tmp_path / "no" / "such" / "dir" / "out.mp4"
+    elif case == "face-models":
+        extra = ["--face-models", str(tmp_path / "no-models")]
     proc = _cli("generate", "--bundle", str(bundle), "--ref", str(ref), "--prompt", "x", "-o", str(out), "-q", *extra)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
