@@ -72,18 +72,26 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
+def calibrate_dit_fp8(models: ModelSet, bucket: Bucket, layout: str, calibration_prompts: int = 4
+                      ) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    """modelopt FP8 DiT calibrated on the inputs it sees while sampling calibration prompts and photos."""
+    _, tables = models.rope(bucket, layout)
+    photos = reference_photos()
+    recorder = TorchDenoiser(models.dit, tables.cos, tables.sin, record=True)
+    for i, prompt in enumerate(CALIBRATION_PROMPTS[:calibration_prompts]):
+        cond = _conditioning(models, bucket, prompt, photos[i % len(photos)])
+        _generate(models, bucket, recorder, cond, i, models.preset.steps)
+    return quantize_dit_fp8(models.dit, recorder.recorded), recorder.recorded
+
+
 def fp8_quality(models: ModelSet, bucket: Bucket, layout: str, out_dir: Path, seed: int = 0,
                 calibration_prompts: int = 4) -> dict:
     """Calibrate on inputs captured through the sampler, write `fp8_scales.json`, return the figures."""
     _, tables = models.rope(bucket, layout)
     photos = reference_photos()
     steps = models.preset.steps
-    recorder = TorchDenoiser(models.dit, tables.cos, tables.sin, record=True)
-    for i, prompt in enumerate(CALIBRATION_PROMPTS[:calibration_prompts]):
-        _generate(models, bucket, recorder, _conditioning(models, bucket, prompt, photos[i % len(photos)]), i, steps)
-    captured = recorder.recorded
-    qdit = quantize_dit_fp8(models.dit, captured)
-    held_out = recorder.recorded[-steps:]  # the last generation's steps, also in calibration
+    qdit, captured = calibrate_dit_fp8(models, bucket, layout, calibration_prompts)
+    held_out = captured[-steps:]  # the last generation's steps, also in calibration
     eval_prompt = CALIBRATION_PROMPTS[-1]
     cond = _conditioning(models, bucket, eval_prompt, photos[0])
     ref_frames = _generate(models, bucket, TorchDenoiser(models.dit, tables.cos, tables.sin), cond, seed, steps)

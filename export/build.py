@@ -110,6 +110,19 @@ def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backe
     return {"torch_version": torch.__version__, "device": device}
 
 
+def fp8_qdq_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, folder: Path) -> Path:
+    """The DiT calibrated with modelopt and exported with FP8 Q/DQ nodes, for a strongly typed TensorRT plan."""
+    from stdrc.calibration.fp8 import export_qdq_onnx
+    from stdrc.calibration.report import calibrate_dit_fp8
+    from stdrc.export.dit import BakedRopeDiT
+
+    qdit, captured = calibrate_dit_fp8(models, bucket, cfg.layout)
+    _, tables = models.rope(bucket, cfg.layout)
+    feeds = {k: v for k, v in captured[0].items() if not k.startswith("rope_")}
+    lo, _, hi = component_specs(models.preset, bucket)["dit"].dynamic_dims["batch"]
+    return export_qdq_onnx(BakedRopeDiT(qdit, tables.cos, tables.sin), folder / "dit.onnx", feeds, (lo, hi))
+
+
 def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bucket, spec: ComponentSpec,
                     module: torch.nn.Module, writer: BundleWriter) -> ComponentEntry:
     out = writer.path(spec.name + ENGINE_SUFFIX[backend])
@@ -128,7 +141,11 @@ def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bu
     else:
         from stdrc.engines.tensorrt import build_engine, plan_for
 
-        onnx_path = cached_onnx(cfg, models, bucket, spec, module)
+        if precision == "fp8" and spec.name == "dit":
+            folder = cfg.cache_dir / "fp8_qdq" / f"{models.source_sha256[:16]}_{bucket.key()}_{cfg.layout}"
+            onnx_path = fp8_qdq_onnx(cfg, models, bucket, folder)
+        else:
+            onnx_path = cached_onnx(cfg, models, bucket, spec, module)
         plan = plan_for(spec.name, spec, precision, writer.staging, onnx_path=onnx_path,
                         timing_cache=cfg.cache_dir / "trt_timing.cache")
         facts = build_engine(plan)

@@ -22,3 +22,22 @@ def test_fp8_quality_is_measured_and_written(tiny_models, tmp_path: Path) -> Non
     assert any(k.endswith(".input_scale") for k in scales) and any(k.endswith(".weight_scale") for k in scales)
     assert not any(k.startswith(("ltx.patchify_proj", "ltx.proj_out")) for k in scales)  # kept in high precision
     assert sha256_file(tmp_path / result["scales_file"]) == result["scales_sha256"]
+
+
+def test_fp8_qdq_onnx_for_tensorrt(tiny_models, tmp_path: Path) -> None:
+    """What `build-engines --backend tensorrt --precision fp8` hands TensorRT (the plan itself is never built here)."""
+    import onnx
+    import onnxruntime as ort
+
+    from stdrc.export.build import BuildConfig, fp8_qdq_onnx
+    from stdrc.export.specs import component_specs
+
+    bucket = Bucket(**tiny_models.preset.default_bucket)
+    path = fp8_qdq_onnx(BuildConfig(), tiny_models, bucket, tmp_path)
+    graph = onnx.load(str(path))
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("QuantizeLinear") == ops.count("DequantizeLinear")
+    spec = component_specs(tiny_models.preset, bucket)["dit"]
+    assert [i.name for i in graph.graph.input] == [t.name for t in spec.inputs]
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, spec.sample_inputs(batch=2))
+    assert out[0].shape == (2, bucket.tokens, 128)

@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
@@ -39,6 +40,9 @@ ComponentEntry component_entry(const json& data) {
   for (const auto& t : data.at("outputs")) entry.outputs.push_back(tensor_spec(t));
   if (data.contains("dynamic_dims"))
     for (const auto& [name, range] : data.at("dynamic_dims").items()) entry.dynamic_dims[name] = range.get<std::vector<int64_t>>();
+  if (data.contains("build"))
+    for (const auto& [key, value] : data.at("build").items())
+      if (value.is_string()) entry.build[key] = value.get<std::string>();
   return entry;
 }
 
@@ -109,12 +113,12 @@ Manifest read_manifest(const std::string& bundle_dir) {
 }
 
 void check_components(const std::string& bundle_dir, const Manifest& manifest, const std::vector<std::string>& names,
-                      const std::string& backend) {
+                      const std::vector<std::string>& backends) {
   for (const auto& name : names) {
     const ComponentEntry& entry = manifest.component(name);
-    if (entry.backend != backend)
-      throw BundleError("bundle component " + name + " is a " + entry.backend + " engine; this runner takes " + backend +
-                        " packages: rebuild the bundle with --backend " + backend);
+    if (std::find(backends.begin(), backends.end(), entry.backend) == backends.end())
+      throw BundleError("bundle component " + name + " is a " + entry.backend + " engine; this runner takes " +
+                        backends.front() + " engines: rebuild the bundle with --backend " + backends.front());
     const fs::path file = fs::path(bundle_dir) / entry.file;
     if (!fs::is_regular_file(file)) throw BundleError("bundle file " + file.string() + " is missing: rebuild the bundle");
   }

@@ -16,6 +16,12 @@ namespace fs = std::filesystem;
 
 namespace {
 
+#ifdef STDRC_WITH_TENSORRT
+const std::vector<std::string> kBackends = {"aoti", "tensorrt"};
+#else
+const std::vector<std::string> kBackends = {"aoti"};
+#endif
+
 std::string dims(at::IntArrayRef shape) {
   std::ostringstream out;
   out << "[";
@@ -74,7 +80,7 @@ Runner::Runner(std::string bundle_dir, Manifest manifest, c10::Device device)
 
 std::unique_ptr<Runner> Runner::from_bundle(const std::string& bundle_dir, c10::Device device) {
   Manifest manifest = read_manifest(bundle_dir);
-  check_components(bundle_dir, manifest, {"dit", "vae_decoder"}, "aoti");
+  check_components(bundle_dir, manifest, {"dit", "vae_decoder"}, kBackends);
   std::unique_ptr<Runner> runner(new Runner(bundle_dir, std::move(manifest), device));
   runner->dit_ = open_engine(bundle_dir, "dit", runner->manifest_.component("dit"), device);
   runner->decoder_ = open_engine(bundle_dir, "vae_decoder", runner->manifest_.component("vae_decoder"), device);

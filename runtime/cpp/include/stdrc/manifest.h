@@ -28,6 +28,7 @@ struct ComponentEntry {
   std::vector<TensorSpec> inputs;
   std::vector<TensorSpec> outputs;
   std::map<std::string, std::vector<int64_t>> dynamic_dims;  // symbol -> {min, opt, max}
+  std::map<std::string, std::string> build;                   // backend facts with string values
 };
 
 struct Bucket {
@@ -57,9 +58,9 @@ struct Manifest {
 // Throws BundleError with the fix in the message.
 Manifest read_manifest(const std::string& bundle_dir);
 
-// Refuses a bundle whose `components` (as listed) are absent, of another backend, or whose files
-// are missing. sha256 is not recomputed here: `stdrc verify` (Python) does that.
+// Refuses a bundle whose `components` (as listed) are absent, of a backend not in `backends`, or
+// whose files are missing. sha256 is not recomputed here: `stdrc verify` (Python) does that.
 void check_components(const std::string& bundle_dir, const Manifest& manifest,
-                      const std::vector<std::string>& names, const std::string& backend);
+                      const std::vector<std::string>& names, const std::vector<std::string>& backends);
 
 }  // namespace stdrc

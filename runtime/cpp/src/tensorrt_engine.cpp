@@ -1,0 +1,104 @@
+// UNTESTED here (no TensorRT, no GPU): see tensorrt_engine.h.
+#include "stdrc/tensorrt_engine.h"
+
+#include <ATen/ops/empty.h>
+#include <NvInfer.h>
+#include <cuda_runtime_api.h>
+
+#include <fstream>
+#include <iostream>
+#include <iterator>
+
+#include "stdrc/errors.h"
+
+namespace stdrc {
+namespace {
+
+class Logger final : public nvinfer1::ILogger {
+ public:
+  void log(Severity severity, const char* msg) noexcept override {
+    if (severity <= Severity::kWARNING) std::cerr << "TensorRT: " << msg << "\n";
+  }
+};
+
+at::ScalarType to_torch(nvinfer1::DataType type, const std::string& name) {
+  switch (type) {
+    case nvinfer1::DataType::kFLOAT: return at::kFloat;
+    case nvinfer1::DataType::kHALF: return at::kHalf;
+    case nvinfer1::DataType::kBF16: return at::kBFloat16;
+    case nvinfer1::DataType::kINT32: return at::kInt;
+    case nvinfer1::DataType::kINT64: return at::kLong;
+    case nvinfer1::DataType::kBOOL: return at::kBool;
+    case nvinfer1::DataType::kUINT8: return at::kByte;
+    default: throw BundleError("TensorRT tensor '" + name + "' has an I/O dtype this runner cannot bind: rebuild the plan");
+  }
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw Error(std::string(what) + " failed: " + cudaGetErrorString(err) + " (check the GPU with nvidia-smi)");
+}
+
+}  // namespace
+
+struct TensorRTEngine::Impl {
+  Logger logger;
+  std::unique_ptr<nvinfer1::IRuntime> runtime;
+  std::unique_ptr<nvinfer1::ICudaEngine> engine;
+  std::unique_ptr<nvinfer1::IExecutionContext> context;
+  cudaStream_t stream = nullptr;
+  c10::Device device = c10::kCUDA;
+};
+
+TensorRTEngine::TensorRTEngine(const std::string& path, ComponentEntry entry, std::string name, c10::Device device)
+    : Engine(std::move(entry), std::move(name)), impl_(std::make_unique<Impl>()) {
+  if (!device.is_cuda()) throw InputError("TensorRT plans run on a CUDA device: pass --device cuda");
+  impl_->device = device;
+  const std::string linked = std::to_string(NV_TENSORRT_MAJOR) + "." + std::to_string(NV_TENSORRT_MINOR) + ".";
+  auto built = this->entry().build.find("tensorrt_version");
+  if (built == this->entry().build.end() || built->second.rfind(linked, 0) != 0)
+    throw BundleError(path + " was built with TensorRT " + (built == this->entry().build.end() ? "?" : built->second) +
+                      ", this runner links " + linked + "x: rebuild the bundle on this machine");
+  std::ifstream in(path, std::ios::binary);
+  const std::vector<char> plan((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  impl_->runtime.reset(nvinfer1::createInferRuntime(impl_->logger));
+  impl_->engine.reset(impl_->runtime->deserializeCudaEngine(plan.data(), plan.size()));
+  if (!impl_->engine) throw BundleError("TensorRT could not deserialize " + path + " (see its log above): rebuild the bundle");
+  impl_->context.reset(impl_->engine->createExecutionContext());
+  check_cuda(cudaSetDevice(device.has_index() ? device.index() : 0), "cudaSetDevice");
+  check_cuda(cudaStreamCreate(&impl_->stream), "cudaStreamCreate");
+}
+
+TensorRTEngine::~TensorRTEngine() {
+  if (impl_ && impl_->stream) cudaStreamDestroy(impl_->stream);
+}
+
+std::vector<at::Tensor> TensorRTEngine::run_checked(const std::vector<at::Tensor>& inputs) {
+  auto& ctx = *impl_->context;
+  std::vector<at::Tensor> bound;  // keeps cast/moved inputs alive until the stream is done
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const char* name = entry().inputs[i].name.c_str();
+    at::Tensor t = inputs[i].to(impl_->device, to_torch(impl_->engine->getTensorDataType(name), name)).contiguous();
+    nvinfer1::Dims dims{};
+    dims.nbDims = static_cast<int32_t>(t.dim());
+    for (int64_t d = 0; d < t.dim(); ++d) dims.d[d] = t.size(d);
+    if (!ctx.setInputShape(name, dims) || !ctx.setTensorAddress(name, t.data_ptr()))
+      throw InputError(this->name() + ": TensorRT refused input '" + std::string(name) + "' (shape outside the plan's profile?)");
+    bound.push_back(std::move(t));
+  }
+  std::vector<at::Tensor> outputs;
+  for (const auto& spec : entry().outputs) {
+    const char* name = spec.name.c_str();
+    const nvinfer1::Dims dims = ctx.getTensorShape(name);
+    std::vector<int64_t> shape(dims.d, dims.d + dims.nbDims);
+    at::Tensor out = at::empty(shape, at::TensorOptions().dtype(to_torch(impl_->engine->getTensorDataType(name), name)).device(impl_->device));
+    ctx.setTensorAddress(name, out.data_ptr());
+    outputs.push_back(out);
+  }
+  if (!ctx.enqueueV3(impl_->stream)) throw Error(this->name() + ": TensorRT enqueueV3 failed (see its log above)");
+  check_cuda(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize");
+  for (auto& out : outputs)
+    if (out.scalar_type() != at::kFloat && at::isFloatingType(out.scalar_type())) out = out.to(at::kFloat);
+  return outputs;
+}
+
+}  // namespace stdrc
