@@ -68,16 +68,21 @@ def test_cpp_matches_python(case: str, cpp_runner: Path, aoti_bundle: Path, pipe
     assert np.abs(cpp.frames.astype(np.int16) - python.frames).max() <= 1  # uint8 rounding at a .5 boundary
 
 
-def test_cli_scales_override_inputs(cpp_runner: Path, aoti_bundle: Path, pipeline: Pipeline, default_inputs: Path,
-                                    tmp_path: Path) -> None:
-    done = run_cpp(cpp_runner, aoti_bundle, default_inputs, tmp_path / "out", "--ref-scale", "1", "--text-scale", "1")
+def test_cli_overrides_inputs(cpp_runner: Path, aoti_bundle: Path, pipeline: Pipeline, default_inputs: Path,
+                              tmp_path: Path) -> None:
+    sigmas = np.array([1.0, 0.7, 0.3, 0.0], np.float32)
+    np.save(tmp_path / "sigmas.npy", sigmas)
+    flags = ("--ref-scale", "1", "--text-scale", "1.5", "--sigmas", str(tmp_path / "sigmas.npy"))
+    done = run_cpp(cpp_runner, aoti_bundle, default_inputs, tmp_path / "out", *flags)
     assert done.returncode == 0, done.stderr
-    meta = json.loads((default_inputs / "inputs.json").read_text())
-    meta["guidance"].update(text_scale=1.0, ref_scale=1.0)
+    # the same run in Python: a copy of the inputs with those scales and sigmas written in
     (tmp_path / "in").mkdir()
     for f in default_inputs.iterdir():
         (tmp_path / "in" / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((default_inputs / "inputs.json").read_text())
+    meta["guidance"].update(text_scale=1.5, ref_scale=1.0)
     (tmp_path / "in" / "inputs.json").write_text(json.dumps(meta))
+    np.save(tmp_path / "in" / "sigmas.npy", sigmas)
     python = run_python(pipeline, tmp_path / "in")
     assert np.abs(read_cpp_outputs(tmp_path / "out").latent - python.latent).max() <= FP32_ATOL
 

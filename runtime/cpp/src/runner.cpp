@@ -100,8 +100,7 @@ RunInputs Runner::read_inputs(const std::string& folder) const {
   in.cond.null_mask = read_as(dir, files::kNullMask, at::kLong);
   if (manifest_.timestep_conditioning) in.decode_noise = read_as(dir, files::kDecodeNoise, at::kFloat);
   if (fs::is_regular_file(dir / files::kSigmas)) {
-    const at::Tensor s = read_as(dir, files::kSigmas, at::kFloat).contiguous();
-    in.sigmas.assign(s.data_ptr<float>(), s.data_ptr<float>() + s.numel());
+    in.sigmas = read_sigmas((dir / files::kSigmas).string());
   } else {
     in.sigmas = manifest_.sigmas;
   }
@@ -159,6 +158,14 @@ RunOutputs Runner::run(const RunInputs& in, int max_batch, const std::function<v
   out.video = decode(out.latent, in.decode_noise);
   out.frames = frames_to_uint8(out.video);
   return out;
+}
+
+std::vector<float> read_sigmas(const std::string& path) {
+  const fs::path file(path);
+  const at::Tensor s = read_as(file.parent_path(), file.filename().string(), at::kFloat).contiguous();
+  if (s.dim() != 1 || s.numel() < 2)
+    throw InputError(path + " has shape " + dims(s.sizes()) + ": sigmas are 1-D with steps + 1 >= 2 values");
+  return {s.data_ptr<float>(), s.data_ptr<float>() + s.numel()};
 }
 
 at::Tensor frames_to_uint8(const at::Tensor& video) {

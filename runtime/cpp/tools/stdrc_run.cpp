@@ -1,7 +1,7 @@
 // stdrc_run: sample + decode one video from a bundle of aoti packages and an inputs folder.
 //
 //   stdrc_run --bundle DIR --inputs DIR --out DIR [--text-scale X] [--ref-scale X]
-//             [--guidance-interval LO,HI] [--cfg-rescale X] [--distilled] [--max-batch N]
+//             [--guidance-interval LO,HI] [--cfg-rescale X] [--sigmas FILE.npy | --distilled] [--max-batch N]
 //             [--device cpu|cuda[:i]] [--quiet]
 //
 // Errors print as one line on stderr and exit 2 (bad input or bundle) or 1 (anything else).
@@ -20,10 +20,11 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: stdrc_run --bundle DIR --inputs DIR --out DIR [--text-scale X] [--ref-scale X] "
-    "[--guidance-interval LO,HI] [--cfg-rescale X] [--distilled] [--max-batch N] [--device cpu|cuda[:i]] [--quiet]";
+    "[--guidance-interval LO,HI] [--cfg-rescale X] [--sigmas FILE.npy | --distilled] [--max-batch N] "
+    "[--device cpu|cuda[:i]] [--quiet]";
 
 struct Options {
-  std::string bundle, inputs, out, device = "cpu";
+  std::string bundle, inputs, out, sigmas, device = "cpu";
   std::optional<double> text_scale, ref_scale, rescale;
   std::optional<std::pair<double, double>> interval;
   bool distilled = false, quiet = false;
@@ -56,6 +57,7 @@ Options parse(int argc, char** argv) {
     else if (flag == "--inputs") o.inputs = value;
     else if (flag == "--out") o.out = value;
     else if (flag == "--device") o.device = value;
+    else if (flag == "--sigmas") o.sigmas = value;
     else if (flag == "--text-scale") o.text_scale = number(flag, value);
     else if (flag == "--ref-scale") o.ref_scale = number(flag, value);
     else if (flag == "--cfg-rescale") o.rescale = number(flag, value);
@@ -68,6 +70,7 @@ Options parse(int argc, char** argv) {
       throw stdrc::InputError("unknown option " + flag + " (" + kUsage + ")");
     }
   }
+  if (o.distilled && !o.sigmas.empty()) throw stdrc::InputError("pass --sigmas or --distilled, not both");
   if (o.bundle.empty() || o.inputs.empty() || o.out.empty())
     throw stdrc::InputError(std::string("--bundle, --inputs and --out are required (") + kUsage + ")");
   return o;
@@ -81,6 +84,7 @@ int run(const Options& o) {
   auto runner = stdrc::Runner::from_bundle(o.bundle, c10::Device(o.device));
   stdrc::RunInputs in = runner->read_inputs(o.inputs);
   if (o.distilled) in.sigmas = runner->manifest().distilled_sigmas;
+  if (!o.sigmas.empty()) in.sigmas = stdrc::read_sigmas(o.sigmas);
   if (o.text_scale) in.scales.text = *o.text_scale;
   if (o.ref_scale) in.scales.ref = *o.ref_scale;
   if (o.rescale) in.scales.rescale = *o.rescale;

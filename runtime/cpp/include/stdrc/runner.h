@@ -81,6 +81,9 @@ class Runner {
 // Decoder output [1, 3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8 (as runtime/video.py).
 at::Tensor frames_to_uint8(const at::Tensor& video);
 
+// A 1-D float .npy of at least two decreasing-to-final sigmas (steps + 1 values).
+std::vector<float> read_sigmas(const std::string& path);
+
 void write_outputs(const RunOutputs& outputs, const std::string& folder);
 
 }  // namespace stdrc
