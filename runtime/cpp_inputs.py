@@ -65,20 +65,16 @@ def write_cpp_inputs(
     }
     image = pipeline.prepare_reference(reference, face_crop)
     text, no_text = pipeline.prompts(prompt), pipeline.prompts(negative_prompt)
-    b, config = pipeline.bucket, pipeline.manifest.model_config
-    channels = config["dit"]["in_channels"]
-    # The same draws as Pipeline.generate (noise) and Pipeline.decode (decode noise).
-    noise = np.random.default_rng(seed).standard_normal((1, b.video_tokens, channels), dtype=np.float32)
     arrays = {
-        NOISE: noise,
+        NOISE: pipeline.initial_noise(seed),
         REFERENCE: pipeline.encode_reference(image),
         TEXT_CONTEXT: text[0], TEXT_MASK: text[1],
         NULL_CONTEXT: no_text[0], NULL_MASK: no_text[1],
         SIGMAS: pipeline.sigmas(steps, distilled),
     }
-    if config["vae"]["timestep_conditioning"]:
-        shape = (1, config["vae"]["latent_channels"], b.latent_frames, b.latent_height, b.latent_width)
-        arrays[DECODE_NOISE] = np.random.default_rng(seed + 1).standard_normal(shape, dtype=np.float32)
+    decode_noise = pipeline.decode_noise(seed)
+    if decode_noise is not None:
+        arrays[DECODE_NOISE] = decode_noise
     for name, value in arrays.items():
         want = np.int64 if name in (TEXT_MASK, NULL_MASK) else np.float32
         np.save(folder / name, np.ascontiguousarray(value, dtype=want))

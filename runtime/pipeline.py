@@ -109,11 +109,24 @@ class Pipeline:
         latent = self.run("vae_encoder", {"image": np.ascontiguousarray(pixels)})["latent"]
         return patchify(latent.astype(np.float32))
 
+    def initial_noise(self, seed: int) -> np.ndarray:
+        """The seed's starting noise, video tokens [1, N_video, C]."""
+        channels = self.manifest.model_config["dit"]["in_channels"]
+        return np.random.default_rng(seed).standard_normal((1, self.bucket.video_tokens, channels), dtype=np.float32)
+
+    def decode_noise(self, seed: int) -> np.ndarray | None:
+        """The noise a timestep-conditioned VAE decoder mixes into its input ([1, C, F, H, W]), else None."""
+        b, vae = self.bucket, self.manifest.model_config["vae"]
+        if not vae["timestep_conditioning"]:
+            return None
+        shape = (1, vae["latent_channels"], b.latent_frames, b.latent_height, b.latent_width)
+        return np.random.default_rng(seed + 1).standard_normal(shape, dtype=np.float32)
+
     def decode(self, tokens: np.ndarray, seed: int) -> np.ndarray:
         b, vae = self.bucket, self.manifest.model_config["vae"]
         latent = unpatchify(tokens, (b.latent_frames, b.latent_height, b.latent_width))
-        if vae["timestep_conditioning"]:
-            noise = np.random.default_rng(seed + 1).standard_normal(latent.shape, dtype=np.float32)
+        noise = self.decode_noise(seed)
+        if noise is not None:
             scale = np.float32(vae["decode_noise_scale"])
             latent = noise * scale + (np.float32(1.0) - scale) * latent
         timestep = np.full((1,), vae["decode_timestep"], np.float32)
@@ -169,9 +182,7 @@ class Pipeline:
         sigmas = self.sigmas(steps, distilled)
         image = self.prepare_reference(reference, face_crop)
         cond = smp.Conditioning(self.encode_reference(image), self.prompts(prompt), self.prompts(negative_prompt))
-        b = self.bucket
-        channels = self.manifest.model_config["dit"]["in_channels"]
-        noise = np.random.default_rng(seed).standard_normal((1, b.video_tokens, channels), dtype=np.float32)
+        noise = self.initial_noise(seed)
         total = len(sigmas) - 1
         latent = smp.sample(self.denoiser, noise, sigmas, cond, scales, max_batch,
                             on_step=(lambda i: on_step(i, total)) if on_step else None)
