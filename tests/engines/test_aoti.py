@@ -86,3 +86,11 @@ def test_generate_matches_onnxruntime(aoti_bundle: Path, tiny_bundle: Path) -> N
     assert aoti.frames.shape == ort.frames.shape == (9, 64, 96, 3)
     assert np.abs(aoti.latent - ort.latent).max() <= 1e-3
     assert psnr(aoti.frames, ort.frames) >= PSNR_MIN_DB
+
+
+def test_verify_passes_on_the_aoti_bundle(aoti_bundle: Path) -> None:
+    from stdrc.export.verify import verify_bundle
+
+    reports = verify_bundle(aoti_bundle)
+    assert set(reports) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
+    assert all(r.backend == "aoti" and r.ok and r.rel_l2 <= 1e-4 for r in reports.values()), reports
