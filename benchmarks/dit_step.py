@@ -125,7 +125,7 @@ def make_setup(cfg: StepConfig, work: Path) -> Setup:
     from stdrc.export.build import BuildConfig, bucket_for
     from stdrc.export.config import get_preset
     from stdrc.export.dit import BakedRopeDiT, build_dit
-    from stdrc.export.models import ModelSet, _config_hash
+    from stdrc.export.models import ModelSet, config_hash
     from stdrc.export.specs import component_specs
 
     preset = get_preset(cfg.preset)
@@ -135,7 +135,7 @@ def make_setup(cfg: StepConfig, work: Path) -> Setup:
     dit = build_dit(preset.dit, seed=cfg.seed)
     # DiT only (ltx2-video's text side needs real Gemma weights); the source hash is load_models',
     # so a build_engines run sharing --cache-dir reuses the exported dit.onnx.
-    models = ModelSet(preset, dit, None, None, None, None, _config_hash(preset, cfg.seed), None)
+    models = ModelSet(preset, dit, None, None, None, None, config_hash(preset, cfg.seed), None)
     build = BuildConfig(preset=preset.name, frames=cfg.frames, height=cfg.height, width=cfg.width,
                         out=work / "bundle", cache_dir=cfg.cache_dir or work / "cache", seed=cfg.seed,
                         progress=False)

@@ -48,7 +48,7 @@ class ModelSet:
         return {k: v.eval() for k, v in modules.items()}
 
 
-def _config_hash(preset: Preset, seed: int) -> str:
+def config_hash(preset: Preset, seed: int) -> str:
     text = json.dumps({"preset": preset.to_json(), "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -87,5 +87,5 @@ def load_models(
             load_strict(decoder, ckpt.vae_decoder, "VAE decoder", ckpt.path)
     text = build_text_side(preset.text, seed=seed)
     face = _face_module(preset, seed, face_weights)
-    source = ckpt.sha256 if ckpt else _config_hash(preset, seed)
+    source = ckpt.sha256 if ckpt else config_hash(preset, seed)
     return ModelSet(preset, dit, encoder, decoder, text, face, source, ckpt.sha256 if ckpt else None)
