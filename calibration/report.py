@@ -16,7 +16,7 @@ from stdrc.export.models import ModelSet
 from stdrc.runtime import sampler as smp
 from stdrc.runtime.manifest import Bucket, sha256_file
 from stdrc.runtime.text import ByteTokenizer
-from stdrc.runtime.video import frames_to_uint8, resize_cover
+from stdrc.runtime.video import frames_to_uint8, psnr, resize_cover
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,6 @@ def _generate(models: ModelSet, bucket: Bucket, denoiser: TorchDenoiser, cond: s
     with torch.no_grad():
         video = DecoderForExport(models.vae_decoder)(latent, torch.tensor([models.preset.vae.decode_timestep]))
     return frames_to_uint8(video.numpy())
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
 def calibrate_dit_fp8(models: ModelSet, bucket: Bucket, layout: str, calibration_prompts: int = 4

@@ -19,7 +19,7 @@ import stdrc
 from stdrc.engines.bundle import BundleWriter
 from stdrc.export.errors import ExportError
 from stdrc.export.models import ModelSet, load_models
-from stdrc.export.onnx_export import export_onnx, onnx_files
+from stdrc.export.onnx_export import dynamic_shapes, export_onnx, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
 from stdrc.runtime.sampler import DISTILLED_SIGMAS, ltx2_sigmas
@@ -94,12 +94,10 @@ def cached_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, spec: Compon
 
 
 def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str, device: str) -> dict:
-    from stdrc.export.onnx_export import _dynamic_shapes
-
     feeds = spec.sample_inputs()
     args = tuple(torch.from_numpy(feeds[t.name]).to(device) for t in spec.inputs)
     with torch.no_grad():
-        program = torch.export.export(module.to(device), args, dynamic_shapes=_dynamic_shapes(spec))
+        program = torch.export.export(module.to(device), args, dynamic_shapes=dynamic_shapes(spec))
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # aoti_compile_and_package wants a .pt2 name
     tmp.unlink(missing_ok=True)
     if backend == "torch":

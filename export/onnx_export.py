@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 TWO_GB = 2 * 1024**3
 
 
-def _dynamic_shapes(spec: ComponentSpec) -> tuple | None:
+def dynamic_shapes(spec: ComponentSpec) -> tuple | None:
     if "batch" not in spec.dynamic_dims:
         return None
     lo, _, hi = spec.dynamic_dims["batch"]
@@ -53,7 +53,7 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, 
                 args,
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
-                dynamic_shapes=_dynamic_shapes(spec),
+                dynamic_shapes=dynamic_shapes(spec),
                 dynamo=True,
                 optimize=True,
                 verbose=False,

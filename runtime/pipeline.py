@@ -14,7 +14,16 @@ from stdrc.runtime.backends import Engine, check_feeds, open_engine
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
 from stdrc.runtime.manifest import Manifest, check_files, read_manifest
 from stdrc.runtime.text import PromptCache, tokenizer_from_manifest
-from stdrc.runtime.video import as_rgb, contact_sheet, frames_to_uint8, load_image, resize_cover, write_png, write_video
+from stdrc.runtime.video import (
+    as_rgb,
+    check_writable,
+    contact_sheet,
+    frames_to_uint8,
+    load_image,
+    resize_cover,
+    write_png,
+    write_video,
+)
 
 log = logging.getLogger(__name__)
 REQUIRED = ("text_encoder", "dit", "vae_encoder", "vae_decoder")
@@ -97,12 +106,18 @@ class Pipeline:
             return resize_cover(image, b.height, b.width)
         from stdrc.runtime import face
 
-        if self._detector is None:
-            self._detector = face.YuNetDetector(face.find_yunet())
-        found = face.largest_face(self._detector.detect(image))
+        found = face.largest_face(self._face_detector().detect(image))
         if found is None:
             raise NoFaceError("no face found in the reference image: use a clearer photo, or pass --no-face-crop")
         return face.crop_reference(image, found, b.height, b.width)
+
+    def _face_detector(self):  # noqa: ANN202
+        """YuNet unless `use_face_models` chose SCRFD; created on first use."""
+        if self._detector is None:
+            from stdrc.runtime import face
+
+            self._detector = face.YuNetDetector(face.find_yunet())
+        return self._detector
 
     def encode_reference(self, image: np.ndarray) -> np.ndarray:
         pixels = (image.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None, :, None]
@@ -165,8 +180,6 @@ class Pipeline:
         output: str | Path | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
-        from stdrc.runtime.video import check_writable
-
         if steps is not None and steps < 1:
             raise InputError(f"steps={steps}: use --steps 1 or more")
         if not 1 <= max_batch <= 3:
@@ -195,15 +208,13 @@ class Pipeline:
     def facesim(self, frames: np.ndarray, reference: np.ndarray) -> float | None:
         from stdrc.runtime import face
 
-        if self._detector is None:
-            self._detector = face.YuNetDetector(face.find_yunet())
         entry = self.manifest.components["face_encoder"]
         if entry.backend != "onnxruntime":
             return None
         if self._embedder is None:
             self._embedder = face.FaceEmbedder(self.bundle_dir / entry.file)
         try:
-            result = face.facesim(frames, reference, self._detector, self._embedder)
+            result = face.facesim(frames, reference, self._face_detector(), self._embedder)
         except NoFaceError:
             return None
         # no face in any sampled frame: there is no similarity to report, not a score of 0

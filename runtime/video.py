@@ -53,6 +53,12 @@ def frames_to_uint8(video: np.ndarray) -> np.ndarray:
     return np.clip((frames + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 frame stacks, in dB (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")

@@ -13,6 +13,7 @@ from stdrc.runtime.backends import open_engine
 from stdrc.runtime.backends.torch import TorchEngine
 from stdrc.runtime.manifest import COMPONENTS, read_manifest
 from stdrc.runtime.pipeline import Pipeline
+from stdrc.runtime.video import psnr
 
 pytestmark = pytest.mark.slow  # ~75-120 s on 2 CPU cores, almost all of it the five AOTInductor compiles
 
@@ -36,11 +37,6 @@ def _batches(dynamic: dict[str, list[int]]) -> list[int | None]:
         return [None]
     lo, opt, hi = dynamic["batch"]
     return sorted({lo, opt, hi, (lo + hi) // 2})
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_manifest_records_aoti_packages(aoti_bundle: Path) -> None:

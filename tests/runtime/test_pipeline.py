@@ -13,12 +13,7 @@ import pytest
 
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
 from stdrc.runtime.pipeline import Pipeline
-from stdrc.runtime.video import read_video
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+from stdrc.runtime.video import psnr, read_video
 
 
 @pytest.fixture(scope="module")
