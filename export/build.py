@@ -23,6 +23,7 @@ from stdrc.export.onnx_export import dynamic_shapes, export_onnx, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
 from stdrc.runtime.sampler import DISTILLED_SIGMAS, ltx2_sigmas
+from stdrc.runtime.tiling import decode_tiling
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "aoti")
@@ -47,7 +48,11 @@ class BuildConfig:
     seed: int = 0
     layout: str = "tass"
     face_weights: Path | None = None
+    text_encoder: Path | None = None  # a local Gemma-3 folder
+    text_checkpoint: Path | None = None  # LTX-2 checkpoint holding the text projection + connector
     calibrate_fp8: bool = False
+    decode_tile: int | None = None  # pixels; None = 512 when the bucket is larger, 0 = never tile
+    decode_overlap: int = 64  # pixels
     progress: bool = True
 
 
@@ -79,11 +84,12 @@ def export_code_hash() -> str:
 
 def cached_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, spec: ComponentSpec,
                 module: torch.nn.Module) -> Path:
-    """The stage cache: keyed by source hash + bucket + layout + stdrc version, so re-runs skip export."""
+    """The stage cache: keyed by source hash + bucket + layout + input shapes + export code, so re-runs skip export."""
     key = f"{models.source_sha256[:16]}/{bucket.key()}_{cfg.layout}_{export_code_hash()[:12]}"
     folder = cfg.cache_dir / "onnx" / key
-    path = folder / f"{spec.name}.onnx"
-    done = folder / f"{spec.name}.done"
+    shapes = hashlib.sha256(repr([t.shape for t in spec.inputs]).encode()).hexdigest()[:8]
+    path = folder / f"{spec.name}_{shapes}.onnx"
+    done = folder / f"{spec.name}_{shapes}.done"
     if done.is_file() and path.is_file() and done.read_text() == sha256_file(path):
         log.info("cache hit: %s", path)
         return path
@@ -119,6 +125,17 @@ def fp8_qdq_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, folder: Pat
     feeds = {k: v for k, v in captured[0].items() if not k.startswith("rope_")}
     lo, _, hi = component_specs(models.preset, bucket)["dit"].dynamic_dims["batch"]
     return export_qdq_onnx(BakedRopeDiT(qdit, tables.cos, tables.sin), folder / "dit.onnx", feeds, (lo, hi))
+
+
+def text_manifest(models: ModelSet, writer: BundleWriter) -> dict:
+    """The tokenizer the runtime runs: bytes for `tiny`, else Gemma's tokenizer.json (run with `tokenizers`)."""
+    cfg = models.preset.text
+    if models.gemma is None:
+        return {"tokenizer": "bytes", "max_length": cfg.max_length}
+    path = writer.path("tokenizer.json")
+    path.write_text(models.gemma.tokenizer_json(), encoding="utf-8")
+    return {"tokenizer": "hf-tokenizers", "file": path.name, "sha256": sha256_file(path),
+            "max_length": cfg.max_length, "pad_id": models.gemma.pad_id, "padding_side": "left"}
 
 
 def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bucket, spec: ComponentSpec,
@@ -159,10 +176,12 @@ def build_engines(cfg: BuildConfig) -> Path:
     backend = resolve_backend(cfg.backend)
     stages = tqdm(total=7, desc="build-engines", unit="stage", disable=not cfg.progress)
     stages.set_postfix_str("loading model")
-    models = load_models(cfg.preset, cfg.checkpoint, cfg.seed, cfg.face_weights)
+    models = load_models(cfg.preset, cfg.checkpoint, cfg.seed, cfg.face_weights,
+                         text_encoder=cfg.text_encoder, text_checkpoint=cfg.text_checkpoint)
     bucket = bucket_for(cfg, models)
     stages.update()
-    specs = component_specs(models.preset, bucket)
+    tiling = decode_tiling(bucket.height, bucket.width, cfg.decode_tile, cfg.decode_overlap)
+    specs = component_specs(models.preset, bucket, tiling)
     modules = models.export_modules(bucket, cfg.layout)
     with BundleWriter(cfg.out) as writer:
         components = {}
@@ -171,6 +190,11 @@ def build_engines(cfg: BuildConfig) -> Path:
             if name in modules:
                 components[name] = build_component(cfg, backend, models, bucket, specs[name], modules[name], writer)
             stages.update()
+        text = text_manifest(models, writer)
+        if "file" in text:
+            components["text_encoder"] = replace(
+                components["text_encoder"],
+                extra_files={**components["text_encoder"].extra_files, text["file"]: text["sha256"]})
         positions, tables = models.rope(bucket, cfg.layout)
         rope_path = writer.path("rope.npz")
         with open(rope_path, "wb") as f:
@@ -199,11 +223,11 @@ def build_engines(cfg: BuildConfig) -> Path:
             rope={"file": rope_path.name, "sha256": sha256_file(rope_path), "layout": cfg.layout,
                   "type": models.preset.dit.rope_type, "baked_in_dit": True,
                   "max_position_ratio": tables.max_position_ratio},
-            text={"tokenizer": "bytes" if models.preset.text.kind == "tiny" else "gemma",
-                  "max_length": models.preset.text.max_length},
+            text=text,
             reference={"layout": cfg.layout, "video_tokens": bucket.video_tokens,
                        "reference_tokens": bucket.reference_tokens, "timestep": 0.0},
             quality=quality,
+            decode=tiling.to_json() if tiling else {},
             created_by={"stdrc": stdrc.__version__, "torch": torch.__version__, "backend": backend,
                         "source_sha256": models.source_sha256},
         )

@@ -1,7 +1,9 @@
 """Checkpoint loading from safetensors in LTX-2's key layouts. Never unpickles.
 
 Layouts: ltx-core's (plain DiT keys, `vae.encoder.` etc.), ComfyUI's (`model.diffusion_model.`
-prefix), and ST-DRC DiT files (an LTX-2-layout DiT alone). Config comes from the file's
+prefix), and ST-DRC DiT files (an LTX-2-layout DiT alone). The text side's projection
+(`text_embedding_projection.`) and video connector (`[video_]embeddings_connector.`) are split
+off into `Checkpoint.text`, under the names of `TextSide`. Config comes from the file's
 `config` metadata when present (as ltx-core reads it), else from the preset.
 """
 
@@ -26,7 +28,14 @@ from stdrc.runtime.manifest import sha256_file
 
 _COMFY_PREFIX = "model.diffusion_model."
 # Parts of LTX-2's audio-video model that the video-only DiT does not have.
-_AUDIO_MARKERS = ("audio_", "av_ca_", "a2v", "v2a")
+_AUDIO_MARKERS = ("audio_", "av_ca_", "a2v", "v2a", "vocoder")
+_TEXT_PREFIXES = {
+    "text_embedding_projection.aggregate_embed.": "feature_extractor.aggregate_embed.",
+    "video_embeddings_connector.": "connector.",
+    "embeddings_connector.": "connector.",
+}
+_V2_PROJECTION = "text_embedding_projection.video_aggregate_embed."
+_PROJECTION_KEYS = SDOps("TEXT_PROJECTION").with_matching(prefix="text_embedding_projection.")
 _MAX_LISTED = 8
 
 
@@ -38,6 +47,23 @@ class Checkpoint:
     dit: dict[str, torch.Tensor]
     vae_encoder: dict[str, torch.Tensor]
     vae_decoder: dict[str, torch.Tensor]
+    text: dict[str, torch.Tensor]  # TextSide names: feature_extractor.*, connector.*
+
+
+def _split_text(path: Path, dit: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move the text projection and connector out of the DiT keys (in place), renamed for `TextSide`."""
+    if any(k.startswith(_V2_PROJECTION) for k in dit):
+        raise CheckpointError(
+            f"{path} uses LTX-2.3's per-token text projection (video_aggregate_embed), which this version does "
+            "not export: use an LTX-2 (19B) checkpoint"
+        )
+    text = {}
+    for key in list(dit):
+        for prefix, ours in _TEXT_PREFIXES.items():
+            if key.startswith(prefix):
+                text[ours + key[len(prefix):]] = dit.pop(key)
+                break
+    return text
 
 
 def _check_safetensors(path: Path) -> None:
@@ -82,6 +108,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             dit = _read(path, LTXV_MODEL_COMFY_RENAMING_MAP)
         else:
             dit = {k: v for k, v in _read(path, None).items() if not k.startswith("vae.")}
+        if comfy:  # the projection sits outside the ComfyUI prefix
+            dit.update(_read(path, _PROJECTION_KEYS))
         enc = _read(path, VAE_ENCODER_COMFY_KEYS_FILTER)
         dec = _read(path, VAE_DECODER_COMFY_KEYS_FILTER)
     except CheckpointError:
@@ -89,7 +117,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
     dit = {k: v for k, v in dit.items() if not any(m in k.split(".")[0] for m in _AUDIO_MARKERS)}
-    return Checkpoint(path, sha256_file(path), config, dit, enc, dec)
+    text = _split_text(path, dit)
+    return Checkpoint(path, sha256_file(path), config, dit, enc, dec, text)
 
 
 def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Preset:
@@ -110,7 +139,14 @@ def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Prese
     for key in ("encoder_blocks", "decoder_blocks"):
         if key in v:
             vae_changes[key] = tuple((name, params) for name, params in v[key])
-    return replace(preset, dit=replace(preset.dit, **dit_changes), vae=replace(preset.vae, **vae_changes))
+    text_keys = {"connector_num_attention_heads": "connector_heads", "connector_attention_head_dim": "connector_head_dim",
+                 "connector_num_layers": "connector_layers", "connector_apply_gated_attention": "connector_gated_attention",
+                 "rope_type": "rope_type", "frequencies_precision": "frequencies_precision"}
+    text_changes: dict[str, Any] = {ours: t[k] for k, ours in text_keys.items() if k in t}
+    if "connector_positional_embedding_max_pos" in t:
+        text_changes["connector_max_pos"] = tuple(t["connector_positional_embedding_max_pos"])
+    return replace(preset, dit=replace(preset.dit, **dit_changes), vae=replace(preset.vae, **vae_changes),
+                   text=replace(preset.text, **text_changes))
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
@@ -143,10 +179,16 @@ def save_checkpoint(
     vae_decoder: torch.nn.Module | None = None,
     config: dict[str, Any] | None = None,
     layout: str = "comfy",
+    text: torch.nn.Module | None = None,
 ) -> None:
-    """Write an LTX-2-layout checkpoint (tests and conversions); `dit` is an LTXModel."""
+    """Write an LTX-2-layout checkpoint (tests and conversions); `dit` is an LTXModel, `text` a TextSide."""
     prefix = _COMFY_PREFIX if layout == "comfy" else ""
     tensors = {prefix + k: v.contiguous() for k, v in dit.state_dict().items()}
+    if text is not None:
+        for k, v in text.feature_extractor.state_dict().items():
+            tensors[f"text_embedding_projection.{k}"] = v.contiguous()
+        for k, v in text.connector.state_dict().items():
+            tensors[f"{prefix}video_embeddings_connector.{k}"] = v.contiguous()
     for name, module in (("encoder", vae_encoder), ("decoder", vae_decoder)):
         if module is not None:
             for k, v in module.state_dict().items():

@@ -18,6 +18,8 @@ def _build(args: argparse.Namespace) -> int:
         preset=args.preset, checkpoint=args.checkpoint, frames=args.frames, height=args.height, width=args.width,
         fps=args.fps, backend=args.backend, precision=args.precision, out=args.out or Path("bundles") / args.preset,
         seed=args.seed, layout=args.layout, face_weights=args.face_weights, calibrate_fp8=args.calibrate_fp8,
+        text_encoder=args.text_encoder, text_checkpoint=args.text_checkpoint, decode_tile=args.decode_tile,
+        decode_overlap=args.decode_overlap,
         progress=not args.quiet, **({"cache_dir": args.cache_dir} if args.cache_dir else {}),
     )
     path = build_engines(cfg)
@@ -28,7 +30,8 @@ def _build(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from stdrc.export.verify import reports_json, verify_bundle
 
-    reports = verify_bundle(args.bundle, args.checkpoint, device=args.device)
+    reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
+                            text_checkpoint=args.text_checkpoint)
     result = reports_json(reports)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -55,9 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "fp8"))
     b.add_argument("--layout", default="tass", choices=("tass", "overlap", "width_shift", "before"),
                    help="reference token positions (TASS-RoPE by default)")
+    b.add_argument("--text-encoder", type=Path, default=None,
+                   help="local Gemma-3 folder (config.json, *.safetensors, tokenizer.json); needed by ltx2-video")
+    b.add_argument("--text-checkpoint", type=Path, default=None,
+                   help="LTX-2 .safetensors with the text projection + connector (default: --checkpoint)")
     b.add_argument("--face-weights", type=Path, default=None, help="arcface_torch backbone.pth (iresnet50)")
     b.add_argument("--calibrate-fp8", action="store_true",
                    help="run modelopt FP8 calibration and record its measured error in the manifest")
+    b.add_argument("--decode-tile", type=int, default=None,
+                   help="VAE decode tile in pixels (default: 512 when the bucket is larger; 0 = never tile)")
+    b.add_argument("--decode-overlap", type=int, default=64, help="minimum tile overlap in pixels (default 64)")
     b.add_argument("--seed", type=int, default=0, help="seed of the preset's random weights")
     b.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default ~/.cache/stdrc)")
     b.add_argument("--out", type=Path, default=None, help="bundle folder (default bundles/<preset>)")
@@ -66,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="each bundle component vs the PyTorch reference")
     v.add_argument("bundle", type=Path)
     v.add_argument("--checkpoint", type=Path, default=None)
+    v.add_argument("--text-encoder", type=Path, default=None, help="the Gemma-3 folder the bundle was built with")
+    v.add_argument("--text-checkpoint", type=Path, default=None)
     v.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_verify)

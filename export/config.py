@@ -89,17 +89,28 @@ class VAEConfig:
 class TextConfig:
     """The text side: encoder features -> LTX-2 connector -> context of `caption_channels`.
 
-    kind "tiny": seeded byte-level encoder, no download. kind "gemma": Gemma-3 from a local folder.
+    kind "tiny": seeded byte-level encoder, no download. kind "gemma": Gemma-3 from a local folder,
+    whose own config then sets `vocab_size`, `encoder_dim` and `encoder_layers`. The connector
+    fields are ltx-core's `connector_*` transformer config keys (checkpoint metadata overrides them).
     """
 
     kind: str = "gemma"
     max_length: int = 1024
-    vocab_size: int = 259  # tiny: 256 bytes + pad + bos + eos
+    vocab_size: int = 262208  # tiny: 256 bytes + pad + bos + eos
     encoder_dim: int = 3840
     encoder_layers: int = 48
     connector_heads: int = 30
     connector_head_dim: int = 128
     connector_layers: int = 2
+    connector_registers: int = 128
+    connector_max_pos: tuple[int, ...] = (1,)
+    connector_gated_attention: bool = False
+    rope_type: str = "interleaved"
+    frequencies_precision: str = "float32"
+
+    @property
+    def connector_dim(self) -> int:
+        return self.connector_heads * self.connector_head_dim
 
 
 @dataclass(frozen=True)
@@ -136,8 +147,8 @@ def _tiny() -> Preset:
             timestep_conditioning=True,
         ),
         text=TextConfig(
-            kind="tiny", max_length=16, encoder_dim=32, encoder_layers=2, connector_heads=2,
-            connector_head_dim=16, connector_layers=1,
+            kind="tiny", max_length=16, vocab_size=259, encoder_dim=32, encoder_layers=2, connector_heads=2,
+            connector_head_dim=16, connector_layers=1, connector_registers=16,
         ),
         default_bucket={"frames": 9, "height": 64, "width": 96, "text_length": 16, "fps": 24.0},
         steps=8,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -14,7 +14,8 @@ from stdrc.export.config import Preset, get_preset
 from stdrc.export.dit import BakedRopeDiT, STDRCTransformer, build_dit
 from stdrc.export.reference import token_positions
 from stdrc.export.rope import RopeTables, rope_tables
-from stdrc.export.text import TextSide, build_text_side
+from stdrc.export.errors import CheckpointError
+from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
 from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae
 from stdrc.runtime.manifest import Bucket
 
@@ -29,6 +30,7 @@ class ModelSet:
     face: torch.nn.Module | None
     source_sha256: str  # checkpoint file hash, or a hash of the seeded preset config
     checkpoint_sha256: str | None
+    gemma: GemmaText | None = None
 
     def rope(self, bucket: Bucket, layout: str = "tass") -> tuple[torch.Tensor, RopeTables]:
         grid = (bucket.latent_frames, bucket.latent_height, bucket.latent_width)
@@ -71,8 +73,14 @@ def load_models(
     seed: int = 0,
     face_weights: str | Path | None = None,
     preset: Preset | None = None,
+    text_encoder: str | Path | None = None,
+    text_checkpoint: str | Path | None = None,
 ) -> ModelSet:
-    """Seeded modules for `preset_name`, with DiT/VAE weights from `checkpoint` when given."""
+    """Seeded modules for `preset_name`, with DiT/VAE weights from `checkpoint` when given.
+
+    `text_encoder`: a local Gemma-3 folder (else the preset's tiny text encoder). The text
+    projection and connector come from `text_checkpoint`, else from `checkpoint`.
+    """
     preset = preset or get_preset(preset_name)
     ckpt = None
     if checkpoint is not None:
@@ -85,7 +93,29 @@ def load_models(
         if ckpt.vae_encoder or ckpt.vae_decoder:
             load_strict(encoder, ckpt.vae_encoder, "VAE encoder", ckpt.path)
             load_strict(decoder, ckpt.vae_decoder, "VAE decoder", ckpt.path)
-    text = build_text_side(preset.text, seed=seed)
-    face = _face_module(preset, seed, face_weights)
-    source = ckpt.sha256 if ckpt else config_hash(preset, seed)
-    return ModelSet(preset, dit, encoder, decoder, text, face, source, ckpt.sha256 if ckpt else None)
+    gemma = load_gemma(text_encoder, preset.text.max_length) if text_encoder is not None else None
+    text = build_text_side(preset.text, seed=seed, gemma=gemma)
+    preset = replace(preset, text=text.cfg)
+    sources = [ckpt.sha256 if ckpt else config_hash(preset, seed)]
+    text_state, text_path = (ckpt.text, ckpt.path) if ckpt else ({}, None)
+    if text_checkpoint is not None:
+        text_ckpt = read_checkpoint(text_checkpoint)
+        text_state, text_path = text_ckpt.text, text_ckpt.path
+        sources.append(text_ckpt.sha256)
+        if not text_state:
+            raise CheckpointError(
+                f"{text_ckpt.path} holds no text projection or connector: pass the LTX-2 checkpoint as --text-checkpoint"
+            )
+    if text_state:
+        parts = torch.nn.ModuleDict({"feature_extractor": text.feature_extractor, "connector": text.connector})
+        load_strict(parts, text_state, "text projection and connector", text_path)
+    elif ckpt is not None and gemma is not None:
+        raise CheckpointError(
+            f"{ckpt.path} holds no text projection or connector for the Gemma-3 text side: "
+            "pass the LTX-2 checkpoint that has them as --text-checkpoint"
+        )
+    if gemma is not None:
+        sources.append(gemma.sha256)
+    source = sources[0] if len(sources) == 1 else hashlib.sha256("".join(sources).encode()).hexdigest()
+    return ModelSet(preset, dit, encoder, decoder, text, face=_face_module(preset, seed, face_weights),
+                    source_sha256=source, checkpoint_sha256=ckpt.sha256 if ckpt else None, gemma=gemma)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stdrc.export.config import Preset
-from stdrc.runtime.manifest import Bucket, TensorSpec
+from stdrc.runtime.manifest import SPACE_SCALE, Bucket, TensorSpec
+from stdrc.runtime.tiling import DecodeTiling
 
 FACE_BATCH = (1, 16, 64)
 DIT_BATCH = (1, 3, 3)  # guidance streams: min, opt, max
@@ -35,10 +36,12 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def component_specs(preset: Preset, bucket: Bucket) -> dict[str, ComponentSpec]:
+def component_specs(preset: Preset, bucket: Bucket, tiling: DecodeTiling | None = None) -> dict[str, ComponentSpec]:
+    """With `tiling`, the VAE decoder is built at tile size (the runtime decodes tile by tile)."""
     d, b = preset.dit, bucket
     n, length, c = b.tokens, b.text_length, d.in_channels
     lf, lh, lw = b.latent_frames, b.latent_height, b.latent_width
+    dh, dw = (tiling.tile_height, tiling.tile_width) if tiling else (lh, lw)
     latent_c = preset.vae.latent_channels
 
     def text_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -73,7 +76,7 @@ def component_specs(preset: Preset, bucket: Bucket) -> dict[str, ComponentSpec]:
     def dec_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
         r = _rng(seed)
         return {
-            "latent": r.standard_normal((1, latent_c, lf, lh, lw), dtype=np.float32),
+            "latent": r.standard_normal((1, latent_c, lf, dh, dw), dtype=np.float32),
             "timestep": np.full((1,), preset.vae.decode_timestep, np.float32),
         }
 
@@ -109,8 +112,8 @@ def component_specs(preset: Preset, bucket: Bucket) -> dict[str, ComponentSpec]:
         ),
         "vae_decoder": ComponentSpec(
             "vae_decoder",
-            (TensorSpec("latent", (1, latent_c, lf, lh, lw), f32), TensorSpec("timestep", (1,), f32)),
-            (TensorSpec("video", (1, 3, b.frames, b.height, b.width), f32),),
+            (TensorSpec("latent", (1, latent_c, lf, dh, dw), f32), TensorSpec("timestep", (1,), f32)),
+            (TensorSpec("video", (1, 3, b.frames, dh * SPACE_SCALE, dw * SPACE_SCALE), f32),),
             sample=dec_sample,
         ),
         "face_encoder": ComponentSpec(

@@ -1,23 +1,35 @@
 """The text side: encoder hidden states -> LTX-2 feature extractor + connector -> DiT context.
 
 The `tiny` preset uses a seeded byte-level encoder (no download). Real LTX-2 checkpoints use
-Gemma-3 from a local folder through transformers (`load_gemma_encoder`), with ltx-core's
+Gemma-3 from a local folder through transformers (`load_gemma`), with ltx-core's
 feature extractor and connector. The connector's padding-to-register swap is rewritten with
 static shapes (ltx-core's uses boolean indexing) and checked against ltx-core's own.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
 import torch
 from ltx_core.text_encoders.gemma.embeddings_connector import Embeddings1DConnector
 from ltx_core.text_encoders.gemma.embeddings_processor import convert_to_additive_mask
 from ltx_core.text_encoders.gemma.feature_extractor import FeatureExtractorV1
-from ltx_core.model.transformer.rope import generate_freq_grid_pytorch, precompute_freqs_cis
+from ltx_core.model.transformer.rope import (
+    LTXRopeType,
+    generate_freq_grid_np,
+    generate_freq_grid_pytorch,
+    precompute_freqs_cis,
+)
 from ltx_core.utils import rms_norm
 
 from stdrc.export.config import TextConfig
 from stdrc.export.dit import init_seeded
-from stdrc.export.errors import CheckpointError
+from stdrc.export.errors import CheckpointError, ExportError
+from stdrc.runtime.manifest import sha256_file
 
 TEXT_INPUTS = ("token_ids", "token_mask")
 TEXT_OUTPUTS = ("context", "context_mask")
@@ -71,11 +83,26 @@ class TextSide(torch.nn.Module):
         self.encoder = encoder
         flat = cfg.encoder_dim * (cfg.encoder_layers + 1)
         self.feature_extractor = FeatureExtractorV1(torch.nn.Linear(flat, cfg.encoder_dim, bias=False))
+        if cfg.max_length % cfg.connector_registers:
+            raise ExportError(
+                f"text length {cfg.max_length} is not a multiple of the connector's {cfg.connector_registers} "
+                "registers: pick a text length that is"
+            )
+        if cfg.encoder_dim != cfg.connector_dim:
+            raise ExportError(
+                f"the text encoder's width {cfg.encoder_dim} differs from the connector's {cfg.connector_dim}: "
+                "pick the preset that matches this text encoder (Gemma-3 12B: ltx2-video)"
+            )
+        double = cfg.frequencies_precision == "float64"
         self.connector = Embeddings1DConnector(
             attention_head_dim=cfg.connector_head_dim,
             num_attention_heads=cfg.connector_heads,
             num_layers=cfg.connector_layers,
-            num_learnable_registers=cfg.max_length if cfg.kind == "tiny" else 128,
+            positional_embedding_max_pos=list(cfg.connector_max_pos),
+            num_learnable_registers=cfg.connector_registers,
+            rope_type=LTXRopeType(cfg.rope_type),
+            double_precision_rope=double,
+            apply_gated_attention=cfg.connector_gated_attention,
         )
         # The connector's RoPE angles reach ~1e5 rad (max_pos [1]): float32 cos/sin of them differ
         # between runtimes by ~1e-2, so the table is computed once here, in torch, and baked.
@@ -84,7 +111,7 @@ class TextSide(torch.nn.Module):
             grid, dim=self.connector.inner_dim, out_dtype=torch.float32,
             theta=self.connector.positional_embedding_theta, max_pos=self.connector.positional_embedding_max_pos,
             num_attention_heads=self.connector.num_attention_heads, rope_type=self.connector.rope_type,
-            freq_grid_generator=generate_freq_grid_pytorch,
+            freq_grid_generator=generate_freq_grid_np if double else generate_freq_grid_pytorch,
         )
         self.register_buffer("connector_cos", cos, persistent=False)
         self.register_buffer("connector_sin", sin, persistent=False)
@@ -113,7 +140,115 @@ class TextSide(torch.nn.Module):
         return encoded
 
 
-def build_text_side(cfg: TextConfig, seed: int | None = 0) -> TextSide:
+class GemmaEncoder(torch.nn.Module):
+    """Gemma-3's language model returning every layer's hidden states, which LTX-2's feature extractor reads."""
+
+    def __init__(self, language_model: torch.nn.Module):
+        super().__init__()
+        self.language_model = language_model
+
+    def forward(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.language_model(
+            input_ids=token_ids, attention_mask=token_mask, output_hidden_states=True, use_cache=False
+        )
+        return tuple(out.hidden_states)
+
+
+@dataclass(frozen=True)
+class GemmaText:
+    """A local Gemma-3 folder, loaded: the language model, its tokenizer, and a hash of the folder."""
+
+    folder: Path
+    encoder: GemmaEncoder
+    tokenizer: Any  # transformers' tokenizer, as ltx-core's LTXVGemmaTokenizer configures it
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    sha256: str
+
+    def text_config(self, base: TextConfig) -> TextConfig:
+        return replace(base, kind="gemma", vocab_size=self.vocab_size, encoder_dim=self.hidden_size,
+                       encoder_layers=self.num_layers)
+
+    def tokenizer_json(self) -> str:
+        """The tokenizer as `tokenizers` runs it (BOS template included), padding and truncation left to the caller."""
+        backend = self.tokenizer.backend_tokenizer
+        backend.no_padding()
+        backend.no_truncation()
+        return backend.to_str()
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+_GEMMA_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer.model")
+
+
+def _folder_sha256(folder: Path) -> str:
+    """Config, tokenizer and every weight file: a changed Gemma folder never reuses a cached export."""
+    digest = hashlib.sha256()
+    files = [folder / n for n in _GEMMA_FILES] + sorted(folder.glob("*.safetensors"))
+    for path in files:
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def load_gemma(folder: str | Path, max_length: int) -> GemmaText:
+    """Gemma-3 (`gemma3` or text-only `gemma3_text`) and its tokenizer from a local folder, in float32."""
+    folder = Path(folder)
+    fix = "pass a local Gemma-3 folder (config.json, *.safetensors, tokenizer.json) to --text-encoder"
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json: {fix}")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path} is not valid JSON ({e}): {fix}") from e
+    if model_type not in ("gemma3", "gemma3_text"):
+        raise CheckpointError(f"{folder} holds a {model_type!r} model, not Gemma-3: {fix}")
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"{folder} has no tokenizer.json (the runtime runs it with `tokenizers`): {fix}")
+    if not list(folder.glob("*.safetensors")):
+        raise CheckpointError(f"{folder} has no .safetensors weights (pickled weights are never loaded): {fix}")
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    try:
+        if model_type == "gemma3":
+            full = Gemma3ForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+            language_model, text_config = full.model.language_model, full.config.text_config
+        else:
+            full = Gemma3ForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+            language_model, text_config = full.model, full.config
+    except Exception as e:  # transformers raises many types for truncated or mismatched weights
+        raise CheckpointError(f"{folder}: Gemma-3 weights could not be loaded ({str(e).splitlines()[0]}): {fix}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=max_length)
+    except Exception as e:
+        raise CheckpointError(f"{folder}: the tokenizer could not be loaded ({str(e).splitlines()[0]}): {fix}") from e
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise CheckpointError(f"{folder}: the tokenizer is not backed by tokenizer.json: {fix}")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return GemmaText(
+        folder=folder, encoder=GemmaEncoder(language_model).eval(), tokenizer=tokenizer,
+        hidden_size=int(text_config.hidden_size), num_layers=int(text_config.num_hidden_layers),
+        vocab_size=int(text_config.vocab_size), sha256=_folder_sha256(folder),
+    )
+
+
+def build_text_side(cfg: TextConfig, seed: int | None = 0, gemma: GemmaText | None = None) -> TextSide:
+    """The text side with seeded projection and connector (a checkpoint's weights load over them)."""
+    if gemma is not None:
+        side = TextSide(gemma.text_config(cfg), gemma.encoder)
+        if seed is not None:
+            init_seeded(side.feature_extractor, seed + 3, std=0.2)
+            init_seeded(side.connector, seed + 4, std=0.2)
+        return side.eval()
     if cfg.kind != "tiny":
         raise CheckpointError(
             "the Gemma-3 text side needs real weights: pass --text-encoder DIR (a local Gemma-3 folder)"

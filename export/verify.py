@@ -14,6 +14,7 @@ from stdrc.export.models import load_models
 from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import open_engine
 from stdrc.runtime.manifest import check_files, read_manifest
+from stdrc.runtime.tiling import DecodeTiling
 
 # rel L2 tolerated per engine precision (fp32: the 1e-4)
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2, "fp8": 1e-1}
@@ -39,19 +40,22 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
 
 
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
-                  device: str = "cpu") -> dict[str, ComponentReport]:
+                  device: str = "cpu", text_encoder: str | Path | None = None,
+                  text_checkpoint: str | Path | None = None) -> dict[str, ComponentReport]:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     check_files(bundle, manifest)
     if manifest.checkpoint_sha256 and checkpoint is None:
         raise CheckpointError(f"{bundle} was built from a checkpoint: pass --checkpoint with that file to verify it")
+    if manifest.text.get("tokenizer") == "hf-tokenizers" and text_encoder is None:
+        raise CheckpointError(f"{bundle} uses a Gemma-3 text side: pass --text-encoder with that folder to verify it")
     preset = get_preset(manifest.preset)
     models = load_models(preset.name, checkpoint, seed=manifest.model_config.get("seed", 0),
-                         face_weights=None)
+                         face_weights=None, text_encoder=text_encoder, text_checkpoint=text_checkpoint)
     if manifest.checkpoint_sha256 and models.checkpoint_sha256 != manifest.checkpoint_sha256:
         raise CheckpointError(f"{checkpoint} is not the checkpoint {bundle} was built from (sha256 differs)")
     modules = models.export_modules(manifest.bucket, manifest.rope["layout"])
-    specs = component_specs(models.preset, manifest.bucket)
+    specs = component_specs(models.preset, manifest.bucket, DecodeTiling.from_json(manifest.decode))
     reports = {}
     for name, entry in manifest.components.items():
         engine = open_engine(bundle, name, entry, device)

@@ -106,8 +106,7 @@ def run_python(pipeline: Pipeline, folder: str | Path, max_batch: int = 3) -> Cp
     if vae["timestep_conditioning"]:
         scale = np.float32(vae["decode_noise_scale"])
         grid = load(DECODE_NOISE) * scale + (np.float32(1.0) - scale) * grid
-    timestep = np.full((1,), vae["decode_timestep"], np.float32)
-    video = pipeline.run("vae_decoder", {"latent": grid.astype(np.float32), "timestep": timestep})["video"]
+    video = pipeline.decode_latent(grid)
     return CppResult(latent, video.astype(np.float32), frames_to_uint8(video))
 
 

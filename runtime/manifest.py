@@ -170,6 +170,7 @@ class Manifest:
     text: dict[str, Any]  # tokenizer description
     reference: dict[str, Any]  # layout and latent slot facts
     quality: dict[str, Any] = field(default_factory=dict)  # measured errors (FP8 etc.)
+    decode: dict[str, Any] = field(default_factory=dict)  # spatial tiling of the VAE decode; {} = whole latent
     created_by: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
@@ -187,6 +188,7 @@ class Manifest:
             "text": self.text,
             "reference": self.reference,
             "quality": self.quality,
+            "decode": self.decode,
             "created_by": self.created_by,
         }
 
@@ -211,6 +213,7 @@ class Manifest:
                 text=data["text"],
                 reference=data["reference"],
                 quality=data.get("quality", {}),
+                decode=data.get("decode", {}),
                 created_by=data.get("created_by", {}),
                 format=fmt,
             )

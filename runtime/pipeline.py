@@ -14,6 +14,7 @@ from stdrc.runtime.backends import Engine, check_feeds, open_engine
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
 from stdrc.runtime.manifest import Manifest, check_files, read_manifest
 from stdrc.runtime.text import PromptCache, tokenizer_from_manifest
+from stdrc.runtime.tiling import DecodeTiling, tiled_decode
 from stdrc.runtime.video import (
     as_rgb,
     check_writable,
@@ -55,7 +56,7 @@ class Pipeline:
         self.manifest = manifest
         self.engines = engines
         self.bucket = manifest.bucket
-        self._tokenize = tokenizer_from_manifest(manifest.text)
+        self._tokenize = tokenizer_from_manifest(manifest.text, bundle_dir)
         self.prompts = PromptCache(self._encode_prompt)
         self._detector = None
         self._embedder = None
@@ -144,9 +145,17 @@ class Pipeline:
         if noise is not None:
             scale = np.float32(vae["decode_noise_scale"])
             latent = noise * scale + (np.float32(1.0) - scale) * latent
-        timestep = np.full((1,), vae["decode_timestep"], np.float32)
-        video = self.run("vae_decoder", {"latent": latent.astype(np.float32), "timestep": timestep})["video"]
-        return frames_to_uint8(video)
+        return frames_to_uint8(self.decode_latent(latent))
+
+    def decode_latent(self, latent: np.ndarray) -> np.ndarray:
+        """[1, C, F, H, W] latent (decode noise already mixed in) -> [1, 3, frames, height, width] in [-1, 1]."""
+        timestep = np.full((1,), self.manifest.model_config["vae"]["decode_timestep"], np.float32)
+
+        def decode(part: np.ndarray) -> np.ndarray:
+            return self.run("vae_decoder", {"latent": part.astype(np.float32), "timestep": timestep})["video"]
+
+        tiling = DecodeTiling.from_json(self.manifest.decode)
+        return decode(latent) if tiling is None else tiled_decode(decode, latent, tiling)
 
     def sigmas(self, steps: int | None, distilled: bool) -> np.ndarray:
         if distilled:

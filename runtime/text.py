@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -29,10 +30,36 @@ class ByteTokenizer:
         return token_ids, mask
 
 
-def tokenizer_from_manifest(text: dict) -> Callable[[str], tuple[np.ndarray, np.ndarray]]:
+class JsonTokenizer:
+    """A `tokenizer.json` (Gemma's) run by `tokenizers`: no torch, no transformers.
+
+    Same ids and mask as ltx-core's LTXVGemmaTokenizer: prompt stripped, BOS from the file's
+    template, truncated to `max_length`, left-padded with `pad_id`.
+    """
+
+    def __init__(self, path: Path, max_length: int, pad_id: int):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise BundleError("this bundle's Gemma tokenizer needs the `tokenizers` package: pip install tokenizers")
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+            raise BundleError(f"{path} is not a readable tokenizer.json ({e}): rebuild the bundle") from e
+        self._tokenizer.enable_truncation(max_length)
+        self._tokenizer.enable_padding(direction="left", pad_id=pad_id, length=max_length)
+
+    def __call__(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        encoding = self._tokenizer.encode(text.strip())
+        return (np.array([encoding.ids], dtype=np.int64), np.array([encoding.attention_mask], dtype=np.int64))
+
+
+def tokenizer_from_manifest(text: dict, bundle_dir: Path) -> Callable[[str], tuple[np.ndarray, np.ndarray]]:
     kind = text.get("tokenizer")
     if kind == "bytes":
         return ByteTokenizer(max_length=int(text["max_length"]))
+    if kind == "hf-tokenizers":
+        return JsonTokenizer(Path(bundle_dir) / text["file"], int(text["max_length"]), int(text["pad_id"]))
     raise BundleError(
         f"bundle text side uses tokenizer {kind!r}, which this runtime cannot run: rebuild the bundle"
     )

@@ -47,3 +47,47 @@ def blank_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("images") / "blank.png"
     cv2.imwrite(str(path), np.full((256, 256, 3), 127, np.uint8))
     return path
+
+
+def write_tiny_gemma(folder: Path, hidden_size: int = 32) -> Path:
+    """A random Gemma-3 (text + vision, as a real gemma-3-*-it folder) with a BPE tokenizer trained here.
+
+    Its width matches the tiny preset's connector; one sliding and one full attention layer.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                              PreTrainedTokenizerFast, SiglipVisionConfig)
+
+    from stdrc.calibration.data import CALIBRATION_PROMPTS
+
+    text = Gemma3TextConfig(
+        vocab_size=300, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        max_position_embeddings=64, layer_types=["sliding_attention", "full_attention"],
+    )
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          boi_token_index=297, eoi_token_index=298, image_token_index=299)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.decoder = decoders.Metaspace()
+    bpe.train_from_iterator(CALIBRATION_PROMPTS, trainers.BpeTrainer(
+        vocab_size=290, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    bpe.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_tiny_gemma():
+    return write_tiny_gemma
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gemma(tmp_path_factory.mktemp("gemma") / "gemma-3-tiny")

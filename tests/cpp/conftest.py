@@ -26,6 +26,16 @@ def build_aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path)
 
 
 @pytest.fixture(scope="session")
+def aoti_tiled_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """The tiny preset with a 64 px decode tile (32 px overlap): its 64x96 frames decode as two tiles."""
+    from stdrc.export.build import BuildConfig, build_engines
+
+    out = tmp_path_factory.mktemp("aoti-tiled") / "tiny-tiled"
+    return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", decode_tile=64,
+                                     decode_overlap=32, progress=False))
+
+
+@pytest.fixture(scope="session")
 def aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     return build_aoti_bundle(tmp_path_factory, cache_dir)
 

@@ -75,6 +75,16 @@ Manifest parse(const json& data) {
   m.timestep_conditioning = vae.at("timestep_conditioning").get<bool>();
   m.decode_timestep = vae.at("decode_timestep").get<float>();
   m.decode_noise_scale = vae.at("decode_noise_scale").get<float>();
+  if (data.contains("decode") && !data.at("decode").empty()) {
+    const json& decode = data.at("decode");
+    m.decode_tiling.tile_height = decode.at("tile_height").get<int64_t>();
+    m.decode_tiling.tile_width = decode.at("tile_width").get<int64_t>();
+    m.decode_tiling.overlap = decode.at("overlap").get<int64_t>();
+    m.decode_tiling.spatial_scale = decode.at("spatial_scale").get<int64_t>();
+    if (m.decode_tiling.tile_height < 1 || m.decode_tiling.tile_width < 1 || m.decode_tiling.overlap < 0 ||
+        m.decode_tiling.spatial_scale < 1)
+      throw BundleError("bundle manifest decode tiling " + decode.dump() + " is invalid: rebuild the bundle");
+  }
   return m;
 }
 

@@ -1,4 +1,5 @@
 #include "stdrc/runner.h"
+#include "stdrc/tiling.h"
 
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/full.h>
@@ -121,8 +122,10 @@ void Runner::check_inputs(const RunInputs& in) const {
   expect_shape(in.cond.text_mask, mask, files::kTextMask);
   expect_shape(in.cond.null_context, ctx, files::kNullContext);
   expect_shape(in.cond.null_mask, mask, files::kNullMask);
-  if (manifest_.timestep_conditioning)
-    expect_shape(in.decode_noise, spec(manifest_.component("vae_decoder"), "latent").shape, files::kDecodeNoise);
+  if (manifest_.timestep_conditioning) {
+    const int64_t channels = spec(manifest_.component("vae_decoder"), "latent").shape.at(1);
+    expect_shape(in.decode_noise, {1, channels, b.latent_frames, b.latent_height, b.latent_width}, files::kDecodeNoise);
+  }
   if (in.sigmas.size() < 2) throw InputError("sigmas: need at least 2 values (one step), got " + std::to_string(in.sigmas.size()));
 }
 
@@ -149,7 +152,9 @@ at::Tensor Runner::decode(const at::Tensor& tokens, const at::Tensor& decode_noi
     latent = decode_noise.to(device_) * scale + latent * (1.0f - scale);
   }
   const at::Tensor timestep = at::full({1}, manifest_.decode_timestep, latent.options());
-  return decoder_->run({latent.contiguous(), timestep}).at(0);
+  const auto decode_part = [this, &timestep](const at::Tensor& part) { return decoder_->run({part, timestep}).at(0); };
+  if (manifest_.decode_tiling.enabled()) return tiled_decode(decode_part, latent, manifest_.decode_tiling);
+  return decode_part(latent.contiguous());
 }
 
 RunOutputs Runner::run(const RunInputs& in, int max_batch, const std::function<void(int)>& on_step) {

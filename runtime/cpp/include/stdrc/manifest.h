@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "stdrc/tiling.h"
+
 namespace stdrc {
 
 constexpr int kFormatVersion = 1;
@@ -50,6 +52,7 @@ struct Manifest {
   // model_config.vae: decode-noise mixing before the decoder
   bool timestep_conditioning = false;
   float decode_timestep = 0.0f, decode_noise_scale = 0.0f;
+  DecodeTiling decode_tiling;  // "decode": spatial tiles of the VAE decode; disabled = whole latent
 
   const ComponentEntry& component(const std::string& name) const;
 };

@@ -28,7 +28,7 @@ constexpr const char* kTextContext = "text_context.npy";      // [1, L, D] float
 constexpr const char* kTextMask = "text_mask.npy";            // [1, L] int64
 constexpr const char* kNullContext = "null_context.npy";      // [1, L, D] float32 ("no text" prompt)
 constexpr const char* kNullMask = "null_mask.npy";            // [1, L] int64
-constexpr const char* kDecodeNoise = "decode_noise.npy";      // vae_decoder latent shape, float32
+constexpr const char* kDecodeNoise = "decode_noise.npy";      // [1, C, F', H', W'] whole latent, float32
 constexpr const char* kSigmas = "sigmas.npy";                 // [steps + 1] float32 (optional)
 constexpr const char* kInputsJson = "inputs.json";            // {"guidance": {...}} (optional)
 // outputs
