@@ -3,18 +3,21 @@
 A step is one DiT forward over the three guidance streams batched (B = 3: no text / no
 reference, no text / reference, text / reference) on the bucket's video + reference tokens.
 Every backend gets the same seeded weights, the same inputs (already on the device: host
-copies are not timed), fp32 (TF32 off unless --tf32), the same thread count. Engines are
-built first into a temporary folder (build time reported, never timed), then each backend is
-loaded, warmed up and timed in turn; its output is checked against the PyTorch path.
+copies are not timed), the same thread count; fp32 (TF32 off unless --tf32) except the
+low-precision rows. Engines are built first into a temporary folder (build time reported,
+never timed), then each backend is loaded, warmed up and timed in turn; its output is
+checked against the fp32 PyTorch path (max abs diff and rel L2).
 
     python benchmarks/dit_step.py                           # tiny preset, CPU
     python benchmarks/dit_step.py --backends all --json     # adds AOTInductor (slow to compile)
     python benchmarks/dit_step.py --device cuda --preset ltx2-video --layers 4   # 768x512x121
 
 Backends: ltx-eager (baseline: ltx-core's `LTXModel` as users call it today, RoPE recomputed
-from positions every call), stdrc-torch (`STDRCTransformer` with the bucket's baked RoPE
-tables), onnxruntime (the runtime's `OrtEngine`; CUDA EP with IO binding on --device cuda),
-torch-export (`torch.export` .pt2), aoti (AOTInductor .pt2), tensorrt (when it imports, on
+from positions every call), ltx-eager-bf16 (the same in bf16, as ltx-pipelines runs it),
+stdrc-torch (`STDRCTransformer` with the bucket's baked RoPE tables), stdrc-bf16 and
+stdrc-fp8 (the fast path, export/fast_path.py: bf16, FP8 GEMMs with calibrated scales, CUDA
+graphs on --device cuda), onnxruntime (the runtime's `OrtEngine`; CUDA EP with IO binding on
+--device cuda), torch-export (`torch.export` .pt2), aoti (AOTInductor .pt2), tensorrt (when it imports, on
 CUDA only). With --layers below the preset's depth, full-depth times are scaled by FLOPs.
 """
 
@@ -23,12 +26,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import math
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,7 +40,11 @@ import harness
 import numpy as np
 
 BASELINE = "ltx-eager"
-BACKENDS = ("ltx-eager", "stdrc-torch", "onnxruntime", "torch-export", "aoti", "tensorrt")
+BF16_BASELINE = "ltx-eager-bf16"
+BACKENDS = ("ltx-eager", "ltx-eager-bf16", "stdrc-torch", "stdrc-bf16", "stdrc-fp8", "onnxruntime",
+            "torch-export", "aoti", "tensorrt")
+FAST = ("stdrc-bf16", "stdrc-fp8")  # export/fast_path.py
+PRECISION = {"ltx-eager-bf16": "bf16", "stdrc-bf16": "bf16", "stdrc-fp8": "fp8"}  # others: fp32 (tf32)
 BUILT = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch-export": "torch", "aoti": "aoti"}
 STREAMS = 3
 
@@ -59,6 +67,11 @@ class StepConfig:
     tf32: bool = False
     baseline_key_mask: bool = False  # give ltx-core the dense (B, N, N) "no ref" mask it needs
     cache_dir: Path | None = None  # ONNX export cache (build_engines' layout); None = temporary
+    fp8_scales: Path | None = None  # fp8_scales.json for these weights; None = calibrate here
+    fp8_calibration_batches: int = 4  # seeded guidance batches for that calibration
+    cuda_graph: bool = True  # fast path on CUDA: replay a captured CUDA graph
+    compile: bool = False  # fast path: torch.compile the module first
+    fast_accum: bool = False  # fast path: _scaled_mm's fast FP8 accumulation
 
 
 # -- FLOPs ------------------------------------------------------------------------------------
@@ -119,6 +132,8 @@ class Setup:
     positions: object  # (1, 3, N, 2) pixel-space positions, for the baseline
     feeds: dict[str, np.ndarray]
     work: Path
+    fp8_scales: dict[str, float] | None = None
+    fast_facts: dict = field(default_factory=dict)  # fast path: scales' source, SDPA kernels
 
 
 def make_setup(cfg: StepConfig, work: Path) -> Setup:
@@ -167,7 +182,54 @@ def skip_reason(name: str, cfg: StepConfig) -> str | None:
             return "TensorRT needs --device cuda"
     if name in ("torch-export", "aoti") and cfg.device == "cpu" and torch.cuda.is_available():
         return "build_engines compiles torch engines for the GPU when one is present: use --device cuda"
+    if name == "stdrc-fp8":
+        if cfg.device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+            return "FP8 GEMMs need compute capability 8.9+ (Ada, Hopper)"
+        if cfg.fp8_scales is None and importlib.util.find_spec("modelopt") is None:
+            return ("calibrating FP8 scales needs nvidia-modelopt (pip install 'stdrc[fp8]'), "
+                    "or pass --fp8-scales")
     return None
+
+
+def fp8_scales(s: Setup) -> dict[str, float]:
+    """--fp8-scales, else the project's calibration (modelopt, per-tensor max) on seeded guidance batches."""
+    from stdrc.export.fast_path import load_fp8_scales
+
+    cfg = s.cfg
+    if cfg.fp8_scales is not None:
+        s.fast_facts["fp8_scales"] = str(cfg.fp8_scales)
+        return load_fp8_scales(cfg.fp8_scales)
+    import torch
+
+    from stdrc.calibration.capture import random_dit_batches
+    from stdrc.calibration.fp8 import amax_scales, quantize_dit_fp8
+
+    start = time.perf_counter()
+    batches = random_dit_batches(s.models.preset, s.bucket, cfg.fp8_calibration_batches, seed=cfg.seed)
+    batches = [{k: v.to(cfg.device) for k, v in b.items()} for b in batches]
+    with contextlib.redirect_stdout(sys.stderr), torch.inference_mode():
+        scales = amax_scales(quantize_dit_fp8(s.module.dit, batches))
+    s.fast_facts.update(fp8_scales=f"calibrated here: modelopt max on {len(batches)} seeded guidance batches",
+                        fp8_calibration_s=time.perf_counter() - start)
+    return scales
+
+
+def sdpa_facts(s: Setup) -> dict[str, str]:
+    """The SDPA kernel PyTorch picks in bf16 for this bucket's attention shapes (self: N keys, cross: L)."""
+    import torch
+
+    from stdrc.export.fast_path import sdpa_choice
+
+    d, b = s.models.preset.dit, s.bucket
+    shape = (STREAMS, d.num_attention_heads, b.tokens)
+    return {
+        "self_attention_key_bias": sdpa_choice(*shape, b.tokens, d.attention_head_dim, torch.bfloat16,
+                                               s.cfg.device, key_bias=True),
+        "self_attention_no_mask": sdpa_choice(*shape, b.tokens, d.attention_head_dim, torch.bfloat16,
+                                              s.cfg.device, key_bias=False),
+        "cross_attention_text_bias": sdpa_choice(*shape, b.text_length, d.attention_head_dim, torch.bfloat16,
+                                                 s.cfg.device, key_bias=True),
+    }
 
 
 def build(name: str, s: Setup, stack: contextlib.ExitStack) -> tuple[object, Path]:
@@ -187,6 +249,7 @@ class Loaded(NamedTuple):
     call: Callable[[], object]
     to_numpy: Callable[[object], np.ndarray]  # the call's result -> velocity [B, N, C] float32
     close: Callable[[], None] = lambda: None  # frees what the engine holds (TensorRT device buffers)
+    prepare_s: float | None = None  # fast path: conversion (and CUDA graph capture) time, not timed
 
 
 def _tensor(out: object) -> np.ndarray:
@@ -218,23 +281,38 @@ def load(name: str, s: Setup, entry: object, folder: Path | None, inputs: dict) 
 
     cfg, n = s.cfg, s.bucket.tokens
     args = [inputs[t.name] for t in s.spec.inputs]
-    if name == "ltx-eager":
+    if name in ("ltx-eager", "ltx-eager-bf16"):
+        import torch
         from ltx_core.guidance.perturbations import BatchedPerturbationConfig
         from ltx_core.model.transformer.modality import Modality
 
-        ltx = s.module.dit.ltx
+        from stdrc.export.fast_path import cast_copy
+
+        dtype = torch.bfloat16 if name == "ltx-eager-bf16" else torch.float32
+        ltx = s.module.dit.ltx if dtype == torch.float32 else cast_copy(s.module.dit.ltx, dtype)
         mask = None
         if cfg.baseline_key_mask:  # ltx-core takes a dense (B, N, N) mask: key j visible to every query
-            mask = inputs["attn_mask"][:, None, :].expand(-1, n, -1).float()
-        video = Modality(
-            latent=inputs["latent"], sigma=inputs["timestep"][:, 0], timesteps=inputs["timestep"],
-            positions=s.positions.to(cfg.device).expand(STREAMS, -1, -1, -1), context=inputs["context"],
-            context_mask=inputs["context_mask"], attention_mask=mask,
+            mask = inputs["attn_mask"][:, None, :].expand(-1, n, -1).to(dtype)
+        video = Modality(  # timesteps stay fp32, as in stdrc-bf16
+            latent=inputs["latent"].to(dtype), sigma=inputs["timestep"][:, 0], timesteps=inputs["timestep"],
+            positions=s.positions.to(cfg.device).expand(STREAMS, -1, -1, -1),
+            context=inputs["context"].to(dtype), context_mask=inputs["context_mask"], attention_mask=mask,
         )
         perturbations = BatchedPerturbationConfig.empty(STREAMS)
         return Loaded(lambda: ltx(video=video, audio=None, perturbations=perturbations)[0], _tensor)
     if name == "stdrc-torch":
         return Loaded(lambda: s.module(*args), _tensor)
+    if name in FAST:
+        from stdrc.export.fast_path import FastPathOptions, prepare_fast_dit
+
+        start = time.perf_counter()
+        options = FastPathOptions(fp8=name == "stdrc-fp8", cuda_graph=cfg.cuda_graph and cfg.device == "cuda",
+                                  compile=cfg.compile, fast_accum=cfg.fast_accum)
+        fast = prepare_fast_dit(s.module.dit, s.module.rope_cos, s.module.rope_sin, options,
+                                s.fp8_scales if options.fp8 else None, device=cfg.device)
+        fast(*args)  # CUDA graph capture / torch.compile happen here, outside the timed calls
+        harness.cuda_sync(cfg.device)()
+        return Loaded(lambda: fast(*args), _tensor, prepare_s=time.perf_counter() - start)
     if name == "onnxruntime":
         from stdrc.runtime.backends.onnxruntime import OrtEngine
 
@@ -266,7 +344,7 @@ def _memory(name: str, device: str, rss_before: float | None, gpu_before: tuple[
     import torch
 
     allocated_before, used_before = gpu_before
-    if name in ("ltx-eager", "stdrc-torch", "torch-export", "aoti"):
+    if name in ("ltx-eager", "ltx-eager-bf16", "stdrc-torch", *FAST, "torch-export", "aoti"):
         peak = torch.cuda.max_memory_allocated() / 2**20
         return {"peak_mem_mb": peak, "mem_added_mb": peak - allocated_before,
                 "mem_source": "torch.cuda.max_memory_allocated, reset before loading this backend"}
@@ -294,11 +372,16 @@ def measure(name: str, s: Setup, built: tuple | None, reference: np.ndarray) -> 
         timing = harness.time_calls(loaded.call, cfg.warmup, cfg.repeats, harness.cuda_sync(cfg.device))
         out = loaded.to_numpy(loaded.call())
     row = {"timing": timing, **_memory(name, cfg.device, rss_before, gpu_before)}
-    # the baseline without --baseline-key-mask sees the reference in every stream: compare the streams
+    if loaded.prepare_s is not None:
+        row["build_s"] = loaded.prepare_s
+    # the baselines without --baseline-key-mask see the reference in every stream: compare the streams
     # whose keys are all visible anyway
-    rows = s.feeds["attn_mask"].all(axis=1) if name == BASELINE and not cfg.baseline_key_mask else slice(None)
+    sees_all = name in (BASELINE, BF16_BASELINE) and not cfg.baseline_key_mask
+    rows = s.feeds["attn_mask"].all(axis=1) if sees_all else slice(None)
     row["max_abs_diff"] = float(np.abs(out[rows] - reference[rows]).max())
     row["max_abs_ref"] = float(np.abs(reference[rows]).max())
+    ref64 = reference[rows].astype(np.float64)
+    row["rel_l2"] = float(np.linalg.norm(out[rows] - ref64) / max(np.linalg.norm(ref64), 1e-30))
     loaded.close()
     del loaded, inputs
     gc.collect()
@@ -344,6 +427,13 @@ def run(cfg: StepConfig) -> dict:
             args = [torch.from_numpy(s.feeds[t.name]).to(cfg.device) for t in s.spec.inputs]
             reference = _tensor(s.module(*args))
             del args
+        if any(n in FAST and results[n]["status"] == "ok" for n in names):
+            s.fast_facts["sdpa_bf16"] = sdpa_facts(s)
+        if results.get("stdrc-fp8", {}).get("status") == "ok":
+            try:
+                s.fp8_scales = fp8_scales(s)
+            except Exception as e:  # noqa: BLE001 -- reported in the row, like a failed build
+                results["stdrc-fp8"] = {"status": "failed", "reason": f"fp8 scales: {_error(e)}"}
         for name in names:
             if results[name]["status"] != "ok":
                 continue
@@ -364,17 +454,21 @@ def report(s: Setup, names: list[str], results: dict[str, dict]) -> dict:
     flops = dit_flops(params, d.num_layers, **shape)
     full_flops = dit_flops(params, s.full_layers, **shape)
     device = harness.device_info(cfg.device)
-    peak = (device["peak_tflops"] or {}).get("tf32" if cfg.tf32 else "fp32")
+    fp32 = "tf32" if cfg.tf32 else "fp32"
+    peak_of = {p: (device["peak_tflops"] or {}).get(p) for p in ("fp32", "tf32", "bf16", "fp8")}
     base = results.get(BASELINE, {}).get("timing")
+    base_bf16 = results.get(BF16_BASELINE, {}).get("timing")
     rows = []
     for name in names:
         r = results[name]
-        row = {"name": name, "status": r["status"], "reason": r.get("reason"), "ms_per_step": None,
-               "ms_min": None, "ms_median": None, "ratio_to_baseline": None, "speedup": None,
-               "tokens_per_s": None, "tflops": None, "pct_of_peak": None, "peak_mem_mb": None,
+        precision = PRECISION.get(name, fp32)
+        row = {"name": name, "status": r["status"], "reason": r.get("reason"), "precision": precision,
+               "ms_per_step": None, "ms_min": None, "ms_median": None, "ratio_to_baseline": None,
+               "speedup": None, "ratio_to_ltx_bf16": None, "tokens_per_s": None, "tflops": None,
+               "pct_of_peak": None, "peak_tflops_used": peak_of[precision], "peak_mem_mb": None,
                "mem_added_mb": None, "mem_source": r.get("mem_source"), "build_s": r.get("build_s"),
                "est_full_depth_ms": None, "max_abs_diff": r.get("max_abs_diff"),
-               "max_abs_reference": r.get("max_abs_ref"), "times_ms": None}
+               "max_abs_reference": r.get("max_abs_ref"), "rel_l2": r.get("rel_l2"), "times_ms": None}
         t = r.get("timing")
         if t is not None:
             seconds = t.median_ms / 1e3
@@ -382,10 +476,13 @@ def report(s: Setup, names: list[str], results: dict[str, dict]) -> dict:
                        times_ms=list(t.times_ms), tokens_per_s=STREAMS * b.tokens / seconds,
                        tflops=flops / seconds / 1e12, peak_mem_mb=r["peak_mem_mb"],
                        mem_added_mb=r["mem_added_mb"], est_full_depth_ms=t.median_ms * full_flops / flops)
-            row["pct_of_peak"] = None if peak is None else 100 * row["tflops"] / peak
+            if peak_of[precision] is not None:
+                row["pct_of_peak"] = 100 * row["tflops"] / peak_of[precision]
             if base is not None:
                 row["ratio_to_baseline"] = t.median_ms / base.median_ms
                 row["speedup"] = base.median_ms / t.median_ms
+            if base_bf16 is not None:
+                row["ratio_to_ltx_bf16"] = t.median_ms / base_bf16.median_ms
         rows.append(row)
     return {
         "benchmark": "dit_step",
@@ -404,7 +501,10 @@ def report(s: Setup, names: list[str], results: dict[str, dict]) -> dict:
             "warmup": cfg.warmup, "repeats": cfg.repeats, "seed": cfg.seed,
             "baseline_key_mask": cfg.baseline_key_mask, "flops_per_step": flops,
             "flops_per_step_full_depth": full_flops, "params": asdict(params),
-            "peak_tflops_used": peak, "timing": "median of repeats after warm-up; inputs on the device",
+            "peak_tflops_used": peak_of[fp32],
+            "timing": "median of repeats after warm-up; inputs on the device",
+            "fast_path": {"cuda_graph": cfg.cuda_graph and cfg.device == "cuda", "compile": cfg.compile,
+                          "fast_accum": cfg.fast_accum, **s.fast_facts},
         },
         "versions": harness.versions(),
         "backends": rows,
@@ -416,8 +516,8 @@ def print_table(rep: dict) -> None:
     where = f"{dev['name']} ({dev['cores']} cores)" if dev["kind"] == "cpu" else dev["name"]
     print(f"DiT step, preset {rep['preset']}: {c['layers']} of {c['full_layers']} layers, "
           f"{c['frames']}x{c['height']}x{c['width']} -> {c['video_tokens']} video + {c['reference_tokens']} "
-          f"reference tokens, text {c['text_length']}, batch {c['batch']} guidance streams, fp32"
-          f"{' (TF32 on)' if c['tf32'] else ''}")
+          f"reference tokens, text {c['text_length']}, batch {c['batch']} guidance streams, "
+          f"fp32{' (TF32 on)' if c['tf32'] else ''} unless 'prec' says otherwise")
     print(f"device {c['device']}: {where}, {c['threads']} threads; "
           f"warm-up {c['warmup']}, repeats {c['repeats']}; "
           f"{c['flops_per_step'] / 1e9:.3g} GFLOP per step")
@@ -426,27 +526,35 @@ def print_table(rep: dict) -> None:
     if c["depth_reduced"]:
         print(f"reduced depth: 'full ms' scales each time by FLOPs to {c['full_layers']} layers "
               f"(x{c['flops_per_step_full_depth'] / c['flops_per_step']:.2f})")
-    head = (f"{'backend':<13} {'min ms':>9} {'median ms':>10} {'ratio':>6} {'tokens/s':>10} {'TFLOP/s':>8} "
-            f"{'%peak':>6} {'peak MB':>8} {'+MB':>7} {'build s':>7} {'max|diff|':>9}")
+    fast = c["fast_path"]
+    if any(r["name"] in FAST for r in rep["backends"]):
+        print(f"fast path: CUDA graph {fast['cuda_graph']}, compile {fast['compile']}, fast accum "
+              f"{fast['fast_accum']}; FP8 scales: {fast.get('fp8_scales', '-')}; bf16 SDPA kernels: "
+              + ", ".join(f"{k} {v}" for k, v in fast.get("sdpa_bf16", {}).items()))
+    head = (f"{'backend':<14} {'prec':>4} {'min ms':>9} {'median ms':>10} {'ratio':>6} {'tokens/s':>10} "
+            f"{'TFLOP/s':>8} {'%peak':>6} {'peak MB':>8} {'+MB':>7} {'build s':>7} {'max|diff|':>9} "
+            f"{'rel L2':>8}")
     if c["depth_reduced"]:
         head += f" {'full ms':>9}"
     print(head)
     for r in rep["backends"]:
         if r["status"] != "ok":
-            print(f"{r['name']:<13} {r['status']}: {r['reason']}")
+            print(f"{r['name']:<14} {r['status']}: {r['reason']}")
             continue
         f = harness.fmt
-        line = (f"{r['name']:<13} {f(r['ms_min'], '9.3f')} {f(r['ms_median'], '10.3f')} "
+        line = (f"{r['name']:<14} {r['precision']:>4} {f(r['ms_min'], '9.3f')} {f(r['ms_median'], '10.3f')} "
                 f"{f(r['ratio_to_baseline'], '6.2f')} {f(r['tokens_per_s'], '10.0f')} "
                 f"{f(r['tflops'], '8.4f')} "
                 f"{f(r['pct_of_peak'], '6.1f')} {f(r['peak_mem_mb'], '8.0f')} {f(r['mem_added_mb'], '7.0f')} "
-                f"{f(r['build_s'], '7.1f')} {f(r['max_abs_diff'], '9.1e')}")
+                f"{f(r['build_s'], '7.1f')} {f(r['max_abs_diff'], '9.1e')} {f(r['rel_l2'], '8.1e')}")
         if c["depth_reduced"]:
             line += f" {f(r['est_full_depth_ms'], '9.1f')}"
         print(line)
     v = rep["versions"]
-    print(f"ratio = median / {BASELINE} median (lower is faster); max|diff| vs stdrc-torch"
-          f"{'' if c['baseline_key_mask'] else f' ({BASELINE}: streams with the reference visible)'}")
+    print(f"ratio = median / {BASELINE} median (lower is faster; the JSON also has ratio_to_ltx_bf16); "
+          f"max|diff| and rel L2 vs stdrc-torch (fp32)"
+          f"{'' if c['baseline_key_mask'] else ' (ltx-eager*: streams with the reference visible)'}; "
+          "%peak against the row's precision; build s: engine build, or fast-path preparation")
     print(f"versions: torch {v['torch']}, onnxruntime {v['onnxruntime']}, ltx-core {v['ltx-core']}, "
           f"stdrc {v['stdrc']}, python {v['python']}, tensorrt "
           f"{v['tensorrt'].get('version') if v['tensorrt']['importable'] else 'not importable'}")
@@ -470,16 +578,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[StepConfig, bool]:
     p.add_argument("--baseline-key-mask", action="store_true",
                    help="give ltx-eager the dense (B, N, N) mask for the 'no ref' stream (equal work)")
     p.add_argument("--cache-dir", type=Path, default=None, help="ONNX export cache (default: temporary)")
+    p.add_argument("--fp8-scales", type=Path, default=None,
+                   help="stdrc-fp8: fp8_scales.json for these weights (default: calibrate on seeded batches)")
+    p.add_argument("--fp8-calibration-batches", type=int, default=4)
+    p.add_argument("--no-cuda-graph", action="store_true", help="fast path on CUDA: run eagerly")
+    p.add_argument("--compile", action="store_true", help="fast path: torch.compile the module first")
+    p.add_argument("--fast-accum", action="store_true", help="fast path: _scaled_mm's fast FP8 accumulation")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
     if a.layers is not None and a.layers < 1:
         p.error("--layers must be >= 1")
-    if a.repeats < 1 or a.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if a.repeats < 1 or a.warmup < 0 or a.fp8_calibration_batches < 1:
+        p.error("--repeats and --fp8-calibration-batches must be >= 1 and --warmup >= 0")
     cfg = StepConfig(preset=a.preset, layers=a.layers, frames=a.frames, height=a.height, width=a.width,
                      device=a.device, backends=tuple(a.backends), warmup=a.warmup, repeats=a.repeats,
                      threads=a.threads, seed=a.seed, tf32=a.tf32, baseline_key_mask=a.baseline_key_mask,
-                     cache_dir=a.cache_dir)
+                     cache_dir=a.cache_dir, fp8_scales=a.fp8_scales,
+                     fp8_calibration_batches=a.fp8_calibration_batches, cuda_graph=not a.no_cuda_graph,
+                     compile=a.compile, fast_accum=a.fast_accum)
     return cfg, a.json
 
 

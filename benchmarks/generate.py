@@ -16,6 +16,14 @@ min and median per stage. Bundle build and load are reported, never timed as sta
 Repeat mode runs `Pipeline.generate` N times in one process (same prompt, seed i) and records
 the RSS after each (after a gc.collect()), to show memory stays flat: first, last, slope.
 
+Fast-path mode (--fast-path-gate) generates the same seed and prompt three times: with the
+bundle's DiT engine, then with the PyTorch fast path (export/fast_path.py) in bf16 and in FP8
+(CUDA graphs on --device cuda), swapped in as the pipeline's DiT. It reports the sampling time
+of each beside frame PSNR; the FP8 quality gate is PSNR(FP8 frames, bf16 frames) >=
+--gate-min-psnr (exit status 1 when it fails). It needs torch and the bundle's PyTorch
+weights (the seeded preset, or --checkpoint); FP8 scales come from --fp8-scales, the
+bundle's fp8_scales.json, or a calibration run here.
+
 Without --bundle the tiny bundle is built in a child process, so this process holds the
 runtime only (no torch on the ONNX Runtime path), as a user's would.
 """
@@ -58,6 +66,11 @@ class GenerateConfig:
     face_crop: bool = False
     repeat_generations: int = 0  # > 0: memory mode
     cache_dir: Path | None = None
+    fast_path_gate: bool = False  # fast-path mode
+    checkpoint: Path | None = None  # fast-path mode: the weights the bundle was built from
+    fp8_scales: Path | None = None  # fast-path mode: else the bundle's, else calibrated here
+    fp8_calibration_prompts: int = 4
+    gate_min_psnr: float = 30.0  # dB; a convention for "visually close", not a published figure
 
 
 def synthetic_reference(seed: int, size: int = 256) -> np.ndarray:
@@ -192,6 +205,76 @@ def repeat_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:
     return out
 
 
+def _pytorch_models(pipe, cfg: GenerateConfig):
+    """The bundle's weights as PyTorch modules, checked by the source hash the bundle records."""
+    from stdrc.export.models import load_models
+
+    m = pipe.manifest
+    models = load_models(m.preset, cfg.checkpoint, seed=m.model_config.get("seed", 0))
+    if models.source_sha256 != m.created_by.get("source_sha256"):
+        raise RuntimeError("the PyTorch weights are not the bundle's (source sha256 differs): "
+                           "pass --checkpoint with the file the bundle was built from")
+    return models
+
+
+def _fp8_scales(pipe, models, cfg: GenerateConfig) -> tuple[dict[str, float], str]:
+    from stdrc.export.fast_path import load_fp8_scales
+
+    if cfg.fp8_scales is not None:
+        return load_fp8_scales(cfg.fp8_scales), str(cfg.fp8_scales)
+    if "fp8_scales.json" in pipe.manifest.components["dit"].extra_files:
+        return load_fp8_scales(pipe.bundle_dir / "fp8_scales.json"), "the bundle's fp8_scales.json"
+    from stdrc.calibration.fp8 import amax_scales
+    from stdrc.calibration.report import calibrate_dit_fp8
+
+    with contextlib.redirect_stdout(sys.stderr):
+        qdit, _ = calibrate_dit_fp8(models, pipe.bucket, pipe.manifest.rope["layout"],
+                                    cfg.fp8_calibration_prompts)
+    return amax_scales(qdit), f"calibrated here (modelopt max, {cfg.fp8_calibration_prompts} prompts)"
+
+
+def fast_path_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:
+    """Same seed and prompt through the bundle's engine, the bf16 and the FP8 fast path: time and PSNR."""
+    import torch
+
+    from stdrc.export.fast_path import FastPathOptions, prepare_fast_dit
+    from stdrc.runtime.backends.torch import TorchEngine
+    from stdrc.runtime.video import psnr
+
+    models = _pytorch_models(pipe, cfg)
+    scales, source = _fp8_scales(pipe, models, cfg)
+    rope = np.load(pipe.bundle_dir / pipe.manifest.rope["file"])
+    cos, sin = torch.from_numpy(rope["cos"]), torch.from_numpy(rope["sin"])
+    graph = cfg.device == "cuda"
+    variants = {"engine": None, "bf16": FastPathOptions(cuda_graph=graph),
+                "fp8": FastPathOptions(fp8=True, cuda_graph=graph)}
+    engine, rows, frames = pipe.engines["dit"], {}, {}
+    try:
+        for name, options in variants.items():
+            start = time.perf_counter()
+            if options is not None:
+                module = prepare_fast_dit(models.dit, cos, sin, options, scales if options.fp8 else None,
+                                          device=cfg.device)
+                pipe.engines["dit"] = TorchEngine(module, engine.entry, cfg.device)
+            prepare_s = time.perf_counter() - start
+            runs = [staged_generation(pipe, reference, PROMPT, cfg.seed, cfg, out_dir / f"{name}.mp4")
+                    for _ in range(cfg.warmup + cfg.repeats)][cfg.warmup:]
+            frames[name] = runs[-1][2].frames
+            rows[name] = {"dit": engine.entry.backend if options is None else f"torch fast path {name}",
+                          "prepare_s": None if options is None else prepare_s,
+                          "sampling_ms": harness.Timing(tuple(r[0]["sampling"] for r in runs)).to_json(),
+                          "dit_ms_median": float(np.median([r[1]["dit_ms_median"] for r in runs])),
+                          "dit_calls": runs[0][1]["dit_calls"]}
+    finally:
+        pipe.engines["dit"] = engine
+    for name in ("bf16", "fp8"):
+        rows[name]["frame_psnr_db_vs_engine"] = float(psnr(frames[name], frames["engine"]))
+    gate = float(psnr(frames["fp8"], frames["bf16"]))
+    return {"variants": rows, "fp8_scales": source, "cuda_graph": graph,
+            "gate": {"metric": "frame PSNR of the FP8 fast path vs the bf16 fast path, same seed and prompt",
+                     "psnr_db": gate, "min_db": cfg.gate_min_psnr, "passed": gate >= cfg.gate_min_psnr}}
+
+
 def bundle_facts(pipe) -> dict:
     m, b = pipe.manifest, pipe.bucket
     return {
@@ -219,7 +302,7 @@ def run(cfg: GenerateConfig) -> dict:
         reference = cfg.reference if cfg.reference is not None else synthetic_reference(cfg.seed)
         rep = {
             "benchmark": "generate",
-            "mode": "repeat" if cfg.repeat_generations else "stages",
+            "mode": "repeat" if cfg.repeat_generations else "fast_path" if cfg.fast_path_gate else "stages",
             "timestamp": harness.timestamp(),
             "device": harness.device_info(cfg.device),
             "preset": pipe.manifest.preset,
@@ -231,6 +314,8 @@ def run(cfg: GenerateConfig) -> dict:
                 "repeats": cfg.repeats, "seed": cfg.seed, "face_crop": cfg.face_crop,
                 "reference": str(cfg.reference) if cfg.reference else "synthetic 256x256 (no face)",
                 "repeat_generations": cfg.repeat_generations,
+                "fast_path_gate": cfg.fast_path_gate,
+                "gate_min_psnr": cfg.gate_min_psnr if cfg.fast_path_gate else None,
             },
             "bundle": bundle_facts(pipe),
             "build_s": build_s, "load_s": load_s,
@@ -238,6 +323,8 @@ def run(cfg: GenerateConfig) -> dict:
         }
         if cfg.repeat_generations:
             rep["repeat"] = repeat_mode(pipe, reference, cfg, tmp)
+        elif cfg.fast_path_gate:
+            rep["fast_path"] = fast_path_mode(pipe, reference, cfg, tmp)
         else:
             rep.update(stage_mode(pipe, reference, cfg, tmp))
         del pipe
@@ -263,6 +350,9 @@ def print_report(rep: dict) -> None:
               f"MB/generation ({harness.fmt(r['slope_after_first_mb_per_generation'], '+.3f')} "
               "after the first)")
         return
+    if rep["mode"] == "fast_path":
+        print_fast_path(rep["fast_path"], c)
+        return
     print(f"warm-up {c['warmup']}, repeats {c['repeats']}; ms per stage")
     print(f"{'stage':<17} {'min ms':>10} {'median ms':>10}")
     for name, t in rep["stages_ms"].items():
@@ -278,6 +368,19 @@ def print_report(rep: dict) -> None:
     v = rep["versions"]
     print(f"versions: onnxruntime {v['onnxruntime']}, numpy {v['numpy']}, stdrc {v['stdrc']}, "
           f"python {v['python']}")
+
+
+def print_fast_path(f: dict, c: dict) -> None:
+    print(f"fast path vs the bundle's DiT engine: seed {c['seed']}, warm-up {c['warmup']}, repeats "
+          f"{c['repeats']}; CUDA graph {f['cuda_graph']}; FP8 scales: {f['fp8_scales']}")
+    print(f"{'DiT':<26} {'sampling min ms':>15} {'median ms':>10} {'DiT call ms':>11} "
+          f"{'PSNR vs engine dB':>17}")
+    for row in f["variants"].values():
+        print(f"{row['dit']:<26} {row['sampling_ms']['min']:>15.2f} {row['sampling_ms']['median']:>10.2f} "
+              f"{row['dit_ms_median']:>11.2f} {harness.fmt(row.get('frame_psnr_db_vs_engine'), '17.2f')}")
+    g = f["gate"]
+    print(f"FP8 gate: {g['metric']}: {g['psnr_db']:.2f} dB (minimum {g['min_db']:.1f} dB): "
+          f"{'passed' if g['passed'] else 'FAILED'}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
@@ -299,17 +402,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
     p.add_argument("--repeat-generations", type=int, default=0, metavar="N",
                    help="memory mode: N generations in one process, RSS after each")
     p.add_argument("--cache-dir", type=Path, default=None, help="ONNX export cache for the build")
+    p.add_argument("--fast-path-gate", action="store_true",
+                   help="fast-path mode: bundle engine vs PyTorch fast path bf16 / FP8, time and frame PSNR")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="fast-path mode: the bundle's source checkpoint (default: the seeded preset)")
+    p.add_argument("--fp8-scales", type=Path, default=None,
+                   help="fast-path mode: fp8_scales.json (default: the bundle's, else calibrate here)")
+    p.add_argument("--fp8-calibration-prompts", type=int, default=4)
+    p.add_argument("--gate-min-psnr", type=float, default=30.0, help="fast-path mode: FP8 gate, dB vs bf16")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.bundle is None and a.preset != "tiny":
         p.error(f"--preset {a.preset} needs real weights (a Gemma-3 text side): build its bundle with "
                 "build-engines --checkpoint ... and pass --bundle")
-    if a.repeats < 1 or a.warmup < 0 or a.repeat_generations < 0:
-        p.error("--repeats must be >= 1, --warmup and --repeat-generations >= 0")
+    if a.repeats < 1 or a.warmup < 0 or a.repeat_generations < 0 or a.fp8_calibration_prompts < 1:
+        p.error("--repeats and --fp8-calibration-prompts must be >= 1, "
+                "--warmup and --repeat-generations >= 0")
+    if a.fast_path_gate and a.repeat_generations:
+        p.error("--fast-path-gate and --repeat-generations are separate modes: pick one")
     cfg = GenerateConfig(bundle=a.bundle, backend=a.backend, device=a.device, steps=a.steps,
                          distilled=a.distilled, max_batch=a.max_batch, warmup=a.warmup, repeats=a.repeats,
                          seed=a.seed, reference=a.ref, face_crop=a.face_crop,
-                         repeat_generations=a.repeat_generations, cache_dir=a.cache_dir)
+                         repeat_generations=a.repeat_generations, cache_dir=a.cache_dir,
+                         fast_path_gate=a.fast_path_gate, checkpoint=a.checkpoint, fp8_scales=a.fp8_scales,
+                         fp8_calibration_prompts=a.fp8_calibration_prompts, gate_min_psnr=a.gate_min_psnr)
     return cfg, a.json
 
 
@@ -320,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         print(harness.dump_json(rep))
     else:
         print_report(rep)
-    return 0
+    return 1 if rep["mode"] == "fast_path" and not rep["fast_path"]["gate"]["passed"] else 0
 
 
 if __name__ == "__main__":

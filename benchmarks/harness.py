@@ -24,13 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# Dense (no sparsity) peak TFLOP/s by GPU name fragment, most specific first: NVIDIA datasheets.
-# fp32 = CUDA cores; tf32 / bf16 = tensor cores. Unknown devices (and every CPU) get no peak.
+# Dense (no sparsity) peak TFLOP/s by GPU name fragment, most specific first: NVIDIA datasheets
+# (their tensor-core figures are quoted with sparsity: halved here). fp32 = CUDA cores;
+# tf32 / bf16 / fp8 = tensor cores. Unknown devices (and every CPU) get no peak.
 GPU_PEAK_TFLOPS = (
-    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0}),
-    ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0}),
-    ("H100", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4}),  # SXM5 (HBM3)
-    ("H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4}),
+    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp8": 1513.0}),
+    ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0, "fp8": 1670.5}),
+    ("H100", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp8": 1978.9}),  # SXM5 (HBM3)
+    ("H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp8": 1978.9}),
     ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0}),
 )
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stdrc.export.dit import DIT_INPUTS, DIT_OUTPUTS, STDRCTransformer
+from stdrc.export.dit import DIT_INPUTS, DIT_OUTPUTS, SENSITIVE_LAYER_PATTERNS, STDRCTransformer
 from stdrc.export.errors import ExportError
 from stdrc.export.onnx_export import TWO_GB, param_bytes
 
@@ -36,15 +36,6 @@ log = logging.getLogger(__name__)
 
 FP8_E4M3_MAX = 448.0
 ONNX_OPSET = 20  # FP8 QuantizeLinear needs >= 19
-# modelopt quantizer-name patterns kept in high precision (matched against module paths).
-SENSITIVE_LAYER_PATTERNS = (
-    "*patchify_proj*",  # latent -> hidden: first layer, every token
-    "*caption_projection*",  # text features -> context
-    "*adaln*",  # adaln_single, prompt_adaln_single: timestep -> modulation of every block
-    "*timestep_embedder*",
-    "*proj_out*",  # hidden -> velocity: last layer
-    "*norm_out*",
-)
 
 
 def _mtq() -> Any:

@@ -30,6 +30,17 @@ def build_ltx_model(cfg: DiTConfig) -> LTXModel:
     return model.to_empty(device="cpu") if any(p.is_meta for p in model.parameters()) else model
 
 
+# DiT layers kept in high precision under FP8 (module-path patterns: modelopt's calibration, the fast path).
+SENSITIVE_LAYER_PATTERNS = (
+    "*patchify_proj*",  # latent -> hidden: first layer, every token
+    "*caption_projection*",  # text features -> context
+    "*adaln*",  # adaln_single, prompt_adaln_single: timestep -> modulation of every block
+    "*timestep_embedder*",
+    "*proj_out*",  # hidden -> velocity: last layer
+    "*norm_out*",
+)
+
+
 def init_seeded(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
     """Deterministic values for every parameter and buffer: ltx-core leaves some as `torch.empty`."""
     gen = torch.Generator().manual_seed(seed)

@@ -49,14 +49,15 @@ def blank_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def write_tiny_gemma(folder: Path, hidden_size: int = 32) -> Path:
+def write_tiny_gemma(folder: Path, hidden_size: int = 32, text_only: bool = False) -> Path:
     """A random Gemma-3 (text + vision, as a real gemma-3-*-it folder) with a BPE tokenizer trained here.
 
     Its width matches the tiny preset's connector; one sliding and one full attention layer.
+    `text_only`: a `gemma3_text` folder (Gemma3ForCausalLM, as gemma-3-1b ships).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+    from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                               PreTrainedTokenizerFast, SiglipVisionConfig)
 
     from stdrc.calibration.data import CALIBRATION_PROMPTS
@@ -71,7 +72,8 @@ def write_tiny_gemma(folder: Path, hidden_size: int = 32) -> Path:
     config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
                           boi_token_index=297, eoi_token_index=298, image_token_index=299)
     torch.manual_seed(0)
-    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    model = Gemma3ForCausalLM(text) if text_only else Gemma3ForConditionalGeneration(config)
+    model.save_pretrained(folder)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace()
     bpe.decoder = decoders.Metaspace()

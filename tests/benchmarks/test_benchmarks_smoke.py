@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import json
 import math
@@ -18,9 +19,13 @@ import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-pytestmark = pytest.mark.slow  # ~40 s on 2 CPU cores: three ONNX exports and a bundle build
+pytestmark = pytest.mark.slow  # ~45 s on 2 CPU cores: three ONNX exports, a bundle build, FP8 calibrations
 pytest.importorskip("torch")
 pytest.importorskip("ltx_core")
+HAS_MODELOPT = importlib.util.find_spec("modelopt") is not None
+# torch-export, aoti: slower builds. stdrc-fp8 calibrates its scales with modelopt (a few seconds).
+DIT_BACKENDS = ["ltx-eager", "ltx-eager-bf16", "stdrc-torch", "stdrc-bf16", "stdrc-fp8", "onnxruntime",
+                "tensorrt"]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +52,7 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dit_report(scripts, cache) -> dict:
     dit_step, _ = scripts
-    backends = ["ltx-eager", "stdrc-torch", "onnxruntime", "tensorrt"]  # torch-export, aoti: slower builds
-    argv = ["--repeats", "2", "--warmup", "1", "--cache-dir", str(cache), "--backends", *backends]
+    argv = ["--repeats", "2", "--warmup", "1", "--cache-dir", str(cache), "--backends", *DIT_BACKENDS]
     return run_json(dit_step, argv)
 
 
@@ -74,17 +78,32 @@ def test_dit_step_json(dit_report):
     assert c["repeats"] == 2 and c["dtype"] == "float32" and positive(c["flops_per_step"])
     assert {"torch", "onnxruntime", "ltx-core", "tensorrt"} <= set(rep["versions"])
     rows = {r["name"]: r for r in rep["backends"]}
-    assert list(rows) == ["ltx-eager", "stdrc-torch", "onnxruntime", "tensorrt"]
-    for name in ("ltx-eager", "stdrc-torch", "onnxruntime"):
+    assert list(rows) == DIT_BACKENDS
+    if not HAS_MODELOPT:  # no scales to calibrate with: skipped, saying why
+        assert rows.pop("stdrc-fp8")["reason"].startswith("calibrating FP8 scales needs nvidia-modelopt")
+    for name in ("ltx-eager", "ltx-eager-bf16", "stdrc-torch", "stdrc-bf16", "stdrc-fp8", "onnxruntime"):
+        if name not in rows:
+            continue
         r = rows[name]
         assert r["status"] == "ok", r["reason"]
-        for key in ("ms_per_step", "ms_min", "ratio_to_baseline", "speedup", "tokens_per_s", "tflops",
-                    "peak_mem_mb"):
+        for key in ("ms_per_step", "ms_min", "ratio_to_baseline", "speedup", "ratio_to_ltx_bf16",
+                    "tokens_per_s", "tflops", "peak_mem_mb"):
             assert positive(r[key]), (name, key, r[key])
         assert len(r["times_ms"]) == 2 and r["ms_min"] <= r["ms_median"]
         assert r["pct_of_peak"] is None  # no known peak for a CPU
-        assert r["max_abs_diff"] < 1e-4, (name, r["max_abs_diff"])  # same computation, fp32
+    for name in ("ltx-eager", "stdrc-torch", "onnxruntime"):  # same computation, fp32
+        assert rows[name]["precision"] == "fp32"
+        assert rows[name]["max_abs_diff"] < 1e-4 and rows[name]["rel_l2"] < 1e-5, rows[name]
+    for name in ("ltx-eager-bf16", "stdrc-bf16", "stdrc-fp8")[:3 if HAS_MODELOPT else 2]:  # close (~7e-3)
+        assert rows[name]["precision"] in ("bf16", "fp8")
+        assert 1e-4 < rows[name]["rel_l2"] < 3e-2, rows[name]
     assert rows["ltx-eager"]["ratio_to_baseline"] == 1.0
+    assert rows["ltx-eager-bf16"]["ratio_to_ltx_bf16"] == 1.0
+    fast = rep["config"]["fast_path"]
+    assert fast["cuda_graph"] is False
+    assert not HAS_MODELOPT or fast["fp8_scales"].startswith("calibrated here")
+    kernels = {"self_attention_key_bias", "self_attention_no_mask", "cross_attention_text_bias"}
+    assert set(fast["sdpa_bf16"]) == kernels
     assert rows["tensorrt"]["status"] in ("skipped", "failed", "ok")
     if rows["tensorrt"]["status"] != "ok":
         assert rows["tensorrt"]["reason"]
@@ -119,6 +138,23 @@ def test_generate_repeat_json(scripts, bundle):
     assert rep["mode"] == "repeat" and r["generations"] == 3 and len(r["rss_mb"]) == 3
     assert all(positive(x) for x in r["rss_mb"]) and r["first_mb"] == r["rss_mb"][0]
     assert math.isfinite(r["slope_mb_per_generation"])
+
+
+@pytest.mark.skipif(not HAS_MODELOPT, reason="the gate calibrates FP8 scales with nvidia-modelopt")
+def test_generate_fast_path_gate_json(scripts, bundle):
+    """bf16 and FP8 fast path swapped in for the bundle's DiT: same seed, frame PSNR, the FP8 gate."""
+    _, generate = scripts
+    rep = run_json(generate, ["--bundle", str(bundle), "--fast-path-gate", "--steps", "2", "--warmup", "0",
+                              "--repeats", "1", "--fp8-calibration-prompts", "1"])
+    f = rep["fast_path"]
+    assert rep["mode"] == "fast_path" and list(f["variants"]) == ["engine", "bf16", "fp8"]
+    for row in f["variants"].values():
+        assert positive(row["sampling_ms"]["median"]) and row["dit_calls"] == 2
+    for name in ("bf16", "fp8"):  # close to the fp32 engine, not identical (inf would mean fp32 ran)
+        assert 25 < f["variants"][name]["frame_psnr_db_vs_engine"] < 200
+    g = f["gate"]
+    assert g["passed"] and 25 < g["psnr_db"] < 200 and g["min_db"] == 30.0
+    assert f["fp8_scales"].startswith("calibrated here")
 
 
 def test_staged_generation_equals_generate(scripts, bundle, tmp_path):

@@ -194,6 +194,24 @@ def test_width_mismatch_names_the_preset(tmp_path: Path, make_tiny_gemma) -> Non
         load_models("tiny", text_encoder=folder)
 
 
+def test_text_only_gemma_folder(tmp_path: Path, make_tiny_gemma, runtime_tokenizer) -> None:
+    """A `gemma3_text` folder (Gemma3ForCausalLM) loads too, and its encoder is that model's trunk."""
+    from transformers import Gemma3ForCausalLM
+
+    folder = make_tiny_gemma(tmp_path / "gemma-text", text_only=True)
+    gemma = load_gemma(folder, MAX_LENGTH)
+    assert (gemma.hidden_size, gemma.num_layers) == (32, 2)
+    ids, mask = (torch.from_numpy(a) for a in runtime_tokenizer("a woman smiles"))
+    reference = Gemma3ForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        states = gemma.encoder(ids, mask)
+    valid = mask[0].bool()
+    assert len(states) == len(expected) == 3
+    for ours, theirs in zip(states, expected):
+        assert torch.allclose(ours[:, valid], theirs[:, valid], atol=1e-6)
+
+
 def test_gemma_preset_without_folder_is_a_clear_error() -> None:
     with pytest.raises(CheckpointError, match="--text-encoder"):
         build_text_side(get_preset("ltx2-video").text)
