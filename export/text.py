@@ -172,10 +172,12 @@ class GemmaText:
 
     def tokenizer_json(self) -> str:
         """The tokenizer as `tokenizers` runs it (BOS template included), padding and truncation left to the caller."""
-        backend = self.tokenizer.backend_tokenizer
-        backend.no_padding()
-        backend.no_truncation()
-        return backend.to_str()
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())  # the loaded tokenizer stays as is
+        copy.no_padding()
+        copy.no_truncation()
+        return copy.to_str()
 
     @property
     def pad_id(self) -> int:
