@@ -15,10 +15,10 @@ from stdrc.calibration.fp8 import amax_scales, fp8_dit_error, quantize_dit_fp8
 from stdrc.export.models import ModelSet
 from stdrc.runtime import sampler as smp
 from stdrc.runtime.manifest import Bucket, sha256_file
-from stdrc.runtime.text import ByteTokenizer
 from stdrc.runtime.video import frames_to_uint8, psnr, resize_cover
 
 log = logging.getLogger(__name__)
+FP8_SCALES_FILE = "fp8_scales.json"  # bundle file: "{layer}.input_scale" / ".weight_scale" -> float
 
 
 class TorchDenoiser:
@@ -39,11 +39,9 @@ class TorchDenoiser:
 
 
 def _conditioning(models: ModelSet, bucket: Bucket, prompt: str, photo: np.ndarray) -> smp.Conditioning:
-    tok = ByteTokenizer(models.preset.text.max_length)
-
     def text(p: str) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
-            c, m = models.text(*map(torch.from_numpy, tok(p)))
+            c, m = models.text(*map(torch.from_numpy, models.tokenize(p)))
         return c.numpy(), m.numpy()
 
     with torch.no_grad():
@@ -91,7 +89,7 @@ def fp8_quality(models: ModelSet, bucket: Bucket, layout: str, out_dir: Path, se
     cond = _conditioning(models, bucket, eval_prompt, photos[0])
     ref_frames = _generate(models, bucket, TorchDenoiser(models.dit, tables.cos, tables.sin), cond, seed, steps)
     fp8_frames = _generate(models, bucket, TorchDenoiser(qdit, tables.cos, tables.sin), cond, seed, steps)
-    scales_path = out_dir / "fp8_scales.json"
+    scales_path = out_dir / FP8_SCALES_FILE
     scales_path.write_text(json.dumps(amax_scales(qdit), indent=1, sort_keys=True))
     result = {
         "method": "nvidia-modelopt FP8 E4M3 per-tensor max, fake quantization on CPU",

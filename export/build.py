@@ -118,6 +118,17 @@ def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backe
     return {"torch_version": torch.__version__, "device": device}
 
 
+def fast_dit(cfg: BuildConfig, models: ModelSet, bucket: Bucket, fp8_scales: Path | None,
+             device: str) -> torch.nn.Module:
+    """The DiT on the PyTorch fast path (bf16, FP8 GEMMs with the calibrated scales) for torch/aoti engines."""
+    from stdrc.export.fast_path import FastPathOptions, load_fp8_scales, prepare_fast_dit
+
+    _, tables = models.rope(bucket, cfg.layout)
+    scales = load_fp8_scales(fp8_scales) if fp8_scales is not None else None
+    return prepare_fast_dit(models.dit, tables.cos, tables.sin, FastPathOptions(fp8=fp8_scales is not None),
+                            scales, device)
+
+
 def fp8_qdq_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, folder: Path) -> Path:
     """The DiT calibrated with modelopt and exported with FP8 Q/DQ nodes, for a strongly typed TensorRT plan."""
     from stdrc.calibration.fp8 import export_qdq_onnx
@@ -154,9 +165,19 @@ def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bu
         facts = build_ort_engine(onnx_path, out, precision)
         extra = {f.name: sha256_file(f) for f in onnx_files(out)[1:]}
     elif backend in ("torch", "aoti"):
-        if precision != "fp32":
-            raise ExportError(f"--backend {backend} builds fp32 engines; drop --precision {precision}")
-        facts = _torch_engine(module, spec, out, backend, "cuda" if torch.cuda.is_available() else "cpu")
+        if precision == "fp16":
+            raise ExportError(f"--backend {backend} builds fp32, bf16 or fp8 engines: use --precision bf16")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if spec.name == "dit" and precision != "fp32":
+            scales = None
+            if precision == "fp8":
+                from stdrc.calibration.report import FP8_SCALES_FILE  # build_engines calibrated before this
+
+                scales = writer.path(FP8_SCALES_FILE)
+            module = fast_dit(cfg, models, bucket, scales, device)
+        else:
+            precision = "fp32"  # the low-precision fast path is the DiT's; the rest stays fp32
+        facts = _torch_engine(module, spec, out, backend, device)
     else:
         from stdrc.engines.tensorrt import build_engine, plan_for
 
@@ -188,6 +209,12 @@ def build_engines(cfg: BuildConfig) -> Path:
     specs = component_specs(models.preset, bucket, tiling)
     modules = models.export_modules(bucket, cfg.layout)
     with BundleWriter(cfg.out) as writer:
+        quality = {}
+        if cfg.calibrate_fp8 or (cfg.precision == "fp8" and backend in ("torch", "aoti")):
+            stages.set_postfix_str("fp8 calibration")
+            from stdrc.calibration.report import fp8_quality
+
+            quality["fp8"] = fp8_quality(models, bucket, cfg.layout, writer.staging, seed=cfg.seed)
         components = {}
         for name in ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"):
             stages.set_postfix_str(f"{name} ({backend})")
@@ -203,12 +230,7 @@ def build_engines(cfg: BuildConfig) -> Path:
         rope_path = writer.path("rope.npz")
         with open(rope_path, "wb") as f:
             np.savez(f, positions=positions.numpy(), cos=tables.cos.numpy(), sin=tables.sin.numpy())
-        quality = {}
-        if cfg.calibrate_fp8:
-            stages.set_postfix_str("fp8 calibration")
-            from stdrc.calibration.report import fp8_quality
-
-            quality["fp8"] = fp8_quality(models, bucket, cfg.layout, writer.staging, seed=cfg.seed)
+        if quality:
             extra_files = {quality["fp8"]["scales_file"]: quality["fp8"]["scales_sha256"]}
             components["dit"] = replace(components["dit"], extra_files={**components["dit"].extra_files,
                                                                          **extra_files})

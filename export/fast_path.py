@@ -24,7 +24,7 @@ velocity). What it does, and why:
 - FP8 GEMMs: every `nn.Linear` outside `export.dit.SENSITIVE_LAYER_PATTERNS` becomes an
   `Fp8Linear` (`torch._scaled_mm`, E4M3, per-tensor scales from the calibration's
   `fp8_scales.json`). Attention itself stays bf16.
-- CUDA graphs: `CudaGraphStep` captures one forward per input shape and replays it.
+- CUDA graphs: the runtime's `CudaGraphStep` captures one forward per input shape and replays it.
   It has NOT been run yet: it was written in a session without a GPU.
 """
 
@@ -42,6 +42,7 @@ import torch
 
 from stdrc.export.dit import SENSITIVE_LAYER_PATTERNS, STDRCTransformer
 from stdrc.export.errors import ExportError
+from stdrc.runtime.backends.torch import CudaGraphStep
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,8 @@ def prepare_fast_dit(dit: STDRCTransformer, rope_cos: torch.Tensor, rope_sin: to
     """
     if options.dtype not in (torch.bfloat16, torch.float32):
         raise ExportError(f"fast path dtype {options.dtype}: use torch.bfloat16 (or float32 for checks)")
+    if options.cuda_graph and not torch.cuda.is_available():
+        raise ExportError("CUDA graphs need a CUDA device: set FastPathOptions(cuda_graph=False) on CPU")
     if options.fp8 and scales is None:
         raise ExportError(f"FastPathOptions(fp8=True) needs calibrated scales: pass "
                           f"scales=load_fp8_scales(bundle / 'fp8_scales.json'); {RECALIBRATE}")
@@ -238,55 +241,6 @@ def prepare_fast_dit(dit: STDRCTransformer, rope_cos: torch.Tensor, rope_sin: to
     if options.compile:
         module = torch.compile(module, dynamic=False)
     return CudaGraphStep(module) if options.cuda_graph else module
-
-
-# -- CUDA graphs ----------------------------------------------------------------------------------
-
-class CudaGraphStep:
-    """Replays one captured forward per input signature (shapes, dtypes): launch overhead removed.
-
-    Not run yet: written in a session without a GPU. Capture follows PyTorch's recipe: copy
-    the inputs into static buffers, warm up on a side stream, capture, then replay after
-    copying new inputs in. The returned tensor is the graph's own output buffer: it is
-    overwritten by the next call with the same shapes, so copy it out before that.
-    """
-
-    def __init__(self, module: torch.nn.Module, warmup: int = 2):
-        if not torch.cuda.is_available():
-            raise ExportError("CUDA graphs need a CUDA device: set FastPathOptions(cuda_graph=False) on CPU")
-        self.module = module
-        self.warmup = warmup
-        # input signature -> (static inputs, graph, static output)
-        self.graphs: dict[tuple, tuple[list[torch.Tensor], object, torch.Tensor]] = {}
-
-    @torch.no_grad()
-    def _capture(self, args: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], object, torch.Tensor]:
-        if any(a.device.type != "cuda" for a in args):
-            raise ExportError("CudaGraphStep inputs must already be on the GPU: move them with .cuda() first")
-        with torch.inference_mode(False):  # ordinary tensors: later copies in work in any mode
-            static = [a.detach().clone() for a in args]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):  # lazy init, cuBLAS / SDPA autotuning, torch.compile
-                self.module(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = self.module(*static)
-        log.info("captured a CUDA graph for input shapes %s", [tuple(a.shape) for a in args])
-        return static, graph, out
-
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(args)
-        static, graph, out = self.graphs[key]
-        for dst, src in zip(static, args):
-            if dst.data_ptr() != src.data_ptr():
-                dst.copy_(src)
-        graph.replay()
-        return out
 
 
 def sdpa_choice(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, dtype: torch.dtype,

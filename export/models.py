@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from stdrc.export.checkpoint import config_from_metadata, load_strict, read_checkpoint
@@ -18,6 +19,7 @@ from stdrc.export.errors import CheckpointError
 from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
 from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae
 from stdrc.runtime.manifest import Bucket
+from stdrc.runtime.text import ByteTokenizer
 
 
 @dataclass
@@ -31,6 +33,15 @@ class ModelSet:
     source_sha256: str  # checkpoint file hash, or a hash of the seeded preset config
     checkpoint_sha256: str | None
     gemma: GemmaText | None = None
+
+    def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """[1, L] token ids and mask as the bundle's runtime tokenizer gives them (bytes, or Gemma's)."""
+        length = self.preset.text.max_length
+        if self.gemma is None:
+            return ByteTokenizer(length)(prompt)
+        encoded = self.gemma.tokenizer(prompt.strip(), padding="max_length", max_length=length, truncation=True,
+                                       return_tensors="np")
+        return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
 
     def rope(self, bucket: Bucket, layout: str = "tass") -> tuple[torch.Tensor, RopeTables]:
         grid = (bucket.latent_frames, bucket.latent_height, bucket.latent_width)

@@ -17,7 +17,7 @@ def _generate(args: argparse.Namespace) -> int:
     from stdrc.runtime.video import check_writable
 
     check_writable(args.output)  # fail before loading anything
-    pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device)
+    pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, cuda_graphs=args.cuda_graphs)
     if args.face_models:
         pipe.use_face_models(args.face_models)
     bar = tqdm(desc="sampling", unit="step", disable=args.quiet)
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="insightface model folder or name (buffalo_l, antelopev2): SCRFD instead of YuNet")
     g.add_argument("--backend", default=None, help="require this backend (default: the bundle's)")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the DiT step as a CUDA graph (torch/aoti bundles on --device cuda)")
     g.add_argument("--json", action="store_true")
     g.add_argument("-q", "--quiet", action="store_true")
     g.set_defaults(func=_generate)

@@ -69,8 +69,13 @@ class Pipeline:
 
     @staticmethod
     def from_bundle(path: str | Path, backend: str | None = None, device: str = "cpu",
-                    verify_hashes: bool = True) -> Pipeline:
-        """Validate the manifest and files (format, sha256, backend, TensorRT version/GPU), then load."""
+                    verify_hashes: bool = True, cuda_graphs: bool = False) -> Pipeline:
+        """Validate the manifest and files (format, sha256, backend, TensorRT version/GPU), then load.
+
+        `cuda_graphs`: the DiT of a torch/aoti bundle replays CUDA graphs (device "cuda" only).
+        """
+        if cuda_graphs and device != "cuda":
+            raise InputError("CUDA graphs need --device cuda: drop --cuda-graphs on CPU")
         bundle_dir = Path(path)
         manifest = read_manifest(bundle_dir)
         missing = [c for c in REQUIRED if c not in manifest.components]
@@ -84,7 +89,8 @@ class Pipeline:
                     f"rebuild it with --backend {backend} or drop --backend"
                 )
         check_files(bundle_dir, manifest, hashes=verify_hashes)
-        engines = {name: open_engine(bundle_dir, name, entry, device) for name, entry in manifest.components.items()}
+        engines = {name: open_engine(bundle_dir, name, entry, device, cuda_graph=cuda_graphs and name == "dit")
+                   for name, entry in manifest.components.items()}
         return Pipeline(bundle_dir, manifest, engines)
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

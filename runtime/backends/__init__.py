@@ -50,7 +50,9 @@ def available(backend: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def open_engine(bundle_dir: Path, name: str, entry: ComponentEntry, device: str = "cpu") -> Engine:
+def open_engine(bundle_dir: Path, name: str, entry: ComponentEntry, device: str = "cpu",
+                cuda_graph: bool = False) -> Engine:
+    """`cuda_graph` applies to torch/aoti engines on CUDA (TensorRT engines capture their own)."""
     if not available(entry.backend):
         raise BackendUnavailableError(
             f"bundle component {name} needs the {entry.backend} backend, which is not installed here: "
@@ -64,7 +66,7 @@ def open_engine(bundle_dir: Path, name: str, entry: ComponentEntry, device: str 
     if entry.backend in ("torch", "aoti"):
         from stdrc.runtime.backends.torch import TorchEngine
 
-        return TorchEngine.from_file(path, entry, device=device)
+        return TorchEngine.from_file(path, entry, device=device, cuda_graph=cuda_graph)
     if entry.backend == "tensorrt":
         from stdrc.runtime.backends.tensorrt import TensorRTEngine
 

@@ -261,3 +261,11 @@ def test_gemma_bundle_builds_verifies_and_generates(tmp_path: Path, tiny_gemma_d
 
     with pytest.raises(BundleError, match="tokenizer.json"):
         Pipeline.from_bundle(bundle)
+
+
+def test_model_set_tokenizes_as_the_runtime(tiny_gemma_dir: Path, runtime_tokenizer) -> None:
+    """Calibration tokenizes through the ModelSet: with Gemma, the same ids as the bundle's tokenizer.json."""
+    models = load_models("tiny", text_encoder=tiny_gemma_dir)
+    for prompt in PROMPTS:
+        for ours, runtime in zip(models.tokenize(prompt), runtime_tokenizer(prompt)):
+            assert ours.dtype == np.int64 and np.array_equal(ours, runtime), prompt
