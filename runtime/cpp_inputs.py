@@ -17,7 +17,7 @@ import numpy as np
 
 from stdrc.runtime import sampler as smp
 from stdrc.runtime.errors import InputError
-from stdrc.runtime.pipeline import Pipeline, unpatchify
+from stdrc.runtime.pipeline import Pipeline
 from stdrc.runtime.video import frames_to_uint8
 
 # inputs (runner.h `files::`)
@@ -101,12 +101,8 @@ def run_python(pipeline: Pipeline, folder: str | Path, max_batch: int = 3) -> Cp
 
     cond = smp.Conditioning(load(REFERENCE), (load(TEXT_CONTEXT), load(TEXT_MASK)), (load(NULL_CONTEXT), load(NULL_MASK)))
     latent = smp.sample(pipeline.denoiser, load(NOISE), load(SIGMAS), cond, _scales(folder), max_batch)
-    b, vae = pipeline.bucket, pipeline.manifest.model_config["vae"]
-    grid = unpatchify(latent, (b.latent_frames, b.latent_height, b.latent_width))
-    if vae["timestep_conditioning"]:
-        scale = np.float32(vae["decode_noise_scale"])
-        grid = load(DECODE_NOISE) * scale + (np.float32(1.0) - scale) * grid
-    video = pipeline.decode_latent(grid)
+    timestep_conditioned = pipeline.manifest.model_config["vae"]["timestep_conditioning"]
+    video = pipeline.decode_video(latent, load(DECODE_NOISE) if timestep_conditioned else None)
     return CppResult(latent, video.astype(np.float32), frames_to_uint8(video))
 
 

@@ -145,13 +145,16 @@ class Pipeline:
         return np.random.default_rng(seed + 1).standard_normal(shape, dtype=np.float32)
 
     def decode(self, tokens: np.ndarray, seed: int) -> np.ndarray:
-        b, vae = self.bucket, self.manifest.model_config["vae"]
+        return frames_to_uint8(self.decode_video(tokens, self.decode_noise(seed)))
+
+    def decode_video(self, tokens: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        """Video tokens [1, N_video, C] + decode noise (None when not timestep-conditioned) -> video in [-1, 1]."""
+        b = self.bucket
         latent = unpatchify(tokens, (b.latent_frames, b.latent_height, b.latent_width))
-        noise = self.decode_noise(seed)
         if noise is not None:
-            scale = np.float32(vae["decode_noise_scale"])
+            scale = np.float32(self.manifest.model_config["vae"]["decode_noise_scale"])
             latent = noise * scale + (np.float32(1.0) - scale) * latent
-        return frames_to_uint8(self.decode_latent(latent))
+        return self.decode_latent(latent)
 
     def decode_latent(self, latent: np.ndarray) -> np.ndarray:
         """[1, C, F, H, W] latent (decode noise already mixed in) -> [1, 3, frames, height, width] in [-1, 1]."""
