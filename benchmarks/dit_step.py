@@ -127,7 +127,7 @@ class Setup:
     models: object  # stdrc.export.models.ModelSet, DiT only
     bucket: object  # stdrc.runtime.manifest.Bucket
     spec: object  # the DiT's ComponentSpec
-    build: object  # stdrc.export.build.BuildConfig (cache dir, seed, layout)
+    build: object  # stdrc.engines.build.BuildConfig (cache dir, seed, layout)
     module: object  # BakedRopeDiT: the stdrc-torch path, and what every engine is built from
     positions: object  # (1, 3, N, 2) pixel-space positions, for the baseline
     feeds: dict[str, np.ndarray]
@@ -137,7 +137,7 @@ class Setup:
 
 
 def make_setup(cfg: StepConfig, work: Path) -> Setup:
-    from stdrc.export.build import BuildConfig, bucket_for
+    from stdrc.engines.build import BuildConfig, bucket_for
     from stdrc.export.config import get_preset
     from stdrc.export.dit import BakedRopeDiT, build_dit
     from stdrc.export.models import ModelSet, config_hash
@@ -235,7 +235,7 @@ def sdpa_facts(s: Setup) -> dict[str, str]:
 def build(name: str, s: Setup, stack: contextlib.ExitStack) -> tuple[object, Path]:
     """One DiT engine through build_engines' own per-component builder, in its own folder."""
     from stdrc.engines.bundle import BundleWriter
-    from stdrc.export.build import build_component
+    from stdrc.engines.build import build_component
 
     writer = stack.enter_context(BundleWriter(s.work / name))
     with contextlib.redirect_stdout(sys.stderr):  # exporters print; keep --json output clean

@@ -46,7 +46,7 @@ import numpy as np
 
 STAGES = ("text", "reference_prep", "reference_encode", "sampling", "decode", "write", "facesim")
 PROMPT = "a woman smiling at the camera, soft window light"
-_BUILD = ("import sys; from pathlib import Path; from stdrc.export.build import BuildConfig, build_engines; "
+_BUILD = ("import sys; from pathlib import Path; from stdrc.engines.build import BuildConfig, build_engines; "
           "build_engines(BuildConfig(preset=sys.argv[1], backend=sys.argv[2], out=Path(sys.argv[3]), "
           "cache_dir=Path(sys.argv[4]), progress=False))")
 

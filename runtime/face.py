@@ -29,7 +29,7 @@ FACE_SIZE = 112
 YUNET_FILE = "face_detection_yunet_2023mar.onnx"
 YUNET_ENV = "STDRC_YUNET"
 YUNET_SIZE = 640
-REPO_ASSETS = Path(__file__).resolve().parent.parent.parent / "shared" / "assets"
+YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
 INSIGHTFACE_ROOT = "~/.insightface/models"
 INSIGHTFACE_PACKS = ("buffalo_l", "buffalo_s", "antelopev2")
 
@@ -189,20 +189,26 @@ class ScrfdDetector:
         return np.repeat(centers, self.ANCHORS, axis=0)  # cell-major: both anchors of a cell adjacent
 
 
+def packaged_yunet() -> Path:
+    """The YuNet file shipped as package data (MIT; see stdrc/runtime/assets/README.md)."""
+    from importlib.resources import files
+
+    return Path(str(files("stdrc.runtime") / "assets" / YUNET_FILE))
+
+
 def find_yunet(setting: str | os.PathLike | None = None) -> Path:
-    """The YuNet file: explicit setting, then $STDRC_YUNET, then ~/.cache/stdrc/, then the repo's copy."""
+    """The YuNet file: explicit setting, then $STDRC_YUNET, then the copy shipped in the package."""
     for label, value in (("setting", setting), (YUNET_ENV, os.environ.get(YUNET_ENV))):
         if value:
             path = Path(value).expanduser()
             if not path.is_file():
                 raise InputError(f"YuNet file {path} (from {label}) does not exist; fix the path or unset it")
             return path
-    cache = Path("~/.cache/stdrc").expanduser() / YUNET_FILE
-    for path in (cache, REPO_ASSETS / YUNET_FILE):
-        if path.is_file():
-            return path
-    raise InputError(f"YuNet face detector not found: download {YUNET_FILE} (OpenCV model zoo) to {cache} "
-                     f"or set {YUNET_ENV}=/path/to/{YUNET_FILE}")
+    path = packaged_yunet()
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != YUNET_SHA256:
+        raise InputError(f"the packaged YuNet detector {path} is missing or altered: reinstall stdrc, "
+                         f"or set {YUNET_ENV}=/path/to/{YUNET_FILE}")
+    return path
 
 
 def similarity_transform(src_kps: np.ndarray, dst_kps: np.ndarray) -> np.ndarray:

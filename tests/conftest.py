@@ -27,7 +27,7 @@ def tiny_models():
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    from stdrc.export.build import BuildConfig, build_engines
+    from stdrc.engines.build import BuildConfig, build_engines
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="onnxruntime", progress=False))

@@ -29,7 +29,7 @@ def test_fp8_qdq_onnx_for_tensorrt(tiny_models, tmp_path: Path) -> None:
     import onnx
     import onnxruntime as ort
 
-    from stdrc.export.build import BuildConfig, fp8_qdq_onnx
+    from stdrc.engines.build import BuildConfig, fp8_qdq_onnx
     from stdrc.export.specs import component_specs
 
     bucket = Bucket(**tiny_models.preset.default_bucket)

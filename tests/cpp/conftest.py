@@ -17,7 +17,7 @@ JSON_HEADER_DIRS = (Path("/usr/include"), Path("/usr/local/include"))
 
 def build_aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """The tiny preset as aoti packages, built once per session (shared with tests/engines/test_aoti.py)."""
-    from stdrc.export.build import BuildConfig, build_engines
+    from stdrc.engines.build import BuildConfig, build_engines
 
     out = tmp_path_factory.getbasetemp() / "aoti-bundle" / "tiny"
     if not (out / "manifest.json").is_file():  # BundleWriter renames the folder into place only when complete
@@ -28,7 +28,7 @@ def build_aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path)
 @pytest.fixture(scope="session")
 def aoti_tiled_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """The tiny preset with a 64 px decode tile (32 px overlap): its 64x96 frames decode as two tiles."""
-    from stdrc.export.build import BuildConfig, build_engines
+    from stdrc.engines.build import BuildConfig, build_engines
 
     out = tmp_path_factory.mktemp("aoti-tiled") / "tiny-tiled"
     return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", decode_tile=64,

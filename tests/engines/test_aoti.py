@@ -24,7 +24,7 @@ PSNR_MIN_DB = 40.0
 @pytest.fixture(scope="session")
 def aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """Built once per session; tests/cpp/conftest.py reuses the same folder."""
-    from stdrc.export.build import BuildConfig, build_engines
+    from stdrc.engines.build import BuildConfig, build_engines
 
     out = tmp_path_factory.getbasetemp() / "aoti-bundle" / "tiny"
     if not (out / "manifest.json").is_file():  # BundleWriter renames the folder into place only when complete
@@ -85,7 +85,7 @@ def test_generate_matches_onnxruntime(aoti_bundle: Path, tiny_bundle: Path) -> N
 
 
 def test_verify_passes_on_the_aoti_bundle(aoti_bundle: Path) -> None:
-    from stdrc.export.verify import verify_bundle
+    from stdrc.engines.verify import verify_bundle
 
     reports = verify_bundle(aoti_bundle)
     assert set(reports) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}

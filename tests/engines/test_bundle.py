@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from stdrc.engines.bundle import BundleWriter
-from stdrc.export.build import BuildConfig, build_engines
-from stdrc.export.verify import verify_bundle
+from stdrc.engines.build import BuildConfig, build_engines
+from stdrc.engines.verify import verify_bundle
 from stdrc.runtime.errors import BundleError
 from stdrc.runtime.manifest import FORMAT_VERSION, check_files, read_manifest, sha256_file
 
@@ -41,7 +41,7 @@ def test_verify_every_component_within_1e4(tiny_bundle: Path) -> None:
 
 
 def test_verify_cli_json(tiny_bundle: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "stdrc.export.cli", "verify", str(tiny_bundle), "--json"],
+    out = subprocess.run([sys.executable, "-m", "stdrc.engines.cli", "verify", str(tiny_bundle), "--json"],
                          capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
     assert set(data["components"]["dit"]) >= {"max_abs_err", "rel_l2", "ok"}
@@ -88,7 +88,7 @@ def test_interrupted_build_leaves_no_bundle(tmp_path: Path) -> None:
 ])
 def test_build_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "b"
-    proc = subprocess.run([sys.executable, "-m", "stdrc.export.cli", "build-engines", "-q", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "stdrc.engines.cli", "build-engines", "-q", "--out", str(out),
                            "--cache-dir", str(tmp_path / "c"), *args], capture_output=True, text=True)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -22,7 +22,7 @@ PSNR_MIN_DB = 40.0  # frames vs the fp32 bundle, same seed (measured ~55 dB for 
 
 @pytest.fixture(scope="module", params=["bf16", "fp8"])
 def fast_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    from stdrc.export.build import BuildConfig, build_engines
+    from stdrc.engines.build import BuildConfig, build_engines
 
     out = tmp_path_factory.mktemp("fast") / f"tiny-torch-{request.param}"
     return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="torch", precision=request.param,
@@ -40,7 +40,7 @@ def test_manifest_records_the_fast_dit(fast_bundle: Path) -> None:
 
 
 def test_fast_bundle_verifies(fast_bundle: Path) -> None:
-    from stdrc.export.verify import TOLERANCE, verify_bundle
+    from stdrc.engines.verify import TOLERANCE, verify_bundle
 
     reports = verify_bundle(fast_bundle)
     assert all(r.ok for r in reports.values()), reports
@@ -62,7 +62,7 @@ def test_cuda_graphs_need_cuda(fast_bundle: Path) -> None:
 
 
 def test_fp16_is_refused_for_torch(tmp_path: Path, cache_dir: Path) -> None:
-    from stdrc.export.cli import main
+    from stdrc.engines.cli import main
 
     code = main(["build-engines", "--backend", "torch", "--precision", "fp16", "--out", str(tmp_path / "b"),
                  "--cache-dir", str(cache_dir), "-q"])

@@ -230,8 +230,8 @@ def test_runtime_tokenizer_bad_file(tmp_path: Path) -> None:
 def test_gemma_bundle_builds_verifies_and_generates(tmp_path: Path, tiny_gemma_dir: Path, cache_dir: Path,
                                                      astronaut_png: Path, side) -> None:
     """build-engines --text-encoder: Gemma ONNX + tokenizer.json in the bundle, verify passes, generate runs."""
-    from stdrc.export.build import BuildConfig, build_engines
-    from stdrc.export.verify import verify_bundle
+    from stdrc.engines.build import BuildConfig, build_engines
+    from stdrc.engines.verify import verify_bundle
     from stdrc.runtime.manifest import read_manifest
     from stdrc.runtime.pipeline import Pipeline
 

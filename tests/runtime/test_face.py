@@ -36,10 +36,7 @@ def hopper() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def yunet() -> F.YuNetDetector:
-    try:
-        return F.YuNetDetector(F.find_yunet())
-    except InputError as e:  # a checkout without ../shared/assets and no cached copy
-        pytest.skip(str(e))
+    return F.YuNetDetector(F.find_yunet())  # the packaged copy: never skipped
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
@@ -233,33 +230,30 @@ def test_scrfd_construction_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- file resolution
-def test_find_yunet_order_and_missing_message(tmp_path, monkeypatch):
+def test_find_yunet_order_and_packaged_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv(F.YUNET_ENV, raising=False)
-    monkeypatch.setattr(F, "REPO_ASSETS", tmp_path / "no_repo_copy")
-    with pytest.raises(InputError) as e:
-        F.find_yunet()
-    message = str(e.value)
-    assert "\n" not in message and F.YUNET_FILE in message and F.YUNET_ENV in message
-    assert str(tmp_path / ".cache" / "stdrc" / F.YUNET_FILE) in message
-    cached = tmp_path / ".cache" / "stdrc" / F.YUNET_FILE
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"x")
-    assert F.find_yunet() == cached
+    packaged = F.find_yunet()  # no setting, no variable: the copy inside the installed package
+    assert packaged == F.packaged_yunet() and "shared" not in packaged.parts
+    assert hashlib.sha256(packaged.read_bytes()).hexdigest() == F.YUNET_SHA256
     other = tmp_path / "other.onnx"
     other.write_bytes(b"x")
     monkeypatch.setenv(F.YUNET_ENV, str(other))
     assert F.find_yunet() == other
-    assert F.find_yunet(str(cached)) == cached  # an explicit setting beats the environment
+    assert F.find_yunet(str(packaged)) == packaged  # an explicit setting beats the environment
     with pytest.raises(InputError, match="does not exist"):
         F.find_yunet(str(tmp_path / "typo.onnx"))
 
 
-@pytest.mark.skipif(not (F.REPO_ASSETS / F.YUNET_FILE).is_file(), reason="no ../shared/assets here")
-def test_repo_copy_is_the_last_fallback(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
+def test_altered_packaged_yunet_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv(F.YUNET_ENV, raising=False)
-    assert F.find_yunet() == F.REPO_ASSETS / F.YUNET_FILE
+    altered = tmp_path / F.YUNET_FILE
+    altered.write_bytes(b"not the detector")
+    monkeypatch.setattr(F, "packaged_yunet", lambda: altered)
+    with pytest.raises(InputError) as e:
+        F.find_yunet()
+    message = str(e.value)
+    assert "\n" not in message and "reinstall" in message and F.YUNET_ENV in message
 
 
 def _model_pack(folder: Path, planted: dict | None = None) -> None:

@@ -60,7 +60,7 @@ def test_batched_streams_equal_split_streams(pipe: Pipeline, astronaut_png: Path
 
 def test_onnxruntime_matches_pytorch_backend(tiny_bundle: Path, cache_dir: Path, tmp_path_factory,
                                              astronaut_png: Path) -> None:
-    from stdrc.export.build import BuildConfig, build_engines
+    from stdrc.engines.build import BuildConfig, build_engines
 
     torch_bundle = build_engines(BuildConfig(out=tmp_path_factory.mktemp("tb") / "tiny-torch", backend="torch",
                                              cache_dir=cache_dir, progress=False))

@@ -74,7 +74,7 @@ def test_tiling_policy() -> None:
 
 @pytest.fixture(scope="module")
 def tiled_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    from stdrc.export.build import BuildConfig, build_engines
+    from stdrc.engines.build import BuildConfig, build_engines
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-tiled"
     return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="onnxruntime", decode_tile=64,
@@ -125,7 +125,7 @@ def test_tiled_bundle_generates(tiled_bundle: Path, tiny_bundle: Path, astronaut
 
 
 def test_tiled_bundle_verifies(tiled_bundle: Path) -> None:
-    from stdrc.export.verify import verify_bundle
+    from stdrc.engines.verify import verify_bundle
 
     reports = verify_bundle(tiled_bundle)
     assert reports["vae_decoder"].ok, reports["vae_decoder"]

@@ -73,14 +73,16 @@ def bucket_for(cfg: BuildConfig, models: ModelSet) -> Bucket:
     )
 
 
-NOT_EXPORT_CODE = {"cli.py", "verify.py", "fast_path.py"}  # edits to these never change an exported graph
+NOT_EXPORT_CODE = {"fast_path.py"}  # edits to these never change an exported graph
 
 
 @functools.lru_cache(maxsize=1)
 def export_code_hash() -> str:
     """Hash of the export code itself: a changed exporter never reuses a stale cached graph."""
+    import stdrc.export
+
     digest = hashlib.sha256(stdrc.__version__.encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted(Path(stdrc.export.__file__).parent.glob("*.py")):
         if path.name not in NOT_EXPORT_CODE:
             digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -12,7 +12,7 @@ from stdrc.runtime.errors import StdrcError
 
 
 def _build(args: argparse.Namespace) -> int:
-    from stdrc.export.build import BuildConfig, build_engines
+    from stdrc.engines.build import BuildConfig, build_engines
 
     cfg = BuildConfig(
         preset=args.preset, checkpoint=args.checkpoint, frames=args.frames, height=args.height, width=args.width,
@@ -28,7 +28,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from stdrc.export.verify import reports_json, verify_bundle
+    from stdrc.engines.verify import reports_json, verify_bundle
 
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
                             text_checkpoint=args.text_checkpoint)
