@@ -53,6 +53,7 @@ class BuildConfig:
     calibrate_fp8: bool = False
     decode_tile: int | None = None  # pixels; None = 512 when the bucket is larger, 0 = never tile
     decode_overlap: int = 64  # pixels
+    attention: str | None = None  # export/attention.py kind; None = the backend's (ort, or onnx for TensorRT)
     progress: bool = True
 
 
@@ -88,10 +89,14 @@ def export_code_hash() -> str:
     return digest.hexdigest()
 
 
+ATTENTION_FOR = {"onnxruntime": "ort", "tensorrt": "onnx"}  # TensorRT's parser takes no com.microsoft op
+
+
 def cached_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, spec: ComponentSpec,
-                module: torch.nn.Module) -> Path:
-    """The stage cache: keyed by source hash + bucket + layout + input shapes + export code, so re-runs skip export."""
-    key = f"{models.source_sha256[:16]}/{bucket.key()}_{cfg.layout}_{export_code_hash()[:12]}"
+                module: torch.nn.Module, backend: str = "onnxruntime") -> Path:
+    """The stage cache: keyed by source hash + bucket + layout + attention + input shapes + export code."""
+    attention = cfg.attention or ATTENTION_FOR[backend]
+    key = f"{models.source_sha256[:16]}/{bucket.key()}_{cfg.layout}_{attention}_{export_code_hash()[:12]}"
     folder = cfg.cache_dir / "onnx" / key
     shapes = hashlib.sha256(repr([t.shape for t in spec.inputs]).encode()).hexdigest()[:8]
     path = folder / f"{spec.name}_{shapes}.onnx"
@@ -100,7 +105,7 @@ def cached_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, spec: Compon
         log.info("cache hit: %s", path)
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    export_onnx(module, spec, path, seed=cfg.seed)
+    export_onnx(module, spec, path, seed=cfg.seed, attention=attention)
     done.write_text(sha256_file(path))
     return path
 
@@ -187,7 +192,7 @@ def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bu
             folder = cfg.cache_dir / "fp8_qdq" / f"{models.source_sha256[:16]}_{bucket.key()}_{cfg.layout}"
             onnx_path = fp8_qdq_onnx(cfg, models, bucket, folder)
         else:
-            onnx_path = cached_onnx(cfg, models, bucket, spec, module)
+            onnx_path = cached_onnx(cfg, models, bucket, spec, module, backend)
         plan = plan_for(spec.name, spec, precision, writer.staging, onnx_path=onnx_path,
                         timing_cache=cfg.cache_dir / "trt_timing.cache")
         facts = build_engine(plan)

@@ -93,10 +93,10 @@ class Pipeline:
                    for name, entry in manifest.components.items()}
         return Pipeline(bundle_dir, manifest, engines)
 
-    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, component: str, feeds: dict[str, np.ndarray], keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         engine = self.engines[component]
         check_feeds(engine.entry, feeds, component)
-        return engine.run(feeds)
+        return engine.run(feeds, keep=keep) if keep else engine.run(feeds)
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -177,7 +177,7 @@ class Pipeline:
     def denoiser(self, latent, timestep, context, context_mask, attn_mask):  # noqa: ANN001, ANN201
         feeds = {"latent": latent, "timestep": timestep, "context": context,
                  "context_mask": context_mask, "attn_mask": attn_mask}
-        return self.run("dit", feeds)["velocity"]
+        return self.run("dit", feeds, keep=smp.FIXED_INPUTS)["velocity"]  # only latent and timestep move
 
     # -- the whole thing ----------------------------------------------------------------------
 
