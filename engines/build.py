@@ -241,6 +241,18 @@ def build_engines(cfg: BuildConfig) -> Path:
             extra_files = {quality["fp8"]["scales_file"]: quality["fp8"]["scales_sha256"]}
             components["dit"] = replace(components["dit"], extra_files={**components["dit"].extra_files,
                                                                          **extra_files})
+        from stdrc.runtime.memory import activation_bytes, component_weight_bytes
+
+        memory = {
+            "weight_bytes": {k: component_weight_bytes(writer.staging, e.file, e.extra_files)
+                             for k, e in components.items()},
+            "activation_bytes": {k: activation_bytes(k, {"dit": asdict(models.preset.dit),
+                                                         "text": asdict(models.preset.text)},
+                                                     bucket.to_json(), e.precision,
+                                                     tiling.to_json() if tiling else {})
+                                 for k, e in components.items()},
+            "note": "weights: engine files' bytes; activations: estimates (stdrc.runtime.memory)",
+        }
         manifest = Manifest(
             preset=models.preset.name,
             model_config={"dit": asdict(models.preset.dit), "vae": asdict(models.preset.vae),
@@ -261,6 +273,7 @@ def build_engines(cfg: BuildConfig) -> Path:
                        "reference_tokens": bucket.reference_tokens, "timestep": 0.0},
             quality=quality,
             decode=tiling.to_json() if tiling else {},
+            memory=memory,
             created_by={"stdrc": stdrc.__version__, "torch": torch.__version__, "backend": backend,
                         "source_sha256": models.source_sha256},
         )

@@ -171,6 +171,7 @@ class Manifest:
     reference: dict[str, Any]  # layout and latent slot facts
     quality: dict[str, Any] = field(default_factory=dict)  # measured errors (FP8 etc.)
     decode: dict[str, Any] = field(default_factory=dict)  # spatial tiling of the VAE decode; {} = whole latent
+    memory: dict[str, Any] = field(default_factory=dict)  # weight_bytes / activation_bytes per component
     created_by: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
@@ -189,6 +190,7 @@ class Manifest:
             "reference": self.reference,
             "quality": self.quality,
             "decode": self.decode,
+            "memory": self.memory,
             "created_by": self.created_by,
         }
 
@@ -214,6 +216,7 @@ class Manifest:
                 reference=data["reference"],
                 quality=data.get("quality", {}),
                 decode=data.get("decode", {}),
+                memory=data.get("memory", {}),
                 created_by=data.get("created_by", {}),
                 format=fmt,
             )
