@@ -247,6 +247,7 @@ def build_engines(cfg: BuildConfig) -> Path:
             "weight_bytes": {k: component_weight_bytes(writer.staging, e.file, e.extra_files)
                              for k, e in components.items()},
             "activation_bytes": {k: activation_bytes(k, {"dit": asdict(models.preset.dit),
+                                                         "vae": asdict(models.preset.vae),
                                                          "text": asdict(models.preset.text)},
                                                      bucket.to_json(), e.precision,
                                                      tiling.to_json() if tiling else {})

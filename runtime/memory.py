@@ -55,7 +55,8 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
     dit: the widest per-layer intermediates of the guidance batch (B = 3), feed-forward (4 D) plus
     q, k, v, attention out and two residuals (6 D), no N x N term (attention is fused in the graph);
     text_encoder: every layer's hidden states (its output) plus one layer's feed-forward;
-    vae_decoder: three full-resolution 128-channel maps per output frame (per tile when tiled);
+    vae_decoder: three 128-channel maps at the decoder's last internal resolution (pixels over
+    patch_size squared, before its depth-to-space) for every output frame, per tile when tiled;
     vae_encoder: the same for one frame; face_encoder: a few MB.
     """
     e = element_bytes(precision)
@@ -77,7 +78,8 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
         if component == "vae_decoder" and decode:
             height = int(decode.get("tile_height", height // 32)) * 32
             width = int(decode.get("tile_width", width // 32)) * 32
-        pixels = height * width * (frames if component == "vae_decoder" else 1)
+        patch = int(model_config.get("vae", {}).get("patch_size", 4))
+        pixels = height * width // (patch * patch) * (frames if component == "vae_decoder" else 1)
         return 3 * 128 * pixels * e
     return 8 * 2**20  # face encoder: 112x112 crops
 
