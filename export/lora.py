@@ -58,7 +58,8 @@ class LoraSpec:
         if not sep:
             head = text
         if strength is not None and not math.isfinite(strength):
-            raise LoraError(f"--lora {text}: strength {tail!r} is not a finite number: pass FILE[:STRENGTH], e.g. x.safetensors:0.8")
+            raise LoraError(f"--lora {text}: strength {tail!r} is not a finite number: "
+                            "pass FILE[:STRENGTH], e.g. x.safetensors:0.8")
         if not head:
             raise LoraError(f"--lora {text!r} names no file: pass FILE[:STRENGTH]")
         return LoraSpec(Path(head), strength)
@@ -117,7 +118,7 @@ def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, floa
         raise LoraError(f"LoRA file {path} does not exist: pass the path of a .safetensors LoRA")
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
             alphas = {name: float(f.get_tensor(name).float().reshape(-1)[0]) for name in shapes
                       if name.endswith(_ALPHA)}
     except Exception as e:  # safetensors raises its own error types for foreign or corrupt files

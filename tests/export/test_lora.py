@@ -201,7 +201,7 @@ def _bad_loras(tmp_path: Path, shapes: dict) -> dict[str, tuple[Path, str]]:
 
 
 def test_errors_are_typed(tmp_path, tiny_shapes):
-    for name, (path, message) in _bad_loras(tmp_path, tiny_shapes).items():
+    for path, message in _bad_loras(tmp_path, tiny_shapes).values():
         with pytest.raises(LoraError, match=re.escape(message)):
             LoraSet.load([LoraSpec(path, 1.0)], tiny_shapes)
 
@@ -217,8 +217,8 @@ def test_alpha_equal_to_rank_and_kohya_names_are_accepted(tmp_path, tiny_shapes)
 
 def test_cli_errors_are_one_line_before_any_weight(tmp_path, tiny_shapes, capsys, monkeypatch):
     """Exit 2, one `error:` line, no bundle folder; with a checkpoint, no tensor of it is read first."""
-    import stdrc.export.models as models
     from stdrc.engines.cli import main
+    from stdrc.export import models
     from stdrc.export.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "ckpt.safetensors"
