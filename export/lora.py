@@ -115,7 +115,7 @@ def _split_key(name: str) -> tuple[str, str, str] | None:
 def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, float]]:
     """Tensor shapes (and alpha scalars) from a safetensors file, without reading the LoRA matrices."""
     if not path.is_file():
-        raise LoraError(f"LoRA file {path} does not exist: pass the path of a .safetensors LoRA")
+        raise LoraError(f"LoRA file {path} does not exist or is not a file: pass the path of a .safetensors LoRA")
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
