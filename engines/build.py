@@ -18,6 +18,7 @@ from tqdm import tqdm
 import stdrc
 from stdrc.engines.bundle import BundleWriter
 from stdrc.export.errors import ExportError
+from stdrc.export.lora import LoraSpec
 from stdrc.export.models import ModelSet, load_models
 from stdrc.export.onnx_export import dynamic_shapes, export_onnx, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
@@ -50,6 +51,7 @@ class BuildConfig:
     face_weights: Path | None = None
     text_encoder: Path | None = None  # a local Gemma-3 folder
     text_checkpoint: Path | None = None  # LTX-2 checkpoint holding the text projection + connector
+    loras: tuple[LoraSpec, ...] = ()  # fused into the DiT weights, in order
     calibrate_fp8: bool = False
     decode_tile: int | None = None  # pixels; None = 512 when the bucket is larger, 0 = never tile
     decode_overlap: int = 64  # pixels
@@ -209,7 +211,7 @@ def build_engines(cfg: BuildConfig) -> Path:
     stages = tqdm(total=7, desc="build-engines", unit="stage", disable=not cfg.progress)
     stages.set_postfix_str("loading model")
     models = load_models(cfg.preset, cfg.checkpoint, cfg.seed, cfg.face_weights,
-                         text_encoder=cfg.text_encoder, text_checkpoint=cfg.text_checkpoint)
+                         text_encoder=cfg.text_encoder, text_checkpoint=cfg.text_checkpoint, loras=cfg.loras)
     bucket = bucket_for(cfg, models)
     stages.update()
     tiling = decode_tiling(bucket.height, bucket.width, cfg.decode_tile, cfg.decode_overlap)
@@ -277,6 +279,7 @@ def build_engines(cfg: BuildConfig) -> Path:
             memory=memory,
             created_by={"stdrc": stdrc.__version__, "torch": torch.__version__, "backend": backend,
                         "source_sha256": models.source_sha256},
+            loras=models.loras.entries() if models.loras else (),
         )
         stages.set_postfix_str("writing manifest")
         path = writer.commit(manifest)
