@@ -20,7 +20,7 @@ from ray.serve.exceptions import ReplicaUnavailableError
 
 from stdrc.runtime.errors import StdrcError
 from stdrc.serve import request as rq
-from stdrc.serve.registry import DONE, get_registry
+from stdrc.serve.registry import DONE, registry_actor
 
 log = logging.getLogger(__name__)
 MAX_UPLOAD = 20 * 1024 * 1024
@@ -36,9 +36,9 @@ def _error(status: int, message: str, **headers: str) -> JSONResponse:
 
 @serve.ingress(app)  # at import, so that every process importing this module gets the same routes
 class Api:
-    def __init__(self, generator, bundle: str, app_name: str):  # noqa: ANN001 - a Serve DeploymentHandle
-        self.generator = generator
-        self.registry = get_registry(app_name)
+    def __init__(self, generator, bundle: str, app_name: str, max_queue: int, keep_s: float):  # noqa: ANN001
+        self.generator = generator  # a Serve DeploymentHandle to the Generator replicas
+        self.registry = registry_actor(app_name, max_queue, keep_s)
         self.checker = rq.Checker(bundle)
         self.check_lock = threading.Lock()  # the face detector is not thread-safe
         self.tasks: set[asyncio.Task] = set()

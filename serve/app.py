@@ -67,8 +67,14 @@ def build(config: ServeConfig) -> serve.Application:
     )
     ingress = serve.deployment(Api, name="Api", num_replicas=1, max_ongoing_requests=1000,
                                ray_actor_options={"num_cpus": 0})
-    bundle = str(config.bundle.resolve())
-    return ingress.bind(generator.bind(bundle, config.app_name, config.device), bundle, config.app_name)
+    bundle, names = str(config.bundle.resolve()), (config.app_name, config.max_queue, config.keep_s)
+    return ingress.bind(generator.bind(bundle, *names, config.device), bundle, *names)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """For a Serve config file or a KubeRay RayService: `import_path: stdrc.serve.app:app_builder`,
+    `args`: ServeConfig's fields (`bundle` required). `host`/`port` are then the config file's."""
+    return build(ServeConfig(**{**args, "bundle": Path(args["bundle"])}))
 
 
 def deploy(config: ServeConfig) -> str:

@@ -11,7 +11,7 @@ import ray
 from stdrc.runtime.errors import StdrcError
 from stdrc.runtime.pipeline import Pipeline
 from stdrc.serve import request as rq
-from stdrc.serve.registry import get_registry
+from stdrc.serve.registry import registry_actor
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +20,9 @@ class Generator:
     """Takes job ids from the ingress (Ray Serve routes them, one in flight per replica), runs them,
     and leaves status, progress and result bytes in the registry."""
 
-    def __init__(self, bundle: str, app_name: str, device: str = "cpu"):
+    def __init__(self, bundle: str, app_name: str, max_queue: int, keep_s: float, device: str = "cpu"):
         self.pipe = Pipeline.from_bundle(bundle, device=device)
-        self.registry = get_registry(app_name)
+        self.registry = registry_actor(app_name, max_queue, keep_s)  # the existing one, or a new one
         self.worker = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                        "replica": _replica_id()}
         log.info("replica %s loaded %s on %s", self.worker["replica"], bundle, device)
