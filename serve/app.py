@@ -94,7 +94,10 @@ def deploy(config: ServeConfig) -> str:
 
 def undeploy(config: ServeConfig) -> None:
     """Remove the app and the registry (and with it every job and result)."""
-    serve.delete(config.app_name)
+    try:
+        serve.delete(config.app_name)
+    except Exception as e:  # noqa: BLE001 - Serve never started (deploy failed early): nothing to delete
+        log.debug("serve.delete: %s", e)
     try:
         ray.kill(get_registry(config.app_name))
     except ValueError:

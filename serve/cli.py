@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -23,18 +24,25 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(bundle=Path(args.bundle), replicas=args.replicas, host=args.host, port=args.port,
                          max_queue=args.max_queue, address=args.address, keep_s=args.keep, device=args.device,
                          cpus_per_replica=args.cpus_per_replica, object_store_mb=args.object_store_mb)
-    url = deploy(config)
-    print(f"serving {args.bundle} at {url} ({args.replicas} replica(s)); Ctrl+C stops", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl+C
     try:
+        url = deploy(config)
+        print(f"serving {args.bundle} at {url} ({args.replicas} replica(s)); Ctrl+C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        undeploy(config)
-        serve.shutdown()
-        ray.shutdown()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not cut the cleanup short
+        if ray.is_initialized():
+            undeploy(config)
+            serve.shutdown()
+            ray.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _submit(args: argparse.Namespace) -> int:
