@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-store-mb", type=int, default=256)
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here (Ray may print to stdout)")
     args = parser.parse_args(argv)
     args.port = args.port or _free_port()
 
@@ -113,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = by_n[2] / by_n[1] if 1 in by_n and 2 in by_n else None
     report = {"benchmark": "serve_load", "timestamp": harness.timestamp(), "device": harness.device_info("cpu"),
               "load_average": harness.load_average(), "versions": {**harness.versions(), "ray": harness._version("ray")},
-              "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
               "rows": rows, "scaling_ratio_2_over_1": None if ratio is None else round(ratio, 3)}
+    if args.out is not None:
+        args.out.write_text(harness.dump_json(report))
     if args.json:
         print(harness.dump_json(report))
     else:
