@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_facesim_parser(sub)
     except ImportError:
         pass
+    try:  # serve and submit (Ray is imported only when they run)
+        from stdrc.serve import add_serve_parsers
+
+        add_serve_parsers(sub)
+    except ImportError:
+        pass
     return parser
 
 
