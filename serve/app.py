@@ -30,6 +30,7 @@ class ServeConfig:
     address: str | None = None  # join this Ray cluster ("auto", "HOST:6379"); None starts a local one
     keep_s: float = 3600.0  # finished jobs and their files are kept this long
     device: str = "cpu"
+    memory_plan: str = "all"  # runtime/memory.py: all, staged or auto, per replica
     cpus_per_replica: float = 1.0
     app_name: str = "stdrc"
     object_store_mb: int | None = None  # only when starting a local cluster (Ray's default: 30% of RAM)
@@ -45,6 +46,8 @@ class ServeConfig:
             raise InputError(f"--keep {self.keep_s}: keep finished jobs a positive number of seconds")
         if self.device not in ("cpu", "cuda"):
             raise InputError(f"--device {self.device}: use cpu or cuda")
+        if self.memory_plan not in ("all", "staged", "auto"):
+            raise InputError(f"--memory-plan {self.memory_plan}: use all, staged or auto")
         if not self.cpus_per_replica > 0:
             raise InputError(f"--cpus-per-replica {self.cpus_per_replica}: use a positive number")
 
@@ -68,7 +71,7 @@ def build(config: ServeConfig) -> serve.Application:
     ingress = serve.deployment(Api, name="Api", num_replicas=1, max_ongoing_requests=1000,
                                ray_actor_options={"num_cpus": 0})
     bundle, names = str(config.bundle.resolve()), (config.app_name, config.max_queue, config.keep_s)
-    return ingress.bind(generator.bind(bundle, *names, config.device), bundle, *names)
+    return ingress.bind(generator.bind(bundle, *names, config.device, config.memory_plan), bundle, *names)
 
 
 def app_builder(args: dict) -> serve.Application:

@@ -23,7 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise StdrcError(f"{MISSING} ({e})") from None
     config = ServeConfig(bundle=Path(args.bundle), replicas=args.replicas, host=args.host, port=args.port,
                          max_queue=args.max_queue, address=args.address, keep_s=args.keep, device=args.device,
-                         cpus_per_replica=args.cpus_per_replica, object_store_mb=args.object_store_mb)
+                         memory_plan=args.memory_plan, cpus_per_replica=args.cpus_per_replica,
+                         object_store_mb=args.object_store_mb)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl+C
     try:
         url = deploy(config)
@@ -78,6 +79,8 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--address", default=None, help="join this Ray cluster (auto, HOST:6379); default: start one")
     s.add_argument("--keep", type=float, default=3600.0, help="seconds finished jobs and their files are kept")
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: one GPU per replica")
+    s.add_argument("--memory-plan", default="all", choices=("all", "staged", "auto"),
+                   help="per replica: all engines resident, or each loaded for its stage (see stdrc plan)")
     s.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPU cores a replica reserves")
     s.add_argument("--object-store-mb", type=int, default=None,
                    help="object store size of a cluster started here (default: Ray's)")
