@@ -38,7 +38,7 @@ def _verify(args: argparse.Namespace) -> int:
     from stdrc.engines.verify import reports_json, verify_bundle
 
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
-                            text_checkpoint=args.text_checkpoint)
+                            text_checkpoint=args.text_checkpoint, report=args.report and not args.json)
     result = reports_json(reports)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--text-checkpoint", type=Path, default=None, help="the --text-checkpoint of the build")
     v.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the engines run (the reference runs on CPU)")
     v.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    v.add_argument("--report", action="store_true",
+                   help="also print polygraphy's comparison per output and batch (error statistics)")
     v.set_defaults(func=_verify)
     return parser
 
