@@ -51,6 +51,8 @@ def _generate(args: argparse.Namespace) -> int:
 
             bar = tqdm(desc="sampling", unit="step", total=total, disable=args.quiet)
         bar.update()
+        if i + 1 == total:
+            bar.close()  # decode and FaceSim log lines come after, on lines of their own
 
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
     try:
