@@ -61,7 +61,11 @@ def polygraphy_check(name: str, got: list[dict[str, np.ndarray]], ref: list[dict
     """
     from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
 
-    atol = {k: tolerance * float(np.sqrt(np.mean(np.square(v.astype(np.float64))))) for k, v in ref[0].items()}
+    def rms(v: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(np.square(v.astype(np.float64)))))
+
+    # one tolerance per output (polygraphy's granularity): the largest RMS over batches keeps the implication
+    atol = {k: tolerance * max(rms(it[k]) for it in ref) for k in ref[0]}
     results = RunResults()
     for runner, iterations in ((name, got), ("pytorch", ref)):
         results.append((runner, [IterationResult(dict(it), runner_name=runner) for it in iterations]))
