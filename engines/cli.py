@@ -1,4 +1,9 @@
-"""`stdrc-export`: build engine bundles and verify them. Parses into a config, calls the library."""
+"""stdrc-export: turn LTX-2 / ST-DRC weights (or the seeded tiny preset) into an engine bundle, and check it.
+
+`build-engines` exports every component to ONNX and builds engines (ONNX Runtime, TensorRT, torch,
+AOTInductor) into a bundle folder that `stdrc generate` runs; `verify` compares each engine in a bundle
+with the PyTorch model it came from.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from stdrc import __version__
+from stdrc.runtime.cli import HelpFormatter
 from stdrc.runtime.errors import StdrcError
 
 
@@ -33,7 +40,8 @@ def _verify(args: argparse.Namespace) -> int:
     from stdrc.export.lora import LoraSpec
 
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
-                            text_checkpoint=args.text_checkpoint, loras=tuple(LoraSpec.parse(t) for t in args.lora))
+                            text_checkpoint=args.text_checkpoint, loras=tuple(LoraSpec.parse(t) for t in args.lora),
+                            report=args.report and not args.json)
     result = reports_json(reports)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -46,46 +54,60 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stdrc-export", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build-engines", help="preset or checkpoint -> ONNX -> engines -> bundle folder")
-    b.add_argument("--preset", default="tiny", help="tiny (default) or ltx2-video")
-    b.add_argument("--checkpoint", type=Path, default=None, help="LTX-2 / ST-DRC .safetensors (else seeded weights)")
-    b.add_argument("--frames", type=int, default=None, help="8k+1 (default: the preset's bucket)")
-    b.add_argument("--height", type=int, default=None, help="multiple of 32")
-    b.add_argument("--width", type=int, default=None, help="multiple of 32")
-    b.add_argument("--fps", type=float, default=None)
+    parser = argparse.ArgumentParser(prog="stdrc-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    b = sub.add_parser("build-engines", help="preset or checkpoint -> ONNX -> engines -> bundle folder",
+                       formatter_class=HelpFormatter,
+                       description="Export the model's components to ONNX, build engines and write a bundle "
+                                   "folder (manifest.json with sha256 of every file). Without --checkpoint the "
+                                   "preset's seeded random weights are used. The bundle appears atomically.")
+    b.add_argument("--preset", default="tiny", help="model preset: tiny (seeded, seconds on a CPU) or ltx2-video")
+    b.add_argument("--checkpoint", type=Path, default=None, help="LTX-2 / ST-DRC .safetensors (default: the preset's seeded weights)")
+    b.add_argument("--frames", type=int, default=None, help="video frames, 8k+1 (default: the preset's bucket)")
+    b.add_argument("--height", type=int, default=None, help="pixels, multiple of 32 (default: the preset's bucket)")
+    b.add_argument("--width", type=int, default=None, help="pixels, multiple of 32 (default: the preset's bucket)")
+    b.add_argument("--fps", type=float, default=None, help="frame rate of the bucket's videos (default: the preset's)")
     b.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch", "aoti"),
                    help="auto = TensorRT when importable with a GPU, else ONNX Runtime")
-    b.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "fp8"))
+    b.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "fp8"),
+                   help="engine precision (fp16: ONNX Runtime CUDA / TensorRT; bf16, fp8: torch / TensorRT)")
     b.add_argument("--layout", default="tass", choices=("tass", "overlap", "width_shift", "before"),
-                   help="reference token positions (TASS-RoPE by default)")
+                   help="reference token positions (tass = TASS-RoPE)")
     b.add_argument("--text-encoder", type=Path, default=None,
                    help="local Gemma-3 folder (config.json, *.safetensors, tokenizer.json); needed by ltx2-video")
     b.add_argument("--text-checkpoint", type=Path, default=None,
                    help="LTX-2 .safetensors with the text projection + connector (default: --checkpoint)")
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LTX-2 LoRA .safetensors fused into the DiT (strength default 1.0); repeatable")
-    b.add_argument("--face-weights", type=Path, default=None, help="arcface_torch backbone.pth (iresnet50)")
+    b.add_argument("--face-weights", type=Path, default=None,
+                   help="arcface_torch backbone.pth (iresnet50) for the face encoder (default: seeded weights)")
     b.add_argument("--calibrate-fp8", action="store_true",
                    help="run modelopt FP8 calibration and record its measured error in the manifest")
     b.add_argument("--decode-tile", type=int, default=None,
                    help="VAE decode tile in pixels (default: 512 when the bucket is larger; 0 = never tile)")
-    b.add_argument("--decode-overlap", type=int, default=64, help="minimum tile overlap in pixels (default 64)")
+    b.add_argument("--decode-overlap", type=int, default=64, help="minimum tile overlap in pixels")
     b.add_argument("--seed", type=int, default=0, help="seed of the preset's random weights")
-    b.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default ~/.cache/stdrc)")
+    b.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default: $STDRC_CACHE, else ~/.cache/stdrc)")
     b.add_argument("--out", type=Path, default=None, help="bundle folder (default bundles/<preset>)")
-    b.add_argument("-q", "--quiet", action="store_true")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_build)
-    v = sub.add_parser("verify", help="each bundle component vs the PyTorch reference")
-    v.add_argument("bundle", type=Path)
-    v.add_argument("--checkpoint", type=Path, default=None)
+    v = sub.add_parser("verify", help="each bundle component vs the PyTorch reference", formatter_class=HelpFormatter,
+                       description="Run every engine of a bundle and the PyTorch module it was exported from on "
+                                   "the same seeded inputs; print max_abs_err and rel_l2 per component and exit 1 "
+                                   "when one exceeds its precision's tolerance (fp32: rel L2 1e-4).")
+    v.add_argument("bundle", type=Path, help="bundle folder")
+    v.add_argument("--checkpoint", type=Path, default=None, help="the .safetensors the bundle was built from")
     v.add_argument("--text-encoder", type=Path, default=None, help="the Gemma-3 folder the bundle was built with")
-    v.add_argument("--text-checkpoint", type=Path, default=None)
+    v.add_argument("--text-checkpoint", type=Path, default=None, help="the --text-checkpoint of the build")
     v.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="each LoRA the bundle was built with, in order (strength default: the manifest's)")
-    v.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the engines run (the reference runs on CPU)")
+    v.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    v.add_argument("--report", action="store_true",
+                   help="also print polygraphy's comparison per output and batch (error statistics)")
     v.set_defaults(func=_verify)
     return parser
 

@@ -1,7 +1,9 @@
 """ONNX -> TensorRT plan: a plain-data build plan, a cache key, and one build function.
 
-Everything but `build_engine` is pure data and tested in CI. `build_engine` imports TensorRT
-lazily; TensorRT is not installable in this project's development and CI environment, so it
+The plan is pure data, tested in CI; `polygraphy_loaders` turns it into polygraphy's TensorRT
+loaders (network from the ONNX, builder config with the plan's profile, flags and timing cache),
+which polygraphy constructs without importing TensorRT, so CI checks them too. `build_engine`
+calls them; TensorRT is not installable in this project's development and CI environment, so it
 runs only on a machine with an NVIDIA GPU (see tests/engines/test_tensorrt_plan.py).
 """
 
@@ -195,6 +197,26 @@ def gpu_facts_for_build() -> dict[str, str]:
                           "(pip install 'stdrc[gpu]') on the build machine") from cuda_error
 
 
+def polygraphy_loaders(plan: TrtBuildPlan, memory_pool_limits: Mapping[Any, int] | None = None) -> tuple[Any, Any]:
+    """The plan as polygraphy loaders: (NetworkFromOnnxPath, CreateConfig); nothing imports TensorRT yet.
+
+    One optimization profile (a plan serves one bucket); TF32 stays off (polygraphy's default), so
+    fp32 layers keep fp32 accuracy. `memory_pool_limits` maps trt.MemoryPoolType to bytes.
+    """
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile
+
+    profile = Profile()
+    for name, (lo, opt, hi) in plan.profiles.items():
+        profile.add(name, lo, opt, hi)
+    cache = plan.timing_cache if plan.timing_cache is not None and plan.timing_cache.is_file() else None
+    config = CreateConfig(
+        profiles=[profile], builder_optimization_level=plan.optimization_level,
+        load_timing_cache=str(cache) if cache else None, memory_pool_limits=memory_pool_limits,
+        **{flag.lower(): True for flag in plan.flags},  # "FP16" -> fp16=True, "BF16" -> bf16=True
+    )
+    return NetworkFromOnnxPath(str(plan.onnx_path), strongly_typed=plan.strongly_typed), config
+
+
 def build_engine(plan: TrtBuildPlan) -> dict[str, Any]:
     """Parse the ONNX, build and serialize the plan (written atomically); return the build facts."""
     trt = import_tensorrt()
@@ -203,48 +225,35 @@ def build_engine(plan: TrtBuildPlan) -> dict[str, Any]:
     if plan.precision == "fp8" and not _has_qdq(plan.onnx_path):
         raise ExportError(f"{plan.onnx_path.name} has no QuantizeLinear/DequantizeLinear nodes: an fp8 plan "
                           "needs the Q/DQ ONNX from stdrc.calibration.fp8.export_qdq_onnx")
+    missing = [flag for flag in plan.flags if not hasattr(trt.BuilderFlag, flag)]
+    if missing:
+        raise ExportError(f"TensorRT {trt.__version__} has no BuilderFlag.{missing[0]} (removed in "
+                          f"TensorRT 11): export the ONNX in {plan.precision} and build with strongly_typed=True")
+    from polygraphy.backend.trt import EngineBytesFromNetwork
+    from polygraphy.exception import PolygraphyException
+
     gpu = gpu_facts_for_build()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(plan.onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT could not parse {plan.onnx_path.name}: {errors}")
+    limits = {trt.MemoryPoolType.WORKSPACE: plan.workspace_bytes} if plan.workspace_bytes is not None else None
+    load_network, config = polygraphy_loaders(plan, limits)
+    try:
+        builder, network, parser = load_network()
+    except PolygraphyException as e:
+        raise ExportError(f"TensorRT could not parse {plan.onnx_path.name}: {e}") from e
     names = {network.get_input(i).name for i in range(network.num_inputs)}
     if names != set(plan.profiles):
         raise ExportError(f"{plan.onnx_path.name} has inputs {sorted(names)} but the plan profiles "
                           f"{sorted(plan.profiles)}: re-export the ONNX from the same component spec")
-
-    config = builder.create_builder_config()
-    for flag in plan.flags:
-        member = getattr(trt.BuilderFlag, flag, None)
-        if member is None:
-            raise ExportError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (removed in "
-                              f"TensorRT 11): export the ONNX in {plan.precision} and build with "
-                              "strongly_typed=True")
-        config.set_flag(member)
-    config.builder_optimization_level = plan.optimization_level
-    if plan.workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
-    cache_blob = plan.timing_cache.read_bytes() if plan.timing_cache and plan.timing_cache.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_blob), False)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in plan.profiles.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-
-    log.info("building TensorRT %s plan for %s (%s)", plan.precision, plan.component, gpu[GPU_NAME_KEY])
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(f"TensorRT failed to build {plan.component} (see the TensorRT log above): "
-                          "try a larger workspace or a lower builder optimization level")
-    plan.plan_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(plan.plan_path, memoryview(serialized))
     if plan.timing_cache is not None:
         plan.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(plan.timing_cache, memoryview(config.get_timing_cache().serialize()))
+    log.info("building TensorRT %s plan for %s (%s)", plan.precision, plan.component, gpu[GPU_NAME_KEY])
+    try:
+        serialized = EngineBytesFromNetwork((builder, network, parser), config,
+                                            save_timing_cache=str(plan.timing_cache) if plan.timing_cache else None)()
+    except PolygraphyException as e:
+        raise ExportError(f"TensorRT failed to build {plan.component} ({e}): try a larger workspace or a "
+                          "lower builder optimization level") from e
+    plan.plan_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(plan.plan_path, memoryview(serialized))
     onnx_sha = sha256_file(plan.onnx_path)
     return {
         TRT_VERSION_KEY: trt.__version__,

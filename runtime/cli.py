@@ -1,4 +1,8 @@
-"""`stdrc`: generate videos from a bundle, and measure FaceSim. Parses, then calls the library."""
+"""stdrc: make a video of the person in a reference photo, doing what a prompt says.
+
+Runs an engine bundle built by `stdrc-export build-engines` (ONNX Runtime, torch, AOTInductor or
+TensorRT engines), and measures FaceSim between a video and a photo.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,27 @@ import json
 import logging
 import sys
 
+from stdrc import __version__
 from stdrc.runtime.errors import StdrcError
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" where there is a value to show: not on required options, flags or None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if (action.required or not action.option_strings or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return action.help or ""
+        if action.default == "":
+            return f"{action.help} (default: empty)"
+        return super()._get_help_string(action)
+
+
+FORMATTER = HelpFormatter
+
+
+def _generate(args: argparse.Namespace) -> int:
     from stdrc.runtime.pipeline import Pipeline
     from stdrc.runtime.video import check_writable
 
@@ -21,20 +40,32 @@ def _generate(args: argparse.Namespace) -> int:
                                 memory_plan=args.memory_plan)
     if args.face_models:
         pipe.use_face_models(args.face_models)
-    bar = tqdm(desc="sampling", unit="step", disable=args.quiet)
+    elif args.face_detector:
+        pipe.use_face_detector(args.face_detector)
+    bar = None
 
     def on_step(i: int, total: int) -> None:
-        bar.total = total
+        # the bar starts at the first step: every argument check has passed by then
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="sampling", unit="step", total=total, disable=args.quiet)
         bar.update()
+        if i + 1 == total:
+            bar.close()  # decode and FaceSim log lines come after, on lines of their own
 
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
-    result = pipe.generate(
-        reference=args.ref, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-        steps=args.steps, text_scale=args.text_scale, ref_scale=args.ref_scale, guidance_interval=interval,
-        cfg_rescale=args.cfg_rescale, distilled=args.distilled, max_batch=args.max_batch,
-        face_crop=not args.no_face_crop, output=args.output, on_step=on_step,
-    )
-    bar.close()
+    try:
+        result = pipe.generate(
+            reference=args.ref, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+            steps=args.steps, text_scale=args.text_scale, ref_scale=args.ref_scale, guidance_interval=interval,
+            cfg_rescale=args.cfg_rescale, distilled=args.distilled, max_batch=args.max_batch,
+            face_crop=not args.no_face_crop, output=args.output, on_step=on_step,
+        )
+    finally:
+        if bar is not None:
+            bar.close()  # ends the bar's line, so an error goes on its own
     summary = {**result.files, "frames": int(result.frames.shape[0]),
                "size": [int(result.frames.shape[2]), int(result.frames.shape[1])], "facesim": result.facesim}
     if args.json:
@@ -97,34 +128,44 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stdrc", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="reference photo + prompt -> video")
-    g.add_argument("--bundle", required=True, help="engine bundle folder (stdrc-export build-engines)")
-    g.add_argument("--ref", required=True, help="reference photo (PNG/JPEG)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default="", help="the 'no text' stream's prompt (default empty)")
+    parser = argparse.ArgumentParser(prog="stdrc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    g = sub.add_parser("generate", help="reference photo + prompt -> video", formatter_class=FORMATTER,
+                       description="Generate a video of the reference photo's person from a prompt. The face is "
+                                   "found (YuNet by default), cropped to the bundle's bucket and encoded; the DiT "
+                                   "samples with text + reference guidance; the VAE decodes. Writes OUT.mp4 and "
+                                   "OUT_sheet.png, and prints FaceSim when the bundle has a face encoder.")
+    g.add_argument("--bundle", required=True, help="engine bundle folder (from stdrc-export build-engines)")
+    g.add_argument("--ref", required=True, help="reference photo with one face (PNG/JPEG)")
+    g.add_argument("--prompt", required=True, help="what the video shows")
+    g.add_argument("--negative-prompt", default="", help="prompt of the 'no text' guidance stream")
     g.add_argument("-o", "--output", required=True, help="output .mp4 (a _sheet.png goes beside it)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same video)")
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     g.add_argument("--distilled", action="store_true", help="LTX-2's distilled 8-step sigmas")
-    g.add_argument("--text-scale", type=float, default=None, help="s_txt (default: the bundle's)")
-    g.add_argument("--ref-scale", type=float, default=None, help="s_ref (default: the bundle's)")
-    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"))
-    g.add_argument("--cfg-rescale", type=float, default=0.0)
-    g.add_argument("--max-batch", type=int, default=3, help="guidance streams per DiT call (1-3)")
+    g.add_argument("--text-scale", type=float, default=None, help="text guidance s_txt (default: the bundle's)")
+    g.add_argument("--ref-scale", type=float, default=None, help="reference guidance s_ref (default: the bundle's)")
+    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"), default=None,
+                   help="apply guidance only for sigmas in [LO, HI] (default: every step)")
+    g.add_argument("--cfg-rescale", type=float, default=0.0, help="rescale guided velocity toward its std (0 = off)")
+    g.add_argument("--max-batch", type=int, default=3, help="guidance streams per DiT call (1-3; lower saves memory)")
     g.add_argument("--no-face-crop", action="store_true", help="use the whole photo, no face detection")
-    g.add_argument("--face-models", default=None,
+    g.add_argument("--face-detector", metavar="ONNX", default=None,
+                   help="YuNet ONNX for the face crop (default: $STDRC_YUNET, else the copy shipped with stdrc)")
+    g.add_argument("--face-models", metavar="DIR", default=None,
                    help="insightface model folder or name (buffalo_l, antelopev2): SCRFD instead of YuNet")
-    g.add_argument("--backend", default=None, help="require this backend (default: the bundle's)")
-    g.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    g.add_argument("--backend", default=None, choices=("onnxruntime", "torch", "aoti", "tensorrt"),
+                   help="refuse a bundle whose engines are not this backend (default: whatever the bundle holds)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when the bundle's backend can use it here, else CPU")
     g.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the DiT step as a CUDA graph (torch/aoti bundles on --device cuda)")
+                   help="replay the DiT step as a CUDA graph (torch/aoti bundles on CUDA)")
     g.add_argument("--memory-plan", default="all", choices=("all", "staged", "auto"),
                    help="all: every engine resident; staged: each engine loaded for its stage and released "
                         "after (fits large models in small GPUs); auto: by free device memory")
-    g.add_argument("--json", action="store_true")
-    g.add_argument("-q", "--quiet", action="store_true")
+    g.add_argument("--json", action="store_true", help="print one JSON object (files, frames, size, facesim)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     g.set_defaults(func=_generate)
     e = sub.add_parser("encode-prompts", help="fill the prompt-embedding cache ahead of time")
     e.add_argument("--bundle", required=True, help="engine bundle folder")
@@ -141,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from stdrc.runtime.face import add_facesim_parser
 
-        add_facesim_parser(sub)
+        add_facesim_parser(sub, FORMATTER)
     except ImportError:
         pass
     try:  # serve and submit (Ray is imported only when they run)
@@ -156,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "quiet", False):
+        logging.getLogger("stdrc.runtime.backends").setLevel(logging.INFO)  # the device auto line
     try:
         return args.func(args)
     except StdrcError as e:

@@ -89,8 +89,14 @@ class YuNetDetector:
         path = Path(model_path)
         if not path.is_file():
             raise InputError(f"YuNet model {path} does not exist; see find_yunet() for where to put it")
-        self._net = cv2.FaceDetectorYN.create(str(path), "", (YUNET_SIZE, YUNET_SIZE), score_threshold,
-                                              nms_threshold, 5000)
+        # OpenCV 5 warns on every create that its new graph engine ignores the target: not ours to show
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        try:
+            self._net = cv2.FaceDetectorYN.create(str(path), "", (YUNET_SIZE, YUNET_SIZE), score_threshold,
+                                                  nms_threshold, 5000)
+        finally:
+            cv2.utils.logging.setLogLevel(level)
 
     def detect(self, image_rgb: np.ndarray) -> list[Face]:
         canvas, scale = _letterbox(_check_image(image_rgb), (YUNET_SIZE, YUNET_SIZE))
@@ -103,18 +109,13 @@ class YuNetDetector:
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
-    """Greedy NMS on (x1, y1, x2, y2) boxes; indices kept, best first."""
-    order, keep = np.argsort(-scores), []
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    while order.size:
-        i, rest = order[0], order[1:]
-        keep.append(int(i))
-        xx1, yy1 = np.maximum(boxes[i, 0], boxes[rest, 0]), np.maximum(boxes[i, 1], boxes[rest, 1])
-        xx2, yy2 = np.minimum(boxes[i, 2], boxes[rest, 2]), np.minimum(boxes[i, 3], boxes[rest, 3])
-        inter = np.clip(xx2 - xx1, 0, None) * np.clip(yy2 - yy1, 0, None)
-        iou = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-9)
-        order = rest[iou <= threshold]
-    return keep
+    """Greedy NMS on (x1, y1, x2, y2) boxes through OpenCV; indices kept, best first."""
+    if not len(boxes):
+        return []
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float32)
+    # score threshold 0: the caller has already dropped low scores (OpenCV refuses negative ones)
+    keep = cv2.dnn.NMSBoxes(xywh.tolist(), scores.astype(np.float32).tolist(), 0.0, threshold)
+    return [int(i) for i in np.asarray(keep).reshape(-1)]
 
 
 def _session(path: Path, providers: Sequence[str] | None) -> ort.InferenceSession:
@@ -428,15 +429,24 @@ def read_video_rgb(path: str | os.PathLike) -> np.ndarray:
     return np.stack(frames).astype(np.uint8)
 
 
-def add_facesim_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``stdrc facesim VIDEO --ref IMG [--models DIR] [--embedder ONNX] [--json]``."""
-    p = subparsers.add_parser("facesim", help="FaceSim (ConsisID protocol) of a video vs a reference photo")
+def add_facesim_parser(subparsers: argparse._SubParsersAction,
+                       formatter_class: type = argparse.HelpFormatter) -> None:
+    """Register ``stdrc facesim VIDEO --ref IMG [--models DIR] [--embedder ONNX] [--face-detector ONNX]``."""
+    p = subparsers.add_parser(
+        "facesim", help="FaceSim (ConsisID protocol) of a video vs a reference photo",
+        description="How much the faces in a video look like the reference photo: the mean clamped "
+                    "cosine similarity of ArcFace embeddings over uniformly sampled frames (ConsisID).",
+        formatter_class=formatter_class)
     p.add_argument("video", help="generated video (MP4)")
     p.add_argument("--ref", required=True, help="reference photo with the face")
-    p.add_argument("--models", help="insightface model folder or name (buffalo_l, buffalo_s, antelopev2)")
-    p.add_argument("--embedder", help="ArcFace ONNX (overrides the folder's recogniser)")
-    p.add_argument("--yunet", help=f"YuNet detector file when no --models (default: ${YUNET_ENV} or cache)")
-    p.add_argument("--samples", type=int, default=16, help="frames sampled uniformly (default 16)")
+    p.add_argument("--models", metavar="DIR",
+                   help="insightface model folder or name (buffalo_l, buffalo_s, antelopev2): SCRFD + its recogniser")
+    p.add_argument("--embedder", metavar="ONNX",
+                   help="ArcFace ONNX, e.g. a bundle's face_encoder.onnx (overrides the folder's recogniser)")
+    p.add_argument("--face-detector", "--yunet", dest="face_detector", metavar="ONNX", default=None,
+                   help=f"YuNet detector file when no --models (default: ${YUNET_ENV}, else the copy shipped "
+                        f"with stdrc)")
+    p.add_argument("--samples", type=int, default=16, help="frames sampled uniformly")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_facesim)
 
@@ -447,7 +457,7 @@ def run_facesim(args: argparse.Namespace) -> int:
     embedder_path = args.embedder or (models.recognizer if models else None)
     if embedder_path is None:
         raise InputError("facesim needs a face recogniser: pass --embedder model.onnx or --models buffalo_l")
-    detector = ScrfdDetector(models.detector) if models else YuNetDetector(find_yunet(args.yunet))
+    detector = ScrfdDetector(models.detector) if models else YuNetDetector(find_yunet(args.face_detector))
     result = facesim(read_video_rgb(args.video), _read_rgb(args.ref), detector, FaceEmbedder(embedder_path),
                      samples=args.samples)
     if args.json:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from stdrc.runtime import sampler as smp
-from stdrc.runtime.backends import Engine, check_feeds, open_engine
+from stdrc.runtime.backends import Engine, check_feeds, open_engine, resolve_device
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
 from stdrc.runtime.manifest import Manifest, check_files, read_manifest
 from stdrc.runtime.memory import EngineSet, choose_plan, memory_needs
@@ -85,6 +85,12 @@ class Pipeline:
         self._detector = None
         self._embedder = None
 
+    def use_face_detector(self, path: str | Path | None = None) -> None:
+        """Detect faces with this YuNet ONNX (None: $STDRC_YUNET, else the copy shipped with stdrc)."""
+        from stdrc.runtime import face
+
+        self._detector = face.YuNetDetector(face.find_yunet(path))
+
     def use_face_models(self, folder: str | Path) -> None:
         """Detect faces with SCRFD from an insightface model folder (buffalo_l, antelopev2) instead of YuNet."""
         from stdrc.runtime import face
@@ -92,21 +98,23 @@ class Pipeline:
         self._detector = face.ScrfdDetector(face.resolve_model_folder(folder).detector)
 
     @staticmethod
-    def from_bundle(path: str | Path, backend: str | None = None, device: str = "cpu",
+    def from_bundle(path: str | Path, backend: str | None = None, device: str = "auto",
                     verify_hashes: bool = True, cuda_graphs: bool = False, memory_plan: str = "all",
                     prompt_cache: str | Path | None = "default") -> Pipeline:
         """Validate the manifest and files (format, sha256, backend, TensorRT version/GPU), then load.
 
+        `device`: "auto" (CUDA when the bundle's backends can use it here, else CPU), "cpu" or "cuda".
         `cuda_graphs`: the DiT of a torch/aoti bundle replays CUDA graphs (device "cuda" only).
         `memory_plan`: ``all`` opens every engine now and keeps it; ``staged`` opens each when its stage
         starts and releases it after; ``auto`` picks by the device's free memory (runtime/memory.py).
         `prompt_cache`: folder of prompt embeddings on disk ("default": $STDRC_PROMPT_CACHE or
         ~/.cache/stdrc/prompts; None: in memory only).
         """
-        if cuda_graphs and device != "cuda":
-            raise InputError("CUDA graphs need --device cuda: drop --cuda-graphs on CPU")
         bundle_dir = Path(path)
         manifest = read_manifest(bundle_dir)
+        device = resolve_device(device, {e.backend for e in manifest.components.values()})
+        if cuda_graphs and device != "cuda":
+            raise InputError("CUDA graphs need --device cuda: drop --cuda-graphs on CPU")
         missing = [c for c in REQUIRED if c not in manifest.components]
         if missing:
             raise BundleError(f"bundle {bundle_dir} lacks {', '.join(missing)}: rebuild it with build-engines")

@@ -7,16 +7,19 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Collection
+import logging
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from stdrc.runtime.errors import BackendUnavailableError, BundleError
+from stdrc.runtime.errors import BackendUnavailableError, BundleError, InputError
 from stdrc.runtime.manifest import ComponentEntry
 
+log = logging.getLogger(__name__)
 BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class Engine(Protocol):
@@ -52,6 +55,35 @@ def check_feeds(entry: ComponentEntry, feeds: dict[str, np.ndarray], component: 
 def available(backend: str) -> bool:
     module = {"onnxruntime": "onnxruntime", "torch": "torch", "aoti": "torch", "tensorrt": "tensorrt"}[backend]
     return importlib.util.find_spec(module) is not None
+
+
+def cuda_usable(backend: str) -> tuple[bool, str]:
+    """Whether `backend` can run on CUDA here, and the fact that decided it (for the log line)."""
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        ok = "CUDAExecutionProvider" in ort.get_available_providers()
+        return ok, f"onnxruntime {'has' if ok else 'has no'} CUDAExecutionProvider"
+    if backend in ("torch", "aoti"):
+        import torch
+
+        ok = torch.cuda.is_available()
+        return ok, f"torch.cuda.is_available() is {ok}"
+    if backend == "tensorrt":
+        return True, "TensorRT engines run on CUDA only"
+    raise BundleError(f"unknown backend {backend!r}: rebuild the bundle")
+
+
+def resolve_device(device: str, backends: Iterable[str]) -> str:
+    """'auto' -> 'cuda' when every backend in use can run there, else 'cpu' (said in one log line)."""
+    if device not in DEVICES:
+        raise InputError(f"device {device!r} is not one of {', '.join(DEVICES)}: use --device auto, cpu or cuda")
+    if device != "auto":
+        return device
+    facts = {b: cuda_usable(b) for b in sorted(set(backends)) if available(b)}
+    chosen = "cuda" if facts and all(ok for ok, _ in facts.values()) else "cpu"
+    log.info("device auto -> %s (%s)", chosen, "; ".join(why for _, why in facts.values()) or "no backend")
+    return chosen
 
 
 def open_engine(bundle_dir: Path, name: str, entry: ComponentEntry, device: str = "cpu",

@@ -103,6 +103,20 @@ def test_cli_overrides_inputs(cpp_runner: Path, aoti_bundle: Path, pipeline: Pip
     assert np.abs(read_cpp_outputs(tmp_path / "out").latent - python.latent).max() <= FP32_ATOL
 
 
+def test_progress_is_one_line_per_step_in_a_log(cpp_runner: Path, aoti_bundle: Path, default_inputs: Path,
+                                                tmp_path: Path) -> None:
+    """stderr is a pipe here, not a terminal: plain `step i/N` lines, no carriage returns."""
+    cmd = [str(cpp_runner), "--bundle", str(aoti_bundle), "--inputs", str(default_inputs), "--out", str(tmp_path / "o")]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    total = int(steps[0].split("/")[1])
+    assert steps == [f"step {i}/{total}" for i in range(1, total + 1)]
+    assert lines[-1].startswith("load ") and lines[-1].endswith(str(tmp_path / "o"))
+
+
 def _linked_bundle(bundle: Path, dst: Path, manifest: dict | None = None, drop: str | None = None) -> Path:
     dst.mkdir()
     for f in bundle.iterdir():

@@ -48,6 +48,15 @@ def test_verify_cli_json(tiny_bundle: Path) -> None:
     assert data["ok"] is True
 
 
+def test_verify_cli_report(tiny_bundle: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "stdrc.engines.cli", "verify", str(tiny_bundle), "--report"],
+                         capture_output=True, text=True, check=True)
+    for name in ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"):
+        assert f"Accuracy Summary | {name} vs. pytorch" in out.stdout  # polygraphy's comparison per component
+    assert "Passed: 2/2 iterations" in out.stdout  # the DiT at batch 1 and 3
+    assert out.stdout.strip().splitlines()[-1].startswith("face_encoder  onnxruntime fp32")
+
+
 def test_tampered_engine_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from stdrc.engines.tensorrt import build_engine, engine_cache_key, plan_for, profile_shapes
+from stdrc.engines.tensorrt import build_engine, engine_cache_key, plan_for, polygraphy_loaders, profile_shapes
 from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
 from stdrc.export.specs import component_specs
@@ -144,6 +144,29 @@ def test_cache_key_tracks_what_produced_the_plan(specs, tmp_path):
     assert key not in variants and len(variants) == 5
 
 
+@pytest.mark.parametrize("precision,typed", [("fp16", False), ("bf16", False), ("bf16", True), ("fp8", True),
+                                            ("fp32", False)])
+def test_polygraphy_loaders_carry_the_plan(specs, tmp_path, precision, typed):
+    """polygraphy builds its loaders without TensorRT: the network/config they would build is checked here."""
+    cache = tmp_path / "trt.cache"
+    cache.write_bytes(b"cache")  # loaded only when it exists
+    plan = plan_for("dit", specs["dit"], precision, tmp_path, timing_cache=cache, optimization_level=4,
+                    strongly_typed=typed)
+    network, config = polygraphy_loaders(plan, memory_pool_limits={"WORKSPACE": 1 << 30})
+    assert network.path == str(plan.onnx_path) and network.strongly_typed is typed
+    assert len(config.profiles) == 1
+    profile = config.profiles[0]
+    assert list(profile.keys()) == list(plan.profiles)
+    for name, (lo, opt, hi) in plan.profiles.items():
+        assert (profile[name].min, profile[name].opt, profile[name].max) == (lo, opt, hi)
+    assert config.fp16 is (plan.flags == ("FP16",)) and config.bf16 is (plan.flags == ("BF16",))
+    assert not config.tf32 and not config.int8 and not config.fp8  # fp8 comes from the Q/DQ graph, typed
+    assert config.builder_optimization_level == 4 and config.memory_pool_limits == {"WORKSPACE": 1 << 30}
+    assert config.timing_cache_path == str(cache)
+    cache.unlink()
+    assert polygraphy_loaders(plan)[1].timing_cache_path is None  # a first build starts without one
+
+
 def _entry(build: dict) -> ComponentEntry:
     spec = TensorSpec("x", (1,), "float32")
     return ComponentEntry("tensorrt", "dit.plan", "0" * 64, "fp8", (spec,), (spec,), build=build)
@@ -174,7 +197,11 @@ def test_build_engine_without_tensorrt_says_so(specs, tmp_path):
 
 
 def test_trt_modules_import_without_torch_or_tensorrt():
-    code = ("import sys, stdrc.runtime.backends.tensorrt, stdrc.engines.tensorrt; "
+    code = ("import sys, stdrc.runtime.backends.tensorrt, stdrc.engines.tensorrt as t; "
+            "from stdrc.export.config import get_preset; from stdrc.export.specs import component_specs; "
+            "from stdrc.runtime.manifest import Bucket; p = get_preset('tiny'); "
+            "spec = component_specs(p, Bucket(**p.default_bucket))['dit']; "
+            "t.polygraphy_loaders(t.plan_for('dit', spec, 'fp16', '.')); "
             "bad = {'torch', 'tensorrt', 'cuda'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 

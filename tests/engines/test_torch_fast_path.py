@@ -58,7 +58,7 @@ def test_fast_bundle_generates_like_fp32(fast_bundle: Path, tiny_bundle: Path, a
 
 def test_cuda_graphs_need_cuda(fast_bundle: Path) -> None:
     with pytest.raises(InputError, match="--device cuda"):
-        Pipeline.from_bundle(fast_bundle, cuda_graphs=True)
+        Pipeline.from_bundle(fast_bundle, device="cpu", cuda_graphs=True)
 
 
 def test_fp16_is_refused_for_torch(tmp_path: Path, cache_dir: Path) -> None:

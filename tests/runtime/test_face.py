@@ -229,6 +229,31 @@ def test_scrfd_construction_errors(tmp_path):
         F.ScrfdDetector(tmp_path / "junk.onnx")
 
 
+def _greedy_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    """The textbook greedy NMS (the decoder's former numpy code), as the oracle for OpenCV's."""
+    order, keep = np.argsort(-scores, kind="stable"), []
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(int(i))
+        lo, hi = np.maximum(boxes[i, :2], boxes[rest, :2]), np.minimum(boxes[i, 2:], boxes[rest, 2:])
+        inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
+        order = rest[inter / (areas[i] + areas[rest] - inter) <= threshold]
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_nms_keeps_what_greedy_nms_keeps(seed):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 200, (300, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(10, 80, (300, 2))], axis=1).astype(np.float32)
+    scores = rng.permutation(300).astype(np.float32) / 300 + 0.01  # distinct: one right order
+    keep = F._nms(boxes, scores, 0.4)
+    assert 10 < len(keep) < 300  # overlaps exist and were suppressed
+    assert keep == _greedy_nms(boxes, scores, 0.4)
+    assert F._nms(boxes[:0], scores[:0], 0.4) == []
+
+
 # ---------------------------------------------------------------- file resolution
 def test_find_yunet_order_and_packaged_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))

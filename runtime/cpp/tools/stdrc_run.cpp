@@ -13,6 +13,8 @@
 #include <optional>
 #include <string>
 
+#include <unistd.h>
+
 #include "stdrc/errors.h"
 #include "stdrc/runner.h"
 
@@ -78,7 +80,17 @@ Options parse(int argc, char** argv) {
 
 std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
 
+// On a terminal the step counter rewrites one line; in a log (not a tty) each step is its own line.
+bool g_tty = false;
+bool g_line_open = false;  // a \r progress line is on screen and needs a newline before anything else
+
+void end_progress_line() {
+  if (g_line_open) std::fputc('\n', stderr);
+  g_line_open = false;
+}
+
 int run(const Options& o) {
+  g_tty = isatty(fileno(stderr)) != 0;
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   auto runner = stdrc::Runner::from_bundle(o.bundle, c10::Device(o.device));
@@ -92,14 +104,21 @@ int run(const Options& o) {
   const auto t1 = clock::now();
   const int steps = static_cast<int>(in.sigmas.size()) - 1;
   auto on_step = [&](int i) {
-    if (!o.quiet) std::fprintf(stderr, "\rstep %d/%d", i + 1, steps);
+    if (o.quiet) return;
+    if (g_tty) {
+      std::fprintf(stderr, "\rstep %d/%d", i + 1, steps);
+      g_line_open = true;
+    } else {
+      std::fprintf(stderr, "step %d/%d\n", i + 1, steps);
+    }
   };
   const stdrc::RunOutputs out = runner->run(in, o.max_batch, on_step);
   stdrc::write_outputs(out, o.out);
   const auto t2 = clock::now();
   if (!o.quiet) {
     const auto secs = [](auto d) { return std::chrono::duration<double>(d).count(); };
-    std::fprintf(stderr, "\rload %.2f s, sample+decode %.2f s -> %s\n", secs(t1 - t0), secs(t2 - t1), o.out.c_str());
+    end_progress_line();
+    std::fprintf(stderr, "load %.2f s, sample+decode %.2f s -> %s\n", secs(t1 - t0), secs(t2 - t1), o.out.c_str());
   }
   return 0;
 }
@@ -110,12 +129,15 @@ int main(int argc, char** argv) {
   try {
     return run(parse(argc, argv));
   } catch (const stdrc::Error& e) {
+    end_progress_line();
     std::cerr << "stdrc_run: error: " << first_line(e.what()) << std::endl;
     return 2;
   } catch (const c10::Error& e) {
+    end_progress_line();
     std::cerr << "stdrc_run: error: libtorch: " << first_line(e.what_without_backtrace()) << std::endl;
     return 1;
   } catch (const std::exception& e) {
+    end_progress_line();
     std::cerr << "stdrc_run: error: " << first_line(e.what()) << std::endl;
     return 1;
   }
