@@ -7,6 +7,7 @@
 #include <ATen/ops/std.h>
 
 #include <algorithm>
+#include <cstddef>
 
 namespace stdrc {
 namespace {
@@ -40,8 +41,26 @@ at::Tensor combine(const std::map<Stream, at::Tensor>& denoised, const GuidanceS
   return out;
 }
 
+namespace {
+
+FixedInputs build_fixed(const std::vector<Stream>& chunk, int64_t video, int64_t ref, const Conditioning& cond,
+                        const at::TensorOptions& opts) {
+  std::vector<at::Tensor> contexts, masks, attns;
+  for (const Stream s : chunk) {
+    at::Tensor attn = at::ones({1, video + ref}, opts.dtype(at::kLong));
+    if (!uses_reference(s)) attn.narrow(1, video, ref).zero_();
+    contexts.push_back(uses_text(s) ? cond.text_context : cond.null_context);
+    masks.push_back(uses_text(s) ? cond.text_mask : cond.null_mask);
+    attns.push_back(attn);
+  }
+  return {at::cat(contexts, 0), at::cat(masks, 0), at::cat(attns, 0)};
+}
+
+}  // namespace
+
 std::map<Stream, at::Tensor> denoise_streams(const Denoiser& dit, const std::vector<Stream>& names, const at::Tensor& x,
-                                             float sigma, const Conditioning& cond, int max_batch) {
+                                             float sigma, const Conditioning& cond, int max_batch,
+                                             FixedCache* fixed) {
   const int64_t video = x.size(1), ref = cond.reference.size(1);
   const auto opts = x.options();
   const at::Tensor latent = at::cat({x, cond.reference}, 1);
@@ -49,19 +68,22 @@ std::map<Stream, at::Tensor> denoise_streams(const Denoiser& dit, const std::vec
   std::map<Stream, at::Tensor> out;
   for (size_t start = 0; start < names.size(); start += static_cast<size_t>(max_batch)) {
     const size_t stop = std::min(names.size(), start + static_cast<size_t>(max_batch));
-    std::vector<at::Tensor> latents, timesteps, contexts, masks, attns;
-    for (size_t i = start; i < stop; ++i) {
-      const Stream s = names[i];
-      at::Tensor attn = at::ones({1, video + ref}, opts.dtype(at::kLong));
-      if (!uses_reference(s)) attn.narrow(1, video, ref).zero_();
-      latents.push_back(latent);
-      timesteps.push_back(timestep);
-      contexts.push_back(uses_text(s) ? cond.text_context : cond.null_context);
-      masks.push_back(uses_text(s) ? cond.text_mask : cond.null_mask);
-      attns.push_back(attn);
+    const std::vector<Stream> chunk(names.begin() + static_cast<std::ptrdiff_t>(start),
+                                    names.begin() + static_cast<std::ptrdiff_t>(stop));
+    FixedInputs local;
+    const FixedInputs* in = nullptr;
+    if (fixed != nullptr) {
+      auto it = fixed->find(chunk);
+      if (it == fixed->end()) it = fixed->emplace(chunk, build_fixed(chunk, video, ref, cond, opts)).first;
+      in = &it->second;
+    } else {
+      local = build_fixed(chunk, video, ref, cond, opts);
+      in = &local;
     }
-    const at::Tensor velocity =
-        dit(at::cat(latents, 0), at::cat(timesteps, 0), at::cat(contexts, 0), at::cat(masks, 0), at::cat(attns, 0));
+    const int64_t batch = static_cast<int64_t>(chunk.size());
+    const at::Tensor velocity = dit(latent.expand({batch, -1, -1}).contiguous(),
+                                    timestep.expand({batch, -1}).contiguous(), in->context, in->context_mask,
+                                    in->attn_mask);
     for (size_t i = start; i < stop; ++i) {
       const at::Tensor v = velocity.narrow(0, static_cast<int64_t>(i - start), 1).narrow(1, 0, video).to(at::kFloat);
       out[names[i]] = x - v * sigma;
@@ -74,9 +96,11 @@ at::Tensor sample(const Denoiser& dit, const at::Tensor& noise, const std::vecto
                   const Conditioning& cond, const GuidanceScales& scales, int max_batch,
                   const std::function<void(int)>& on_step) {
   at::Tensor x = noise.to(at::kFloat) * sigmas.front();
+  FixedCache fixed;  // per stream set, reused by every step
   for (size_t i = 0; i + 1 < sigmas.size(); ++i) {
     const float sigma = sigmas[i], sigma_next = sigmas[i + 1];
-    const at::Tensor d = combine(denoise_streams(dit, scales.streams(sigma), x, sigma, cond, max_batch), scales);
+    const at::Tensor d =
+        combine(denoise_streams(dit, scales.streams(sigma), x, sigma, cond, max_batch, &fixed), scales);
     const at::Tensor velocity = (x - d) / sigma;
     // The step in double then rounded to float32, as Python's float(sigma_next - sigma).
     const auto dt = static_cast<float>(static_cast<double>(sigma_next) - static_cast<double>(sigma));

@@ -42,9 +42,18 @@ using Denoiser = std::function<at::Tensor(const at::Tensor& latent, const at::Te
 // d = d_u + s_ref (d_r - d_u) + s_txt (d_f - d_r), using only the streams present.
 at::Tensor combine(const std::map<Stream, at::Tensor>& denoised, const GuidanceScales& scales);
 
+// context, context_mask and attn_mask of one batch of streams: the same at every step, so they are
+// built (and placed on the device) once per stream set and reused; only latent and timestep move.
+struct FixedInputs {
+  at::Tensor context, context_mask, attn_mask;
+};
+using FixedCache = std::map<std::vector<Stream>, FixedInputs>;
+
 // Denoised video tokens d = x - sigma * v per stream; streams batched, split by `max_batch`.
+// With `fixed` (one per generation), the fixed inputs of each batch are built once and reused.
 std::map<Stream, at::Tensor> denoise_streams(const Denoiser& dit, const std::vector<Stream>& names, const at::Tensor& x,
-                                             float sigma, const Conditioning& cond, int max_batch);
+                                             float sigma, const Conditioning& cond, int max_batch,
+                                             FixedCache* fixed = nullptr);
 
 // Euler on velocity over `sigmas`: x <- x + (sigma_next - sigma) * v, v from the guided d.
 at::Tensor sample(const Denoiser& dit, const at::Tensor& noise, const std::vector<float>& sigmas,
