@@ -27,21 +27,23 @@ class Engine(Protocol):
 
 
 def check_feeds(entry: ComponentEntry, feeds: dict[str, np.ndarray], component: str) -> None:
-    """Refuse feeds whose names, ranks or static dims differ from the manifest."""
-    batch_range = entry.dynamic_dims.get("batch")
+    """Refuse feeds whose names, ranks, static dims or dynamic-dim ranges differ from the manifest."""
+    ranges = entry.dynamic_dims
     for spec in entry.inputs:
         if spec.name not in feeds:
             raise BundleError(f"{component}: input {spec.name!r} is missing")
         shape = feeds[spec.name].shape
         ok = len(shape) == len(spec.shape) and all(
             (isinstance(want, int) and got == want)
-            or (want == "batch" and batch_range is not None and batch_range[0] <= got <= batch_range[2])
+            or (isinstance(want, str) and want in ranges and ranges[want][0] <= got <= ranges[want][2])
             for got, want in zip(shape, spec.shape)
         )
         if not ok:
+            named = ", ".join(f"{d} in {ranges[d][0]}..{ranges[d][2]}"
+                              for d in spec.shape if isinstance(d, str) and d in ranges)
             raise BundleError(
                 f"{component}: input {spec.name!r} has shape {tuple(shape)}, the engine takes {list(spec.shape)}"
-                f"{f' with batch in {batch_range[0]}..{batch_range[2]}' if batch_range else ''}"
+                f"{f' with {named}' if named else ''}"
             )
 
 
