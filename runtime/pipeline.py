@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from stdrc.runtime import sampler as smp
-from stdrc.runtime.backends import Engine, check_feeds, open_engine
+from stdrc.runtime.backends import Engine, check_cuda_graph, check_feeds, open_engine
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
 from stdrc.runtime.manifest import Manifest, check_files, read_manifest
 from stdrc.runtime.text import PromptCache, tokenizer_from_manifest
@@ -88,6 +88,8 @@ class Pipeline:
                     f"bundle {bundle_dir} holds {sorted(set(wrong.values()))} engines, not {backend}: "
                     f"rebuild it with --backend {backend} or drop --backend"
                 )
+        if cuda_graphs:
+            check_cuda_graph(manifest.components["dit"])
         check_files(bundle_dir, manifest, hashes=verify_hashes)
         engines = {name: open_engine(bundle_dir, name, entry, device, cuda_graph=cuda_graphs and name == "dit")
                    for name, entry in manifest.components.items()}

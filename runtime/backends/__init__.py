@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from stdrc.runtime.errors import BackendUnavailableError, BundleError
+from stdrc.runtime.errors import BackendUnavailableError, BundleError, InputError
 from stdrc.runtime.manifest import ComponentEntry
 
 BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
@@ -52,9 +52,21 @@ def available(backend: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+CUDA_GRAPH_BACKENDS = ("torch", "aoti")
+
+
+def check_cuda_graph(entry: ComponentEntry) -> None:
+    """CUDA graphs are implemented for torch/aoti engines only: refuse them elsewhere rather than ignore them."""
+    if entry.backend not in CUDA_GRAPH_BACKENDS:
+        raise InputError(f"--cuda-graphs needs a torch or aoti bundle, this one is {entry.backend}: drop --cuda-graphs "
+                         "or rebuild with --backend aoti")
+
+
 def open_engine(bundle_dir: Path, name: str, entry: ComponentEntry, device: str = "cpu",
                 cuda_graph: bool = False) -> Engine:
-    """`cuda_graph` applies to torch/aoti engines on CUDA (TensorRT engines capture their own)."""
+    """`cuda_graph` (replay captured CUDA graphs) exists for torch/aoti engines on CUDA only; others refuse it."""
+    if cuda_graph:
+        check_cuda_graph(entry)
     if not available(entry.backend):
         raise BackendUnavailableError(
             f"bundle component {name} needs the {entry.backend} backend, which is not installed here: "
