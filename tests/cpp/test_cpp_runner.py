@@ -124,6 +124,12 @@ def _bad_case(case: str, bundle: Path, inputs: Path, tmp: Path) -> tuple[Path, P
     if case == "other-backend":
         manifest["components"]["dit"]["backend"] = "onnxruntime"
         return _linked_bundle(bundle, tmp / "b", manifest), inputs
+    if case == "other-device":  # a .pt2 bakes its build device in
+        manifest["components"]["dit"]["build"]["device"] = "cuda"
+        return _linked_bundle(bundle, tmp / "b", manifest), inputs
+    if case == "old-decode-tiling":  # equal tiles spread evenly: not ltx-core's placement
+        manifest["decode"] = {"tile_height": 2, "tile_width": 2, "overlap": 1, "spatial_scale": 32}
+        return _linked_bundle(bundle, tmp / "b", manifest), inputs
     copied = tmp / "in"
     copied.mkdir()
     for f in inputs.iterdir():
@@ -145,6 +151,8 @@ BAD = {
     "missing-bundle-file": "vae_decoder.pt2 is missing",
     "format-version": "format 2 is not supported",
     "other-backend": "rebuild the bundle with --backend aoti",
+    "other-device": "was exported for cuda, not cpu: rebuild the bundle on a cpu machine",
+    "old-decode-tiling": "predate ltx-core's tile placement: rebuild it",
     "noise-shape": "noise.npy has shape [1, 5, 128], the bundle needs [1, 12, 128]",
     "noise-dtype": "holds int32 values, the runner needs float32",
     "noise-truncated": "truncated",
