@@ -1,5 +1,8 @@
 """FP8 quality figures for the manifest: capture DiT inputs through the PyTorch sampling pipeline,
-calibrate with modelopt, then measure one-forward rel L2 and whole-generation frame PSNR."""
+calibrate with modelopt, then measure one-forward rel L2 and whole-generation frame PSNR.
+
+Both figures are held out: measured on a generation (prompt, photo, seed) that calibration never saw.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 
 from stdrc.calibration.data import CALIBRATION_PROMPTS, reference_photos
 from stdrc.calibration.fp8 import amax_scales, fp8_dit_error, quantize_dit_fp8
+from stdrc.export.errors import ExportError
 from stdrc.export.models import ModelSet
 from stdrc.runtime import sampler as smp
 from stdrc.runtime.manifest import Bucket, sha256_file
@@ -19,6 +23,7 @@ from stdrc.runtime.video import frames_to_uint8, psnr, resize_cover
 
 log = logging.getLogger(__name__)
 FP8_SCALES_FILE = "fp8_scales.json"  # bundle file: "{layer}.input_scale" / ".weight_scale" -> float
+HELD_OUT_SEED = 10_000  # calibration generation i uses seed i
 
 
 class TorchDenoiser:
@@ -77,27 +82,40 @@ def calibrate_dit_fp8(models: ModelSet, bucket: Bucket, layout: str, calibration
     return quantize_dit_fp8(models.dit, recorder.recorded), recorder.recorded
 
 
+def held_out_generation(models: ModelSet, bucket: Bucket, calibration_prompts: int, seed: int = 0
+                        ) -> tuple[smp.Conditioning, int, str]:
+    """Conditioning and seed of the generation FP8 is measured on: its prompt and seed are never calibrated on."""
+    if not 1 <= calibration_prompts < len(CALIBRATION_PROMPTS):
+        raise ExportError(f"calibration_prompts={calibration_prompts}: use 1..{len(CALIBRATION_PROMPTS) - 1} "
+                          "(one prompt is kept back to measure FP8 on)")
+    photo = calibration_prompts % len(reference_photos())
+    cond = _conditioning(models, bucket, CALIBRATION_PROMPTS[-1], reference_photos()[photo])
+    what = f"prompt {len(CALIBRATION_PROMPTS) - 1}, photo {photo}, seed {HELD_OUT_SEED + seed}"
+    return cond, HELD_OUT_SEED + seed, what
+
+
 def fp8_quality(models: ModelSet, bucket: Bucket, layout: str, out_dir: Path, seed: int = 0,
                 calibration_prompts: int = 4) -> dict:
     """Calibrate on inputs captured through the sampler, write `fp8_scales.json`, return the figures."""
+    cond, eval_seed, what = held_out_generation(models, bucket, calibration_prompts, seed)  # validates first
     _, tables = models.rope(bucket, layout)
-    photos = reference_photos()
     steps = models.preset.steps
     qdit, captured = calibrate_dit_fp8(models, bucket, layout, calibration_prompts)
-    held_out = captured[-steps:]  # the last generation's steps, also in calibration
-    eval_prompt = CALIBRATION_PROMPTS[-1]
-    cond = _conditioning(models, bucket, eval_prompt, photos[0])
-    ref_frames = _generate(models, bucket, TorchDenoiser(models.dit, tables.cos, tables.sin), cond, seed, steps)
-    fp8_frames = _generate(models, bucket, TorchDenoiser(qdit, tables.cos, tables.sin), cond, seed, steps)
+    reference = TorchDenoiser(models.dit, tables.cos, tables.sin, record=True)
+    ref_frames = _generate(models, bucket, reference, cond, eval_seed, steps)
+    fp8_frames = _generate(models, bucket, TorchDenoiser(qdit, tables.cos, tables.sin), cond, eval_seed, steps)
+    held_out = reference.recorded  # the fp32 sampler's DiT inputs on the held-out generation
     scales_path = out_dir / FP8_SCALES_FILE
     scales_path.write_text(json.dumps(amax_scales(qdit), indent=1, sort_keys=True))
     result = {
         "method": "nvidia-modelopt FP8 E4M3 per-tensor max, fake quantization on CPU",
         "calibration_batches": len(captured),
-        "dit_rel_l2": fp8_dit_error(models.dit, qdit, held_out),
-        "frame_psnr_db": psnr(fp8_frames, ref_frames),
+        "held_out": f"1 generation not in calibration ({what}): {len(held_out)} DiT batches",
+        "dit_rel_l2_held_out": fp8_dit_error(models.dit, qdit, held_out),
+        "frame_psnr_db_held_out": psnr(fp8_frames, ref_frames),
         "scales_file": scales_path.name,
         "scales_sha256": sha256_file(scales_path),
     }
-    log.info("FP8: DiT rel L2 %.4f, frame PSNR %.1f dB", result["dit_rel_l2"], result["frame_psnr_db"])
+    log.info("FP8 (held out): DiT rel L2 %.4f, frame PSNR %.1f dB", result["dit_rel_l2_held_out"],
+             result["frame_psnr_db_held_out"])
     return result

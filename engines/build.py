@@ -100,7 +100,7 @@ def cached_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, spec: Compon
     attention = cfg.attention or ATTENTION_FOR[backend]
     key = f"{models.source_sha256[:16]}/{bucket.key()}_{cfg.layout}_{attention}_{export_code_hash()[:12]}"
     folder = cfg.cache_dir / "onnx" / key
-    shapes = hashlib.sha256(repr([t.shape for t in spec.inputs]).encode()).hexdigest()[:8]
+    shapes = hashlib.sha256(repr(([t.shape for t in spec.inputs], spec.dynamic_dims)).encode()).hexdigest()[:8]
     path = folder / f"{spec.name}_{shapes}.onnx"
     done = folder / f"{spec.name}_{shapes}.done"
     if done.is_file() and path.is_file() and done.read_text() == sha256_file(path):

@@ -26,11 +26,11 @@ TWO_GB = 2 * 1024**3
 
 
 def dynamic_shapes(spec: ComponentSpec) -> tuple | None:
-    if "batch" not in spec.dynamic_dims:
+    """torch.export dims for every symbolic input dim named in `spec.dynamic_dims` (one Dim per name)."""
+    if not spec.dynamic_dims:
         return None
-    lo, _, hi = spec.dynamic_dims["batch"]
-    batch = torch.export.Dim("batch", min=lo, max=hi)
-    return tuple({0: batch} if t.shape and t.shape[0] == "batch" else {} for t in spec.inputs)
+    dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, _, hi) in spec.dynamic_dims.items()}
+    return tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
 
 
 def param_bytes(module: torch.nn.Module) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 
 from stdrc.export.config import Preset
 from stdrc.runtime.manifest import SPACE_SCALE, Bucket, TensorSpec
-from stdrc.runtime.tiling import DecodeTiling
+from stdrc.runtime.tiling import DecodeTiling, decoder_tile_dims
 
 FACE_BATCH = (1, 16, 64)
 DIT_BATCH = (1, 3, 3)  # guidance streams: min, opt, max
@@ -37,11 +37,14 @@ def _rng(seed: int) -> np.random.Generator:
 
 
 def component_specs(preset: Preset, bucket: Bucket, tiling: DecodeTiling | None = None) -> dict[str, ComponentSpec]:
-    """With `tiling`, the VAE decoder is built at tile size (the runtime decodes tile by tile)."""
+    """With `tiling`, the VAE decoder takes the bucket's tile sizes (dynamic where they differ), run tile by tile."""
     d, b = preset.dit, bucket
     n, length, c = b.tokens, b.text_length, d.in_channels
     lf, lh, lw = b.latent_frames, b.latent_height, b.latent_width
-    dh, dw = (tiling.tile_height, tiling.tile_width) if tiling else (lh, lw)
+    tile_dims = decoder_tile_dims(tiling, lh, lw) if tiling else {"tile_height": [lh] * 3, "tile_width": [lw] * 3}
+    dec_dynamic = {k: v for k, v in tile_dims.items() if v[0] != v[2]}  # one tile length on an axis: static
+    dh, dw = (name if name in dec_dynamic else tile_dims[name][2] for name in ("tile_height", "tile_width"))
+    oh, ow = (f"{dim}*{SPACE_SCALE}" if isinstance(dim, str) else dim * SPACE_SCALE for dim in (dh, dw))
     latent_c = preset.vae.latent_channels
 
     def text_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -76,7 +79,8 @@ def component_specs(preset: Preset, bucket: Bucket, tiling: DecodeTiling | None 
     def dec_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
         r = _rng(seed)
         return {
-            "latent": r.standard_normal((1, latent_c, lf, dh, dw), dtype=np.float32),
+            "latent": r.standard_normal((1, latent_c, lf, tile_dims["tile_height"][1], tile_dims["tile_width"][1]),
+                                        dtype=np.float32),
             "timestep": np.full((1,), preset.vae.decode_timestep, np.float32),
         }
 
@@ -113,7 +117,8 @@ def component_specs(preset: Preset, bucket: Bucket, tiling: DecodeTiling | None 
         "vae_decoder": ComponentSpec(
             "vae_decoder",
             (TensorSpec("latent", (1, latent_c, lf, dh, dw), f32), TensorSpec("timestep", (1,), f32)),
-            (TensorSpec("video", (1, 3, b.frames, dh * SPACE_SCALE, dw * SPACE_SCALE), f32),),
+            (TensorSpec("video", (1, 3, b.frames, oh, ow), f32),),
+            dynamic_dims=dec_dynamic,
             sample=dec_sample,
         ),
         "face_encoder": ComponentSpec(

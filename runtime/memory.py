@@ -75,9 +75,9 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
         ffn = int(t.get("intermediate_size") or 4 * width_)
         return length * (width_ * (layers + 1) + 2 * ffn) * 4  # hidden states leave the encoder in fp32
     if component in ("vae_decoder", "vae_encoder"):
-        if component == "vae_decoder" and decode:
-            height = int(decode.get("tile_height", height // 32)) * 32
-            width = int(decode.get("tile_width", width // 32)) * 32
+        if component == "vae_decoder" and decode:  # tiles of at most `tile` latents a side (+ overlap)
+            side = (int(decode["tile"]) + int(decode.get("overlap", 0))) * int(decode.get("spatial_scale", 32))
+            height, width = min(height, side), min(width, side)
         patch = int(model_config.get("vae", {}).get("patch_size", 4))
         pixels = height * width // (patch * patch) * (frames if component == "vae_decoder" else 1)
         return 3 * 128 * pixels * e

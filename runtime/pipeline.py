@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from stdrc.runtime import sampler as smp
-from stdrc.runtime.backends import Engine, check_feeds, open_engine, resolve_device
+from stdrc.runtime.backends import Engine, check_cuda_graph, check_feeds, open_engine, resolve_device
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
 from stdrc.runtime.manifest import Manifest, check_files, read_manifest
 from stdrc.runtime.memory import EngineSet, choose_plan, memory_needs
@@ -125,6 +125,8 @@ class Pipeline:
                     f"bundle {bundle_dir} holds {sorted(set(wrong.values()))} engines, not {backend}: "
                     f"rebuild it with --backend {backend} or drop --backend"
                 )
+        if cuda_graphs:
+            check_cuda_graph(manifest.components["dit"])
         check_files(bundle_dir, manifest, hashes=verify_hashes)
         plan = choose_plan(memory_plan, memory_needs(*weights_and_activations(bundle_dir, manifest)), device)
 

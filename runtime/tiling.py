@@ -1,41 +1,74 @@
-"""Spatially tiled VAE decode: a bucket-static decoder engine built at tile size, run per tile and blended.
+"""Spatially tiled VAE decode, placed and blended exactly as ltx-core's `VideoDecoder.tiled_decode`.
 
-Large buckets would need the decoder's activations for the whole frame at once; a tile-sized
-engine bounds that memory. Tiles are all one size (one static engine), spaced evenly with at
-least the requested overlap, and blended as ltx-core's `tiled_decode` blends them: linear ramps
-across each overlap, weights normalised. Time is not tiled (the decoder is causal in time).
-Torch-free: numpy only.
+Large buckets would need the decoder's activations for the whole frame at once; tiles bound that
+memory. ltx-core scales the tile to each axis (`round(tile * axis / long_side)`, at least
+`max(2, overlap + 1)`), starts tiles every `tile - overlap` latents and cuts the last one at the
+edge, so a bucket has at most two tile lengths per axis: the decoder engine takes a dynamic
+tile height/width over that range (`decoder_tile_dims`). Blending: linear ramps of `overlap`
+across each seam, weights normalised. Time is not tiled (the decoder is causal in time).
+Torch-free: numpy only; runtime/cpp/src/tiling.cpp is the C++ twin.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from stdrc.runtime.errors import InputError
+from stdrc.runtime.errors import BundleError, InputError
 from stdrc.runtime.manifest import SPACE_SCALE
+
+PLACEMENT = "ltx-core"  # manifest "decode" tilings without it (equal tiles spread evenly) are refused
 
 
 @dataclass(frozen=True)
 class DecodeTiling:
-    """Tile size and minimum overlap in latent units (x 32 pixels)."""
+    """ltx-core's `SpatialTilingConfig` in latent units (x 32 pixels): tile on the long side, overlap."""
 
-    tile_height: int
-    tile_width: int
+    tile: int
     overlap: int
 
-    def to_json(self) -> dict[str, int]:
-        return {"tile_height": self.tile_height, "tile_width": self.tile_width, "overlap": self.overlap,
-                "spatial_scale": SPACE_SCALE}
+    def to_json(self) -> dict:
+        return {"placement": PLACEMENT, "tile": self.tile, "overlap": self.overlap, "spatial_scale": SPACE_SCALE}
 
     @staticmethod
     def from_json(data: dict) -> DecodeTiling | None:
         if not data:
             return None
-        return DecodeTiling(int(data["tile_height"]), int(data["tile_width"]), int(data["overlap"]))
+        if data.get("placement") != PLACEMENT:
+            raise BundleError("this bundle's decode tiles predate ltx-core's tile placement: rebuild it with "
+                              "stdrc-export build-engines")
+        return DecodeTiling(int(data["tile"]), int(data["overlap"]))
+
+    def axis_size(self, length: int, long_side: int) -> int:
+        """ltx-core `_prepare_tiles.enable_on_axis`: the tile scaled to this axis (Python's round: half to even)."""
+        return max(max(2, self.overlap + 1), round(self.tile * length / long_side))
+
+    def intervals(self, height: int, width: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """[start, end) latent rows and columns of the tiles of a height x width latent."""
+        long_side = max(height, width)
+        return (axis_intervals(height, self.axis_size(height, long_side), self.overlap),
+                axis_intervals(width, self.axis_size(width, long_side), self.overlap))
+
+
+def axis_intervals(length: int, size: int, overlap: int) -> list[tuple[int, int]]:
+    """ltx-core `split_with_symmetric_overlaps`: starts every size - overlap, the last tile ends at `length`."""
+    if length <= size:
+        return [(0, length)]
+    count = (length + size - 2 * overlap - 1) // (size - overlap)
+    starts = [i * (size - overlap) for i in range(count)]
+    return [(s, s + size) for s in starts[:-1]] + [(starts[-1], length)]
+
+
+def decoder_tile_dims(tiling: DecodeTiling, height: int, width: int) -> dict[str, list[int]]:
+    """min/opt/max tile height and width (latent units) over this latent's tiles, for the decoder engine."""
+    rows, cols = tiling.intervals(height, width)
+    dims = {}
+    for name, spans in (("tile_height", rows), ("tile_width", cols)):
+        sizes = [b - a for a, b in spans]
+        dims[name] = [min(sizes), max(sizes), max(sizes)]
+    return dims
 
 
 def decode_tiling(height: int, width: int, tile_px: int | None, overlap_px: int) -> DecodeTiling | None:
@@ -53,54 +86,47 @@ def decode_tiling(height: int, width: int, tile_px: int | None, overlap_px: int)
         )
     if tile_px >= max(height, width):
         return None
-    tile = tile_px // SPACE_SCALE
-    return DecodeTiling(min(tile, height // SPACE_SCALE), min(tile, width // SPACE_SCALE), overlap_px // SPACE_SCALE)
+    tiling = DecodeTiling(tile_px // SPACE_SCALE, overlap_px // SPACE_SCALE)
+    dims = decoder_tile_dims(tiling, height // SPACE_SCALE, width // SPACE_SCALE)
+    if min(dims["tile_height"][0], dims["tile_width"][0]) < 2:  # the VAE's reflect padding needs 2 latents
+        raise InputError(f"decode tile {tile_px} px with overlap {overlap_px} px leaves a 32 px tile at the "
+                         f"{height}x{width} edge: pick e.g. overlap {overlap_px + SPACE_SCALE}")
+    return tiling
 
 
-def tile_starts(length: int, size: int, overlap: int) -> list[int]:
-    """Evenly spaced starts of equal tiles covering [0, length), neighbours overlapping by >= `overlap`."""
-    if size >= length:
-        return [0]
-    count = math.ceil((length - overlap) / (size - overlap))
-    # round half up, in integers: the C++ runner (runtime/cpp/src/tiling.cpp) places the same tiles
-    return [(2 * i * (length - size) + count - 1) // (2 * (count - 1)) for i in range(count)]
-
-
-def _ramp_mask(size: int, left: int, right: int) -> np.ndarray:
-    """1 inside, linear fades over the overlaps; complementary fades of one overlap sum to 1."""
-    mask = np.ones(size, np.float32)
+def ramp_mask(length: int, left: int, right: int) -> np.ndarray:
+    """ltx-core `compute_trapezoidal_mask_1d`: 1 inside, linear fades (ends excluded) over the ramps."""
+    mask = np.ones(length, np.float32)
+    left, right = min(left, length), min(right, length)
     if left:
-        mask[:left] = np.linspace(0.0, 1.0, left + 2, dtype=np.float32)[1:-1]
+        mask[:left] *= np.linspace(0.0, 1.0, left + 2, dtype=np.float32)[1:-1]
     if right:
-        mask[size - right:] *= np.linspace(1.0, 0.0, right + 2, dtype=np.float32)[1:-1]
+        mask[length - right:] *= np.linspace(1.0, 0.0, right + 2, dtype=np.float32)[1:-1]
     return mask
 
 
-def _axis_masks(starts: list[int], size: int, scale: int) -> list[np.ndarray]:
-    masks = []
-    for i, start in enumerate(starts):
-        left = starts[i - 1] + size - start if i > 0 else 0
-        right = start + size - starts[i + 1] if i + 1 < len(starts) else 0
-        masks.append(_ramp_mask(size * scale, left * scale, right * scale))
-    return masks
+def axis_masks(spans: list[tuple[int, int]], overlap: int, scale: int) -> list[np.ndarray]:
+    """Per tile, its blend mask in pixels: ramps of `overlap` on every side that meets a neighbour."""
+    last = len(spans) - 1
+    return [ramp_mask((b - a) * scale, overlap * scale if i else 0, overlap * scale if i < last else 0)
+            for i, (a, b) in enumerate(spans)]
 
 
 def tiled_decode(decode_tile: Callable[[np.ndarray], np.ndarray], latent: np.ndarray,
                  tiling: DecodeTiling, scale: int = SPACE_SCALE) -> np.ndarray:
     """[1, C, F, H, W] latent -> [1, 3, frames, H*scale, W*scale] video, one `decode_tile` call per tile."""
     _, _, _, height, width = latent.shape
-    th, tw = min(tiling.tile_height, height), min(tiling.tile_width, width)
-    rows, cols = tile_starts(height, th, tiling.overlap), tile_starts(width, tw, tiling.overlap)
-    row_masks, col_masks = _axis_masks(rows, th, scale), _axis_masks(cols, tw, scale)
+    rows, cols = tiling.intervals(height, width)
+    row_masks, col_masks = axis_masks(rows, tiling.overlap, scale), axis_masks(cols, tiling.overlap, scale)
     video = weights = None
-    for r, row_mask in zip(rows, row_masks):
-        for c, col_mask in zip(cols, col_masks):
-            tile = decode_tile(np.ascontiguousarray(latent[..., r:r + th, c:c + tw]))
+    for (r0, r1), row_mask in zip(rows, row_masks):
+        for (c0, c1), col_mask in zip(cols, col_masks):
+            tile = decode_tile(np.ascontiguousarray(latent[..., r0:r1, c0:c1]))
             if video is None:
                 video = np.zeros((*tile.shape[:3], height * scale, width * scale), np.float32)
                 weights = np.zeros((height * scale, width * scale), np.float32)
             mask = row_mask[:, None] * col_mask[None, :]
-            ys, xs = slice(r * scale, (r + th) * scale), slice(c * scale, (c + tw) * scale)
+            ys, xs = slice(r0 * scale, r1 * scale), slice(c0 * scale, c1 * scale)
             video[..., ys, xs] += tile * mask
             weights[ys, xs] += mask
-    return video / weights
+    return video / np.maximum(weights, 1e-8)

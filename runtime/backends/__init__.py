@@ -34,21 +34,23 @@ class Engine(Protocol):
 
 
 def check_feeds(entry: ComponentEntry, feeds: dict[str, np.ndarray], component: str) -> None:
-    """Refuse feeds whose names, ranks or static dims differ from the manifest."""
-    batch_range = entry.dynamic_dims.get("batch")
+    """Refuse feeds whose names, ranks, static dims or dynamic-dim ranges differ from the manifest."""
+    ranges = entry.dynamic_dims
     for spec in entry.inputs:
         if spec.name not in feeds:
             raise BundleError(f"{component}: input {spec.name!r} is missing")
         shape = feeds[spec.name].shape
         ok = len(shape) == len(spec.shape) and all(
             (isinstance(want, int) and got == want)
-            or (want == "batch" and batch_range is not None and batch_range[0] <= got <= batch_range[2])
+            or (isinstance(want, str) and want in ranges and ranges[want][0] <= got <= ranges[want][2])
             for got, want in zip(shape, spec.shape)
         )
         if not ok:
+            named = ", ".join(f"{d} in {ranges[d][0]}..{ranges[d][2]}"
+                              for d in spec.shape if isinstance(d, str) and d in ranges)
             raise BundleError(
                 f"{component}: input {spec.name!r} has shape {tuple(shape)}, the engine takes {list(spec.shape)}"
-                f"{f' with batch in {batch_range[0]}..{batch_range[2]}' if batch_range else ''}"
+                f"{f' with {named}' if named else ''}"
             )
 
 
@@ -84,11 +86,21 @@ def resolve_device(device: str, backends: Iterable[str]) -> str:
     chosen = "cuda" if facts and all(ok for ok, _ in facts.values()) else "cpu"
     log.info("device auto -> %s (%s)", chosen, "; ".join(why for _, why in facts.values()) or "no backend")
     return chosen
+CUDA_GRAPH_BACKENDS = ("torch", "aoti")
+
+
+def check_cuda_graph(entry: ComponentEntry) -> None:
+    """CUDA graphs are implemented for torch/aoti engines only: refuse them elsewhere rather than ignore them."""
+    if entry.backend not in CUDA_GRAPH_BACKENDS:
+        raise InputError(f"--cuda-graphs needs a torch or aoti bundle, this one is {entry.backend}: drop --cuda-graphs "
+                         "or rebuild with --backend aoti")
 
 
 def open_engine(bundle_dir: Path, name: str, entry: ComponentEntry, device: str = "cpu",
                 cuda_graph: bool = False) -> Engine:
-    """`cuda_graph` applies to torch/aoti engines on CUDA (TensorRT engines capture their own)."""
+    """`cuda_graph` (replay captured CUDA graphs) exists for torch/aoti engines on CUDA only; others refuse it."""
+    if cuda_graph:
+        check_cuda_graph(entry)
     if not available(entry.backend):
         raise BackendUnavailableError(
             f"bundle component {name} needs the {entry.backend} backend, which is not installed here: "

@@ -2,7 +2,7 @@
 
 UNTESTED in this project's CI: TensorRT cannot be installed there (PyPI's tensorrt packages are
 stubs that download from NVIDIA at install time) and there is no GPU. Only the plain-data parts
-(`check_build`, `normalize_capability`) and the missing-package errors are tested. The layer is
+(`check_build`, `normalize_capability`, `numpy_dtype`) and the missing-package errors are tested. The layer is
 kept thin on purpose: TensorRT 10/11 Python API plus cuda-python, both imported lazily; no torch.
 
 Buffer ownership: device buffers belong to the engine (allocated for the largest shapes seen,
@@ -62,6 +62,31 @@ def _ok(result: tuple) -> Any:
     if getattr(err, "value", err) != 0:
         raise BackendUnavailableError(f"CUDA call failed with {err}: check the GPU and driver (nvidia-smi)")
     return values[0] if len(values) == 1 else tuple(values)
+
+
+# TensorRT DataType names -> numpy dtypes. `trt.nptype` raises for BF16 and FP8, which numpy lacks:
+# those come from ml_dtypes (an onnx dependency; listed in the `gpu` extra).
+NUMPY_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
+                "BOOL": "bool", "UINT8": "uint8", "BF16": "bfloat16", "FP8": "float8_e4m3fn"}
+
+
+def numpy_dtype(trt_name: str) -> np.dtype:
+    """A TensorRT DataType's name (e.g. `engine.get_tensor_dtype(n).name`) -> the numpy dtype of its buffers."""
+    name = NUMPY_DTYPES.get(trt_name)
+    if name is None:
+        raise BundleError(f"TensorRT tensor dtype {trt_name} has no host buffer type here: rebuild the plan with "
+                          f"{', '.join(NUMPY_DTYPES)} I/O")
+    if name in ("bfloat16", "float8_e4m3fn"):
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
+
+
+def to_float32(array: np.ndarray) -> np.ndarray:
+    """Low-precision floating outputs (fp16, bf16, fp8) come back as float32, as from the other backends."""
+    floating = array.dtype.kind == "f" or array.dtype.name in ("bfloat16", "float8_e4m3fn")
+    return array.astype(np.float32) if floating and array.dtype != np.float32 else array
 
 
 def normalize_capability(capability: str | tuple[int, int]) -> str:
@@ -129,7 +154,7 @@ class TensorRTEngine:
         if set(names) != want:
             raise BundleError(f"{path} has tensors {sorted(names)}, the manifest says {sorted(want)}: "
                               "rebuild the bundle")
-        self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self._dtypes = {n: numpy_dtype(self.engine.get_tensor_dtype(n).name) for n in names}
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
         self._out_shapes: dict[str, tuple[int, ...]] = {}
         self._shapes_key: tuple | None = None
@@ -172,8 +197,12 @@ class TensorRTEngine:
         if self.use_cuda_graph:  # the run above was the warm-up; capture the next one for replays
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
             _ok(cudart.cudaStreamBeginCapture(self.stream, mode))
-            self.context.execute_async_v3(stream)
-            graph = _ok(cudart.cudaStreamEndCapture(self.stream))
+            captured = self.context.execute_async_v3(stream)
+            graph = _ok(cudart.cudaStreamEndCapture(self.stream))  # always end the capture, even on failure
+            if not captured:
+                _ok(cudart.cudaGraphDestroy(graph))
+                raise BundleError(f"TensorRT could not be captured in a CUDA graph for {self.entry.file} "
+                                  "(see its log above): run without CUDA graphs")
             self._graph_exec = _ok(cudart.cudaGraphInstantiate(graph, 0))
             _ok(cudart.cudaGraphDestroy(graph))
 
@@ -193,7 +222,7 @@ class TensorRTEngine:
         for n, arr in out.items():
             _ok(cudart.cudaMemcpyAsync(arr.ctypes.data, self._buffers[n][0], arr.nbytes, d2h, self.stream))
         _ok(cudart.cudaStreamSynchronize(self.stream))  # `host` stays alive until here
-        return out
+        return {n: to_float32(arr) for n, arr in out.items()}
 
     def _drop_graph(self) -> None:
         if self._graph_exec is not None:

@@ -29,6 +29,7 @@ class TorchEngine:
     @staticmethod
     def from_file(path: Path, entry: ComponentEntry, device: str = "cpu", cuda_graph: bool = False) -> TorchEngine:
         """`cuda_graph`: replay one captured forward per input shape (CUDA only; not run yet, see CudaGraphStep)."""
+        check_build_device(path, entry, device)
         try:
             if entry.backend == "aoti":
                 module = torch._inductor.aoti_load_package(str(path))
@@ -47,6 +48,16 @@ class TorchEngine:
         out = out if isinstance(out, (tuple, list)) else (out,)
         return {name: value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
                 for name, value in zip(self._outputs, out)}
+
+
+def check_build_device(path: Path, entry: ComponentEntry, device: str) -> None:
+    """Exported programs bake their build device in (constants, tensor-metadata asserts): refuse any other."""
+    built, want = entry.build.get("device"), torch.device(device).type
+    if built is None or torch.device(built).type != want:
+        raise BundleError(
+            f"{path.name} was exported for {built or 'an unrecorded device'}, not {want}: rebuild the bundle on a "
+            f"{want} machine (stdrc-export build-engines --backend {entry.backend})"
+            + (f" or run it with --device {torch.device(built).type}" if built else ""))
 
 
 class CudaGraphStep:

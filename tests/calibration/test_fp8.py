@@ -23,7 +23,12 @@ from stdrc.export.dit import DIT_INPUTS, BakedRopeDiT, build_dit
 from stdrc.export.errors import ExportError
 from stdrc.runtime.manifest import Bucket
 
-pytest.importorskip("modelopt.torch.quantization", reason="needs nvidia-modelopt: pip install 'stdrc[fp8]'")
+
+
+@pytest.fixture(scope="module")
+def mtq():
+    """Only the tests that quantize need nvidia-modelopt; the others run without it."""
+    return pytest.importorskip("modelopt.torch.quantization", reason="needs nvidia-modelopt: pip install 'stdrc[fp8]'")
 
 SENSITIVE = ("patchify_proj", "caption_projection", "adaln_single", "proj_out")
 
@@ -54,7 +59,7 @@ def held_out(preset, bucket):
 
 
 @pytest.fixture(scope="module")
-def qdit(dit, calib):
+def qdit(mtq, dit, calib):
     return fp8.quantize_dit_fp8(dit, calib)
 
 
@@ -165,7 +170,7 @@ def test_qdq_onnx_matches_fake_quant(tmp_path, qdit, held_out):
         assert fp8.rel_l2(out, ref) < 1e-4
 
 
-def test_qdq_export_refuses_unquantized(tmp_path, dit, held_out):
+def test_qdq_export_refuses_unquantized(mtq, tmp_path, dit, held_out):
     batch = held_out[0]
     baked = BakedRopeDiT(dit, batch["rope_cos"], batch["rope_sin"])
     with pytest.raises(ExportError, match="no enabled FP8 quantizers"):

@@ -48,9 +48,9 @@ def run_cpp(runner: Path, bundle: Path, inputs: Path, out: Path, *flags: str) ->
 
 def test_cpp_tiled_decode_matches_python(cpp_runner: Path, aoti_tiled_bundle: Path, reference: np.ndarray,
                                          tmp_path: Path) -> None:
-    """A bundle whose decoder engine is tile-sized: C++ places and blends the tiles as Python does."""
+    """Tiles of two widths through one dynamic-width aoti decoder: C++ places and blends them as Python does."""
     tiled = Pipeline.from_bundle(aoti_tiled_bundle)
-    assert tiled.manifest.decode["tile_width"] < tiled.bucket.latent_width
+    assert tiled.manifest.components["vae_decoder"].dynamic_dims == {"tile_width": [2, 3, 3]}
     inputs = write_cpp_inputs(tiled, reference, PROMPT, SEED, tmp_path / "inputs", face_crop=False)
     python = run_python(tiled, inputs)
     done = run_cpp(cpp_runner, aoti_tiled_bundle, inputs, tmp_path / "out")
@@ -138,6 +138,12 @@ def _bad_case(case: str, bundle: Path, inputs: Path, tmp: Path) -> tuple[Path, P
     if case == "other-backend":
         manifest["components"]["dit"]["backend"] = "onnxruntime"
         return _linked_bundle(bundle, tmp / "b", manifest), inputs
+    if case == "other-device":  # a .pt2 bakes its build device in
+        manifest["components"]["dit"]["build"]["device"] = "cuda"
+        return _linked_bundle(bundle, tmp / "b", manifest), inputs
+    if case == "old-decode-tiling":  # equal tiles spread evenly: not ltx-core's placement
+        manifest["decode"] = {"tile_height": 2, "tile_width": 2, "overlap": 1, "spatial_scale": 32}
+        return _linked_bundle(bundle, tmp / "b", manifest), inputs
     copied = tmp / "in"
     copied.mkdir()
     for f in inputs.iterdir():
@@ -159,6 +165,8 @@ BAD = {
     "missing-bundle-file": "vae_decoder.pt2 is missing",
     "format-version": "format 2 is not supported",
     "other-backend": "rebuild the bundle with --backend aoti",
+    "other-device": "was exported for cuda, not cpu: rebuild the bundle on a cpu machine",
+    "old-decode-tiling": "predate ltx-core's tile placement: rebuild it",
     "noise-shape": "noise.npy has shape [1, 5, 128], the bundle needs [1, 12, 128]",
     "noise-dtype": "holds int32 values, the runner needs float32",
     "noise-truncated": "truncated",

@@ -99,7 +99,7 @@ def test_build_bad_input_is_one_line(tmp_path: Path, args: list[str], message: s
     out = tmp_path / "b"
     proc = subprocess.run([sys.executable, "-m", "stdrc.engines.cli", "build-engines", "-q", "--out", str(out),
                            "--cache-dir", str(tmp_path / "c"), *args], capture_output=True, text=True)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr  # bad input (README: exit codes)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr

@@ -32,8 +32,6 @@ from stdrc.export.fast_path import (
 )
 from stdrc.runtime.manifest import Bucket
 
-mtq = pytest.importorskip("modelopt.torch.quantization",
-                          reason="needs nvidia-modelopt: pip install 'stdrc[fp8]'")
 CUDA = torch.cuda.is_available()
 
 # bf16 keeps 8 significant bits (rounding 2^-9 per op); through the tiny DiT's two blocks the
@@ -49,7 +47,13 @@ def bucket(tiny_models) -> Bucket:
 
 
 @pytest.fixture(scope="module")
-def scales_path(tiny_models, bucket, tmp_path_factory):
+def mtq():
+    """Only calibration and the modelopt comparisons need nvidia-modelopt; the bf16/SDPA tests run without it."""
+    return pytest.importorskip("modelopt.torch.quantization", reason="needs nvidia-modelopt: pip install 'stdrc[fp8]'")
+
+
+@pytest.fixture(scope="module")
+def scales_path(mtq, tiny_models, bucket, tmp_path_factory):
     """fp8_scales.json as `build-engines --calibrate-fp8` writes it (one calibration prompt: faster)."""
     from stdrc.calibration.report import fp8_quality
 
@@ -144,7 +148,7 @@ def test_fp8_gemms_match_qdq_reference(tiny_models, batch, scales):
 
 
 @pytest.fixture(scope="module")
-def modelopt_linear():
+def modelopt_linear(mtq):
     """A 64 -> 48 linear quantized by modelopt with the calibration's FP8 config, and its inputs."""
     from stdrc.calibration.fp8 import amax_scales
 
@@ -197,7 +201,7 @@ def test_sensitive_layers_left_alone(tiny_models, batch, scales):
 @pytest.mark.parametrize("variant", [{"rope_type": "split"},
                                      {"apply_gated_attention": True, "cross_attention_adaln": True}],
                          ids=["split-rope", "gated-adaln"])
-def test_dit_variants(tiny_models, bucket, variant):
+def test_dit_variants(mtq, tiny_models, bucket, variant):
     """Split RoPE tables and gated attention go through the fast path too; a 2-head gate stays bf16."""
     from stdrc.calibration.fp8 import amax_scales, quantize_dit_fp8
 

@@ -156,7 +156,7 @@ def test_cli_bad_input(case: str, message: str, tiny_bundle: Path, astronaut_png
     elif case == "face-models":
         extra = ["--face-models", str(tmp_path / "no-models")]
     proc = _cli("generate", "--bundle", str(bundle), "--ref", str(ref), "--prompt", "x", "-o", str(out), "-q", *extra)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr  # bad input (README: exit codes)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr

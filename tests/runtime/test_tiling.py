@@ -1,4 +1,4 @@
-"""Tiled VAE decode: tile placement, blending, and a tiled bundle against the whole-latent decode."""
+"""Tiled VAE decode: tile placement and blending against ltx-core's `tiled_decode`, and a tiled bundle."""
 
 from __future__ import annotations
 
@@ -7,22 +7,102 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stdrc.runtime.errors import InputError
-from stdrc.runtime.tiling import DecodeTiling, decode_tiling, tile_starts, tiled_decode
+from stdrc.runtime.errors import BundleError, InputError
+from stdrc.runtime.tiling import DecodeTiling, axis_masks, decode_tiling, decoder_tile_dims, tiled_decode
+
+# latent (height, width) x (tile px, overlap px): sizes that divide evenly and not, 1 to 4 tiles per axis,
+# wide and tall, and the 512x768 default bucket (latent 16x24) that the old placement got wrong.
+SIZES = [(2, 3), (4, 4), (16, 24), (24, 16), (16, 16), (17, 30), (9, 40), (5, 7), (12, 12), (30, 45), (3, 11),
+         (8, 14)]
+TILES = [(64, 0), (64, 32), (96, 32), (128, 64), (160, 32), (512, 64)]
+GRID = [(h, w, t, o) for h, w in SIZES for t, o in TILES if t < 32 * max(h, w)]
 
 
-@pytest.mark.parametrize("length, size, overlap", [(24, 16, 2), (16, 16, 2), (3, 2, 1), (40, 7, 3), (9, 4, 0)])
-def test_tiles_cover_with_the_overlap(length: int, size: int, overlap: int) -> None:
-    starts = tile_starts(length, size, overlap)
-    assert starts[0] == 0 and starts[-1] + min(size, length) == length
-    assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))  # neighbours overlap >= overlap
-    assert starts == sorted(set(starts))
+def ltx_tiles(decoder, height: int, width: int, tile_px: int, overlap_px: int) -> list:
+    import torch
+    from ltx_core.model.video_vae.tiling import SpatialTilingConfig, TemporalTilingConfig, TilingConfig
+
+    config = TilingConfig(SpatialTilingConfig(tile_px, overlap_px), TemporalTilingConfig(16, 0))
+    return decoder._prepare_tiles(torch.empty((1, 128, 2, height, width), device="meta"), config)
+
+
+def test_grid_has_one_to_four_tiles_per_axis() -> None:
+    counts = set()
+    for h, w, t, o in GRID:
+        rows, cols = DecodeTiling(t // 32, o // 32).intervals(h, w)
+        counts |= {len(rows), len(cols)}
+    assert {1, 2, 3, 4} <= counts
+
+
+@pytest.mark.parametrize("height, width, tile_px, overlap_px", GRID)
+def test_placement_and_masks_match_ltx_core(tiny_models, height: int, width: int, tile_px: int,
+                                            overlap_px: int) -> None:
+    """Same tiles in the same order, same 1-D blend masks (in pixels), for every size of the grid."""
+    tiling = DecodeTiling(tile_px // 32, overlap_px // 32)
+    rows, cols = tiling.intervals(height, width)
+    row_masks, col_masks = axis_masks(rows, tiling.overlap, 32), axis_masks(cols, tiling.overlap, 32)
+    ours = [(r, c, rm, cm) for r, rm in zip(rows, row_masks) for c, cm in zip(cols, col_masks)]
+    theirs = ltx_tiles(tiny_models.vae_decoder, height, width, tile_px, overlap_px)
+    assert len(ours) == len(theirs)
+    for (r, c, rm, cm), tile in zip(ours, theirs):
+        assert (tile.in_coords[3].start, tile.in_coords[3].stop) == r
+        assert (tile.in_coords[4].start, tile.in_coords[4].stop) == c
+        np.testing.assert_allclose(rm, tile.masks_1d[3].numpy(), atol=1e-6)
+        np.testing.assert_allclose(cm, tile.masks_1d[4].numpy(), atol=1e-6)
+
+
+def test_default_bucket_places_the_last_tile_at_the_edge() -> None:
+    """512x768 (latent 16x24, 512 px tiles, 64 px overlap): columns [0,16) and [14,24), as ltx-core."""
+    rows, cols = decode_tiling(512, 768, None, 64).intervals(16, 24)
+    assert cols == [(0, 16), (14, 24)]
+    assert rows == [(0, 11), (9, 16)]  # the tile scales to the short axis: round(16 * 16 / 24) = 11
+    assert decoder_tile_dims(DecodeTiling(16, 2), 16, 24) == {"tile_height": [7, 11, 11], "tile_width": [10, 16, 16]}
+
+
+def ltx_tiled_decode(decoder, latent: np.ndarray, tile_px: int, overlap_px: int, timestep: float) -> np.ndarray:
+    import torch
+    from ltx_core.model.video_vae.tiling import SpatialTilingConfig, TemporalTilingConfig, TilingConfig
+
+    scale, decoder.decode_noise_scale = decoder.decode_noise_scale, 0.0  # noise is mixed in before the engine
+    try:
+        with torch.no_grad():
+            tiles = TilingConfig(SpatialTilingConfig(tile_px, overlap_px), TemporalTilingConfig(16, 0))  # time: 1
+            chunks = decoder.tiled_decode(torch.from_numpy(latent), tiles, timestep=torch.full((1,), timestep))
+            return torch.cat(list(chunks), dim=2).numpy()
+    finally:
+        decoder.decode_noise_scale = scale
+
+
+@pytest.mark.parametrize("height, width, tile_px, overlap_px", [(2, 5, 64, 32), (4, 6, 96, 32), (4, 6, 64, 0),
+                                                                (3, 8, 96, 32), (7, 4, 128, 64)])
+def test_tiled_decode_matches_ltx_core_on_the_tiny_vae(tiny_models, height: int, width: int, tile_px: int,
+                                                       overlap_px: int) -> None:
+    """The real tiny decoder, tile by tile through our placement and blend == ltx-core's `tiled_decode`."""
+    import torch
+
+    decoder = tiny_models.vae_decoder
+    timestep = tiny_models.preset.vae.decode_timestep
+    latent = np.random.default_rng(height * 10 + width).standard_normal(
+        (1, 128, 2, height, width)).astype(np.float32)
+
+    def decode(part: np.ndarray) -> np.ndarray:
+        scale, decoder.decode_noise_scale = decoder.decode_noise_scale, 0.0
+        try:
+            with torch.no_grad():
+                return decoder(torch.from_numpy(part), timestep=torch.full((1,), timestep)).numpy()
+        finally:
+            decoder.decode_noise_scale = scale
+
+    ours = tiled_decode(decode, latent, decode_tiling(32 * height, 32 * width, tile_px, overlap_px))
+    expected = ltx_tiled_decode(decoder, latent, tile_px, overlap_px, timestep)
+    assert ours.shape == expected.shape == (1, 3, 9, 32 * height, 32 * width)
+    rel = np.linalg.norm(ours - expected) / np.linalg.norm(expected)
+    assert rel <= 1e-6, rel
 
 
 def _pointwise_decoder(scale: int):
     """A decoder whose every output pixel depends on its own latent only: tiling must reproduce it exactly."""
-    rng = np.random.default_rng(3)
-    weights = rng.standard_normal((3, 4)).astype(np.float32)
+    weights = np.random.default_rng(3).standard_normal((3, 4)).astype(np.float32)
 
     def decode(latent: np.ndarray) -> np.ndarray:
         pixels = np.einsum("oc,bcfhw->bofhw", weights, latent)
@@ -38,13 +118,17 @@ def test_blend_reproduces_a_local_decoder_exactly(height: int, width: int, tile:
     calls = []
 
     def counted(part: np.ndarray) -> np.ndarray:
-        calls.append(part.shape)
+        calls.append(part.shape[-2:])
         return decode(part)
 
-    tiled = tiled_decode(counted, latent, DecodeTiling(tile, tile, overlap), scale=4)
+    tiling = DecodeTiling(tile, overlap)
+    tiled = tiled_decode(counted, latent, tiling, scale=4)
     np.testing.assert_allclose(tiled, decode(latent), rtol=1e-5, atol=1e-5)
-    assert {shape[-2:] for shape in calls} == {(min(tile, height), min(tile, width))}  # one static engine shape
-    assert len(calls) == len(tile_starts(height, tile, overlap)) * len(tile_starts(width, tile, overlap))
+    dims = decoder_tile_dims(tiling, height, width)
+    assert all(dims["tile_height"][0] <= h <= dims["tile_height"][2] and
+               dims["tile_width"][0] <= w <= dims["tile_width"][2] for h, w in calls)  # within the engine's range
+    rows, cols = tiling.intervals(height, width)
+    assert len(calls) == len(rows) * len(cols)
 
 
 def test_seams_are_blended_not_cut() -> None:
@@ -57,19 +141,32 @@ def test_seams_are_blended_not_cut() -> None:
         return np.full((1, 1, 1, 1, part.shape[-1]), value, np.float32)
 
     decode.calls = 0
-    row = tiled_decode(decode, latent, DecodeTiling(1, 3, 2), scale=1)[0, 0, 0, 0]
+    row = tiled_decode(decode, latent, DecodeTiling(3, 2), scale=1)[0, 0, 0, 0]
+    assert decode.calls == 2
     assert row[0] == 1.0 and row[-1] == 0.0
     assert np.all(np.diff(row) < 0)
 
 
 def test_tiling_policy() -> None:
-    assert decode_tiling(512, 768, None, 64) == DecodeTiling(16, 16, 2)
+    assert decode_tiling(512, 768, None, 64) == DecodeTiling(16, 2)
     assert decode_tiling(64, 96, None, 64) is None  # small: one tile
     assert decode_tiling(512, 768, 0, 64) is None
-    assert decode_tiling(64, 96, 64, 32) == DecodeTiling(2, 2, 1)
+    assert decode_tiling(64, 96, 64, 32) == DecodeTiling(2, 1)
     for tile, overlap in ((100, 64), (32, 0), (128, 48), (128, 128)):
         with pytest.raises(InputError, match="pick e.g."):
             decode_tiling(512, 768, tile, overlap)
+    with pytest.raises(InputError, match="overlap 32"):  # columns [0,2) [2,3): a 1-latent tile the VAE cannot pad
+        decode_tiling(128, 96, 64, 0)
+
+
+def test_old_placement_manifests_are_refused() -> None:
+    assert DecodeTiling.from_json(DecodeTiling(16, 2).to_json()) == DecodeTiling(16, 2)
+    assert DecodeTiling.from_json({}) is None
+    with pytest.raises(BundleError, match="rebuild"):
+        DecodeTiling.from_json({"tile_height": 16, "tile_width": 16, "overlap": 2, "spatial_scale": 32})
+
+
+TILED = {"height": 64, "width": 192, "decode_tile": 96, "decode_overlap": 32}  # columns [0,3) [2,5) [4,6)
 
 
 @pytest.fixture(scope="module")
@@ -77,51 +174,35 @@ def tiled_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> P
     from stdrc.engines.build import BuildConfig, build_engines
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-tiled"
-    return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="onnxruntime", decode_tile=64,
-                                     decode_overlap=32, progress=False))
+    return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="onnxruntime", progress=False, **TILED))
 
 
-def test_tiled_decode_matches_ltx_core_tiled_decode(tiled_bundle: Path, tiny_models) -> None:
-    """Same tiles (64 px, 32 px overlap on 64x96): ONNX Runtime tile by tile == ltx-core's `tiled_decode` (fp32)."""
-    import torch
-    from ltx_core.model.video_vae.tiling import SpatialTilingConfig, TemporalTilingConfig, TilingConfig
-
+def test_tiled_bundle_matches_ltx_core_tiled_decode(tiled_bundle: Path, tiny_models) -> None:
+    """Tiles of two widths through one dynamic-width ONNX Runtime engine == ltx-core's `tiled_decode` (fp32)."""
     from stdrc.runtime.manifest import read_manifest
     from stdrc.runtime.pipeline import Pipeline
 
     manifest = read_manifest(tiled_bundle)
-    assert manifest.decode["tile_width"] == 2 and manifest.decode["overlap"] == 1
-    assert manifest.components["vae_decoder"].inputs[0].shape[-2:] == (2, 2)
+    assert manifest.decode == DecodeTiling(3, 1).to_json()
+    decoder = manifest.components["vae_decoder"]
+    assert decoder.inputs[0].shape[-2:] == (2, "tile_width") and decoder.dynamic_dims == {"tile_width": [2, 3, 3]}
     b = manifest.bucket
     latent = np.random.default_rng(2).standard_normal(
         (1, 128, b.latent_frames, b.latent_height, b.latent_width)).astype(np.float32)
     ours = Pipeline.from_bundle(tiled_bundle).decode_latent(latent)
-
-    decoder = tiny_models.vae_decoder
-    scale, decoder.decode_noise_scale = decoder.decode_noise_scale, 0.0  # noise is mixed in before the engine
-    try:
-        with torch.no_grad():
-            tiles = TilingConfig(SpatialTilingConfig(64, 32), TemporalTilingConfig(16, 0))  # time: one tile
-            chunks = decoder.tiled_decode(
-                torch.from_numpy(latent), tiles,
-                timestep=torch.full((1,), manifest.model_config["vae"]["decode_timestep"]))
-            expected = torch.cat(list(chunks), dim=2).numpy()
-    finally:
-        decoder.decode_noise_scale = scale
+    expected = ltx_tiled_decode(tiny_models.vae_decoder, latent, TILED["decode_tile"], TILED["decode_overlap"],
+                                manifest.model_config["vae"]["decode_timestep"])
     assert ours.shape == expected.shape == (1, 3, b.frames, b.height, b.width)
     rel = np.linalg.norm(ours - expected) / np.linalg.norm(expected)
     assert rel <= 1e-5, rel
 
 
-def test_tiled_bundle_generates(tiled_bundle: Path, tiny_bundle: Path, astronaut_png: Path) -> None:
-    """Only the decode differs from the untiled bundle: same latents, frames of the bucket's shape."""
+def test_tiled_bundle_generates(tiled_bundle: Path, astronaut_png: Path) -> None:
     from stdrc.runtime.pipeline import Pipeline
 
-    a = Pipeline.from_bundle(tiled_bundle).generate(reference=astronaut_png, prompt="a woman smiles", seed=1, steps=2)
-    b = Pipeline.from_bundle(tiny_bundle).generate(reference=astronaut_png, prompt="a woman smiles", seed=1, steps=2)
-    np.testing.assert_array_equal(a.latent, b.latent)
-    assert a.frames.shape == b.frames.shape == (9, 64, 96, 3)
-    assert not np.array_equal(a.frames, b.frames)  # the tiny VAE sees the whole width: tiles differ from it
+    result = Pipeline.from_bundle(tiled_bundle).generate(reference=astronaut_png, prompt="a woman smiles", seed=1,
+                                                         steps=2)
+    assert result.frames.shape == (9, 64, 192, 3)
 
 
 def test_tiled_bundle_verifies(tiled_bundle: Path) -> None:

@@ -64,6 +64,13 @@ std::vector<at::Tensor> Engine::run(const std::vector<at::Tensor>& inputs) {
 
 AotiEngine::AotiEngine(const std::string& path, ComponentEntry entry, std::string name, c10::Device device)
     : Engine(std::move(entry), std::move(name)) {
+  // An exported program bakes its build device in (constants, tensor-metadata asserts): refuse any other.
+  const auto built = this->entry().build.find("device");
+  const std::string want = device.is_cuda() ? "cuda" : "cpu";
+  const std::string have = built == this->entry().build.end() ? "" : built->second.substr(0, built->second.find(':'));
+  if (have != want)
+    throw BundleError(path + " was exported for " + (have.empty() ? "an unrecorded device" : have) + ", not " + want +
+                      ": rebuild the bundle on a " + want + " machine (stdrc-export build-engines --backend aoti)");
   try {
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", false, 1, device.index());
   } catch (const c10::Error& e) {

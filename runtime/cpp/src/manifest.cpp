@@ -77,11 +77,13 @@ Manifest parse(const json& data) {
   m.decode_noise_scale = vae.at("decode_noise_scale").get<float>();
   if (data.contains("decode") && !data.at("decode").empty()) {
     const json& decode = data.at("decode");
-    m.decode_tiling.tile_height = decode.at("tile_height").get<int64_t>();
-    m.decode_tiling.tile_width = decode.at("tile_width").get<int64_t>();
+    if (decode.value("placement", std::string()) != "ltx-core")
+      throw BundleError("this bundle's decode tiles predate ltx-core's tile placement: rebuild it with "
+                        "stdrc-export build-engines");
+    m.decode_tiling.tile = decode.at("tile").get<int64_t>();
     m.decode_tiling.overlap = decode.at("overlap").get<int64_t>();
     m.decode_tiling.spatial_scale = decode.at("spatial_scale").get<int64_t>();
-    if (m.decode_tiling.tile_height < 1 || m.decode_tiling.tile_width < 1 || m.decode_tiling.overlap < 0 ||
+    if (m.decode_tiling.tile < 2 || m.decode_tiling.overlap < 0 || m.decode_tiling.overlap >= m.decode_tiling.tile ||
         m.decode_tiling.spatial_scale < 1)
       throw BundleError("bundle manifest decode tiling " + decode.dump() + " is invalid: rebuild the bundle");
   }

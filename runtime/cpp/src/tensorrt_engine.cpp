@@ -3,6 +3,7 @@
 
 #include <ATen/ops/empty.h>
 #include <NvInfer.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
 #include <fstream>
@@ -45,7 +46,6 @@ struct TensorRTEngine::Impl {
   std::unique_ptr<nvinfer1::IRuntime> runtime;
   std::unique_ptr<nvinfer1::ICudaEngine> engine;
   std::unique_ptr<nvinfer1::IExecutionContext> context;
-  cudaStream_t stream = nullptr;
   c10::Device device = c10::kCUDA;
 };
 
@@ -53,6 +53,18 @@ TensorRTEngine::TensorRTEngine(const std::string& path, ComponentEntry entry, st
     : Engine(std::move(entry), std::move(name)), impl_(std::make_unique<Impl>()) {
   if (!device.is_cuda()) throw InputError("TensorRT plans run on a CUDA device: pass --device cuda");
   impl_->device = device;
+  // The device first: the plan's memory and the execution context live on the current device.
+  check_cuda(cudaSetDevice(device.has_index() ? device.index() : 0), "cudaSetDevice");
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  cudaDeviceProp prop{};
+  check_cuda(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+  const std::string have = std::to_string(prop.major) + "." + std::to_string(prop.minor);
+  auto capability = this->entry().build.find("compute_capability");
+  if (capability == this->entry().build.end() || capability->second != have)
+    throw BundleError(path + " was built for compute capability " +
+                      (capability == this->entry().build.end() ? "?" : capability->second) + " and this GPU (" +
+                      prop.name + ") is " + have + ": rebuild the bundle on this GPU");
   const std::string linked = std::to_string(NV_TENSORRT_MAJOR) + "." + std::to_string(NV_TENSORRT_MINOR) + ".";
   auto built = this->entry().build.find("tensorrt_version");
   if (built == this->entry().build.end() || built->second.rfind(linked, 0) != 0)
@@ -64,16 +76,16 @@ TensorRTEngine::TensorRTEngine(const std::string& path, ComponentEntry entry, st
   impl_->engine.reset(impl_->runtime->deserializeCudaEngine(plan.data(), plan.size()));
   if (!impl_->engine) throw BundleError("TensorRT could not deserialize " + path + " (see its log above): rebuild the bundle");
   impl_->context.reset(impl_->engine->createExecutionContext());
-  check_cuda(cudaSetDevice(device.has_index() ? device.index() : 0), "cudaSetDevice");
-  check_cuda(cudaStreamCreate(&impl_->stream), "cudaStreamCreate");
+  if (!impl_->context) throw BundleError("TensorRT could not create an execution context for " + path);
 }
 
-TensorRTEngine::~TensorRTEngine() {
-  if (impl_ && impl_->stream) cudaStreamDestroy(impl_->stream);
-}
+TensorRTEngine::~TensorRTEngine() = default;
 
 std::vector<at::Tensor> TensorRTEngine::run_checked(const std::vector<at::Tensor>& inputs) {
   auto& ctx = *impl_->context;
+  // libtorch's current stream on the device: the input casts/copies below are queued there, so TensorRT
+  // enqueued on the same stream sees them done, and the outputs' allocator stream is the one they are used on.
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(impl_->device.index()).stream();
   std::vector<at::Tensor> bound;  // keeps cast/moved inputs alive until the stream is done
   for (size_t i = 0; i < inputs.size(); ++i) {
     const char* name = entry().inputs[i].name.c_str();
@@ -94,8 +106,8 @@ std::vector<at::Tensor> TensorRTEngine::run_checked(const std::vector<at::Tensor
     ctx.setTensorAddress(name, out.data_ptr());
     outputs.push_back(out);
   }
-  if (!ctx.enqueueV3(impl_->stream)) throw Error(this->name() + ": TensorRT enqueueV3 failed (see its log above)");
-  check_cuda(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize");
+  if (!ctx.enqueueV3(stream)) throw Error(this->name() + ": TensorRT enqueueV3 failed (see its log above)");
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   for (auto& out : outputs)
     if (out.scalar_type() != at::kFloat && at::isFloatingType(out.scalar_type())) out = out.to(at::kFloat);
   return outputs;

@@ -23,13 +23,15 @@ namespace stdrc {
 
 class TensorRTEngine final : public Engine {
  public:
-  // Refuses a plan whose manifest `build.tensorrt_version` differs from the linked TensorRT.
+  // Sets the device first, then refuses a plan whose manifest `build.tensorrt_version` differs from the
+  // linked TensorRT or whose `build.compute_capability` differs from the device's.
   TensorRTEngine(const std::string& path, ComponentEntry entry, std::string name, c10::Device device);
   ~TensorRTEngine() override;
 
  protected:
   // Inputs are cast to the plan's I/O dtypes and moved to the device; outputs are fresh CUDA
-  // tensors owned by the caller. Runs on a private stream and synchronises before returning.
+  // tensors owned by the caller. Runs on libtorch's current stream of the device (where the inputs were
+  // cast) and synchronises before returning.
   std::vector<at::Tensor> run_checked(const std::vector<at::Tensor>& inputs) override;
 
  private:
