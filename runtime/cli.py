@@ -13,27 +13,35 @@ from stdrc.runtime.errors import StdrcError
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from stdrc.runtime.options import GenerationOptions
     from stdrc.runtime.pipeline import Pipeline
-    from stdrc.runtime.video import check_writable
+    from stdrc.runtime.video import load_image
 
-    check_writable(args.output)  # fail before loading anything
-    pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, cuda_graphs=args.cuda_graphs)
+    # every argument is checked before anything is loaded, and before a progress bar is drawn
+    options = GenerationOptions(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+        text_scale=args.text_scale, ref_scale=args.ref_scale,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        cfg_rescale=args.cfg_rescale, distilled=args.distilled, max_batch=args.max_batch,
+        face_crop=not args.no_face_crop, output=args.output,
+    )
+    reference = load_image(args.ref)
+    pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, cuda_graphs=args.cuda_graphs,
+                                trust_code=args.trust_bundle_code)
     if args.face_models:
         pipe.use_face_models(args.face_models)
-    bar = tqdm(desc="sampling", unit="step", disable=args.quiet)
+    bars: list[tqdm] = []
 
     def on_step(i: int, total: int) -> None:
-        bar.total = total
-        bar.update()
+        if not bars:  # drawn once sampling starts: errors before it never share the bar's line
+            bars.append(tqdm(total=total, desc="sampling", unit="step", disable=args.quiet))
+        bars[0].update()
 
-    interval = tuple(args.guidance_interval) if args.guidance_interval else None
-    result = pipe.generate(
-        reference=args.ref, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-        steps=args.steps, text_scale=args.text_scale, ref_scale=args.ref_scale, guidance_interval=interval,
-        cfg_rescale=args.cfg_rescale, distilled=args.distilled, max_batch=args.max_batch,
-        face_crop=not args.no_face_crop, output=args.output, on_step=on_step,
-    )
-    bar.close()
+    try:
+        result = pipe.generate_with(reference, options, on_step=on_step)
+    finally:
+        for bar in bars:
+            bar.close()
     summary = {**result.files, "frames": int(result.frames.shape[0]),
                "size": [int(result.frames.shape[2]), int(result.frames.shape[1])], "facesim": result.facesim}
     if args.json:
@@ -69,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="insightface model folder or name (buffalo_l, antelopev2): SCRFD instead of YuNet")
     g.add_argument("--backend", default=None, help="require this backend (default: the bundle's)")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    g.add_argument("--trust-bundle-code", action="store_true",
+                   help="allow torch/aoti bundles: loading one runs code from the bundle (see README, Trust)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay the DiT step as a CUDA graph (torch/aoti bundles on --device cuda)")
     g.add_argument("--json", action="store_true")

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from stdrc.runtime import sampler as smp
-from stdrc.runtime.backends import Engine, check_feeds, open_engine
+from stdrc.runtime.backends import Engine, check_feeds, check_trust, open_engine
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
-from stdrc.runtime.manifest import Manifest, check_files, read_manifest
+from stdrc.runtime.manifest import BACKENDS, Manifest, bundle_path, check_files, read_manifest
+from stdrc.runtime.options import GenerationOptions, check_path
 from stdrc.runtime.text import PromptCache, tokenizer_from_manifest
 from stdrc.runtime.tiling import DecodeTiling, tiled_decode
 from stdrc.runtime.video import (
     as_rgb,
-    check_writable,
     contact_sheet,
     frames_to_uint8,
     load_image,
@@ -69,14 +69,17 @@ class Pipeline:
 
     @staticmethod
     def from_bundle(path: str | Path, backend: str | None = None, device: str = "cpu",
-                    verify_hashes: bool = True, cuda_graphs: bool = False) -> Pipeline:
-        """Validate the manifest and files (format, sha256, backend, TensorRT version/GPU), then load.
+                    verify_hashes: bool = True, cuda_graphs: bool = False, trust_code: bool = False) -> Pipeline:
+        """Validate the manifest and files (types, containment, sha256, backend, TensorRT version/GPU), then load.
 
         `cuda_graphs`: the DiT of a torch/aoti bundle replays CUDA graphs (device "cuda" only).
+        `trust_code`: allow torch/aoti bundles, whose loading runs code from the bundle (see README, Trust).
         """
         if cuda_graphs and device != "cuda":
             raise InputError("CUDA graphs need --device cuda: drop --cuda-graphs on CPU")
-        bundle_dir = Path(path)
+        if backend is not None and backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}, or drop --backend")
+        bundle_dir = check_path(path, "bundle folder")
         manifest = read_manifest(bundle_dir)
         missing = [c for c in REQUIRED if c not in manifest.components]
         if missing:
@@ -88,8 +91,11 @@ class Pipeline:
                     f"bundle {bundle_dir} holds {sorted(set(wrong.values()))} engines, not {backend}: "
                     f"rebuild it with --backend {backend} or drop --backend"
                 )
+        for name, entry in manifest.components.items():  # before any file is hashed or opened
+            check_trust(name, entry, trust_code)
         check_files(bundle_dir, manifest, hashes=verify_hashes)
-        engines = {name: open_engine(bundle_dir, name, entry, device, cuda_graph=cuda_graphs and name == "dit")
+        engines = {name: open_engine(bundle_dir, name, entry, device, cuda_graph=cuda_graphs and name == "dit",
+                                     trust_code=trust_code)
                    for name, entry in manifest.components.items()}
         return Pipeline(bundle_dir, manifest, engines)
 
@@ -198,29 +204,33 @@ class Pipeline:
         output: str | Path | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
-        if steps is not None and steps < 1:
-            raise InputError(f"steps={steps}: use --steps 1 or more")
-        if not 1 <= max_batch <= 3:
-            raise InputError(f"max_batch={max_batch}: use 1, 2 or 3 guidance streams per DiT call")
-        if output is not None:
-            check_writable(output)
-        g = self.manifest.guidance
-        scales = smp.GuidanceScales(
-            text=g["text_scale"] if text_scale is None else text_scale,
-            ref=g["ref_scale"] if ref_scale is None else ref_scale,
-            interval=guidance_interval, rescale=cfg_rescale,
+        """Every argument is checked (GenerationOptions) before any engine runs; a bad one is an InputError."""
+        options = GenerationOptions(
+            prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, text_scale=text_scale,
+            ref_scale=ref_scale, guidance_interval=guidance_interval, cfg_rescale=cfg_rescale, distilled=distilled,
+            max_batch=max_batch, face_crop=face_crop, output=output,
         )
-        sigmas = self.sigmas(steps, distilled)
-        image = self.prepare_reference(reference, face_crop)
-        cond = smp.Conditioning(self.encode_reference(image), self.prompts(prompt), self.prompts(negative_prompt))
-        noise = self.initial_noise(seed)
+        return self.generate_with(reference, options, on_step)
+
+    def generate_with(self, reference: str | Path | np.ndarray, options: GenerationOptions,
+                      on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+        o, g = options, self.manifest.guidance
+        scales = smp.GuidanceScales(
+            text=g["text_scale"] if o.text_scale is None else o.text_scale,
+            ref=g["ref_scale"] if o.ref_scale is None else o.ref_scale,
+            interval=o.guidance_interval, rescale=o.cfg_rescale,
+        )
+        sigmas = self.sigmas(o.steps, o.distilled)
+        image = self.prepare_reference(reference, o.face_crop)
+        cond = smp.Conditioning(self.encode_reference(image), self.prompts(o.prompt), self.prompts(o.negative_prompt))
+        noise = self.initial_noise(o.seed)
         total = len(sigmas) - 1
-        latent = smp.sample(self.denoiser, noise, sigmas, cond, scales, max_batch,
+        latent = smp.sample(self.denoiser, noise, sigmas, cond, scales, o.max_batch,
                             on_step=(lambda i: on_step(i, total)) if on_step else None)
-        frames = self.decode(latent, seed)
+        frames = self.decode(latent, o.seed)
         result = GenerationResult(frames=frames, latent=latent, reference=image)
-        score = self.facesim(frames, image) if "face_encoder" in self.engines and face_crop else None
-        files = self.write(result, output) if output is not None else {}
+        score = self.facesim(frames, image) if "face_encoder" in self.engines and o.face_crop else None
+        files = self.write(result, o.output) if o.output is not None else {}
         return GenerationResult(frames, latent, image, score, files)
 
     def facesim(self, frames: np.ndarray, reference: np.ndarray) -> float | None:
@@ -230,13 +240,12 @@ class Pipeline:
         if entry.backend != "onnxruntime":
             return None
         if self._embedder is None:
-            self._embedder = face.FaceEmbedder(self.bundle_dir / entry.file)
+            self._embedder = face.FaceEmbedder(bundle_path(self.bundle_dir, entry.file))
         try:
             result = face.facesim(frames, reference, self._face_detector(), self._embedder)
         except NoFaceError:
             return None
-        # no face in any sampled frame: there is no similarity to report, not a score of 0
-        return None if result.frames_without_face == result.frames_sampled else result.score
+        return result.value  # None when no sampled frame has a face, as `stdrc facesim` says n/a
 
     def write(self, result: GenerationResult, output: str | Path) -> dict[str, str]:
         output = Path(output)

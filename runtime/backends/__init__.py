@@ -13,9 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from stdrc.runtime.errors import BackendUnavailableError, BundleError
-from stdrc.runtime.manifest import ComponentEntry
-
-BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
+from stdrc.runtime.manifest import BACKENDS, CODE_BACKENDS, ComponentEntry, bundle_path  # noqa: F401 (BACKENDS re-exported)
 
 
 class Engine(Protocol):
@@ -50,15 +48,29 @@ def available(backend: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def check_trust(name: str, entry: ComponentEntry, trust_code: bool) -> None:
+    """torch/aoti engines run code when loaded (unpickling, a shared library): only on the caller's word."""
+    if entry.backend in CODE_BACKENDS and not trust_code:
+        raise BundleError(
+            f"bundle component {name} is a {entry.backend} engine, and loading one runs code from the bundle "
+            "(pickle or a shared library; a sha256 cannot make that safe): open it only if you trust who built "
+            "it, with --trust-bundle-code (trust_code=True), or use an onnxruntime/tensorrt bundle"
+        )
+
+
 def open_engine(bundle_dir: Path, name: str, entry: ComponentEntry, device: str = "cpu",
-                cuda_graph: bool = False) -> Engine:
-    """`cuda_graph` applies to torch/aoti engines on CUDA (TensorRT engines capture their own)."""
+                cuda_graph: bool = False, trust_code: bool = False) -> Engine:
+    """`cuda_graph` applies to torch/aoti engines on CUDA (TensorRT engines capture their own).
+
+    `trust_code` must be True for torch/aoti engines (see `check_trust`).
+    """
+    check_trust(name, entry, trust_code)
     if not available(entry.backend):
         raise BackendUnavailableError(
             f"bundle component {name} needs the {entry.backend} backend, which is not installed here: "
             f"install it or rebuild the bundle with --backend onnxruntime"
         )
-    path = bundle_dir / entry.file
+    path = bundle_path(bundle_dir, entry.file)
     if entry.backend == "onnxruntime":
         from stdrc.runtime.backends.onnxruntime import OrtEngine
 
