@@ -31,7 +31,7 @@ def _verify(args: argparse.Namespace) -> int:
     from stdrc.engines.verify import reports_json, verify_bundle
 
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
-                            text_checkpoint=args.text_checkpoint)
+                            text_checkpoint=args.text_checkpoint, trust_code=args.trust_bundle_code)
     result = reports_json(reports)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--text-encoder", type=Path, default=None, help="the Gemma-3 folder the bundle was built with")
     v.add_argument("--text-checkpoint", type=Path, default=None)
     v.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    v.add_argument("--trust-bundle-code", action="store_true",
+                   help="allow torch/aoti bundles: loading one runs code from the bundle (see README, Trust)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_verify)
     return parser

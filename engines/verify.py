@@ -12,8 +12,9 @@ from stdrc.export.config import get_preset
 from stdrc.export.errors import CheckpointError
 from stdrc.export.models import load_models
 from stdrc.export.specs import component_specs
-from stdrc.runtime.backends import open_engine
+from stdrc.runtime.backends import check_trust, open_engine
 from stdrc.runtime.manifest import check_files, read_manifest
+from stdrc.runtime.options import check_path
 from stdrc.runtime.tiling import DecodeTiling
 
 # rel L2 tolerated per engine precision (fp32: the issue's 1e-4)
@@ -41,9 +42,12 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
 
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
                   device: str = "cpu", text_encoder: str | Path | None = None,
-                  text_checkpoint: str | Path | None = None) -> dict[str, ComponentReport]:
-    bundle = Path(bundle)
+                  text_checkpoint: str | Path | None = None, trust_code: bool = False) -> dict[str, ComponentReport]:
+    """`trust_code`: allow torch/aoti bundles, whose loading runs code from the bundle (README, Trust)."""
+    bundle = check_path(bundle, "bundle folder")
     manifest = read_manifest(bundle)
+    for name, entry in manifest.components.items():
+        check_trust(name, entry, trust_code)
     check_files(bundle, manifest)
     if manifest.checkpoint_sha256 and checkpoint is None:
         raise CheckpointError(f"{bundle} was built from a checkpoint: pass --checkpoint with that file to verify it")
@@ -58,7 +62,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     specs = component_specs(models.preset, manifest.bucket, DecodeTiling.from_json(manifest.decode))
     reports = {}
     for name, entry in manifest.components.items():
-        engine = open_engine(bundle, name, entry, device)
+        engine = open_engine(bundle, name, entry, device, trust_code=trust_code)
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],
                                                                             entry.dynamic_dims["batch"][1]})
         worst = (0.0, 0.0)
