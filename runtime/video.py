@@ -23,7 +23,10 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # Pillow's own limit, above ours
+        raise InputError(f"reference image {path} claims over {MAX_IMAGE_PIXELS // 2**20} Mpx "
+                         "(a decompression bomb, or far larger than needed): pass a smaller photo") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(f"reference image {path} cannot be read as an image ({type(e).__name__}): "
                          "pass a PNG or JPEG file") from None
 

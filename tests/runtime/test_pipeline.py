@@ -89,7 +89,7 @@ def test_no_face_is_a_clear_error(pipe: Pipeline, blank_png: Path) -> None:
 
 
 def test_bad_api_arguments(pipe: Pipeline, astronaut_png: Path) -> None:
-    with pytest.raises(InputError, match="--steps 1 or more"):
+    with pytest.raises(InputError, match="--steps 1 to 1000"):
         pipe.generate(reference=astronaut_png, prompt="x", steps=0)
     with pytest.raises(InputError, match="max_batch"):
         pipe.generate(reference=astronaut_png, prompt="x", max_batch=4)

@@ -32,7 +32,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def cli(module: str, *args: str | bytes, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HOME": str(cwd / "home"), "STDRC_CACHE": str(cwd / "cache")}
+    # onnxruntime writes ~/.cache/Microsoft on import: a HOME beside the test folder, not in it
+    env = {**os.environ, "HOME": str(cwd.parent / "home"), "STDRC_CACHE": str(cwd.parent / "cache")}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, timeout=300)
 
 
@@ -155,11 +156,13 @@ def test_crash_inputs_are_one_line(work: Path, tiny_bundle: Path) -> None:
     """Non-UTF-8 paths (OpenCV segfaulted), lone surrogates, a decompression bomb, a text file as image."""
     shutil.copy(work / "ref.png", os.fsencode(work) + b"/ref\xff.png")
     bomb_png(work / "bomb.png")
+    bomb_png(work / "big.png", 9000, 9000)  # under Pillow's own limit, over ours
     (work / "notes.png").write_text("not an image")
     cases = {
         "non-UTF-8 reference path": (generate_args(tiny_bundle, ref=b"ref\xff.png"), "not valid UTF-8"),
         "non-UTF-8 output path": (generate_args(tiny_bundle, out=b"out\xff.mp4"), "not valid UTF-8"),
-        "decompression bomb": (generate_args(tiny_bundle, ref="bomb.png"), "100000x100000"),
+        "decompression bomb": (generate_args(tiny_bundle, ref="bomb.png"), "64 Mpx"),
+        "large header": (generate_args(tiny_bundle, ref="big.png"), "9000x9000"),
         "text file as image": (generate_args(tiny_bundle, ref="notes.png"), "cannot be read as an image"),
     }
     prompt = generate_args(tiny_bundle)
@@ -212,13 +215,13 @@ def test_malformed_manifests_through_the_cli(work: Path, bundle_copy, tmp_path: 
     assert snapshot(outside) == outside_before
 
 
-def test_symlink_out_of_the_bundle_is_refused(bundle_copy, tmp_path: Path) -> None:
+def test_symlink_out_of_the_bundle_is_refused(bundle_copy, work: Path, tmp_path: Path) -> None:
     bundle = bundle_copy(lambda d: None)
     outside = tmp_path / "elsewhere.onnx"
     shutil.copy(bundle / "dit.onnx", outside)  # same bytes: the sha256 matches, the place does not
     (bundle / "dit.onnx").unlink()
     (bundle / "dit.onnx").symlink_to(outside)
-    done = cli(RUNTIME, *generate_args(bundle), cwd=tmp_path)
+    done = cli(RUNTIME, *generate_args(bundle), cwd=work)
     refused(done.returncode, done.stderr, "outside the bundle folder")
 
 
