@@ -247,8 +247,8 @@ class Manifest:
         checkpoint = sc.get(data, "checkpoint_sha256", "manifest", None)
         if checkpoint is not None:
             sc.sha256(data, "checkpoint_sha256", "manifest")
-        sections = {key: sc.section(sc.get(data, key, "manifest", default), key)
-                    for key, default in SECTIONS.items()}
+        sections = {key: sc.section(sc.get(data, key, "manifest", sc.MISSING if required else {}), key)
+                    for key, required in SECTIONS.items()}
         for key, check in SECTION_CHECKS.items():
             check(sections[key])
         return Manifest(
@@ -325,8 +325,8 @@ def _check_decode(data: dict) -> None:
         sc.integer(data, "spatial_scale", "decode", lo=SPACE_SCALE, hi=SPACE_SCALE)
 
 
-SECTIONS = {"model_config": sc._MISSING, "sampler": sc._MISSING, "guidance": sc._MISSING, "rope": sc._MISSING,
-            "text": sc._MISSING, "reference": sc._MISSING, "quality": {}, "decode": {}, "created_by": {}}
+SECTIONS = {"model_config": True, "sampler": True, "guidance": True, "rope": True, "text": True,  # required?
+            "reference": True, "quality": False, "decode": False, "created_by": False}
 SECTION_CHECKS = {"model_config": _check_model_config, "sampler": _check_sampler, "guidance": _check_guidance,
                   "rope": _check_rope, "text": _check_text, "decode": _check_decode}
 

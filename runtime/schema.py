@@ -16,7 +16,7 @@ from typing import Any
 from stdrc.runtime.errors import BundleError
 
 FIX = "rebuild the bundle with `stdrc-export build-engines`"
-_MISSING = object()
+MISSING = object()
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -36,18 +36,18 @@ def section(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def get(data: dict[str, Any], key: str, where: str, default: Any = _MISSING) -> Any:
+def get(data: dict[str, Any], key: str, where: str, default: Any = MISSING) -> Any:
     if key in data:
         return data[key]
-    if default is _MISSING:
+    if default is MISSING:
         raise BundleError(f"bundle manifest lacks {where}.{key}: {FIX}")
     return default
 
 
 def integer(data: dict, key: str, where: str, lo: int | None = None, hi: int | None = None,
-            default: Any = _MISSING) -> int:
+            default: Any = MISSING) -> int:
     value = get(data, key, where, default)
-    if value is default and default is not _MISSING:
+    if value is default and default is not MISSING:
         return value
     if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo) \
             or (hi is not None and value > hi):
@@ -57,9 +57,9 @@ def integer(data: dict, key: str, where: str, lo: int | None = None, hi: int | N
 
 
 def number(data: dict, key: str, where: str, lo: float | None = None, hi: float | None = None,
-           default: Any = _MISSING) -> float:
+           default: Any = MISSING) -> float:
     value = get(data, key, where, default)
-    if value is default and default is not _MISSING:
+    if value is default and default is not MISSING:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -77,16 +77,16 @@ def numbers(data: dict, key: str, where: str, lo: float, hi: float) -> tuple[flo
 
 
 def string(data: dict, key: str, where: str, choices: tuple[str, ...] | None = None,
-           default: Any = _MISSING) -> str:
+           default: Any = MISSING) -> str:
     value = get(data, key, where, default)
-    if value is default and default is not _MISSING:
+    if value is default and default is not MISSING:
         return value
     if not isinstance(value, str) or not value or "\x00" in value or (choices and value not in choices):
         raise bad(f"{where}.{key}", value, f"one of {', '.join(choices)}" if choices else "a non-empty string")
     return value
 
 
-def boolean(data: dict, key: str, where: str, default: Any = _MISSING) -> bool:
+def boolean(data: dict, key: str, where: str, default: Any = MISSING) -> bool:
     value = get(data, key, where, default)
     if not isinstance(value, bool):
         raise bad(f"{where}.{key}", value, "true or false")

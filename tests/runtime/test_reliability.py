@@ -34,7 +34,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def cli(module: str, *args: str | bytes, cwd: Path) -> subprocess.CompletedProcess:
     # onnxruntime writes ~/.cache/Microsoft on import: a HOME beside the test folder, not in it
     env = {**os.environ, "HOME": str(cwd.parent / "home"), "STDRC_CACHE": str(cwd.parent / "cache")}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, timeout=300, check=False)
 
 
 def refused(returncode: int, stderr: str | bytes, *words: str) -> str:
@@ -60,7 +60,7 @@ def work(tmp_path: Path, astronaut_png: Path) -> Path:
 def bundle_copy(tiny_bundle: Path, tmp_path: Path):
     """A bundle (files hard-linked, manifest copied) whose manifest a test may edit."""
 
-    def make(edit) -> Path:  # noqa: ANN001
+    def make(edit) -> Path:
         out = tmp_path / "bundle"
         shutil.copytree(tiny_bundle, out, copy_function=os.link)
         path = out / "manifest.json"
@@ -125,10 +125,10 @@ def test_library_checks_options_before_work(tiny_bundle: Path, astronaut_png: Pa
     from stdrc.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(tiny_bundle)
-    bad = [dict(prompt="a\udcffb"), dict(prompt="ok", negative_prompt="\ud800"), dict(prompt="ok", seed=-5),
-           dict(prompt="ok", seed=1.5), dict(prompt="ok", text_scale=float("nan")),
-           dict(prompt="ok", guidance_interval=(0.8, 0.2)), dict(prompt="ok", cfg_rescale=float("inf")),
-           dict(prompt="ok", output=str(tmp_path / "a\x00b.mp4")), dict(prompt="ok", output=tmp_path)]
+    bad = [{"prompt": "a\udcffb"}, {"prompt": "ok", "negative_prompt": "\ud800"}, {"prompt": "ok", "seed": -5},
+           {"prompt": "ok", "seed": 1.5}, {"prompt": "ok", "text_scale": float("nan")},
+           {"prompt": "ok", "guidance_interval": (0.8, 0.2)}, {"prompt": "ok", "cfg_rescale": float("inf")},
+           {"prompt": "ok", "output": str(tmp_path / "a\x00b.mp4")}, {"prompt": "ok", "output": tmp_path}]
     for kwargs in bad:
         with pytest.raises(InputError):
             pipe.generate(astronaut_png, **kwargs)
@@ -176,7 +176,7 @@ def test_crash_inputs_are_one_line(work: Path, tiny_bundle: Path) -> None:
         assert snapshot(work) == before, case
 
 
-def _set(path: list, value):  # noqa: ANN001, ANN202
+def _set(path: list, value):
     def edit(data: dict) -> None:
         target = data
         for key in path[:-1]:
@@ -344,7 +344,8 @@ def test_existing_bundle_is_replaced_and_dead_staging_removed(tiny_bundle: Path,
 
     out = tmp_path / "b"
     shutil.copytree(tiny_bundle, out, copy_function=os.link)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     stale = tmp_path / f".b.partial-{int(dead.stdout)}"  # a build killed with SIGKILL left this
     stale.mkdir()
     (stale / "dit.onnx").write_bytes(b"half")
