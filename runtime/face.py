@@ -86,7 +86,9 @@ class YuNetDetector:
 
     def __init__(self, model_path: str | os.PathLike, score_threshold: float = 0.6,
                  nms_threshold: float = 0.3) -> None:
-        path = Path(model_path)
+        from stdrc.runtime.options import check_path
+
+        path = check_path(model_path, "YuNet model")  # OpenCV crashes on paths that are not UTF-8
         if not path.is_file():
             raise InputError(f"YuNet model {path} does not exist; see find_yunet() for where to put it")
         self._net = cv2.FaceDetectorYN.create(str(path), "", (YUNET_SIZE, YUNET_SIZE), score_threshold,
@@ -328,7 +330,9 @@ class FaceEmbedder:
 
     def __init__(self, onnx_path: str | os.PathLike, providers: Sequence[str] | None = None,
                  batch_size: int = 32) -> None:
-        path = Path(onnx_path)
+        from stdrc.runtime.options import check_path
+
+        path = check_path(onnx_path, "face embedder")
         if not path.is_file():
             raise InputError(f"face embedder {path} does not exist; export one with stdrc-export or pass "
                              f"an insightface recogniser (w600k_r50.onnx)")
