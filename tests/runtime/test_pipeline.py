@@ -133,7 +133,7 @@ def _bad_bundle(tiny_bundle: Path, tmp_path: Path, change: str) -> Path:
     ("truncated", "does not match its sha256"),
     ("version", "format 99 is not supported"),
     ("no-manifest", "manifest.json is missing"),
-    ("steps", "--steps 1 or more"),
+    ("steps", "--steps 1 to 1000"),
     ("unwritable", "not writable"),
     ("face-models", "insightface model folder"),
 ])
