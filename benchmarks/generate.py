@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,7 @@ class GenerateConfig:
     fp8_scales: Path | None = None  # fast-path mode: else the bundle's, else calibrated here
     fp8_calibration_prompts: int = 4
     gate_min_psnr: float = 30.0  # dB; a convention for "visually close", not a published figure
+    trust_bundle_code: bool = False  # a given torch/aoti --bundle runs code when loaded; one built here is ours
 
 
 def synthetic_reference(seed: int, size: int = 256) -> np.ndarray:
@@ -180,28 +182,36 @@ def _slope(values: list[float]) -> float | None:
 
 
 def repeat_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:
-    """`generate` N times in one process; RSS (and GPU memory) after each."""
+    """`generate` N times in one process; RSS (and GPU memory) after each; then the first seed again.
+
+    The last generation repeats the first one's seed: its frames must be byte-identical (no state
+    leaks from one generation into the next).
+    """
     output = out_dir / "repeat.mp4"
-    rss, gpu, seconds = [], [], []
-    for i in range(cfg.repeat_generations):
+    rss, gpu, seconds, digests = [], [], [], []
+    for i in [*range(cfg.repeat_generations), 0]:
         start = time.perf_counter()
-        pipe.generate(reference, PROMPT, seed=cfg.seed + i, steps=cfg.steps, distilled=cfg.distilled,
-                      max_batch=cfg.max_batch, face_crop=cfg.face_crop, output=output)
+        result = pipe.generate(reference, PROMPT, seed=cfg.seed + i, steps=cfg.steps, distilled=cfg.distilled,
+                               max_batch=cfg.max_batch, face_crop=cfg.face_crop, output=output)
         seconds.append(time.perf_counter() - start)
+        digests.append(hashlib.sha256(result.frames.tobytes()).hexdigest())
         gc.collect()
         now = _memory_now(cfg.device)
         rss.append(now["rss_mb"])
         if "gpu_used_mb" in now:
             gpu.append(now["gpu_used_mb"])
+    rss, seconds, same = rss[:-1], seconds[:-1], digests[-1] == digests[0]
     out = {
         "generations": cfg.repeat_generations, "rss_mb": rss, "first_mb": rss[0], "last_mb": rss[-1],
         "max_mb": max(rss), "growth_mb": rss[-1] - rss[0],
         "slope_mb_per_generation": _slope(rss), "slope_after_first_mb_per_generation": _slope(rss[1:]),
         "seconds": [round(s, 4) for s in seconds],
-        "note": "RSS read after each generation and a gc.collect(); same prompt, seed + i",
+        "same_seed_identical_frames": same, "frames_sha256_first": digests[0],
+        "note": "RSS read after each generation and a gc.collect(); same prompt, seed + i; then seed + 0 "
+                "again, compared byte for byte with the first",
     }
     if gpu:
-        out.update(gpu_used_mb=gpu, gpu_slope_mb_per_generation=_slope(gpu))
+        out.update(gpu_used_mb=gpu[:-1], gpu_slope_mb_per_generation=_slope(gpu[:-1]))
     return out
 
 
@@ -297,7 +307,7 @@ def run(cfg: GenerateConfig) -> dict:
             bundle = tmp / "bundle"
             build_s = build_tiny_bundle(bundle, cfg.backend, cfg.cache_dir or tmp / "cache")
         start = time.perf_counter()
-        pipe = Pipeline.from_bundle(bundle, device=cfg.device)
+        pipe = Pipeline.from_bundle(bundle, device=cfg.device, trust_code=cfg.bundle is None or cfg.trust_bundle_code)
         load_s = time.perf_counter() - start
         reference = cfg.reference if cfg.reference is not None else synthetic_reference(cfg.seed)
         rep = {
@@ -349,6 +359,8 @@ def print_report(rep: dict) -> None:
               f"growth {r['growth_mb']:+.1f} MB, slope {harness.fmt(r['slope_mb_per_generation'], '+.3f')} "
               f"MB/generation ({harness.fmt(r['slope_after_first_mb_per_generation'], '+.3f')} "
               "after the first)")
+        print(f"seed {c['seed']} again after {r['generations']} generations: frames "
+              f"{'byte-identical' if r['same_seed_identical_frames'] else 'DIFFERENT'}")
         return
     if rep["mode"] == "fast_path":
         print_fast_path(rep["fast_path"], c)
@@ -410,6 +422,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
                    help="fast-path mode: fp8_scales.json (default: the bundle's, else calibrate here)")
     p.add_argument("--fp8-calibration-prompts", type=int, default=4)
     p.add_argument("--gate-min-psnr", type=float, default=30.0, help="fast-path mode: FP8 gate, dB vs bf16")
+    p.add_argument("--trust-bundle-code", action="store_true",
+                   help="allow a torch/aoti --bundle: loading one runs code from it (see README, Trust)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.bundle is None and a.preset != "tiny":
@@ -425,7 +439,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
                          seed=a.seed, reference=a.ref, face_crop=a.face_crop,
                          repeat_generations=a.repeat_generations, cache_dir=a.cache_dir,
                          fast_path_gate=a.fast_path_gate, checkpoint=a.checkpoint, fp8_scales=a.fp8_scales,
-                         fp8_calibration_prompts=a.fp8_calibration_prompts, gate_min_psnr=a.gate_min_psnr)
+                         fp8_calibration_prompts=a.fp8_calibration_prompts, gate_min_psnr=a.gate_min_psnr,
+                         trust_bundle_code=a.trust_bundle_code)
     return cfg, a.json
 
 

@@ -19,6 +19,7 @@ import stdrc
 from stdrc.engines.bundle import BundleWriter
 from stdrc.export.errors import ExportError
 from stdrc.export.lora import LoraSpec
+from stdrc.runtime.errors import InputError
 from stdrc.export.models import ModelSet, load_models
 from stdrc.export.onnx_export import dynamic_shapes, export_onnx, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
@@ -205,8 +206,53 @@ def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bu
     )
 
 
+def check_build_config(cfg: BuildConfig) -> Bucket:
+    """Every build value checked before any weight is read: one ExportError/InputError line each.
+
+    Returns the bucket the build will target (preset defaults filled in for None fields).
+    """
+    import math
+
+    from stdrc.engines.bundle import check_out
+    from stdrc.export.config import get_preset
+    from stdrc.runtime.manifest import LAYOUTS, PRECISIONS
+    from stdrc.runtime.options import check_path
+
+    preset = get_preset(cfg.preset)
+    for name in ("frames", "height", "width", "decode_tile", "decode_overlap", "seed"):
+        value = getattr(cfg, name)
+        zero_ok = name in ("decode_tile", "decode_overlap", "seed")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1)):
+            raise InputError(f"--{name.replace('_', '-')} {value!r}: pass an integer >= {0 if zero_ok else 1}"
+                             + (" (or leave it out for the preset's default)" if name in ("frames", "height", "width")
+                                else ""))
+    if cfg.fps is not None and (not isinstance(cfg.fps, (int, float)) or not math.isfinite(cfg.fps)
+                                or not 0 < cfg.fps <= 1000):
+        raise InputError(f"--fps {cfg.fps!r}: pass a frame rate in (0, 1000], e.g. --fps 24")
+    if cfg.precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if cfg.layout not in LAYOUTS:
+        raise ExportError(f"unknown layout {cfg.layout!r}: choose one of {', '.join(LAYOUTS)}")
+    backend = resolve_backend(cfg.backend)
+    if backend == "onnxruntime" and cfg.precision not in ("fp32", "fp16"):
+        raise ExportError(f"ONNX Runtime engines are fp32 or fp16, not {cfg.precision}: use --precision fp32 (CPU) "
+                          "or fp16 (CUDA EP); FP8 needs --backend tensorrt")
+    if backend in ("torch", "aoti") and cfg.precision == "fp16":
+        raise ExportError(f"--backend {backend} builds fp32, bf16 or fp8 engines: use --precision bf16")
+    for name in ("checkpoint", "face_weights", "text_encoder", "text_checkpoint", "cache_dir"):
+        if getattr(cfg, name) is not None:
+            check_path(getattr(cfg, name), f"--{name.replace('_', '-')}")
+    check_out(check_path(cfg.out, "--out"))
+    d = preset.default_bucket
+    bucket = Bucket(frames=cfg.frames or d["frames"], height=cfg.height or d["height"], width=cfg.width or d["width"],
+                    text_length=preset.text.max_length, fps=cfg.fps or d["fps"])
+    decode_tiling(bucket.height, bucket.width, cfg.decode_tile, cfg.decode_overlap)
+    return bucket
+
+
 def build_engines(cfg: BuildConfig) -> Path:
     """Build every component for one bucket and write the bundle at `cfg.out` (atomically)."""
+    check_build_config(cfg)
     backend = resolve_backend(cfg.backend)
     stages = tqdm(total=7, desc="build-engines", unit="stage", disable=not cfg.progress)
     stages.set_postfix_str("loading model")

@@ -41,7 +41,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
                             text_checkpoint=args.text_checkpoint, loras=tuple(LoraSpec.parse(t) for t in args.lora),
-                            report=args.report and not args.json)
+                            report=args.report and not args.json, trust_code=args.trust_bundle_code)
     result = reports_json(reports)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each LoRA the bundle was built with, in order (strength default: the manifest's)")
     v.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where the engines run (the reference runs on CPU)")
+    v.add_argument("--trust-bundle-code", action="store_true",
+                   help="allow torch/aoti bundles: loading one runs code from the bundle (see README, Trust)")
     v.add_argument("--json", action="store_true", help="print the numbers as JSON")
     v.add_argument("--report", action="store_true",
                    help="also print polygraphy's comparison per output and batch (error statistics)")

@@ -20,8 +20,9 @@ from stdrc.export.errors import CheckpointError
 from stdrc.export.lora import LoraSpec, match_manifest
 from stdrc.export.models import load_models
 from stdrc.export.specs import component_specs
-from stdrc.runtime.backends import open_engine
+from stdrc.runtime.backends import check_trust, open_engine
 from stdrc.runtime.manifest import check_files, read_manifest
+from stdrc.runtime.options import check_path
 from stdrc.runtime.tiling import DecodeTiling
 
 # rel L2 tolerated per engine precision (fp32: the issue's 1e-4)
@@ -39,10 +40,11 @@ class ComponentReport:
 
 
 @contextmanager
-def _engine_runner(bundle: Path, name: str, entry, device: str, report: bool):  # noqa: ANN001, ANN202
+def _engine_runner(bundle: Path, name: str, entry, device: str, report: bool,  # noqa: ANN001, ANN202
+                   trust_code: bool = False):
     """feeds -> outputs: polygraphy's OnnxrtRunner for ONNX files, else the runtime's engine for the backend."""
     if entry.backend != "onnxruntime":
-        yield open_engine(bundle, name, entry, device).run
+        yield open_engine(bundle, name, entry, device, trust_code=trust_code).run
         return
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
@@ -98,9 +100,12 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
                   device: str = "cpu", text_encoder: str | Path | None = None,
                   text_checkpoint: str | Path | None = None, loras: tuple[LoraSpec, ...] = (),
-                  report: bool = False) -> dict[str, ComponentReport]:
-    bundle = Path(bundle)
+                  report: bool = False, trust_code: bool = False) -> dict[str, ComponentReport]:
+    """`trust_code`: allow torch/aoti bundles, whose loading runs code from the bundle (README, Trust)."""
+    bundle = check_path(bundle, "bundle folder")
     manifest = read_manifest(bundle)
+    for name, entry in manifest.components.items():
+        check_trust(name, entry, trust_code)
     check_files(bundle, manifest)
     if manifest.checkpoint_sha256 and checkpoint is None:
         raise CheckpointError(f"{bundle} was built from a checkpoint: pass --checkpoint with that file to verify it")
@@ -120,7 +125,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],
                                                                             entry.dynamic_dims["batch"][1]})
         got, expected = [], []
-        with _engine_runner(bundle, name, entry, device, report) as run:
+        with _engine_runner(bundle, name, entry, device, report, trust_code) as run:
             for batch in batches:
                 feeds = specs[name].sample_inputs(seed=seed, batch=batch)
                 got.append(run(feeds))

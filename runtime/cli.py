@@ -15,7 +15,6 @@ from stdrc import __version__
 from stdrc.runtime.errors import StdrcError
 
 
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" where there is a value to show: not on required options, flags or None."""
 
@@ -32,12 +31,21 @@ FORMATTER = HelpFormatter
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from stdrc.runtime.options import GenerationOptions
     from stdrc.runtime.pipeline import Pipeline
-    from stdrc.runtime.video import check_writable
+    from stdrc.runtime.video import load_image
 
-    check_writable(args.output)  # fail before loading anything
+    # every argument is checked before anything is loaded, and before a progress bar is drawn
+    options = GenerationOptions(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+        text_scale=args.text_scale, ref_scale=args.ref_scale,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        cfg_rescale=args.cfg_rescale, distilled=args.distilled, max_batch=args.max_batch,
+        face_crop=not args.no_face_crop, output=args.output,
+    )
+    reference = load_image(args.ref)
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, cuda_graphs=args.cuda_graphs,
-                                memory_plan=args.memory_plan)
+                                memory_plan=args.memory_plan, trust_code=args.trust_bundle_code)
     if args.face_models:
         pipe.use_face_models(args.face_models)
     elif args.face_detector:
@@ -55,14 +63,8 @@ def _generate(args: argparse.Namespace) -> int:
         if i + 1 == total:
             bar.close()  # decode and FaceSim log lines come after, on lines of their own
 
-    interval = tuple(args.guidance_interval) if args.guidance_interval else None
     try:
-        result = pipe.generate(
-            reference=args.ref, prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-            steps=args.steps, text_scale=args.text_scale, ref_scale=args.ref_scale, guidance_interval=interval,
-            cfg_rescale=args.cfg_rescale, distilled=args.distilled, max_batch=args.max_batch,
-            face_crop=not args.no_face_crop, output=args.output, on_step=on_step,
-        )
+        result = pipe.generate_with(reference, options, on_step=on_step)
     finally:
         if bar is not None:
             bar.close()  # ends the bar's line, so an error goes on its own
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse a bundle whose engines are not this backend (default: whatever the bundle holds)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when the bundle's backend can use it here, else CPU")
+    g.add_argument("--trust-bundle-code", action="store_true",
+                   help="allow torch/aoti bundles: loading one runs code from the bundle (see README, Trust)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay the DiT step as a CUDA graph (torch/aoti bundles on CUDA)")
     g.add_argument("--memory-plan", default="all", choices=("all", "staged", "auto"),

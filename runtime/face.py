@@ -86,7 +86,9 @@ class YuNetDetector:
 
     def __init__(self, model_path: str | os.PathLike, score_threshold: float = 0.6,
                  nms_threshold: float = 0.3) -> None:
-        path = Path(model_path)
+        from stdrc.runtime.options import check_path
+
+        path = check_path(model_path, "YuNet model")  # OpenCV crashes on paths that are not UTF-8
         if not path.is_file():
             raise InputError(f"YuNet model {path} does not exist; see find_yunet() for where to put it")
         # OpenCV 5 warns on every create that its new graph engine ignores the target: not ours to show
@@ -329,7 +331,9 @@ class FaceEmbedder:
 
     def __init__(self, onnx_path: str | os.PathLike, providers: Sequence[str] | None = None,
                  batch_size: int = 32) -> None:
-        path = Path(onnx_path)
+        from stdrc.runtime.options import check_path
+
+        path = check_path(onnx_path, "face embedder")
         if not path.is_file():
             raise InputError(f"face embedder {path} does not exist; export one with stdrc-export or pass "
                              f"an insightface recogniser (w600k_r50.onnx)")
@@ -371,6 +375,11 @@ class FaceSimResult:
     def frames_sampled(self) -> int:
         return len(self.per_frame)
 
+    @property
+    def value(self) -> float | None:
+        """The score, or None when no sampled frame had a face: no similarity to report, not a 0."""
+        return None if self.frames_without_face == self.frames_sampled else self.score
+
 
 def facesim(frames: np.ndarray, reference_rgb: np.ndarray, detector: FaceDetector, embedder: FaceEmbedder,
             samples: int = 16) -> FaceSimResult:
@@ -397,33 +406,31 @@ def facesim(frames: np.ndarray, reference_rgb: np.ndarray, detector: FaceDetecto
             per_frame[slot] = max(float(cos), 0.0)
     scores = [s for s in per_frame if s is not None]
     if not scores:
-        log.warning("facesim: no face in any of %d sampled frames; score is 0", len(idx))
+        log.info("facesim: no face in any of %d sampled frames; FaceSim is n/a", len(idx))
     return FaceSimResult(score=float(np.mean(scores)) if scores else 0.0, per_frame=tuple(per_frame),
                          frames_without_face=len(idx) - len(scores), frame_indices=tuple(int(i) for i in idx))
 
 
 def _read_rgb(path: str | os.PathLike) -> np.ndarray:
-    import imageio.v3 as iio
+    from stdrc.runtime.video import load_image
 
-    try:
-        image = np.asarray(iio.imread(path))
-    except Exception as e:
-        raise InputError(f"cannot read image {path} ({e}); pass a PNG or JPEG") from e
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    return np.ascontiguousarray(image[..., :3].astype(np.uint8))
+    return load_image(path)  # header size checked before decoding
 
 
 def read_video_rgb(path: str | os.PathLike) -> np.ndarray:
     """All frames of a video as (F, H, W, 3) uint8 RGB."""
     import imageio.v3 as iio
 
-    if not Path(path).is_file():
-        raise InputError(f"video {path} does not exist")
+    from stdrc.runtime.options import check_path
+
+    path = check_path(path, "video")
+    if not path.is_file():
+        raise InputError(f"video {path} does not exist: pass an existing MP4 file")
     try:
         frames = [np.asarray(f)[..., :3] for f in iio.imiter(path)]
-    except Exception as e:
-        raise InputError(f"cannot read video {path} ({e}); pass an MP4 readable by imageio-ffmpeg") from e
+    except Exception as e:  # ffmpeg's whole log is in str(e): name the failure, not the log
+        raise InputError(f"cannot read video {path} ({type(e).__name__}): pass an MP4 made by `stdrc generate` "
+                         "or readable by ffmpeg") from None
     if not frames:
         raise InputError(f"video {path} has no frames")
     return np.stack(frames).astype(np.uint8)
@@ -460,10 +467,11 @@ def run_facesim(args: argparse.Namespace) -> int:
     detector = ScrfdDetector(models.detector) if models else YuNetDetector(find_yunet(args.face_detector))
     result = facesim(read_video_rgb(args.video), _read_rgb(args.ref), detector, FaceEmbedder(embedder_path),
                      samples=args.samples)
+    value = result.value
     if args.json:
-        print(json.dumps({"facesim": round(result.score, 6), "frames_sampled": result.frames_sampled,
-                          "frames_without_face": result.frames_without_face}))
+        print(json.dumps({"facesim": None if value is None else round(value, 6),
+                          "frames_sampled": result.frames_sampled, "frames_without_face": result.frames_without_face}))
     else:
-        print(f"facesim {result.score:.4f} ({result.frames_sampled} frames sampled, "
+        print(f"facesim {'n/a' if value is None else f'{value:.4f}'} ({result.frames_sampled} frames sampled, "
               f"{result.frames_without_face} without a face)")
     return 0

@@ -7,17 +7,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stdrc.runtime import schema as sc
 from stdrc.runtime.errors import BundleError, InputError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder")
+BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
+CODE_BACKENDS = ("torch", "aoti")  # loading one runs code from the bundle (pickle, shared library)
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8", "float8_e4m3fn")
+LAYOUTS = ("tass", "overlap", "width_shift", "before")
+MAX_STEPS = 1000  # more than this is a typo, not a schedule
 
 # LTX-2 video VAE compression: time x8 (causal first frame), space x32.
 TIME_SCALE = 8
@@ -47,8 +55,8 @@ class Bucket:
                 raise InputError(f"{name}={value} is not a positive multiple of 32: use --{name} {near}")
         if self.text_length < 1:
             raise InputError(f"text_length={self.text_length} must be >= 1")
-        if self.fps <= 0:
-            raise InputError(f"fps={self.fps} must be > 0")
+        if not math.isfinite(self.fps) or not 0 < self.fps <= 1000:
+            raise InputError(f"fps={self.fps} must be a number in (0, 1000]: use --fps 24")
 
     @property
     def latent_frames(self) -> int:
@@ -86,14 +94,20 @@ class Bucket:
         }
 
     @staticmethod
-    def from_json(data: dict[str, Any]) -> Bucket:
-        return Bucket(
-            frames=int(data["frames"]),
-            height=int(data["height"]),
-            width=int(data["width"]),
-            text_length=int(data["text_length"]),
-            fps=float(data["fps"]),
-        )
+    def from_json(data: Any, where: str = "bucket") -> Bucket:
+        data = sc.section(data, where)
+        try:
+            bucket = Bucket(**{k: sc.integer(data, k, where, lo=1) for k in ("frames", "height", "width",
+                                                                                "text_length")},
+                            fps=sc.number(data, "fps", where, lo=0))
+        except InputError as e:
+            raise BundleError(f"bundle manifest {where}: {e} ({sc.FIX})") from e
+        facts = {"latent_grid": [bucket.latent_frames, bucket.latent_height, bucket.latent_width],
+                 "video_tokens": bucket.video_tokens, "reference_tokens": bucket.reference_tokens}
+        for key, want in facts.items():  # C++ apps read these as written
+            if key in data and data[key] != want:
+                raise sc.bad(f"{where}.{key}", data[key], f"{want} for this bucket")
+        return bucket
 
 
 @dataclass(frozen=True)
@@ -108,8 +122,14 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @staticmethod
-    def from_json(data: dict[str, Any]) -> TensorSpec:
-        return TensorSpec(data["name"], tuple(data["shape"]), data["dtype"])
+    def from_json(data: Any, where: str = "tensor") -> TensorSpec:
+        data = sc.section(data, where)
+        shape = sc.get(data, "shape", where)
+        if not isinstance(shape, list) or not all(
+                (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and d)
+                for d in shape):
+            raise sc.bad(f"{where}.shape", shape, "a list of sizes >= 0 or symbolic names")
+        return TensorSpec(sc.string(data, "name", where), tuple(shape), sc.string(data, "dtype", where, DTYPES))
 
 
 @dataclass(frozen=True)
@@ -141,17 +161,35 @@ class ComponentEntry:
         }
 
     @staticmethod
-    def from_json(data: dict[str, Any]) -> ComponentEntry:
+    def from_json(data: Any, where: str = "component") -> ComponentEntry:
+        data = sc.section(data, where)
+        tensors = {}
+        for key in ("inputs", "outputs"):
+            items = sc.get(data, key, where)
+            if not isinstance(items, list) or not items:
+                raise sc.bad(f"{where}.{key}", items, "a non-empty list of tensors")
+            tensors[key] = tuple(TensorSpec.from_json(t, f"{where}.{key}[{i}]") for i, t in enumerate(items))
+        dims = {}
+        for name, span in sc.section(sc.get(data, "dynamic_dims", where, {}), f"{where}.dynamic_dims").items():
+            ok = isinstance(span, list) and len(span) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in span) and 1 <= span[0] <= span[1] <= span[2]
+            if not ok:
+                raise sc.bad(f"{where}.dynamic_dims.{name}", span, "[min, opt, max] with 1 <= min <= opt <= max")
+            dims[name] = list(span)
+        extra = sc.section(sc.get(data, "extra_files", where, {}), f"{where}.extra_files")
+        for rel in extra:
+            sc.relative_path(rel, f"{where}.extra_files")
+            sc.sha256(extra, rel, f"{where}.extra_files")
         return ComponentEntry(
-            backend=data["backend"],
-            file=data["file"],
-            sha256=data["sha256"],
-            precision=data["precision"],
-            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
-            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
-            dynamic_dims={k: list(v) for k, v in data.get("dynamic_dims", {}).items()},
-            extra_files=dict(data.get("extra_files", {})),
-            build=dict(data.get("build", {})),
+            backend=sc.string(data, "backend", where, BACKENDS),
+            file=sc.file_field(data, "file", where),
+            sha256=sc.sha256(data, "sha256", where),
+            precision=sc.string(data, "precision", where, PRECISIONS),
+            inputs=tensors["inputs"],
+            outputs=tensors["outputs"],
+            dynamic_dims=dims,
+            extra_files=dict(extra),
+            build=dict(sc.section(sc.get(data, "build", where, {}), f"{where}.build")),
         )
 
 
@@ -226,33 +264,121 @@ class Manifest:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Manifest:
+        """The typed loader: every section checked (types, ranges, paths) before anything is used."""
         fmt = data.get("format")
-        if fmt != FORMAT_VERSION:
+        if fmt != FORMAT_VERSION or isinstance(fmt, bool):
             raise BundleError(
                 f"bundle manifest format {fmt!r} is not supported (this stdrc reads format "
                 f"{FORMAT_VERSION}): rebuild it with `stdrc-export build-engines`"
             )
-        try:
-            return Manifest(
-                preset=data["preset"],
-                model_config=data["model_config"],
-                checkpoint_sha256=data.get("checkpoint_sha256"),
-                bucket=Bucket.from_json(data["bucket"]),
-                components={k: ComponentEntry.from_json(v) for k, v in data["components"].items()},
-                sampler=data["sampler"],
-                guidance=data["guidance"],
-                rope=data["rope"],
-                text=data["text"],
-                reference=data["reference"],
-                quality=data.get("quality", {}),
-                decode=data.get("decode", {}),
-                memory=data.get("memory", {}),
-                created_by=data.get("created_by", {}),
-                format=fmt,
-                loras=tuple(LoraEntry.from_json(x) for x in data.get("loras", [])),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"bundle manifest is malformed ({e!r}): rebuild the bundle") from e
+        components = sc.section(sc.get(data, "components", "manifest"), "components")
+        unknown = sorted(set(components) - set(COMPONENTS))
+        if unknown or not components:
+            raise sc.bad("components", sorted(components), f"components among {', '.join(COMPONENTS)}")
+        preset = sc.string(data, "preset", "manifest")
+        checkpoint = sc.get(data, "checkpoint_sha256", "manifest", None)
+        if checkpoint is not None:
+            sc.sha256(data, "checkpoint_sha256", "manifest")
+        sections = {key: sc.section(sc.get(data, key, "manifest", sc.MISSING if required else {}), key)
+                    for key, required in SECTIONS.items()}
+        for key, check in SECTION_CHECKS.items():
+            check(sections[key])
+        return Manifest(
+            preset=preset,
+            model_config=sections["model_config"],
+            checkpoint_sha256=checkpoint,
+            bucket=Bucket.from_json(sc.get(data, "bucket", "manifest")),
+            components={k: ComponentEntry.from_json(v, f"components.{k}") for k, v in components.items()},
+            sampler=sections["sampler"],
+            guidance=sections["guidance"],
+            rope=sections["rope"],
+            text=sections["text"],
+            reference=sections["reference"],
+            quality=sections["quality"],
+            decode=sections["decode"],
+            memory=sections["memory"],
+            created_by=sections["created_by"],
+            format=fmt,
+            loras=_loras(sc.get(data, "loras", "manifest", [])),
+        )
+
+
+def _check_model_config(data: dict) -> None:
+    dit = sc.section(sc.get(data, "dit", "model_config"), "model_config.dit")
+    vae = sc.section(sc.get(data, "vae", "model_config"), "model_config.vae")
+    sc.integer(dit, "in_channels", "model_config.dit", lo=1)
+    sc.integer(vae, "latent_channels", "model_config.vae", lo=1)
+    sc.boolean(vae, "timestep_conditioning", "model_config.vae")
+    sc.number(vae, "decode_timestep", "model_config.vae", lo=0, hi=1)
+    sc.number(vae, "decode_noise_scale", "model_config.vae", lo=0, hi=1)
+    sc.integer(data, "seed", "model_config", default=0)
+
+
+def _check_sampler(data: dict) -> None:
+    sc.string(data, "kind", "sampler", ("ltx2",))
+    sc.integer(data, "steps", "sampler", lo=1, hi=MAX_STEPS)
+    for key in ("sigmas", "distilled_sigmas"):
+        sigmas = sc.numbers(data, key, "sampler", lo=0, hi=1)
+        if len(sigmas) < 2 or any(a < b for a, b in zip(sigmas, sigmas[1:])):
+            raise sc.bad(f"sampler.{key}", list(sigmas), "at least 2 non-increasing sigmas")
+    sc.number(data, "max_shift", "sampler")
+    sc.number(data, "base_shift", "sampler")
+    sc.number(data, "terminal", "sampler", lo=0, hi=1, default=None)
+    sc.integer(data, "shift_tokens", "sampler", lo=1)
+
+
+def _check_guidance(data: dict) -> None:
+    sc.number(data, "text_scale", "guidance", lo=-100, hi=100)
+    sc.number(data, "ref_scale", "guidance", lo=-100, hi=100)
+    sc.string(data, "null_reference", "guidance", default="key_mask")
+
+
+def _check_rope(data: dict) -> None:
+    sc.file_field(data, "file", "rope")
+    sc.sha256(data, "sha256", "rope")
+    sc.string(data, "layout", "rope", LAYOUTS)
+    sc.string(data, "type", "rope", ("interleaved", "split"))
+    sc.boolean(data, "baked_in_dit", "rope", default=True)
+
+
+def _check_text(data: dict) -> None:
+    kind = sc.string(data, "tokenizer", "text", ("bytes", "hf-tokenizers"))
+    sc.integer(data, "max_length", "text", lo=1)
+    if kind == "hf-tokenizers":
+        sc.file_field(data, "file", "text")
+        sc.sha256(data, "sha256", "text")
+        sc.integer(data, "pad_id", "text", lo=0)
+        sc.string(data, "padding_side", "text", ("left",), default="left")
+
+
+def _check_decode(data: dict) -> None:
+    """Another (older) placement is refused by DecodeTiling.from_json with its "rebuild" line."""
+    if data and data.get("placement") == "ltx-core":
+        sc.integer(data, "tile", "decode", lo=1)
+        sc.integer(data, "overlap", "decode", lo=0)
+        sc.integer(data, "spatial_scale", "decode", lo=SPACE_SCALE, hi=SPACE_SCALE)
+
+
+def _check_memory(data: dict) -> None:
+    for key in ("weight_bytes", "activation_bytes"):
+        per = sc.section(sc.get(data, key, "memory", {}), f"memory.{key}")
+        for name in per:
+            sc.integer(per, name, f"memory.{key}", lo=0)
+
+
+def _loras(data: Any) -> tuple[LoraEntry, ...]:
+    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+        raise sc.bad("loras", data, "a list of {name, sha256, strength} objects")
+    try:
+        return tuple(LoraEntry.from_json(x) for x in data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise sc.bad("loras", data, "a list of {name, sha256, strength} objects") from e
+
+
+SECTIONS = {"model_config": True, "sampler": True, "guidance": True, "rope": True, "text": True,  # required?
+            "reference": True, "quality": False, "decode": False, "memory": False, "created_by": False}
+SECTION_CHECKS = {"model_config": _check_model_config, "sampler": _check_sampler, "guidance": _check_guidance,
+                  "rope": _check_rope, "text": _check_text, "decode": _check_decode, "memory": _check_memory}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -295,23 +421,39 @@ def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
 
 
 def bundle_files(manifest: Manifest) -> dict[str, str]:
-    """Every file the manifest names, relative path -> sha256."""
-    files = {manifest.rope["file"]: manifest.rope["sha256"]}
+    """Every file the runtime reads, relative path -> sha256 (engines, their data, RoPE, tokenizer)."""
+    files: dict[str, str] = {}
+    named = [(manifest.rope["file"], manifest.rope["sha256"])]
+    if "file" in manifest.text:
+        named.append((manifest.text["file"], manifest.text["sha256"]))
     for entry in manifest.components.values():
-        files[entry.file] = entry.sha256
-        files.update(entry.extra_files)
+        named += [(entry.file, entry.sha256), *entry.extra_files.items()]
+    for rel, digest in named:
+        if files.setdefault(rel, digest) != digest:
+            raise BundleError(f"bundle manifest lists {rel} with two different sha256: {sc.FIX}")
     return files
 
 
+def bundle_path(bundle_dir: str | os.PathLike, rel: str) -> Path:
+    """`bundle_dir / rel`, refused unless it resolves inside the bundle folder (symlinks followed)."""
+    root = Path(bundle_dir).resolve()
+    path = root / sc.relative_path(rel, "file name")
+    if not path.resolve().is_relative_to(root):
+        raise BundleError(f"bundle file {rel} is a link to {path.resolve()}, outside the bundle folder {root}: "
+                          f"refusing it; {sc.FIX}")
+    return path
+
+
 def check_files(bundle_dir: str | os.PathLike, manifest: Manifest, hashes: bool = True) -> None:
-    """Refuse a bundle whose files are missing, truncated or changed."""
-    bundle_dir = Path(bundle_dir)
-    for rel, digest in bundle_files(manifest).items():
-        path = bundle_dir / rel
+    """Refuse a bundle whose files leave the folder, are missing, truncated or changed (none opened first)."""
+    files = {rel: (bundle_path(bundle_dir, rel), digest) for rel, digest in bundle_files(manifest).items()}
+    for path, _ in files.values():
         if not path.is_file():
             raise BundleError(f"bundle file {path} is missing: rebuild the bundle")
-        if hashes and sha256_file(path) != digest:
-            raise BundleError(
-                f"bundle file {path} does not match its sha256 in the manifest (truncated or changed): "
-                "rebuild the bundle"
-            )
+    if hashes:
+        for path, digest in files.values():
+            if sha256_file(path) != digest:
+                raise BundleError(
+                    f"bundle file {path} does not match its sha256 in the manifest (truncated or changed): "
+                    "rebuild the bundle"
+                )

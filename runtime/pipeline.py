@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from stdrc.runtime import sampler as smp
-from stdrc.runtime.backends import Engine, check_cuda_graph, check_feeds, open_engine, resolve_device
+from stdrc.runtime.backends import Engine, check_cuda_graph, check_feeds, check_trust, open_engine, resolve_device
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
-from stdrc.runtime.manifest import Manifest, check_files, read_manifest
+from stdrc.runtime.manifest import BACKENDS, Manifest, bundle_path, check_files, read_manifest
 from stdrc.runtime.memory import EngineSet, choose_plan, memory_needs
+from stdrc.runtime.options import GenerationOptions, check_path
 from stdrc.runtime.text import Embedding, PromptCache, PromptStore, default_prompt_store_dir, tokenizer_from_manifest
 from stdrc.runtime.tiling import DecodeTiling, tiled_decode
 from stdrc.runtime.video import (
     as_rgb,
-    check_writable,
     contact_sheet,
     frames_to_uint8,
     load_image,
@@ -100,8 +100,8 @@ class Pipeline:
     @staticmethod
     def from_bundle(path: str | Path, backend: str | None = None, device: str = "auto",
                     verify_hashes: bool = True, cuda_graphs: bool = False, memory_plan: str = "all",
-                    prompt_cache: str | Path | None = "default") -> Pipeline:
-        """Validate the manifest and files (format, sha256, backend, TensorRT version/GPU), then load.
+                    prompt_cache: str | Path | None = "default", trust_code: bool = False) -> Pipeline:
+        """Validate the manifest and files (types, containment, sha256, backend, TensorRT version/GPU), then load.
 
         `device`: "auto" (CUDA when the bundle's backends can use it here, else CPU), "cpu" or "cuda".
         `cuda_graphs`: the DiT of a torch/aoti bundle replays CUDA graphs (device "cuda" only).
@@ -109,8 +109,11 @@ class Pipeline:
         starts and releases it after; ``auto`` picks by the device's free memory (runtime/memory.py).
         `prompt_cache`: folder of prompt embeddings on disk ("default": $STDRC_PROMPT_CACHE or
         ~/.cache/stdrc/prompts; None: in memory only).
+        `trust_code`: allow torch/aoti bundles, whose loading runs code from the bundle (see README, Trust).
         """
-        bundle_dir = Path(path)
+        if backend is not None and backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}, or drop --backend")
+        bundle_dir = check_path(path, "bundle folder")
         manifest = read_manifest(bundle_dir)
         device = resolve_device(device, {e.backend for e in manifest.components.values()})
         if cuda_graphs and device != "cuda":
@@ -125,6 +128,8 @@ class Pipeline:
                     f"bundle {bundle_dir} holds {sorted(set(wrong.values()))} engines, not {backend}: "
                     f"rebuild it with --backend {backend} or drop --backend"
                 )
+        for name, entry in manifest.components.items():  # before any file is hashed or opened
+            check_trust(name, entry, trust_code)
         if cuda_graphs:
             check_cuda_graph(manifest.components["dit"])
         check_files(bundle_dir, manifest, hashes=verify_hashes)
@@ -132,7 +137,7 @@ class Pipeline:
 
         def opener(name: str) -> Engine:
             return open_engine(bundle_dir, name, manifest.components[name], device,
-                               cuda_graph=cuda_graphs and name == "dit")
+                               cuda_graph=cuda_graphs and name == "dit", trust_code=trust_code)
 
         store = None
         if prompt_cache is not None:
@@ -273,39 +278,46 @@ class Pipeline:
         text_embeddings: Embedding | None = None,
         negative_embeddings: Embedding | None = None,
     ) -> GenerationResult:
-        """`text_embeddings` / `negative_embeddings`: precomputed (context [1, L, D], mask [1, L]) for
-        the prompt and the negative prompt; with both given (or cached) the text encoder is never opened."""
-        if steps is not None and steps < 1:
-            raise InputError(f"steps={steps}: use --steps 1 or more")
-        if not 1 <= max_batch <= 3:
-            raise InputError(f"max_batch={max_batch}: use 1, 2 or 3 guidance streams per DiT call")
-        if output is not None:
-            check_writable(output)
-        g = self.manifest.guidance
-        scales = smp.GuidanceScales(
-            text=g["text_scale"] if text_scale is None else text_scale,
-            ref=g["ref_scale"] if ref_scale is None else ref_scale,
-            interval=guidance_interval, rescale=cfg_rescale,
+        """Every argument is checked (GenerationOptions) before any engine runs; a bad one is an InputError.
+
+        `text_embeddings` / `negative_embeddings`: precomputed (context [1, L, D], mask [1, L]) for the prompt
+        and the negative prompt; with both given (or cached) the text encoder is never opened."""
+        options = GenerationOptions(
+            prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, text_scale=text_scale,
+            ref_scale=ref_scale, guidance_interval=guidance_interval, cfg_rescale=cfg_rescale, distilled=distilled,
+            max_batch=max_batch, face_crop=face_crop, output=output,
         )
-        sigmas = self.sigmas(steps, distilled)
-        image = self.prepare_reference(reference, face_crop)
-        text = self._embeddings(prompt, text_embeddings), self._embeddings(negative_prompt, negative_embeddings)
+        return self.generate_with(reference, options, on_step, text_embeddings, negative_embeddings)
+
+    def generate_with(self, reference: str | Path | np.ndarray, options: GenerationOptions,
+                      on_step: Callable[[int, int], None] | None = None, text_embeddings: Embedding | None = None,
+                      negative_embeddings: Embedding | None = None) -> GenerationResult:
+        o, g = options, self.manifest.guidance
+        scales = smp.GuidanceScales(
+            text=g["text_scale"] if o.text_scale is None else o.text_scale,
+            ref=g["ref_scale"] if o.ref_scale is None else o.ref_scale,
+            interval=o.guidance_interval, rescale=o.cfg_rescale,
+        )
+        sigmas = self.sigmas(o.steps, o.distilled)
+        image = self.prepare_reference(reference, o.face_crop)
+        text = (self._embeddings(o.prompt, text_embeddings),
+                self._embeddings(o.negative_prompt, negative_embeddings))
         self._stage_done("text_encoder")
         reference_tokens = self.encode_reference(image)
         self._stage_done("vae_encoder")
         cond = smp.Conditioning(reference_tokens, *text)
-        noise = self.initial_noise(seed)
+        noise = self.initial_noise(o.seed)
         total = len(sigmas) - 1
-        latent = smp.sample(self.denoiser, noise, sigmas, cond, scales, max_batch,
+        latent = smp.sample(self.denoiser, noise, sigmas, cond, scales, o.max_batch,
                             on_step=(lambda i: on_step(i, total)) if on_step else None)
         self._stage_done("dit")
-        frames = self.decode(latent, seed)
+        frames = self.decode(latent, o.seed)
         self._stage_done("vae_decoder")
         result = GenerationResult(frames=frames, latent=latent, reference=image)
-        score = self.facesim(frames, image) if "face_encoder" in self.engines and face_crop else None
+        score = self.facesim(frames, image) if "face_encoder" in self.engines and o.face_crop else None
         if getattr(self.engines, "plan", "all") == "staged":
             self._embedder = None  # the face encoder's session, released like the other stages
-        files = self.write(result, output) if output is not None else {}
+        files = self.write(result, o.output) if o.output is not None else {}
         return GenerationResult(frames, latent, image, score, files)
 
     def facesim(self, frames: np.ndarray, reference: np.ndarray) -> float | None:
@@ -315,13 +327,12 @@ class Pipeline:
         if entry.backend != "onnxruntime":
             return None
         if self._embedder is None:
-            self._embedder = face.FaceEmbedder(self.bundle_dir / entry.file)
+            self._embedder = face.FaceEmbedder(bundle_path(self.bundle_dir, entry.file))
         try:
             result = face.facesim(frames, reference, self._face_detector(), self._embedder)
         except NoFaceError:
             return None
-        # no face in any sampled frame: there is no similarity to report, not a score of 0
-        return None if result.frames_without_face == result.frames_sampled else result.score
+        return result.value  # None when no sampled frame has a face, as `stdrc facesim` says n/a
 
     def write(self, result: GenerationResult, output: str | Path) -> dict[str, str]:
         output = Path(output)

@@ -67,7 +67,9 @@ def tokenizer_from_manifest(text: dict, bundle_dir: Path) -> Callable[[str], tup
     if kind == "bytes":
         return ByteTokenizer(max_length=int(text["max_length"]))
     if kind == "hf-tokenizers":
-        return JsonTokenizer(Path(bundle_dir) / text["file"], int(text["max_length"]), int(text["pad_id"]))
+        from stdrc.runtime.manifest import bundle_path
+
+        return JsonTokenizer(bundle_path(bundle_dir, text["file"]), int(text["max_length"]), int(text["pad_id"]))
     raise BundleError(
         f"bundle text side uses tokenizer {kind!r}, which this runtime cannot run: rebuild the bundle"
     )

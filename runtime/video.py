@@ -13,13 +13,35 @@ import numpy as np
 from stdrc.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # a larger header is a decompression bomb, not a photo
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header alone (Pillow decodes nothing here)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Image.DecompressionBombError:  # Pillow's own limit, above ours
+        raise InputError(f"reference image {path} claims over {MAX_IMAGE_PIXELS // 2**20} Mpx "
+                         "(a decompression bomb, or far larger than needed): pass a smaller photo") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"reference image {path} cannot be read as an image ({type(e).__name__}): "
+                         "pass a PNG or JPEG file") from None
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB uint8 (H, W, 3)."""
-    path = Path(path)
+    """RGB uint8 (H, W, 3); the size in the header is checked before anything is decoded."""
+    from stdrc.runtime.options import check_path
+
+    path = check_path(path, "reference image")
     if not path.is_file():
         raise InputError(f"reference image {path} does not exist: pass an existing --ref image file")
+    width, height = image_size(path)
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"reference image {path} claims {width}x{height} pixels, over the "
+                         f"{MAX_IMAGE_PIXELS // 2**20} Mpx limit: pass a smaller photo")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise InputError(f"reference image {path} cannot be read as an image: pass a PNG or JPEG file")
@@ -60,13 +82,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.suffix.lower() != ".mp4":
-        raise InputError(f"output {path} must end in .mp4: pass -o NAME.mp4")
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise InputError(f"output folder {folder} does not exist or is not writable: pass -o in a writable folder")
-    return path
+    from stdrc.runtime.options import check_output
+
+    return check_output(path)
 
 
 def _write_ffmpeg(frames: np.ndarray, path: Path, fps: float) -> str:
@@ -140,7 +158,9 @@ def write_png(image: np.ndarray, path: str | os.PathLike) -> None:
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
     """[F, H, W, 3] uint8 RGB."""
-    capture = cv2.VideoCapture(str(path))
+    from stdrc.runtime.options import check_path
+
+    capture = cv2.VideoCapture(str(check_path(path, "video")))
     frames = []
     while True:
         ok, frame = capture.read()

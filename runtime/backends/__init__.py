@@ -15,10 +15,9 @@ from typing import Protocol
 import numpy as np
 
 from stdrc.runtime.errors import BackendUnavailableError, BundleError, InputError
-from stdrc.runtime.manifest import ComponentEntry
+from stdrc.runtime.manifest import BACKENDS, CODE_BACKENDS, ComponentEntry, bundle_path  # noqa: F401 (BACKENDS re-exported)
 
 log = logging.getLogger(__name__)
-BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -86,6 +85,8 @@ def resolve_device(device: str, backends: Iterable[str]) -> str:
     chosen = "cuda" if facts and all(ok for ok, _ in facts.values()) else "cpu"
     log.info("device auto -> %s (%s)", chosen, "; ".join(why for _, why in facts.values()) or "no backend")
     return chosen
+
+
 CUDA_GRAPH_BACKENDS = ("torch", "aoti")
 
 
@@ -96,9 +97,23 @@ def check_cuda_graph(entry: ComponentEntry) -> None:
                          "or rebuild with --backend aoti")
 
 
+def check_trust(name: str, entry: ComponentEntry, trust_code: bool) -> None:
+    """torch/aoti engines run code when loaded (unpickling, a shared library): only on the caller's word."""
+    if entry.backend in CODE_BACKENDS and not trust_code:
+        raise BundleError(
+            f"bundle component {name} is a {entry.backend} engine, and loading one runs code from the bundle "
+            "(pickle or a shared library; a sha256 cannot make that safe): open it only if you trust who built "
+            "it, with --trust-bundle-code (trust_code=True), or use an onnxruntime/tensorrt bundle"
+        )
+
+
 def open_engine(bundle_dir: Path, name: str, entry: ComponentEntry, device: str = "cpu",
-                cuda_graph: bool = False) -> Engine:
-    """`cuda_graph` (replay captured CUDA graphs) exists for torch/aoti engines on CUDA only; others refuse it."""
+                cuda_graph: bool = False, trust_code: bool = False) -> Engine:
+    """`cuda_graph` (replay captured CUDA graphs) exists for torch/aoti engines on CUDA only; others refuse it.
+
+    `trust_code` must be True for torch/aoti engines (see `check_trust`).
+    """
+    check_trust(name, entry, trust_code)
     if cuda_graph:
         check_cuda_graph(entry)
     if not available(entry.backend):
@@ -106,7 +121,7 @@ def open_engine(bundle_dir: Path, name: str, entry: ComponentEntry, device: str 
             f"bundle component {name} needs the {entry.backend} backend, which is not installed here: "
             f"install it or rebuild the bundle with --backend onnxruntime"
         )
-    path = bundle_dir / entry.file
+    path = bundle_path(bundle_dir, entry.file)
     if entry.backend == "onnxruntime":
         from stdrc.runtime.backends.onnxruntime import OrtEngine
 

@@ -136,11 +136,14 @@ def test_generate_stages_json(scripts, bundle):
 
 def test_generate_repeat_json(scripts, bundle):
     _, generate = scripts
-    rep = run_json(generate, ["--bundle", str(bundle), "--repeat-generations", "3", "--steps", "2"])
+    rep = run_json(generate, ["--bundle", str(bundle), "--repeat-generations", "5", "--steps", "2"])
     r = rep["repeat"]
-    assert rep["mode"] == "repeat" and r["generations"] == 3 and len(r["rss_mb"]) == 3
+    assert rep["mode"] == "repeat" and r["generations"] == 5 and len(r["rss_mb"]) == 5
     assert all(positive(x) for x in r["rss_mb"]) and r["first_mb"] == r["rss_mb"][0]
     assert math.isfinite(r["slope_mb_per_generation"])
+    assert r["same_seed_identical_frames"] is True  # seed 0 again after 5 generations: the same bytes
+    # flat RSS: after the first generation (arenas, caches), under 20 MB more for 4 more generations
+    assert r["rss_mb"][-1] - r["rss_mb"][1] < 20, r["rss_mb"]
 
 
 @pytest.mark.skipif(not HAS_MODELOPT, reason="the gate calibrates FP8 scales with nvidia-modelopt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -28,7 +29,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def pipeline(aoti_bundle: Path) -> Pipeline:
-    return Pipeline.from_bundle(aoti_bundle)
+    return Pipeline.from_bundle(aoti_bundle, trust_code=True)
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +42,18 @@ def default_inputs(pipeline: Pipeline, reference: np.ndarray, tmp_path_factory: 
     return write_cpp_inputs(pipeline, reference, PROMPT, SEED, tmp_path_factory.mktemp("cpp-inputs"), face_crop=False)
 
 
-def run_cpp(runner: Path, bundle: Path, inputs: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    cmd = [str(runner), "--bundle", str(bundle), "--inputs", str(inputs), "--out", str(out), "--quiet", *flags]
+def run_cpp(runner: Path, bundle: Path, inputs: Path, out: Path, *flags: str, trust: bool = True
+            ) -> subprocess.CompletedProcess:
+    """aoti bundles load a shared library: the runner refuses them without --trust-bundle-code (README, Trust)."""
+    cmd = [str(runner), "--bundle", str(bundle), "--inputs", str(inputs), "--out", str(out), "--quiet", *flags,
+           *(["--trust-bundle-code"] if trust else [])]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
 
 
 def test_cpp_tiled_decode_matches_python(cpp_runner: Path, aoti_tiled_bundle: Path, reference: np.ndarray,
                                          tmp_path: Path) -> None:
     """Tiles of two widths through one dynamic-width aoti decoder: C++ places and blends them as Python does."""
-    tiled = Pipeline.from_bundle(aoti_tiled_bundle)
+    tiled = Pipeline.from_bundle(aoti_tiled_bundle, trust_code=True)
     assert tiled.manifest.components["vae_decoder"].dynamic_dims == {"tile_width": [2, 3, 3]}
     inputs = write_cpp_inputs(tiled, reference, PROMPT, SEED, tmp_path / "inputs", face_crop=False)
     python = run_python(tiled, inputs)
@@ -121,7 +125,7 @@ def _linked_bundle(bundle: Path, dst: Path, manifest: dict | None = None, drop: 
     dst.mkdir()
     for f in bundle.iterdir():
         if f.name not in ("manifest.json", drop):
-            (dst / f.name).symlink_to(f)
+            os.link(f, dst / f.name)  # hard links: a symlink out of the bundle is refused
     data = manifest if manifest is not None else json.loads((bundle / "manifest.json").read_text())
     (dst / "manifest.json").write_text(json.dumps(data))
     return dst
@@ -143,6 +147,17 @@ def _bad_case(case: str, bundle: Path, inputs: Path, tmp: Path) -> tuple[Path, P
         return _linked_bundle(bundle, tmp / "b", manifest), inputs
     if case == "old-decode-tiling":  # equal tiles spread evenly: not ltx-core's placement
         manifest["decode"] = {"tile_height": 2, "tile_width": 2, "overlap": 1, "spatial_scale": 32}
+        return _linked_bundle(bundle, tmp / "b", manifest), inputs
+    edits = {"components-list": ("components", []), "file-null": ("file", None),
+             "path-escape": ("file", "../outside.pt2"), "negative-sigma": ("sigmas", None)}
+    if case in edits:
+        key, value = edits[case]
+        if key == "components":
+            manifest["components"] = value
+        elif key == "sigmas":
+            manifest["sampler"]["sigmas"][1] = -1.0
+        else:
+            manifest["components"]["dit"][key] = value
         return _linked_bundle(bundle, tmp / "b", manifest), inputs
     copied = tmp / "in"
     copied.mkdir()
@@ -167,6 +182,11 @@ BAD = {
     "other-backend": "rebuild the bundle with --backend aoti",
     "other-device": "was exported for cuda, not cpu: rebuild the bundle on a cpu machine",
     "old-decode-tiling": "predate ltx-core's tile placement: rebuild it",
+    "components-list": "components is [], expected an object",
+    "file-null": "components.dit.file is null",
+    "path-escape": "leaves the bundle folder",
+    "negative-sigma": "sampler.sigmas",
+    "untrusted": "--trust-bundle-code",
     "noise-shape": "noise.npy has shape [1, 5, 128], the bundle needs [1, 12, 128]",
     "noise-dtype": "holds int32 values, the runner needs float32",
     "noise-truncated": "truncated",
@@ -178,7 +198,7 @@ BAD = {
 def test_bad_input_is_one_line_and_nonzero(case: str, cpp_runner: Path, aoti_bundle: Path, default_inputs: Path,
                                            tmp_path: Path) -> None:
     bundle, inputs = _bad_case(case, aoti_bundle, default_inputs, tmp_path)
-    done = run_cpp(cpp_runner, bundle, inputs, tmp_path / "out")
+    done = run_cpp(cpp_runner, bundle, inputs, tmp_path / "out", trust=case != "untrusted")
     assert done.returncode > 0, f"exit {done.returncode} (a negative code is a crash): {done.stderr}"
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr

@@ -42,7 +42,7 @@ def test_manifest_records_the_fast_dit(fast_bundle: Path) -> None:
 def test_fast_bundle_verifies(fast_bundle: Path) -> None:
     from stdrc.engines.verify import TOLERANCE, verify_bundle
 
-    reports = verify_bundle(fast_bundle)
+    reports = verify_bundle(fast_bundle, trust_code=True)
     assert all(r.ok for r in reports.values()), reports
     dit = reports["dit"]
     assert 1e-4 < dit.rel_l2 <= TOLERANCE[dit.precision]  # really low precision, within its bound
@@ -50,7 +50,7 @@ def test_fast_bundle_verifies(fast_bundle: Path) -> None:
 
 def test_fast_bundle_generates_like_fp32(fast_bundle: Path, tiny_bundle: Path, astronaut_png: Path) -> None:
     kwargs = dict(reference=astronaut_png, prompt="a woman smiles and waves", seed=4, steps=4)
-    fast = Pipeline.from_bundle(fast_bundle).generate(**kwargs)
+    fast = Pipeline.from_bundle(fast_bundle, trust_code=True).generate(**kwargs)
     exact = Pipeline.from_bundle(tiny_bundle).generate(**kwargs)
     assert fast.frames.shape == exact.frames.shape
     assert psnr(fast.frames, exact.frames) >= PSNR_MIN_DB
@@ -58,7 +58,7 @@ def test_fast_bundle_generates_like_fp32(fast_bundle: Path, tiny_bundle: Path, a
 
 def test_cuda_graphs_need_cuda(fast_bundle: Path) -> None:
     with pytest.raises(InputError, match="--device cuda"):
-        Pipeline.from_bundle(fast_bundle, device="cpu", cuda_graphs=True)
+        Pipeline.from_bundle(fast_bundle, device="cpu", cuda_graphs=True, trust_code=True)
 
 
 def test_fp16_is_refused_for_torch(tmp_path: Path, cache_dir: Path) -> None:

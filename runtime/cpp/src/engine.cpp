@@ -87,7 +87,7 @@ std::vector<at::Tensor> AotiEngine::run_checked(const std::vector<at::Tensor>& i
 
 std::unique_ptr<Engine> open_engine(const std::string& bundle_dir, const std::string& name, const ComponentEntry& entry,
                                     c10::Device device) {
-  const std::string path = (std::filesystem::path(bundle_dir) / entry.file).string();
+  const std::string path = bundle_file(bundle_dir, entry.file);
   if (entry.backend == "aoti") return std::make_unique<AotiEngine>(path, entry, name, device);
 #ifdef STDRC_WITH_TENSORRT
   if (entry.backend == "tensorrt") return std::make_unique<TensorRTEngine>(path, entry, name, device);

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -14,15 +15,89 @@ using nlohmann::json;
 
 namespace {
 
+// The typed reader of stdrc/runtime/schema.py: a wrong type, range or path is one BundleError line.
+const char* const kFix = ": rebuild the bundle with `stdrc-export build-engines`";
+
+const json& field(const json& data, const std::string& key, const std::string& where) {
+  if (!data.is_object()) throw BundleError("bundle manifest " + where + " is not an object" + kFix);
+  if (!data.contains(key)) throw BundleError("bundle manifest lacks " + where + "." + key + kFix);
+  return data.at(key);
+}
+
+[[noreturn]] void bad(const std::string& where, const json& value, const std::string& expected) {
+  std::string shown = value.dump();
+  if (shown.size() > 60) shown = shown.substr(0, 57) + "...";
+  throw BundleError("bundle manifest " + where + " is " + shown + ", expected " + expected + kFix);
+}
+
+int64_t integer(const json& data, const std::string& key, const std::string& where, int64_t lo) {
+  const json& v = field(data, key, where);
+  if (!v.is_number_integer() || v.get<int64_t>() < lo) bad(where + "." + key, v, "an integer >= " + std::to_string(lo));
+  return v.get<int64_t>();
+}
+
+double number(const json& data, const std::string& key, const std::string& where, double lo, double hi) {
+  const json& v = field(data, key, where);
+  if (!v.is_number() || !std::isfinite(v.get<double>()) || v.get<double>() < lo || v.get<double>() > hi)
+    bad(where + "." + key, v, "a finite number in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return v.get<double>();
+}
+
+std::string text(const json& data, const std::string& key, const std::string& where) {
+  const json& v = field(data, key, where);
+  if (!v.is_string() || v.get<std::string>().empty()) bad(where + "." + key, v, "a non-empty string");
+  return v.get<std::string>();
+}
+
+const json& object(const json& data, const std::string& key, const std::string& where) {
+  const json& v = field(data, key, where);
+  if (!v.is_object()) bad(where + "." + key, v, "an object");
+  return v;
+}
+
+// A file name relative to the bundle folder: no absolute path, no "..", no NUL or backslash.
+std::string relative_file(const json& data, const std::string& key, const std::string& where) {
+  const json& v = field(data, key, where);
+  if (!v.is_string() || v.get<std::string>().empty()) bad(where + "." + key, v, "a file name relative to the bundle");
+  const std::string rel = v.get<std::string>();
+  const fs::path path(rel);
+  const bool dots = std::any_of(path.begin(), path.end(), [](const fs::path& part) { return part == ".."; });
+  if (rel.find('\0') != std::string::npos || rel.find('\\') != std::string::npos || path.is_absolute() ||
+      rel.front() == '/' || dots || (rel.size() > 1 && rel[1] == ':'))
+    throw BundleError("bundle manifest " + where + "." + key + " is " + v.dump() +
+                      ", which leaves the bundle folder (absolute or with ..): refusing it" + kFix);
+  return rel;
+}
+
+double number(const json& list, size_t i, const std::string& where) {
+  const json& v = list.at(i);
+  if (!v.is_number() || !std::isfinite(v.get<double>()) || v.get<double>() < 0 || v.get<double>() > 1)
+    bad(where, list, "sigmas in [0, 1]");
+  return v.get<double>();
+}
+
+std::vector<float> sigmas(const json& data, const std::string& key) {
+  const json& v = field(data, key, "sampler");
+  if (!v.is_array() || v.size() < 2) bad("sampler." + key, v, "at least 2 non-increasing sigmas in [0, 1]");
+  std::vector<float> out;
+  for (size_t i = 0; i < v.size(); ++i) {
+    out.push_back(static_cast<float>(number(v, i, "sampler." + key)));
+    if (i > 0 && out[i] > out[i - 1]) bad("sampler." + key, v, "non-increasing sigmas");
+  }
+  return out;
+}
+
 TensorSpec tensor_spec(const json& data) {
   TensorSpec spec;
-  spec.name = data.at("name").get<std::string>();
-  spec.dtype = data.at("dtype").get<std::string>();
+  spec.name = text(data, "name", "tensor");
+  spec.dtype = text(data, "dtype", "tensor");
+  if (!field(data, "shape", "tensor").is_array()) bad("tensor.shape", data.at("shape"), "a list of sizes");
   for (const auto& dim : data.at("shape")) {
     if (dim.is_string()) {
       spec.shape.push_back(-1);
       spec.symbols.push_back(dim.get<std::string>());
     } else {
+      if (!dim.is_number_integer() || dim.get<int64_t>() < 0) bad("tensor.shape", data.at("shape"), "sizes >= 0 or names");
       spec.shape.push_back(dim.get<int64_t>());
       spec.symbols.emplace_back();
     }
@@ -30,12 +105,14 @@ TensorSpec tensor_spec(const json& data) {
   return spec;
 }
 
-ComponentEntry component_entry(const json& data) {
+ComponentEntry component_entry(const json& data, const std::string& where) {
   ComponentEntry entry;
-  entry.backend = data.at("backend").get<std::string>();
-  entry.file = data.at("file").get<std::string>();
-  entry.sha256 = data.at("sha256").get<std::string>();
-  entry.precision = data.at("precision").get<std::string>();
+  entry.backend = text(data, "backend", where);
+  entry.file = relative_file(data, "file", where);
+  entry.sha256 = text(data, "sha256", where);
+  entry.precision = text(data, "precision", where);
+  for (const char* key : {"inputs", "outputs"})
+    if (!field(data, key, where).is_array() || data.at(key).empty()) bad(where + "." + key, data.at(key), "a list of tensors");
   for (const auto& t : data.at("inputs")) entry.inputs.push_back(tensor_spec(t));
   for (const auto& t : data.at("outputs")) entry.outputs.push_back(tensor_spec(t));
   if (data.contains("dynamic_dims"))
@@ -49,40 +126,51 @@ ComponentEntry component_entry(const json& data) {
 Manifest parse(const json& data) {
   Manifest m;
   m.format = data.at("format").get<int>();
-  m.preset = data.at("preset").get<std::string>();
-  const json& b = data.at("bucket");
-  m.bucket.frames = b.at("frames").get<int64_t>();
-  m.bucket.height = b.at("height").get<int64_t>();
-  m.bucket.width = b.at("width").get<int64_t>();
-  m.bucket.text_length = b.at("text_length").get<int64_t>();
-  m.bucket.fps = b.at("fps").get<double>();
-  const auto grid = b.at("latent_grid").get<std::vector<int64_t>>();
-  if (grid.size() != 3) throw BundleError("bundle manifest bucket.latent_grid is not [T, H, W]: rebuild the bundle");
-  m.bucket.latent_frames = grid[0];
-  m.bucket.latent_height = grid[1];
-  m.bucket.latent_width = grid[2];
-  m.bucket.video_tokens = b.at("video_tokens").get<int64_t>();
-  m.bucket.reference_tokens = b.at("reference_tokens").get<int64_t>();
-  for (const auto& [name, entry] : data.at("components").items()) m.components[name] = component_entry(entry);
-  const json& sampler = data.at("sampler");
-  m.sigmas = sampler.at("sigmas").get<std::vector<float>>();
-  m.distilled_sigmas = sampler.at("distilled_sigmas").get<std::vector<float>>();
-  m.text_scale = data.at("guidance").at("text_scale").get<double>();
-  m.ref_scale = data.at("guidance").at("ref_scale").get<double>();
-  const json& config = data.at("model_config");
-  m.latent_channels = config.at("dit").at("in_channels").get<int64_t>();
-  const json& vae = config.at("vae");
+  m.preset = text(data, "preset", "manifest");
+  const json& b = object(data, "bucket", "manifest");
+  m.bucket.frames = integer(b, "frames", "bucket", 1);
+  m.bucket.height = integer(b, "height", "bucket", 32);
+  m.bucket.width = integer(b, "width", "bucket", 32);
+  m.bucket.text_length = integer(b, "text_length", "bucket", 1);
+  m.bucket.fps = number(b, "fps", "bucket", 1e-6, 1000);
+  if ((m.bucket.frames - 1) % 8 || m.bucket.height % 32 || m.bucket.width % 32)
+    bad("bucket", b, "frames 8k+1 and sizes multiples of 32");
+  const std::vector<int64_t> want = {(m.bucket.frames - 1) / 8 + 1, m.bucket.height / 32, m.bucket.width / 32};
+  const json& grid = field(b, "latent_grid", "bucket");
+  if (!grid.is_array() || grid.size() != 3 || !std::all_of(grid.begin(), grid.end(), [](const json& v) {
+        return v.is_number_integer(); }) || grid.get<std::vector<int64_t>>() != want)
+    bad("bucket.latent_grid", grid, "[T, H, W] of this bucket");
+  m.bucket.latent_frames = want[0];
+  m.bucket.latent_height = want[1];
+  m.bucket.latent_width = want[2];
+  m.bucket.video_tokens = integer(b, "video_tokens", "bucket", 1);
+  m.bucket.reference_tokens = integer(b, "reference_tokens", "bucket", 1);
+  if (m.bucket.video_tokens != want[0] * want[1] * want[2] || m.bucket.reference_tokens != want[1] * want[2])
+    bad("bucket", b, "token counts of this bucket");
+  for (const auto& [name, entry] : object(data, "components", "manifest").items())
+    m.components[name] = component_entry(entry, "components." + name);
+  const json& sampler = object(data, "sampler", "manifest");
+  m.sigmas = sigmas(sampler, "sigmas");
+  m.distilled_sigmas = sigmas(sampler, "distilled_sigmas");
+  const json& guidance = object(data, "guidance", "manifest");
+  m.text_scale = number(guidance, "text_scale", "guidance", -100, 100);
+  m.ref_scale = number(guidance, "ref_scale", "guidance", -100, 100);
+  const json& config = object(data, "model_config", "manifest");
+  m.latent_channels = integer(object(config, "dit", "model_config"), "in_channels", "model_config.dit", 1);
+  const json& vae = object(config, "vae", "model_config");
+  if (!field(vae, "timestep_conditioning", "model_config.vae").is_boolean())
+    bad("model_config.vae.timestep_conditioning", vae.at("timestep_conditioning"), "true or false");
   m.timestep_conditioning = vae.at("timestep_conditioning").get<bool>();
-  m.decode_timestep = vae.at("decode_timestep").get<float>();
-  m.decode_noise_scale = vae.at("decode_noise_scale").get<float>();
-  if (data.contains("decode") && !data.at("decode").empty()) {
+  m.decode_timestep = static_cast<float>(number(vae, "decode_timestep", "model_config.vae", 0, 1));
+  m.decode_noise_scale = static_cast<float>(number(vae, "decode_noise_scale", "model_config.vae", 0, 1));
+  if (data.contains("decode") && !object(data, "decode", "manifest").empty()) {
     const json& decode = data.at("decode");
     if (decode.value("placement", std::string()) != "ltx-core")
       throw BundleError("this bundle's decode tiles predate ltx-core's tile placement: rebuild it with "
                         "stdrc-export build-engines");
-    m.decode_tiling.tile = decode.at("tile").get<int64_t>();
-    m.decode_tiling.overlap = decode.at("overlap").get<int64_t>();
-    m.decode_tiling.spatial_scale = decode.at("spatial_scale").get<int64_t>();
+    m.decode_tiling.tile = integer(decode, "tile", "decode", 2);
+    m.decode_tiling.overlap = integer(decode, "overlap", "decode", 0);
+    m.decode_tiling.spatial_scale = integer(decode, "spatial_scale", "decode", 1);
     if (m.decode_tiling.tile < 2 || m.decode_tiling.overlap < 0 || m.decode_tiling.overlap >= m.decode_tiling.tile ||
         m.decode_tiling.spatial_scale < 1)
       throw BundleError("bundle manifest decode tiling " + decode.dump() + " is invalid: rebuild the bundle");
@@ -131,9 +219,20 @@ void check_components(const std::string& bundle_dir, const Manifest& manifest, c
     if (std::find(backends.begin(), backends.end(), entry.backend) == backends.end())
       throw BundleError("bundle component " + name + " is a " + entry.backend + " engine; this runner takes " +
                         backends.front() + " engines: rebuild the bundle with --backend " + backends.front());
-    const fs::path file = fs::path(bundle_dir) / entry.file;
+    const fs::path file = bundle_file(bundle_dir, entry.file);
     if (!fs::is_regular_file(file)) throw BundleError("bundle file " + file.string() + " is missing: rebuild the bundle");
   }
+}
+
+std::string bundle_file(const std::string& bundle_dir, const std::string& rel) {
+  const fs::path root = fs::weakly_canonical(fs::path(bundle_dir));
+  const fs::path path = root / rel;
+  const fs::path real = fs::weakly_canonical(path);
+  const auto mismatch = std::mismatch(root.begin(), root.end(), real.begin(), real.end());
+  if (mismatch.first != root.end())
+    throw BundleError("bundle file " + rel + " is a link to " + real.string() + ", outside the bundle folder " +
+                      root.string() + ": refusing it; rebuild the bundle");
+  return path.string();
 }
 
 }  // namespace stdrc

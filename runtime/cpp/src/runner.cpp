@@ -79,9 +79,14 @@ GuidanceScales guidance_from_json(const fs::path& path, GuidanceScales scales) {
 Runner::Runner(std::string bundle_dir, Manifest manifest, c10::Device device)
     : bundle_dir_(std::move(bundle_dir)), manifest_(std::move(manifest)), device_(device) {}
 
-std::unique_ptr<Runner> Runner::from_bundle(const std::string& bundle_dir, c10::Device device) {
+std::unique_ptr<Runner> Runner::from_bundle(const std::string& bundle_dir, c10::Device device, bool trust_code) {
   Manifest manifest = read_manifest(bundle_dir);
   check_components(bundle_dir, manifest, {"dit", "vae_decoder"}, kBackends);
+  for (const char* name : {"dit", "vae_decoder"})
+    if (manifest.component(name).backend == "aoti" && !trust_code)
+      throw BundleError(std::string("bundle component ") + name + " is an aoti engine, and loading one runs code from "
+                        "the bundle (a shared library; a sha256 cannot make that safe): open it only if you trust "
+                        "who built it, with --trust-bundle-code");
   std::unique_ptr<Runner> runner(new Runner(bundle_dir, std::move(manifest), device));
   runner->dit_ = open_engine(bundle_dir, "dit", runner->manifest_.component("dit"), device);
   runner->decoder_ = open_engine(bundle_dir, "vae_decoder", runner->manifest_.component("vae_decoder"), device);

@@ -2,9 +2,10 @@
 //
 //   stdrc_run --bundle DIR --inputs DIR --out DIR [--text-scale X] [--ref-scale X]
 //             [--guidance-interval LO,HI] [--cfg-rescale X] [--sigmas FILE.npy | --distilled] [--max-batch N]
-//             [--device cpu|cuda[:i]] [--quiet]
+//             [--device cpu|cuda[:i]] [--trust-bundle-code] [--quiet]
 //
 // Errors print as one line on stderr and exit 2 (bad input or bundle) or 1 (anything else).
+#include <cmath>
 #include <c10/util/Exception.h>
 
 #include <chrono>
@@ -23,13 +24,13 @@ namespace {
 constexpr const char* kUsage =
     "usage: stdrc_run --bundle DIR --inputs DIR --out DIR [--text-scale X] [--ref-scale X] "
     "[--guidance-interval LO,HI] [--cfg-rescale X] [--sigmas FILE.npy | --distilled] [--max-batch N] "
-    "[--device cpu|cuda[:i]] [--quiet]";
+    "[--device cpu|cuda[:i]] [--trust-bundle-code] [--quiet]";
 
 struct Options {
   std::string bundle, inputs, out, sigmas, device = "cpu";
   std::optional<double> text_scale, ref_scale, rescale;
   std::optional<std::pair<double, double>> interval;
-  bool distilled = false, quiet = false;
+  bool distilled = false, quiet = false, trust = false;
   int max_batch = 3;
 };
 
@@ -37,10 +38,10 @@ double number(const std::string& flag, const std::string& text) {
   try {
     size_t used = 0;
     const double value = std::stod(text, &used);
-    if (used == text.size()) return value;
+    if (used == text.size() && std::isfinite(value)) return value;
   } catch (const std::exception&) {
   }
-  throw stdrc::InputError(flag + " " + text + ": not a number");
+  throw stdrc::InputError(flag + " " + text + ": not a finite number");
 }
 
 Options parse(int argc, char** argv) {
@@ -53,6 +54,7 @@ Options parse(int argc, char** argv) {
     }
     if (flag == "--distilled") { o.distilled = true; continue; }
     if (flag == "--quiet") { o.quiet = true; continue; }
+    if (flag == "--trust-bundle-code") { o.trust = true; continue; }
     if (i + 1 >= argc) throw stdrc::InputError(flag + " needs a value (" + kUsage + ")");
     const std::string value = argv[++i];
     if (flag == "--bundle") o.bundle = value;
@@ -73,6 +75,13 @@ Options parse(int argc, char** argv) {
     }
   }
   if (o.distilled && !o.sigmas.empty()) throw stdrc::InputError("pass --sigmas or --distilled, not both");
+  // the same option rules as stdrc.runtime.options.GenerationOptions
+  if (o.rescale && (*o.rescale < 0 || *o.rescale > 1)) throw stdrc::InputError("--cfg-rescale: use a number in [0, 1]");
+  if (o.interval && (o.interval->first > o.interval->second || o.interval->first < 0 || o.interval->second > 1))
+    throw stdrc::InputError("--guidance-interval LO,HI: use 0 <= LO <= HI <= 1");
+  for (const auto& scale : {o.text_scale, o.ref_scale})
+    if (scale && std::abs(*scale) > 100) throw stdrc::InputError("guidance scales must be within [-100, 100]");
+  if (o.max_batch < 1 || o.max_batch > 3) throw stdrc::InputError("--max-batch: use 1, 2 or 3");
   if (o.bundle.empty() || o.inputs.empty() || o.out.empty())
     throw stdrc::InputError(std::string("--bundle, --inputs and --out are required (") + kUsage + ")");
   return o;
@@ -93,7 +102,7 @@ int run(const Options& o) {
   g_tty = isatty(fileno(stderr)) != 0;
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
-  auto runner = stdrc::Runner::from_bundle(o.bundle, c10::Device(o.device));
+  auto runner = stdrc::Runner::from_bundle(o.bundle, c10::Device(o.device), o.trust);
   stdrc::RunInputs in = runner->read_inputs(o.inputs);
   if (o.distilled) in.sigmas = runner->manifest().distilled_sigmas;
   if (!o.sigmas.empty()) in.sigmas = stdrc::read_sigmas(o.sigmas);

@@ -61,6 +61,9 @@ struct Manifest {
 // Throws BundleError with the fix in the message.
 Manifest read_manifest(const std::string& bundle_dir);
 
+// `bundle_dir / rel`, refused (BundleError) unless it resolves inside the bundle folder (symlinks followed).
+std::string bundle_file(const std::string& bundle_dir, const std::string& rel);
+
 // Refuses a bundle whose `components` (as listed) are absent, of a backend not in `backends`, or
 // whose files are missing. sha256 is not recomputed here: `stdrc verify` (Python) does that.
 void check_components(const std::string& bundle_dir, const Manifest& manifest,

@@ -52,7 +52,9 @@ struct RunOutputs {
 class Runner {
  public:
   // Validates the manifest (format, components, backends, files) and loads dit + vae_decoder.
-  static std::unique_ptr<Runner> from_bundle(const std::string& bundle_dir, c10::Device device = c10::kCPU);
+  // `trust_code`: aoti engines load a shared library from the bundle (code runs); refused unless true.
+  static std::unique_ptr<Runner> from_bundle(const std::string& bundle_dir, c10::Device device = c10::kCPU,
+                                             bool trust_code = false);
 
   const Manifest& manifest() const { return manifest_; }
 
