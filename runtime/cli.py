@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_facesim_parser(sub)
     except ImportError:
         pass
+    try:
+        from stdrc.app import add_app_parser
+
+        add_app_parser(sub)
+    except ImportError:
+        pass
     return parser
 
 
