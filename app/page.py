@@ -59,7 +59,9 @@ class Page:
         job = Job(reference=reference, prompt=prompt or "", negative_prompt=negative_prompt or "",
                   seed=int(seed) if seed is not None else 0, steps=int(steps) if steps is not None else None,
                   text_scale=text_scale, ref_scale=ref_scale, face_crop=bool(face_crop))
-        cancel = self._cancel[request.session_hash] = threading.Event()
+        cancel = self._cancel.setdefault(request.session_hash, threading.Event())
+        if cancel.is_set():  # Cancel was pressed while this run waited in the queue
+            return "cancelled before it started", None, None, ""
 
         def on_step(done: int, total: int) -> None:
             progress((done, total), desc="sampling", unit="steps")
@@ -72,11 +74,15 @@ class Page:
         status = f"done in {time.perf_counter() - start:.1f} s (seed {job.seed})"
         return status, outcome.video, outcome.contact_sheet, facesim_text(outcome)
 
-    def cancel(self, request) -> str:  # noqa: ANN001
+    def arm(self, request) -> None:  # noqa: ANN001
+        """On Generate, before the queue: a fresh cancel flag that Cancel can set while the run waits or runs."""
+        self._cancel[request.session_hash] = threading.Event()
+
+    def cancel(self, request) -> None:  # noqa: ANN001
+        """Sets the flag; the backend stops after the current step and the run's own reply says so."""
         event = self._cancel.get(request.session_hash)
         if event is not None:
             event.set()
-        return "cancelling..."
 
 
 def build_page(page: Page):  # noqa: ANN201
@@ -116,15 +122,20 @@ def build_page(page: Page):  # noqa: ANN201
         def _generate(ref, p, n, s, st, ts, rs, fc, request: gr.Request, progress=gr.Progress()):  # noqa: B008
             return page.generate(ref, p, n, s, st, ts, rs, fc, request, progress)
 
-        def _cancel(request: gr.Request) -> str:
-            return page.cancel(request)
+        def _arm(request: gr.Request) -> None:
+            page.arm(request)
+
+        def _cancel(request: gr.Request) -> None:
+            page.cancel(request)
 
         reference.change(page.crop, [reference, face_crop], [crop, status], concurrency_limit=1)
         face_crop.change(page.crop, [reference, face_crop], [crop, status], concurrency_limit=1)
         dice.click(lambda: random.randint(0, SEED_MAX), None, seed, queue=False)
-        event = run.click(_generate, [reference, prompt, negative, seed, steps, text_scale, ref_scale, face_crop],
-                          [status, video, sheet, facesim], concurrency_limit=1, concurrency_id="generate")
-        stop.click(_cancel, None, status, cancels=[event], queue=False)
+        # no `cancels=`: Gradio may drop a running job's reply; the flag lets the run end and say so
+        run.click(_arm, None, None, queue=False).then(
+            _generate, [reference, prompt, negative, seed, steps, text_scale, ref_scale, face_crop],
+            [status, video, sheet, facesim], concurrency_limit=1, concurrency_id="generate")
+        stop.click(_cancel, None, None, queue=False)
     return demo
 
 

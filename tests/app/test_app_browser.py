@@ -8,6 +8,7 @@ STDRC_APP_SCREENSHOT=docs/img/app.png saves the page after the generation (the R
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -100,6 +101,12 @@ def upload(page: Page, photo: Path) -> None:
     page.locator("#reference input[type=file]").set_input_files(str(photo))
 
 
+def set_steps(page: Page, steps: int) -> None:
+    box = page.locator("#steps input[type=number]")
+    box.fill(str(steps))
+    box.press("Enter")
+
+
 def test_generate_in_the_browser(page, tiny_bundle, astronaut_png, tmp_path):
     from stdrc.runtime.pipeline import Pipeline
 
@@ -107,9 +114,7 @@ def test_generate_in_the_browser(page, tiny_bundle, astronaut_png, tmp_path):
     expect(page.locator("#crop img")).to_be_visible(timeout=WAIT_MS)  # the face crop, before any generation
     page.locator("#prompt textarea").fill(PROMPT)
     page.locator("#seed input").fill(str(SEED))
-    steps = page.locator("#steps input[type=number]")
-    steps.fill(str(STEPS))
-    steps.press("Enter")
+    set_steps(page, STEPS)
     page.locator("#generate").click()
 
     video = page.locator("#video video")
@@ -131,7 +136,7 @@ def test_generate_in_the_browser(page, tiny_bundle, astronaut_png, tmp_path):
     text = "n/a (no face in the generated frames)" if expected is None else f"{expected:.3f}"
     expect(page.locator("#facesim textarea")).to_have_value(text)
     expect(page.locator("#sheet img")).to_be_visible()
-    expect(page.locator("#status")).to_contain_text(f"done in")
+    expect(page.locator("#status")).to_contain_text("done in")
     shot = os.environ.get("STDRC_APP_SCREENSHOT") or str(tmp_path / "app.png")
     page.screenshot(path=shot, full_page=True)
     assert Path(shot).stat().st_size > 0
@@ -153,3 +158,20 @@ def test_no_face_shows_the_cli_error_line(page, tiny_bundle, blank_png, capsys, 
     expect(status).to_have_text(line, timeout=WAIT_MS)  # and again from Generate, in the page
     expect(page.locator("#video video")).to_have_count(0)
     assert "Traceback" not in page.content()
+
+
+def test_cancel_stops_the_run_and_the_next_one_runs(page, astronaut_png):
+    upload(page, astronaut_png)
+    expect(page.locator("#crop img")).to_be_visible(timeout=WAIT_MS)
+    page.locator("#prompt textarea").fill(PROMPT)
+    set_steps(page, 100)  # the slider's maximum: long enough to press Cancel during sampling
+    page.locator("#generate").click()
+    status = page.locator("#status")
+    expect(status).to_contain_text(re.compile(r"[1-9]\d*/100 steps"), timeout=WAIT_MS)  # the progress bar
+    page.locator("#cancel").click()
+    expect(status).to_have_text(re.compile(r"cancelled after \d+ of 100 steps"), timeout=WAIT_MS)
+    expect(page.locator("#video video")).to_have_count(0)
+    set_steps(page, STEPS)
+    page.locator("#generate").click()
+    expect(status).to_contain_text("done in", timeout=WAIT_MS)
+    expect(page.locator("#video video")).to_have_count(1)
