@@ -43,7 +43,7 @@ class Outcome:
     video: str
     contact_sheet: str
     facesim: float | None
-    has_face_encoder: bool  # False: the bundle cannot score FaceSim at all
+    scored: bool  # False: FaceSim was not measured (no face encoder in the bundle, or no face crop)
 
 
 class Backend(Protocol):
@@ -75,12 +75,12 @@ class LocalBackend:
                 steps=job.steps, text_scale=job.text_scale, ref_scale=job.ref_scale, face_crop=job.face_crop,
                 output=output, on_step=step,
             )
-        has_encoder = "face_encoder" in self.pipeline.engines and job.face_crop
-        return Outcome(result.files["video"], result.files["contact_sheet"], result.facesim, has_encoder)
+        scored = "face_encoder" in self.pipeline.engines and job.face_crop  # as Pipeline.generate decides
+        return Outcome(result.files["video"], result.files["contact_sheet"], result.facesim, scored)
 
 
 def facesim_text(outcome: Outcome) -> str:
     """The score as the CLI words it."""
     if outcome.facesim is not None:
         return f"{outcome.facesim:.3f}"
-    return "n/a (no face in the generated frames)" if outcome.has_face_encoder else "n/a (the bundle has no face encoder)"
+    return "n/a (no face in the generated frames)" if outcome.scored else "n/a (no face encoder, or no face crop)"

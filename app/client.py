@@ -93,4 +93,4 @@ class ServerClient:
         video.write_bytes(self._request("GET", f"/v1/generations/{job_id}/video").content)
         sheet.write_bytes(self._request("GET", f"/v1/generations/{job_id}/sheet").content)
         facesim = state.get("facesim")
-        return Outcome(str(video), str(sheet), None if facesim is None else float(facesim), has_face_encoder=True)
+        return Outcome(str(video), str(sheet), None if facesim is None else float(facesim), scored=True)

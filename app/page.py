@@ -1,5 +1,6 @@
 """The Gradio page of `stdrc app` over one backend (in-process `Pipeline` or a `stdrc serve` endpoint)."""
 
+import html
 import logging
 import os
 import random
@@ -25,6 +26,11 @@ class AppConfig:
     port: int = 7860
     server: str | None = None  # a `stdrc serve` URL; None runs the bundle in this process
     device: str = "cpu"
+
+
+def status_html(line: str) -> str:
+    """The status line as literal text: paths and `_` in an error must not turn into markup."""
+    return f'<p class="stdrc-status">{html.escape(line)}</p>' if line else ""
 
 
 def bucket_label(bucket: Bucket) -> str:
@@ -114,13 +120,18 @@ def build_page(page: Page):  # noqa: ANN201
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
             with gr.Column():
-                status = gr.Markdown(elem_id="status")
+                status = gr.HTML(elem_id="status")
                 video = gr.Video(label="Video", elem_id="video", autoplay=False)
                 sheet = gr.Image(label="Contact sheet", interactive=False, elem_id="sheet")
                 facesim = gr.Textbox(label="FaceSim", interactive=False, elem_id="facesim")
 
+        def _crop(ref, fc):  # noqa: ANN001, ANN202
+            image, line = page.crop(ref, fc)
+            return image, status_html(line)
+
         def _generate(ref, p, n, s, st, ts, rs, fc, request: gr.Request, progress=gr.Progress()):  # noqa: B008
-            return page.generate(ref, p, n, s, st, ts, rs, fc, request, progress)
+            line, *results = page.generate(ref, p, n, s, st, ts, rs, fc, request, progress)
+            return status_html(line), *results
 
         def _arm(request: gr.Request) -> None:
             page.arm(request)
@@ -128,8 +139,8 @@ def build_page(page: Page):  # noqa: ANN201
         def _cancel(request: gr.Request) -> None:
             page.cancel(request)
 
-        reference.change(page.crop, [reference, face_crop], [crop, status], concurrency_limit=1)
-        face_crop.change(page.crop, [reference, face_crop], [crop, status], concurrency_limit=1)
+        reference.change(_crop, [reference, face_crop], [crop, status], concurrency_limit=1)
+        face_crop.change(_crop, [reference, face_crop], [crop, status], concurrency_limit=1)
         dice.click(lambda: random.randint(0, SEED_MAX), None, seed, queue=False)
         # no `cancels=`: Gradio may drop a running job's reply; the flag lets the run end and say so
         run.click(_arm, None, None, queue=False).then(
