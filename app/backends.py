@@ -1,6 +1,6 @@
 """Where a generation runs. The page hands a `Job` to a backend and gets an `Outcome` back.
 
-`LocalBackend` holds one in-process `Pipeline`; `stdrc.app.client.ServerClient` submits to a
+`LocalBackend` holds one in-process `Pipeline`; `stdrc.app.client.ServerBackend` submits to a
 `stdrc serve` endpoint. Both report progress through `on_step(done, total)` and raise
 `Cancelled` once `cancel` is set: in process that ends the sampling loop after the current step.
 """

@@ -1,77 +1,39 @@
-"""A thin client for a `stdrc serve` endpoint (its versioned job API), as a backend of the page.
+"""`--server URL`: the page's backend over `stdrc serve`'s job API, through `stdrc.serve.client.Client`.
 
-POST {url}/v1/generations (multipart: reference file + fields) -> 202 {"id"}; GET
-/v1/generations/{id} -> {"status": queued|running|done|failed, "step", "steps", "error",
-"facesim"}; GET .../video and .../sheet once done. The API has no cancel: Cancel stops
-waiting here while the server's job runs on.
+This adds what the page needs on top of that client: progress per step while polling, Cancel
+(the API has none: Cancel stops waiting here while the server's job runs on), and the results
+written as files for the page's video and image components.
 """
 
 from __future__ import annotations
 
-import mimetypes
 import threading
 import time
 import uuid
 from pathlib import Path
 
 from stdrc.app.backends import Cancelled, Job, OnStep, Outcome
-from stdrc.runtime.errors import InputError, StdrcError
+from stdrc.runtime.errors import StdrcError
 
 
-class ServerError(StdrcError):
-    """The `stdrc serve` endpoint cannot be reached or answered with an error."""
+class ServerBackend:
+    face_crop_optional = True  # the API takes face_crop
 
+    def __init__(self, url: str, out_dir: Path, poll_s: float = 0.5):
+        from stdrc.serve.client import Client  # requests, no Ray
 
-class ServerClient:
-    face_crop_optional = False  # the serve API always crops the face
-
-    def __init__(self, url: str, out_dir: Path, poll_s: float = 0.5, timeout_s: float = 30.0):
-        import httpx
-
-        self.url = url.rstrip("/")
+        self.client = Client(url)
         self.out_dir = out_dir
         self.poll_s = poll_s
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
-
-    def _request(self, method: str, path: str, **kwargs):  # noqa: ANN003, ANN202
-        import httpx
-
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as e:
-            raise ServerError(f"server {self.url} unreachable ({e}): start `stdrc serve` there or fix --server") from e
-        if response.status_code >= 400:
-            try:
-                detail = response.json()
-                detail = detail.get("error") or detail.get("detail") or detail
-            except ValueError:
-                detail = response.text.strip()[:200]
-            kind = InputError if response.status_code in (400, 413, 415, 422) else ServerError
-            raise kind(f"server: {detail}" if kind is InputError else
-                       f"server {self.url} answered {response.status_code} to {method} {path}: {detail}")
-        return response
-
-    def submit(self, job: Job) -> str:
-        fields = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": str(job.seed)}
-        for name in ("steps", "text_scale", "ref_scale"):
-            if getattr(job, name) is not None:
-                fields[name] = str(getattr(job, name))
-        path = Path(job.reference)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise InputError(f"cannot read the reference photo {path}: {e.strerror}") from e
-        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        answer = self._request("POST", "/v1/generations", data=fields, files={"reference": (path.name, data, mime)})
-        return str(answer.json()["id"])
 
     def wait(self, job_id: str, on_step: OnStep, cancel: threading.Event) -> dict:
-        """Poll the job until it is done; report each new step; raise its error if it failed."""
-        seen = -1
+        """Poll until done; report each new step; a failed job raises its error (the Pipeline's message)."""
+        seen = None
         while True:
             if cancel.is_set():
-                raise Cancelled(f"stopped waiting after {max(seen, 0)} steps")
-            state = self._request("GET", f"/v1/generations/{job_id}").json()
+                raise Cancelled(f"stopped waiting after {seen or 0} steps (the server's job {job_id} runs on: "
+                                "its API has no cancel)")
+            state = self.client.status(job_id)
             step, steps = state.get("step"), state.get("steps")
             if step is not None and steps and step != seen:
                 seen = step
@@ -83,14 +45,13 @@ class ServerClient:
             time.sleep(self.poll_s)
 
     def generate(self, job: Job, on_step: OnStep, cancel: threading.Event) -> Outcome:
-        job_id = self.submit(job)
-        try:
-            state = self.wait(job_id, on_step, cancel)
-        except Cancelled as e:
-            raise Cancelled(f"{e} (the server's job {job_id} runs on: its API has no cancel)") from e
+        job_id = self.client.submit(job.reference, job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
+                                    steps=job.steps, text_scale=job.text_scale, ref_scale=job.ref_scale,
+                                    face_crop=job.face_crop)
+        state = self.wait(job_id, on_step, cancel)
         stem = self.out_dir / uuid.uuid4().hex[:12]
         video, sheet = stem.with_suffix(".mp4"), stem.with_name(stem.name + "_sheet.png")
-        video.write_bytes(self._request("GET", f"/v1/generations/{job_id}/video").content)
-        sheet.write_bytes(self._request("GET", f"/v1/generations/{job_id}/sheet").content)
+        video.write_bytes(self.client.video(job_id))
+        sheet.write_bytes(self.client.sheet(job_id))
         facesim = state.get("facesim")
-        return Outcome(str(video), str(sheet), None if facesim is None else float(facesim), scored=True)
+        return Outcome(str(video), str(sheet), None if facesim is None else float(facesim), scored=job.face_crop)

@@ -152,9 +152,9 @@ def build_page(page: Page):  # noqa: ANN201
 
 def make_backend(config: AppConfig, out_dir: Path) -> Backend:
     if config.server:
-        from stdrc.app.client import ServerClient
+        from stdrc.app.client import ServerBackend
 
-        return ServerClient(config.server, out_dir)
+        return ServerBackend(config.server, out_dir)
     return LocalBackend(Pipeline.from_bundle(config.bundle, device=config.device), out_dir)
 
 

@@ -16,8 +16,9 @@ Backends: ltx-eager (baseline: ltx-core's `LTXModel` as users call it today, RoP
 from positions every call), ltx-eager-bf16 (the same in bf16, as ltx-pipelines runs it),
 stdrc-torch (`STDRCTransformer` with the bucket's baked RoPE tables), stdrc-bf16 and
 stdrc-fp8 (the fast path, export/fast_path.py: bf16, FP8 GEMMs with calibrated scales, CUDA
-graphs on --device cuda), onnxruntime (the runtime's `OrtEngine`; CUDA EP with IO binding on
---device cuda), torch-export (`torch.export` .pt2), aoti (AOTInductor .pt2), tensorrt (when it imports, on
+graphs on --device cuda), onnxruntime (the runtime's `OrtEngine` on the fused-attention graph,
+com.microsoft.MultiHeadAttention; CUDA EP with IO binding on --device cuda), onnxruntime-unfused
+(the same graph with attention left as MatMul -> Softmax -> MatMul: before fusion), torch-export (`torch.export` .pt2), aoti (AOTInductor .pt2), tensorrt (when it imports, on
 CUDA only). With --layers below the preset's depth, full-depth times are scaled by FLOPs.
 """
 
@@ -42,10 +43,12 @@ import numpy as np
 BASELINE = "ltx-eager"
 BF16_BASELINE = "ltx-eager-bf16"
 BACKENDS = ("ltx-eager", "ltx-eager-bf16", "stdrc-torch", "stdrc-bf16", "stdrc-fp8", "onnxruntime",
-            "torch-export", "aoti", "tensorrt")
+            "onnxruntime-unfused", "torch-export", "aoti", "tensorrt")
 FAST = ("stdrc-bf16", "stdrc-fp8")  # export/fast_path.py
 PRECISION = {"ltx-eager-bf16": "bf16", "stdrc-bf16": "bf16", "stdrc-fp8": "fp8"}  # others: fp32 (tf32)
-BUILT = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch-export": "torch", "aoti": "aoti"}
+BUILT = {"onnxruntime": "onnxruntime", "onnxruntime-unfused": "onnxruntime", "tensorrt": "tensorrt",
+         "torch-export": "torch", "aoti": "aoti"}
+ATTENTION = {"onnxruntime-unfused": "unfused"}  # export/attention.py kind; others: the backend's fused op
 STREAMS = 3
 
 
@@ -238,8 +241,9 @@ def build(name: str, s: Setup, stack: contextlib.ExitStack) -> tuple[object, Pat
     from stdrc.engines.build import build_component
 
     writer = stack.enter_context(BundleWriter(s.work / name))
+    build_cfg = replace(s.build, attention=ATTENTION.get(name))
     with contextlib.redirect_stdout(sys.stderr):  # exporters print; keep --json output clean
-        entry = build_component(s.build, BUILT[name], s.models, s.bucket, s.spec, s.module, writer)
+        entry = build_component(build_cfg, BUILT[name], s.models, s.bucket, s.spec, s.module, writer)
     return entry, writer.staging
 
 
@@ -250,6 +254,38 @@ class Loaded(NamedTuple):
     to_numpy: Callable[[object], np.ndarray]  # the call's result -> velocity [B, N, C] float32
     close: Callable[[], None] = lambda: None  # frees what the engine holds (TensorRT device buffers)
     prepare_s: float | None = None  # fast path: conversion (and CUDA graph capture) time, not timed
+    sampler: Callable[[], dict] | None = None  # the runtime's own sampling loop over this engine
+
+
+def sampler_overhead(engine, s: Setup) -> dict:
+    """The runtime's sampling loop (guidance, Euler, stream batching, feed checks) over `engine`, as
+    Pipeline runs it: time per step outside the engine calls, as a share of the step."""
+    from stdrc.runtime import sampler as smp
+    from stdrc.runtime.backends import check_feeds
+
+    video = s.bucket.video_tokens
+    f = s.feeds
+    cond = smp.Conditioning(reference=f["latent"][:1, video:], text=(f["context"][2:3], f["context_mask"][2:3]),
+                            no_text=(f["context"][:1], f["context_mask"][:1]))
+    engine_ms: list[float] = []
+
+    def denoiser(**feeds: np.ndarray) -> np.ndarray:
+        check_feeds(engine.entry, feeds, "dit")
+        start = time.perf_counter()
+        out = engine.run(feeds, keep=smp.FIXED_INPUTS)["velocity"]
+        engine_ms.append((time.perf_counter() - start) * 1e3)
+        return out
+
+    steps = max(2, min(s.cfg.repeats, 10))
+    scales = smp.GuidanceScales(text=3.0, ref=2.0)
+    noise = np.random.default_rng(s.cfg.seed).standard_normal(f["latent"][:1, :video].shape, dtype=np.float32)
+    start = time.perf_counter()
+    smp.sample(denoiser, noise, smp.ltx2_sigmas(steps), cond, scales, max_batch=STREAMS)
+    total_ms = (time.perf_counter() - start) * 1e3
+    outside = (total_ms - sum(engine_ms)) / steps
+    return {"steps": steps, "step_ms": total_ms / steps, "outside_engine_ms_per_step": outside,
+            "outside_engine_pct_of_step": 100 * outside / (total_ms / steps),
+            "note": "smp.sample over the engine with IO-bound fixed inputs, feed checks included"}
 
 
 def _tensor(out: object) -> np.ndarray:
@@ -313,13 +349,14 @@ def load(name: str, s: Setup, entry: object, folder: Path | None, inputs: dict) 
         fast(*args)  # CUDA graph capture / torch.compile happen here, outside the timed calls
         harness.cuda_sync(cfg.device)()
         return Loaded(lambda: fast(*args), _tensor, prepare_s=time.perf_counter() - start)
-    if name == "onnxruntime":
+    if name in ("onnxruntime", "onnxruntime-unfused"):
         from stdrc.runtime.backends.onnxruntime import OrtEngine
 
         engine = OrtEngine(folder / entry.file, entry, device=cfg.device, threads=cfg.threads or 0)
         if cfg.device == "cuda":
             return _ort_cuda(engine, s.feeds, cfg.tf32)
-        return Loaded(lambda: engine.run(s.feeds), lambda out: out["velocity"])
+        return Loaded(lambda: engine.run(s.feeds), lambda out: out["velocity"],
+                      sampler=lambda: sampler_overhead(engine, s))
     if name in ("torch-export", "aoti"):
         from stdrc.runtime.backends.torch import TorchEngine
 
@@ -374,6 +411,8 @@ def measure(name: str, s: Setup, built: tuple | None, reference: np.ndarray) -> 
     row = {"timing": timing, **_memory(name, cfg.device, rss_before, gpu_before)}
     if loaded.prepare_s is not None:
         row["build_s"] = loaded.prepare_s
+    if loaded.sampler is not None:
+        row["sampler"] = loaded.sampler()
     # the baselines without --baseline-key-mask see the reference in every stream: compare the streams
     # whose keys are all visible anyway
     sees_all = name in (BASELINE, BF16_BASELINE) and not cfg.baseline_key_mask
@@ -409,7 +448,7 @@ def run(cfg: StepConfig) -> dict:
         results: dict[str, dict] = {}
         built: dict[str, tuple] = {}
         # ONNX-based builds first: the torch builds move the shared module to the GPU when there is one
-        for name in sorted(names, key=lambda n: n not in ("onnxruntime", "tensorrt")):
+        for name in sorted(names, key=lambda n: BUILT.get(n) not in ("onnxruntime", "tensorrt")):
             reason = skip_reason(name, cfg)
             if reason:
                 results[name] = {"status": "skipped", "reason": reason}
@@ -468,7 +507,8 @@ def report(s: Setup, names: list[str], results: dict[str, dict]) -> dict:
                "pct_of_peak": None, "peak_tflops_used": peak_of[precision], "peak_mem_mb": None,
                "mem_added_mb": None, "mem_source": r.get("mem_source"), "build_s": r.get("build_s"),
                "est_full_depth_ms": None, "max_abs_diff": r.get("max_abs_diff"),
-               "max_abs_reference": r.get("max_abs_ref"), "rel_l2": r.get("rel_l2"), "times_ms": None}
+               "max_abs_reference": r.get("max_abs_ref"), "rel_l2": r.get("rel_l2"), "times_ms": None,
+               "sampler": r.get("sampler")}
         t = r.get("timing")
         if t is not None:
             seconds = t.median_ms / 1e3
@@ -550,6 +590,12 @@ def print_table(rep: dict) -> None:
         if c["depth_reduced"]:
             line += f" {f(r['est_full_depth_ms'], '9.1f')}"
         print(line)
+    for r in rep["backends"]:
+        if r.get("sampler"):
+            sm = r["sampler"]
+            print(f"{r['name']}: the runtime's sampling loop over {sm['steps']} steps: "
+                  f"{sm['step_ms']:.1f} ms per step, {sm['outside_engine_ms_per_step']:.2f} ms outside the engine "
+                  f"({sm['outside_engine_pct_of_step']:.2f}% of the step)")
     v = rep["versions"]
     print(f"ratio = median / {BASELINE} median (lower is faster; the JSON also has ratio_to_ltx_bf16); "
           f"max|diff| and rel L2 vs stdrc-torch (fp32)"

@@ -18,6 +18,7 @@ from tqdm import tqdm
 import stdrc
 from stdrc.engines.bundle import BundleWriter
 from stdrc.export.errors import ExportError
+from stdrc.export.lora import LoraSpec
 from stdrc.export.models import ModelSet, load_models
 from stdrc.export.onnx_export import dynamic_shapes, export_onnx, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
@@ -50,9 +51,11 @@ class BuildConfig:
     face_weights: Path | None = None
     text_encoder: Path | None = None  # a local Gemma-3 folder
     text_checkpoint: Path | None = None  # LTX-2 checkpoint holding the text projection + connector
+    loras: tuple[LoraSpec, ...] = ()  # fused into the DiT weights, in order
     calibrate_fp8: bool = False
     decode_tile: int | None = None  # pixels; None = 512 when the bucket is larger, 0 = never tile
     decode_overlap: int = 64  # pixels
+    attention: str | None = None  # export/attention.py kind; None = the backend's (ort, or onnx for TensorRT)
     progress: bool = True
 
 
@@ -88,10 +91,14 @@ def export_code_hash() -> str:
     return digest.hexdigest()
 
 
+ATTENTION_FOR = {"onnxruntime": "ort", "tensorrt": "onnx"}  # TensorRT's parser takes no com.microsoft op
+
+
 def cached_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, spec: ComponentSpec,
-                module: torch.nn.Module) -> Path:
-    """The stage cache: keyed by source hash + bucket + layout + input shapes + export code, so re-runs skip export."""
-    key = f"{models.source_sha256[:16]}/{bucket.key()}_{cfg.layout}_{export_code_hash()[:12]}"
+                module: torch.nn.Module, backend: str = "onnxruntime") -> Path:
+    """The stage cache: keyed by source hash + bucket + layout + attention + input shapes + export code."""
+    attention = cfg.attention or ATTENTION_FOR[backend]
+    key = f"{models.source_sha256[:16]}/{bucket.key()}_{cfg.layout}_{attention}_{export_code_hash()[:12]}"
     folder = cfg.cache_dir / "onnx" / key
     shapes = hashlib.sha256(repr([t.shape for t in spec.inputs]).encode()).hexdigest()[:8]
     path = folder / f"{spec.name}_{shapes}.onnx"
@@ -100,7 +107,7 @@ def cached_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, spec: Compon
         log.info("cache hit: %s", path)
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    export_onnx(module, spec, path, seed=cfg.seed)
+    export_onnx(module, spec, path, seed=cfg.seed, attention=attention)
     done.write_text(sha256_file(path))
     return path
 
@@ -187,7 +194,7 @@ def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bu
             folder = cfg.cache_dir / "fp8_qdq" / f"{models.source_sha256[:16]}_{bucket.key()}_{cfg.layout}"
             onnx_path = fp8_qdq_onnx(cfg, models, bucket, folder)
         else:
-            onnx_path = cached_onnx(cfg, models, bucket, spec, module)
+            onnx_path = cached_onnx(cfg, models, bucket, spec, module, backend)
         plan = plan_for(spec.name, spec, precision, writer.staging, onnx_path=onnx_path,
                         timing_cache=cfg.cache_dir / "trt_timing.cache")
         facts = build_engine(plan)
@@ -204,7 +211,7 @@ def build_engines(cfg: BuildConfig) -> Path:
     stages = tqdm(total=7, desc="build-engines", unit="stage", disable=not cfg.progress)
     stages.set_postfix_str("loading model")
     models = load_models(cfg.preset, cfg.checkpoint, cfg.seed, cfg.face_weights,
-                         text_encoder=cfg.text_encoder, text_checkpoint=cfg.text_checkpoint)
+                         text_encoder=cfg.text_encoder, text_checkpoint=cfg.text_checkpoint, loras=cfg.loras)
     bucket = bucket_for(cfg, models)
     stages.update()
     tiling = decode_tiling(bucket.height, bucket.width, cfg.decode_tile, cfg.decode_overlap)
@@ -236,6 +243,19 @@ def build_engines(cfg: BuildConfig) -> Path:
             extra_files = {quality["fp8"]["scales_file"]: quality["fp8"]["scales_sha256"]}
             components["dit"] = replace(components["dit"], extra_files={**components["dit"].extra_files,
                                                                          **extra_files})
+        from stdrc.runtime.memory import activation_bytes, component_weight_bytes
+
+        memory = {
+            "weight_bytes": {k: component_weight_bytes(writer.staging, e.file, e.extra_files)
+                             for k, e in components.items()},
+            "activation_bytes": {k: activation_bytes(k, {"dit": asdict(models.preset.dit),
+                                                         "vae": asdict(models.preset.vae),
+                                                         "text": asdict(models.preset.text)},
+                                                     bucket.to_json(), e.precision,
+                                                     tiling.to_json() if tiling else {})
+                                 for k, e in components.items()},
+            "note": "weights: engine files' bytes; activations: estimates (stdrc.runtime.memory)",
+        }
         manifest = Manifest(
             preset=models.preset.name,
             model_config={"dit": asdict(models.preset.dit), "vae": asdict(models.preset.vae),
@@ -256,8 +276,10 @@ def build_engines(cfg: BuildConfig) -> Path:
                        "reference_tokens": bucket.reference_tokens, "timestep": 0.0},
             quality=quality,
             decode=tiling.to_json() if tiling else {},
+            memory=memory,
             created_by={"stdrc": stdrc.__version__, "torch": torch.__version__, "backend": backend,
                         "source_sha256": models.source_sha256},
+            loras=models.loras.entries() if models.loras else (),
         )
         stages.set_postfix_str("writing manifest")
         path = writer.commit(manifest)

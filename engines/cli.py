@@ -13,13 +13,14 @@ from stdrc.runtime.errors import StdrcError
 
 def _build(args: argparse.Namespace) -> int:
     from stdrc.engines.build import BuildConfig, build_engines
+    from stdrc.export.lora import LoraSpec
 
     cfg = BuildConfig(
         preset=args.preset, checkpoint=args.checkpoint, frames=args.frames, height=args.height, width=args.width,
         fps=args.fps, backend=args.backend, precision=args.precision, out=args.out or Path("bundles") / args.preset,
         seed=args.seed, layout=args.layout, face_weights=args.face_weights, calibrate_fp8=args.calibrate_fp8,
         text_encoder=args.text_encoder, text_checkpoint=args.text_checkpoint, decode_tile=args.decode_tile,
-        decode_overlap=args.decode_overlap,
+        decode_overlap=args.decode_overlap, loras=tuple(LoraSpec.parse(t) for t in args.lora),
         progress=not args.quiet, **({"cache_dir": args.cache_dir} if args.cache_dir else {}),
     )
     path = build_engines(cfg)
@@ -29,9 +30,10 @@ def _build(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from stdrc.engines.verify import reports_json, verify_bundle
+    from stdrc.export.lora import LoraSpec
 
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
-                            text_checkpoint=args.text_checkpoint)
+                            text_checkpoint=args.text_checkpoint, loras=tuple(LoraSpec.parse(t) for t in args.lora))
     result = reports_json(reports)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local Gemma-3 folder (config.json, *.safetensors, tokenizer.json); needed by ltx2-video")
     b.add_argument("--text-checkpoint", type=Path, default=None,
                    help="LTX-2 .safetensors with the text projection + connector (default: --checkpoint)")
+    b.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="LTX-2 LoRA .safetensors fused into the DiT (strength default 1.0); repeatable")
     b.add_argument("--face-weights", type=Path, default=None, help="arcface_torch backbone.pth (iresnet50)")
     b.add_argument("--calibrate-fp8", action="store_true",
                    help="run modelopt FP8 calibration and record its measured error in the manifest")
@@ -78,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--checkpoint", type=Path, default=None)
     v.add_argument("--text-encoder", type=Path, default=None, help="the Gemma-3 folder the bundle was built with")
     v.add_argument("--text-checkpoint", type=Path, default=None)
+    v.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="each LoRA the bundle was built with, in order (strength default: the manifest's)")
     v.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_verify)

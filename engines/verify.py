@@ -10,6 +10,7 @@ import torch
 
 from stdrc.export.config import get_preset
 from stdrc.export.errors import CheckpointError
+from stdrc.export.lora import LoraSpec, match_manifest
 from stdrc.export.models import load_models
 from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import open_engine
@@ -41,7 +42,8 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
 
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
                   device: str = "cpu", text_encoder: str | Path | None = None,
-                  text_checkpoint: str | Path | None = None) -> dict[str, ComponentReport]:
+                  text_checkpoint: str | Path | None = None,
+                  loras: tuple[LoraSpec, ...] = ()) -> dict[str, ComponentReport]:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     check_files(bundle, manifest)
@@ -49,9 +51,11 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         raise CheckpointError(f"{bundle} was built from a checkpoint: pass --checkpoint with that file to verify it")
     if manifest.text.get("tokenizer") == "hf-tokenizers" and text_encoder is None:
         raise CheckpointError(f"{bundle} uses a Gemma-3 text side: pass --text-encoder with that folder to verify it")
+    loras = match_manifest(manifest.loras, tuple(loras), bundle)  # the manifest keeps names and hashes, not paths
     preset = get_preset(manifest.preset)
     models = load_models(preset.name, checkpoint, seed=manifest.model_config.get("seed", 0),
-                         face_weights=None, text_encoder=text_encoder, text_checkpoint=text_checkpoint)
+                         face_weights=None, text_encoder=text_encoder, text_checkpoint=text_checkpoint,
+                         loras=loras)
     if manifest.checkpoint_sha256 and models.checkpoint_sha256 != manifest.checkpoint_sha256:
         raise CheckpointError(f"{checkpoint} is not the checkpoint {bundle} was built from (sha256 differs)")
     modules = models.export_modules(manifest.bucket, manifest.rope["layout"])

@@ -95,6 +95,18 @@ def _read(path: Path, ops: SDOps | None) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_metadata_config(path: str | Path) -> dict[str, Any] | None:
+    """The checkpoint's `config` metadata from its header alone (no tensor is read)."""
+    path = Path(path)
+    _check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
+    return json.loads(meta["config"]) if "config" in meta else None
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     _check_safetensors(path)

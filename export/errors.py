@@ -13,3 +13,7 @@ class CheckpointError(StdrcError):
 
 class ParityError(StdrcError):
     """An exported component disagrees with the PyTorch reference beyond tolerance."""
+
+
+class LoraError(StdrcError):
+    """A LoRA file is missing, not safetensors, or does not fit the DiT it is fused into."""

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stdrc.export.checkpoint import config_from_metadata, load_strict, read_checkpoint
+from stdrc.export.checkpoint import config_from_metadata, load_strict, read_checkpoint, read_metadata_config
 from stdrc.export.config import Preset, get_preset
 from stdrc.export.dit import BakedRopeDiT, STDRCTransformer, build_dit
 from stdrc.export.reference import token_positions
 from stdrc.export.rope import RopeTables, rope_tables
 from stdrc.export.errors import CheckpointError
+from stdrc.export.lora import LoraSet, LoraSpec, dit_shapes
 from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
 from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae
 from stdrc.runtime.manifest import Bucket
@@ -33,6 +34,7 @@ class ModelSet:
     source_sha256: str  # checkpoint file hash, or a hash of the seeded preset config
     checkpoint_sha256: str | None
     gemma: GemmaText | None = None
+    loras: LoraSet | None = None  # fused into `dit`
 
     def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """[1, L] token ids and mask as the bundle's runtime tokenizer gives them (bytes, or Gemma's)."""
@@ -86,13 +88,19 @@ def load_models(
     preset: Preset | None = None,
     text_encoder: str | Path | None = None,
     text_checkpoint: str | Path | None = None,
+    loras: tuple[LoraSpec, ...] = (),
 ) -> ModelSet:
     """Seeded modules for `preset_name`, with DiT/VAE weights from `checkpoint` when given.
 
     `text_encoder`: a local Gemma-3 folder (else the preset's tiny text encoder). The text
     projection and connector come from `text_checkpoint`, else from `checkpoint`.
+    `loras` are checked against the DiT's shapes before any weight is read, then fused.
     """
     preset = preset or get_preset(preset_name)
+    lora_set = None
+    if loras:  # headers only: the LoRAs against the DiT the preset and checkpoint metadata describe
+        meta = read_metadata_config(checkpoint) if checkpoint is not None else None
+        lora_set = LoraSet.load(loras, dit_shapes(config_from_metadata(preset, meta).dit))
     ckpt = None
     if checkpoint is not None:
         ckpt = read_checkpoint(checkpoint)
@@ -100,10 +108,12 @@ def load_models(
     dit = build_dit(preset.dit, seed=None if ckpt else seed)
     encoder, decoder = build_vae(preset.vae, seed=seed)
     if ckpt is not None:
-        load_strict(dit.ltx, ckpt.dit, "DiT", ckpt.path)
+        load_strict(dit.ltx, lora_set.fuse_state(ckpt.dit) if lora_set else ckpt.dit, "DiT", ckpt.path)
         if ckpt.vae_encoder or ckpt.vae_decoder:
             load_strict(encoder, ckpt.vae_encoder, "VAE encoder", ckpt.path)
             load_strict(decoder, ckpt.vae_decoder, "VAE decoder", ckpt.path)
+    elif lora_set:
+        dit.ltx.load_state_dict(lora_set.fuse_state(dit.ltx.state_dict()), strict=True)
     gemma = load_gemma(text_encoder, preset.text.max_length) if text_encoder is not None else None
     text = build_text_side(preset.text, seed=seed, gemma=gemma)
     preset = replace(preset, text=text.cfg)
@@ -127,6 +137,9 @@ def load_models(
         )
     if gemma is not None:
         sources.append(gemma.sha256)
+    if lora_set:
+        sources.append(lora_set.digest())
     source = sources[0] if len(sources) == 1 else hashlib.sha256("".join(sources).encode()).hexdigest()
     return ModelSet(preset, dit, encoder, decoder, text, face=_face_module(preset, seed, face_weights),
-                    source_sha256=source, checkpoint_sha256=ckpt.sha256 if ckpt else None, gemma=gemma)
+                    source_sha256=source, checkpoint_sha256=ckpt.sha256 if ckpt else None, gemma=gemma,
+                    loras=lora_set)

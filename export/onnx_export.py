@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from stdrc.export.attention import OPSET, fused_attention, translation_table
 from stdrc.export.errors import ExportError
 from stdrc.export.specs import ComponentSpec
 
@@ -37,8 +38,13 @@ def param_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 
-def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, seed: int = 0) -> Path:
-    """Export `module` (forward takes the spec's inputs in order) to `path`; external data when large."""
+def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, seed: int = 0,
+                attention: str = "ort") -> Path:
+    """Export `module` (forward takes the spec's inputs in order) to `path`; external data when large.
+
+    `attention`: how ltx-core attention layers appear in the graph (export/attention.py): ``ort`` for
+    ONNX Runtime, ``onnx`` (opset 23 `Attention`) for TensorRT, ``unfused`` for the decomposed baseline.
+    """
     path = Path(path)
     feeds = spec.sample_inputs(seed=seed)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
@@ -46,7 +52,7 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, 
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=path.parent))
     try:
         tmp = tmpdir / path.name
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), fused_attention(module, attention):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module.eval(),
@@ -55,6 +61,8 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, 
                 output_names=[t.name for t in spec.outputs],
                 dynamic_shapes=dynamic_shapes(spec),
                 dynamo=True,
+                opset_version=OPSET[attention],
+                custom_translation_table=translation_table(attention),
                 optimize=True,
                 verbose=False,
             )

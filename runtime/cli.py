@@ -17,7 +17,8 @@ def _generate(args: argparse.Namespace) -> int:
     from stdrc.runtime.video import check_writable
 
     check_writable(args.output)  # fail before loading anything
-    pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, cuda_graphs=args.cuda_graphs)
+    pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, cuda_graphs=args.cuda_graphs,
+                                memory_plan=args.memory_plan)
     if args.face_models:
         pipe.use_face_models(args.face_models)
     bar = tqdm(desc="sampling", unit="step", disable=args.quiet)
@@ -47,6 +48,54 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompts(source: str) -> list[str]:
+    from stdrc.runtime.errors import InputError
+
+    try:
+        text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read prompts from {source}: {e}: give a UTF-8 text file, one prompt a line") from e
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _encode_prompts(args: argparse.Namespace) -> int:
+    from stdrc.runtime.pipeline import Pipeline
+
+    prompts = _read_prompts(args.prompts)  # before loading anything
+    pipe = Pipeline.from_bundle(args.bundle, device=args.device, memory_plan="staged",
+                                prompt_cache=args.cache_dir or "default")
+    encoded = pipe.encode_prompts(prompts)
+    print(f"{len(prompts)} prompts (+ the empty one) cached in {pipe.prompts.store.folder}: "
+          f"{encoded} encoded now, {len(prompts) + 1 - encoded} already there")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from stdrc.runtime.manifest import read_manifest
+    from stdrc.runtime.memory import memory_needs, parse_bytes
+    from stdrc.runtime.pipeline import weights_and_activations
+
+    budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+    manifest = read_manifest(args.bundle)
+    weights, activations = weights_and_activations(args.bundle, manifest)
+    reports = {"uncached prompt": memory_needs(weights, activations),
+               "cached prompt": memory_needs(weights, activations, skip_text=True)}
+    if args.json:
+        print(json.dumps({k: {**r.to_json(), "budget_bytes": budget} for k, r in reports.items()}, indent=2))
+        return 0
+    gb = 2**30
+    for stage in reports["uncached prompt"].stages:
+        print(f"{stage.stage:<10} {stage.component:<13} weights {stage.weight_bytes / gb:8.3f} GB  "
+              f"activations (estimate) {stage.activation_bytes / gb:8.3f} GB")
+    for label, r in reports.items():
+        for plan in ("all", "staged"):
+            need = r.peak(plan)
+            fits = "" if budget is None else ("  fits" if need <= budget else "  does NOT fit")
+            print(f"{plan:<7} {label:<16} peak {need / gb:8.3f} GB{fits}"
+                  f"{'' if budget is None else f' in {budget / gb:.1f} GB'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stdrc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,13 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay the DiT step as a CUDA graph (torch/aoti bundles on --device cuda)")
+    g.add_argument("--memory-plan", default="all", choices=("all", "staged", "auto"),
+                   help="all: every engine resident; staged: each engine loaded for its stage and released "
+                        "after (fits large models in small GPUs); auto: by free device memory")
     g.add_argument("--json", action="store_true")
     g.add_argument("-q", "--quiet", action="store_true")
     g.set_defaults(func=_generate)
+    e = sub.add_parser("encode-prompts", help="fill the prompt-embedding cache ahead of time")
+    e.add_argument("--bundle", required=True, help="engine bundle folder")
+    e.add_argument("prompts", help="text file with one prompt a line, or - for standard input")
+    e.add_argument("--cache-dir", default=None,
+                   help="prompt cache folder (default $STDRC_PROMPT_CACHE or ~/.cache/stdrc/prompts)")
+    e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    e.set_defaults(func=_encode_prompts)
+    m = sub.add_parser("plan", help="memory each plan (all, staged) needs for a bundle, and whether it fits")
+    m.add_argument("--bundle", required=True, help="engine bundle folder")
+    m.add_argument("--gpu-memory", default=None, help="device memory to check against, e.g. 24GB")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_plan)
     try:
         from stdrc.runtime.face import add_facesim_parser
 
         add_facesim_parser(sub)
+    except ImportError:
+        pass
+    try:  # serve and submit (Ray is imported only when they run)
+        from stdrc.serve import add_serve_parsers
+
+        add_serve_parsers(sub)
     except ImportError:
         pass
     try:

@@ -156,6 +156,34 @@ class ComponentEntry:
 
 
 @dataclass(frozen=True)
+class LoraEntry:
+    """A LoRA fused into the DiT at build time: file name, sha256, strength (DESIGN.md §4)."""
+
+    name: str
+    sha256: str
+    strength: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise BundleError(f"manifest LoRA name {self.name!r} is not a file name: rebuild the bundle")
+        if not (isinstance(self.sha256, str) and len(self.sha256) == 64
+                and all(c in "0123456789abcdef" for c in self.sha256)):
+            raise BundleError(f"manifest LoRA {self.name} sha256 {self.sha256!r} is not 64 hex digits: "
+                              "rebuild the bundle")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
+                or self.strength != self.strength or abs(self.strength) == float("inf"):
+            raise BundleError(f"manifest LoRA {self.name} strength {self.strength!r} is not a finite number: "
+                              "rebuild the bundle")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "strength": float(self.strength)}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> LoraEntry:
+        return LoraEntry(data["name"], data["sha256"], data["strength"])
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to run a bundle, and nothing it must guess."""
 
@@ -171,8 +199,10 @@ class Manifest:
     reference: dict[str, Any]  # layout and latent slot facts
     quality: dict[str, Any] = field(default_factory=dict)  # measured errors (FP8 etc.)
     decode: dict[str, Any] = field(default_factory=dict)  # spatial tiling of the VAE decode; {} = whole latent
+    memory: dict[str, Any] = field(default_factory=dict)  # weight_bytes / activation_bytes per component
     created_by: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    loras: tuple[LoraEntry, ...] = ()  # fused into the DiT, in build order
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -189,7 +219,9 @@ class Manifest:
             "reference": self.reference,
             "quality": self.quality,
             "decode": self.decode,
+            "memory": self.memory,
             "created_by": self.created_by,
+            "loras": [lora.to_json() for lora in self.loras],
         }
 
     @staticmethod
@@ -214,8 +246,10 @@ class Manifest:
                 reference=data["reference"],
                 quality=data.get("quality", {}),
                 decode=data.get("decode", {}),
+                memory=data.get("memory", {}),
                 created_by=data.get("created_by", {}),
                 format=fmt,
+                loras=tuple(LoraEntry.from_json(x) for x in data.get("loras", [])),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"bundle manifest is malformed ({e!r}): rebuild the bundle") from e

@@ -13,7 +13,8 @@ from stdrc.runtime import sampler as smp
 from stdrc.runtime.backends import Engine, check_feeds, open_engine
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
 from stdrc.runtime.manifest import Manifest, check_files, read_manifest
-from stdrc.runtime.text import PromptCache, tokenizer_from_manifest
+from stdrc.runtime.memory import EngineSet, choose_plan, memory_needs
+from stdrc.runtime.text import Embedding, PromptCache, PromptStore, default_prompt_store_dir, tokenizer_from_manifest
 from stdrc.runtime.tiling import DecodeTiling, tiled_decode
 from stdrc.runtime.video import (
     as_rgb,
@@ -39,6 +40,28 @@ class GenerationResult:
     files: dict[str, str] = field(default_factory=dict)
 
 
+def weights_and_activations(bundle_dir: Path, manifest: Manifest) -> tuple[dict[str, int], dict[str, int]]:
+    """Per component: weight bytes (recorded at build, else the files' sizes) and activation estimates."""
+    from stdrc.runtime.memory import activation_bytes, component_weight_bytes
+
+    recorded = manifest.memory or {}
+    weights = {name: int(recorded.get("weight_bytes", {}).get(name)
+                         or component_weight_bytes(bundle_dir, e.file, e.extra_files))
+               for name, e in manifest.components.items()}
+    bucket = manifest.bucket.to_json()
+    activations = {name: int(recorded.get("activation_bytes", {}).get(name)
+                             or activation_bytes(name, manifest.model_config, bucket, e.precision, manifest.decode))
+                   for name, e in manifest.components.items()}
+    return weights, activations
+
+
+def prompt_store_for(manifest: Manifest, folder: Path) -> PromptStore:
+    entry = manifest.components["text_encoder"]
+    context = next(t for t in manifest.components["dit"].inputs if t.name == "context")
+    weights = entry.sha256 + "".join(sorted(entry.extra_files.values()))  # external data changes the key too
+    return PromptStore(folder, PromptStore.text_key(weights, manifest.text), tuple(context.shape[1:]))
+
+
 def patchify(latent: np.ndarray) -> np.ndarray:
     """[1, C, F, H, W] -> [1, F*H*W, C] (ltx-core's patch size 1 order)."""
     b, c = latent.shape[:2]
@@ -51,13 +74,14 @@ def unpatchify(tokens: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
 
 
 class Pipeline:
-    def __init__(self, bundle_dir: Path, manifest: Manifest, engines: dict[str, Engine]):
+    def __init__(self, bundle_dir: Path, manifest: Manifest, engines: EngineSet | dict[str, Engine],
+                 prompt_store: PromptStore | None = None):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.engines = engines
         self.bucket = manifest.bucket
         self._tokenize = tokenizer_from_manifest(manifest.text, bundle_dir)
-        self.prompts = PromptCache(self._encode_prompt)
+        self.prompts = PromptCache(self._encode_prompt, store=prompt_store)
         self._detector = None
         self._embedder = None
 
@@ -69,10 +93,15 @@ class Pipeline:
 
     @staticmethod
     def from_bundle(path: str | Path, backend: str | None = None, device: str = "cpu",
-                    verify_hashes: bool = True, cuda_graphs: bool = False) -> Pipeline:
+                    verify_hashes: bool = True, cuda_graphs: bool = False, memory_plan: str = "all",
+                    prompt_cache: str | Path | None = "default") -> Pipeline:
         """Validate the manifest and files (format, sha256, backend, TensorRT version/GPU), then load.
 
         `cuda_graphs`: the DiT of a torch/aoti bundle replays CUDA graphs (device "cuda" only).
+        `memory_plan`: ``all`` opens every engine now and keeps it; ``staged`` opens each when its stage
+        starts and releases it after; ``auto`` picks by the device's free memory (runtime/memory.py).
+        `prompt_cache`: folder of prompt embeddings on disk ("default": $STDRC_PROMPT_CACHE or
+        ~/.cache/stdrc/prompts; None: in memory only).
         """
         if cuda_graphs and device != "cuda":
             raise InputError("CUDA graphs need --device cuda: drop --cuda-graphs on CPU")
@@ -89,14 +118,22 @@ class Pipeline:
                     f"rebuild it with --backend {backend} or drop --backend"
                 )
         check_files(bundle_dir, manifest, hashes=verify_hashes)
-        engines = {name: open_engine(bundle_dir, name, entry, device, cuda_graph=cuda_graphs and name == "dit")
-                   for name, entry in manifest.components.items()}
-        return Pipeline(bundle_dir, manifest, engines)
+        plan = choose_plan(memory_plan, memory_needs(*weights_and_activations(bundle_dir, manifest)), device)
 
-    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        def opener(name: str) -> Engine:
+            return open_engine(bundle_dir, name, manifest.components[name], device,
+                               cuda_graph=cuda_graphs and name == "dit")
+
+        store = None
+        if prompt_cache is not None:
+            folder = default_prompt_store_dir() if prompt_cache == "default" else Path(prompt_cache)
+            store = prompt_store_for(manifest, folder)
+        return Pipeline(bundle_dir, manifest, EngineSet(opener, list(manifest.components), plan), store)
+
+    def run(self, component: str, feeds: dict[str, np.ndarray], keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         engine = self.engines[component]
         check_feeds(engine.entry, feeds, component)
-        return engine.run(feeds)
+        return engine.run(feeds, keep=keep) if keep else engine.run(feeds)
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -104,6 +141,32 @@ class Pipeline:
         ids, mask = self._tokenize(prompt)
         out = self.run("text_encoder", {"token_ids": ids, "token_mask": mask})
         return out["context"].astype(np.float32), out["context_mask"].astype(np.int64)
+
+    def _stage_done(self, component: str) -> None:
+        done = getattr(self.engines, "done", None)
+        if done is not None:
+            done(component)
+
+    def encode_prompts(self, prompts: list[str]) -> int:
+        """Fill the prompt cache ahead of time (the empty "no text" prompt included); returns how many
+        prompts were encoded now (the rest were cached already)."""
+        before = self.prompts.encoded
+        for prompt in dict.fromkeys(["", *prompts]):
+            self.prompts(prompt)
+        self._stage_done("text_encoder")
+        return self.prompts.encoded - before
+
+    def _embeddings(self, prompt: str, given: Embedding | None) -> Embedding:
+        if given is None:
+            return self.prompts(prompt)
+        spec = next(t for t in self.manifest.components["dit"].inputs if t.name == "context")
+        context, mask = (np.asarray(a) for a in given)
+        want = (1, *spec.shape[1:])
+        if context.shape != want or mask.shape != want[:2] or not np.isfinite(context).all():
+            raise InputError(f"precomputed text embeddings have shape {context.shape} / {mask.shape}: this bundle "
+                             f"takes context {want} and mask {want[:2]} (from stdrc encode-prompts or "
+                             "Pipeline.prompts)")
+        return context.astype(np.float32), mask.astype(np.int64)
 
     def prepare_reference(self, reference: str | Path | np.ndarray, face_crop: bool = True) -> np.ndarray:
         """Largest face, cropped with margin and resized to the bucket; or the whole photo."""
@@ -177,7 +240,7 @@ class Pipeline:
     def denoiser(self, latent, timestep, context, context_mask, attn_mask):  # noqa: ANN001, ANN201
         feeds = {"latent": latent, "timestep": timestep, "context": context,
                  "context_mask": context_mask, "attn_mask": attn_mask}
-        return self.run("dit", feeds)["velocity"]
+        return self.run("dit", feeds, keep=smp.FIXED_INPUTS)["velocity"]  # only latent and timestep move
 
     # -- the whole thing ----------------------------------------------------------------------
 
@@ -197,7 +260,11 @@ class Pipeline:
         face_crop: bool = True,
         output: str | Path | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        text_embeddings: Embedding | None = None,
+        negative_embeddings: Embedding | None = None,
     ) -> GenerationResult:
+        """`text_embeddings` / `negative_embeddings`: precomputed (context [1, L, D], mask [1, L]) for
+        the prompt and the negative prompt; with both given (or cached) the text encoder is never opened."""
         if steps is not None and steps < 1:
             raise InputError(f"steps={steps}: use --steps 1 or more")
         if not 1 <= max_batch <= 3:
@@ -212,14 +279,22 @@ class Pipeline:
         )
         sigmas = self.sigmas(steps, distilled)
         image = self.prepare_reference(reference, face_crop)
-        cond = smp.Conditioning(self.encode_reference(image), self.prompts(prompt), self.prompts(negative_prompt))
+        text = self._embeddings(prompt, text_embeddings), self._embeddings(negative_prompt, negative_embeddings)
+        self._stage_done("text_encoder")
+        reference_tokens = self.encode_reference(image)
+        self._stage_done("vae_encoder")
+        cond = smp.Conditioning(reference_tokens, *text)
         noise = self.initial_noise(seed)
         total = len(sigmas) - 1
         latent = smp.sample(self.denoiser, noise, sigmas, cond, scales, max_batch,
                             on_step=(lambda i: on_step(i, total)) if on_step else None)
+        self._stage_done("dit")
         frames = self.decode(latent, seed)
+        self._stage_done("vae_decoder")
         result = GenerationResult(frames=frames, latent=latent, reference=image)
         score = self.facesim(frames, image) if "face_encoder" in self.engines and face_crop else None
+        if getattr(self.engines, "plan", "all") == "staged":
+            self._embedder = None  # the face encoder's session, released like the other stages
         files = self.write(result, output) if output is not None else {}
         return GenerationResult(frames, latent, image, score, files)
 

@@ -100,30 +100,54 @@ class Conditioning:
     no_text: tuple[np.ndarray, np.ndarray]
 
 
-def _stream_batch(names: Sequence[str], x: np.ndarray, sigma: float, cond: Conditioning) -> dict[str, np.ndarray]:
-    video, ref = x.shape[1], cond.reference.shape[1]
-    latent = np.concatenate([x, cond.reference], axis=1)
-    timestep = np.concatenate([np.full((1, video), sigma, np.float32), np.zeros((1, ref), np.float32)], axis=1)
-    feeds: dict[str, list[np.ndarray]] = {k: [] for k in ("latent", "timestep", "context", "context_mask", "attn_mask")}
+STEP_INPUTS = ("latent", "timestep")  # what changes from step to step; the rest is fixed per stream set
+FIXED_INPUTS = ("context", "context_mask", "attn_mask")
+
+
+def _fixed_inputs(names: Sequence[str], video: int, cond: Conditioning) -> dict[str, np.ndarray]:
+    """context, context_mask and attn_mask of a batch of streams: the same for every step."""
+    ref = cond.reference.shape[1]
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in FIXED_INPUTS}
     for name in names:
         use_text, use_ref = STREAMS[name]
         context, mask = cond.text if use_text else cond.no_text
         attn = np.ones((1, video + ref), np.int64)
         if not use_ref:
             attn[:, video:] = 0
-        for key, value in zip(feeds, (latent, timestep, context, mask, attn)):
-            feeds[key].append(value)
-    return {k: np.concatenate(v, axis=0) for k, v in feeds.items()}
+        for key, value in zip(FIXED_INPUTS, (context, mask, attn)):
+            parts[key].append(value)
+    return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+
+
+def _stream_batch(names: Sequence[str], x: np.ndarray, sigma: float, cond: Conditioning,
+                  fixed: dict[tuple[str, ...], dict[str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+    """The DiT feeds of a batch of streams. With `fixed` (one dict per generation), the fixed inputs
+    are built once per stream set and handed over as the same arrays at every step, so an engine
+    can keep them bound (ONNX Runtime IO binding) and move only latent and timestep."""
+    video, ref = x.shape[1], cond.reference.shape[1]
+    key = tuple(names)
+    if fixed is None or key not in fixed:
+        built = _fixed_inputs(names, video, cond)
+        if fixed is None:
+            fixed = {}
+        fixed[key] = built
+    latent = np.concatenate([x, cond.reference], axis=1)
+    timestep = np.concatenate([np.full((1, video), sigma, np.float32), np.zeros((1, ref), np.float32)], axis=1)
+    batch = len(names)
+    step = {"latent": np.concatenate([latent] * batch, axis=0) if batch > 1 else latent,
+            "timestep": np.concatenate([timestep] * batch, axis=0) if batch > 1 else timestep}
+    return {**step, **fixed[key]}
 
 
 def denoise_streams(
-    denoiser: Denoiser, names: Sequence[str], x: np.ndarray, sigma: float, cond: Conditioning, max_batch: int
+    denoiser: Denoiser, names: Sequence[str], x: np.ndarray, sigma: float, cond: Conditioning, max_batch: int,
+    fixed: dict[tuple[str, ...], dict[str, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Denoised video tokens d = x - sigma * v per stream; streams batched, split by `max_batch`."""
     out: dict[str, np.ndarray] = {}
     for start in range(0, len(names), max_batch):
         chunk = list(names[start:start + max_batch])
-        velocity = denoiser(**_stream_batch(chunk, x, sigma, cond))
+        velocity = denoiser(**_stream_batch(chunk, x, sigma, cond, fixed))
         for i, name in enumerate(chunk):
             v = velocity[i:i + 1, : x.shape[1]].astype(np.float32)
             out[name] = x - np.float32(sigma) * v
@@ -141,9 +165,10 @@ def sample(
 ) -> np.ndarray:
     """Euler on velocity over `sigmas`: x <- x + (sigma_next - sigma) * v, v from the guided d."""
     x = (noise * np.float32(sigmas[0])).astype(np.float32)
+    fixed: dict[tuple[str, ...], dict[str, np.ndarray]] = {}  # per stream set, reused by every step
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         sigma, sigma_next = float(sigma), float(sigma_next)
-        d = combine(denoise_streams(denoiser, scales.streams(sigma), x, sigma, cond, max_batch), scales)
+        d = combine(denoise_streams(denoiser, scales.streams(sigma), x, sigma, cond, max_batch, fixed), scales)
         velocity = (x - d) / np.float32(sigma)
         x = (x + np.float32(sigma_next - sigma) * velocity).astype(np.float32)
         if on_step is not None:

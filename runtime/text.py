@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from stdrc.runtime.errors import BundleError
+
+log = logging.getLogger(__name__)
+PROMPT_CACHE_ENV = "STDRC_PROMPT_CACHE"
+Embedding = tuple[np.ndarray, np.ndarray]  # context [1, L, D] float32, context_mask [1, L] int64
 
 
 @dataclass(frozen=True)
@@ -65,19 +73,88 @@ def tokenizer_from_manifest(text: dict, bundle_dir: Path) -> Callable[[str], tup
     )
 
 
-class PromptCache:
-    """Text embeddings cached by prompt (LRU): the empty prompt ("no text") is computed once."""
+def default_prompt_store_dir() -> Path:
+    return Path(os.environ.get(PROMPT_CACHE_ENV) or Path.home() / ".cache" / "stdrc" / "prompts")
 
-    def __init__(self, encode: Callable[[str], tuple[np.ndarray, np.ndarray]], capacity: int = 32):
+
+class PromptStore:
+    """Prompt embeddings on disk, so a repeated or precomputed prompt never loads the text encoder.
+
+    One folder per text side: its key hashes the text encoder's sha256 and the tokenizer (kind, file
+    sha256, length), so another text side never reuses an entry. One `.npz` per prompt (no pickle),
+    holding the prompt itself; an entry that does not load, names another prompt, or has the wrong
+    shape is ignored (and rewritten by the next `put`). Writes go through a temp file and a rename.
+    """
+
+    def __init__(self, folder: str | os.PathLike, text_key: str, shape: tuple[int, int]):
+        self.folder = Path(folder) / text_key[:32]
+        self.shape = shape  # (L, D) of context
+
+    @staticmethod
+    def text_key(text_encoder_sha256: str, text: dict) -> str:
+        parts = [text_encoder_sha256, str(text.get("tokenizer")), str(text.get("sha256", "")),
+                 str(text.get("max_length")), str(text.get("pad_id", ""))]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def path(self, prompt: str) -> Path:
+        return self.folder / (hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest() + ".npz")
+
+    def get(self, prompt: str) -> Embedding | None:
+        path = self.path(prompt)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                stored, context, mask = str(data["prompt"]), data["context"], data["context_mask"]
+        except Exception as e:  # noqa: BLE001 -- any unreadable entry is a miss, never an error
+            log.info("prompt cache entry %s ignored (%s)", path, type(e).__name__)
+            return None
+        length, width = self.shape
+        if (stored != prompt or context.shape != (1, length, width) or mask.shape != (1, length)
+                or context.dtype != np.float32 or not np.isfinite(context).all()):
+            log.info("prompt cache entry %s ignored (mismatched)", path)
+            return None
+        return context, mask.astype(np.int64)
+
+    def put(self, prompt: str, value: Embedding) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".prompt.", suffix=".npz", dir=self.folder)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, prompt=np.array(prompt), context=value[0].astype(np.float32),
+                         context_mask=value[1].astype(np.int64))
+            os.replace(tmp, self.path(prompt))
+        except OSError as e:  # a read-only or full cache folder costs speed, never a generation
+            log.warning("prompt embeddings not cached in %s: %s", self.folder, e)
+            Path(locals().get("tmp", "")).unlink(missing_ok=True) if "tmp" in locals() else None
+
+
+class PromptCache:
+    """Text embeddings cached by prompt: in memory (LRU), then on disk (`store`), then encoded.
+
+    The empty prompt ("no text") is computed once. `encoded` counts prompts that reached the encoder.
+    """
+
+    def __init__(self, encode: Callable[[str], Embedding], capacity: int = 32, store: PromptStore | None = None):
         self._encode = encode
         self._capacity = capacity
-        self._items: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._items: OrderedDict[str, Embedding] = OrderedDict()
+        self.store = store
+        self.encoded = 0
 
-    def __call__(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    def cached(self, prompt: str) -> bool:
+        return prompt in self._items or (self.store is not None and self.store.get(prompt) is not None)
+
+    def __call__(self, prompt: str) -> Embedding:
         if prompt in self._items:
             self._items.move_to_end(prompt)
             return self._items[prompt]
-        value = self._encode(prompt)
+        value = self.store.get(prompt) if self.store is not None else None
+        if value is None:
+            value = self._encode(prompt)
+            self.encoded += 1
+            if self.store is not None:
+                self.store.put(prompt, value)
         self._items[prompt] = value
         if len(self._items) > self._capacity:
             self._items.popitem(last=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -11,6 +13,9 @@ import pytest
 
 for _name in ("onnx_ir", "onnxscript", "torch.onnx"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+# prompt embeddings cached on disk go to a folder of this test run, never the user's ~/.cache
+os.environ.setdefault("STDRC_PROMPT_CACHE", tempfile.mkdtemp(prefix="stdrc-test-prompts-"))
 
 
 @pytest.fixture(scope="session")

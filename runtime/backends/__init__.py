@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
@@ -19,11 +20,14 @@ BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
 
 
 class Engine(Protocol):
-    """Outputs are fresh numpy arrays owned by the caller."""
+    """Outputs are fresh numpy arrays owned by the caller.
+
+    `keep` names inputs the caller passes as the same, unchanged array object call after call; an
+    engine may keep those on the device instead of copying them in again (ONNX Runtime does)."""
 
     entry: ComponentEntry
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: dict[str, np.ndarray], keep: Collection[str] = ()) -> dict[str, np.ndarray]: ...
 
 
 def check_feeds(entry: ComponentEntry, feeds: dict[str, np.ndarray], component: str) -> None:

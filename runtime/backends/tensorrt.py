@@ -11,6 +11,8 @@ freed by `close()`); `run` copies outputs into fresh numpy arrays owned by the c
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -175,8 +177,10 @@ class TensorRTEngine:
             self._graph_exec = _ok(cudart.cudaGraphInstantiate(graph, 0))
             _ok(cudart.cudaGraphDestroy(graph))
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Copy in, execute on the engine's stream, copy out, synchronize. Outputs belong to the caller."""
+    def run(self, feeds: dict[str, np.ndarray], keep: Collection[str] = ()) -> dict[str, np.ndarray]:
+        """Copy in, execute on the engine's stream, copy out, synchronize. Outputs belong to the caller.
+
+        `keep` is accepted for the Engine interface; every input is still copied in (not yet skipped)."""
         check_feeds(self.entry, feeds, self.entry.file)
         cudart = self._cudart
         host = {n: np.ascontiguousarray(feeds[n], dtype=self._dtypes[n]) for n in self._inputs}

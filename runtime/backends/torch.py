@@ -5,6 +5,8 @@ torch is imported here only, so the ONNX Runtime path never loads it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import logging
 from pathlib import Path
 
@@ -38,7 +40,8 @@ class TorchEngine:
         return TorchEngine(CudaGraphStep(module) if cuda_graph else module, entry, device)
 
     @torch.inference_mode()
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], keep: Collection[str] = ()) -> dict[str, np.ndarray]:
+        """`keep` (inputs unchanged across calls) is accepted for the Engine interface; not used here."""
         args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(self.device) for t in self.entry.inputs]
         out = self.module(*args)
         out = out if isinstance(out, (tuple, list)) else (out,)

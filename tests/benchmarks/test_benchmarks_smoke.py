@@ -25,7 +25,7 @@ pytest.importorskip("ltx_core")
 HAS_MODELOPT = importlib.util.find_spec("modelopt") is not None
 # torch-export, aoti: slower builds. stdrc-fp8 calibrates its scales with modelopt (a few seconds).
 DIT_BACKENDS = ["ltx-eager", "ltx-eager-bf16", "stdrc-torch", "stdrc-bf16", "stdrc-fp8", "onnxruntime",
-                "tensorrt"]
+                "onnxruntime-unfused", "tensorrt"]
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,12 @@ def test_dit_step_json(dit_report):
             assert positive(r[key]), (name, key, r[key])
         assert len(r["times_ms"]) == 2 and r["ms_min"] <= r["ms_median"]
         assert r["pct_of_peak"] is None  # no known peak for a CPU
-    for name in ("ltx-eager", "stdrc-torch", "onnxruntime"):  # same computation, fp32
+    for name in ("ltx-eager", "stdrc-torch", "onnxruntime", "onnxruntime-unfused"):  # same computation, fp32
         assert rows[name]["precision"] == "fp32"
         assert rows[name]["max_abs_diff"] < 1e-4 and rows[name]["rel_l2"] < 1e-5, rows[name]
+    for name in ("onnxruntime", "onnxruntime-unfused"):  # the runtime's own loop over the engine
+        sm = rows[name]["sampler"]
+        assert sm["steps"] >= 2 and positive(sm["step_ms"]) and 0 <= sm["outside_engine_pct_of_step"] < 100
     for name in ("ltx-eager-bf16", "stdrc-bf16", "stdrc-fp8")[:3 if HAS_MODELOPT else 2]:  # close (~7e-3)
         assert rows[name]["precision"] in ("bf16", "fp8")
         assert 1e-4 < rows[name]["rel_l2"] < 3e-2, rows[name]
@@ -169,3 +172,23 @@ def test_staged_generation_equals_generate(scripts, bundle, tmp_path):
     direct = pipe.generate(reference, "a prompt", seed=5, steps=3, face_crop=False)
     np.testing.assert_array_equal(staged.frames, direct.frames)
     assert (tmp_path / "a.mp4").is_file()
+
+
+def test_runtime_memory_json(bundle):
+    sys.path.insert(0, str(BENCH))
+    try:
+        runtime_memory = importlib.import_module("runtime_memory")
+    finally:
+        sys.path.remove(str(BENCH))
+    rep = runtime_memory.run(bundle, "cpu")
+    plans = rep["plans"]
+    assert set(plans) == {"all", "staged"} and rep["identical_frames"]
+    for modes in plans.values():
+        for r in modes.values():
+            assert r["status"] == "ok", r and positive(r["peak_rss_mb"])
+    assert plans["staged"]["cached_prompt"]["text_encoder_opened"] is False
+    assert plans["staged"]["uncached_prompt"]["text_encoder_opened"] is True
+    p = rep["projected"]
+    assert 12e9 < p["parameters"]["dit"] < 14e9 and 11e9 < p["parameters"]["gemma3_12b_text"] < 13e9
+    g = p["projected_gpu_gb"]
+    assert g["fp8_staged_cached_prompt"] < g["fp8_staged"] <= g["fp16_staged"] < g["fp16_all"]

@@ -191,7 +191,7 @@ def _tiny_dit_onnx(preset, bucket, specs, out: Path, fp8: bool):
     rope = rope_tables(token_positions(grid, "tass", bucket.fps), preset.dit)
     if not fp8:
         module = BakedRopeDiT(dit, rope.cos, rope.sin).eval()
-        export_onnx(module, specs["dit"], out)
+        export_onnx(module, specs["dit"], out, attention="onnx")  # TensorRT takes no com.microsoft op
         return module
     from stdrc.calibration.capture import random_dit_batches
     from stdrc.calibration.fp8 import export_qdq_onnx, quantize_dit_fp8

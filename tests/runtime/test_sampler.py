@@ -110,3 +110,27 @@ def test_single_step_is_one_plain_euler_step() -> None:
 def test_bad_steps() -> None:
     with pytest.raises(InputError, match="--steps 1 or more"):
         smp.ltx2_sigmas(0)
+
+
+def test_fixed_inputs_are_built_once_per_stream_set() -> None:
+    """Context and masks reach the DiT as the same arrays at every step (engines keep them bound);
+    only latent and timestep are new each step."""
+    seen: list[dict[str, np.ndarray]] = []
+    toy = ToyDenoiser()
+
+    def recording(**feeds):  # noqa: ANN003, ANN202
+        seen.append(feeds)
+        return toy(**feeds)
+
+    scales = smp.GuidanceScales(text=3.0, ref=2.0, interval=(0.2, 0.8))
+    sigmas = np.array([1.0, 0.7, 0.5, 0.1, 0.0], np.float32)  # streams: full, 3, 3, full (interval)
+    smp.sample(recording, _x(), sigmas, _cond(), scales)
+    assert toy.batches == [1, 3, 3, 1]
+    for a, b in ((seen[0], seen[3]), (seen[1], seen[2])):
+        assert all(a[k] is b[k] for k in smp.FIXED_INPUTS)
+        assert not any(a[k] is b[k] for k in smp.STEP_INPUTS)
+    assert seen[0]["context"] is not seen[1]["context"]
+    # and the values are exactly what building every batch anew gives
+    fresh = smp._stream_batch([smp.UNCOND, smp.REF, smp.FULL], _x(), 0.7, _cond())
+    for k in smp.FIXED_INPUTS:
+        assert np.array_equal(seen[1][k], fresh[k])

@@ -1,0 +1,194 @@
+"""Memory of one generation under each memory plan, and the projection for the full model (issue 18).
+
+    python benchmarks/runtime_memory.py --json                       # builds the tiny bundle, CPU
+    python benchmarks/runtime_memory.py --bundle bundles/ltx2-1layer --json
+    python benchmarks/runtime_memory.py --device cuda --bundle DIR   # device memory instead of RSS
+
+Each configuration (plan all / staged, prompt cached or not) runs in a child process of its own,
+so its peak is its own: one generation (2 steps), then the process's RSS high-water mark (VmHWM)
+on CPU, or the device memory in use (nvidia-smi) at its highest between stages on CUDA. The
+bundle's per-component weight bytes and activation estimates (runtime/memory.py) sit beside it.
+
+The projection for the full model counts parameters exactly (the ltx2-video DiT and VAE built on
+the meta device; Gemma-3 12B's text model from its published config: width 3840, 48 layers,
+15360 feed-forward, 16 heads of 256, 8 KV heads, vocabulary 262208) and prices them in the engine
+precision, with the activation estimates at 768x512x121 and a fixed 1 GiB for the CUDA context
+and workspace. It is arithmetic, not a measurement; docs/benchmarks.md shows it line by line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import harness
+
+GIB = 2**30
+CONTEXT_BYTES = GIB  # CUDA context + cuBLAS/TensorRT workspace, a fixed allowance
+_CHILD = r"""
+import json, sys, numpy as np
+sys.path.insert(0, sys.argv[6])
+import harness
+from stdrc.runtime.pipeline import Pipeline
+bundle, plan, cache, ref, device = sys.argv[1:6]
+pipe = Pipeline.from_bundle(bundle, memory_plan=plan, device=device, prompt_cache=None if cache == "-" else cache)
+if cache != "-":
+    pipe.encode_prompts(["a woman smiles and waves"])  # fill the store in an earlier process's place
+    pipe = Pipeline.from_bundle(bundle, memory_plan=plan, device=device, prompt_cache=cache)
+harness.reset_peak_rss()
+base = harness.rss_mb()
+gpu = []
+result = pipe.generate(reference=ref, prompt="a woman smiles and waves", seed=0, steps=2, face_crop=False,
+                       on_step=lambda i, n: gpu.append(harness.gpu_used_mb()) if device == "cuda" else None)
+print(json.dumps({"peak_rss_mb": harness.peak_rss_mb(), "rss_before_mb": base,
+                  "gpu_peak_mb": max([g for g in gpu if g is not None], default=None),
+                  "text_encoder_opened": "text_encoder" in getattr(pipe.engines, "opened", []),
+                  "frames_sha": __import__("hashlib").sha256(result.frames.tobytes()).hexdigest()}))
+"""
+
+
+def measure(bundle: Path, plan: str, cached: bool, device: str, work: Path, reference: Path) -> dict:
+    cache = str(work / f"prompts-{plan}") if cached else "-"
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(bundle), plan, cache, str(reference), device,
+                          str(Path(__file__).parent)], capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        return {"status": "failed", "reason": out.stderr.strip().splitlines()[-1] if out.stderr else "?"}
+    return {"status": "ok", **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def bundle_needs(bundle: Path) -> dict:
+    from stdrc.runtime.manifest import read_manifest
+    from stdrc.runtime.memory import memory_needs
+    from stdrc.runtime.pipeline import weights_and_activations
+
+    weights, acts = weights_and_activations(bundle, read_manifest(bundle))
+    return {"weight_bytes": weights, "activation_bytes": acts,
+            "largest_component_plus_activations_mb": memory_needs(weights, acts).staged_peak_bytes / 2**20,
+            "all_components_mb": sum(weights.values()) / 2**20}
+
+
+def _meta_params(module_fn) -> dict[str, int]:
+    import torch
+
+    with torch.device("meta"):
+        module = module_fn()
+    return {n: p.numel() for n, p in module.named_parameters()}
+
+
+def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
+    """Full-model GPU memory per plan, from exact parameter counts and the activation estimates."""
+    from dataclasses import asdict
+
+    from ltx_core.model.transformer.model_configurator import LTXVideoOnlyModelConfigurator
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    from stdrc.export.config import get_preset
+    from stdrc.export.vae import build_vae
+    from stdrc.runtime.manifest import Bucket
+    from stdrc.runtime.memory import activation_bytes
+    from stdrc.runtime.tiling import decode_tiling
+
+    preset = get_preset("ltx2-video")
+    dit = _meta_params(lambda: LTXVideoOnlyModelConfigurator.from_config(preset.dit.ltx_config()))
+    block_linear = sum(n for k, n in dit.items() if k.startswith("transformer_blocks.") and k.endswith(".weight")
+                       and "norm" not in k and n > 4096 * 64)
+    gemma_cfg = Gemma3TextConfig(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=262208)
+    gemma = sum(_meta_params(lambda: Gemma3TextModel(gemma_cfg)).values())
+    vae_enc, vae_dec = (sum(_meta_params(lambda i=i: build_vae(preset.vae, seed=None)[i]).values()) for i in (0, 1))
+    bucket = Bucket(frames=frames, height=height, width=width, text_length=preset.text.max_length)
+    tiling = decode_tiling(height, width, None, 64)
+    config = {"dit": asdict(preset.dit), "vae": asdict(preset.vae), "text": {"hidden_size": 3840, "num_layers": 48, "intermediate_size": 15360,
+                                                  "max_length": preset.text.max_length}}
+    b = bucket.to_json()
+    acts = {c: activation_bytes(c, config, b, "fp16", tiling.to_json() if tiling else {})
+            for c in ("text_encoder", "dit", "vae_encoder", "vae_decoder")}
+    dit_total = sum(dit.values())
+    weights = {
+        "fp16": {"text_encoder": 2 * gemma, "dit": 2 * dit_total, "vae_encoder": 2 * vae_enc,
+                 "vae_decoder": 2 * vae_dec},
+        # FP8 DiT: the transformer blocks' GEMM weights in 1 byte, everything else (sensitive layers) 16-bit
+        "fp8": {"text_encoder": 2 * gemma, "dit": block_linear + 2 * (dit_total - block_linear),
+                "vae_encoder": 2 * vae_enc, "vae_decoder": 2 * vae_dec},
+    }
+
+    def peak(w: dict[str, int], plan: str, cached: bool) -> float:
+        comps = [c for c in w if not (cached and c == "text_encoder")]
+        if plan == "all":
+            need = sum(w[c] for c in comps) + max(acts[c] for c in comps)
+        else:
+            need = max(w[c] + acts[c] for c in comps)
+        return (need + CONTEXT_BYTES) / GIB
+
+    return {
+        "bucket": {"frames": frames, "height": height, "width": width, "tokens": bucket.tokens},
+        "parameters": {"dit": dit_total, "dit_block_gemm_weights": block_linear, "gemma3_12b_text": gemma,
+                       "vae_encoder": vae_enc, "vae_decoder": vae_dec},
+        "weights_gib": {p: {c: v / GIB for c, v in w.items()} for p, w in weights.items()},
+        "activations_gib": {c: v / GIB for c, v in acts.items()},
+        "context_gib": CONTEXT_BYTES / GIB,
+        "projected_gpu_gb": {
+            "fp8_staged": peak(weights["fp8"], "staged", False),
+            "fp8_staged_cached_prompt": peak(weights["fp8"], "staged", True),
+            "fp16_staged": peak(weights["fp16"], "staged", False),
+            "fp16_staged_cached_prompt": peak(weights["fp16"], "staged", True),
+            "fp16_all": peak(weights["fp16"], "all", False),
+            "fp8_all_cached_prompt": peak(weights["fp8"], "all", True),
+        },
+        "unit": "GiB (2**30 bytes), as a 24 GB card's 24 GiB",
+    }
+
+
+def run(bundle: Path | None, device: str, cached_modes: tuple[bool, ...] = (False, True)) -> dict:
+    with tempfile.TemporaryDirectory(prefix="stdrc-memory-") as tmp:
+        work = Path(tmp)
+        if bundle is None:
+            bundle = work / "tiny"
+            code = ("from pathlib import Path; from stdrc.engines.build import BuildConfig, build_engines; "
+                    f"build_engines(BuildConfig(out=Path({str(bundle)!r}), cache_dir=Path({str(work / 'c')!r}), "
+                    "progress=False))")
+            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=1800)
+        import numpy as np
+        from PIL import Image
+
+        reference = work / "ref.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(reference)
+        plans = {plan: {("cached_prompt" if c else "uncached_prompt"): measure(bundle, plan, c, device, work, reference)
+                        for c in cached_modes} for plan in ("all", "staged")}
+        shas = {r.get("frames_sha") for p in plans.values() for r in p.values() if r["status"] == "ok"}
+        return {"bundle": str(bundle), "device": device, "plans": plans, "identical_frames": len(shas) == 1,
+                "needs": bundle_needs(bundle), "projected": projected(), "machine": harness.device_info(device),
+                "load_average": harness.load_average(), "versions": harness.versions()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, default=None, help="bundle to measure (default: build tiny)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--projection-only", action="store_true", help="print the full-model projection only")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    rep = {"projected": projected()} if a.projection_only else run(a.bundle, a.device)
+    if a.json:
+        print(harness.dump_json(rep))
+        return 0
+    if "plans" in rep:
+        for plan, modes in rep["plans"].items():
+            for mode, r in modes.items():
+                print(f"{plan:<7} {mode:<16} " + (f"peak RSS {r['peak_rss_mb']:.0f} MB (before {r['rss_before_mb']:.0f}),"
+                                                  f" text encoder opened: {r['text_encoder_opened']}"
+                                                  if r["status"] == "ok" else f"failed: {r['reason']}"))
+        print(f"identical frames across plans: {rep['identical_frames']}; largest component + activations "
+              f"{rep['needs']['largest_component_plus_activations_mb']:.0f} MB, all components "
+              f"{rep['needs']['all_components_mb']:.0f} MB")
+    for k, v in rep["projected"]["projected_gpu_gb"].items():
+        print(f"projected {k:<26} {v:6.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Memory plans: which engines are resident when, and what each stage of a generation needs.
+
+The real model is a ~13B DiT and a ~12B Gemma-3: all resident at once is ~50 GB in fp16, while
+a 24 GB card can hold one large engine at a time. Plans (DESIGN: "Fits a 24 GB GPU"):
+
+- ``all``: every engine opened once and kept (lowest latency for repeated generations);
+- ``staged``: each engine opened when its stage starts and released when it ends (text encoder ->
+  reference encode -> DiT sampling -> decoder -> face encoder); a cached prompt never opens the
+  text encoder;
+- ``auto``: ``all`` when the sum fits the device's free memory (with a margin), else ``staged``.
+
+Weight bytes are the engine files' sizes (recorded in the manifest at build time); activation
+bytes are estimates from the model config and the bucket, written out below so the arithmetic can
+be checked. Torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stdrc.runtime.errors import InputError
+
+log = logging.getLogger(__name__)
+PLANS = ("all", "staged", "auto")
+# generation order; the stage that needs each component
+STAGES = (("text", "text_encoder"), ("reference", "vae_encoder"), ("sampling", "dit"),
+          ("decode", "vae_decoder"), ("facesim", "face_encoder"))
+MARGIN = 1.10  # allocator slack, CUDA context, workspace: `auto` picks `all` only with 10% to spare
+GUIDANCE_STREAMS = 3
+_LOW_PRECISION = {"fp16": 2, "bf16": 2, "fp8": 2}  # activations of low-precision engines stay 16-bit
+
+
+def element_bytes(precision: str) -> int:
+    return _LOW_PRECISION.get(precision, 4)
+
+
+def component_weight_bytes(bundle_dir: str | os.PathLike, file: str, extra_files: dict[str, str]) -> int:
+    """Bytes of an engine on disk (graph + external data): what loading it puts in memory."""
+    folder = Path(bundle_dir)
+    names = [file, *(f for f in extra_files if f.endswith((".data", ".bin", ".onnx", ".plan", ".pt2")))]
+    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
+
+
+def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[str, Any], precision: str,
+                     decode: dict[str, Any] | None = None) -> int:
+    """A documented estimate of the live activations of one engine call for `bucket`.
+
+    dit: the widest per-layer intermediates of the guidance batch (B = 3), feed-forward (4 D) plus
+    q, k, v, attention out and two residuals (6 D), no N x N term (attention is fused in the graph);
+    text_encoder: every layer's hidden states (its output) plus one layer's feed-forward;
+    vae_decoder: three 128-channel maps at the decoder's last internal resolution (pixels over
+    patch_size squared, before its depth-to-space) for every output frame, per tile when tiled;
+    vae_encoder: the same for one frame; face_encoder: a few MB.
+    """
+    e = element_bytes(precision)
+    frames, height, width = int(bucket["frames"]), int(bucket["height"]), int(bucket["width"])
+    tokens = int(bucket.get("video_tokens", 0)) + int(bucket.get("reference_tokens", 0))
+    if component == "dit":
+        d = model_config["dit"]
+        inner = int(d["num_attention_heads"]) * int(d["attention_head_dim"])
+        text = int(bucket.get("text_length", 0))
+        return GUIDANCE_STREAMS * (tokens * (4 * inner + 6 * inner) + text * int(d["cross_attention_dim"])) * e
+    if component == "text_encoder":
+        t = model_config["text"]
+        width_ = int(t.get("hidden_size") or t.get("encoder_dim") or 0)
+        layers = int(t.get("num_layers") or t.get("encoder_layers") or 0)
+        length = int(bucket.get("text_length", t.get("max_length", 0)))
+        ffn = int(t.get("intermediate_size") or 4 * width_)
+        return length * (width_ * (layers + 1) + 2 * ffn) * 4  # hidden states leave the encoder in fp32
+    if component in ("vae_decoder", "vae_encoder"):
+        if component == "vae_decoder" and decode:
+            height = int(decode.get("tile_height", height // 32)) * 32
+            width = int(decode.get("tile_width", width // 32)) * 32
+        patch = int(model_config.get("vae", {}).get("patch_size", 4))
+        pixels = height * width // (patch * patch) * (frames if component == "vae_decoder" else 1)
+        return 3 * 128 * pixels * e
+    return 8 * 2**20  # face encoder: 112x112 crops
+
+
+@dataclass(frozen=True)
+class StageNeed:
+    stage: str
+    component: str
+    weight_bytes: int
+    activation_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryPlanReport:
+    """What each plan needs at its peak, stage by stage."""
+
+    stages: tuple[StageNeed, ...]
+    all_peak_bytes: int  # every engine resident + the largest stage's activations
+    staged_peak_bytes: int  # the largest single stage (its engine + its activations)
+
+    def peak(self, plan: str) -> int:
+        return self.all_peak_bytes if plan == "all" else self.staged_peak_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stages": [s.__dict__ for s in self.stages], "all_peak_bytes": self.all_peak_bytes,
+                "staged_peak_bytes": self.staged_peak_bytes}
+
+
+def memory_needs(weights: dict[str, int], activations: dict[str, int], skip_text: bool = False) -> MemoryPlanReport:
+    """Per-stage needs from per-component weight and activation bytes. `skip_text`: the prompts are
+    cached, so the text stage never runs."""
+    stages = tuple(StageNeed(stage, comp, weights[comp], activations.get(comp, 0))
+                   for stage, comp in STAGES if comp in weights and not (skip_text and comp == "text_encoder"))
+    resident = sum(s.weight_bytes for s in stages)
+    return MemoryPlanReport(
+        stages=stages,
+        all_peak_bytes=resident + max((s.activation_bytes for s in stages), default=0),
+        staged_peak_bytes=max((s.weight_bytes + s.activation_bytes for s in stages), default=0),
+    )
+
+
+def parse_bytes(text: str) -> int:
+    """'24GB', '24 GiB', '1.5e9', '800MB' -> bytes (GB and GiB both 2**30, as GPUs are sold)."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]i?b?)?\s*", str(text).lower())
+    if not m:
+        raise InputError(f"memory size {text!r}: write it like 24GB, 16GiB or 800MB")
+    unit = (m.group(2) or "b").rstrip("b").rstrip("i")
+    value = float(m.group(1)) * 1024 ** ("kmgt".index(unit) + 1 if unit else 0)
+    if not value > 0:
+        raise InputError(f"memory size {text!r} must be > 0")
+    return int(value)
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory where the engines will live: the GPU's (nvidia-smi) or the host's (MemAvailable)."""
+    if device == "cuda":
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return None
+        try:
+            out = subprocess.run([smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+            return int(out.split()[0]) * 2**20
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def choose_plan(plan: str, report: MemoryPlanReport, device: str) -> str:
+    """Resolve `auto` (said in one log line); `all` and `staged` are taken as asked."""
+    if plan not in PLANS:
+        raise InputError(f"memory plan {plan!r}: use one of {', '.join(PLANS)}")
+    if plan != "auto":
+        return plan
+    free = available_bytes(device)
+    chosen = "all" if free is not None and report.all_peak_bytes * MARGIN <= free else "staged"
+    log.info("memory plan auto -> %s (all needs %.2f GB, staged %.2f GB, %s free on %s)", chosen,
+                report.all_peak_bytes / 2**30, report.staged_peak_bytes / 2**30,
+                "unknown" if free is None else f"{free / 2**30:.2f} GB", device)
+    return chosen
+
+
+class EngineSet:
+    """The bundle's engines, opened on first use; under ``staged`` each is released after its stage.
+
+    `opened` records every open, in order, so callers (and tests) can see what a generation loaded.
+    Releasing drops the session and runs the garbage collector, which frees ONNX Runtime's arena;
+    torch's CUDA cache is emptied when torch is loaded.
+    """
+
+    def __init__(self, opener, names: list[str], plan: str):  # noqa: ANN001 -- opener(name) -> Engine
+        self._open = opener
+        self._names = list(names)
+        self.plan = plan
+        self._live: dict[str, Any] = {}
+        self.opened: list[str] = []
+        if plan == "all":
+            for name in self._names:
+                self[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._names)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._live:
+            if name not in self._names:
+                raise KeyError(name)
+            self._live[name] = self._open(name)
+            self.opened.append(name)
+        return self._live[name]
+
+    def __setitem__(self, name: str, engine: Any) -> None:
+        """Swap in another engine for `name` (benchmarks put the PyTorch fast path in the DiT's place)."""
+        self._live[name] = engine
+
+    def loaded(self) -> list[str]:
+        return list(self._live)
+
+    def done(self, name: str) -> None:
+        """End of `name`'s stage: under ``staged`` the engine is released."""
+        if self.plan == "staged" and name in self._live:
+            self.release(name)
+
+    def release(self, name: str) -> None:
+        import gc
+        import sys
+
+        engine = self._live.pop(name, None)
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+        del engine
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()

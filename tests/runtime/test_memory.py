@@ -1,0 +1,143 @@
+"""Memory plans (all / staged / auto), prompt embeddings on disk, and `stdrc plan` / `encode-prompts`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from stdrc.runtime.errors import InputError
+from stdrc.runtime.memory import MemoryPlanReport, choose_plan, memory_needs, parse_bytes
+from stdrc.runtime.pipeline import Pipeline, weights_and_activations
+from stdrc.runtime.text import PromptStore
+
+PROMPT = "a woman smiles and waves"
+STAGE_ORDER = ["text_encoder", "vae_encoder", "dit", "vae_decoder"]
+
+
+def _generate(pipe: Pipeline, astronaut_png, **kw) -> np.ndarray:
+    return pipe.generate(reference=astronaut_png, prompt=PROMPT, seed=3, steps=2, **kw).frames
+
+
+def test_staged_loads_each_engine_for_its_stage_and_gives_identical_frames(tiny_bundle, astronaut_png, tmp_path):
+    resident = Pipeline.from_bundle(tiny_bundle, memory_plan="all", prompt_cache=tmp_path / "a")
+    assert sorted(resident.engines.loaded()) == sorted(resident.manifest.components)
+    staged = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=tmp_path / "s")
+    assert staged.engines.loaded() == []  # nothing opened before a stage needs it
+    want = _generate(resident, astronaut_png)
+    got = _generate(staged, astronaut_png)
+    assert np.array_equal(got, want)  # byte-identical for the same seed
+    assert staged.engines.opened == STAGE_ORDER and staged.engines.loaded() == []
+    again = _generate(staged, astronaut_png)  # released engines reopen for the next generation
+    assert np.array_equal(again, want)
+    # the prompt was cached in memory: the second generation never reopened the text encoder
+    assert staged.engines.opened == STAGE_ORDER + STAGE_ORDER[1:]
+
+
+def test_cached_prompt_never_opens_the_text_encoder(tiny_bundle, astronaut_png, tmp_path):
+    cache = tmp_path / "prompts"
+    first = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=cache)
+    assert first.encode_prompts([PROMPT]) == 2  # the prompt and the empty "no text" prompt
+    assert first.encode_prompts([PROMPT]) == 0
+    fresh = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=cache)  # a new process's view
+    frames = _generate(fresh, astronaut_png)
+    assert "text_encoder" not in fresh.engines.opened and fresh.prompts.encoded == 0
+    uncached = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=None)
+    assert np.array_equal(frames, _generate(uncached, astronaut_png))
+    assert uncached.engines.opened[0] == "text_encoder"
+
+
+def test_corrupt_or_mismatched_cache_entries_are_ignored_and_rewritten(tiny_bundle, tmp_path):
+    cache = tmp_path / "prompts"
+    pipe = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=cache)
+    want = pipe.prompts(PROMPT)
+    store = pipe.prompts.store
+    path = store.path(PROMPT)
+    for damage in (b"not an npz", path.read_bytes()[:100]):
+        path.write_bytes(damage)
+        assert store.get(PROMPT) is None
+        fresh = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=cache)
+        got = fresh.prompts(PROMPT)
+        assert fresh.prompts.encoded == 1 and np.array_equal(got[0], want[0])
+        assert store.get(PROMPT) is not None  # rewritten whole
+    other = store.path("another prompt")
+    path.replace(other)  # an entry holding a different prompt than its name says
+    assert store.get("another prompt") is None
+
+
+def test_another_text_side_never_shares_entries(tiny_bundle, tmp_path):
+    pipe = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=tmp_path)
+    text = pipe.manifest.text
+    key = PromptStore.text_key("a" * 64, text)
+    assert key != PromptStore.text_key("b" * 64, text)
+    assert key != PromptStore.text_key("a" * 64, {**text, "max_length": 99})
+    assert pipe.prompts.store.folder.parent == tmp_path
+
+
+def test_precomputed_embeddings_equal_the_prompt_and_bad_shapes_are_refused(tiny_bundle, astronaut_png, tmp_path):
+    pipe = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=None)
+    text, empty = pipe.prompts(PROMPT), pipe.prompts("")
+    fresh = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=None)
+    frames = _generate(fresh, astronaut_png, text_embeddings=text, negative_embeddings=empty)
+    assert "text_encoder" not in fresh.engines.opened
+    assert np.array_equal(frames, _generate(pipe, astronaut_png))
+    with pytest.raises(InputError, match="precomputed text embeddings"):
+        fresh.generate(reference=astronaut_png, prompt=PROMPT, steps=1,
+                       text_embeddings=(text[0][:, :3], text[1][:, :3]))
+
+
+def test_plan_arithmetic():
+    weights = {"text_encoder": 24, "vae_encoder": 1, "dit": 13, "vae_decoder": 2}
+    acts = {"text_encoder": 1, "vae_encoder": 1, "dit": 3, "vae_decoder": 5}
+    r = memory_needs(weights, acts)
+    assert [s.component for s in r.stages] == ["text_encoder", "vae_encoder", "dit", "vae_decoder"]
+    assert r.all_peak_bytes == 40 + 5 and r.staged_peak_bytes == 25
+    cached = memory_needs(weights, acts, skip_text=True)
+    assert cached.staged_peak_bytes == 16 and cached.all_peak_bytes == 16 + 5
+
+
+def test_auto_plan_and_sizes():
+    small = MemoryPlanReport((), all_peak_bytes=1, staged_peak_bytes=1)
+    huge = MemoryPlanReport((), all_peak_bytes=1 << 60, staged_peak_bytes=1)
+    assert choose_plan("auto", small, "cpu") == "all" and choose_plan("auto", huge, "cpu") == "staged"
+    assert choose_plan("staged", small, "cpu") == "staged"
+    with pytest.raises(InputError, match="memory plan"):
+        choose_plan("half", small, "cpu")
+    assert parse_bytes("24GB") == parse_bytes("24 GiB") == 24 * 2**30 and parse_bytes("800MB") == 800 * 2**20
+    for bad in ("lots", "-1GB", "0"):
+        with pytest.raises(InputError):
+            parse_bytes(bad)
+
+
+def test_manifest_records_weight_bytes_per_component(tiny_bundle):
+    pipe = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=None)
+    weights, acts = weights_and_activations(tiny_bundle, pipe.manifest)
+    recorded = pipe.manifest.memory["weight_bytes"]
+    assert set(recorded) == set(pipe.manifest.components)
+    for name, entry in pipe.manifest.components.items():
+        files = [entry.file, *[f for f in entry.extra_files if f.endswith(".data")]]
+        assert recorded[name] == weights[name] == sum((tiny_bundle / f).stat().st_size for f in files)
+        assert acts[name] > 0
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stdrc.runtime.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+def test_plan_and_encode_prompts_commands(tiny_bundle, tmp_path):
+    out = _cli("plan", "--bundle", str(tiny_bundle), "--gpu-memory", "24GB")
+    assert out.returncode == 0 and "staged" in out.stdout and "fits" in out.stdout, out.stderr
+    data = json.loads(_cli("plan", "--bundle", str(tiny_bundle), "--json").stdout)
+    assert data["cached prompt"]["staged_peak_bytes"] <= data["uncached prompt"]["staged_peak_bytes"]
+    bad = _cli("plan", "--bundle", str(tiny_bundle), "--gpu-memory", "lots")
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+    made = _cli("encode-prompts", "--bundle", str(tiny_bundle), "-", "--cache-dir", str(tmp_path),
+                stdin=f"{PROMPT}\n\nanother one\n")
+    assert made.returncode == 0 and "3 encoded now" in made.stdout, made.stderr
+    assert len(list(tmp_path.rglob("*.npz"))) == 3
+    missing = _cli("encode-prompts", "--bundle", str(tiny_bundle), str(tmp_path / "nope.txt"))
+    assert missing.returncode == 2 and "one prompt a line" in missing.stderr
