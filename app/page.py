@@ -108,9 +108,10 @@ def build_page(page: Page):  # noqa: ANN201
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                 with gr.Row():
-                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed", elem_id="seed")
+                    # no min/max here: the Pipeline checks values and the page shows its message
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                     dice = gr.Button("Random seed", size="sm")
-                steps = gr.Slider(1, 100, value=m.sampler["steps"], step=1, label="Steps", elem_id="steps")
+                    steps = gr.Number(value=m.sampler["steps"], precision=0, label="Steps", elem_id="steps")
                 with gr.Row():
                     text_scale = gr.Number(value=m.guidance["text_scale"], label="Text guidance")
                     ref_scale = gr.Number(value=m.guidance["ref_scale"], label="Reference guidance")
