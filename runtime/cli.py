@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_parsers(sub)
     except ImportError:
         pass
+    try:
+        from stdrc.app import add_app_parser
+
+        add_app_parser(sub)
+    except ImportError:
+        pass
     return parser
 
 

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # each folder and the stdrc subpackages it must never import (at module level or inside a function)
 FORBIDDEN = {
     "runtime": ("stdrc.export", "stdrc.calibration", "stdrc.engines"),
+    "app": ("stdrc.export", "stdrc.calibration", "stdrc.engines"),  # the page runs on the runtime (and the serve client)
     "export": ("stdrc.calibration", "stdrc.engines"),
     "calibration": ("stdrc.engines",),
     "serve": ("stdrc.export", "stdrc.calibration", "stdrc.engines"),
@@ -45,6 +46,6 @@ def test_layering_check_catches_a_wrong_import(tmp_path):
 
 
 def test_package_never_reads_shared():
-    hits = [str(p.relative_to(ROOT)) for folder in ("runtime", "export", "engines", "calibration", "serve", "stdrc")
+    hits = [str(p.relative_to(ROOT)) for folder in ("runtime", "app", "export", "engines", "calibration", "serve", "stdrc")
             for p in (ROOT / folder).rglob("*.py") if '"shared"' in p.read_text() or "../shared" in p.read_text()]
     assert not hits, hits

@@ -1,0 +1,26 @@
+"""`stdrc app`: a local Gradio page for generation. Gradio is imported only when the page starts.
+
+The parser hook lives here so that `stdrc --help` lists the subcommand without the `app` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_app_parser(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("app", help="a local web page: reference photo + prompt -> video (needs stdrc[app])")
+    a.add_argument("--bundle", required=True, help="engine bundle folder (stdrc-export build-engines)")
+    a.add_argument("--port", type=int, default=7860)
+    a.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it on the network)")
+    a.add_argument("--server", default=None, metavar="URL",
+                   help="submit to a `stdrc serve` endpoint instead of running the bundle in this process")
+    a.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="in-process device")
+    a.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from stdrc.app.page import AppConfig, serve
+
+    serve(AppConfig(bundle=args.bundle, host=args.host, port=args.port, server=args.server, device=args.device))
+    return 0

@@ -1,0 +1,86 @@
+"""Where a generation runs. The page hands a `Job` to a backend and gets an `Outcome` back.
+
+`LocalBackend` holds one in-process `Pipeline`; `stdrc.app.client.ServerBackend` submits to a
+`stdrc serve` endpoint. Both report progress through `on_step(done, total)` and raise
+`Cancelled` once `cancel` is set: in process that ends the sampling loop after the current step.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from stdrc.runtime.errors import StdrcError
+from stdrc.runtime.pipeline import Pipeline
+
+OnStep = Callable[[int, int], None]  # (steps done, total steps)
+
+
+class Cancelled(StdrcError):
+    """The person pressed Cancel."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation as the page collects it; None means the bundle's default."""
+
+    reference: str  # path of the uploaded photo
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int | None = None
+    text_scale: float | None = None
+    ref_scale: float | None = None
+    face_crop: bool = True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    video: str
+    contact_sheet: str
+    facesim: float | None
+    scored: bool  # False: FaceSim was not measured (no face encoder in the bundle, or no face crop)
+
+
+class Backend(Protocol):
+    face_crop_optional: bool  # whether the page may offer "whole photo, no face crop"
+
+    def generate(self, job: Job, on_step: OnStep, cancel: threading.Event) -> Outcome: ...
+
+
+class LocalBackend:
+    """One `Pipeline`, one generation at a time (the lock also guards against a cancelled run still ending)."""
+
+    face_crop_optional = True
+
+    def __init__(self, pipeline: Pipeline, out_dir: Path):
+        self.pipeline = pipeline
+        self.out_dir = out_dir
+        self._lock = threading.Lock()
+
+    def generate(self, job: Job, on_step: OnStep, cancel: threading.Event) -> Outcome:
+        output = self.out_dir / f"{uuid.uuid4().hex[:12]}.mp4"
+
+        def step(i: int, total: int) -> None:
+            if cancel.is_set():
+                raise Cancelled(f"cancelled after {i + 1} of {total} steps")
+            on_step(i + 1, total)
+        with self._lock:
+            result = self.pipeline.generate(
+                reference=job.reference, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
+                steps=job.steps, text_scale=job.text_scale, ref_scale=job.ref_scale, face_crop=job.face_crop,
+                output=output, on_step=step,
+            )
+        scored = "face_encoder" in self.pipeline.engines and job.face_crop  # as Pipeline.generate decides
+        return Outcome(result.files["video"], result.files["contact_sheet"], result.facesim, scored)
+
+
+def facesim_text(outcome: Outcome) -> str:
+    """The score as the CLI words it."""
+    if outcome.facesim is not None:
+        return f"{outcome.facesim:.3f}"
+    return "n/a (no face in the generated frames)" if outcome.scored else "n/a (no face encoder, or no face crop)"

@@ -1,0 +1,181 @@
+"""The Gradio page of `stdrc app` over one backend (in-process `Pipeline` or a `stdrc serve` endpoint)."""
+
+import html
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from stdrc.app.backends import Backend, Cancelled, Job, LocalBackend, facesim_text
+from stdrc.runtime.errors import BackendUnavailableError, StdrcError
+from stdrc.runtime.manifest import Bucket, Manifest, read_manifest
+from stdrc.runtime.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+SEED_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    bundle: str | Path
+    host: str = "127.0.0.1"
+    port: int = 7860
+    server: str | None = None  # a `stdrc serve` URL; None runs the bundle in this process
+    device: str = "cpu"
+
+
+def status_html(line: str) -> str:
+    """The status line as literal text: paths and `_` in an error must not turn into markup."""
+    return f'<p class="stdrc-status">{html.escape(line)}</p>' if line else ""
+
+
+def bucket_label(bucket: Bucket) -> str:
+    return f"{bucket.width}x{bucket.height}, {bucket.frames} frames at {bucket.fps:g} fps"
+
+
+class Page:
+    """The handlers behind the page, kept apart from the layout so each reads as plain Python."""
+
+    def __init__(self, backend: Backend, manifest: Manifest, preview: Pipeline):
+        self.backend = backend
+        self.manifest = manifest
+        self.preview = preview  # a Pipeline without engines: face detection and crop only
+        self._preview_lock = threading.Lock()
+        self._cancel: dict[str, threading.Event] = {}
+
+    def crop(self, reference: str | None, face_crop: bool):  # noqa: ANN201
+        """The detected face as the run will use it, shown as soon as a photo is in."""
+        if not reference:
+            return None, ""
+        try:
+            with self._preview_lock:
+                return self.preview.prepare_reference(reference, face_crop), ""
+        except StdrcError as e:
+            return None, f"error: {e}"
+
+    def generate(self, reference, prompt, negative_prompt, seed, steps, text_scale, ref_scale, face_crop,  # noqa: ANN001, ANN201
+                 request, progress):
+        """-> (status line, video, contact sheet, FaceSim text); StdrcError becomes the CLI's `error:` line."""
+        if not reference:
+            return "error: no reference photo: upload one (or take one with the webcam)", None, None, ""
+        job = Job(reference=reference, prompt=prompt or "", negative_prompt=negative_prompt or "",
+                  seed=int(seed) if seed is not None else 0, steps=int(steps) if steps is not None else None,
+                  text_scale=text_scale, ref_scale=ref_scale, face_crop=bool(face_crop))
+        cancel = self._cancel.setdefault(request.session_hash, threading.Event())
+        if cancel.is_set():  # Cancel was pressed while this run waited in the queue
+            return "cancelled before it started", None, None, ""
+
+        def on_step(done: int, total: int) -> None:
+            progress((done, total), desc="sampling", unit="steps")
+
+        start = time.perf_counter()
+        try:
+            outcome = self.backend.generate(job, on_step, cancel)
+        except StdrcError as e:
+            return f"error: {e}" if not isinstance(e, Cancelled) else str(e), None, None, ""
+        status = f"done in {time.perf_counter() - start:.1f} s (seed {job.seed})"
+        return status, outcome.video, outcome.contact_sheet, facesim_text(outcome)
+
+    def arm(self, request) -> None:  # noqa: ANN001
+        """On Generate, before the queue: a fresh cancel flag that Cancel can set while the run waits or runs."""
+        self._cancel[request.session_hash] = threading.Event()
+
+    def cancel(self, request) -> None:  # noqa: ANN001
+        """Sets the flag; the backend stops after the current step and the run's own reply says so."""
+        event = self._cancel.get(request.session_hash)
+        if event is not None:
+            event.set()
+
+
+def build_page(page: Page):  # noqa: ANN201
+    import gradio as gr  # not `from __future__ import annotations` here: Gradio reads `gr.Request` hints
+
+    m = page.manifest
+    with gr.Blocks(title="stdrc") as demo:
+        gr.Markdown(f"## stdrc: identity-preserving text-to-video\nbundle `{m.preset}`")
+        with gr.Row():
+            with gr.Column():
+                with gr.Row():
+                    reference = gr.Image(label="Reference photo", sources=["upload", "webcam"], type="filepath",
+                                         elem_id="reference")
+                    crop = gr.Image(label="Detected face", interactive=False, elem_id="crop")
+                face_crop = gr.Checkbox(value=True, label="Crop to the largest face",
+                                        visible=page.backend.face_crop_optional)
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+                with gr.Row():
+                    # no min/max here: the Pipeline checks values and the page shows its message
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                    dice = gr.Button("Random seed", size="sm")
+                    steps = gr.Number(value=m.sampler["steps"], precision=0, label="Steps", elem_id="steps")
+                with gr.Row():
+                    text_scale = gr.Number(value=m.guidance["text_scale"], label="Text guidance")
+                    ref_scale = gr.Number(value=m.guidance["ref_scale"], label="Reference guidance")
+                size = bucket_label(m.bucket)
+                gr.Dropdown(choices=[size], value=size, label="Size", interactive=False)
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            with gr.Column():
+                status = gr.HTML(elem_id="status")
+                video = gr.Video(label="Video", elem_id="video", autoplay=False)
+                sheet = gr.Image(label="Contact sheet", interactive=False, elem_id="sheet")
+                facesim = gr.Textbox(label="FaceSim", interactive=False, elem_id="facesim")
+
+        def _crop(ref, fc):  # noqa: ANN001, ANN202
+            image, line = page.crop(ref, fc)
+            return image, status_html(line)
+
+        def _generate(ref, p, n, s, st, ts, rs, fc, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+            line, *results = page.generate(ref, p, n, s, st, ts, rs, fc, request, progress)
+            return status_html(line), *results
+
+        def _arm(request: gr.Request) -> None:
+            page.arm(request)
+
+        def _cancel(request: gr.Request) -> None:
+            page.cancel(request)
+
+        reference.change(_crop, [reference, face_crop], [crop, status], concurrency_limit=1)
+        face_crop.change(_crop, [reference, face_crop], [crop, status], concurrency_limit=1)
+        dice.click(lambda: random.randint(0, SEED_MAX), None, seed, queue=False)
+        # no `cancels=`: Gradio may drop a running job's reply; the flag lets the run end and say so
+        run.click(_arm, None, None, queue=False).then(
+            _generate, [reference, prompt, negative, seed, steps, text_scale, ref_scale, face_crop],
+            [status, video, sheet, facesim], concurrency_limit=1, concurrency_id="generate")
+        stop.click(_cancel, None, None, queue=False)
+    return demo
+
+
+def make_backend(config: AppConfig, out_dir: Path) -> Backend:
+    if config.server:
+        from stdrc.app.client import ServerBackend
+
+        return ServerBackend(config.server, out_dir)
+    return LocalBackend(Pipeline.from_bundle(config.bundle, device=config.device), out_dir)
+
+
+def serve(config: AppConfig) -> None:
+    """Load, then serve the page until interrupted; generated files live in a temp folder removed on exit."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise BackendUnavailableError("`stdrc app` needs Gradio: pip install 'stdrc[app]'") from e
+    bundle = Path(config.bundle)
+    manifest = read_manifest(bundle)
+    with tempfile.TemporaryDirectory(prefix="stdrc-app-") as tmp:
+        page = Page(make_backend(config, Path(tmp)), manifest, Pipeline(bundle, manifest, {}))
+        demo = build_page(page)
+        theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                                  font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
+        log.warning("stdrc app on http://%s:%d (%s)", config.host, config.port,
+                    f"server {config.server}" if config.server else f"in process, {config.device}")
+        demo.queue(default_concurrency_limit=1).launch(
+            server_name=config.host, server_port=config.port, theme=theme, allowed_paths=[tmp],
+            show_error=False, quiet=True,
+        )
