@@ -16,11 +16,14 @@ def add_app_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--server", default=None, metavar="URL",
                    help="submit to a `stdrc serve` endpoint instead of running the bundle in this process")
     a.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="in-process device")
+    a.add_argument("--memory-plan", default="all", choices=("all", "staged", "auto"),
+                   help="in process: all engines resident, or each loaded for its stage (see stdrc plan)")
     a.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from stdrc.app.page import AppConfig, serve
 
-    serve(AppConfig(bundle=args.bundle, host=args.host, port=args.port, server=args.server, device=args.device))
+    serve(AppConfig(bundle=args.bundle, host=args.host, port=args.port, server=args.server, device=args.device,
+                    memory_plan=args.memory_plan))
     return 0

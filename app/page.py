@@ -26,6 +26,7 @@ class AppConfig:
     port: int = 7860
     server: str | None = None  # a `stdrc serve` URL; None runs the bundle in this process
     device: str = "cpu"
+    memory_plan: str = "all"  # in process: runtime/memory.py's all, staged or auto
 
 
 def status_html(line: str) -> str:
@@ -156,7 +157,8 @@ def make_backend(config: AppConfig, out_dir: Path) -> Backend:
         from stdrc.app.client import ServerBackend
 
         return ServerBackend(config.server, out_dir)
-    return LocalBackend(Pipeline.from_bundle(config.bundle, device=config.device), out_dir)
+    return LocalBackend(Pipeline.from_bundle(config.bundle, device=config.device, memory_plan=config.memory_plan),
+                        out_dir)
 
 
 def serve(config: AppConfig) -> None:
