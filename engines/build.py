@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -17,13 +21,14 @@ from tqdm import tqdm
 
 import stdrc
 from stdrc.engines.bundle import BundleWriter
+from stdrc.engines.preflight import check_build
+from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
-from stdrc.export.models import ModelSet, load_models
-from stdrc.export.onnx_export import dynamic_shapes, export_onnx, onnx_files
+from stdrc.export.models import COMPONENTS, ModelSet, Sources, load_sources, plan_sources
+from stdrc.export.onnx_export import CastIO, dynamic_shapes, export_onnx, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
 from stdrc.runtime.sampler import DISTILLED_SIGMAS, ltx2_sigmas
-from stdrc.runtime.tiling import decode_tiling
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "aoti")
@@ -49,11 +54,20 @@ class BuildConfig:
     layout: str = "tass"
     face_weights: Path | None = None
     text_encoder: Path | None = None  # a local Gemma-3 folder
-    text_checkpoint: Path | None = None  # LTX-2 checkpoint holding the text projection + connector
+    base_checkpoint: Path | None = None  # the LTX-2 file beside a DiT-only checkpoint: VAE + text projection
+    text_checkpoint: Path | None = None  # old name of base_checkpoint
     calibrate_fp8: bool = False
     decode_tile: int | None = None  # pixels; None = 512 when the bucket is larger, 0 = never tile
     decode_overlap: int = 64  # pixels
     progress: bool = True
+    # applied to every DiT tensor as it is read (LoRA fusion); a `sha256` attribute keys it in the stage cache
+    dit_transform: Callable | None = None
+    # called as (component name, staging folder) after each component (benchmarks/build_memory.py)
+    on_component: Callable | None = None
+
+    @property
+    def base(self) -> Path | None:
+        return self.base_checkpoint or self.text_checkpoint
 
 
 def resolve_backend(backend: str) -> str:
@@ -63,14 +77,6 @@ def resolve_backend(backend: str) -> str:
         return backend
     has_trt = importlib.util.find_spec("tensorrt") is not None
     return "tensorrt" if has_trt and torch.cuda.is_available() else "onnxruntime"
-
-
-def bucket_for(cfg: BuildConfig, models: ModelSet) -> Bucket:
-    d = models.preset.default_bucket
-    return Bucket(
-        frames=cfg.frames or d["frames"], height=cfg.height or d["height"], width=cfg.width or d["width"],
-        text_length=models.preset.text.max_length, fps=cfg.fps or d["fps"],
-    )
 
 
 NOT_EXPORT_CODE = {"fast_path.py"}  # edits to these never change an exported graph
@@ -88,21 +94,69 @@ def export_code_hash() -> str:
     return digest.hexdigest()
 
 
-def cached_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, spec: ComponentSpec,
-                module: torch.nn.Module) -> Path:
-    """The stage cache: keyed by source hash + bucket + layout + input shapes + export code, so re-runs skip export."""
-    key = f"{models.source_sha256[:16]}/{bucket.key()}_{cfg.layout}_{export_code_hash()[:12]}"
-    folder = cfg.cache_dir / "onnx" / key
-    shapes = hashlib.sha256(repr([t.shape for t in spec.inputs]).encode()).hexdigest()[:8]
-    path = folder / f"{spec.name}_{shapes}.onnx"
-    done = folder / f"{spec.name}_{shapes}.done"
-    if done.is_file() and path.is_file() and done.read_text() == sha256_file(path):
+# Components whose ONNX is larger than this are not kept in the stage cache once their engine is
+# built: the bundle then holds the only copy of large weights (the DiT, Gemma); small ones are cached.
+CACHE_MAX_BYTES = int(os.environ.get("STDRC_CACHE_MAX_BYTES", 256 * 1024**2))
+_VERSIONED = ("torch", "onnx", "onnxscript", "onnx-ir", "ltx-core", "transformers")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def cache_key(cfg: BuildConfig, src: Sources, bucket: Bucket, spec: ComponentSpec, dtype: torch.dtype) -> str:
+    """Every input that changes a component's graph or weights: its source files' sha256 (or seed), the model
+    config, bucket, layout, input shapes, export dtype, export code and the exporters' versions."""
+    transform = getattr(cfg.dit_transform, "sha256", None) if spec.name == "dit" else None
+    if spec.name == "dit" and cfg.dit_transform is not None and transform is None:
+        return ""  # an unkeyed transform: never cached
+    facts = {"source": src.of()[spec.name], "preset": src.preset.to_json(), "bucket": bucket.to_json(),
+             "layout": cfg.layout, "inputs": [(t.name, t.shape, t.dtype) for t in spec.inputs],
+             "outputs": [(t.name, t.shape) for t in spec.outputs], "dynamic": spec.dynamic_dims,
+             "dtype": str(dtype), "code": export_code_hash(), "versions": _versions(), "transform": transform}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_onnx(cfg: BuildConfig, key: str, spec: ComponentSpec, load: Callable[[], torch.nn.Module],
+                scratch: Path) -> tuple[Path, bool]:
+    """(ONNX path, kept in cache). A hit loads no weights; a miss calls `load` and exports."""
+    folder = cfg.cache_dir / "onnx" / key[:24] if key else scratch / f"onnx-{spec.name}"
+    path, done = folder / f"{spec.name}.onnx", folder / f"{spec.name}.done"
+    if key and done.is_file() and path.is_file() and done.read_text() == sha256_file(path):
         log.info("cache hit: %s", path)
-        return path
+        return path, True
     folder.mkdir(parents=True, exist_ok=True)
+    module = load()
     export_onnx(module, spec, path, seed=cfg.seed)
-    done.write_text(sha256_file(path))
-    return path
+    del module
+    gc.collect()
+    size = sum(f.stat().st_size for f in onnx_files(path))
+    keep = bool(key) and size <= CACHE_MAX_BYTES
+    if keep:
+        done.write_text(sha256_file(path))
+    return path, keep
+
+
+def drop_uncached(path: Path) -> None:
+    """Remove an exported ONNX that is not kept in the cache (its engine holds the weights now)."""
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def has_face_encoder() -> bool:
+    return importlib.util.find_spec("stdrc.export.face") is not None
+
+
+def module_dtype(backend: str, precision: str) -> torch.dtype:
+    """The dtype weights are loaded and exported in: fp16/bf16 ONNX is written directly for ORT/TensorRT."""
+    if backend in ("onnxruntime", "tensorrt") and precision in ("fp16", "bf16"):
+        return torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.float32
 
 
 def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str, device: str) -> dict:
@@ -155,20 +209,35 @@ def text_manifest(models: ModelSet, writer: BundleWriter) -> dict:
             "max_length": cfg.max_length, "pad_id": models.gemma.pad_id, "padding_side": "left"}
 
 
-def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bucket, spec: ComponentSpec,
-                    module: torch.nn.Module, writer: BundleWriter) -> ComponentEntry:
+def _fp32_models(src: Sources, cfg: BuildConfig) -> ModelSet:
+    """Every component in fp32 at once: only the calibration and torch fast paths need this."""
+    return load_sources(src, COMPONENTS, torch.float32, cfg.dit_transform)
+
+
+def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket, spec: ComponentSpec,
+                    writer: BundleWriter, full: Callable[[], ModelSet]) -> ComponentEntry:
+    """One component's engine; its weights are loaded (on a cache miss) and released before the next."""
     out = writer.path(spec.name + ENGINE_SUFFIX[backend])
     extra: dict[str, str] = {}
     precision = cfg.precision
+    dtype = module_dtype(backend, precision)
+
+    def load() -> torch.nn.Module:
+        one = load_sources(src, (spec.name,), dtype, cfg.dit_transform)
+        module = one.export_modules(bucket, cfg.layout)[spec.name]
+        return CastIO(module) if dtype != torch.float32 else module
+
     if backend == "onnxruntime":
         from stdrc.engines.onnxruntime import build_ort_engine
 
-        onnx_path = cached_onnx(cfg, models, bucket, spec, module)
+        onnx_path, kept = cached_onnx(cfg, cache_key(cfg, src, bucket, spec, dtype), spec, load, writer.staging)
         facts = build_ort_engine(onnx_path, out, precision)
+        if not kept:
+            drop_uncached(onnx_path)
         extra = {f.name: sha256_file(f) for f in onnx_files(out)[1:]}
     elif backend in ("torch", "aoti"):
-        if precision == "fp16":
-            raise ExportError(f"--backend {backend} builds fp32, bf16 or fp8 engines: use --precision bf16")
+        models = full()
+        module = models.export_modules(bucket, cfg.layout)[spec.name]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if spec.name == "dit" and precision != "fp32":
             scales = None
@@ -183,15 +252,19 @@ def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bu
     else:
         from stdrc.engines.tensorrt import build_engine, plan_for
 
+        kept = True
         if precision == "fp8" and spec.name == "dit":
-            folder = cfg.cache_dir / "fp8_qdq" / f"{models.source_sha256[:16]}_{bucket.key()}_{cfg.layout}"
-            onnx_path = fp8_qdq_onnx(cfg, models, bucket, folder)
+            folder = cfg.cache_dir / "fp8_qdq" / cache_key(cfg, src, bucket, spec, torch.float32)[:24]
+            onnx_path = fp8_qdq_onnx(cfg, full(), bucket, folder)
         else:
-            onnx_path = cached_onnx(cfg, models, bucket, spec, module)
+            onnx_path, kept = cached_onnx(cfg, cache_key(cfg, src, bucket, spec, dtype), spec, load, writer.staging)
         plan = plan_for(spec.name, spec, precision, writer.staging, onnx_path=onnx_path,
                         timing_cache=cfg.cache_dir / "trt_timing.cache")
         facts = build_engine(plan)
+        if not kept:
+            drop_uncached(onnx_path)
         out = plan.plan_path
+    facts = {**facts, "source": src.of()[spec.name]}
     return ComponentEntry(
         backend=backend, file=out.name, sha256=sha256_file(out), precision=precision,
         inputs=spec.inputs, outputs=spec.outputs, dynamic_dims=spec.dynamic_dims, extra_files=extra, build=facts,
@@ -199,30 +272,44 @@ def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bu
 
 
 def build_engines(cfg: BuildConfig) -> Path:
-    """Build every component for one bucket and write the bundle at `cfg.out` (atomically)."""
+    """Build every component for one bucket and write the bundle at `cfg.out` (atomically).
+
+    Arguments are checked first (`check_build`), then checkpoint headers (`plan_sources`); weights are
+    read one component at a time, each released before the next.
+    """
     backend = resolve_backend(cfg.backend)
+    bucket, tiling = check_build(cfg, backend)
     stages = tqdm(total=7, desc="build-engines", unit="stage", disable=not cfg.progress)
-    stages.set_postfix_str("loading model")
-    models = load_models(cfg.preset, cfg.checkpoint, cfg.seed, cfg.face_weights,
-                         text_encoder=cfg.text_encoder, text_checkpoint=cfg.text_checkpoint)
-    bucket = bucket_for(cfg, models)
+    stages.set_postfix_str("reading checkpoint headers")
+    src = plan_sources(get_preset(cfg.preset), cfg.checkpoint, cfg.seed, cfg.face_weights, cfg.text_encoder,
+                       cfg.base)
+    models = load_sources(src, components=())  # preset, tokenizer, RoPE: no weights
+    cache: list[ModelSet] = []
+
+    def full() -> ModelSet:
+        if not cache:
+            cache.append(_fp32_models(src, cfg))
+        return cache[0]
+
     stages.update()
-    tiling = decode_tiling(bucket.height, bucket.width, cfg.decode_tile, cfg.decode_overlap)
     specs = component_specs(models.preset, bucket, tiling)
-    modules = models.export_modules(bucket, cfg.layout)
     with BundleWriter(cfg.out) as writer:
         quality = {}
         if cfg.calibrate_fp8 or (cfg.precision == "fp8" and backend in ("torch", "aoti")):
             stages.set_postfix_str("fp8 calibration")
             from stdrc.calibration.report import fp8_quality
 
-            quality["fp8"] = fp8_quality(models, bucket, cfg.layout, writer.staging, seed=cfg.seed)
+            quality["fp8"] = fp8_quality(full(), bucket, cfg.layout, writer.staging, seed=cfg.seed)
         components = {}
-        for name in ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"):
+        for name in COMPONENTS:
             stages.set_postfix_str(f"{name} ({backend})")
-            if name in modules:
-                components[name] = build_component(cfg, backend, models, bucket, specs[name], modules[name], writer)
+            if name != "face_encoder" or has_face_encoder():
+                components[name] = build_component(cfg, backend, src, bucket, specs[name], writer, full)
+                log.info("built %s", name)
+                if cfg.on_component is not None:
+                    cfg.on_component(name, writer.staging)
             stages.update()
+        cache.clear()
         text = text_manifest(models, writer)
         if "file" in text:
             components["text_encoder"] = replace(
@@ -257,7 +344,8 @@ def build_engines(cfg: BuildConfig) -> Path:
             quality=quality,
             decode=tiling.to_json() if tiling else {},
             created_by={"stdrc": stdrc.__version__, "torch": torch.__version__, "backend": backend,
-                        "source_sha256": models.source_sha256},
+                        "source_sha256": models.source_sha256, "sources": models.sources,
+                        "versions": _versions()},
         )
         stages.set_postfix_str("writing manifest")
         path = writer.commit(manifest)

@@ -10,7 +10,7 @@ import torch
 
 from stdrc.export.config import get_preset
 from stdrc.export.errors import CheckpointError
-from stdrc.export.models import load_models
+from stdrc.export.models import load_sources, plan_sources
 from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import open_engine
 from stdrc.runtime.manifest import check_files, read_manifest
@@ -39,9 +39,33 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
     return float(np.abs(diff).max()), float(rel)
 
 
+_ROLE_FLAG = {"dit": "--checkpoint", "vae": "--base-checkpoint (or --checkpoint)", "projection":
+              "--base-checkpoint (or --checkpoint)", "encoder": "--text-encoder", "face": "--face-weights"}
+
+
+def _describe(source: dict) -> str:
+    if "files" not in source:
+        return "seeded weights"
+    return ", ".join(f"{role} {f['file']} ({f['sha256'][:12]})" for role, f in sorted(source["files"].items()))
+
+
+def check_sources(bundle: Path, recorded: dict[str, dict], given: dict[str, dict], names: list[str]) -> None:
+    """The files given to verify are the ones each component was built from (sha256), or one error naming the flag."""
+    for name in names:
+        want, got = recorded.get(name), given.get(name)
+        if want is None or want == got:
+            continue
+        roles = set(want.get("files", {})) | set((got or {}).get("files", {}))
+        flags = ", ".join(sorted({_ROLE_FLAG.get(r, r) for r in roles})) or "no weight flags"
+        raise CheckpointError(f"{bundle}'s {name} was built from {_describe(want)}, not {_describe(got or {})}: "
+                              f"pass the same files to verify ({flags})")
+
+
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
                   device: str = "cpu", text_encoder: str | Path | None = None,
-                  text_checkpoint: str | Path | None = None) -> dict[str, ComponentReport]:
+                  text_checkpoint: str | Path | None = None, base_checkpoint: str | Path | None = None,
+                  face_weights: str | Path | None = None) -> dict[str, ComponentReport]:
+    """Rebuild each component in fp32 from the bundle's recorded sources, one at a time, and compare."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     check_files(bundle, manifest)
@@ -49,15 +73,15 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         raise CheckpointError(f"{bundle} was built from a checkpoint: pass --checkpoint with that file to verify it")
     if manifest.text.get("tokenizer") == "hf-tokenizers" and text_encoder is None:
         raise CheckpointError(f"{bundle} uses a Gemma-3 text side: pass --text-encoder with that folder to verify it")
-    preset = get_preset(manifest.preset)
-    models = load_models(preset.name, checkpoint, seed=manifest.model_config.get("seed", 0),
-                         face_weights=None, text_encoder=text_encoder, text_checkpoint=text_checkpoint)
-    if manifest.checkpoint_sha256 and models.checkpoint_sha256 != manifest.checkpoint_sha256:
+    src = plan_sources(get_preset(manifest.preset), checkpoint, manifest.model_config.get("seed", 0), face_weights,
+                       text_encoder, base_checkpoint or text_checkpoint)
+    if manifest.checkpoint_sha256 and (src.checkpoint is None or src.checkpoint.sha256 != manifest.checkpoint_sha256):
         raise CheckpointError(f"{checkpoint} is not the checkpoint {bundle} was built from (sha256 differs)")
-    modules = models.export_modules(manifest.bucket, manifest.rope["layout"])
-    specs = component_specs(models.preset, manifest.bucket, DecodeTiling.from_json(manifest.decode))
+    check_sources(bundle, manifest.created_by.get("sources", {}), src.of(), list(manifest.components))
+    specs = component_specs(src.preset, manifest.bucket, DecodeTiling.from_json(manifest.decode))
     reports = {}
     for name, entry in manifest.components.items():
+        modules = load_sources(src, (name,), torch.float32).export_modules(manifest.bucket, manifest.rope["layout"])
         engine = open_engine(bundle, name, entry, device)
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],
                                                                             entry.dynamic_dims["batch"][1]})
@@ -73,6 +97,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
                 worst = (max(worst[0], err[0]), max(worst[1], err[1]))
         tol = TOLERANCE.get(entry.precision, 1e-4)
         reports[name] = ComponentReport(worst[0], worst[1], tol, worst[1] <= tol, entry.backend, entry.precision)
+        del modules, engine  # one component in memory at a time
     return reports
 
 

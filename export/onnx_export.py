@@ -32,6 +32,23 @@ def dynamic_shapes(spec: ComponentSpec) -> tuple | None:
     return tuple({0: batch} if t.shape and t.shape[0] == "batch" else {} for t in spec.inputs)
 
 
+class CastIO(torch.nn.Module):
+    """A module whose weights are fp16/bf16 behind fp32 inputs and outputs: the ONNX is written in the
+    engine precision directly (no fp32 copy of the weights, on disk or in memory), its interface unchanged."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.dtype = next(module.parameters()).dtype
+
+    def forward(self, *args: torch.Tensor):  # noqa: ANN201
+        cast = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
+        out = self.module(*cast)
+        if isinstance(out, (tuple, list)):
+            return tuple(o.float() if o.is_floating_point() else o for o in out)
+        return out.float()
+
+
 def param_bytes(module: torch.nn.Module) -> int:
     seen = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
     return sum(t.numel() * t.element_size() for t in seen.values())
