@@ -123,8 +123,12 @@ def plan_sources(
     face_weights: str | Path | None = None,
     text_encoder: str | Path | None = None,
     base_checkpoint: str | Path | None = None,
+    components: tuple[str, ...] = COMPONENTS,
 ) -> Sources:
-    """Open headers, pick each component's file, refuse a mix of real and seeded weights (one line, naming the flag)."""
+    """Open headers, pick each component's file, refuse a mix of real and seeded weights (one line, naming the flag).
+
+    Only the `components` asked for must have real weights (a DiT-only file loads its DiT alone).
+    """
     ckpt = open_checkpoint(checkpoint) if checkpoint is not None else None
     if ckpt is not None:
         preset = config_from_metadata(preset, ckpt.metadata_config)
@@ -135,19 +139,16 @@ def plan_sources(
     vae = text = None
     if ckpt is not None:
         vae = next((c for c in (ckpt, base) if c is not None and c.has("vae_encoder") and c.has("vae_decoder")), None)
-        if vae is None:
+        if vae is None and {"vae_encoder", "vae_decoder"} & set(components):
             where = f"neither {ckpt.path.name} nor {base.path.name} holds" if base else f"{ckpt.path.name} holds no"
             raise CheckpointError(f"{where} video VAE, and a real DiT is never paired with a random VAE: pass the "
                                   f"LTX-2 checkpoint as {BASE_FLAG}")
         text = next((c for c in (ckpt, base) if c is not None and c.has("text")), None)
-        if base is not None and text is None:
-            raise CheckpointError(f"{base.path} holds no text projection or connector: pass the LTX-2 checkpoint "
-                                  f"as {BASE_FLAG}")
     gemma = None
     if text_encoder is not None:
         gemma = load_gemma(text_encoder, preset.text.max_length, weights=False)
         preset = replace(preset, text=gemma.text_config(preset.text))
-        if ckpt is not None and text is None:
+        if ckpt is not None and text is None and "text_encoder" in components:
             raise CheckpointError(
                 f"{ckpt.path} holds no text projection or connector for the Gemma-3 text side: "
                 f"pass the LTX-2 checkpoint that has them as {BASE_FLAG}"
@@ -248,5 +249,5 @@ def load_models(
     if text_checkpoint is not None and base_checkpoint is not None and Path(text_checkpoint) != Path(base_checkpoint):
         raise CheckpointError(f"--text-checkpoint is the old name of {BASE_FLAG}: pass one of them")
     src = plan_sources(preset or get_preset(preset_name), checkpoint, seed, face_weights, text_encoder,
-                       base_checkpoint or text_checkpoint)
+                       base_checkpoint or text_checkpoint, components)
     return load_sources(src, components, dtype, transform)
