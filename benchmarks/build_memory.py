@@ -53,8 +53,8 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(HERE))
     from stdrc.engines.build import BuildConfig, build_engines
 
-    work = Path(args.work)
-    ckpt, gemma = work / f"ltx2-{args.layers}layer.safetensors", work / f"gemma-3-w3840-{args.gemma_layers}layer"
+    work, layers = Path(args.work), args.layers[0]
+    ckpt, gemma = work / f"ltx2-{layers}layer.safetensors", work / f"gemma-3-w3840-{args.gemma_layers}layer"
     components: dict[str, dict] = {}
     seen: set[Path] = set()
 
@@ -64,7 +64,7 @@ def child(args: argparse.Namespace) -> None:
         components[name] = {"peak_rss_gb": _vm_hwm() / GB, "disk_gb": sum(f.stat().st_size for f in files) / GB}
         _reset_hwm()
 
-    out, cache = work / f"bundle-{args.layers}-{args.precision}", work / f"cache-{args.layers}-{args.precision}"
+    out, cache = work / f"bundle-{layers}-{args.precision}", work / f"cache-{layers}-{args.precision}"
     _reset_hwm()
     cfg = BuildConfig(preset="ltx2-video", checkpoint=ckpt, text_encoder=gemma, frames=args.frames,
                       height=args.height, width=args.width, backend="onnxruntime", precision=args.precision,
