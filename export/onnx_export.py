@@ -60,6 +60,9 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, 
     feeds = spec.sample_inputs(seed=seed)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     external = param_bytes(module) > TWO_GB // 2
+    shapes = dynamic_shapes(spec)
+    if isinstance(module, CastIO) and shapes is not None:
+        shapes = (shapes,)  # CastIO.forward(*args): one structure for the varargs
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=path.parent))
     try:
         tmp = tmpdir / path.name
@@ -70,7 +73,7 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, 
                 args,
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
-                dynamic_shapes=dynamic_shapes(spec),
+                dynamic_shapes=shapes,
                 dynamo=True,
                 optimize=True,
                 verbose=False,
