@@ -7,7 +7,7 @@ random 3840-wide Gemma-3 folder (benchmarks/synthetic.py). Peak RSS comes from t
 VmHWM per component (reset between components through /proc/self/clear_refs) and the parent's
 RUSAGE_CHILDREN maximum for the whole build. The per-layer slope of the DiT's peak and disk is fitted
 and projected to 48 layers; the Gemma-3 12B text encoder is projected from its parameter bytes in the
-engine precision plus the overhead measured above the synthetic Gemma's weights.
+engine precision, at the RSS per weight byte measured on the DiT's layers (the fitted slopes' ratio).
 """
 
 from __future__ import annotations
@@ -99,17 +99,23 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def project(points: list[dict], precision: str, gemma_params: float) -> dict:
-    """The full model: DiT fitted per layer to 48; text encoder = its measured overhead + Gemma-3 12B's weights."""
+def project(points: list[dict], precision: str, gemma_params: float) -> dict | None:
+    """The full model: DiT fitted per layer to 48; text encoder = its measured overhead + Gemma-3 12B's weights.
+
+    None from fewer than two depths: a per-layer slope is never assumed, only fitted."""
     xs = [p["layers"] for p in points]
+    if len(set(xs)) < 2:
+        return None
     dit_peak = _fit(xs, [p["components"]["dit"]["peak_rss_gb"] for p in points])
     dit_disk = _fit(xs, [p["components"]["dit"]["disk_gb"] for p in points])
     bpp = BYTES[precision]
     text = points[-1]["components"]["text_encoder"]
     gemma_weights = gemma_params * bpp / GB  # the synthetic Gemma's weights in the engine precision
     full_gemma = GEMMA_12B_PARAMS * bpp / GB
-    text_peak = text["peak_rss_gb"] - gemma_weights + full_gemma
-    text_disk = text["disk_gb"] - gemma_weights + full_gemma
+    # RSS per byte of weights at the margin, as measured on the DiT's layers, applied to Gemma's extra weights
+    rss_per_weight_byte = dit_peak[1] / dit_disk[1] if dit_disk[1] > 0 else 1.0
+    text_peak = text["peak_rss_gb"] + rss_per_weight_byte * (full_gemma - gemma_weights)
+    text_disk = text["disk_gb"] + (full_gemma - gemma_weights)
     others = {k: v for k, v in points[-1]["components"].items() if k not in ("dit", "text_encoder")}
     peaks = {"dit": dit_peak[0] + dit_peak[1] * FULL_LAYERS, "text_encoder": text_peak,
              **{k: v["peak_rss_gb"] for k, v in others.items()}}
@@ -118,7 +124,7 @@ def project(points: list[dict], precision: str, gemma_params: float) -> dict:
     return {"peak_rss_gb": max(peaks.values()), "bundle_gb": bundle,
             "cache_gb": max(0.0, cache_slope[0] + cache_slope[1] * FULL_LAYERS),
             "per_component_peak_rss_gb": peaks, "dit_peak_rss_gb_per_layer": dit_peak[1],
-            "dit_disk_gb_per_layer": dit_disk[1]}
+            "dit_disk_gb_per_layer": dit_disk[1], "rss_per_weight_byte": rss_per_weight_byte}
 
 
 def main() -> None:
@@ -148,7 +154,8 @@ def main() -> None:
         for pt in points:
             print(f"layers={pt['layers']} peak_rss={pt['peak_rss_gb']:.2f} GB bundle={pt['bundle_gb']:.2f} GB "
                   f"cache={pt['cache_gb']:.2f} GB")
-        print("projected (48 layers + Gemma-3 12B):", json.dumps(result["projected"]))
+        print("projected (48 layers + Gemma-3 12B):", json.dumps(result["projected"]) if result["projected"]
+              else "needs two or more --layers")
 
 
 def _gemma_params(cfg: dict) -> float:

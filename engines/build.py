@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import gc
-import hashlib
-import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -22,10 +17,11 @@ from tqdm import tqdm
 import stdrc
 from stdrc.engines.bundle import BundleWriter
 from stdrc.engines.preflight import check_build
+from stdrc.engines.stage_cache import cache_key, cached_onnx, drop_uncached, release_memory, versions
 from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
 from stdrc.export.models import COMPONENTS, ModelSet, Sources, load_sources, plan_sources
-from stdrc.export.onnx_export import CastIO, dynamic_shapes, export_onnx, onnx_files
+from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
 from stdrc.runtime.sampler import DISTILLED_SIGMAS, ltx2_sigmas
@@ -77,75 +73,6 @@ def resolve_backend(backend: str) -> str:
         return backend
     has_trt = importlib.util.find_spec("tensorrt") is not None
     return "tensorrt" if has_trt and torch.cuda.is_available() else "onnxruntime"
-
-
-NOT_EXPORT_CODE = {"fast_path.py"}  # edits to these never change an exported graph
-
-
-@functools.lru_cache(maxsize=1)
-def export_code_hash() -> str:
-    """Hash of the export code itself: a changed exporter never reuses a stale cached graph."""
-    import stdrc.export
-
-    digest = hashlib.sha256(stdrc.__version__.encode())
-    for path in sorted(Path(stdrc.export.__file__).parent.glob("*.py")):
-        if path.name not in NOT_EXPORT_CODE:
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-# Components whose ONNX is larger than this are not kept in the stage cache once their engine is
-# built: the bundle then holds the only copy of large weights (the DiT, Gemma); small ones are cached.
-CACHE_MAX_BYTES = int(os.environ.get("STDRC_CACHE_MAX_BYTES", 256 * 1024**2))
-_VERSIONED = ("torch", "onnx", "onnxscript", "onnx-ir", "ltx-core", "transformers")
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in _VERSIONED:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
-
-
-def cache_key(cfg: BuildConfig, src: Sources, bucket: Bucket, spec: ComponentSpec, dtype: torch.dtype) -> str:
-    """Every input that changes a component's graph or weights: its source files' sha256 (or seed), the model
-    config, bucket, layout, input shapes, export dtype, export code and the exporters' versions."""
-    transform = getattr(cfg.dit_transform, "sha256", None) if spec.name == "dit" else None
-    if spec.name == "dit" and cfg.dit_transform is not None and transform is None:
-        return ""  # an unkeyed transform: never cached
-    facts = {"source": src.of()[spec.name], "preset": src.preset.to_json(), "bucket": bucket.to_json(),
-             "layout": cfg.layout, "inputs": [(t.name, t.shape, t.dtype) for t in spec.inputs],
-             "outputs": [(t.name, t.shape) for t in spec.outputs], "dynamic": spec.dynamic_dims,
-             "dtype": str(dtype), "code": export_code_hash(), "versions": _versions(), "transform": transform}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def cached_onnx(cfg: BuildConfig, key: str, spec: ComponentSpec, load: Callable[[], torch.nn.Module],
-                scratch: Path) -> tuple[Path, bool]:
-    """(ONNX path, kept in cache). A hit loads no weights; a miss calls `load` and exports."""
-    folder = cfg.cache_dir / "onnx" / key[:24] if key else scratch / f"onnx-{spec.name}"
-    path, done = folder / f"{spec.name}.onnx", folder / f"{spec.name}.done"
-    if key and done.is_file() and path.is_file() and done.read_text() == sha256_file(path):
-        log.info("cache hit: %s", path)
-        return path, True
-    folder.mkdir(parents=True, exist_ok=True)
-    module = load()
-    export_onnx(module, spec, path, seed=cfg.seed)
-    del module
-    gc.collect()
-    size = sum(f.stat().st_size for f in onnx_files(path))
-    keep = bool(key) and size <= CACHE_MAX_BYTES
-    if keep:
-        done.write_text(sha256_file(path))
-    return path, keep
-
-
-def drop_uncached(path: Path) -> None:
-    """Remove an exported ONNX that is not kept in the cache (its engine holds the weights now)."""
-    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def has_face_encoder() -> bool:
@@ -305,6 +232,7 @@ def build_engines(cfg: BuildConfig) -> Path:
             stages.set_postfix_str(f"{name} ({backend})")
             if name != "face_encoder" or has_face_encoder():
                 components[name] = build_component(cfg, backend, src, bucket, specs[name], writer, full)
+                release_memory()
                 log.info("built %s", name)
                 if cfg.on_component is not None:
                     cfg.on_component(name, writer.staging)
@@ -345,7 +273,7 @@ def build_engines(cfg: BuildConfig) -> Path:
             decode=tiling.to_json() if tiling else {},
             created_by={"stdrc": stdrc.__version__, "torch": torch.__version__, "backend": backend,
                         "source_sha256": models.source_sha256, "sources": models.sources,
-                        "versions": _versions()},
+                        "versions": versions()},
         )
         stages.set_postfix_str("writing manifest")
         path = writer.commit(manifest)

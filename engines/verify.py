@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,8 +65,11 @@ def check_sources(bundle: Path, recorded: dict[str, dict], given: dict[str, dict
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
                   device: str = "cpu", text_encoder: str | Path | None = None,
                   text_checkpoint: str | Path | None = None, base_checkpoint: str | Path | None = None,
-                  face_weights: str | Path | None = None) -> dict[str, ComponentReport]:
-    """Rebuild each component in fp32 from the bundle's recorded sources, one at a time, and compare."""
+                  face_weights: str | Path | None = None,
+                  dit_transform: Callable | None = None) -> dict[str, ComponentReport]:
+    """Rebuild each component in fp32 from the bundle's recorded sources, one at a time, and compare.
+
+    `dit_transform`: the per-tensor hook the bundle's DiT was built with (LoRA fusion), applied again."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     check_files(bundle, manifest)
@@ -81,7 +85,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     specs = component_specs(src.preset, manifest.bucket, DecodeTiling.from_json(manifest.decode))
     reports = {}
     for name, entry in manifest.components.items():
-        modules = load_sources(src, (name,), torch.float32).export_modules(manifest.bucket, manifest.rope["layout"])
+        one = load_sources(src, (name,), torch.float32, dit_transform if name == "dit" else None)
+        modules = one.export_modules(manifest.bucket, manifest.rope["layout"])
         engine = open_engine(bundle, name, entry, device)
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],
                                                                             entry.dynamic_dims["batch"][1]})
@@ -97,7 +102,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
                 worst = (max(worst[0], err[0]), max(worst[1], err[1]))
         tol = TOLERANCE.get(entry.precision, 1e-4)
         reports[name] = ComponentReport(worst[0], worst[1], tol, worst[1] <= tol, entry.backend, entry.precision)
-        del modules, engine  # one component in memory at a time
+        del one, modules, engine  # one component in memory at a time
     return reports
 
 
