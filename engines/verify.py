@@ -11,6 +11,7 @@ import torch
 
 from stdrc.export.config import get_preset
 from stdrc.export.errors import CheckpointError
+from stdrc.engines.stage_cache import release_memory
 from stdrc.export.models import load_sources, plan_sources
 from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import open_engine
@@ -62,6 +63,18 @@ def check_sources(bundle: Path, recorded: dict[str, dict], given: dict[str, dict
                               f"pass the same files to verify ({flags})")
 
 
+def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Callable | None) -> list[tuple]:  # noqa: ANN001
+    """PyTorch outputs (fp32, from the recorded sources) for each feed; the module is released on return."""
+    one = load_sources(src, (name,), torch.float32, transform if name == "dit" else None)
+    module = one.export_modules(manifest.bucket, manifest.rope["layout"])[name]
+    outs = []
+    with torch.no_grad():
+        for feed in feeds:
+            ref = module(*[torch.from_numpy(feed[t.name]) for t in spec.inputs])
+            outs.append(tuple(r.float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))))
+    return outs
+
+
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
                   device: str = "cpu", text_encoder: str | Path | None = None,
                   text_checkpoint: str | Path | None = None, base_checkpoint: str | Path | None = None,
@@ -85,24 +98,22 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     specs = component_specs(src.preset, manifest.bucket, DecodeTiling.from_json(manifest.decode))
     reports = {}
     for name, entry in manifest.components.items():
-        one = load_sources(src, (name,), torch.float32, dit_transform if name == "dit" else None)
-        modules = one.export_modules(manifest.bucket, manifest.rope["layout"])
-        engine = open_engine(bundle, name, entry, device)
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],
                                                                             entry.dynamic_dims["batch"][1]})
+        feeds = [specs[name].sample_inputs(seed=seed, batch=batch) for batch in batches]
+        refs = _reference(src, name, manifest, specs[name], feeds, dit_transform)
+        release_memory()  # the PyTorch module is gone before the engine loads: one copy of the weights at a time
+        engine = open_engine(bundle, name, entry, device)
         worst = (0.0, 0.0)
-        for batch in batches:
-            feeds = specs[name].sample_inputs(seed=seed, batch=batch)
-            got = engine.run(feeds)
-            with torch.no_grad():
-                ref = modules[name](*[torch.from_numpy(feeds[t.name]) for t in specs[name].inputs])
-            ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+        for feed, ref in zip(feeds, refs):
+            got = engine.run(feed)
             for spec, value in zip(entry.outputs, ref):
-                err = compare(got[spec.name], value.float().numpy())
+                err = compare(got[spec.name], value)
                 worst = (max(worst[0], err[0]), max(worst[1], err[1]))
         tol = TOLERANCE.get(entry.precision, 1e-4)
         reports[name] = ComponentReport(worst[0], worst[1], tol, worst[1] <= tol, entry.backend, entry.precision)
-        del one, modules, engine  # one component in memory at a time
+        del engine
+        release_memory()
     return reports
 
 
