@@ -28,15 +28,12 @@ BACKEND_PRECISIONS = {
     "torch": ("fp32", "bf16", "fp8"),
     "aoti": ("fp32", "bf16", "fp8"),
 }
-_PRECISION_HINT = {"onnxruntime": "use --precision fp32 (CPU) or fp16 (CUDA EP); bf16 and fp8 need --backend tensorrt",
-                   "torch": "use --precision bf16 (fp16 is not built on the torch fast path)",
-                   "aoti": "use --precision bf16 (fp16 is not built on the torch fast path)"}
-
-
 def check_precision(backend: str, precision: str) -> None:
     allowed = BACKEND_PRECISIONS[backend]
     if precision not in allowed:
-        hint = _PRECISION_HINT.get(backend, f"use one of {', '.join(allowed)}")
+        others = [b for b, p in BACKEND_PRECISIONS.items() if precision in p]
+        hint = (f"use --precision {' or '.join(allowed)}; {precision.upper()} needs --backend "
+                f"{' or '.join(others)}")
         raise ExportError(f"--backend {backend} does not build --precision {precision} engines: {hint}")
 
 

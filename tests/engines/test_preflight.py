@@ -36,7 +36,8 @@ def _build(capsys, tmp_path: Path, *args: str) -> tuple[int, str]:
     (["--height", "0"], "height=0 is not a positive multiple of 32"),
     (["--fps", "nan"], "--fps nan must be a finite number > 0"),
     (["--precision", "bf16"], "--backend onnxruntime does not build --precision bf16 engines"),
-    (["--precision", "fp8"], "bf16 and fp8 need --backend tensorrt"),
+    (["--precision", "fp8"], "FP8 needs --backend tensorrt or torch or aoti"),
+    (["--backend", "torch", "--precision", "fp16"], "FP16 needs --backend onnxruntime or tensorrt"),
     (["--decode-tile", "50"], "decode tile 50 px must be a multiple of 32"),
 ])
 def test_bad_argument_is_refused_before_loading(capsys, tmp_path: Path, dit_only: Path, args: list[str],
