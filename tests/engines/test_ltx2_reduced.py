@@ -17,7 +17,7 @@ import cv2
 import pytest
 
 # ~2 B random parameters written (4 GB bf16), exported (7.9 GB fp32 bundle) and checked: measured 15 min on
-# the shared 2-core VM under load (3.7 min writing, 11.6 min build + verify + generate); peak RSS ~10 GB in verify
+# the shared 2-core VM under load (3.7 min writing, 11.6 min build + verify + generate); build peak RSS 6.4 GB
 pytestmark = pytest.mark.slow
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
