@@ -137,32 +137,35 @@ class Setup:
     work: Path
     fp8_scales: dict[str, float] | None = None
     fast_facts: dict = field(default_factory=dict)  # fast path: scales' source, SDPA kernels
+    src: object = None  # stdrc.export.models.Sources the engines are built from (seeded)
 
 
 def make_setup(cfg: StepConfig, work: Path) -> Setup:
-    from stdrc.engines.build import BuildConfig, bucket_for
+    from stdrc.engines.build import BuildConfig
+    from stdrc.engines.preflight import check_bucket
     from stdrc.export.config import get_preset
-    from stdrc.export.dit import BakedRopeDiT, build_dit
-    from stdrc.export.models import ModelSet, config_hash
+    from stdrc.export.dit import BakedRopeDiT
+    from stdrc.export.models import load_sources, plan_sources
     from stdrc.export.specs import component_specs
 
     preset = get_preset(cfg.preset)
     full_layers = preset.dit.num_layers
     if cfg.layers is not None:
         preset = preset.with_dit(num_layers=cfg.layers)
-    dit = build_dit(preset.dit, seed=cfg.seed)
-    # DiT only (ltx2-video's text side needs real Gemma weights); the source hash is load_models',
-    # so a build_engines run sharing --cache-dir reuses the exported dit.onnx.
-    models = ModelSet(preset, dit, None, None, None, None, config_hash(preset, cfg.seed), None)
+    # DiT only (ltx2-video's text side needs real Gemma weights): the seeded sources build_engines plans,
+    # so a build sharing --cache-dir reuses the exported dit.onnx.
+    src = plan_sources(preset, seed=cfg.seed, components=("dit",))
+    models = load_sources(src, ("dit",))
+    dit = models.dit
     build = BuildConfig(preset=preset.name, frames=cfg.frames, height=cfg.height, width=cfg.width,
                         out=work / "bundle", cache_dir=cfg.cache_dir or work / "cache", seed=cfg.seed,
                         progress=False)
-    bucket = bucket_for(build, models)
+    bucket, _ = check_bucket(build)
     positions, tables = models.rope(bucket)
     module = BakedRopeDiT(dit, tables.cos, tables.sin).eval()
     spec = component_specs(preset, bucket)["dit"]
     feeds = spec.sample_inputs(cfg.seed, batch=STREAMS)
-    return Setup(cfg, full_layers, models, bucket, spec, build, module, positions, feeds, work)
+    return Setup(cfg, full_layers, models, bucket, spec, build, module, positions, feeds, work, src=src)
 
 
 def resolve_backends(cfg: StepConfig) -> list[str]:
@@ -243,7 +246,7 @@ def build(name: str, s: Setup, stack: contextlib.ExitStack) -> tuple[object, Pat
     writer = stack.enter_context(BundleWriter(s.work / name))
     build_cfg = replace(s.build, attention=ATTENTION.get(name))
     with contextlib.redirect_stdout(sys.stderr):  # exporters print; keep --json output clean
-        entry = build_component(build_cfg, BUILT[name], s.models, s.bucket, s.spec, s.module, writer)
+        entry = build_component(build_cfg, BUILT[name], s.src, s.bucket, s.spec, writer, full=lambda: s.models)
     return entry, writer.staging
 
 

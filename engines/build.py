@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -17,13 +16,17 @@ from tqdm import tqdm
 
 import stdrc
 from stdrc.engines.bundle import BundleWriter
+from stdrc.engines.preflight import check_build
+from stdrc.engines.stage_cache import cache_key, cached_onnx, drop_uncached, release_memory, versions
+from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
-from stdrc.export.lora import LoraSpec
-from stdrc.runtime.errors import InputError
-from stdrc.export.models import ModelSet, load_models
-from stdrc.export.onnx_export import dynamic_shapes, export_onnx, onnx_files
+from stdrc.export.lora import LoraSpec, lora_transform
+from stdrc.export.models import COMPONENTS, ModelSet, Sources, load_sources, plan_sources
+from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
+from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
+from stdrc.runtime.memory import activation_bytes, component_weight_bytes
 from stdrc.runtime.sampler import DISTILLED_SIGMAS, ltx2_sigmas
 from stdrc.runtime.tiling import decode_tiling
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "aoti")
 ENGINE_SUFFIX = {"onnxruntime": ".onnx", "torch": ".pt2", "aoti": ".pt2", "tensorrt": ".plan"}
 SCHEDULE = {"kind": "ltx2", "max_shift": 2.05, "base_shift": 0.95, "terminal": 0.1, "shift_tokens": 4096}
+ATTENTION_FOR = {"onnxruntime": "ort", "tensorrt": "onnx"}  # export/attention.py; TensorRT takes no com.microsoft op
 
 
 @dataclass(frozen=True)
@@ -51,13 +55,22 @@ class BuildConfig:
     layout: str = "tass"
     face_weights: Path | None = None
     text_encoder: Path | None = None  # a local Gemma-3 folder
-    text_checkpoint: Path | None = None  # LTX-2 checkpoint holding the text projection + connector
-    loras: tuple[LoraSpec, ...] = ()  # fused into the DiT weights, in order
+    base_checkpoint: Path | None = None  # the LTX-2 file beside a DiT-only checkpoint: VAE + text projection
+    text_checkpoint: Path | None = None  # old name of base_checkpoint
     calibrate_fp8: bool = False
     decode_tile: int | None = None  # pixels; None = 512 when the bucket is larger, 0 = never tile
     decode_overlap: int = 64  # pixels
+    loras: tuple[LoraSpec, ...] = ()  # fused into the DiT weights tensor by tensor, in order
     attention: str | None = None  # export/attention.py kind; None = the backend's (ort, or onnx for TensorRT)
     progress: bool = True
+    # applied to every DiT tensor as it is read (LoRA fusion); a `sha256` attribute keys it in the stage cache
+    dit_transform: Callable | None = None
+    # called as (component name, staging folder) after each component (benchmarks/build_memory.py)
+    on_component: Callable | None = None
+
+    @property
+    def base(self) -> Path | None:
+        return self.base_checkpoint or self.text_checkpoint
 
 
 def resolve_backend(backend: str) -> str:
@@ -69,48 +82,59 @@ def resolve_backend(backend: str) -> str:
     return "tensorrt" if has_trt and torch.cuda.is_available() else "onnxruntime"
 
 
-def bucket_for(cfg: BuildConfig, models: ModelSet) -> Bucket:
-    d = models.preset.default_bucket
-    return Bucket(
-        frames=cfg.frames or d["frames"], height=cfg.height or d["height"], width=cfg.width or d["width"],
-        text_length=models.preset.text.max_length, fps=cfg.fps or d["fps"],
-    )
+def check_build_config(cfg: BuildConfig) -> Bucket:
+    """Every build value checked before any weight is read: one ExportError/InputError line each.
+
+    Returns the bucket the build will target (preset defaults filled in for None fields).
+    """
+    import math
+
+    from stdrc.engines.bundle import check_out
+    from stdrc.export.config import get_preset
+    from stdrc.runtime.manifest import LAYOUTS, PRECISIONS
+    from stdrc.runtime.options import check_path
+
+    preset = get_preset(cfg.preset)
+    for name in ("frames", "height", "width", "decode_tile", "decode_overlap", "seed"):
+        value = getattr(cfg, name)
+        zero_ok = name in ("decode_tile", "decode_overlap", "seed")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1)):
+            raise InputError(f"--{name.replace('_', '-')} {value!r}: pass an integer >= {0 if zero_ok else 1}"
+                             + (" (or leave it out for the preset's default)" if name in ("frames", "height", "width")
+                                else ""))
+    if cfg.fps is not None and (not isinstance(cfg.fps, (int, float)) or not math.isfinite(cfg.fps)
+                                or not 0 < cfg.fps <= 1000):
+        raise InputError(f"--fps {cfg.fps!r}: pass a frame rate in (0, 1000], e.g. --fps 24")
+    if cfg.precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if cfg.layout not in LAYOUTS:
+        raise ExportError(f"unknown layout {cfg.layout!r}: choose one of {', '.join(LAYOUTS)}")
+    backend = resolve_backend(cfg.backend)
+    if backend == "onnxruntime" and cfg.precision not in ("fp32", "fp16"):
+        raise ExportError(f"ONNX Runtime engines are fp32 or fp16, not {cfg.precision}: use --precision fp32 (CPU) "
+                          "or fp16 (CUDA EP); FP8 needs --backend tensorrt")
+    if backend in ("torch", "aoti") and cfg.precision == "fp16":
+        raise ExportError(f"--backend {backend} builds fp32, bf16 or fp8 engines: use --precision bf16")
+    for name in ("checkpoint", "base_checkpoint", "face_weights", "text_encoder", "text_checkpoint", "cache_dir"):
+        if getattr(cfg, name) is not None:
+            check_path(getattr(cfg, name), f"--{name.replace('_', '-')}")
+    check_out(check_path(cfg.out, "--out"))
+    d = preset.default_bucket
+    bucket = Bucket(frames=cfg.frames or d["frames"], height=cfg.height or d["height"], width=cfg.width or d["width"],
+                    text_length=preset.text.max_length, fps=cfg.fps or d["fps"])
+    decode_tiling(bucket.height, bucket.width, cfg.decode_tile, cfg.decode_overlap)
+    return bucket
 
 
-NOT_EXPORT_CODE = {"fast_path.py"}  # edits to these never change an exported graph
+def has_face_encoder() -> bool:
+    return importlib.util.find_spec("stdrc.export.face") is not None
 
 
-@functools.lru_cache(maxsize=1)
-def export_code_hash() -> str:
-    """Hash of the export code itself: a changed exporter never reuses a stale cached graph."""
-    import stdrc.export
-
-    digest = hashlib.sha256(stdrc.__version__.encode())
-    for path in sorted(Path(stdrc.export.__file__).parent.glob("*.py")):
-        if path.name not in NOT_EXPORT_CODE:
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-ATTENTION_FOR = {"onnxruntime": "ort", "tensorrt": "onnx"}  # TensorRT's parser takes no com.microsoft op
-
-
-def cached_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, spec: ComponentSpec,
-                module: torch.nn.Module, backend: str = "onnxruntime") -> Path:
-    """The stage cache: keyed by source hash + bucket + layout + attention + input shapes + export code."""
-    attention = cfg.attention or ATTENTION_FOR[backend]
-    key = f"{models.source_sha256[:16]}/{bucket.key()}_{cfg.layout}_{attention}_{export_code_hash()[:12]}"
-    folder = cfg.cache_dir / "onnx" / key
-    shapes = hashlib.sha256(repr(([t.shape for t in spec.inputs], spec.dynamic_dims)).encode()).hexdigest()[:8]
-    path = folder / f"{spec.name}_{shapes}.onnx"
-    done = folder / f"{spec.name}_{shapes}.done"
-    if done.is_file() and path.is_file() and done.read_text() == sha256_file(path):
-        log.info("cache hit: %s", path)
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    export_onnx(module, spec, path, seed=cfg.seed, attention=attention)
-    done.write_text(sha256_file(path))
-    return path
+def module_dtype(backend: str, precision: str) -> torch.dtype:
+    """The dtype weights are loaded and exported in: fp16/bf16 ONNX is written directly for ORT/TensorRT."""
+    if backend in ("onnxruntime", "tensorrt") and precision in ("fp16", "bf16"):
+        return torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.float32
 
 
 def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str, device: str) -> dict:
@@ -163,20 +187,38 @@ def text_manifest(models: ModelSet, writer: BundleWriter) -> dict:
             "max_length": cfg.max_length, "pad_id": models.gemma.pad_id, "padding_side": "left"}
 
 
-def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bucket, spec: ComponentSpec,
-                    module: torch.nn.Module, writer: BundleWriter) -> ComponentEntry:
+def _fp32_models(src: Sources, cfg: BuildConfig) -> ModelSet:
+    """Every component in fp32 at once: only the calibration and torch fast paths need this."""
+    return load_sources(src, COMPONENTS, torch.float32, cfg.dit_transform)
+
+
+def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket, spec: ComponentSpec,
+                    writer: BundleWriter, full: Callable[[], ModelSet]) -> ComponentEntry:
+    """One component's engine; its weights are loaded (on a cache miss) and released before the next."""
     out = writer.path(spec.name + ENGINE_SUFFIX[backend])
     extra: dict[str, str] = {}
     precision = cfg.precision
+    dtype = module_dtype(backend, precision)
+
+    attention = cfg.attention or ATTENTION_FOR.get(backend, "ort")
+
+    def load() -> torch.nn.Module:
+        one = load_sources(src, (spec.name,), dtype, cfg.dit_transform)
+        module = one.export_modules(bucket, cfg.layout)[spec.name]
+        return CastIO(module) if dtype != torch.float32 else module
+
     if backend == "onnxruntime":
         from stdrc.engines.onnxruntime import build_ort_engine
 
-        onnx_path = cached_onnx(cfg, models, bucket, spec, module)
+        onnx_path, kept = cached_onnx(cfg, cache_key(cfg, src, bucket, spec, dtype, attention), spec, load,
+                                          writer.staging, attention)
         facts = build_ort_engine(onnx_path, out, precision)
+        if not kept:
+            drop_uncached(onnx_path)
         extra = {f.name: sha256_file(f) for f in onnx_files(out)[1:]}
     elif backend in ("torch", "aoti"):
-        if precision == "fp16":
-            raise ExportError(f"--backend {backend} builds fp32, bf16 or fp8 engines: use --precision bf16")
+        models = full()
+        module = models.export_modules(bucket, cfg.layout)[spec.name]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if spec.name == "dit" and precision != "fp32":
             scales = None
@@ -191,91 +233,71 @@ def build_component(cfg: BuildConfig, backend: str, models: ModelSet, bucket: Bu
     else:
         from stdrc.engines.tensorrt import build_engine, plan_for
 
+        kept = True
         if precision == "fp8" and spec.name == "dit":
-            folder = cfg.cache_dir / "fp8_qdq" / f"{models.source_sha256[:16]}_{bucket.key()}_{cfg.layout}"
-            onnx_path = fp8_qdq_onnx(cfg, models, bucket, folder)
+            folder = cfg.cache_dir / "fp8_qdq" / cache_key(cfg, src, bucket, spec, torch.float32)[:24]
+            onnx_path = fp8_qdq_onnx(cfg, full(), bucket, folder)
         else:
-            onnx_path = cached_onnx(cfg, models, bucket, spec, module, backend)
+            onnx_path, kept = cached_onnx(cfg, cache_key(cfg, src, bucket, spec, dtype, attention), spec, load,
+                                          writer.staging, attention)
         plan = plan_for(spec.name, spec, precision, writer.staging, onnx_path=onnx_path,
                         timing_cache=cfg.cache_dir / "trt_timing.cache")
         facts = build_engine(plan)
+        if not kept:
+            drop_uncached(onnx_path)
         out = plan.plan_path
+    facts = {**facts, "source": src.of()[spec.name]}
     return ComponentEntry(
         backend=backend, file=out.name, sha256=sha256_file(out), precision=precision,
         inputs=spec.inputs, outputs=spec.outputs, dynamic_dims=spec.dynamic_dims, extra_files=extra, build=facts,
     )
 
 
-def check_build_config(cfg: BuildConfig) -> Bucket:
-    """Every build value checked before any weight is read: one ExportError/InputError line each.
-
-    Returns the bucket the build will target (preset defaults filled in for None fields).
-    """
-    import math
-
-    from stdrc.engines.bundle import check_out
-    from stdrc.export.config import get_preset
-    from stdrc.runtime.manifest import LAYOUTS, PRECISIONS
-    from stdrc.runtime.options import check_path
-
-    preset = get_preset(cfg.preset)
-    for name in ("frames", "height", "width", "decode_tile", "decode_overlap", "seed"):
-        value = getattr(cfg, name)
-        zero_ok = name in ("decode_tile", "decode_overlap", "seed")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1)):
-            raise InputError(f"--{name.replace('_', '-')} {value!r}: pass an integer >= {0 if zero_ok else 1}"
-                             + (" (or leave it out for the preset's default)" if name in ("frames", "height", "width")
-                                else ""))
-    if cfg.fps is not None and (not isinstance(cfg.fps, (int, float)) or not math.isfinite(cfg.fps)
-                                or not 0 < cfg.fps <= 1000):
-        raise InputError(f"--fps {cfg.fps!r}: pass a frame rate in (0, 1000], e.g. --fps 24")
-    if cfg.precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if cfg.layout not in LAYOUTS:
-        raise ExportError(f"unknown layout {cfg.layout!r}: choose one of {', '.join(LAYOUTS)}")
-    backend = resolve_backend(cfg.backend)
-    if backend == "onnxruntime" and cfg.precision not in ("fp32", "fp16"):
-        raise ExportError(f"ONNX Runtime engines are fp32 or fp16, not {cfg.precision}: use --precision fp32 (CPU) "
-                          "or fp16 (CUDA EP); FP8 needs --backend tensorrt")
-    if backend in ("torch", "aoti") and cfg.precision == "fp16":
-        raise ExportError(f"--backend {backend} builds fp32, bf16 or fp8 engines: use --precision bf16")
-    for name in ("checkpoint", "face_weights", "text_encoder", "text_checkpoint", "cache_dir"):
-        if getattr(cfg, name) is not None:
-            check_path(getattr(cfg, name), f"--{name.replace('_', '-')}")
-    check_out(check_path(cfg.out, "--out"))
-    d = preset.default_bucket
-    bucket = Bucket(frames=cfg.frames or d["frames"], height=cfg.height or d["height"], width=cfg.width or d["width"],
-                    text_length=preset.text.max_length, fps=cfg.fps or d["fps"])
-    decode_tiling(bucket.height, bucket.width, cfg.decode_tile, cfg.decode_overlap)
-    return bucket
-
-
 def build_engines(cfg: BuildConfig) -> Path:
-    """Build every component for one bucket and write the bundle at `cfg.out` (atomically)."""
+    """Build every component for one bucket and write the bundle at `cfg.out` (atomically).
+
+    Arguments are checked first (`check_build`), then checkpoint headers (`plan_sources`); weights are
+    read one component at a time, each released before the next.
+    """
     check_build_config(cfg)
     backend = resolve_backend(cfg.backend)
+    bucket, tiling = check_build(cfg, backend)
     stages = tqdm(total=7, desc="build-engines", unit="stage", disable=not cfg.progress)
-    stages.set_postfix_str("loading model")
-    models = load_models(cfg.preset, cfg.checkpoint, cfg.seed, cfg.face_weights,
-                         text_encoder=cfg.text_encoder, text_checkpoint=cfg.text_checkpoint, loras=cfg.loras)
-    bucket = bucket_for(cfg, models)
+    stages.set_postfix_str("reading checkpoint headers")
+    src = plan_sources(get_preset(cfg.preset), cfg.checkpoint, cfg.seed, cfg.face_weights, cfg.text_encoder,
+                       cfg.base)
+    lora_set = None
+    if cfg.loras:  # checked against the DiT's shapes from headers, then fused as each DiT tensor is read
+        transform, lora_set = lora_transform(cfg.loras, src.preset.dit, cfg.dit_transform)
+        cfg = replace(cfg, dit_transform=transform)
+    models = load_sources(src, components=())  # preset, tokenizer, RoPE: no weights
+    cache: list[ModelSet] = []
+
+    def full() -> ModelSet:
+        if not cache:
+            cache.append(_fp32_models(src, cfg))
+        return cache[0]
+
     stages.update()
-    tiling = decode_tiling(bucket.height, bucket.width, cfg.decode_tile, cfg.decode_overlap)
     specs = component_specs(models.preset, bucket, tiling)
-    modules = models.export_modules(bucket, cfg.layout)
     with BundleWriter(cfg.out) as writer:
         quality = {}
         if cfg.calibrate_fp8 or (cfg.precision == "fp8" and backend in ("torch", "aoti")):
             stages.set_postfix_str("fp8 calibration")
             from stdrc.calibration.report import fp8_quality
 
-            quality["fp8"] = fp8_quality(models, bucket, cfg.layout, writer.staging, seed=cfg.seed)
+            quality["fp8"] = fp8_quality(full(), bucket, cfg.layout, writer.staging, seed=cfg.seed)
         components = {}
-        for name in ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"):
+        for name in COMPONENTS:
             stages.set_postfix_str(f"{name} ({backend})")
-            if name in modules:
-                components[name] = build_component(cfg, backend, models, bucket, specs[name], modules[name], writer)
+            if name != "face_encoder" or has_face_encoder():
+                components[name] = build_component(cfg, backend, src, bucket, specs[name], writer, full)
+                release_memory()
+                log.info("built %s", name)
+                if cfg.on_component is not None:
+                    cfg.on_component(name, writer.staging)
             stages.update()
+        cache.clear()
         text = text_manifest(models, writer)
         if "file" in text:
             components["text_encoder"] = replace(
@@ -289,8 +311,6 @@ def build_engines(cfg: BuildConfig) -> Path:
             extra_files = {quality["fp8"]["scales_file"]: quality["fp8"]["scales_sha256"]}
             components["dit"] = replace(components["dit"], extra_files={**components["dit"].extra_files,
                                                                          **extra_files})
-        from stdrc.runtime.memory import activation_bytes, component_weight_bytes
-
         memory = {
             "weight_bytes": {k: component_weight_bytes(writer.staging, e.file, e.extra_files)
                              for k, e in components.items()},
@@ -324,8 +344,9 @@ def build_engines(cfg: BuildConfig) -> Path:
             decode=tiling.to_json() if tiling else {},
             memory=memory,
             created_by={"stdrc": stdrc.__version__, "torch": torch.__version__, "backend": backend,
-                        "source_sha256": models.source_sha256},
-            loras=models.loras.entries() if models.loras else (),
+                        "source_sha256": models.source_sha256, "sources": models.sources,
+                        "versions": versions()},
+            loras=lora_set.entries() if lora_set else (),
         )
         stages.set_postfix_str("writing manifest")
         path = writer.commit(manifest)

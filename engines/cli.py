@@ -26,7 +26,7 @@ def _build(args: argparse.Namespace) -> int:
         preset=args.preset, checkpoint=args.checkpoint, frames=args.frames, height=args.height, width=args.width,
         fps=args.fps, backend=args.backend, precision=args.precision, out=args.out or Path("bundles") / args.preset,
         seed=args.seed, layout=args.layout, face_weights=args.face_weights, calibrate_fp8=args.calibrate_fp8,
-        text_encoder=args.text_encoder, text_checkpoint=args.text_checkpoint, decode_tile=args.decode_tile,
+        text_encoder=args.text_encoder, base_checkpoint=args.base_checkpoint, decode_tile=args.decode_tile,
         decode_overlap=args.decode_overlap, loras=tuple(LoraSpec.parse(t) for t in args.lora),
         progress=not args.quiet, **({"cache_dir": args.cache_dir} if args.cache_dir else {}),
     )
@@ -40,7 +40,8 @@ def _verify(args: argparse.Namespace) -> int:
     from stdrc.export.lora import LoraSpec
 
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
-                            text_checkpoint=args.text_checkpoint, loras=tuple(LoraSpec.parse(t) for t in args.lora),
+                            base_checkpoint=args.base_checkpoint, face_weights=args.face_weights,
+                            loras=tuple(LoraSpec.parse(t) for t in args.lora),
                             report=args.report and not args.json, trust_code=args.trust_bundle_code)
     result = reports_json(reports)
     if args.json:
@@ -77,12 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference token positions (tass = TASS-RoPE)")
     b.add_argument("--text-encoder", type=Path, default=None,
                    help="local Gemma-3 folder (config.json, *.safetensors, tokenizer.json); needed by ltx2-video")
-    b.add_argument("--text-checkpoint", type=Path, default=None,
-                   help="LTX-2 .safetensors with the text projection + connector (default: --checkpoint)")
+    b.add_argument("--base-checkpoint", "--text-checkpoint", dest="base_checkpoint", type=Path, default=None,
+                   help="the LTX-2 .safetensors beside a DiT-only --checkpoint (ST-DRC): supplies the VAE and the "
+                        "text projection + connector (--text-checkpoint is its old name)")
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LTX-2 LoRA .safetensors fused into the DiT (strength default 1.0); repeatable")
     b.add_argument("--face-weights", type=Path, default=None,
-                   help="arcface_torch backbone.pth (iresnet50) for the face encoder (default: seeded weights)")
+                   help="arcface_torch backbone.pth (iresnet50/100) for the face encoder (default: seeded weights)")
     b.add_argument("--calibrate-fp8", action="store_true",
                    help="run modelopt FP8 calibration and record its measured error in the manifest")
     b.add_argument("--decode-tile", type=int, default=None,
@@ -100,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("bundle", type=Path, help="bundle folder")
     v.add_argument("--checkpoint", type=Path, default=None, help="the .safetensors the bundle was built from")
     v.add_argument("--text-encoder", type=Path, default=None, help="the Gemma-3 folder the bundle was built with")
-    v.add_argument("--text-checkpoint", type=Path, default=None, help="the --text-checkpoint of the build")
+    v.add_argument("--base-checkpoint", "--text-checkpoint", dest="base_checkpoint", type=Path, default=None,
+                   help="the LTX-2 .safetensors the bundle's VAE and text projection came from")
+    v.add_argument("--face-weights", type=Path, default=None, help="the ArcFace backbone the bundle was built with")
     v.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="each LoRA the bundle was built with, in order (strength default: the manifest's)")
     v.add_argument("--device", default="cpu", choices=("cpu", "cuda"),

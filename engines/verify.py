@@ -1,13 +1,13 @@
 """`verify`: every bundle component against the PyTorch reference on the same seeded inputs.
 
-ONNX files run through polygraphy's ONNX Runtime runner, other engines through the runtime's own
-backends; polygraphy's comparator then checks every output (shapes, NaN, mean error within the
-component's tolerance) and, with `report=True`, prints its per-output statistics. The numbers we
-keep per component are max_abs_err and rel_l2 over all outputs and batch sizes.
+Each component is rebuilt in fp32 from the bundle's recorded sources (checkpoint files, LoRAs,
+face weights, or the seeded preset), one at a time and released before its engine loads; ONNX
+files run through polygraphy's ONNX Runtime runner and comparator.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stdrc.engines.stage_cache import release_memory
 from stdrc.export.config import get_preset
 from stdrc.export.errors import CheckpointError
-from stdrc.export.lora import LoraSpec, match_manifest
-from stdrc.export.models import load_models
+from stdrc.export.lora import LoraSpec, lora_transform, match_manifest
+from stdrc.export.models import load_sources, plan_sources
 from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import check_trust, open_engine
 from stdrc.runtime.manifest import check_files, read_manifest
@@ -97,11 +98,51 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
     return float(np.abs(diff).max()), float(rel)
 
 
+_ROLE_FLAG = {"dit": "--checkpoint", "vae": "--base-checkpoint (or --checkpoint)", "projection":
+              "--base-checkpoint (or --checkpoint)", "encoder": "--text-encoder", "face": "--face-weights"}
+
+
+def _describe(source: dict) -> str:
+    if "files" not in source:
+        return "seeded weights"
+    return ", ".join(f"{role} {f['file']} ({f['sha256'][:12]})" for role, f in sorted(source["files"].items()))
+
+
+def check_sources(bundle: Path, recorded: dict[str, dict], given: dict[str, dict], names: list[str]) -> None:
+    """The files given to verify are the ones each component was built from (sha256), or one error naming the flag."""
+    for name in names:
+        want, got = recorded.get(name), given.get(name)
+        if want is None or want == got:
+            continue
+        roles = set(want.get("files", {})) | set((got or {}).get("files", {}))
+        flags = ", ".join(sorted({_ROLE_FLAG.get(r, r) for r in roles})) or "no weight flags"
+        raise CheckpointError(f"{bundle}'s {name} was built from {_describe(want)}, not {_describe(got or {})}: "
+                              f"pass the same files to verify ({flags})")
+
+
+def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Callable | None) -> list[tuple]:  # noqa: ANN001
+    """PyTorch outputs (fp32, from the recorded sources) for each feed; the module is released on return."""
+    one = load_sources(src, (name,), torch.float32, transform if name == "dit" else None)
+    module = one.export_modules(manifest.bucket, manifest.rope["layout"])[name]
+    outs = []
+    with torch.no_grad():
+        for feed in feeds:
+            ref = module(*[torch.from_numpy(feed[t.name]) for t in spec.inputs])
+            outs.append(tuple(r.float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))))
+    return outs
+
+
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
                   device: str = "cpu", text_encoder: str | Path | None = None,
-                  text_checkpoint: str | Path | None = None, loras: tuple[LoraSpec, ...] = (),
-                  report: bool = False, trust_code: bool = False) -> dict[str, ComponentReport]:
-    """`trust_code`: allow torch/aoti bundles, whose loading runs code from the bundle (README, Trust)."""
+                  text_checkpoint: str | Path | None = None, base_checkpoint: str | Path | None = None,
+                  face_weights: str | Path | None = None, loras: tuple[LoraSpec, ...] = (),
+                  dit_transform: Callable | None = None, report: bool = False,
+                  trust_code: bool = False) -> dict[str, ComponentReport]:
+    """Rebuild each component in fp32 from the bundle's recorded sources, one at a time, and compare.
+
+    `loras`: the files the bundle's DiT was fused with (the manifest keeps names and sha256, not paths);
+    `dit_transform`: any other per-tensor hook it was built with. `trust_code`: allow torch/aoti bundles,
+    whose loading runs code from the bundle (README, Trust)."""
     bundle = check_path(bundle, "bundle folder")
     manifest = read_manifest(bundle)
     for name, entry in manifest.components.items():
@@ -111,34 +152,33 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         raise CheckpointError(f"{bundle} was built from a checkpoint: pass --checkpoint with that file to verify it")
     if manifest.text.get("tokenizer") == "hf-tokenizers" and text_encoder is None:
         raise CheckpointError(f"{bundle} uses a Gemma-3 text side: pass --text-encoder with that folder to verify it")
-    loras = match_manifest(manifest.loras, tuple(loras), bundle)  # the manifest keeps names and hashes, not paths
-    preset = get_preset(manifest.preset)
-    models = load_models(preset.name, checkpoint, seed=manifest.model_config.get("seed", 0),
-                         face_weights=None, text_encoder=text_encoder, text_checkpoint=text_checkpoint,
-                         loras=loras)
-    if manifest.checkpoint_sha256 and models.checkpoint_sha256 != manifest.checkpoint_sha256:
+    loras = match_manifest(manifest.loras, tuple(loras), bundle)
+    src = plan_sources(get_preset(manifest.preset), checkpoint, manifest.model_config.get("seed", 0), face_weights,
+                       text_encoder, base_checkpoint or text_checkpoint)
+    if manifest.checkpoint_sha256 and (src.checkpoint is None or src.checkpoint.sha256 != manifest.checkpoint_sha256):
         raise CheckpointError(f"{checkpoint} is not the checkpoint {bundle} was built from (sha256 differs)")
-    modules = models.export_modules(manifest.bucket, manifest.rope["layout"])
-    specs = component_specs(models.preset, manifest.bucket, DecodeTiling.from_json(manifest.decode))
+    check_sources(bundle, manifest.created_by.get("sources", {}), src.of(), list(manifest.components))
+    if loras:
+        dit_transform, _ = lora_transform(loras, src.preset.dit, dit_transform)
+    specs = component_specs(src.preset, manifest.bucket, DecodeTiling.from_json(manifest.decode))
     reports = {}
     for name, entry in manifest.components.items():
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],
                                                                             entry.dynamic_dims["batch"][1]})
-        got, expected = [], []
+        feeds = [specs[name].sample_inputs(seed=seed, batch=batch) for batch in batches]
+        refs = _reference(src, name, manifest, specs[name], feeds, dit_transform)
+        release_memory()  # the PyTorch module is gone before the engine loads: one copy of the weights at a time
+        expected = [{spec.name: value for spec, value in zip(entry.outputs, ref)} for ref in refs]
         with _engine_runner(bundle, name, entry, device, report, trust_code) as run:
-            for batch in batches:
-                feeds = specs[name].sample_inputs(seed=seed, batch=batch)
-                got.append(run(feeds))
-                with torch.no_grad():
-                    ref = modules[name](*[torch.from_numpy(feeds[t.name]) for t in specs[name].inputs])
-                ref = ref if isinstance(ref, (tuple, list)) else (ref,)
-                expected.append({spec.name: value.float().numpy() for spec, value in zip(entry.outputs, ref)})
+            got = [run(feed) for feed in feeds]
         errors = [compare(g[k], e[k]) for g, e in zip(got, expected) for k in e]
         worst = (max(err[0] for err in errors), max(err[1] for err in errors))
         tol = TOLERANCE.get(entry.precision, 1e-4)
         matched = polygraphy_check(name, got, expected, tol, report)
         reports[name] = ComponentReport(worst[0], worst[1], tol, worst[1] <= tol and matched, entry.backend,
                                         entry.precision)
+        del got
+        release_memory()
     return reports
 
 

@@ -13,7 +13,7 @@ import json
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from ltx_core.loader.sd_ops import SDOps
@@ -85,52 +85,87 @@ def _check_safetensors(path: Path) -> None:
             raise CheckpointError(f"{path} is not a safetensors file (header is not JSON): {e}") from e
 
 
-def _read(path: Path, ops: SDOps | None) -> dict[str, torch.Tensor]:
-    out = {}
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():
+COMPONENTS = ("dit", "vae_encoder", "vae_decoder", "text")
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _map_keys(path: Path, keys: list[str]) -> dict[str, dict[str, str]]:
+    """Our key -> file key for each component, from the header's key list alone (no tensor is read)."""
+
+    def mapped(ops: SDOps | None, names: list[str]) -> dict[str, str]:
+        out = {}
+        for name in names:
             key = name if ops is None else ops.apply_to_key(name)
             if key is not None:
-                out[key] = f.get_tensor(name)
-    return out
+                out[key] = name
+        return out
+
+    comfy = any(k.startswith(_COMFY_PREFIX) for k in keys)
+    if comfy:
+        dit = mapped(LTXV_MODEL_COMFY_RENAMING_MAP, keys)
+        dit.update(mapped(_PROJECTION_KEYS, keys))  # the projection sits outside the ComfyUI prefix
+    else:
+        dit = {k: k for k in keys if not k.startswith("vae.")}
+    dit = {k: v for k, v in dit.items() if not any(m in k.split(".")[0] for m in _AUDIO_MARKERS)}
+    text = _split_text(path, dit)
+    return {"dit": dit, "vae_encoder": mapped(VAE_ENCODER_COMFY_KEYS_FILTER, keys),
+            "vae_decoder": mapped(VAE_DECODER_COMFY_KEYS_FILTER, keys), "text": text}
 
 
-def read_metadata_config(path: str | Path) -> dict[str, Any] | None:
-    """The checkpoint's `config` metadata from its header alone (no tensor is read)."""
-    path = Path(path)
-    _check_safetensors(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise CheckpointError(f"{path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
-    return json.loads(meta["config"]) if "config" in meta else None
+@dataclass(frozen=True)
+class LazyCheckpoint:
+    """A safetensors checkpoint opened by its header: tensors are read one at a time, when loaded."""
+
+    path: Path
+    sha256: str
+    metadata_config: dict[str, Any] | None
+    keys: dict[str, dict[str, str]]  # component -> our key -> file key
+    shapes: dict[str, tuple[int, ...]]  # file key -> shape
+
+    def has(self, component: str) -> bool:
+        return bool(self.keys[component])
+
+    def shape(self, component: str, key: str) -> tuple[int, ...]:
+        return self.shapes[self.keys[component][key]]
+
+    def tensors(self, component: str, dtype: torch.dtype | None = None,
+                transform: Transform | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(our key, tensor) one at a time: `transform(key, tensor)` on the file's tensor, then cast to `dtype`."""
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                for key, name in self.keys[component].items():
+                    tensor = f.get_tensor(name)
+                    if transform is not None:
+                        tensor = transform(key, tensor)
+                    yield key, tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(
+                f"{self.path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | Path, sha256: str | None = None) -> LazyCheckpoint:
+    """Header, key layout and shapes of `path`; no tensor is read (the sha256 streams the file once)."""
     path = Path(path)
     _check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
         config = json.loads(meta["config"]) if "config" in meta else None
-        comfy = any(k.startswith(_COMFY_PREFIX) for k in keys)
-        if comfy:
-            dit = _read(path, LTXV_MODEL_COMFY_RENAMING_MAP)
-        else:
-            dit = {k: v for k, v in _read(path, None).items() if not k.startswith("vae.")}
-        if comfy:  # the projection sits outside the ComfyUI prefix
-            dit.update(_read(path, _PROJECTION_KEYS))
-        enc = _read(path, VAE_ENCODER_COMFY_KEYS_FILTER)
-        dec = _read(path, VAE_DECODER_COMFY_KEYS_FILTER)
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for corrupt files
+    except Exception as e:
         raise CheckpointError(f"{path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
-    dit = {k: v for k, v in dit.items() if not any(m in k.split(".")[0] for m in _AUDIO_MARKERS)}
-    text = _split_text(path, dit)
-    return Checkpoint(path, sha256_file(path), config, dit, enc, dec, text)
+    return LazyCheckpoint(path, sha256 or sha256_file(path), config, _map_keys(path, keys), shapes)
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Every tensor of `path` in memory (small checkpoints and tests; builds stream with `open_checkpoint`)."""
+    lazy = open_checkpoint(path)
+    parts = {c: dict(lazy.tensors(c)) for c in COMPONENTS}
+    return Checkpoint(lazy.path, lazy.sha256, lazy.metadata_config, parts["dit"], parts["vae_encoder"],
+                      parts["vae_decoder"], parts["text"])
 
 
 def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Preset:
@@ -163,16 +198,23 @@ def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Prese
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
     """Load every tensor or raise one error listing missing, unexpected and mis-shaped keys."""
+    check_layout(module, {k: tuple(v.shape) for k, v in state.items()}, what, path)
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != tuple(expected[k].shape)
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def check_layout(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], what: str, path: Path) -> None:
+    """Raise one error listing missing, unexpected and mis-shaped keys (from shapes alone: nothing is read)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [
+        f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(shapes))
+        if tuple(shapes[k]) != tuple(expected[k].shape)
     ]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if items:
             more = f" (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
             problems.append(f"{len(items)} {label}: {', '.join(items[:_MAX_LISTED])}{more}")
@@ -181,7 +223,19 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
             f"{path} does not match the {what} of this preset ({'; '.join(problems)}): "
             "pick the preset the checkpoint was trained with"
         )
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def load_streaming(module: torch.nn.Module, ckpt: LazyCheckpoint, component: str, what: str,
+                   transform: Transform | None = None, prefix: str = "") -> None:
+    """Copy `component`'s tensors into `module` one at a time (never a second copy of the component)."""
+    names = {prefix + k: k for k in ckpt.keys[component]}
+    check_layout(module, {ours: ckpt.shape(component, k) for ours, k in names.items()}, what, ckpt.path)
+    targets = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, tensor in ckpt.tensors(component, transform=transform):
+            target = targets[prefix + key]
+            target.copy_(tensor.to(target.dtype))
+            del tensor
 
 
 def save_checkpoint(

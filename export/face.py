@@ -163,6 +163,18 @@ def load_arcface_backbone(path: str | os.PathLike, arch: str) -> IResNet:
     return model.eval()
 
 
+def infer_arch(path: str | os.PathLike) -> str:
+    """iresnet50 or iresnet100 from a backbone's layer3 depth (14 or 30 blocks); read by key names."""
+    try:
+        state = torch.load(Path(path), map_location="meta", weights_only=True)
+    except Exception:
+        return "iresnet50"  # load_arcface_backbone reports the unreadable file
+    keys = state.keys() if isinstance(state, dict) else ()
+    depth = 1 + max((int(k.split(".")[1]) for k in (k.removeprefix("module.") for k in keys)
+                     if k.startswith("layer3.") and k.split(".")[1].isdigit()), default=-1)
+    return next((name for name, arch in ARCHS.items() if arch.layers[2] == depth), "iresnet50")
+
+
 def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], path: Path,
                  arch: str) -> None:
     # num_batches_tracked is a training counter, unused in eval: tolerate its absence only.

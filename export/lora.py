@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,3 +250,31 @@ def match_manifest(entries: tuple[LoraEntry, ...], specs: tuple[LoraSpec, ...], 
                             f"{bundle} was built with: leave the strength out or pass {entry.strength:g}")
         out.append(LoraSpec(spec.path, entry.strength))
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class LoraTransform:
+    """The per-tensor hook of the streaming loader (`transform(key, tensor)` on each DiT tensor as it is read):
+    `inner` first, then the LoRAs. Its `sha256` keys the stage cache (None when `inner` has none: never cached)."""
+
+    loras: LoraSet
+    inner: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def sha256(self) -> str | None:
+        if self.inner is None:
+            return self.loras.digest()
+        inner = getattr(self.inner, "sha256", None)
+        return None if inner is None else hashlib.sha256((self.loras.digest() + inner).encode()).hexdigest()
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.inner is not None:
+            tensor = self.inner(key, tensor)
+        return self.loras.fuse(key, tensor)
+
+
+def lora_transform(specs: Iterable[LoraSpec], dit: DiTConfig,
+                   inner: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[LoraTransform, LoraSet]:
+    """The LoRA files checked against `dit`'s shapes (headers only, before any model weight is read)."""
+    lora_set = LoraSet.load(specs, dit_shapes(dit))
+    return LoraTransform(lora_set, inner), lora_set

@@ -1,39 +1,51 @@
-"""The PyTorch modules of a preset (seeded) or a checkpoint, ready to export per bucket."""
+"""The PyTorch modules of a preset (seeded) or a checkpoint, ready to export per bucket.
+
+Where each component's weights come from is decided first, from file headers alone
+(`plan_sources`): a real checkpoint never gets a seeded VAE or text projection. Components
+are then loaded one at a time (`load_models(components=...)`), tensor by tensor from the
+memory-mapped checkpoint, in the engine's dtype, so a build holds one component at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from stdrc.export.checkpoint import config_from_metadata, load_strict, read_checkpoint, read_metadata_config
+from stdrc.export.checkpoint import LazyCheckpoint, Transform, config_from_metadata, load_streaming, open_checkpoint
 from stdrc.export.config import Preset, get_preset
 from stdrc.export.dit import BakedRopeDiT, STDRCTransformer, build_dit
+from stdrc.export.errors import CheckpointError
+from stdrc.export.lora import LoraSet, LoraSpec, lora_transform
 from stdrc.export.reference import token_positions
 from stdrc.export.rope import RopeTables, rope_tables
-from stdrc.export.errors import CheckpointError
-from stdrc.export.lora import LoraSet, LoraSpec, dit_shapes
 from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
 from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae
-from stdrc.runtime.manifest import Bucket
+from stdrc.runtime.manifest import Bucket, sha256_file
 from stdrc.runtime.text import ByteTokenizer
+
+COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder")
+BASE_FLAG = "--base-checkpoint"
 
 
 @dataclass
 class ModelSet:
     preset: Preset
-    dit: STDRCTransformer
-    vae_encoder: torch.nn.Module
-    vae_decoder: torch.nn.Module
-    text: TextSide
+    dit: STDRCTransformer | None
+    vae_encoder: torch.nn.Module | None
+    vae_decoder: torch.nn.Module | None
+    text: TextSide | None
     face: torch.nn.Module | None
-    source_sha256: str  # checkpoint file hash, or a hash of the seeded preset config
+    source_sha256: str  # hash of every component's source (files' sha256, or the seeded preset config)
     checkpoint_sha256: str | None
     gemma: GemmaText | None = None
+    sources: dict[str, dict] = field(default_factory=dict)  # component -> {"file", "sha256"} or {"seeded"}
     loras: LoraSet | None = None  # fused into `dit`
 
     def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
@@ -51,16 +63,54 @@ class ModelSet:
         return positions, rope_tables(positions, self.preset.dit)
 
     def export_modules(self, bucket: Bucket, layout: str = "tass") -> dict[str, torch.nn.Module]:
-        _, tables = self.rope(bucket, layout)
-        modules = {
-            "text_encoder": self.text,
-            "dit": BakedRopeDiT(self.dit, tables.cos, tables.sin),
-            "vae_encoder": EncoderForExport(self.vae_encoder),
-            "vae_decoder": DecoderForExport(self.vae_decoder),
-        }
+        """The export wrappers of the components this set holds (those loaded)."""
+        modules: dict[str, torch.nn.Module] = {}
+        if self.text is not None:
+            modules["text_encoder"] = self.text
+        if self.dit is not None:
+            _, tables = self.rope(bucket, layout)
+            dtype = next(self.dit.parameters()).dtype
+            modules["dit"] = BakedRopeDiT(self.dit, tables.cos.to(dtype), tables.sin.to(dtype))
+        if self.vae_encoder is not None:
+            modules["vae_encoder"] = EncoderForExport(self.vae_encoder)
+        if self.vae_decoder is not None:
+            modules["vae_decoder"] = DecoderForExport(self.vae_decoder)
         if self.face is not None:
             modules["face_encoder"] = self.face
         return {k: v.eval() for k, v in modules.items()}
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where each component's weights come from, decided from file headers before any weight is read."""
+
+    preset: Preset
+    seed: int
+    checkpoint: LazyCheckpoint | None = None
+    vae: LazyCheckpoint | None = None  # the checkpoint holding the VAE
+    text: LazyCheckpoint | None = None  # the checkpoint holding the text projection + connector
+    gemma: GemmaText | None = None  # tokenizer and config only: weights load with the text encoder
+    face_weights: Path | None = None
+    face_sha256: str | None = None
+
+    def of(self) -> dict[str, dict]:
+        """Per component: the files (name + sha256) its weights come from, or the seed they were drawn with."""
+        seeded = {"seeded": config_hash(self.preset, self.seed)}
+
+        def files(*parts: tuple[str, str | Path | None, str | None]) -> dict:
+            real = {role: {"file": Path(p).name, "sha256": sha} for role, p, sha in parts if sha is not None}
+            return {"files": real} if real else seeded
+
+        ck = self.checkpoint
+        text_parts = [("encoder", self.gemma.folder if self.gemma else None, self.gemma.sha256 if self.gemma else None),
+                      ("projection", self.text.path if self.text else None, self.text.sha256 if self.text else None)]
+        return {
+            "text_encoder": files(*text_parts),
+            "dit": files(("dit", ck.path if ck else None, ck.sha256 if ck else None)),
+            "vae_encoder": files(("vae", self.vae.path if self.vae else None, self.vae.sha256 if self.vae else None)),
+            "vae_decoder": files(("vae", self.vae.path if self.vae else None, self.vae.sha256 if self.vae else None)),
+            "face_encoder": files(("face", self.face_weights, self.face_sha256)),
+        }
 
 
 def config_hash(preset: Preset, seed: int) -> str:
@@ -68,16 +118,117 @@ def config_hash(preset: Preset, seed: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _face_module(preset: Preset, seed: int, face_weights: str | Path | None) -> torch.nn.Module | None:
+def plan_sources(
+    preset: Preset,
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    face_weights: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    base_checkpoint: str | Path | None = None,
+    components: tuple[str, ...] = COMPONENTS,
+) -> Sources:
+    """Open headers, pick each component's file, refuse a mix of real and seeded weights (one line, naming the flag).
+
+    Only the `components` asked for must have real weights (a DiT-only file loads its DiT alone).
+    """
+    ckpt = open_checkpoint(checkpoint) if checkpoint is not None else None
+    if ckpt is not None:
+        preset = config_from_metadata(preset, ckpt.metadata_config)
+    base = open_checkpoint(base_checkpoint) if base_checkpoint is not None else None
+    if base is not None and ckpt is None:
+        raise CheckpointError(f"{BASE_FLAG} {base.path.name} supplies the VAE and text side beside a DiT file: "
+                              "pass that DiT file as --checkpoint")
+    vae = text = None
+    if ckpt is not None:
+        vae = next((c for c in (ckpt, base) if c is not None and c.has("vae_encoder") and c.has("vae_decoder")), None)
+        if vae is None and {"vae_encoder", "vae_decoder"} & set(components):
+            where = f"neither {ckpt.path.name} nor {base.path.name} holds" if base else f"{ckpt.path.name} holds no"
+            raise CheckpointError(f"{where} video VAE, and a real DiT is never paired with a random VAE: pass the "
+                                  f"LTX-2 checkpoint as {BASE_FLAG}")
+        text = next((c for c in (ckpt, base) if c is not None and c.has("text")), None)
+    gemma = None
+    if text_encoder is not None:
+        gemma = load_gemma(text_encoder, preset.text.max_length, weights=False)
+        preset = replace(preset, text=gemma.text_config(preset.text))
+        if ckpt is not None and text is None and "text_encoder" in components:
+            raise CheckpointError(
+                f"{ckpt.path} holds no text projection or connector for the Gemma-3 text side: "
+                f"pass the LTX-2 checkpoint that has them as {BASE_FLAG}"
+            )
+    elif preset.text.kind != "tiny" and "text_encoder" in components:
+        raise CheckpointError("the Gemma-3 text side needs real weights: pass --text-encoder DIR (a local Gemma-3 "
+                              "folder)")
+    face_sha = None
+    if face_weights is not None:
+        face_weights = Path(face_weights)
+        if not face_weights.is_file():
+            raise CheckpointError(f"face backbone {face_weights} does not exist: pass the arcface_torch backbone.pth")
+        face_sha = sha256_file(face_weights)
+    return Sources(preset, seed, ckpt, vae, text, gemma, face_weights, face_sha)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built under this allocate their weights in `dtype` directly (no fp32 copy first)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _face_module(preset: Preset, seed: int, face_weights: Path | None, dtype: torch.dtype) -> torch.nn.Module | None:
     try:
         from stdrc.export import face
     except ImportError:
         return None
     if face_weights is not None:
-        module = face.load_arcface_backbone(face_weights, "r50")
+        module = face.load_arcface_backbone(face_weights, face.infer_arch(face_weights))
     else:
-        module = face.build_face_encoder("tiny" if preset.name == "tiny" else "r50", seed=seed)
-    return face.FaceEncoderForExport(face.fold_batchnorm(module))
+        module = face.build_face_encoder("tiny" if preset.name == "tiny" else "iresnet50", seed=seed)
+    return face.FaceEncoderForExport(face.fold_batchnorm(module)).to(dtype)
+
+
+def _load_component(src: Sources, name: str, dtype: torch.dtype, transform: Transform | None) -> torch.nn.Module:
+    preset, seed = src.preset, src.seed
+    real = {"dit": src.checkpoint, "vae_encoder": src.vae, "vae_decoder": src.vae, "text_encoder": src.text}[name]
+    # real weights: allocated in the engine dtype; seeded ones are drawn in fp32 (the same values at every dtype)
+    with default_dtype(dtype if real is not None else torch.float32), torch.no_grad():
+        if name == "dit":
+            dit = build_dit(preset.dit, seed=None if src.checkpoint else seed).to(dtype)
+            if src.checkpoint is not None:
+                load_streaming(dit.ltx, src.checkpoint, "dit", "DiT", transform)
+            elif transform is not None:  # seeded weights (a preset): the same hook, over the state dict
+                dit.ltx.load_state_dict({k: transform(k, v) for k, v in dit.ltx.state_dict().items()}, strict=True)
+            return dit
+        if name in ("vae_encoder", "vae_decoder"):
+            encoder, decoder = build_vae(preset.vae, seed=None if src.vae else seed, which=name)
+            module = (encoder if name == "vae_encoder" else decoder).to(dtype)
+            if src.vae is not None:
+                load_streaming(module, src.vae, name, "VAE " + name.split("_")[1], None)
+            return module
+        if name == "text_encoder":
+            gemma = load_gemma(src.gemma.folder, preset.text.max_length, dtype=dtype) if src.gemma else None
+            side = build_text_side(preset.text, seed=None if src.text else seed, gemma=gemma).to(dtype)
+            if src.text is not None:
+                parts = torch.nn.ModuleDict({"feature_extractor": side.feature_extractor, "connector": side.connector})
+                load_streaming(parts, src.text, "text", "text projection and connector", None)
+            return side
+    raise ValueError(name)
+
+
+def load_sources(src: Sources, components: tuple[str, ...] = COMPONENTS, dtype: torch.dtype = torch.float32,
+                 transform: Transform | None = None) -> ModelSet:
+    """The requested components of `src` (the rest None). `transform(key, tensor)` sees every DiT tensor as read."""
+    got = {n: _load_component(src, n, dtype, transform) for n in components if n != "face_encoder"}
+    face = _face_module(src.preset, src.seed, src.face_weights, dtype) if "face_encoder" in components else None
+    sources = src.of()
+    source = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()
+    ckpt = src.checkpoint
+    return ModelSet(src.preset, got.get("dit"), got.get("vae_encoder"), got.get("vae_decoder"),
+                    got.get("text_encoder"), face=face, source_sha256=source,
+                    checkpoint_sha256=ckpt.sha256 if ckpt else None, gemma=src.gemma, sources=sources)
 
 
 def load_models(
@@ -88,58 +239,28 @@ def load_models(
     preset: Preset | None = None,
     text_encoder: str | Path | None = None,
     text_checkpoint: str | Path | None = None,
+    base_checkpoint: str | Path | None = None,
+    components: tuple[str, ...] = COMPONENTS,
+    dtype: torch.dtype = torch.float32,
+    transform: Transform | None = None,
     loras: tuple[LoraSpec, ...] = (),
 ) -> ModelSet:
-    """Seeded modules for `preset_name`, with DiT/VAE weights from `checkpoint` when given.
+    """Seeded modules for `preset_name`, with weights from `checkpoint` (+ `base_checkpoint`) when given.
 
-    `text_encoder`: a local Gemma-3 folder (else the preset's tiny text encoder). The text
-    projection and connector come from `text_checkpoint`, else from `checkpoint`.
-    `loras` are checked against the DiT's shapes before any weight is read, then fused.
+    `text_encoder`: a local Gemma-3 folder (else the preset's tiny text encoder). `base_checkpoint`
+    (`text_checkpoint` is its old name): the LTX-2 file beside a DiT-only checkpoint; it supplies
+    the VAE and the text projection + connector that the DiT file lacks. `loras` are checked against
+    the DiT's shapes from headers, then fused into each DiT tensor as it is read.
     """
-    preset = preset or get_preset(preset_name)
+    if text_checkpoint is not None and base_checkpoint is not None and Path(text_checkpoint) != Path(base_checkpoint):
+        raise CheckpointError(f"--text-checkpoint is the old name of {BASE_FLAG}: pass one of them")
+    src = plan_sources(preset or get_preset(preset_name), checkpoint, seed, face_weights, text_encoder,
+                       base_checkpoint or text_checkpoint, components)
     lora_set = None
-    if loras:  # headers only: the LoRAs against the DiT the preset and checkpoint metadata describe
-        meta = read_metadata_config(checkpoint) if checkpoint is not None else None
-        lora_set = LoraSet.load(loras, dit_shapes(config_from_metadata(preset, meta).dit))
-    ckpt = None
-    if checkpoint is not None:
-        ckpt = read_checkpoint(checkpoint)
-        preset = config_from_metadata(preset, ckpt.metadata_config)
-    dit = build_dit(preset.dit, seed=None if ckpt else seed)
-    encoder, decoder = build_vae(preset.vae, seed=seed)
-    if ckpt is not None:
-        load_strict(dit.ltx, lora_set.fuse_state(ckpt.dit) if lora_set else ckpt.dit, "DiT", ckpt.path)
-        if ckpt.vae_encoder or ckpt.vae_decoder:
-            load_strict(encoder, ckpt.vae_encoder, "VAE encoder", ckpt.path)
-            load_strict(decoder, ckpt.vae_decoder, "VAE decoder", ckpt.path)
-    elif lora_set:
-        dit.ltx.load_state_dict(lora_set.fuse_state(dit.ltx.state_dict()), strict=True)
-    gemma = load_gemma(text_encoder, preset.text.max_length) if text_encoder is not None else None
-    text = build_text_side(preset.text, seed=seed, gemma=gemma)
-    preset = replace(preset, text=text.cfg)
-    sources = [ckpt.sha256 if ckpt else config_hash(preset, seed)]
-    text_state, text_path = (ckpt.text, ckpt.path) if ckpt else ({}, None)
-    if text_checkpoint is not None:
-        text_ckpt = read_checkpoint(text_checkpoint)
-        text_state, text_path = text_ckpt.text, text_ckpt.path
-        sources.append(text_ckpt.sha256)
-        if not text_state:
-            raise CheckpointError(
-                f"{text_ckpt.path} holds no text projection or connector: pass the LTX-2 checkpoint as --text-checkpoint"
-            )
-    if text_state:
-        parts = torch.nn.ModuleDict({"feature_extractor": text.feature_extractor, "connector": text.connector})
-        load_strict(parts, text_state, "text projection and connector", text_path)
-    elif ckpt is not None and gemma is not None:
-        raise CheckpointError(
-            f"{ckpt.path} holds no text projection or connector for the Gemma-3 text side: "
-            "pass the LTX-2 checkpoint that has them as --text-checkpoint"
-        )
-    if gemma is not None:
-        sources.append(gemma.sha256)
+    if loras:
+        transform, lora_set = lora_transform(loras, src.preset.dit, transform)
+    models = load_sources(src, components, dtype, transform)
     if lora_set:
-        sources.append(lora_set.digest())
-    source = sources[0] if len(sources) == 1 else hashlib.sha256("".join(sources).encode()).hexdigest()
-    return ModelSet(preset, dit, encoder, decoder, text, face=_face_module(preset, seed, face_weights),
-                    source_sha256=source, checkpoint_sha256=ckpt.sha256 if ckpt else None, gemma=gemma,
-                    loras=lora_set)
+        models.loras = lora_set
+        models.source_sha256 = hashlib.sha256((models.source_sha256 + lora_set.digest()).encode()).hexdigest()
+    return models

@@ -33,6 +33,23 @@ def dynamic_shapes(spec: ComponentSpec) -> tuple | None:
     return tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
 
 
+class CastIO(torch.nn.Module):
+    """A module whose weights are fp16/bf16 behind fp32 inputs and outputs: the ONNX is written in the
+    engine precision directly (no fp32 copy of the weights, on disk or in memory), its interface unchanged."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.dtype = next(module.parameters()).dtype
+
+    def forward(self, *args: torch.Tensor):  # noqa: ANN201
+        cast = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
+        out = self.module(*cast)
+        if isinstance(out, (tuple, list)):
+            return tuple(o.float() if o.is_floating_point() else o for o in out)
+        return out.float()
+
+
 def param_bytes(module: torch.nn.Module) -> int:
     seen = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
     return sum(t.numel() * t.element_size() for t in seen.values())
@@ -49,6 +66,9 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, 
     feeds = spec.sample_inputs(seed=seed)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     external = param_bytes(module) > TWO_GB // 2
+    shapes = dynamic_shapes(spec)
+    if isinstance(module, CastIO) and shapes is not None:
+        shapes = (shapes,)  # CastIO.forward(*args): one structure for the varargs
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=path.parent))
     try:
         tmp = tmpdir / path.name
@@ -59,7 +79,7 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, 
                 args,
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
-                dynamic_shapes=dynamic_shapes(spec),
+                dynamic_shapes=shapes,
                 dynamo=True,
                 opset_version=OPSET[attention],
                 custom_translation_table=translation_table(attention),

@@ -159,7 +159,7 @@ class GemmaText:
     """A local Gemma-3 folder, loaded: the language model, its tokenizer, and a hash of the folder."""
 
     folder: Path
-    encoder: GemmaEncoder
+    encoder: GemmaEncoder | None  # None when loaded with weights=False (config and tokenizer only)
     tokenizer: Any  # transformers' tokenizer, as ltx-core's LTXVGemmaTokenizer configures it
     hidden_size: int
     num_layers: int
@@ -199,8 +199,13 @@ def _folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def load_gemma(folder: str | Path, max_length: int) -> GemmaText:
-    """Gemma-3 (`gemma3` or text-only `gemma3_text`) and its tokenizer from a local folder, in float32."""
+def load_gemma(folder: str | Path, max_length: int, dtype: torch.dtype = torch.float32,
+               weights: bool = True) -> GemmaText:
+    """Gemma-3 (`gemma3` or text-only `gemma3_text`) and its tokenizer from a local folder, in `dtype`.
+
+    `weights=False` reads the config and tokenizer only (argument checks before a build loads anything).
+    transformers loads the safetensors shards lazily, straight into `dtype`.
+    """
     folder = Path(folder)
     fix = "pass a local Gemma-3 folder (config.json, *.safetensors, tokenizer.json) to --text-encoder"
     config_path = folder / "config.json"
@@ -216,14 +221,18 @@ def load_gemma(folder: str | Path, max_length: int) -> GemmaText:
         raise CheckpointError(f"{folder} has no tokenizer.json (the runtime runs it with `tokenizers`): {fix}")
     if not list(folder.glob("*.safetensors")):
         raise CheckpointError(f"{folder} has no .safetensors weights (pickled weights are never loaded): {fix}")
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+    from transformers import AutoConfig, AutoTokenizer, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
+    language_model = None
     try:
-        if model_type == "gemma3":
-            full = Gemma3ForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        if not weights:
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            text_config = config.text_config if model_type == "gemma3" else config
+        elif model_type == "gemma3":
+            full = Gemma3ForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=dtype)
             language_model, text_config = full.model.language_model, full.config.text_config
         else:
-            full = Gemma3ForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+            full = Gemma3ForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
             language_model, text_config = full.model, full.config
     except Exception as e:  # transformers raises many types for truncated or mismatched weights
         raise CheckpointError(f"{folder}: Gemma-3 weights could not be loaded ({str(e).splitlines()[0]}): {fix}") from e
@@ -237,7 +246,8 @@ def load_gemma(folder: str | Path, max_length: int) -> GemmaText:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return GemmaText(
-        folder=folder, encoder=GemmaEncoder(language_model).eval(), tokenizer=tokenizer,
+        folder=folder, encoder=GemmaEncoder(language_model).eval() if language_model is not None else None,
+        tokenizer=tokenizer,
         hidden_size=int(text_config.hidden_size), num_layers=int(text_config.num_hidden_layers),
         vocab_size=int(text_config.vocab_size), sha256=_folder_sha256(folder),
     )

@@ -22,19 +22,25 @@ VAE_DECODER_INPUTS = ("latent", "timestep")
 VAE_DECODER_OUTPUTS = ("video",)
 
 
-def build_vae(cfg: VAEConfig, seed: int | None = 0) -> tuple[VideoEncoder, VideoDecoder]:
+def build_vae(cfg: VAEConfig, seed: int | None = 0,
+              which: str | None = None) -> tuple[VideoEncoder | None, VideoDecoder | None]:
+    """Encoder and decoder; `which` ("vae_encoder"/"vae_decoder") builds only that one (the other is None)."""
     for name, params in cfg.decoder_blocks:
         if isinstance(params, dict) and params.get("inject_noise"):
             raise ExportError(
                 f"decoder block {name!r} injects noise inside forward, which cannot be exported "
                 "deterministically: use a checkpoint config with inject_noise false"
             )
-    encoder = VideoEncoderConfigurator.from_config(cfg.ltx_config("encoder"))
-    decoder = VideoDecoderConfigurator.from_config(cfg.ltx_config("decoder"))
-    if seed is not None:
-        init_seeded(encoder, seed + 1)
-        init_seeded(decoder, seed + 2)
-    return encoder.eval(), decoder.eval()
+    encoder = decoder = None
+    if which in (None, "vae_encoder"):
+        encoder = VideoEncoderConfigurator.from_config(cfg.ltx_config("encoder")).eval()
+        if seed is not None:
+            init_seeded(encoder, seed + 1)
+    if which in (None, "vae_decoder"):
+        decoder = VideoDecoderConfigurator.from_config(cfg.ltx_config("decoder")).eval()
+        if seed is not None:
+            init_seeded(decoder, seed + 2)
+    return encoder, decoder
 
 
 class EncoderForExport(torch.nn.Module):

@@ -18,9 +18,10 @@ FLOAT16 = onnx.TensorProto.FLOAT16
 
 @pytest.fixture(scope="module")
 def dit_onnx(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    from stdrc.engines.build import bucket_for, BuildConfig
+    from stdrc.engines.build import BuildConfig
+    from stdrc.engines.preflight import check_bucket
 
-    bucket = bucket_for(BuildConfig(), tiny_models)
+    bucket, _ = check_bucket(BuildConfig())
     spec = component_specs(tiny_models.preset, bucket)["dit"]
     module = tiny_models.export_modules(bucket, "tass")["dit"]
     return export_onnx(module, spec, tmp_path_factory.mktemp("fp16") / "dit_src.onnx"), spec

@@ -39,13 +39,51 @@ def test_roundtrip_loads_the_same_weights(tmp_path: Path, donor, layout: str) ->
     assert models.checkpoint_sha256 == read_checkpoint(path).sha256
 
 
-def test_dit_only_file_keeps_seeded_vae(tmp_path: Path, donor) -> None:
-    """ST-DRC weights are an LTX-2-layout DiT alone."""
-    _, dit, _, _ = donor
+def test_dit_only_file_needs_a_base_checkpoint(tmp_path: Path, donor) -> None:
+    """ST-DRC weights are an LTX-2-layout DiT alone: the VAE comes from the LTX-2 file, never from a seed."""
+    _, dit, enc, dec = donor
     path = tmp_path / "stdrc_dit.safetensors"
     save_checkpoint(path, dit.ltx, layout="ltx")
-    models = load_models("tiny", checkpoint=path)
+    with pytest.raises(CheckpointError, match="no video VAE.*--base-checkpoint"):
+        load_models("tiny", checkpoint=path)
+    base = tmp_path / "ltx2.safetensors"
+    save_checkpoint(base, build_dit(get_preset("tiny").dit, seed=3).ltx, enc, dec)
+    models = load_models("tiny", checkpoint=path, base_checkpoint=base)
     assert torch.equal(models.dit.ltx.proj_out.weight, dit.ltx.proj_out.weight)
+    for k, v in dec.state_dict().items():
+        assert torch.equal(models.vae_decoder.state_dict()[k], v), k
+    files = {name: s.get("files") for name, s in models.sources.items()}
+    assert files["dit"] == {"dit": {"file": path.name, "sha256": read_checkpoint(path).sha256}}
+    assert files["vae_decoder"] == {"vae": {"file": base.name, "sha256": read_checkpoint(base).sha256}}
+    assert "seeded" in models.sources["face_encoder"]
+    # the old flag name is an alias of the new one
+    assert load_models("tiny", checkpoint=path, text_checkpoint=base).sources == models.sources
+
+
+def test_base_checkpoint_without_vae_is_refused(tmp_path: Path, donor) -> None:
+    path = tmp_path / "stdrc_dit.safetensors"
+    save_checkpoint(path, donor[1].ltx, layout="ltx")
+    with pytest.raises(CheckpointError, match="neither .* holds video VAE.*--base-checkpoint"):
+        load_models("tiny", checkpoint=path, base_checkpoint=path)
+
+
+def test_streamed_load_casts_to_the_engine_dtype(tmp_path: Path, donor) -> None:
+    """Weights load straight into a bf16 module: the same values as the fp32 load, rounded once."""
+    _, dit, enc, dec = donor
+    path = tmp_path / "full.safetensors"
+    save_checkpoint(path, dit.ltx, enc, dec)
+    seen = []
+
+    def transform(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        seen.append(key)
+        return tensor * 2 if key == "proj_out.bias" else tensor
+
+    models = load_models("tiny", checkpoint=path, components=("dit",), dtype=torch.bfloat16, transform=transform)
+    assert models.vae_decoder is None and models.text is None
+    assert models.dit.ltx.proj_out.weight.dtype == torch.bfloat16
+    assert torch.equal(models.dit.ltx.proj_out.weight, dit.ltx.proj_out.weight.to(torch.bfloat16))
+    assert torch.equal(models.dit.ltx.proj_out.bias, (2 * dit.ltx.proj_out.bias).to(torch.bfloat16))
+    assert sorted(seen) == sorted(dit.ltx.state_dict())
 
 
 def test_metadata_config_overrides_preset(tmp_path: Path) -> None:
@@ -53,7 +91,7 @@ def test_metadata_config_overrides_preset(tmp_path: Path) -> None:
     dit = build_dit(preset.dit, seed=2)
     path = tmp_path / "split.safetensors"
     save_checkpoint(path, dit.ltx, config={"transformer": {"rope_type": "split", "num_layers": 1}})
-    models = load_models("tiny", checkpoint=path)
+    models = load_models("tiny", checkpoint=path, components=("dit",))
     assert models.preset.dit.rope_type == "split" and models.preset.dit.num_layers == 1
 
 
@@ -64,7 +102,7 @@ def test_audio_keys_of_av_checkpoints_are_ignored(tmp_path: Path, donor) -> None
     tensors["model.diffusion_model.av_ca_video_scale_shift_adaln_single.linear.bias"] = torch.zeros(4)
     path = tmp_path / "av.safetensors"
     save_file(tensors, str(path))
-    load_models("tiny", checkpoint=path)
+    load_models("tiny", checkpoint=path, components=("dit",))
 
 
 def _write_modified(tmp_path: Path, dit, change) -> Path:
@@ -78,19 +116,19 @@ def _write_modified(tmp_path: Path, dit, change) -> Path:
 def test_missing_key_is_listed(tmp_path: Path, donor) -> None:
     path = _write_modified(tmp_path, donor[1], lambda t: t.pop("proj_out.weight"))
     with pytest.raises(CheckpointError, match=r"1 missing: proj_out\.weight"):
-        load_models("tiny", checkpoint=path)
+        load_models("tiny", checkpoint=path, components=("dit",))
 
 
 def test_unexpected_key_is_listed(tmp_path: Path, donor) -> None:
     path = _write_modified(tmp_path, donor[1], lambda t: t.__setitem__("extra_head.weight", torch.zeros(2)))
     with pytest.raises(CheckpointError, match=r"1 unexpected: extra_head\.weight"):
-        load_models("tiny", checkpoint=path)
+        load_models("tiny", checkpoint=path, components=("dit",))
 
 
 def test_wrong_shape_is_listed(tmp_path: Path, donor) -> None:
     path = _write_modified(tmp_path, donor[1], lambda t: t.__setitem__("proj_out.bias", torch.zeros(7)))
     with pytest.raises(CheckpointError, match=r"wrong shape: proj_out\.bias: checkpoint \(7,\)"):
-        load_models("tiny", checkpoint=path)
+        load_models("tiny", checkpoint=path, components=("dit",))
 
 
 def test_other_preset_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -98,7 +136,7 @@ def test_other_preset_checkpoint_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "three_layers.safetensors"
     save_checkpoint(path, build_dit(bigger.dit, seed=0).ltx)
     with pytest.raises(CheckpointError, match="unexpected: transformer_blocks.2"):
-        load_models("tiny", checkpoint=path)
+        load_models("tiny", checkpoint=path, components=("dit",))
 
 
 def test_pickle_is_never_loaded(tmp_path: Path) -> None:
@@ -114,7 +152,7 @@ def test_truncated_file(tmp_path: Path, donor) -> None:
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated|not a safetensors"):
-        load_models("tiny", checkpoint=cut)
+        load_models("tiny", checkpoint=cut, components=("dit",))
 
 
 def test_missing_and_garbage_files(tmp_path: Path) -> None:

@@ -109,7 +109,7 @@ def test_checkpoint_text_weights_load(tmp_path: Path, tiny_gemma_dir: Path, side
     donor = load_models("tiny", seed=5, text_encoder=tiny_gemma_dir)
     for layout in ("comfy", "ltx"):
         path = tmp_path / f"{layout}.safetensors"
-        save_checkpoint(path, donor.dit.ltx, layout=layout, text=donor.text)
+        save_checkpoint(path, donor.dit.ltx, donor.vae_encoder, donor.vae_decoder, layout=layout, text=donor.text)
         ckpt = read_checkpoint(path)
         assert set(ckpt.text) == {f"feature_extractor.{k}" for k in donor.text.feature_extractor.state_dict()} | {
             f"connector.{k}" for k in donor.text.connector.state_dict()}
@@ -120,18 +120,21 @@ def test_checkpoint_text_weights_load(tmp_path: Path, tiny_gemma_dir: Path, side
         assert not torch.equal(models.text.connector.learnable_registers, side.connector.learnable_registers)
 
 
-def test_dit_only_checkpoint_needs_a_text_checkpoint(tmp_path: Path, tiny_gemma_dir: Path) -> None:
+def test_dit_only_checkpoint_needs_a_base_checkpoint(tmp_path: Path, tiny_gemma_dir: Path) -> None:
     donor = load_models("tiny", seed=5, text_encoder=tiny_gemma_dir)
     dit_only, full = tmp_path / "stdrc_dit.safetensors", tmp_path / "ltx2.safetensors"
     save_checkpoint(dit_only, donor.dit.ltx, layout="ltx")
-    save_checkpoint(full, donor.dit.ltx, text=donor.text)
-    with pytest.raises(CheckpointError, match="--text-checkpoint"):
+    save_checkpoint(full, donor.dit.ltx, donor.vae_encoder, donor.vae_decoder, text=donor.text)
+    with pytest.raises(CheckpointError, match="--base-checkpoint"):
         load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir)
-    models = load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, text_checkpoint=full)
+    with pytest.raises(CheckpointError, match="--base-checkpoint"):  # the text side alone is asked for
+        load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, components=("text_encoder",))
+    models = load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, base_checkpoint=full)
     assert torch.equal(models.text.feature_extractor.aggregate_embed.weight,
                        donor.text.feature_extractor.aggregate_embed.weight)
     with pytest.raises(CheckpointError, match="no text projection"):
-        load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, text_checkpoint=dit_only)
+        load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, text_checkpoint=dit_only,
+                    components=("text_encoder",))
 
 
 def test_ltx23_projection_is_refused(tmp_path: Path) -> None:

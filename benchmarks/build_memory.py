@@ -1,0 +1,170 @@
+"""Host memory and disk of `build-engines` for ltx2-video at reduced depth, projected to the full model.
+
+    python benchmarks/build_memory.py [--layers 1 2 4] [--precision fp16] --json
+
+Each depth builds in its own child process from a synthetic full-width LTX-2-layout checkpoint and a
+random 3840-wide Gemma-3 folder (benchmarks/synthetic.py). Peak RSS comes from the OS: the child's
+VmHWM per component (reset between components through /proc/self/clear_refs) and the parent's
+RUSAGE_CHILDREN maximum for the whole build. The per-layer slope of the DiT's peak and disk is fitted
+and projected to 48 layers; the Gemma-3 12B text encoder is projected from its parameter bytes in the
+engine precision, at the RSS per weight byte measured on the DiT's layers (the fitted slopes' ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GB = 1024**3
+FULL_LAYERS = 48
+GEMMA_12B_PARAMS = 11.77e9  # Gemma-3 12B's language model (the text side reads its hidden states only)
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_hwm() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux or not allowed: the peaks then accumulate (reported as measured)
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def child(args: argparse.Namespace) -> None:
+    """Build one depth; print per-component peak RSS and disk as JSON."""
+    sys.path.insert(0, str(HERE))
+    from stdrc.engines.build import BuildConfig, build_engines
+
+    work, layers = Path(args.work), args.layers[0]
+    ckpt, gemma = work / f"ltx2-{layers}layer.safetensors", work / f"gemma-3-w3840-{args.gemma_layers}layer"
+    components: dict[str, dict] = {}
+    seen: set[Path] = set()
+
+    def on_component(name: str, staging: Path) -> None:
+        files = {f for f in staging.rglob("*") if f.is_file()} - seen
+        seen.update(files)
+        components[name] = {"peak_rss_gb": _vm_hwm() / GB, "disk_gb": sum(f.stat().st_size for f in files) / GB}
+        _reset_hwm()
+
+    out, cache = work / f"bundle-{layers}-{args.precision}", work / f"cache-{layers}-{args.precision}"
+    _reset_hwm()
+    cfg = BuildConfig(preset="ltx2-video", checkpoint=ckpt, text_encoder=gemma, frames=args.frames,
+                      height=args.height, width=args.width, backend="onnxruntime", precision=args.precision,
+                      out=out, cache_dir=cache, progress=False, on_component=on_component)
+    build_engines(cfg)
+    print(json.dumps({"components": components, "bundle_gb": _du(out) / GB, "cache_gb": _du(cache) / GB,
+                      "checkpoint_gb": _du(ckpt) / GB, "gemma_gb": _du(gemma) / GB}))
+
+
+def measure(layers: int, args: argparse.Namespace, work: Path) -> dict:
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import synthetic, pathlib; "
+                    f"synthetic.write_all(pathlib.Path({str(work)!r}), {layers}, {args.gemma_layers})"], check=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--work", str(work), "--precision",
+           args.precision, "--gemma-layers", str(args.gemma_layers), "--frames", str(args.frames), "--height",
+           str(args.height), "--width", str(args.width)]
+    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GB  # the largest child so far
+    point = json.loads(done.stdout.strip().splitlines()[-1])
+    point.update(layers=layers, precision=args.precision,
+                 peak_rss_gb=max(peak, max(c["peak_rss_gb"] for c in point["components"].values())),
+                 peak_rss_is_max_so_far=before * 1024 / GB >= peak)
+    return point
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope); one point: slope 0."""
+    if len(xs) < 2:
+        return ys[0], 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def project(points: list[dict], precision: str, gemma_params: float) -> dict | None:
+    """The full model: DiT fitted per layer to 48; text encoder = its measured overhead + Gemma-3 12B's weights.
+
+    None from fewer than two depths: a per-layer slope is never assumed, only fitted."""
+    xs = [p["layers"] for p in points]
+    if len(set(xs)) < 2:
+        return None
+    dit_peak = _fit(xs, [p["components"]["dit"]["peak_rss_gb"] for p in points])
+    dit_disk = _fit(xs, [p["components"]["dit"]["disk_gb"] for p in points])
+    bpp = BYTES[precision]
+    text = points[-1]["components"]["text_encoder"]
+    gemma_weights = gemma_params * bpp / GB  # the synthetic Gemma's weights in the engine precision
+    full_gemma = GEMMA_12B_PARAMS * bpp / GB
+    # RSS per byte of weights at the margin, as measured on the DiT's layers, applied to Gemma's extra weights
+    rss_per_weight_byte = dit_peak[1] / dit_disk[1] if dit_disk[1] > 0 else 1.0
+    text_peak = text["peak_rss_gb"] + rss_per_weight_byte * (full_gemma - gemma_weights)
+    text_disk = text["disk_gb"] + (full_gemma - gemma_weights)
+    others = {k: v for k, v in points[-1]["components"].items() if k not in ("dit", "text_encoder")}
+    peaks = {"dit": dit_peak[0] + dit_peak[1] * FULL_LAYERS, "text_encoder": text_peak,
+             **{k: v["peak_rss_gb"] for k, v in others.items()}}
+    bundle = (dit_disk[0] + dit_disk[1] * FULL_LAYERS + text_disk + sum(v["disk_gb"] for v in others.values()))
+    cache_slope = _fit(xs, [p["cache_gb"] for p in points])
+    return {"peak_rss_gb": max(peaks.values()), "bundle_gb": bundle,
+            "cache_gb": max(0.0, cache_slope[0] + cache_slope[1] * FULL_LAYERS),
+            "per_component_peak_rss_gb": peaks, "dit_peak_rss_gb_per_layer": dit_peak[1],
+            "dit_disk_gb_per_layer": dit_disk[1], "rss_per_weight_byte": rss_per_weight_byte}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
+    p.add_argument("--gemma-layers", type=int, default=2)
+    p.add_argument("--frames", type=int, default=9)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--work", type=Path, default=None, help="folder for checkpoints and bundles (default: a temp one)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    work = args.work or Path(tempfile.mkdtemp(prefix="stdrc-build-memory."))
+    work.mkdir(parents=True, exist_ok=True)
+    points = [measure(n, args, work) for n in sorted(args.layers)]
+    cfg = json.loads((work / f"gemma-3-w3840-{args.gemma_layers}layer" / "config.json").read_text())
+    gemma_params = _gemma_params(cfg)
+    result = {"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}, "points": points,
+              "projected": project(points, args.precision, gemma_params)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for pt in points:
+            print(f"layers={pt['layers']} peak_rss={pt['peak_rss_gb']:.2f} GB bundle={pt['bundle_gb']:.2f} GB "
+                  f"cache={pt['cache_gb']:.2f} GB")
+        print("projected (48 layers + Gemma-3 12B):", json.dumps(result["projected"]) if result["projected"]
+              else "needs two or more --layers")
+
+
+def _gemma_params(cfg: dict) -> float:
+    """Parameters of a Gemma-3 text config (embedding, attention, MLP, norms)."""
+    h, i, n, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads, kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    attn = h * hd * (heads + 2 * kv) + heads * hd * h
+    return float(v * h + n * (attn + 3 * h * i + 4 * h + 2 * hd) + h)
+
+
+if __name__ == "__main__":
+    main()

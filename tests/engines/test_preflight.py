@@ -1,0 +1,91 @@
+"""`build-engines` refuses bad arguments in one line, exit code 2, before any weight is read.
+
+Each bad value is paired with a DiT-only checkpoint, whose loading would fail with another error
+(no VAE): seeing the argument's own error proves the check ran before the checkpoint was used.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from stdrc.engines.cli import main
+from stdrc.export.checkpoint import save_checkpoint
+from stdrc.export.config import get_preset
+from stdrc.export.dit import build_dit
+
+
+@pytest.fixture(scope="module")
+def dit_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "stdrc_dit.safetensors"
+    save_checkpoint(path, build_dit(get_preset("tiny").dit, seed=1).ltx, layout="ltx")
+    return path
+
+
+def _build(capsys, tmp_path: Path, *args: str) -> tuple[int, str]:
+    code = main(["build-engines", "-q", "--backend", "onnxruntime", "--cache-dir", str(tmp_path / "cache"), *args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", "10"], "frames=10 is not 8k+1: use --frames 9 or 17"),
+    (["--width", "100"], "width=100 is not a positive multiple of 32"),
+    (["--height", "0"], "height=0 is not a positive multiple of 32"),
+    (["--fps", "nan"], "--fps nan must be a finite number > 0"),
+    (["--precision", "bf16"], "--backend onnxruntime does not build --precision bf16 engines"),
+    (["--precision", "fp8"], "FP8 needs --backend tensorrt or torch or aoti"),
+    (["--backend", "torch", "--precision", "fp16"], "FP16 needs --backend onnxruntime or tensorrt"),
+    (["--decode-tile", "50"], "decode tile 50 px must be a multiple of 32"),
+])
+def test_bad_argument_is_refused_before_loading(capsys, tmp_path: Path, dit_only: Path, args: list[str],
+                                                message: str) -> None:
+    out = tmp_path / "bundle"
+    code, err = _build(capsys, tmp_path, "--checkpoint", str(dit_only), "--out", str(out), *args)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_out_folder_that_is_not_a_bundle_is_left_alone(capsys, tmp_path: Path, dit_only: Path) -> None:
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"jpeg")
+    code, err = _build(capsys, tmp_path, "--checkpoint", str(dit_only), "--out", str(out))
+    assert code == 2 and "not a stdrc bundle" in err
+    assert [p.name for p in out.iterdir()] == ["holiday.jpg"]
+    file_out = tmp_path / "a_file"
+    file_out.write_text("x")
+    code, err = _build(capsys, tmp_path, "--out", str(file_out))
+    assert code == 2 and "is a file" in err and file_out.read_text() == "x"
+
+
+def test_files_must_exist_and_be_safetensors(capsys, tmp_path: Path, dit_only: Path) -> None:
+    out = tmp_path / "bundle"
+    code, err = _build(capsys, tmp_path, "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(out))
+    assert code == 2 and "--checkpoint" in err and "does not exist" in err
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(pickle.dumps({"w": [1.0]}))
+    code, err = _build(capsys, tmp_path, "--checkpoint", str(pickled), "--out", str(out))
+    assert code == 2 and "not a safetensors file" in err
+    code, err = _build(capsys, tmp_path, "--checkpoint", str(dit_only), "--base-checkpoint", str(pickled),
+                       "--out", str(out))
+    assert code == 2 and "not a safetensors file" in err
+    code, err = _build(capsys, tmp_path, "--base-checkpoint", str(dit_only), "--out", str(out))
+    assert code == 2 and "pass that --checkpoint too" in err
+    code, err = _build(capsys, tmp_path, "--face-weights", str(tmp_path / "none.pth"), "--out", str(out))
+    assert code == 2 and "--face-weights" in err
+    code, err = _build(capsys, tmp_path, "--text-encoder", str(tmp_path / "no-gemma"), "--out", str(out))
+    assert code == 2 and "--text-encoder" in err and "not a folder" in err
+    code, err = _build(capsys, tmp_path, "--preset", "ltx2-video", "--out", str(out))
+    assert code == 2 and "--text-encoder" in err
+    assert not out.exists()
+
+
+def test_dit_only_checkpoint_without_base_is_refused_in_one_line(capsys, tmp_path: Path, dit_only: Path) -> None:
+    out = tmp_path / "bundle"
+    code, err = _build(capsys, tmp_path, "--checkpoint", str(dit_only), "--out", str(out))
+    assert code == 2 and "--base-checkpoint" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
