@@ -9,9 +9,14 @@ import argparse
 
 
 def add_app_parser(sub: argparse._SubParsersAction) -> None:
-    a = sub.add_parser("app", help="a local web page: reference photo + prompt -> video (needs stdrc[app])")
+    from stdrc.runtime.cli import FORMATTER
+
+    a = sub.add_parser("app", help="a local web page: reference photo + prompt -> video (needs stdrc[app])",
+                       formatter_class=FORMATTER,
+                       description="A local web page (Gradio) over one in-process Pipeline, or over a `stdrc serve` "
+                                   "endpoint with --server: photo, prompt, Generate with progress and Cancel.")
     a.add_argument("--bundle", required=True, help="engine bundle folder (stdrc-export build-engines)")
-    a.add_argument("--port", type=int, default=7860)
+    a.add_argument("--port", type=int, default=7860, help="HTTP port")
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it on the network)")
     a.add_argument("--server", default=None, metavar="URL",
                    help="submit to a `stdrc serve` endpoint instead of running the bundle in this process")

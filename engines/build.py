@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -259,9 +260,9 @@ def build_engines(cfg: BuildConfig) -> Path:
     Arguments are checked first (`check_build`), then checkpoint headers (`plan_sources`); weights are
     read one component at a time, each released before the next.
     """
-    check_build_config(cfg)
     backend = resolve_backend(cfg.backend)
     bucket, tiling = check_build(cfg, backend)
+    check_build_config(cfg)
     stages = tqdm(total=7, desc="build-engines", unit="stage", disable=not cfg.progress)
     stages.set_postfix_str("reading checkpoint headers")
     src = plan_sources(get_preset(cfg.preset), cfg.checkpoint, cfg.seed, cfg.face_weights, cfg.text_encoder,
@@ -271,6 +272,8 @@ def build_engines(cfg: BuildConfig) -> Path:
         transform, lora_set = lora_transform(cfg.loras, src.preset.dit, cfg.dit_transform)
         cfg = replace(cfg, dit_transform=transform)
     models = load_sources(src, components=())  # preset, tokenizer, RoPE: no weights
+    if lora_set:  # as load_models records it: a fused DiT is another source
+        models.source_sha256 = hashlib.sha256((models.source_sha256 + lora_set.digest()).encode()).hexdigest()
     cache: list[ModelSet] = []
 
     def full() -> ModelSet:

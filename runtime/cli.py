@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YuNet ONNX for the face crop (default: $STDRC_YUNET, else the copy shipped with stdrc)")
     g.add_argument("--face-models", metavar="DIR", default=None,
                    help="insightface model folder or name (buffalo_l, antelopev2): SCRFD instead of YuNet")
-    g.add_argument("--backend", default=None, choices=("onnxruntime", "torch", "aoti", "tensorrt"),
+    g.add_argument("--backend", default=None,
                    help="refuse a bundle whose engines are not this backend (default: whatever the bundle holds)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when the bundle's backend can use it here, else CPU")
@@ -171,17 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object (files, frames, size, facesim)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     g.set_defaults(func=_generate)
-    e = sub.add_parser("encode-prompts", help="fill the prompt-embedding cache ahead of time")
+    e = sub.add_parser("encode-prompts", help="fill the prompt-embedding cache ahead of time", formatter_class=FORMATTER,
+                       description="Encode prompts with the bundle's text encoder once and cache the embeddings on "
+                                   "disk, so generations with those prompts never load the text encoder.")
     e.add_argument("--bundle", required=True, help="engine bundle folder")
     e.add_argument("prompts", help="text file with one prompt a line, or - for standard input")
     e.add_argument("--cache-dir", default=None,
                    help="prompt cache folder (default $STDRC_PROMPT_CACHE or ~/.cache/stdrc/prompts)")
-    e.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    e.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the text encoder runs")
     e.set_defaults(func=_encode_prompts)
-    m = sub.add_parser("plan", help="memory each plan (all, staged) needs for a bundle, and whether it fits")
+    m = sub.add_parser("plan", help="memory each plan (all, staged) needs for a bundle, and whether it fits",
+                       formatter_class=FORMATTER,
+                       description="Per stage, the weight and activation bytes of the bundle's engines, the peak of "
+                                   "each memory plan (all resident, or staged), and whether it fits --gpu-memory.")
     m.add_argument("--bundle", required=True, help="engine bundle folder")
     m.add_argument("--gpu-memory", default=None, help="device memory to check against, e.g. 24GB")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help="print the numbers as JSON")
     m.set_defaults(func=_plan)
     try:
         from stdrc.runtime.face import add_facesim_parser

@@ -352,8 +352,11 @@ def _check_text(data: dict) -> None:
 
 
 def _check_decode(data: dict) -> None:
-    """Another (older) placement is refused by DecodeTiling.from_json with its "rebuild" line."""
-    if data and data.get("placement") == "ltx-core":
+    """Tiles placed as ltx-core places them; an older placement is refused with the "rebuild" line."""
+    if data and data.get("placement") != "ltx-core":
+        raise BundleError("this bundle's decode tiles predate ltx-core's tile placement: rebuild it with "
+                          "stdrc-export build-engines")
+    if data:
         sc.integer(data, "tile", "decode", lo=1)
         sc.integer(data, "overlap", "decode", lo=0)
         sc.integer(data, "spatial_scale", "decode", lo=SPACE_SCALE, hi=SPACE_SCALE)

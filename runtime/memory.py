@@ -204,6 +204,10 @@ class EngineSet:
         """Swap in another engine for `name` (benchmarks put the PyTorch fast path in the DiT's place)."""
         self._live[name] = engine
 
+    def values(self) -> list[Any]:
+        """Every engine (opening those not open yet), as a dict's values()."""
+        return [self[name] for name in self._names]
+
     def loaded(self) -> list[str]:
         return list(self._live)
 

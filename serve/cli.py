@@ -70,11 +70,15 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("serve", help="serve a bundle over HTTP on a Ray cluster (Ray Serve)")
+    from stdrc.runtime.cli import FORMATTER
+
+    s = sub.add_parser("serve", help="serve a bundle over HTTP on a Ray cluster (Ray Serve)", formatter_class=FORMATTER,
+                       description="Deploy the bundle on Ray Serve behind a versioned HTTP job API (docs/serving.md): "
+                                   "one replica holds one Pipeline (one GPU on CUDA); jobs survive a replica's death.")
     s.add_argument("--bundle", required=True, help="engine bundle folder, at the same path on every node")
     s.add_argument("--replicas", type=int, default=1, help="Generator replicas (one Pipeline, one GPU each)")
     s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 only behind a firewall)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="HTTP port")
     s.add_argument("--max-queue", type=int, default=16, help="waiting jobs beyond which POST answers 429")
     s.add_argument("--address", default=None, help="join this Ray cluster (auto, HOST:6379); default: start one")
     s.add_argument("--keep", type=float, default=3600.0, help="seconds finished jobs and their files are kept")
@@ -86,18 +90,20 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
                    help="object store size of a cluster started here (default: Ray's)")
     s.set_defaults(func=_serve)
 
-    t = sub.add_parser("submit", help="send one job to `stdrc serve` and download its video")
-    t.add_argument("--server", default="http://127.0.0.1:8000")
+    t = sub.add_parser("submit", help="send one job to `stdrc serve` and download its video", formatter_class=FORMATTER,
+                       description="Submit one generation to a running `stdrc serve`, wait for it, and download the "
+                                   "video and contact sheet.")
+    t.add_argument("--server", default="http://127.0.0.1:8000", help="the serve endpoint")
     t.add_argument("--ref", required=True, help="reference photo (PNG/JPEG)")
-    t.add_argument("--prompt", required=True)
-    t.add_argument("--negative-prompt", default="")
+    t.add_argument("--prompt", required=True, help="what the person does")
+    t.add_argument("--negative-prompt", default="", help="the 'no text' stream's prompt")
     t.add_argument("-o", "--output", required=True, help="output .mp4 (a _sheet.png goes beside it)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--text-scale", type=float, default=None)
-    t.add_argument("--ref-scale", type=float, default=None)
-    t.add_argument("--no-face-crop", action="store_true")
+    t.add_argument("--seed", type=int, default=0, help="noise seed")
+    t.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
+    t.add_argument("--text-scale", type=float, default=None, help="s_txt (default: the bundle's)")
+    t.add_argument("--ref-scale", type=float, default=None, help="s_ref (default: the bundle's)")
+    t.add_argument("--no-face-crop", action="store_true", help="use the whole photo, no face detection")
     t.add_argument("--retry", type=float, default=60.0, help="seconds to keep retrying a full queue (429)")
     t.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
     t.set_defaults(func=_submit)

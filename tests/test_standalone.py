@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "stdrc", "export", "engines", "calibration", "runtime")
+SOURCES = ("pyproject.toml", "README.md", "stdrc", "export", "engines", "calibration", "runtime", "serve", "app")
 
 # Runs in the child: records every file Python opens (audit hook), then runs the CLI commands given.
 CHILD = r"""

@@ -222,9 +222,10 @@ def test_cli_errors_are_one_line_before_any_weight(tmp_path, tiny_shapes, capsys
     from stdrc.export.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "ckpt.safetensors"
-    save_checkpoint(ckpt, models.load_models("tiny").dit.ltx)
+    tiny = models.load_models("tiny")
+    save_checkpoint(ckpt, tiny.dit.ltx, tiny.vae_encoder, tiny.vae_decoder)  # a whole LTX-2 file: no seeded VAE
     reads = []
-    monkeypatch.setattr(models, "read_checkpoint", lambda path: reads.append(path))
+    monkeypatch.setattr(models, "load_streaming", lambda *args, **kw: reads.append(args))  # reads the weights
     cases = {**_bad_loras(tmp_path, tiny_shapes), "bad_strength": (Path("x.safetensors:nan"), "finite")}
     for name, (path, message) in cases.items():
         out = tmp_path / f"bundle-{name}"

@@ -80,7 +80,7 @@ def test_bar_only_after_checks_and_never_on_the_error_line(tiny_bundle: Path, as
     lines = bad.stderr.splitlines()
     assert "sampling" not in bad.stderr and "\r" not in bad.stderr, bad.stderr
     assert [line for line in lines if not line.startswith("INFO stdrc.runtime.backends: device auto")] == [
-        "error: steps=0: use --steps 1 or more"]
+        "error: steps=0: use --steps 1 to 1000"]
     good = _generate(tiny_bundle, astronaut_png, tmp_path / "good.mp4", "--steps", "2")
     assert good.returncode == 0, good.stderr
     assert "sampling" in good.stderr and "2/2" in good.stderr  # the bar ran, with its total known

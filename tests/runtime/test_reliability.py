@@ -300,8 +300,8 @@ def test_no_face_is_na_in_generate_and_facesim(work: Path, tiny_bundle: Path, bl
 # -- build-engines: values, and output safety -----------------------------------------------------------------
 
 BAD_BUILDS = {
-    "width 0": (["--width", "0"], "--width 0"),
-    "frames 0": (["--frames", "0"], "--frames 0"),
+    "width 0": (["--width", "0"], "use --width 32"),
+    "frames 0": (["--frames", "0"], "use --frames 1 or 9"),
     "fps inf": (["--fps", "inf"], "--fps inf"),
     "negative seed": (["--seed", "-1"], "--seed -1"),
     "odd decode tile": (["--decode-tile", "33"], "decode tile"),
@@ -335,7 +335,7 @@ def test_build_never_replaces_what_is_not_a_bundle(tmp_path: Path, capsys) -> No
     before = snapshot(tmp_path)
     for out in ("mine", "file"):
         refused(main(["build-engines", "-q", "--out", str(tmp_path / out), "--cache-dir", str(tmp_path / "c")]),
-                capsys.readouterr().err, "pass a new folder path")
+                capsys.readouterr().err, "pass a ")  # a new folder, or a folder path for the bundle
     assert snapshot(tmp_path) == before
 
 
