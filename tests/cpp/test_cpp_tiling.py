@@ -8,22 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiling_cases import GRID, ltx_tiles  # tests/tiling_cases.py: one grid for Python and C++
 
 pytestmark = pytest.mark.slow  # a libtorch C++ build
-
-# the grid of tests/runtime/test_tiling.py: 1 to 4 tiles per axis, dividing evenly and not, the 512x768 default
-SIZES = [(2, 3), (4, 4), (16, 24), (24, 16), (16, 16), (17, 30), (9, 40), (5, 7), (12, 12), (30, 45), (3, 11),
-         (8, 14)]
-TILES = [(64, 0), (64, 32), (96, 32), (128, 64), (160, 32), (512, 64)]
-GRID = [(h, w, t, o) for h, w in SIZES for t, o in TILES if t < 32 * max(h, w)]
-
-
-def ltx_tiles(decoder, height: int, width: int, tile_px: int, overlap_px: int) -> list:
-    import torch
-    from ltx_core.model.video_vae.tiling import SpatialTilingConfig, TemporalTilingConfig, TilingConfig
-
-    config = TilingConfig(SpatialTilingConfig(tile_px, overlap_px), TemporalTilingConfig(16, 0))
-    return decoder._prepare_tiles(torch.empty((1, 128, 2, height, width), device="meta"), config)
 
 
 @pytest.mark.parametrize("height, width, tile_px, overlap_px", GRID)
