@@ -10,11 +10,12 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from stdrc.runtime.errors import StdrcError
+from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 
 OnStep = Callable[[int, int], None]  # (steps done, total steps)
@@ -26,16 +27,10 @@ class Cancelled(StdrcError):
 
 @dataclass(frozen=True)
 class Job:
-    """One generation as the page collects it; None means the bundle's default."""
+    """One generation as the page collects it: the uploaded photo's path and the checked options."""
 
-    reference: str  # path of the uploaded photo
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int | None = None
-    text_scale: float | None = None
-    ref_scale: float | None = None
-    face_crop: bool = True
+    reference: str
+    options: GenerationOptions
 
 
 @dataclass(frozen=True)
@@ -70,12 +65,8 @@ class LocalBackend:
                 raise Cancelled(f"cancelled after {i + 1} of {total} steps")
             on_step(i + 1, total)
         with self._lock:
-            result = self.pipeline.generate(
-                reference=job.reference, prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
-                steps=job.steps, text_scale=job.text_scale, ref_scale=job.ref_scale, face_crop=job.face_crop,
-                output=output, on_step=step,
-            )
-        scored = "face_encoder" in self.pipeline.engines and job.face_crop  # as Pipeline.generate decides
+            result = self.pipeline.generate_with(job.reference, replace(job.options, output=output), step)
+        scored = "face_encoder" in self.pipeline.engines and job.options.face_crop  # as Pipeline.generate decides
         return Outcome(result.files["video"], result.files["contact_sheet"], result.facesim, scored)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from stdrc.app.backends import Cancelled, Job, OnStep, Outcome
 from stdrc.runtime.errors import StdrcError
+from stdrc.serve.request import FIELDS  # what the job API's form takes
 
 
 class ServerBackend:
@@ -45,13 +46,12 @@ class ServerBackend:
             time.sleep(self.poll_s)
 
     def generate(self, job: Job, on_step: OnStep, cancel: threading.Event) -> Outcome:
-        job_id = self.client.submit(job.reference, job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
-                                    steps=job.steps, text_scale=job.text_scale, ref_scale=job.ref_scale,
-                                    face_crop=job.face_crop)
+        form = {k: v for k, v in job.options.to_json().items() if k in FIELDS and k != "prompt"}
+        job_id = self.client.submit(job.reference, job.options.prompt, **form)
         state = self.wait(job_id, on_step, cancel)
         stem = self.out_dir / uuid.uuid4().hex[:12]
         video, sheet = stem.with_suffix(".mp4"), stem.with_name(stem.name + "_sheet.png")
         video.write_bytes(self.client.video(job_id))
         sheet.write_bytes(self.client.sheet(job_id))
         facesim = state.get("facesim")
-        return Outcome(str(video), str(sheet), None if facesim is None else float(facesim), scored=job.face_crop)
+        return Outcome(str(video), str(sheet), None if facesim is None else float(facesim), scored=job.options.face_crop)

@@ -13,6 +13,7 @@ from pathlib import Path
 from stdrc.app.backends import Backend, Cancelled, Job, LocalBackend, facesim_text
 from stdrc.runtime.errors import BackendUnavailableError, StdrcError
 from stdrc.runtime.manifest import Bucket, Manifest, read_manifest
+from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,14 @@ class Page:
         """-> (status line, video, contact sheet, FaceSim text); StdrcError becomes the CLI's `error:` line."""
         if not reference:
             return "error: no reference photo: upload one (or take one with the webcam)", None, None, ""
-        job = Job(reference=reference, prompt=prompt or "", negative_prompt=negative_prompt or "",
-                  seed=int(seed) if seed is not None else 0, steps=int(steps) if steps is not None else None,
-                  text_scale=text_scale, ref_scale=ref_scale, face_crop=bool(face_crop))
+        try:
+            options = GenerationOptions(prompt=prompt or "", negative_prompt=negative_prompt or "",
+                                        seed=int(seed) if seed is not None else 0,
+                                        steps=int(steps) if steps is not None else None,
+                                        text_scale=text_scale, ref_scale=ref_scale, face_crop=bool(face_crop))
+        except StdrcError as e:
+            return f"error: {e}", None, None, ""
+        job = Job(reference, options)
         cancel = self._cancel.setdefault(request.session_hash, threading.Event())
         if cancel.is_set():  # Cancel was pressed while this run waited in the queue
             return "cancelled before it started", None, None, ""
@@ -78,7 +84,7 @@ class Page:
             outcome = self.backend.generate(job, on_step, cancel)
         except StdrcError as e:
             return f"error: {e}" if not isinstance(e, Cancelled) else str(e), None, None, ""
-        status = f"done in {time.perf_counter() - start:.1f} s (seed {job.seed})"
+        status = f"done in {time.perf_counter() - start:.1f} s (seed {options.seed})"
         return status, outcome.video, outcome.contact_sheet, facesim_text(outcome)
 
     def arm(self, request) -> None:  # noqa: ANN001

@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from stdrc import __version__
-from stdrc.runtime.cli import HelpFormatter
-from stdrc.runtime.errors import StdrcError
+from stdrc.runtime.cli import HelpFormatter, run_command
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -123,14 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        return args.func(args)
-    except StdrcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no bundle was written", file=sys.stderr)
-        return 130
+    return run_command(args, "interrupted: no bundle was written")
 
 
 if __name__ == "__main__":

@@ -209,19 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not getattr(args, "quiet", False):
-        logging.getLogger("stdrc.runtime.backends").setLevel(logging.INFO)  # the device auto line
+def run_command(args: argparse.Namespace, interrupted: str = "interrupted") -> int:
+    """Both CLIs' contract: a StdrcError is one `error:` line and exit 2; Ctrl-C is one line and 130."""
     try:
         return args.func(args)
     except StdrcError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "quiet", False):
+        logging.getLogger("stdrc.runtime.backends").setLevel(logging.INFO)  # the device auto line
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from stdrc.runtime.errors import InputError
@@ -116,3 +116,19 @@ class GenerationOptions:
         _integer(self.max_batch, "max_batch", 1, 3, "use 1, 2 or 3 guidance streams per DiT call")
         if self.output is not None:
             object.__setattr__(self, "output", check_output(self.output))
+
+    def to_json(self) -> dict:
+        """Every field but `output` (a path on this machine), JSON-able: a queued job's record (stdrc serve)."""
+        data = asdict(self)
+        del data["output"]
+        if data["guidance_interval"] is not None:
+            data["guidance_interval"] = list(data["guidance_interval"])
+        return data
+
+    @staticmethod
+    def from_json(data: dict) -> GenerationOptions:
+        known = {f.name for f in fields(GenerationOptions)} - {"output"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown generation option(s) {', '.join(unknown)}: use {', '.join(sorted(known))}")
+        return GenerationOptions(**data)

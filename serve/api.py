@@ -19,6 +19,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from stdrc.runtime.errors import StdrcError
+from stdrc.runtime.options import GenerationOptions
 from stdrc.serve import request as rq
 from stdrc.serve.registry import DONE, registry_actor
 
@@ -75,7 +76,7 @@ class Api:
                                                         f"{first[-1] if first else ''}")
                 return
 
-    def _check(self, request: rq.GenerationRequest, reference: bytes, name: str) -> None:
+    def _check(self, request: GenerationOptions, reference: bytes, name: str) -> None:
         with self.check_lock:
             self.checker.check(request, reference, name)
 
@@ -95,7 +96,7 @@ class Api:
             await asyncio.to_thread(self._check, request, reference, name)
         except StdrcError as e:
             return _error(400, str(e))
-        job_id = await self.registry.create.remote(request.as_dict(), reference, name)
+        job_id = await self.registry.create.remote(request.to_json(), reference, name)
         if job_id is None:
             return _error(429, "the queue is full: retry later, or add replicas", **{"Retry-After": "5"})
         self._dispatch(job_id)

@@ -19,7 +19,7 @@ NAMESPACE = "stdrc"
 @dataclass(frozen=True)
 class Job:
     id: str
-    request: dict  # GenerationRequest fields, JSON-able
+    request: dict  # GenerationOptions.to_json()
     reference: bytes
     reference_name: str
     status: str = QUEUED

@@ -9,6 +9,7 @@ import time
 import ray
 
 from stdrc.runtime.errors import StdrcError
+from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 from stdrc.serve import request as rq
 from stdrc.serve.registry import registry_actor
@@ -36,7 +37,7 @@ class Generator:
         job = ray.get(self.registry.start.remote(job_id, self.worker))
         if job is None:
             return "gone"
-        request = rq.GenerationRequest(**job.request)
+        request = GenerationOptions.from_json(job.request)
 
         last = [0.0]
 

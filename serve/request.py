@@ -1,4 +1,4 @@
-"""One generation request: form fields parsed into a dataclass, checked and run through `Pipeline.generate`.
+"""One generation request: form fields parsed into `GenerationOptions`, checked and run through the Pipeline.
 
 Validation is the Pipeline's own (the messages the CLI prints): `check` runs `Pipeline.generate` on a
 Pipeline whose engines are never loaded, so it stops, cheaply, at the first engine call, after every
@@ -11,28 +11,16 @@ import math
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import read_manifest
+from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 
+# the GenerationOptions fields a form may set (the rest keep their defaults over HTTP)
 FIELDS = ("prompt", "negative_prompt", "seed", "steps", "text_scale", "ref_scale", "face_crop")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int | None = None
-    text_scale: float | None = None
-    ref_scale: float | None = None
-    face_crop: bool = True
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _number(name: str, value: str | None, kind: type) -> int | float | None:
@@ -48,8 +36,8 @@ def _number(name: str, value: str | None, kind: type) -> int | float | None:
     return number
 
 
-def parse_form(form: dict[str, str]) -> GenerationRequest:
-    """Text form fields -> request. Only types are checked here; ranges are the Pipeline's."""
+def parse_form(form: dict[str, str]) -> GenerationOptions:
+    """Text form fields -> options: types here, ranges by `GenerationOptions` (the CLI's messages)."""
     unknown = sorted(set(form) - set(FIELDS) - {"reference"})
     if unknown:
         raise InputError(f"unknown form field(s) {', '.join(unknown)}: use {', '.join(('reference',) + FIELDS)}")
@@ -60,7 +48,7 @@ def parse_form(form: dict[str, str]) -> GenerationRequest:
     if face_crop not in ("true", "false", "1", "0"):
         raise InputError(f"face_crop={face_crop!r}: pass true or false")
     seed = _number("seed", form.get("seed"), int)
-    return GenerationRequest(
+    return GenerationOptions(
         prompt=prompt, negative_prompt=form.get("negative_prompt") or "", seed=0 if seed is None else seed,
         steps=_number("steps", form.get("steps"), int), text_scale=_number("text_scale", form.get("text_scale"), float),
         ref_scale=_number("ref_scale", form.get("ref_scale"), float), face_crop=face_crop in ("true", "1"),
@@ -101,12 +89,12 @@ class Checker:
         bundle = Path(bundle)
         self.pipe = Pipeline(bundle, read_manifest(bundle), _NoEngines())
 
-    def check(self, request: GenerationRequest, reference: bytes, name: str) -> None:
+    def check(self, options: GenerationOptions, reference: bytes, name: str) -> None:
         """Raises InputError (or another StdrcError) with the CLI's message when the request cannot run."""
         with tempfile.TemporaryDirectory(prefix="stdrc-check-") as tmp:
             folder = Path(tmp)
             try:
-                self.pipe.generate(reference=_reference_file(folder, reference, name), **request.as_dict())
+                self.pipe.generate_with(_reference_file(folder, reference, name), options)
             except _Checked:
                 return
             except InputError as e:
@@ -121,14 +109,14 @@ class Output:
     frames: int
 
 
-def run(pipe: Pipeline, request: GenerationRequest, reference: bytes, name: str,
+def run(pipe: Pipeline, options: GenerationOptions, reference: bytes, name: str,
         on_step: Callable[[int, int], None] | None = None) -> Output:
     """Generate into a temp folder and return the files' bytes; the folder is removed either way."""
     with tempfile.TemporaryDirectory(prefix="stdrc-job-") as tmp:
         folder = Path(tmp)
         try:
-            result = pipe.generate(reference=_reference_file(folder, reference, name), output=folder / "video.mp4",
-                                   on_step=on_step, **request.as_dict())
+            result = pipe.generate_with(_reference_file(folder, reference, name),
+                                        replace(options, output=folder / "video.mp4"), on_step)
         except InputError as e:
             raise InputError(_strip(e, folder)) from None
         files = result.files

@@ -14,6 +14,7 @@ import pytest
 
 from stdrc.app.backends import Cancelled, Job, LocalBackend, Outcome
 from stdrc.runtime.errors import StdrcError
+from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 
 PROMPT = "an astronaut"
@@ -34,10 +35,11 @@ def test_cancel_stops_sampling_after_the_current_step(pipeline, astronaut_png, t
         cancel.set()  # as if Cancel were pressed during step 1
 
     with pytest.raises(Cancelled, match="cancelled after 2 of 4 steps"):
-        backend.generate(Job(str(astronaut_png), PROMPT, steps=4), on_step, cancel)
+        backend.generate(Job(str(astronaut_png), GenerationOptions(PROMPT, steps=4)), on_step, cancel)
     assert seen == [(1, 4)]
     assert list(tmp_path.iterdir()) == []  # nothing half-written
-    done = backend.generate(Job(str(astronaut_png), PROMPT, steps=2), lambda d, t: None, threading.Event())
+    done = backend.generate(Job(str(astronaut_png), GenerationOptions(PROMPT, steps=2)), lambda d, t: None,
+                            threading.Event())
     assert Path(done.video).is_file() and Path(done.contact_sheet).is_file()  # the lock was released
 
 
@@ -70,7 +72,7 @@ def test_server_backend_returns_what_the_pipeline_makes(server_url, pipeline, as
     from stdrc.runtime.video import contact_sheet
 
     backend, seen = ServerBackend(server_url, tmp_path, poll_s=0.05), []
-    job = Job(str(astronaut_png), PROMPT, seed=5, steps=STEPS, text_scale=2.0, ref_scale=1.5)
+    job = Job(str(astronaut_png), GenerationOptions(PROMPT, seed=5, steps=STEPS, text_scale=2.0, ref_scale=1.5))
     out = backend.generate(job, lambda d, t: seen.append((d, t)), threading.Event())
     expected = pipeline.generate(astronaut_png, PROMPT, seed=5, steps=STEPS, text_scale=2.0, ref_scale=1.5)
     assert iio.imread(out.video).shape == expected.frames.shape  # the downloaded video decodes, full size
@@ -84,8 +86,8 @@ def test_server_backend_shows_the_servers_error_line(server_url, blank_png, tmp_
     from stdrc.app.client import ServerBackend
 
     with pytest.raises(StdrcError, match=r"^no face found in the reference image"):
-        ServerBackend(server_url, tmp_path, poll_s=0.05).generate(Job(str(blank_png), PROMPT, steps=2),
-                                                                 lambda d, t: None, threading.Event())
+        ServerBackend(server_url, tmp_path, poll_s=0.05).generate(
+            Job(str(blank_png), GenerationOptions(PROMPT, steps=2)), lambda d, t: None, threading.Event())
 
 
 def test_server_backend_unreachable_is_one_line(astronaut_png, tmp_path):
@@ -96,6 +98,6 @@ def test_server_backend_unreachable_is_one_line(astronaut_png, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket closes
     with pytest.raises(ServerError, match="cannot reach .*is `stdrc serve` running there") as e:
-        ServerBackend(f"http://127.0.0.1:{port}", tmp_path).generate(Job(str(astronaut_png), PROMPT),
-                                                                    lambda d, t: None, threading.Event())
+        ServerBackend(f"http://127.0.0.1:{port}", tmp_path).generate(
+            Job(str(astronaut_png), GenerationOptions(PROMPT)), lambda d, t: None, threading.Event())
     assert "\n" not in str(e.value)

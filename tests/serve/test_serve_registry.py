@@ -8,9 +8,10 @@ import pytest
 
 from stdrc.runtime.errors import InputError
 from stdrc.serve.registry import JobRegistry
-from stdrc.serve.request import GenerationRequest, parse_form, safe_name
+from stdrc.runtime.options import GenerationOptions
+from stdrc.serve.request import parse_form, safe_name
 
-REQUEST = GenerationRequest(prompt="a woman", steps=2).as_dict()
+REQUEST = GenerationOptions(prompt="a woman", steps=2).to_json()
 
 
 def test_queue_limit_counts_only_waiting_jobs():
@@ -64,14 +65,24 @@ def test_finished_jobs_and_their_bytes_expire_after_keep_s():
 def test_form_fields_parse_into_a_request():
     got = parse_form({"prompt": "p", "negative_prompt": "n", "seed": "3", "steps": "4", "text_scale": "2.5",
                       "ref_scale": "", "face_crop": "false"})
-    assert got == GenerationRequest("p", "n", 3, 4, 2.5, None, False)
-    assert parse_form({"prompt": "p"}) == GenerationRequest("p")
+    assert got == GenerationOptions("p", "n", 3, 4, 2.5, None, face_crop=False)
+    assert parse_form({"prompt": "p"}) == GenerationOptions("p")
+
+
+def test_a_queued_request_round_trips_through_json():
+    import json
+
+    options = GenerationOptions("p", "n", 3, 4, 2.5, None, guidance_interval=(0.2, 0.8), face_crop=False)
+    assert GenerationOptions.from_json(json.loads(json.dumps(options.to_json()))) == options
+    with pytest.raises(InputError, match="unknown generation option"):
+        GenerationOptions.from_json({**options.to_json(), "output": "/tmp/x.mp4"})
 
 
 @pytest.mark.parametrize(("form", "words"), [
     ({}, "prompt"), ({"prompt": "p", "seed": "1.5"}, "seed"), ({"prompt": "p", "steps": "two"}, "steps"),
     ({"prompt": "p", "ref_scale": "inf"}, "ref_scale"), ({"prompt": "p", "face_crop": "maybe"}, "face_crop"),
-    ({"prompt": "p", "width": "64"}, "width"),
+    ({"prompt": "p", "width": "64"}, "width"), ({"prompt": "p", "steps": "0"}, "steps"),
+    ({"prompt": "p", "seed": "-1"}, "seed"),
 ])
 def test_bad_form_fields_name_the_field(form, words):
     with pytest.raises(InputError, match=words):
