@@ -4,9 +4,9 @@ The real model is a ~13B DiT and a ~12B Gemma-3: all resident at once is ~50 GB 
 a 24 GB card can hold one large engine at a time. Plans (DESIGN: "Fits a 24 GB GPU"):
 
 - ``all``: every engine opened once and kept (lowest latency for repeated generations);
-- ``staged``: each engine opened when its stage starts and released when it ends (text encoder ->
-  reference encode -> DiT sampling -> decoder -> face encoder); a cached prompt never opens the
-  text encoder;
+- ``staged``: each engine opened when its stage starts and released when it ends (reference
+  encode -> text encoder -> DiT sampling -> decoder -> face encoder); a cached prompt never opens
+  the text encoder;
 - ``auto``: ``all`` when the sum fits the device's free memory (with a margin), else ``staged``.
 
 Weight bytes are the engine files' sizes (recorded in the manifest at build time); activation
@@ -30,10 +30,11 @@ from stdrc.runtime.errors import InputError
 log = logging.getLogger(__name__)
 PLANS = ("all", "staged", "auto")
 # generation order; the stage that needs each component
-STAGES = (("text", "text_encoder"), ("reference", "vae_encoder"), ("sampling", "dit"),
+STAGES = (("reference", "vae_encoder"), ("text", "text_encoder"), ("sampling", "dit"),
           ("decode", "vae_decoder"), ("facesim", "face_encoder"))
 MARGIN = 1.10  # allocator slack, CUDA context, workspace: `auto` picks `all` only with 10% to spare
 GUIDANCE_STREAMS = 3
+CONV_KERNEL_VOLUME = 27  # the VAE's 3x3x3 convolutions: im2col column buffer per output value
 _LOW_PRECISION = {"fp16": 2, "bf16": 2, "fp8": 2}  # activations of low-precision engines stay 16-bit
 
 
@@ -55,9 +56,12 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
     dit: the widest per-layer intermediates of the guidance batch (B = 3), feed-forward (4 D) plus
     q, k, v, attention out and two residuals (6 D), no N x N term (attention is fused in the graph);
     text_encoder: every layer's hidden states (its output) plus one layer's feed-forward;
-    vae_decoder: three 128-channel maps at the decoder's last internal resolution (pixels over
-    patch_size squared, before its depth-to-space) for every output frame, per tile when tiled;
-    vae_encoder: the same for one frame; face_encoder: a few MB.
+    vae_decoder / vae_encoder: their widest 3x3x3 convolutions run at the first (encoder) or last
+    (decoder) internal resolution, pixels over patch_size squared with 128 channels (the decoder's
+    base channels); a convolution expands its input into a column buffer of 27 (the kernel volume)
+    x 128 values per output pixel and frame (im2col, as ONNX Runtime's CPU Conv does), beside its
+    input, output and the padded and residual copies (4 maps): 31 maps in all, for every output
+    frame of the decoder (per tile when tiled) and the one frame of the encoder; face_encoder: a few MB.
     """
     e = element_bytes(precision)
     frames, height, width = int(bucket["frames"]), int(bucket["height"]), int(bucket["width"])
@@ -78,9 +82,11 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
         if component == "vae_decoder" and decode:  # tiles of at most `tile` latents a side (+ overlap)
             side = (int(decode["tile"]) + int(decode.get("overlap", 0))) * int(decode.get("spatial_scale", 32))
             height, width = min(height, side), min(width, side)
-        patch = int(model_config.get("vae", {}).get("patch_size", 4))
+        vae = model_config.get("vae", {})
+        patch = int(vae.get("patch_size", 4))
+        channels = int(vae.get("decoder_base_channels", 128)) if component == "vae_decoder" else 128
         pixels = height * width // (patch * patch) * (frames if component == "vae_decoder" else 1)
-        return 3 * 128 * pixels * e
+        return (CONV_KERNEL_VOLUME + 4) * channels * pixels * e
     return 8 * 2**20  # face encoder: 112x112 crops
 
 
@@ -172,8 +178,8 @@ class EngineSet:
     """The bundle's engines, opened on first use; under ``staged`` each is released after its stage.
 
     `opened` records every open, in order, so callers (and tests) can see what a generation loaded.
-    Releasing drops the session and runs the garbage collector, which frees ONNX Runtime's arena;
-    torch's CUDA cache is emptied when torch is loaded.
+    Releasing drops the session, runs the garbage collector (which frees ONNX Runtime's arena) and
+    trims the C heap; torch's CUDA cache is emptied when torch is loaded.
     """
 
     def __init__(self, opener, names: list[str], plan: str):  # noqa: ANN001 -- opener(name) -> Engine
@@ -182,6 +188,9 @@ class EngineSet:
         self.plan = plan
         self._live: dict[str, Any] = {}
         self.opened: list[str] = []
+        # called as on_stage(event, name) with "open" (before opening), "opened" and "done" (before the
+        # release): benchmarks measure memory per stage with it
+        self.on_stage = None
         if plan == "all":
             for name in self._names:
                 self[name]
@@ -196,8 +205,10 @@ class EngineSet:
         if name not in self._live:
             if name not in self._names:
                 raise KeyError(name)
+            self._event("open", name)
             self._live[name] = self._open(name)
             self.opened.append(name)
+            self._event("opened", name)
         return self._live[name]
 
     def __setitem__(self, name: str, engine: Any) -> None:
@@ -214,7 +225,12 @@ class EngineSet:
     def done(self, name: str) -> None:
         """End of `name`'s stage: under ``staged`` the engine is released."""
         if self.plan == "staged" and name in self._live:
+            self._event("done", name)
             self.release(name)
+
+    def _event(self, event: str, name: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(event, name)
 
     def release(self, name: str) -> None:
         import gc
@@ -226,6 +242,31 @@ class EngineSet:
             close()
         del engine
         gc.collect()
+        trim_heap()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim); False where there is no such call.
+
+    A released engine's small buffers sit in malloc's heap, whose free pages glibc keeps for reuse;
+    trimming returns them so the next stage starts from the runtime's own footprint."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+_LIBC = None  # loaded on the first trim; False where the C library has no malloc_trim (not glibc)
