@@ -7,7 +7,11 @@
 Each configuration (plan all / staged, prompt cached or not) runs in a child process of its own,
 so its peak is its own: one generation (2 steps), then the process's RSS high-water mark (VmHWM)
 on CPU, or the device memory in use (nvidia-smi) at its highest between stages on CUDA. The
-bundle's per-component weight bytes and activation estimates (runtime/memory.py) sit beside it.
+baseline is the RSS before the generation, after the runtime is imported and ONNX Runtime has run
+one session of a one-node graph (its own code and globals resident), with no engine open. Under
+`staged` each stage is recorded too (RSS at its start, peak while loading, peak while running),
+and `check` compares the peak over the baseline with the largest stage's weights plus its
+activation estimate (runtime/memory.py), and each stage's own rise with its component's.
 
 The projection for the full model counts parameters exactly (the ltx2-video DiT and VAE built on
 the meta device; Gemma-3 12B's text model from its published config: width 3840, 48 layers,
@@ -80,11 +84,9 @@ def staged_check(record: dict, bundle: Path, cached: bool) -> dict:
     the runtime and ONNX Runtime loaded and no engine open) against the largest stage's weights plus its
     activation estimate; and per stage, its own rise (its peak over the RSS at its start) against its
     component's weights + activations. MiB throughout."""
-    from stdrc.runtime.manifest import read_manifest
     from stdrc.runtime.memory import memory_needs
-    from stdrc.runtime.pipeline import weights_and_activations
 
-    weights, acts = weights_and_activations(bundle, read_manifest(bundle))
+    weights, acts = current_needs(bundle)
     budget = memory_needs(weights, acts, skip_text=cached).staged_peak_bytes / 2**20
     rise = record["peak_rss_mb"] - record["rss_before_mb"]
     stages = []
@@ -98,12 +100,24 @@ def staged_check(record: dict, bundle: Path, cached: bool) -> dict:
             "within": rise <= budget, "stages": stages}
 
 
-def bundle_needs(bundle: Path) -> dict:
+def current_needs(bundle: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Weight bytes (the manifest's) and this runtime's activation estimates for the bundle's bucket (not
+    the estimates recorded at build time, which an older build made with an older formula)."""
     from stdrc.runtime.manifest import read_manifest
-    from stdrc.runtime.memory import memory_needs
+    from stdrc.runtime.memory import activation_bytes
     from stdrc.runtime.pipeline import weights_and_activations
 
-    weights, acts = weights_and_activations(bundle, read_manifest(bundle))
+    manifest = read_manifest(bundle)
+    weights, _ = weights_and_activations(bundle, manifest)
+    bucket = manifest.bucket.to_json()
+    return weights, {n: activation_bytes(n, manifest.model_config, bucket, e.precision, manifest.decode)
+                     for n, e in manifest.components.items()}
+
+
+def bundle_needs(bundle: Path) -> dict:
+    from stdrc.runtime.memory import memory_needs
+
+    weights, acts = current_needs(bundle)
     return {"weight_bytes": weights, "activation_bytes": acts,
             "largest_component_plus_activations_mb": memory_needs(weights, acts).staged_peak_bytes / 2**20,
             "all_components_mb": sum(weights.values()) / 2**20}
@@ -223,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{plan:<7} {mode:<16} " + (f"peak RSS {r['peak_rss_mb']:.0f} MB (before {r['rss_before_mb']:.0f}),"
                                                   f" text encoder opened: {r['text_encoder_opened']}"
                                                   if r["status"] == "ok" else f"failed: {r['reason']}"))
+                if "check" in r:
+                    c = r["check"]
+                    print(f"{'':<24} peak over baseline {c['peak_over_baseline_mb']:.0f} MB vs largest component + "
+                          f"activations {c['largest_component_plus_activations_mb']:.0f} MB: "
+                          f"{'within' if c['within'] else 'over'}")
         print(f"identical frames across plans: {rep['identical_frames']}; largest component + activations "
               f"{rep['needs']['largest_component_plus_activations_mb']:.0f} MB, all components "
               f"{rep['needs']['all_components_mb']:.0f} MB")

@@ -34,7 +34,6 @@ STAGES = (("reference", "vae_encoder"), ("text", "text_encoder"), ("sampling", "
           ("decode", "vae_decoder"), ("facesim", "face_encoder"))
 MARGIN = 1.10  # allocator slack, CUDA context, workspace: `auto` picks `all` only with 10% to spare
 GUIDANCE_STREAMS = 3
-CONV_KERNEL_VOLUME = 27  # the VAE's 3x3x3 convolutions: im2col column buffer per output value
 _LOW_PRECISION = {"fp16": 2, "bf16": 2, "fp8": 2}  # activations of low-precision engines stay 16-bit
 
 
@@ -56,12 +55,11 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
     dit: the widest per-layer intermediates of the guidance batch (B = 3), feed-forward (4 D) plus
     q, k, v, attention out and two residuals (6 D), no N x N term (attention is fused in the graph);
     text_encoder: every layer's hidden states (its output) plus one layer's feed-forward;
-    vae_decoder / vae_encoder: their widest 3x3x3 convolutions run at the first (encoder) or last
-    (decoder) internal resolution, pixels over patch_size squared with 128 channels (the decoder's
-    base channels); a convolution expands its input into a column buffer of 27 (the kernel volume)
-    x 128 values per output pixel and frame (im2col, as ONNX Runtime's CPU Conv does), beside its
-    input, output and the padded and residual copies (4 maps): 31 maps in all, for every output
-    frame of the decoder (per tile when tiled) and the one frame of the encoder; face_encoder: a few MB.
+    vae_decoder: three 128-channel maps at the decoder's last internal resolution (pixels over
+    patch_size squared, before its depth-to-space) for every output frame, per tile when tiled;
+    vae_encoder: the same for one frame; face_encoder: a few MB. Not modelled: the engine library's
+    own per-session memory (graph, kernels, thread pool, column buffers of a CPU convolution),
+    measured at 3-16 MB over these on the reduced-depth ltx2-video bundle (docs/benchmarks.md).
     """
     e = element_bytes(precision)
     frames, height, width = int(bucket["frames"]), int(bucket["height"]), int(bucket["width"])
@@ -82,11 +80,9 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
         if component == "vae_decoder" and decode:  # tiles of at most `tile` latents a side (+ overlap)
             side = (int(decode["tile"]) + int(decode.get("overlap", 0))) * int(decode.get("spatial_scale", 32))
             height, width = min(height, side), min(width, side)
-        vae = model_config.get("vae", {})
-        patch = int(vae.get("patch_size", 4))
-        channels = int(vae.get("decoder_base_channels", 128)) if component == "vae_decoder" else 128
+        patch = int(model_config.get("vae", {}).get("patch_size", 4))
         pixels = height * width // (patch * patch) * (frames if component == "vae_decoder" else 1)
-        return (CONV_KERNEL_VOLUME + 4) * channels * pixels * e
+        return 3 * 128 * pixels * e
     return 8 * 2**20  # face encoder: 112x112 crops
 
 

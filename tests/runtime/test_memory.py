@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stdrc.runtime.errors import InputError
-from stdrc.runtime.memory import MemoryPlanReport, activation_bytes, choose_plan, memory_needs, parse_bytes, trim_heap
+from stdrc.runtime.memory import MemoryPlanReport, choose_plan, memory_needs, parse_bytes, trim_heap
 from stdrc.runtime.pipeline import Pipeline, weights_and_activations
 from stdrc.runtime.text import PromptStore
 
@@ -101,18 +101,6 @@ def test_stage_events_and_the_heap_trimmed_on_release(tiny_bundle, astronaut_png
         assert [e[:2] for e in events if e[1] == name] == [("open", name), ("opened", name), ("done", name)]
         assert next(e[2] for e in events if e[:2] == ("opened", name)) == [name]
     assert trim_heap() is (platform.libc_ver()[0] == "glibc")
-
-
-def test_vae_activation_estimates_follow_the_bucket():
-    config = {"vae": {"patch_size": 4, "decoder_base_channels": 128}}
-    small = {"frames": 9, "height": 64, "width": 64}
-    enc = activation_bytes("vae_encoder", config, small, "fp32")
-    assert enc == 31 * 128 * 16 * 16 * 4  # 27 im2col + 4 maps of 128 channels at 16x16, one frame
-    assert activation_bytes("vae_decoder", config, small, "fp32") == 9 * enc  # every output frame
-    assert activation_bytes("vae_encoder", config, {**small, "height": 128}, "fp16") == enc  # 2x pixels, half bytes
-    tiled = activation_bytes("vae_decoder", config, {**small, "height": 1024, "width": 1024}, "fp32",
-                             {"tile": 8, "overlap": 2, "spatial_scale": 32})
-    assert tiled == 9 * 31 * 128 * (320 // 4) ** 2 * 4  # one tile of (8 + 2) latents x 32 px a side
 
 
 def test_plan_arithmetic():
