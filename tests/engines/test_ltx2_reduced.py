@@ -21,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-SESSION_SLACK = 0.01  # measured 0.2-0.5% over on this VM (docs/benchmarks.md, memory plans)
+SESSION_SLACK = 0.01  # measured 0.3-0.6% over on this VM (docs/benchmarks.md, memory plans)
 
 
 @pytest.fixture(scope="module")
