@@ -115,6 +115,34 @@ def peak_rss_mb() -> float | None:
     return kb / 1024
 
 
+def write_warm_model(path: Path) -> Path:
+    """A one-node ONNX graph (Relu on 4 floats) for `warm_onnxruntime`; written by the parent, so the
+    measured child never imports onnx."""
+    from onnx import TensorProto, helper, save
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "warm", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, str(path))
+    return path
+
+
+def warm_onnxruntime(model: str | Path, device: str = "cpu") -> None:
+    """Import ONNX Runtime and run one session of `model` (write_warm_model's), so that its library code
+    and globals are resident before a measurement's baseline: what is added then is the engines' own."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from stdrc.runtime.backends.onnxruntime import providers_for
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), options, providers=providers_for(device))
+    session.run(None, {"x": np.ones((1, 4), np.float32)})
+
+
 def gpu_used_mb() -> float | None:
     """Device memory in use by every process and allocator (cudaMemGetInfo), in MiB."""
     try:

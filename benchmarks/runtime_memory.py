@@ -7,7 +7,11 @@
 Each configuration (plan all / staged, prompt cached or not) runs in a child process of its own,
 so its peak is its own: one generation (2 steps), then the process's RSS high-water mark (VmHWM)
 on CPU, or the device memory in use (nvidia-smi) at its highest between stages on CUDA. The
-bundle's per-component weight bytes and activation estimates (runtime/memory.py) sit beside it.
+baseline is the RSS before the generation, after the runtime is imported and ONNX Runtime has run
+one session of a one-node graph (its own code and globals resident), with no engine open. Under
+`staged` each stage is recorded too (RSS at its start, peak while loading, peak while running),
+and `check` compares the peak over the baseline with the largest stage's weights plus its
+activation estimate (runtime/memory.py), and each stage's own rise with its component's.
 
 The projection for the full model counts parameters exactly (the ltx2-video DiT and VAE built on
 the meta device; Gemma-3 12B's text model from its published config: width 3840, 48 layers,
@@ -35,16 +39,28 @@ sys.path.insert(0, sys.argv[6])
 import harness
 from stdrc.runtime.pipeline import Pipeline
 bundle, plan, cache, ref, device = sys.argv[1:6]
+harness.warm_onnxruntime(sys.argv[7], device)  # ORT's own code and globals: the baseline's, no engine's
 pipe = Pipeline.from_bundle(bundle, memory_plan=plan, device=device, prompt_cache=None if cache == "-" else cache)
 if cache != "-":
     pipe.encode_prompts(["a woman smiles and waves"])  # fill the store in an earlier process's place
     pipe = Pipeline.from_bundle(bundle, memory_plan=plan, device=device, prompt_cache=cache)
+stages, peak = [], [0.0]
+
+def on_stage(event, name):  # per stage: RSS at its start, peak while loading, peak while running
+    peak[0] = max(peak[0], harness.peak_rss_mb())
+    if event == "open":
+        stages.append({"component": name, "rss_start_mb": harness.rss_mb()})
+    else:
+        stages[-1]["load_peak_mb" if event == "opened" else "run_peak_mb"] = harness.peak_rss_mb()
+    harness.reset_peak_rss()
+
+pipe.engines.on_stage = on_stage
 harness.reset_peak_rss()
 base = harness.rss_mb()
 gpu = []
 result = pipe.generate(reference=ref, prompt="a woman smiles and waves", seed=0, steps=2, face_crop=False,
                        on_step=lambda i, n: gpu.append(harness.gpu_used_mb()) if device == "cuda" else None)
-print(json.dumps({"peak_rss_mb": harness.peak_rss_mb(), "rss_before_mb": base,
+print(json.dumps({"peak_rss_mb": max(peak[0], harness.peak_rss_mb()), "rss_before_mb": base, "stages": stages,
                   "gpu_peak_mb": max([g for g in gpu if g is not None], default=None),
                   "text_encoder_opened": "text_encoder" in getattr(pipe.engines, "opened", []),
                   "frames_sha": __import__("hashlib").sha256(result.frames.tobytes()).hexdigest()}))
@@ -53,19 +69,55 @@ print(json.dumps({"peak_rss_mb": harness.peak_rss_mb(), "rss_before_mb": base,
 
 def measure(bundle: Path, plan: str, cached: bool, device: str, work: Path, reference: Path) -> dict:
     cache = str(work / f"prompts-{plan}") if cached else "-"
+    warm = work / "warm.onnx"
+    if not warm.is_file():
+        harness.write_warm_model(warm)
     out = subprocess.run([sys.executable, "-c", _CHILD, str(bundle), plan, cache, str(reference), device,
-                          str(Path(__file__).parent)], capture_output=True, text=True, timeout=1800)
+                          str(Path(__file__).parent), str(warm)], capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         return {"status": "failed", "reason": out.stderr.strip().splitlines()[-1] if out.stderr else "?"}
     return {"status": "ok", **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def bundle_needs(bundle: Path) -> dict:
-    from stdrc.runtime.manifest import read_manifest
+def staged_check(record: dict, bundle: Path, cached: bool) -> dict:
+    """The staged property, measured: the run's peak RSS over its baseline (RSS before the generation, with
+    the runtime and ONNX Runtime loaded and no engine open) against the largest stage's weights plus its
+    activation estimate; and per stage, its own rise (its peak over the RSS at its start) against its
+    component's weights + activations. MiB throughout."""
     from stdrc.runtime.memory import memory_needs
+
+    weights, acts = current_needs(bundle)
+    budget = memory_needs(weights, acts, skip_text=cached).staged_peak_bytes / 2**20
+    rise = record["peak_rss_mb"] - record["rss_before_mb"]
+    stages = []
+    for s in record.get("stages", []):
+        c = s["component"]
+        own = max(s.get("load_peak_mb", 0.0), s.get("run_peak_mb", 0.0)) - s["rss_start_mb"]
+        need = (weights[c] + acts[c]) / 2**20
+        stages.append({"component": c, "rise_mb": own, "weights_mb": weights[c] / 2**20,
+                       "activations_mb": acts[c] / 2**20, "within": own <= need})
+    return {"peak_over_baseline_mb": rise, "largest_component_plus_activations_mb": budget,
+            "within": rise <= budget, "stages": stages}
+
+
+def current_needs(bundle: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Weight bytes (the manifest's) and this runtime's activation estimates for the bundle's bucket (not
+    the estimates recorded at build time, which an older build made with an older formula)."""
+    from stdrc.runtime.manifest import read_manifest
+    from stdrc.runtime.memory import activation_bytes
     from stdrc.runtime.pipeline import weights_and_activations
 
-    weights, acts = weights_and_activations(bundle, read_manifest(bundle))
+    manifest = read_manifest(bundle)
+    weights, _ = weights_and_activations(bundle, manifest)
+    bucket = manifest.bucket.to_json()
+    return weights, {n: activation_bytes(n, manifest.model_config, bucket, e.precision, manifest.decode)
+                     for n, e in manifest.components.items()}
+
+
+def bundle_needs(bundle: Path) -> dict:
+    from stdrc.runtime.memory import memory_needs
+
+    weights, acts = current_needs(bundle)
     return {"weight_bytes": weights, "activation_bytes": acts,
             "largest_component_plus_activations_mb": memory_needs(weights, acts).staged_peak_bytes / 2**20,
             "all_components_mb": sum(weights.values()) / 2**20}
@@ -160,6 +212,9 @@ def run(bundle: Path | None, device: str, cached_modes: tuple[bool, ...] = (Fals
         plans = {plan: {("cached_prompt" if c else "uncached_prompt"): measure(bundle, plan, c, device, work, reference)
                         for c in cached_modes} for plan in ("all", "staged")}
         shas = {r.get("frames_sha") for p in plans.values() for r in p.values() if r["status"] == "ok"}
+        for mode, r in plans["staged"].items():
+            if r["status"] == "ok":
+                r["check"] = staged_check(r, bundle, mode == "cached_prompt")
         return {"bundle": str(bundle), "device": device, "plans": plans, "identical_frames": len(shas) == 1,
                 "needs": bundle_needs(bundle), "projected": projected(), "machine": harness.device_info(device),
                 "load_average": harness.load_average(), "versions": harness.versions()}
@@ -182,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{plan:<7} {mode:<16} " + (f"peak RSS {r['peak_rss_mb']:.0f} MB (before {r['rss_before_mb']:.0f}),"
                                                   f" text encoder opened: {r['text_encoder_opened']}"
                                                   if r["status"] == "ok" else f"failed: {r['reason']}"))
+                if "check" in r:
+                    c = r["check"]
+                    print(f"{'':<24} peak over baseline {c['peak_over_baseline_mb']:.0f} MB vs largest component + "
+                          f"activations {c['largest_component_plus_activations_mb']:.0f} MB: "
+                          f"{'within' if c['within'] else 'over'}")
         print(f"identical frames across plans: {rep['identical_frames']}; largest component + activations "
               f"{rep['needs']['largest_component_plus_activations_mb']:.0f} MB, all components "
               f"{rep['needs']['all_components_mb']:.0f} MB")

@@ -4,9 +4,9 @@ The real model is a ~13B DiT and a ~12B Gemma-3: all resident at once is ~50 GB 
 a 24 GB card can hold one large engine at a time. Plans (DESIGN: "Fits a 24 GB GPU"):
 
 - ``all``: every engine opened once and kept (lowest latency for repeated generations);
-- ``staged``: each engine opened when its stage starts and released when it ends (text encoder ->
-  reference encode -> DiT sampling -> decoder -> face encoder); a cached prompt never opens the
-  text encoder;
+- ``staged``: each engine opened when its stage starts and released when it ends (reference
+  encode -> text encoder -> DiT sampling -> decoder -> face encoder); a cached prompt never opens
+  the text encoder;
 - ``auto``: ``all`` when the sum fits the device's free memory (with a margin), else ``staged``.
 
 Weight bytes are the engine files' sizes (recorded in the manifest at build time); activation
@@ -30,7 +30,7 @@ from stdrc.runtime.errors import InputError
 log = logging.getLogger(__name__)
 PLANS = ("all", "staged", "auto")
 # generation order; the stage that needs each component
-STAGES = (("text", "text_encoder"), ("reference", "vae_encoder"), ("sampling", "dit"),
+STAGES = (("reference", "vae_encoder"), ("text", "text_encoder"), ("sampling", "dit"),
           ("decode", "vae_decoder"), ("facesim", "face_encoder"))
 MARGIN = 1.10  # allocator slack, CUDA context, workspace: `auto` picks `all` only with 10% to spare
 GUIDANCE_STREAMS = 3
@@ -57,7 +57,9 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
     text_encoder: every layer's hidden states (its output) plus one layer's feed-forward;
     vae_decoder: three 128-channel maps at the decoder's last internal resolution (pixels over
     patch_size squared, before its depth-to-space) for every output frame, per tile when tiled;
-    vae_encoder: the same for one frame; face_encoder: a few MB.
+    vae_encoder: the same for one frame; face_encoder: a few MB. Not modelled: the engine library's
+    own per-session memory (graph, kernels, thread pool, column buffers of a CPU convolution),
+    measured at 3-16 MB over these on the reduced-depth ltx2-video bundle (docs/benchmarks.md).
     """
     e = element_bytes(precision)
     frames, height, width = int(bucket["frames"]), int(bucket["height"]), int(bucket["width"])
@@ -172,8 +174,8 @@ class EngineSet:
     """The bundle's engines, opened on first use; under ``staged`` each is released after its stage.
 
     `opened` records every open, in order, so callers (and tests) can see what a generation loaded.
-    Releasing drops the session and runs the garbage collector, which frees ONNX Runtime's arena;
-    torch's CUDA cache is emptied when torch is loaded.
+    Releasing drops the session, runs the garbage collector (which frees ONNX Runtime's arena) and
+    trims the C heap; torch's CUDA cache is emptied when torch is loaded.
     """
 
     def __init__(self, opener, names: list[str], plan: str):  # noqa: ANN001 -- opener(name) -> Engine
@@ -182,6 +184,9 @@ class EngineSet:
         self.plan = plan
         self._live: dict[str, Any] = {}
         self.opened: list[str] = []
+        # called as on_stage(event, name) with "open" (before opening), "opened" and "done" (before the
+        # release): benchmarks measure memory per stage with it
+        self.on_stage = None
         if plan == "all":
             for name in self._names:
                 self[name]
@@ -196,8 +201,10 @@ class EngineSet:
         if name not in self._live:
             if name not in self._names:
                 raise KeyError(name)
+            self._event("open", name)
             self._live[name] = self._open(name)
             self.opened.append(name)
+            self._event("opened", name)
         return self._live[name]
 
     def __setitem__(self, name: str, engine: Any) -> None:
@@ -214,7 +221,12 @@ class EngineSet:
     def done(self, name: str) -> None:
         """End of `name`'s stage: under ``staged`` the engine is released."""
         if self.plan == "staged" and name in self._live:
+            self._event("done", name)
             self.release(name)
+
+    def _event(self, event: str, name: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(event, name)
 
     def release(self, name: str) -> None:
         import gc
@@ -226,6 +238,31 @@ class EngineSet:
             close()
         del engine
         gc.collect()
+        trim_heap()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim); False where there is no such call.
+
+    A released engine's small buffers sit in malloc's heap, whose free pages glibc keeps for reuse;
+    trimming returns them so the next stage starts from the runtime's own footprint."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+_LIBC = None  # loaded on the first trim; False where the C library has no malloc_trim (not glibc)

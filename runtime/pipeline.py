@@ -181,7 +181,7 @@ class Pipeline:
             raise InputError(f"precomputed text embeddings have shape {context.shape} / {mask.shape}: this bundle "
                              f"takes context {want} and mask {want[:2]} (from stdrc encode-prompts or "
                              "Pipeline.prompts)")
-        return context.astype(np.float32), mask.astype(np.int64)
+        return np.asarray(context, dtype=np.float32), np.asarray(mask, dtype=np.int64)
 
     def prepare_reference(self, reference: str | Path | np.ndarray, face_crop: bool = True) -> np.ndarray:
         """Largest face, cropped with margin and resized to the bucket; or the whole photo."""
@@ -299,12 +299,15 @@ class Pipeline:
             interval=o.guidance_interval, rescale=o.cfg_rescale,
         )
         sigmas = self.sigmas(o.steps, o.distilled)
+        given = [None if e is None else self._embeddings(p, e)  # checked before any engine runs
+                 for p, e in ((o.prompt, text_embeddings), (o.negative_prompt, negative_embeddings))]
         image = self.prepare_reference(reference, o.face_crop)
-        text = (self._embeddings(o.prompt, text_embeddings),
-                self._embeddings(o.negative_prompt, negative_embeddings))
-        self._stage_done("text_encoder")
+        # the reference is encoded before the prompts: the VAE encoder's stage then carries nothing (the
+        # prompt embeddings are not yet made), and only a few reference tokens ride into the text stage
         reference_tokens = self.encode_reference(image)
         self._stage_done("vae_encoder")
+        text = (self._embeddings(o.prompt, given[0]), self._embeddings(o.negative_prompt, given[1]))
+        self._stage_done("text_encoder")
         cond = smp.Conditioning(reference_tokens, *text)
         noise = self.initial_noise(o.seed)
         total = len(sigmas) - 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -10,12 +11,12 @@ import numpy as np
 import pytest
 
 from stdrc.runtime.errors import InputError
-from stdrc.runtime.memory import MemoryPlanReport, choose_plan, memory_needs, parse_bytes
+from stdrc.runtime.memory import MemoryPlanReport, choose_plan, memory_needs, parse_bytes, trim_heap
 from stdrc.runtime.pipeline import Pipeline, weights_and_activations
 from stdrc.runtime.text import PromptStore
 
 PROMPT = "a woman smiles and waves"
-STAGE_ORDER = ["text_encoder", "vae_encoder", "dit", "vae_decoder"]
+STAGE_ORDER = ["vae_encoder", "text_encoder", "dit", "vae_decoder"]  # the reference before the prompts
 
 
 def _generate(pipe: Pipeline, astronaut_png, **kw) -> np.ndarray:
@@ -34,7 +35,7 @@ def test_staged_loads_each_engine_for_its_stage_and_gives_identical_frames(tiny_
     again = _generate(staged, astronaut_png)  # released engines reopen for the next generation
     assert np.array_equal(again, want)
     # the prompt was cached in memory: the second generation never reopened the text encoder
-    assert staged.engines.opened == STAGE_ORDER + STAGE_ORDER[1:]
+    assert staged.engines.opened == STAGE_ORDER + ["vae_encoder", "dit", "vae_decoder"]
 
 
 def test_cached_prompt_never_opens_the_text_encoder(tiny_bundle, astronaut_png, tmp_path):
@@ -47,7 +48,7 @@ def test_cached_prompt_never_opens_the_text_encoder(tiny_bundle, astronaut_png, 
     assert "text_encoder" not in fresh.engines.opened and fresh.prompts.encoded == 0
     uncached = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=None)
     assert np.array_equal(frames, _generate(uncached, astronaut_png))
-    assert uncached.engines.opened[0] == "text_encoder"
+    assert uncached.engines.opened[:2] == ["vae_encoder", "text_encoder"]
 
 
 def test_corrupt_or_mismatched_cache_entries_are_ignored_and_rewritten(tiny_bundle, tmp_path):
@@ -84,16 +85,29 @@ def test_precomputed_embeddings_equal_the_prompt_and_bad_shapes_are_refused(tiny
     frames = _generate(fresh, astronaut_png, text_embeddings=text, negative_embeddings=empty)
     assert "text_encoder" not in fresh.engines.opened
     assert np.array_equal(frames, _generate(pipe, astronaut_png))
+    opened = list(fresh.engines.opened)
     with pytest.raises(InputError, match="precomputed text embeddings"):
         fresh.generate(reference=astronaut_png, prompt=PROMPT, steps=1,
                        text_embeddings=(text[0][:, :3], text[1][:, :3]))
+    assert fresh.engines.opened == opened  # refused before the reference stage opened anything
+
+
+def test_stage_events_and_the_heap_trimmed_on_release(tiny_bundle, astronaut_png):
+    pipe = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=None)
+    events = []
+    pipe.engines.on_stage = lambda event, name: events.append((event, name, list(pipe.engines.loaded())))
+    _generate(pipe, astronaut_png)
+    for name in STAGE_ORDER:  # opened when its stage starts, alone, and released when it ends
+        assert [e[:2] for e in events if e[1] == name] == [("open", name), ("opened", name), ("done", name)]
+        assert next(e[2] for e in events if e[:2] == ("opened", name)) == [name]
+    assert trim_heap() is (platform.libc_ver()[0] == "glibc")
 
 
 def test_plan_arithmetic():
     weights = {"text_encoder": 24, "vae_encoder": 1, "dit": 13, "vae_decoder": 2}
     acts = {"text_encoder": 1, "vae_encoder": 1, "dit": 3, "vae_decoder": 5}
     r = memory_needs(weights, acts)
-    assert [s.component for s in r.stages] == ["text_encoder", "vae_encoder", "dit", "vae_decoder"]
+    assert [s.component for s in r.stages] == ["vae_encoder", "text_encoder", "dit", "vae_decoder"]
     assert r.all_peak_bytes == 40 + 5 and r.staged_peak_bytes == 25
     cached = memory_needs(weights, acts, skip_text=True)
     assert cached.staged_peak_bytes == 16 and cached.all_peak_bytes == 16 + 5
