@@ -18,7 +18,8 @@ from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import read_manifest
 from stdrc.runtime.pipeline import Pipeline
 
-FIELDS = ("prompt", "negative_prompt", "seed", "steps", "text_scale", "ref_scale", "face_crop")
+FIELDS = ("prompt", "negative_prompt", "seed", "steps", "text_scale", "ref_scale", "face_crop", "frames", "height",
+          "width")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class GenerationRequest:
     text_scale: float | None = None
     ref_scale: float | None = None
     face_crop: bool = True
+    frames: int | None = None  # the bundle's bucket of that size (None: the default's)
+    height: int | None = None
+    width: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +68,7 @@ def parse_form(form: dict[str, str]) -> GenerationRequest:
         prompt=prompt, negative_prompt=form.get("negative_prompt") or "", seed=0 if seed is None else seed,
         steps=_number("steps", form.get("steps"), int), text_scale=_number("text_scale", form.get("text_scale"), float),
         ref_scale=_number("ref_scale", form.get("ref_scale"), float), face_crop=face_crop in ("true", "1"),
+        **{k: _number(k, form.get(k), int) for k in ("frames", "height", "width")},
     )
 
 

@@ -36,6 +36,16 @@ def aoti_tiled_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path)
 
 
 @pytest.fixture(scope="session")
+def aoti_buckets_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """The tiny preset as aoti packages serving two buckets (frames and aspect ratio differ)."""
+    from stdrc.engines.build import BuildConfig, build_engines
+
+    out = tmp_path_factory.mktemp("aoti-buckets") / "tiny-buckets"
+    return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", buckets=("9x96x64", "17x64x96"),
+                                     progress=False))
+
+
+@pytest.fixture(scope="session")
 def aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     return build_aoti_bundle(tmp_path_factory, cache_dir)
 
