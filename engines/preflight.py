@@ -75,10 +75,13 @@ def parse_bucket(text: str) -> tuple[int, int, int]:
     return frames, height, width
 
 
-def _whole(name: str, value: object, lo: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lo):
+def _whole(name: str, value: object, lo: int | None) -> None:
+    """A whole number (>= lo when given; bucket sizes get the Bucket's own messages, with the nearest fix)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or (lo is not None and value < lo)):
         hint = " (or leave it out for the preset's default)" if name in ("frames", "height", "width") else ""
-        raise InputError(f"--{name.replace('_', '-')} {value!r}: pass an integer >= {lo}{hint}")
+        raise InputError(f"--{name.replace('_', '-')} {value!r}: pass an integer{f' >= {lo}' if lo is not None else ''}"
+                         f"{hint}")
 
 
 def check_buckets(cfg: BuildConfig) -> tuple[tuple[Bucket, ...], DecodeTiling | None, str]:
@@ -87,7 +90,7 @@ def check_buckets(cfg: BuildConfig) -> tuple[tuple[Bucket, ...], DecodeTiling | 
     preset = get_preset(cfg.preset)
     d = preset.default_bucket
     for name in ("frames", "height", "width"):
-        _whole(name, getattr(cfg, name), 1)
+        _whole(name, getattr(cfg, name), None)
     for name in ("decode_tile", "decode_overlap", "seed"):
         _whole(name, getattr(cfg, name), 0)
     if cfg.fps is not None and (isinstance(cfg.fps, bool) or not isinstance(cfg.fps, (int, float))

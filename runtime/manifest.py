@@ -351,6 +351,10 @@ def _buckets(data: dict, fmt: int) -> tuple[Bucket, ...]:
         raise sc.bad("buckets", [b.label() for b in buckets], "buckets of different sizes")
     if len(buckets) > 1 and any(b.rope_file is None for b in buckets):
         raise sc.bad("buckets", [b.label() for b in buckets], "a RoPE table file per bucket")
+    if "bucket" in data:  # the default, repeated for format 1 readers: it must be the first
+        default = Bucket.from_json(data["bucket"])
+        if default != buckets[0]:
+            raise sc.bad("bucket", default.label(), f"the first of buckets ({buckets[0].label()})")
     return buckets
 
 
