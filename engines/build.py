@@ -298,7 +298,8 @@ def build_engines(cfg: BuildConfig) -> Path:
             extra_files = {quality["fp8"]["scales_file"]: quality["fp8"]["scales_sha256"]}
             components["dit"] = replace(components["dit"], extra_files={**components["dit"].extra_files,
                                                                          **extra_files})
-        config = {"dit": asdict(models.preset.dit), "vae": asdict(models.preset.vae), "text": asdict(models.preset.text)}
+        config = {"dit": asdict(models.preset.dit), "vae": asdict(models.preset.vae),
+                  "text": asdict(models.preset.text)}
         per = {b.label(): {k: activation_bytes(k, config, b.to_json(), e.precision, tiling.to_json() if tiling else {})
                            for k, e in components.items()} for b in buckets}
         memory = {

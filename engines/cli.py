@@ -23,7 +23,8 @@ def _build(args: argparse.Namespace) -> int:
     from stdrc.export.lora import LoraSpec
 
     cfg = BuildConfig(
-        preset=args.preset, checkpoint=args.checkpoint, buckets=tuple(args.bucket), rope=args.rope, frames=args.frames, height=args.height, width=args.width,
+        preset=args.preset, checkpoint=args.checkpoint, buckets=tuple(args.bucket), rope=args.rope,
+        frames=args.frames, height=args.height, width=args.width,
         fps=args.fps, backend=args.backend, precision=args.precision, out=args.out or Path("bundles") / args.preset,
         seed=args.seed, layout=args.layout, face_weights=args.face_weights, calibrate_fp8=args.calibrate_fp8,
         text_encoder=args.text_encoder, base_checkpoint=args.base_checkpoint, decode_tile=args.decode_tile,

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default="", help="prompt of the 'no text' guidance stream")
     g.add_argument("-o", "--output", required=True, help="output .mp4 (a _sheet.png goes beside it)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same video)")
-    g.add_argument("--frames", type=int, default=None, help="video frames: picks the bundle's bucket (default: its first)")
+    g.add_argument("--frames", type=int, default=None,
+                   help="video frames: picks the bundle's bucket (default: its first)")
     g.add_argument("--height", type=int, default=None, help="pixels: picks the bundle's bucket (default: its first)")
     g.add_argument("--width", type=int, default=None, help="pixels: picks the bundle's bucket (default: its first)")
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
