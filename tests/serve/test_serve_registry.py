@@ -66,12 +66,14 @@ def test_form_fields_parse_into_a_request():
                       "ref_scale": "", "face_crop": "false"})
     assert got == GenerationRequest("p", "n", 3, 4, 2.5, None, False)
     assert parse_form({"prompt": "p"}) == GenerationRequest("p")
+    sized = parse_form({"prompt": "p", "frames": "17", "height": "96", "width": "64"})  # a bundle's bucket
+    assert (sized.frames, sized.height, sized.width) == (17, 96, 64)
 
 
 @pytest.mark.parametrize(("form", "words"), [
     ({}, "prompt"), ({"prompt": "p", "seed": "1.5"}, "seed"), ({"prompt": "p", "steps": "two"}, "steps"),
     ({"prompt": "p", "ref_scale": "inf"}, "ref_scale"), ({"prompt": "p", "face_crop": "maybe"}, "face_crop"),
-    ({"prompt": "p", "width": "64"}, "width"),
+    ({"prompt": "p", "fps": "24"}, "fps"), ({"prompt": "p", "width": "6.5"}, "width"),
 ])
 def test_bad_form_fields_name_the_field(form, words):
     with pytest.raises(InputError, match=words):
