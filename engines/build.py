@@ -40,10 +40,16 @@ ATTENTION_FOR = {"onnxruntime": "ort", "tensorrt": "onnx"}  # export/attention.p
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """What to build. Bucket fields left as None take the preset's default bucket."""
+    """What to build. Bucket fields left as None take the preset's default bucket.
+
+    `buckets`: several sizes, each "FRAMESxWIDTHxHEIGHT" or (frames, height, width), the first the default
+    (instead of frames/height/width). `rope`: auto (baked for one bucket, input for several), input, baked.
+    """
 
     preset: str = "tiny"
     checkpoint: Path | None = None
+    buckets: tuple = ()
+    rope: str = "auto"
     frames: int | None = None
     height: int | None = None
     width: int | None = None
@@ -81,50 +87,6 @@ def resolve_backend(backend: str) -> str:
         return backend
     has_trt = importlib.util.find_spec("tensorrt") is not None
     return "tensorrt" if has_trt and torch.cuda.is_available() else "onnxruntime"
-
-
-def check_build_config(cfg: BuildConfig) -> Bucket:
-    """Every build value checked before any weight is read: one ExportError/InputError line each.
-
-    Returns the bucket the build will target (preset defaults filled in for None fields).
-    """
-    import math
-
-    from stdrc.engines.bundle import check_out
-    from stdrc.export.config import get_preset
-    from stdrc.runtime.manifest import LAYOUTS, PRECISIONS
-    from stdrc.runtime.options import check_path
-
-    preset = get_preset(cfg.preset)
-    for name in ("frames", "height", "width", "decode_tile", "decode_overlap", "seed"):
-        value = getattr(cfg, name)
-        zero_ok = name in ("decode_tile", "decode_overlap", "seed")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1)):
-            raise InputError(f"--{name.replace('_', '-')} {value!r}: pass an integer >= {0 if zero_ok else 1}"
-                             + (" (or leave it out for the preset's default)" if name in ("frames", "height", "width")
-                                else ""))
-    if cfg.fps is not None and (not isinstance(cfg.fps, (int, float)) or not math.isfinite(cfg.fps)
-                                or not 0 < cfg.fps <= 1000):
-        raise InputError(f"--fps {cfg.fps!r}: pass a frame rate in (0, 1000], e.g. --fps 24")
-    if cfg.precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if cfg.layout not in LAYOUTS:
-        raise ExportError(f"unknown layout {cfg.layout!r}: choose one of {', '.join(LAYOUTS)}")
-    backend = resolve_backend(cfg.backend)
-    if backend == "onnxruntime" and cfg.precision not in ("fp32", "fp16"):
-        raise ExportError(f"ONNX Runtime engines are fp32 or fp16, not {cfg.precision}: use --precision fp32 (CPU) "
-                          "or fp16 (CUDA EP); FP8 needs --backend tensorrt")
-    if backend in ("torch", "aoti") and cfg.precision == "fp16":
-        raise ExportError(f"--backend {backend} builds fp32, bf16 or fp8 engines: use --precision bf16")
-    for name in ("checkpoint", "base_checkpoint", "face_weights", "text_encoder", "text_checkpoint", "cache_dir"):
-        if getattr(cfg, name) is not None:
-            check_path(getattr(cfg, name), f"--{name.replace('_', '-')}")
-    check_out(check_path(cfg.out, "--out"))
-    d = preset.default_bucket
-    bucket = Bucket(frames=cfg.frames or d["frames"], height=cfg.height or d["height"], width=cfg.width or d["width"],
-                    text_length=preset.text.max_length, fps=cfg.fps or d["fps"])
-    decode_tiling(bucket.height, bucket.width, cfg.decode_tile, cfg.decode_overlap)
-    return bucket
 
 
 def has_face_encoder() -> bool:
@@ -195,7 +157,10 @@ def _fp32_models(src: Sources, cfg: BuildConfig) -> ModelSet:
 
 def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket, spec: ComponentSpec,
                     writer: BundleWriter, full: Callable[[], ModelSet]) -> ComponentEntry:
-    """One component's engine; its weights are loaded (on a cache miss) and released before the next."""
+    """One component's engine; its weights are loaded (on a cache miss) and released before the next.
+
+    `bucket` is the default; a spec with RoPE inputs (several buckets) exports the DiT without tables."""
+    rope_input = any(t.name == "rope_cos" for t in spec.inputs)
     out = writer.path(spec.name + ENGINE_SUFFIX[backend])
     extra: dict[str, str] = {}
     precision = cfg.precision
@@ -205,7 +170,7 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
 
     def load() -> torch.nn.Module:
         one = load_sources(src, (spec.name,), dtype, cfg.dit_transform)
-        module = one.export_modules(bucket, cfg.layout)[spec.name]
+        module = one.export_modules(bucket, cfg.layout, rope_input)[spec.name]
         return CastIO(module) if dtype != torch.float32 else module
 
     if backend == "onnxruntime":
@@ -219,7 +184,7 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
         extra = {f.name: sha256_file(f) for f in onnx_files(out)[1:]}
     elif backend in ("torch", "aoti"):
         models = full()
-        module = models.export_modules(bucket, cfg.layout)[spec.name]
+        module = models.export_modules(bucket, cfg.layout, rope_input)[spec.name]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if spec.name == "dit" and precision != "fp32":
             scales = None
@@ -242,7 +207,7 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
             onnx_path, kept = cached_onnx(cfg, cache_key(cfg, src, bucket, spec, dtype, attention), spec, load,
                                           writer.staging, attention)
         plan = plan_for(spec.name, spec, precision, writer.staging, onnx_path=onnx_path,
-                        timing_cache=cfg.cache_dir / "trt_timing.cache")
+                        timing_cache=cfg.cache_dir / "trt_timing.cache", bucket_dims=spec.bucket_dims)
         facts = build_engine(plan)
         if not kept:
             drop_uncached(onnx_path)
@@ -254,15 +219,37 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
     )
 
 
+def bucket_rope(bucket: Bucket) -> tuple[str, str]:
+    return bucket.rope_file, bucket.rope_sha256
+
+
+def write_rope_tables(models: ModelSet, buckets: tuple[Bucket, ...], layout: str,
+                      writer: BundleWriter) -> tuple[tuple[Bucket, ...], float]:
+    """One table file per bucket (`rope.npz` for the default, `rope_FxWxH.npz` for the others): positions,
+    cos, sin. Returns the buckets naming their files, and the largest position ratio over them."""
+    named, ratio = [], 0.0
+    for i, b in enumerate(buckets):
+        positions, tables = models.rope(b, layout)
+        path = writer.path("rope.npz" if i == 0 else f"rope_{b.label()}.npz")
+        with open(path, "wb") as f:
+            np.savez(f, positions=positions.numpy(), cos=tables.cos.numpy(), sin=tables.sin.numpy())
+        named.append(replace(b, rope_file=path.name, rope_sha256=sha256_file(path)))
+        ratio = max(ratio, tables.max_position_ratio)
+    return tuple(named), ratio
+
+
 def build_engines(cfg: BuildConfig) -> Path:
-    """Build every component for one bucket and write the bundle at `cfg.out` (atomically).
+    """Build every component for the buckets of `cfg` and write the bundle at `cfg.out` (atomically).
+
+    One engine per component serves every bucket (dynamic dims; a TensorRT profile per bucket); the
+    weights are stored once, and each bucket adds its RoPE table file.
 
     Arguments are checked first (`check_build`), then checkpoint headers (`plan_sources`); weights are
     read one component at a time, each released before the next.
     """
     backend = resolve_backend(cfg.backend)
-    bucket, tiling = check_build(cfg, backend)
-    check_build_config(cfg)
+    buckets, tiling, rope = check_build(cfg, backend)
+    bucket = buckets[0]
     stages = tqdm(total=7, desc="build-engines", unit="stage", disable=not cfg.progress)
     stages.set_postfix_str("reading checkpoint headers")
     src = plan_sources(get_preset(cfg.preset), cfg.checkpoint, cfg.seed, cfg.face_weights, cfg.text_encoder,
@@ -282,7 +269,7 @@ def build_engines(cfg: BuildConfig) -> Path:
         return cache[0]
 
     stages.update()
-    specs = component_specs(models.preset, bucket, tiling)
+    specs = component_specs(models.preset, buckets, tiling, rope_input=rope == "input")
     with BundleWriter(cfg.out) as writer:
         quality = {}
         if cfg.calibrate_fp8 or (cfg.precision == "fp8" and backend in ("torch", "aoti")):
@@ -306,23 +293,21 @@ def build_engines(cfg: BuildConfig) -> Path:
             components["text_encoder"] = replace(
                 components["text_encoder"],
                 extra_files={**components["text_encoder"].extra_files, text["file"]: text["sha256"]})
-        positions, tables = models.rope(bucket, cfg.layout)
-        rope_path = writer.path("rope.npz")
-        with open(rope_path, "wb") as f:
-            np.savez(f, positions=positions.numpy(), cos=tables.cos.numpy(), sin=tables.sin.numpy())
+        buckets, ratio = write_rope_tables(models, buckets, cfg.layout, writer)
         if quality:
             extra_files = {quality["fp8"]["scales_file"]: quality["fp8"]["scales_sha256"]}
             components["dit"] = replace(components["dit"], extra_files={**components["dit"].extra_files,
                                                                          **extra_files})
+        config = {"dit": asdict(models.preset.dit), "vae": asdict(models.preset.vae),
+                  "text": asdict(models.preset.text)}
+        per = {b.label(): {k: activation_bytes(k, config, b.to_json(), e.precision, tiling.to_json() if tiling else {})
+                           for k, e in components.items()} for b in buckets}
         memory = {
             "weight_bytes": {k: component_weight_bytes(writer.staging, e.file, e.extra_files)
                              for k, e in components.items()},
-            "activation_bytes": {k: activation_bytes(k, {"dit": asdict(models.preset.dit),
-                                                         "vae": asdict(models.preset.vae),
-                                                         "text": asdict(models.preset.text)},
-                                                     bucket.to_json(), e.precision,
-                                                     tiling.to_json() if tiling else {})
-                                 for k, e in components.items()},
+            # the largest over the buckets (what the memory plan must hold); each bucket's below
+            "activation_bytes": {k: max(per[b.label()][k] for b in buckets) for k in components},
+            "activation_bytes_per_bucket": per,
             "note": "weights: engine files' bytes; activations: estimates (stdrc.runtime.memory)",
         }
         manifest = Manifest(
@@ -330,16 +315,15 @@ def build_engines(cfg: BuildConfig) -> Path:
             model_config={"dit": asdict(models.preset.dit), "vae": asdict(models.preset.vae),
                           "text": asdict(models.preset.text), "seed": cfg.seed},
             checkpoint_sha256=models.checkpoint_sha256,
-            bucket=bucket,
+            buckets=buckets,
             components=components,
             sampler={**SCHEDULE, "steps": models.preset.steps,
                      "sigmas": [float(s) for s in ltx2_sigmas(models.preset.steps)],
                      "distilled_sigmas": list(DISTILLED_SIGMAS)},
             guidance={"text_scale": models.preset.text_scale, "ref_scale": models.preset.ref_scale,
                       "null_reference": "key_mask"},
-            rope={"file": rope_path.name, "sha256": sha256_file(rope_path), "layout": cfg.layout,
-                  "type": models.preset.dit.rope_type, "baked_in_dit": True,
-                  "max_position_ratio": tables.max_position_ratio},
+            rope={"file": bucket_rope(buckets[0])[0], "sha256": bucket_rope(buckets[0])[1], "layout": cfg.layout,
+                  "type": models.preset.dit.rope_type, "baked_in_dit": rope == "baked", "max_position_ratio": ratio},
             text=text,
             reference={"layout": cfg.layout, "video_tokens": bucket.video_tokens,
                        "reference_tokens": bucket.reference_tokens, "timestep": 0.0},

@@ -22,7 +22,8 @@ def _build(args: argparse.Namespace) -> int:
     from stdrc.export.lora import LoraSpec
 
     cfg = BuildConfig(
-        preset=args.preset, checkpoint=args.checkpoint, frames=args.frames, height=args.height, width=args.width,
+        preset=args.preset, checkpoint=args.checkpoint, buckets=tuple(args.bucket), rope=args.rope,
+        frames=args.frames, height=args.height, width=args.width,
         fps=args.fps, backend=args.backend, precision=args.precision, out=args.out or Path("bundles") / args.preset,
         seed=args.seed, layout=args.layout, face_weights=args.face_weights, calibrate_fp8=args.calibrate_fp8,
         text_encoder=args.text_encoder, base_checkpoint=args.base_checkpoint, decode_tile=args.decode_tile,
@@ -49,7 +50,8 @@ def _verify(args: argparse.Namespace) -> int:
         for name, r in reports.items():
             status = "ok" if r.ok else "FAIL"
             print(f"{name:13s} {r.backend:11s} {r.precision:5s} max_abs_err={r.max_abs_err:.3e} "
-                  f"rel_l2={r.rel_l2:.3e} (tol {r.tolerance:.0e}) {status}")
+                  f"rel_l2={r.rel_l2:.3e} (tol {r.tolerance:.0e}) {status}"
+                  + (f" buckets {', '.join(r.buckets)}" if len(r.buckets) > 1 else ""))
     return 0 if result["ok"] else 1
 
 
@@ -65,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "preset's seeded random weights are used. The bundle appears atomically.")
     b.add_argument("--preset", default="tiny", help="model preset: tiny (seeded, seconds on a CPU) or ltx2-video")
     b.add_argument("--checkpoint", type=Path, default=None, help="LTX-2 / ST-DRC .safetensors (default: the preset's seeded weights)")
+    b.add_argument("--bucket", action="append", default=[], metavar="FRAMESxWIDTHxHEIGHT",
+                   help="a size the bundle serves, e.g. 121x768x512; repeatable (the first is the default); "
+                        "instead of --frames/--height/--width")
+    b.add_argument("--rope", default="auto", choices=("auto", "input", "baked"),
+                   help="RoPE tables: baked into the DiT as constants (one bucket, the smallest edge bundle) or "
+                        "fed as inputs per bucket; auto = baked for one bucket, input for several")
     b.add_argument("--frames", type=int, default=None, help="video frames, 8k+1 (default: the preset's bucket)")
     b.add_argument("--height", type=int, default=None, help="pixels, multiple of 32 (default: the preset's bucket)")
     b.add_argument("--width", type=int, default=None, help="pixels, multiple of 32 (default: the preset's bucket)")

@@ -63,30 +63,88 @@ def check_out(out: Path) -> None:
         raise InputError(f"--out {out}: {parent} is a file, not a folder: pass a folder path for the bundle")
 
 
-def check_bucket(cfg: BuildConfig) -> tuple[Bucket, DecodeTiling | None]:
-    """The bucket (preset defaults filled in) and decode tiling, from plain values."""
+ROPE_MODES = ("auto", "input", "baked")
+
+
+def parse_bucket(text: str) -> tuple[int, int, int]:
+    """`--bucket FRAMESxWIDTHxHEIGHT` (e.g. 121x768x512) -> (frames, height, width)."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise InputError(f"--bucket {text!r} is not FRAMESxWIDTHxHEIGHT: e.g. --bucket 121x768x512")
+    frames, width, height = (int(p) for p in parts)
+    return frames, height, width
+
+
+def _whole(name: str, value: object, lo: int | None) -> None:
+    """A whole number (>= lo when given; bucket sizes get the Bucket's own messages, with the nearest fix)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or (lo is not None and value < lo)):
+        hint = " (or leave it out for the preset's default)" if name in ("frames", "height", "width") else ""
+        raise InputError(f"--{name.replace('_', '-')} {value!r}: pass an integer{f' >= {lo}' if lo is not None else ''}"
+                         f"{hint}")
+
+
+def check_buckets(cfg: BuildConfig) -> tuple[tuple[Bucket, ...], DecodeTiling | None, str]:
+    """The buckets (the first is the default), the decode tiling shared by all, and the RoPE mode
+    (``baked``: tables as DiT constants, one bucket; ``input``: fed per bucket), from plain values."""
     preset = get_preset(cfg.preset)
     d = preset.default_bucket
     for name in ("frames", "height", "width"):
-        value = getattr(cfg, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise InputError(f"--{name} {value!r} must be a whole number")
-    if cfg.fps is not None and not (math.isfinite(cfg.fps) and cfg.fps > 0):
-        raise InputError(f"--fps {cfg.fps} must be a finite number > 0: e.g. --fps 24")
-    frames = d["frames"] if cfg.frames is None else cfg.frames
-    height = d["height"] if cfg.height is None else cfg.height
-    width = d["width"] if cfg.width is None else cfg.width
-    bucket = Bucket(frames=frames, height=height, width=width, text_length=preset.text.max_length,
-                    fps=d["fps"] if cfg.fps is None else cfg.fps)
-    return bucket, decode_tiling(bucket.height, bucket.width, cfg.decode_tile, cfg.decode_overlap)
+        _whole(name, getattr(cfg, name), None)
+    for name in ("decode_tile", "decode_overlap", "seed"):
+        _whole(name, getattr(cfg, name), 0)
+    if cfg.fps is not None and (isinstance(cfg.fps, bool) or not isinstance(cfg.fps, (int, float))
+                                or not math.isfinite(cfg.fps) or not 0 < cfg.fps <= 1000):
+        raise InputError(f"--fps {cfg.fps} must be a finite number > 0 (at most 1000): e.g. --fps 24")
+    fps = d["fps"] if cfg.fps is None else cfg.fps
+    single = (cfg.frames, cfg.height, cfg.width)
+    if cfg.buckets and any(v is not None for v in single):
+        raise InputError("--bucket and --frames/--height/--width both give sizes: pass --bucket FxWxH for each "
+                         "bucket, or --frames/--height/--width for one")
+    sizes = [parse_bucket(b) if isinstance(b, str) else tuple(b) for b in cfg.buckets] or [
+        tuple(d[k] if v is None else v for k, v in zip(("frames", "height", "width"), single))]
+    buckets = []
+    for frames, height, width in sizes:
+        if (frames, height, width) in [(b.frames, b.height, b.width) for b in buckets]:
+            raise InputError(f"--bucket {frames}x{width}x{height} is given twice: pass each size once")
+        buckets.append(Bucket(frames=frames, height=height, width=width, text_length=preset.text.max_length,
+                              fps=fps))
+    if cfg.rope not in ROPE_MODES:
+        raise InputError(f"--rope {cfg.rope!r}: choose one of {', '.join(ROPE_MODES)}")
+    rope = cfg.rope if cfg.rope != "auto" else ("baked" if len(buckets) == 1 else "input")
+    if rope == "baked" and len(buckets) > 1:
+        raise InputError(f"--rope baked holds one bucket's tables as DiT constants, and {len(buckets)} buckets "
+                         "were given: pass --rope input (or auto), or one --bucket")
+    height, width = max(b.height for b in buckets), max(b.width for b in buckets)
+    return tuple(buckets), decode_tiling(height, width, cfg.decode_tile, cfg.decode_overlap), rope
 
 
-def check_build(cfg: BuildConfig, backend: str) -> tuple[Bucket, DecodeTiling | None]:
-    """Every argument check of a build; reads no weights (headers of files at most)."""
+def check_bucket(cfg: BuildConfig) -> tuple[Bucket, DecodeTiling | None]:
+    """The default bucket (preset defaults filled in) and decode tiling."""
+    buckets, tiling, _ = check_buckets(cfg)
+    return buckets[0], tiling
+
+
+def check_build(cfg: BuildConfig, backend: str) -> tuple[tuple[Bucket, ...], DecodeTiling | None, str]:
+    """Every argument check of a build, in one place; reads no weights (headers of files at most)."""
+    from stdrc.runtime.manifest import LAYOUTS
+    from stdrc.runtime.options import check_path
+
     get_preset(cfg.preset)
     check_precision(backend, cfg.precision)
-    bucket, tiling = check_bucket(cfg)
-    check_out(cfg.out)
+    if cfg.layout not in LAYOUTS:
+        raise ExportError(f"unknown layout {cfg.layout!r}: choose one of {', '.join(LAYOUTS)}")
+    buckets, tiling, rope = check_buckets(cfg)
+    baked_only = (backend in ("torch", "aoti") and cfg.precision in ("bf16", "fp8")) \
+        or (backend == "tensorrt" and cfg.precision == "fp8")
+    if rope == "input" and baked_only:
+        raise ExportError(f"--backend {backend} --precision {cfg.precision} bakes the RoPE tables into its DiT "
+                          "(one bucket): pass one --bucket with --rope baked (or auto), or --precision "
+                          f"{'fp16 or bf16' if backend == 'tensorrt' else 'fp32'} for several buckets")
+    for name in ("checkpoint", "base_checkpoint", "face_weights", "text_encoder", "text_checkpoint", "cache_dir"):
+        if getattr(cfg, name) is not None:
+            check_path(getattr(cfg, name), f"--{name.replace('_', '-')}")
+    check_out(check_path(cfg.out, "--out"))
     if cfg.base_checkpoint is not None and cfg.text_checkpoint is not None \
             and Path(cfg.base_checkpoint) != Path(cfg.text_checkpoint):
         raise InputError("--text-checkpoint is the old name of --base-checkpoint: pass one of them")
@@ -111,4 +169,4 @@ def check_build(cfg: BuildConfig, backend: str) -> tuple[Bucket, DecodeTiling | 
     elif get_preset(cfg.preset).text.kind != "tiny":
         raise CheckpointError(f"--preset {cfg.preset} uses the Gemma-3 text side: pass --text-encoder DIR "
                               "(a local Gemma-3 folder)")
-    return bucket, tiling
+    return buckets, tiling, rope

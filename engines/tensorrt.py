@@ -58,6 +58,12 @@ class TrtBuildPlan:
     workspace_bytes: int | None = None  # None: TensorRT's default (all device memory)
     strongly_typed: bool = False  # types come from the ONNX (Q/DQ for fp8)
     flags: tuple[str, ...] = field(default_factory=tuple)  # trt.BuilderFlag member names
+    # one optimization profile per bucket (min = opt = max at its sizes); empty: `profiles` alone
+    bucket_profiles: tuple[dict[str, tuple[Shape, Shape, Shape]], ...] = ()
+
+    def all_profiles(self) -> tuple[dict[str, tuple[Shape, Shape, Shape]], ...]:
+        """The plan's optimization profiles, in order (index = the bucket's position in the manifest)."""
+        return self.bucket_profiles or (self.profiles,)
 
     def describe(self) -> dict[str, Any]:
         """The plan's facts for the manifest `build` field (no machine paths)."""
@@ -68,6 +74,8 @@ class TrtBuildPlan:
             "builder_optimization_level": self.optimization_level,
             "workspace_bytes": self.workspace_bytes,
             "profiles": {k: [list(s) for s in v] for k, v in self.profiles.items()},
+            **({"bucket_profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in self.bucket_profiles]}
+               if self.bucket_profiles else {}),
         }
 
 
@@ -109,8 +117,11 @@ def plan_for(
     timing_cache: str | os.PathLike | None = None,
     workspace_bytes: int | None = None,
     strongly_typed: bool | None = None,
+    bucket_dims: tuple[dict[str, list[int]], ...] = (),
 ) -> TrtBuildPlan:
     """The build plan of one component. `strongly_typed=None`: True for fp8, False otherwise.
+
+    `bucket_dims` (ComponentSpec.bucket_dims): the dynamic dims at each bucket, one profile each.
 
     fp16/bf16 with `strongly_typed=True` takes its types from an ONNX already in that precision
     (the only way on TensorRT 11, which removed the FP16/BF16 builder flags).
@@ -139,6 +150,7 @@ def plan_for(
         workspace_bytes=workspace_bytes,
         strongly_typed=typed,
         flags=() if typed else PRECISION_FLAGS[precision],
+        bucket_profiles=tuple(profile_shapes(interface.inputs, dims) for dims in bucket_dims),
     )
 
 
@@ -200,17 +212,20 @@ def gpu_facts_for_build() -> dict[str, str]:
 def polygraphy_loaders(plan: TrtBuildPlan, memory_pool_limits: Mapping[Any, int] | None = None) -> tuple[Any, Any]:
     """The plan as polygraphy loaders: (NetworkFromOnnxPath, CreateConfig); nothing imports TensorRT yet.
 
-    One optimization profile (a plan serves one bucket); TF32 stays off (polygraphy's default), so
+    One optimization profile per bucket (or one for a single-bucket plan); TF32 stays off (polygraphy's default), so
     fp32 layers keep fp32 accuracy. `memory_pool_limits` maps trt.MemoryPoolType to bytes.
     """
     from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile
 
-    profile = Profile()
-    for name, (lo, opt, hi) in plan.profiles.items():
-        profile.add(name, lo, opt, hi)
+    profiles = []
+    for shapes in plan.all_profiles():
+        profile = Profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.add(name, lo, opt, hi)
+        profiles.append(profile)
     cache = plan.timing_cache if plan.timing_cache is not None and plan.timing_cache.is_file() else None
     config = CreateConfig(
-        profiles=[profile], builder_optimization_level=plan.optimization_level,
+        profiles=profiles, builder_optimization_level=plan.optimization_level,
         load_timing_cache=str(cache) if cache else None, memory_pool_limits=memory_pool_limits,
         **{flag.lower(): True for flag in plan.flags},  # "FP16" -> fp16=True, "BF16" -> bf16=True
     )

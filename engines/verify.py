@@ -22,7 +22,7 @@ from stdrc.export.lora import LoraSpec, lora_transform, match_manifest
 from stdrc.export.models import load_sources, plan_sources
 from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import check_trust, open_engine
-from stdrc.runtime.manifest import check_files, read_manifest
+from stdrc.runtime.manifest import bundle_path, check_files, read_manifest
 from stdrc.runtime.options import check_path
 from stdrc.runtime.tiling import DecodeTiling
 
@@ -38,6 +38,7 @@ class ComponentReport:
     ok: bool
     backend: str
     precision: str
+    buckets: tuple[str, ...] = ()  # the bucket sizes checked (FRAMESxWIDTHxHEIGHT)
 
 
 @contextmanager
@@ -123,13 +124,25 @@ def check_sources(bundle: Path, recorded: dict[str, dict], given: dict[str, dict
 def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Callable | None) -> list[tuple]:  # noqa: ANN001
     """PyTorch outputs (fp32, from the recorded sources) for each feed; the module is released on return."""
     one = load_sources(src, (name,), torch.float32, transform if name == "dit" else None)
-    module = one.export_modules(manifest.bucket, manifest.rope["layout"])[name]
+    rope_input = any(t.name == "rope_cos" for t in spec.inputs)
+    module = one.export_modules(manifest.bucket, manifest.rope["layout"], rope_input)[name]
     outs = []
     with torch.no_grad():
         for feed in feeds:
             ref = module(*[torch.from_numpy(feed[t.name]) for t in spec.inputs])
             outs.append(tuple(r.float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))))
     return outs
+
+
+BUCKET_SIZED = ("dit", "vae_encoder", "vae_decoder")
+
+
+def bucket_feeds(bundle: Path, bucket, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """A DiT taking RoPE inputs is fed the bucket's own tables from the bundle (not random ones)."""
+    if "rope_cos" not in feeds or bucket.rope_file is None:
+        return feeds
+    with np.load(bundle_path(bundle, bucket.rope_file), allow_pickle=False) as tables:
+        return {**feeds, "rope_cos": tables["cos"].astype(np.float32), "rope_sin": tables["sin"].astype(np.float32)}
 
 
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
@@ -160,13 +173,19 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     check_sources(bundle, manifest.created_by.get("sources", {}), src.of(), list(manifest.components))
     if loras:
         dit_transform, _ = lora_transform(loras, src.preset.dit, dit_transform)
-    specs = component_specs(src.preset, manifest.bucket, DecodeTiling.from_json(manifest.decode))
+    tiling = DecodeTiling.from_json(manifest.decode)
+    rope_input = any(t.name == "rope_cos" for t in manifest.components["dit"].inputs) \
+        if "dit" in manifest.components else False
+    per_bucket = [component_specs(src.preset, b, tiling, rope_input) for b in manifest.buckets]
     reports = {}
     for name, entry in manifest.components.items():
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],
                                                                             entry.dynamic_dims["batch"][1]})
-        feeds = [specs[name].sample_inputs(seed=seed, batch=batch) for batch in batches]
-        refs = _reference(src, name, manifest, specs[name], feeds, dit_transform)
+        sized = name in BUCKET_SIZED  # checked at every bucket; the others take no bucket size
+        checked = manifest.buckets if sized else manifest.buckets[:1]
+        feeds = [bucket_feeds(bundle, b, specs[name].sample_inputs(seed=seed, batch=batch))
+                 for b, specs in zip(checked, per_bucket) for batch in batches]
+        refs = _reference(src, name, manifest, per_bucket[0][name], feeds, dit_transform)
         release_memory()  # the PyTorch module is gone before the engine loads: one copy of the weights at a time
         expected = [{spec.name: value for spec, value in zip(entry.outputs, ref)} for ref in refs]
         with _engine_runner(bundle, name, entry, device, report, trust_code) as run:
@@ -176,7 +195,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         tol = TOLERANCE.get(entry.precision, 1e-4)
         matched = polygraphy_check(name, got, expected, tol, report)
         reports[name] = ComponentReport(worst[0], worst[1], tol, worst[1] <= tol and matched, entry.backend,
-                                        entry.precision)
+                                        entry.precision, tuple(b.label() for b in checked) if sized else ())
         del got
         release_memory()
     return reports

@@ -62,12 +62,18 @@ class ModelSet:
         positions = token_positions(grid, layout, bucket.fps)
         return positions, rope_tables(positions, self.preset.dit)
 
-    def export_modules(self, bucket: Bucket, layout: str = "tass") -> dict[str, torch.nn.Module]:
-        """The export wrappers of the components this set holds (those loaded)."""
+    def export_modules(self, bucket: Bucket, layout: str = "tass",
+                       rope_input: bool = False) -> dict[str, torch.nn.Module]:
+        """The export wrappers of the components this set holds (those loaded).
+
+        `rope_input`: the DiT takes `rope_cos`/`rope_sin` as inputs (one engine, every bucket); else the
+        bucket's tables are baked in as constants."""
         modules: dict[str, torch.nn.Module] = {}
         if self.text is not None:
             modules["text_encoder"] = self.text
-        if self.dit is not None:
+        if self.dit is not None and rope_input:
+            modules["dit"] = self.dit
+        elif self.dit is not None:
             _, tables = self.rope(bucket, layout)
             dtype = next(self.dit.parameters()).dtype
             modules["dit"] = BakedRopeDiT(self.dit, tables.cos.to(dtype), tables.sin.to(dtype))

@@ -20,16 +20,22 @@ import torch
 from stdrc.export.attention import OPSET, fused_attention, translation_table
 from stdrc.export.errors import ExportError
 from stdrc.export.specs import ComponentSpec
+from stdrc.runtime.manifest import SPACE_SCALE
 
 log = logging.getLogger(__name__)
 TWO_GB = 2 * 1024**3
+PIXEL_DIMS = {"height", "width"}  # symbolic image sizes (the VAE encoder's), multiples of SPACE_SCALE
 
 
 def dynamic_shapes(spec: ComponentSpec) -> tuple | None:
     """torch.export dims for every symbolic input dim named in `spec.dynamic_dims` (one Dim per name)."""
     if not spec.dynamic_dims:
         return None
-    dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, _, hi) in spec.dynamic_dims.items()}
+    dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, _, hi) in spec.dynamic_dims.items()
+            if name not in PIXEL_DIMS}
+    for name in PIXEL_DIMS & set(spec.dynamic_dims):  # pixels: a multiple of 32, a derived dim
+        lo, _, hi = spec.dynamic_dims[name]
+        dims[name] = SPACE_SCALE * torch.export.Dim(f"latent_{name}", min=lo // SPACE_SCALE, max=hi // SPACE_SCALE)
     return tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
 
 

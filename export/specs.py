@@ -5,7 +5,7 @@ Read by ONNX export, engine builds, `verify` and (through the manifest) the runt
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +26,8 @@ class ComponentSpec:
     dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
     sample: Callable[[int, int], dict[str, np.ndarray]] | None = None  # (batch, seed) -> feeds
     rel_l2_tolerance: float = 1e-4  # fp32 exported vs PyTorch
+    # per bucket: the dynamic dims at that bucket's sizes (batch keeps its range), one TensorRT profile each
+    bucket_dims: tuple[dict[str, list[int]], ...] = ()
 
     def sample_inputs(self, seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:
         opt = self.dynamic_dims.get("batch", [1, 1, 1])[1]
@@ -36,15 +38,49 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def component_specs(preset: Preset, bucket: Bucket, tiling: DecodeTiling | None = None) -> dict[str, ComponentSpec]:
-    """With `tiling`, the VAE decoder takes the bucket's tile sizes (dynamic where they differ), run tile by tile."""
-    d, b = preset.dit, bucket
-    n, length, c = b.tokens, b.text_length, d.in_channels
-    lf, lh, lw = b.latent_frames, b.latent_height, b.latent_width
-    tile_dims = decoder_tile_dims(tiling, lh, lw) if tiling else {"tile_height": [lh] * 3, "tile_width": [lw] * 3}
-    dec_dynamic = {k: v for k, v in tile_dims.items() if v[0] != v[2]}  # one tile length on an axis: static
+def _span(values: Sequence[int]) -> list[int]:
+    """[min, opt (the default bucket's), max] over the buckets."""
+    return [min(values), values[0], max(values)]
+
+
+def rope_shape(preset: Preset, tokens: int | str) -> tuple[int | str, ...]:
+    """The shape of one bucket's cos/sin table (rope.py): interleaved (1, N, inner), split (1, heads, N, d/2)."""
+    d = preset.dit
+    if d.rope_type == "split":
+        return (1, d.num_attention_heads, tokens, d.attention_head_dim // 2)
+    return (1, tokens, d.inner_dim)
+
+
+def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: DecodeTiling | None = None,
+                    rope_input: bool = False) -> dict[str, ComponentSpec]:
+    """Specs for every component, serving every bucket of `buckets` (the first is the default).
+
+    A dim that differs between buckets is symbolic with [min, opt, max] over them (DiT tokens, VAE
+    encoder height/width, decoder latent frames and tiles). `rope_input`: the DiT takes the RoPE
+    tables as inputs `rope_cos`/`rope_sin` (else they are baked constants, one bucket). With
+    `tiling`, the VAE decoder takes tile sizes (dynamic where they differ), run tile by tile.
+    """
+    buckets = (buckets,) if isinstance(buckets, Bucket) else tuple(buckets)
+    d, b = preset.dit, buckets[0]
+    length, c = b.text_length, d.in_channels
+    per_tile = [decoder_tile_dims(tiling, x.latent_height, x.latent_width) if tiling
+                else {"tile_height": [x.latent_height] * 3, "tile_width": [x.latent_width] * 3} for x in buckets]
+    tile_dims = {k: [min(t[k][0] for t in per_tile), per_tile[0][k][1], max(t[k][2] for t in per_tile)]
+                 for k in ("tile_height", "tile_width")}
+    spans = {"tokens": _span([x.tokens for x in buckets]), "latent_frames": _span([x.latent_frames for x in buckets]),
+             "height": _span([x.height for x in buckets]), "width": _span([x.width for x in buckets]), **tile_dims}
+    varies = {k: v for k, v in spans.items() if v[0] != v[2]}  # one value over the buckets: static
+
+    def dim(name: str, static: int) -> int | str:
+        return name if name in varies else static
+
+    n, lf = dim("tokens", b.tokens), dim("latent_frames", b.latent_frames)
+    ih, iw = dim("height", b.height), dim("width", b.width)
+    lh, lw = (f"{x}/{SPACE_SCALE}" if isinstance(x, str) else x // SPACE_SCALE for x in (ih, iw))
+    dec_dynamic = {k: varies[k] for k in ("latent_frames", "tile_height", "tile_width") if k in varies}
     dh, dw = (name if name in dec_dynamic else tile_dims[name][2] for name in ("tile_height", "tile_width"))
     oh, ow = (f"{dim}*{SPACE_SCALE}" if isinstance(dim, str) else dim * SPACE_SCALE for dim in (dh, dw))
+    frames_out = "frames" if isinstance(lf, str) else b.frames
     latent_c = preset.vae.latent_channels
 
     def text_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -62,16 +98,20 @@ def component_specs(preset: Preset, bucket: Bucket, tiling: DecodeTiling | None 
         timestep = np.concatenate(
             [np.repeat(sigma, b.video_tokens, axis=1), np.zeros((batch, b.reference_tokens), np.float32)], axis=1
         )
-        attn = np.ones((batch, n), np.int64)
+        attn = np.ones((batch, b.tokens), np.int64)
         attn[0, b.video_tokens:] = 0  # first stream: "no reference"
         ctx_mask = np.ones((batch, length), np.int64)
-        return {
-            "latent": r.standard_normal((batch, n, c), dtype=np.float32),
+        feeds = {
+            "latent": r.standard_normal((batch, b.tokens, c), dtype=np.float32),
             "timestep": timestep,
             "context": r.standard_normal((batch, length, d.caption_channels), dtype=np.float32),
             "context_mask": ctx_mask,
             "attn_mask": attn,
         }
+        if rope_input:  # tables of the right shape (verify feeds the bundle's own)
+            angle = r.uniform(0, 2 * np.pi, rope_shape(preset, b.tokens))
+            feeds.update(rope_cos=np.cos(angle).astype(np.float32), rope_sin=np.sin(angle).astype(np.float32))
+        return feeds
 
     def enc_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
         return {"image": _rng(seed).uniform(-1, 1, (1, 3, 1, b.height, b.width)).astype(np.float32)}
@@ -79,7 +119,8 @@ def component_specs(preset: Preset, bucket: Bucket, tiling: DecodeTiling | None 
     def dec_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
         r = _rng(seed)
         return {
-            "latent": r.standard_normal((1, latent_c, lf, tile_dims["tile_height"][1], tile_dims["tile_width"][1]),
+            "latent": r.standard_normal((1, latent_c, b.latent_frames, tile_dims["tile_height"][1],
+                                         tile_dims["tile_width"][1]),
                                         dtype=np.float32),
             "timestep": np.full((1,), preset.vae.decode_timestep, np.float32),
         }
@@ -88,6 +129,17 @@ def component_specs(preset: Preset, bucket: Bucket, tiling: DecodeTiling | None 
         return {"image": _rng(seed).uniform(-1, 1, (batch, 3, 112, 112)).astype(np.float32)}
 
     f32, i64 = "float32", "int64"
+    rope = (TensorSpec("rope_cos", rope_shape(preset, n), f32), TensorSpec("rope_sin", rope_shape(preset, n), f32)) \
+        if rope_input else ()
+    dit_dims = {"batch": list(DIT_BATCH), **({"tokens": varies["tokens"]} if "tokens" in varies else {})}
+
+    def profiles(dynamic: dict[str, list[int]], per: Callable[[int, Bucket], dict[str, list[int]]]) -> tuple:
+        """One dict per bucket: its own [min, opt, max] of each dynamic dim (a TensorRT profile each)."""
+        if len(buckets) == 1:
+            return ()
+        return tuple({k: per(i, x).get(k, span) for k, span in dynamic.items()} for i, x in enumerate(buckets))
+
+    enc_dynamic = {k: varies[k] for k in ("height", "width") if k in varies}
     return {
         "text_encoder": ComponentSpec(
             "text_encoder",
@@ -103,23 +155,29 @@ def component_specs(preset: Preset, bucket: Bucket, tiling: DecodeTiling | None 
                 TensorSpec("context", ("batch", length, d.caption_channels), f32),
                 TensorSpec("context_mask", ("batch", length), i64),
                 TensorSpec("attn_mask", ("batch", n), i64),
+                *rope,
             ),
             (TensorSpec("velocity", ("batch", n, d.out_channels), f32),),
-            dynamic_dims={"batch": list(DIT_BATCH)},
+            dynamic_dims=dit_dims,
             sample=dit_sample,
+            bucket_dims=profiles(dit_dims, lambda i, x: {"tokens": [x.tokens] * 3}),
         ),
         "vae_encoder": ComponentSpec(
             "vae_encoder",
-            (TensorSpec("image", (1, 3, 1, b.height, b.width), f32),),
+            (TensorSpec("image", (1, 3, 1, ih, iw), f32),),
             (TensorSpec("latent", (1, latent_c, 1, lh, lw), f32),),
+            dynamic_dims=enc_dynamic,
             sample=enc_sample,
+            bucket_dims=profiles(enc_dynamic, lambda i, x: {"height": [x.height] * 3, "width": [x.width] * 3}),
         ),
         "vae_decoder": ComponentSpec(
             "vae_decoder",
             (TensorSpec("latent", (1, latent_c, lf, dh, dw), f32), TensorSpec("timestep", (1,), f32)),
-            (TensorSpec("video", (1, 3, b.frames, oh, ow), f32),),
+            (TensorSpec("video", (1, 3, frames_out, oh, ow), f32),),
             dynamic_dims=dec_dynamic,
             sample=dec_sample,
+            # tiles of one bucket vary within its range: each profile spans that bucket's tiles
+            bucket_dims=profiles(dec_dynamic, lambda i, x: {"latent_frames": [x.latent_frames] * 3, **per_tile[i]}),
         ),
         "face_encoder": ComponentSpec(
             "face_encoder",

@@ -41,8 +41,12 @@ def _generate(args: argparse.Namespace) -> int:
         text_scale=args.text_scale, ref_scale=args.ref_scale,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         cfg_rescale=args.cfg_rescale, distilled=args.distilled, max_batch=args.max_batch,
-        face_crop=not args.no_face_crop, output=args.output,
+        face_crop=not args.no_face_crop, output=args.output, frames=args.frames, height=args.height, width=args.width,
     )
+    from stdrc.runtime.manifest import read_manifest
+    from stdrc.runtime.options import check_path
+
+    read_manifest(check_path(args.bundle, "bundle folder")).find_bucket(args.frames, args.height, args.width)
     reference = load_image(args.ref)
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, cuda_graphs=args.cuda_graphs,
                                 memory_plan=args.memory_plan, trust_code=args.trust_bundle_code)
@@ -144,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default="", help="prompt of the 'no text' guidance stream")
     g.add_argument("-o", "--output", required=True, help="output .mp4 (a _sheet.png goes beside it)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same video)")
+    g.add_argument("--frames", type=int, default=None,
+                   help="video frames: picks the bundle's bucket (default: its first)")
+    g.add_argument("--height", type=int, default=None, help="pixels: picks the bundle's bucket (default: its first)")
+    g.add_argument("--width", type=int, default=None, help="pixels: picks the bundle's bucket (default: its first)")
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     g.add_argument("--distilled", action="store_true", help="LTX-2's distilled 8-step sigmas")
     g.add_argument("--text-scale", type=float, default=None, help="text guidance s_txt (default: the bundle's)")

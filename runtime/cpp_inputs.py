@@ -72,6 +72,7 @@ def write_cpp_inputs(
         NULL_CONTEXT: no_text[0], NULL_MASK: no_text[1],
         SIGMAS: pipeline.sigmas(steps, distilled),
     }
+    arrays.update({f"{name}.npy": value for name, value in pipeline.rope_feeds().items()})  # the bucket's tables
     decode_noise = pipeline.decode_noise(seed)
     if decode_noise is not None:
         arrays[DECODE_NOISE] = decode_noise
@@ -79,7 +80,7 @@ def write_cpp_inputs(
         want = np.int64 if name in (TEXT_MASK, NULL_MASK) else np.float32
         np.save(folder / name, np.ascontiguousarray(value, dtype=want))
     meta = {"format": 1, "bundle": str(pipeline.bundle_dir), "prompt": prompt, "negative_prompt": negative_prompt,
-            "seed": seed, "guidance": guidance}
+            "seed": seed, "guidance": guidance, "bucket": pipeline.bucket.label()}
     (folder / INPUTS_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 

@@ -10,14 +10,15 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from stdrc.runtime import schema as sc
 from stdrc.runtime.errors import BundleError, InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a "buckets" list (format 1: one "bucket"), still read
+READ_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder")
 BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
@@ -41,6 +42,9 @@ class Bucket:
     width: int
     text_length: int
     fps: float = 24.0
+    # this bucket's RoPE table file in the bundle (format 2); not part of the shape
+    rope_file: str | None = field(default=None, compare=False)
+    rope_sha256: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.frames < 1 or (self.frames - 1) % TIME_SCALE:
@@ -85,9 +89,19 @@ class Bucket:
     def key(self) -> str:
         return f"f{self.frames}_h{self.height}_w{self.width}_l{self.text_length}"
 
+    def label(self) -> str:
+        """As `--bucket` spells it: frames x width x height."""
+        return f"{self.frames}x{self.width}x{self.height}"
+
+    def same_size(self, frames: int, height: int, width: int) -> bool:
+        return (self.frames, self.height, self.width) == (frames, height, width)
+
     def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if not k.startswith("rope_")}
+        if self.rope_file is not None:
+            data["rope"] = {"file": self.rope_file, "sha256": self.rope_sha256}
         return {
-            **asdict(self),
+            **data,
             "latent_grid": [self.latent_frames, self.latent_height, self.latent_width],
             "video_tokens": self.video_tokens,
             "reference_tokens": self.reference_tokens,
@@ -102,6 +116,10 @@ class Bucket:
                             fps=sc.number(data, "fps", where, lo=0))
         except InputError as e:
             raise BundleError(f"bundle manifest {where}: {e} ({sc.FIX})") from e
+        if "rope" in data:
+            rope = sc.section(data["rope"], f"{where}.rope")
+            bucket = replace(bucket, rope_file=sc.file_field(rope, "file", f"{where}.rope"),
+                             rope_sha256=sc.sha256(rope, "sha256", f"{where}.rope"))
         facts = {"latent_grid": [bucket.latent_frames, bucket.latent_height, bucket.latent_width],
                  "video_tokens": bucket.video_tokens, "reference_tokens": bucket.reference_tokens}
         for key, want in facts.items():  # C++ apps read these as written
@@ -228,7 +246,7 @@ class Manifest:
     preset: str
     model_config: dict[str, Any]
     checkpoint_sha256: str | None
-    bucket: Bucket
+    buckets: tuple[Bucket, ...]  # the first is the default
     components: dict[str, ComponentEntry]
     sampler: dict[str, Any]  # {"sigmas": [...], "distilled_sigmas": [...], "steps": int, "shift": ...}
     guidance: dict[str, Any]  # {"text_scale": .., "ref_scale": .., "null_reference": "mask"}
@@ -242,13 +260,32 @@ class Manifest:
     format: int = FORMAT_VERSION
     loras: tuple[LoraEntry, ...] = ()  # fused into the DiT, in build order
 
+    @property
+    def bucket(self) -> Bucket:
+        """The default bucket (the first)."""
+        return self.buckets[0]
+
+    def find_bucket(self, frames: int | None = None, height: int | None = None, width: int | None = None) -> Bucket:
+        """The bucket of that size (None fields: the default's); a size the bundle lacks is an InputError."""
+        d = self.bucket
+        want = (d.frames if frames is None else frames, d.height if height is None else height,
+                d.width if width is None else width)
+        for b in self.buckets:
+            if b.same_size(*want):
+                return b
+        have = ", ".join(f"{b.frames} frames {b.width}x{b.height}" for b in self.buckets)
+        raise InputError(f"this bundle has no bucket of {want[0]} frames {want[2]}x{want[1]} (width x height): "
+                         f"its buckets are {have}; pass one of them, or rebuild with --bucket "
+                         f"{want[0]}x{want[2]}x{want[1]}")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": self.format,
             "preset": self.preset,
             "model_config": self.model_config,
             "checkpoint_sha256": self.checkpoint_sha256,
-            "bucket": self.bucket.to_json(),
+            "bucket": self.bucket.to_json(),  # the default, as format 1 readers (and C++) read it
+            "buckets": [b.to_json() for b in self.buckets],
             "components": {k: v.to_json() for k, v in self.components.items()},
             "sampler": self.sampler,
             "guidance": self.guidance,
@@ -266,10 +303,10 @@ class Manifest:
     def from_json(data: dict[str, Any]) -> Manifest:
         """The typed loader: every section checked (types, ranges, paths) before anything is used."""
         fmt = data.get("format")
-        if fmt != FORMAT_VERSION or isinstance(fmt, bool):
+        if fmt not in READ_FORMATS or isinstance(fmt, bool):
             raise BundleError(
-                f"bundle manifest format {fmt!r} is not supported (this stdrc reads format "
-                f"{FORMAT_VERSION}): rebuild it with `stdrc-export build-engines`"
+                f"bundle manifest format {fmt!r} is not supported (this stdrc reads formats "
+                f"{', '.join(map(str, READ_FORMATS))}): rebuild it with `stdrc-export build-engines`"
             )
         components = sc.section(sc.get(data, "components", "manifest"), "components")
         unknown = sorted(set(components) - set(COMPONENTS))
@@ -287,7 +324,7 @@ class Manifest:
             preset=preset,
             model_config=sections["model_config"],
             checkpoint_sha256=checkpoint,
-            bucket=Bucket.from_json(sc.get(data, "bucket", "manifest")),
+            buckets=_buckets(data, fmt),
             components={k: ComponentEntry.from_json(v, f"components.{k}") for k, v in components.items()},
             sampler=sections["sampler"],
             guidance=sections["guidance"],
@@ -301,6 +338,24 @@ class Manifest:
             format=fmt,
             loras=_loras(sc.get(data, "loras", "manifest", [])),
         )
+
+
+def _buckets(data: dict, fmt: int) -> tuple[Bucket, ...]:
+    if fmt == 1:
+        return (Bucket.from_json(sc.get(data, "bucket", "manifest")),)
+    items = sc.get(data, "buckets", "manifest")
+    if not isinstance(items, list) or not items:
+        raise sc.bad("buckets", items, "a non-empty list of buckets")
+    buckets = tuple(Bucket.from_json(b, f"buckets[{i}]") for i, b in enumerate(items))
+    if len({(b.frames, b.height, b.width) for b in buckets}) != len(buckets):
+        raise sc.bad("buckets", [b.label() for b in buckets], "buckets of different sizes")
+    if len(buckets) > 1 and any(b.rope_file is None for b in buckets):
+        raise sc.bad("buckets", [b.label() for b in buckets], "a RoPE table file per bucket")
+    if "bucket" in data:  # the default, repeated for format 1 readers: it must be the first
+        default = Bucket.from_json(data["bucket"])
+        if default != buckets[0]:
+            raise sc.bad("bucket", default.label(), f"the first of buckets ({buckets[0].label()})")
+    return buckets
 
 
 def _check_model_config(data: dict) -> None:
@@ -427,6 +482,7 @@ def bundle_files(manifest: Manifest) -> dict[str, str]:
     """Every file the runtime reads, relative path -> sha256 (engines, their data, RoPE, tokenizer)."""
     files: dict[str, str] = {}
     named = [(manifest.rope["file"], manifest.rope["sha256"])]
+    named += [(b.rope_file, b.rope_sha256) for b in manifest.buckets if b.rope_file is not None]
     if "file" in manifest.text:
         named.append((manifest.text["file"], manifest.text["sha256"]))
     for entry in manifest.components.values():

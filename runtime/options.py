@@ -93,8 +93,16 @@ class GenerationOptions:
     max_batch: int = 3
     face_crop: bool = True
     output: Path | None = None
+    # the bucket: None takes the bundle default's value (Manifest.find_bucket)
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("frames", "height", "width"):
+            if getattr(self, name) is not None:
+                _integer(getattr(self, name), name, 1, 1 << 16,
+                         f"pass --{name} as a whole number: one of the bundle's bucket sizes")
         check_text(self.prompt, "prompt")
         check_text(self.negative_prompt, "negative prompt")
         _integer(self.seed, "seed", 0, MAX_SEED, f"use --seed in 0..{MAX_SEED}")

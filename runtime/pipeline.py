@@ -79,7 +79,8 @@ class Pipeline:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.engines = engines
-        self.bucket = manifest.bucket
+        self.bucket = manifest.bucket  # the one `generate` runs; it picks one of the manifest's buckets
+        self._rope: dict[str, dict[str, np.ndarray]] = {}  # per bucket: its DiT RoPE feeds, read once
         self._tokenize = tokenizer_from_manifest(manifest.text, bundle_dir)
         self.prompts = PromptCache(self._encode_prompt, store=prompt_store)
         self._detector = None
@@ -252,10 +253,31 @@ class Pipeline:
         return smp.ltx2_sigmas(steps, tokens=cfg["shift_tokens"], max_shift=cfg["max_shift"],
                                base_shift=cfg["base_shift"], terminal=cfg["terminal"])
 
+    def use_bucket(self, frames: int | None = None, height: int | None = None, width: int | None = None) -> None:
+        """Run the bundle's bucket of this size next (None: the default's value); one it lacks: InputError."""
+        self.bucket = self.manifest.find_bucket(frames, height, width)
+
+    def rope_feeds(self) -> dict[str, np.ndarray]:
+        """The DiT's `rope_cos`/`rope_sin` for the current bucket (a DiT with tables baked in: none).
+
+        Read once per bucket and handed over as the same arrays at every call, so the engines bind
+        them once (ONNX Runtime IO binding, a TensorRT buffer copied once)."""
+        if not any(t.name == "rope_cos" for t in self.manifest.components["dit"].inputs):
+            return {}
+        b = self.bucket
+        if b.label() not in self._rope:
+            rel = b.rope_file or self.manifest.rope["file"]
+            with np.load(bundle_path(self.bundle_dir, rel), allow_pickle=False) as tables:
+                self._rope[b.label()] = {"rope_cos": np.ascontiguousarray(tables["cos"], np.float32),
+                                         "rope_sin": np.ascontiguousarray(tables["sin"], np.float32)}
+        return self._rope[b.label()]
+
     def denoiser(self, latent, timestep, context, context_mask, attn_mask):  # noqa: ANN001, ANN201
+        rope = self.rope_feeds()
         feeds = {"latent": latent, "timestep": timestep, "context": context,
-                 "context_mask": context_mask, "attn_mask": attn_mask}
-        return self.run("dit", feeds, keep=smp.FIXED_INPUTS)["velocity"]  # only latent and timestep move
+                 "context_mask": context_mask, "attn_mask": attn_mask, **rope}
+        # only latent and timestep move
+        return self.run("dit", feeds, keep=(*smp.FIXED_INPUTS, *rope))["velocity"]
 
     # -- the whole thing ----------------------------------------------------------------------
 
@@ -277,15 +299,20 @@ class Pipeline:
         on_step: Callable[[int, int], None] | None = None,
         text_embeddings: Embedding | None = None,
         negative_embeddings: Embedding | None = None,
+        frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> GenerationResult:
         """Every argument is checked (GenerationOptions) before any engine runs; a bad one is an InputError.
+
+        `frames`/`height`/`width` pick the bundle's bucket of that size (None: the default bucket's value).
 
         `text_embeddings` / `negative_embeddings`: precomputed (context [1, L, D], mask [1, L]) for the prompt
         and the negative prompt; with both given (or cached) the text encoder is never opened."""
         options = GenerationOptions(
             prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, text_scale=text_scale,
             ref_scale=ref_scale, guidance_interval=guidance_interval, cfg_rescale=cfg_rescale, distilled=distilled,
-            max_batch=max_batch, face_crop=face_crop, output=output,
+            max_batch=max_batch, face_crop=face_crop, output=output, frames=frames, height=height, width=width,
         )
         return self.generate_with(reference, options, on_step, text_embeddings, negative_embeddings)
 
@@ -293,6 +320,7 @@ class Pipeline:
                       on_step: Callable[[int, int], None] | None = None, text_embeddings: Embedding | None = None,
                       negative_embeddings: Embedding | None = None) -> GenerationResult:
         o, g = options, self.manifest.guidance
+        self.use_bucket(o.frames, o.height, o.width)  # before any engine runs
         scales = smp.GuidanceScales(
             text=g["text_scale"] if o.text_scale is None else o.text_scale,
             ref=g["ref_scale"] if o.ref_scale is None else o.ref_scale,

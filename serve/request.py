@@ -20,7 +20,8 @@ from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 
 # the GenerationOptions fields a form may set (the rest keep their defaults over HTTP)
-FIELDS = ("prompt", "negative_prompt", "seed", "steps", "text_scale", "ref_scale", "face_crop")
+FIELDS = ("prompt", "negative_prompt", "seed", "steps", "text_scale", "ref_scale", "face_crop", "frames", "height",
+          "width")
 
 
 def _number(name: str, value: str | None, kind: type) -> int | float | None:
@@ -52,6 +53,7 @@ def parse_form(form: dict[str, str]) -> GenerationOptions:
         prompt=prompt, negative_prompt=form.get("negative_prompt") or "", seed=0 if seed is None else seed,
         steps=_number("steps", form.get("steps"), int), text_scale=_number("text_scale", form.get("text_scale"), float),
         ref_scale=_number("ref_scale", form.get("ref_scale"), float), face_crop=face_crop in ("true", "1"),
+        **{k: _number(k, form.get(k), int) for k in ("frames", "height", "width")},
     )
 
 

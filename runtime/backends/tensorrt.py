@@ -131,6 +131,18 @@ def check_build(entry: ComponentEntry, trt_version: str, gpu: dict[str, str]) ->
         )
 
 
+def profile_index(bucket_profiles: list[dict[str, list[list[int]]]], shapes: dict[str, tuple[int, ...]]) -> int:
+    """The optimization profile (a bucket's) that admits `shapes`; 0 for a single-profile plan."""
+    for i, profile in enumerate(bucket_profiles):
+        if all(all(lo <= d <= hi for d, lo, hi in zip(shapes[n], *span[::2])) for n, span in profile.items()
+               if n in shapes):
+            return i
+    if bucket_profiles:
+        raise BundleError(f"input shapes {dict(shapes)} fit none of the plan's {len(bucket_profiles)} bucket "
+                          "profiles: pass one of the bundle's bucket sizes")
+    return 0
+
+
 class TensorRTEngine:
     """One deserialized plan with its execution context, stream and device buffers."""
 
@@ -158,6 +170,8 @@ class TensorRTEngine:
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
         self._out_shapes: dict[str, tuple[int, ...]] = {}
         self._shapes_key: tuple | None = None
+        self._profile = 0
+        self._kept: dict[str, np.ndarray] = {}  # kept inputs already on the device (the same array object)
         self._graph_exec = None
         self.stream = _ok(cudart.cudaStreamCreate())
 
@@ -175,6 +189,11 @@ class TensorRTEngine:
         key = tuple(host[n].shape for n in self._inputs)
         if key == self._shapes_key:
             return
+        index = profile_index(self.entry.build.get("bucket_profiles", []), {n: host[n].shape for n in self._inputs})
+        if index != self._profile:  # a plan with a profile per bucket: the one of these shapes
+            if not self.context.set_optimization_profile_async(index, int(self.stream)):
+                raise BundleError(f"{self.entry.file}: TensorRT refused optimization profile {index}")
+            self._profile = index
         for n in self._inputs:
             if not self.context.set_input_shape(n, host[n].shape):
                 raise BundleError(f"{self.entry.file}: shape {host[n].shape} for {n!r} is outside "
@@ -209,13 +228,21 @@ class TensorRTEngine:
     def run(self, feeds: dict[str, np.ndarray], keep: Collection[str] = ()) -> dict[str, np.ndarray]:
         """Copy in, execute on the engine's stream, copy out, synchronize. Outputs belong to the caller.
 
-        `keep` is accepted for the Engine interface; every input is still copied in (not yet skipped)."""
+        `keep`: inputs handed over as the same unchanged array at every call (context, masks, a bucket's
+        RoPE tables): copied to the device once while the same object and shapes come back."""
         check_feeds(self.entry, feeds, self.entry.file)
         cudart = self._cudart
         host = {n: np.ascontiguousarray(feeds[n], dtype=self._dtypes[n]) for n in self._inputs}
+        before = self._shapes_key
         self._bind(host)
+        if self._shapes_key != before:
+            self._kept.clear()
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for n, arr in host.items():
+            if n in keep and self._kept.get(n) is feeds[n]:
+                continue  # bound once: still on the device
+            if n in keep:
+                self._kept[n] = feeds[n]
             _ok(cudart.cudaMemcpyAsync(self._buffers[n][0], arr.ctypes.data, arr.nbytes, h2d, self.stream))
         self._execute()
         out = {n: np.empty(self._out_shapes[n], self._dtypes[n]) for n in self._outputs}
@@ -223,6 +250,9 @@ class TensorRTEngine:
             _ok(cudart.cudaMemcpyAsync(arr.ctypes.data, self._buffers[n][0], arr.nbytes, d2h, self.stream))
         _ok(cudart.cudaStreamSynchronize(self.stream))  # `host` stays alive until here
         return {n: to_float32(arr) for n, arr in out.items()}
+
+    def release_kept(self) -> None:
+        self._kept.clear()
 
     def _drop_graph(self) -> None:
         if self._graph_exec is not None:

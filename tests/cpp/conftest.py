@@ -36,6 +36,18 @@ def aoti_tiled_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path)
 
 
 @pytest.fixture(scope="session")
+def aoti_buckets_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """The tiny preset as aoti packages serving two buckets of different frame counts: one DiT with dynamic
+    tokens, one decoder with dynamic latent frames. (With frames, tile height and tile width all dynamic,
+    Inductor fails to lower the decoder's reflect padding: torch 2.13, measured.)"""
+    from stdrc.engines.build import BuildConfig, build_engines
+
+    out = tmp_path_factory.mktemp("aoti-buckets") / "tiny-buckets"
+    return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", buckets=("9x96x64", "17x96x64"),
+                                     progress=False))
+
+
+@pytest.fixture(scope="session")
 def aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     return build_aoti_bundle(tmp_path_factory, cache_dir)
 

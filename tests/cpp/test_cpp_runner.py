@@ -66,6 +66,27 @@ def test_cpp_tiled_decode_matches_python(cpp_runner: Path, aoti_tiled_bundle: Pa
     assert np.abs(cpp.video - python.video).max() <= FP32_ATOL
 
 
+def test_cpp_runs_each_bucket_of_a_multi_bucket_bundle(cpp_runner: Path, aoti_buckets_bundle: Path,
+                                                       reference: np.ndarray, tmp_path: Path) -> None:
+    """One dynamic-token aoti DiT (RoPE tables as inputs) and decoder: `--bucket` picks the size, C++ = Python."""
+    multi = Pipeline.from_bundle(aoti_buckets_bundle, trust_code=True)
+    assert [b.label() for b in multi.manifest.buckets] == ["9x96x64", "17x96x64"]
+    for label, (frames, height, width) in (("9x96x64", (9, 64, 96)), ("17x96x64", (17, 64, 96))):
+        multi.use_bucket(frames, height, width)
+        inputs = write_cpp_inputs(multi, reference, PROMPT, SEED, tmp_path / f"in-{label}", face_crop=False, steps=3)
+        assert (inputs / "rope_cos.npy").is_file()
+        python = run_python(multi, inputs)
+        done = run_cpp(cpp_runner, aoti_buckets_bundle, inputs, tmp_path / f"out-{label}", "--bucket", label)
+        assert done.returncode == 0, done.stderr
+        cpp = read_cpp_outputs(tmp_path / f"out-{label}")
+        assert cpp.video.shape == python.video.shape == (1, 3, frames, height, width)
+        assert np.abs(cpp.latent - python.latent).max() <= FP32_ATOL
+        assert np.abs(cpp.video - python.video).max() <= FP32_ATOL
+    done = run_cpp(cpp_runner, aoti_buckets_bundle, inputs, tmp_path / "none", "--bucket", "25x96x64")
+    assert done.returncode == 2 and "9x96x64, 17x96x64" in done.stderr, done.stderr
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_cpp_matches_python(case: str, cpp_runner: Path, aoti_bundle: Path, pipeline: Pipeline,
                             reference: np.ndarray, tmp_path: Path) -> None:
@@ -139,7 +160,7 @@ def _bad_case(case: str, bundle: Path, inputs: Path, tmp: Path) -> tuple[Path, P
     if case == "missing-bundle-file":
         return _linked_bundle(bundle, tmp / "b", drop="vae_decoder.pt2"), inputs
     if case == "format-version":
-        return _linked_bundle(bundle, tmp / "b", {**manifest, "format": 2}), inputs
+        return _linked_bundle(bundle, tmp / "b", {**manifest, "format": 3}), inputs
     if case == "other-backend":
         manifest["components"]["dit"]["backend"] = "onnxruntime"
         return _linked_bundle(bundle, tmp / "b", manifest), inputs
@@ -179,7 +200,7 @@ def _bad_case(case: str, bundle: Path, inputs: Path, tmp: Path) -> tuple[Path, P
 BAD = {
     "missing-bundle-folder": "does not exist",
     "missing-bundle-file": "vae_decoder.pt2 is missing",
-    "format-version": "format 2 is not supported",
+    "format-version": "format 3 is not supported",
     "other-backend": "rebuild the bundle with --backend aoti",
     "other-device": "was exported for cuda, not cpu: rebuild the bundle on a cpu machine",
     "old-decode-tiling": "predate ltx-core's tile placement: rebuild it",

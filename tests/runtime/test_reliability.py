@@ -236,6 +236,8 @@ def test_manifest_schema_grid(bundle_copy, tmp_path: Path) -> None:
         _set(["model_config", "vae", "timestep_conditioning"], 1), _set(["decode"], {"tile_height": 0}),
         _set(["components", "dit", "extra_files"], {"../x": "0" * 64}), _set(["rope", "file"], "C:/rope.npz"),
         _set(["format"], True), _set(["preset"], ["tiny"]),
+        _set(["buckets"], []), _set(["buckets"], KeyError), _set(["buckets", 0, "height"], 100),
+        _set(["buckets", 0, "rope", "file"], "../rope.npz"), _set(["format"], 3),
     ]
     for i, edit in enumerate(cases):
         bundle = bundle_copy(edit)

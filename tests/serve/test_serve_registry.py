@@ -67,12 +67,15 @@ def test_form_fields_parse_into_a_request():
                       "ref_scale": "", "face_crop": "false"})
     assert got == GenerationOptions("p", "n", 3, 4, 2.5, None, face_crop=False)
     assert parse_form({"prompt": "p"}) == GenerationOptions("p")
+    sized = parse_form({"prompt": "p", "frames": "17", "height": "96", "width": "64"})  # a bundle's bucket
+    assert (sized.frames, sized.height, sized.width) == (17, 96, 64)
 
 
 def test_a_queued_request_round_trips_through_json():
     import json
 
-    options = GenerationOptions("p", "n", 3, 4, 2.5, None, guidance_interval=(0.2, 0.8), face_crop=False)
+    options = GenerationOptions("p", "n", 3, 4, 2.5, None, guidance_interval=(0.2, 0.8), face_crop=False,
+                                frames=17, height=96, width=64)
     assert GenerationOptions.from_json(json.loads(json.dumps(options.to_json()))) == options
     with pytest.raises(InputError, match="unknown generation option"):
         GenerationOptions.from_json({**options.to_json(), "output": "/tmp/x.mp4"})
@@ -81,8 +84,8 @@ def test_a_queued_request_round_trips_through_json():
 @pytest.mark.parametrize(("form", "words"), [
     ({}, "prompt"), ({"prompt": "p", "seed": "1.5"}, "seed"), ({"prompt": "p", "steps": "two"}, "steps"),
     ({"prompt": "p", "ref_scale": "inf"}, "ref_scale"), ({"prompt": "p", "face_crop": "maybe"}, "face_crop"),
-    ({"prompt": "p", "width": "64"}, "width"), ({"prompt": "p", "steps": "0"}, "steps"),
-    ({"prompt": "p", "seed": "-1"}, "seed"),
+    ({"prompt": "p", "fps": "24"}, "fps"), ({"prompt": "p", "width": "6.5"}, "width"),
+    ({"prompt": "p", "steps": "0"}, "steps"), ({"prompt": "p", "seed": "-1"}, "seed"),
 ])
 def test_bad_form_fields_name_the_field(form, words):
     with pytest.raises(InputError, match=words):

@@ -123,30 +123,44 @@ ComponentEntry component_entry(const json& data, const std::string& where) {
   return entry;
 }
 
+Bucket parse_bucket(const json& b, const std::string& where) {
+  Bucket bucket;
+  bucket.frames = integer(b, "frames", where, 1);
+  bucket.height = integer(b, "height", where, 32);
+  bucket.width = integer(b, "width", where, 32);
+  bucket.text_length = integer(b, "text_length", where, 1);
+  bucket.fps = number(b, "fps", where, 1e-6, 1000);
+  if ((bucket.frames - 1) % 8 || bucket.height % 32 || bucket.width % 32)
+    bad(where, b, "frames 8k+1 and sizes multiples of 32");
+  const std::vector<int64_t> want = {(bucket.frames - 1) / 8 + 1, bucket.height / 32, bucket.width / 32};
+  const json& grid = field(b, "latent_grid", where);
+  if (!grid.is_array() || grid.size() != 3 || !std::all_of(grid.begin(), grid.end(), [](const json& v) {
+        return v.is_number_integer(); }) || grid.get<std::vector<int64_t>>() != want)
+    bad(where + ".latent_grid", grid, "[T, H, W] of this bucket");
+  bucket.latent_frames = want[0];
+  bucket.latent_height = want[1];
+  bucket.latent_width = want[2];
+  bucket.video_tokens = integer(b, "video_tokens", where, 1);
+  bucket.reference_tokens = integer(b, "reference_tokens", where, 1);
+  if (bucket.video_tokens != want[0] * want[1] * want[2] || bucket.reference_tokens != want[1] * want[2])
+    bad(where, b, "token counts of this bucket");
+  if (b.contains("rope")) bucket.rope_file = text(object(b, "rope", where), "file", where + ".rope");
+  return bucket;
+}
+
 Manifest parse(const json& data) {
   Manifest m;
   m.format = data.at("format").get<int>();
   m.preset = text(data, "preset", "manifest");
-  const json& b = object(data, "bucket", "manifest");
-  m.bucket.frames = integer(b, "frames", "bucket", 1);
-  m.bucket.height = integer(b, "height", "bucket", 32);
-  m.bucket.width = integer(b, "width", "bucket", 32);
-  m.bucket.text_length = integer(b, "text_length", "bucket", 1);
-  m.bucket.fps = number(b, "fps", "bucket", 1e-6, 1000);
-  if ((m.bucket.frames - 1) % 8 || m.bucket.height % 32 || m.bucket.width % 32)
-    bad("bucket", b, "frames 8k+1 and sizes multiples of 32");
-  const std::vector<int64_t> want = {(m.bucket.frames - 1) / 8 + 1, m.bucket.height / 32, m.bucket.width / 32};
-  const json& grid = field(b, "latent_grid", "bucket");
-  if (!grid.is_array() || grid.size() != 3 || !std::all_of(grid.begin(), grid.end(), [](const json& v) {
-        return v.is_number_integer(); }) || grid.get<std::vector<int64_t>>() != want)
-    bad("bucket.latent_grid", grid, "[T, H, W] of this bucket");
-  m.bucket.latent_frames = want[0];
-  m.bucket.latent_height = want[1];
-  m.bucket.latent_width = want[2];
-  m.bucket.video_tokens = integer(b, "video_tokens", "bucket", 1);
-  m.bucket.reference_tokens = integer(b, "reference_tokens", "bucket", 1);
-  if (m.bucket.video_tokens != want[0] * want[1] * want[2] || m.bucket.reference_tokens != want[1] * want[2])
-    bad("bucket", b, "token counts of this bucket");
+  if (m.format == kOldestFormatVersion) {
+    m.buckets.push_back(parse_bucket(object(data, "bucket", "manifest"), "bucket"));
+  } else {
+    const json& list = field(data, "buckets", "manifest");
+    if (!list.is_array() || list.empty()) bad("buckets", list, "a non-empty list of buckets");
+    for (size_t i = 0; i < list.size(); ++i)
+      m.buckets.push_back(parse_bucket(list[i], "buckets[" + std::to_string(i) + "]"));
+  }
+  m.bucket = m.buckets.front();
   for (const auto& [name, entry] : object(data, "components", "manifest").items())
     m.components[name] = component_entry(entry, "components." + name);
   const json& sampler = object(data, "sampler", "manifest");
@@ -186,6 +200,23 @@ const ComponentEntry& Manifest::component(const std::string& name) const {
   return it->second;
 }
 
+std::string Bucket::label() const {
+  return std::to_string(frames) + "x" + std::to_string(width) + "x" + std::to_string(height);
+}
+
+void Manifest::select_bucket(const std::string& label) {
+  std::string have;
+  for (const Bucket& b : buckets) {
+    if (b.label() == label) {
+      bucket = b;
+      return;
+    }
+    have += (have.empty() ? "" : ", ") + b.label();
+  }
+  throw InputError("--bucket " + label + ": this bundle has no bucket of that size; its buckets (FRAMESxWIDTHxHEIGHT) "
+                   "are " + have + ": pass one of them");
+}
+
 Manifest read_manifest(const std::string& bundle_dir) {
   const fs::path dir(bundle_dir);
   const fs::path path = dir / kManifestName;
@@ -202,9 +233,10 @@ Manifest read_manifest(const std::string& bundle_dir) {
   }
   if (!data.is_object()) throw BundleError(path.string() + " is not a manifest object: rebuild the bundle");
   const json format = data.contains("format") ? data["format"] : json();
-  if (!format.is_number_integer() || format.get<int>() != kFormatVersion)
-    throw BundleError("bundle manifest format " + format.dump() + " is not supported (this stdrc reads format " +
-                      std::to_string(kFormatVersion) + "): rebuild it with `stdrc-export build-engines`");
+  if (!format.is_number_integer() || format.get<int>() < kOldestFormatVersion || format.get<int>() > kFormatVersion)
+    throw BundleError("bundle manifest format " + format.dump() + " is not supported (this stdrc reads formats " +
+                      std::to_string(kOldestFormatVersion) + " to " + std::to_string(kFormatVersion) +
+                      "): rebuild it with `stdrc-export build-engines`");
   try {
     return parse(data);
   } catch (const json::exception& e) {

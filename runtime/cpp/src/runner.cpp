@@ -110,10 +110,20 @@ RunInputs Runner::read_inputs(const std::string& folder) const {
   } else {
     in.sigmas = manifest_.sigmas;
   }
+  if (rope_inputs()) {
+    in.rope_cos = read_as(dir, files::kRopeCos, at::kFloat);
+    in.rope_sin = read_as(dir, files::kRopeSin, at::kFloat);
+  }
   in.scales.text = manifest_.text_scale;
   in.scales.ref = manifest_.ref_scale;
   if (fs::is_regular_file(dir / files::kInputsJson)) in.scales = guidance_from_json(dir / files::kInputsJson, in.scales);
   return in;
+}
+
+bool Runner::rope_inputs() const {
+  for (const TensorSpec& t : manifest_.component("dit").inputs)
+    if (t.name == "rope_cos") return true;
+  return false;
 }
 
 void Runner::check_inputs(const RunInputs& in) const {
@@ -131,6 +141,14 @@ void Runner::check_inputs(const RunInputs& in) const {
     const int64_t channels = spec(manifest_.component("vae_decoder"), "latent").shape.at(1);
     expect_shape(in.decode_noise, {1, channels, b.latent_frames, b.latent_height, b.latent_width}, files::kDecodeNoise);
   }
+  if (rope_inputs()) {
+    for (const auto& [tensor, file] : {std::make_pair(in.rope_cos, files::kRopeCos), std::make_pair(in.rope_sin, files::kRopeSin)}) {
+      std::vector<int64_t> want = spec(manifest_.component("dit"), "rope_cos").shape;
+      for (auto& d : want)
+        if (d < 0) d = b.video_tokens + b.reference_tokens;  // the symbolic token count, at this bucket
+      expect_shape(tensor, want, file);
+    }
+  }
   if (in.sigmas.size() < 2) throw InputError("sigmas: need at least 2 values (one step), got " + std::to_string(in.sigmas.size()));
 }
 
@@ -141,8 +159,12 @@ at::Tensor Runner::sample(const RunInputs& in, int max_batch, const std::functio
   auto to_dev = [this](const at::Tensor& t) { return t.to(device_); };
   const Conditioning cond{to_dev(in.cond.reference), to_dev(in.cond.text_context), to_dev(in.cond.text_mask),
                           to_dev(in.cond.null_context), to_dev(in.cond.null_mask)};
-  const Denoiser dit = [this](const at::Tensor& latent, const at::Tensor& timestep, const at::Tensor& context,
-                              const at::Tensor& context_mask, const at::Tensor& attn_mask) {
+  // a bucket's RoPE tables go to the device once, then every DiT call takes the same tensors
+  const at::Tensor cos = in.rope_cos.defined() ? to_dev(in.rope_cos) : at::Tensor();
+  const at::Tensor sin = in.rope_sin.defined() ? to_dev(in.rope_sin) : at::Tensor();
+  const Denoiser dit = [this, cos, sin](const at::Tensor& latent, const at::Tensor& timestep, const at::Tensor& context,
+                                        const at::Tensor& context_mask, const at::Tensor& attn_mask) {
+    if (cos.defined()) return dit_->run({latent, timestep, context, context_mask, attn_mask, cos, sin}).at(0);
     return dit_->run({latent, timestep, context, context_mask, attn_mask}).at(0);
   };
   return stdrc::sample(dit, to_dev(in.noise), in.sigmas, cond, in.scales, max_batch, on_step);

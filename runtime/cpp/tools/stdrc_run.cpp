@@ -1,6 +1,6 @@
 // stdrc_run: sample + decode one video from a bundle of aoti packages and an inputs folder.
 //
-//   stdrc_run --bundle DIR --inputs DIR --out DIR [--text-scale X] [--ref-scale X]
+//   stdrc_run --bundle DIR --inputs DIR --out DIR [--bucket FxWxH] [--text-scale X] [--ref-scale X]
 //             [--guidance-interval LO,HI] [--cfg-rescale X] [--sigmas FILE.npy | --distilled] [--max-batch N]
 //             [--device cpu|cuda[:i]] [--trust-bundle-code] [--quiet]
 //
@@ -22,12 +22,12 @@
 namespace {
 
 constexpr const char* kUsage =
-    "usage: stdrc_run --bundle DIR --inputs DIR --out DIR [--text-scale X] [--ref-scale X] "
+    "usage: stdrc_run --bundle DIR --inputs DIR --out DIR [--bucket FRAMESxWIDTHxHEIGHT] [--text-scale X] [--ref-scale X] "
     "[--guidance-interval LO,HI] [--cfg-rescale X] [--sigmas FILE.npy | --distilled] [--max-batch N] "
     "[--device cpu|cuda[:i]] [--trust-bundle-code] [--quiet]";
 
 struct Options {
-  std::string bundle, inputs, out, sigmas, device = "cpu";
+  std::string bundle, inputs, out, sigmas, bucket, device = "cpu";
   std::optional<double> text_scale, ref_scale, rescale;
   std::optional<std::pair<double, double>> interval;
   bool distilled = false, quiet = false, trust = false;
@@ -61,6 +61,7 @@ Options parse(int argc, char** argv) {
     else if (flag == "--inputs") o.inputs = value;
     else if (flag == "--out") o.out = value;
     else if (flag == "--device") o.device = value;
+    else if (flag == "--bucket") o.bucket = value;
     else if (flag == "--sigmas") o.sigmas = value;
     else if (flag == "--text-scale") o.text_scale = number(flag, value);
     else if (flag == "--ref-scale") o.ref_scale = number(flag, value);
@@ -103,6 +104,7 @@ int run(const Options& o) {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   auto runner = stdrc::Runner::from_bundle(o.bundle, c10::Device(o.device), o.trust);
+  if (!o.bucket.empty()) runner->select_bucket(o.bucket);
   stdrc::RunInputs in = runner->read_inputs(o.inputs);
   if (o.distilled) in.sigmas = runner->manifest().distilled_sigmas;
   if (!o.sigmas.empty()) in.sigmas = stdrc::read_sigmas(o.sigmas);

@@ -11,7 +11,8 @@
 
 namespace stdrc {
 
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;        // a "buckets" list
+constexpr int kOldestFormatVersion = 1;  // one "bucket", still read
 constexpr const char* kManifestName = "manifest.json";
 
 // One engine input or output. A symbolic dim (e.g. "batch") is stored as -1 with its name.
@@ -38,12 +39,16 @@ struct Bucket {
   double fps = 0;
   int64_t latent_frames = 0, latent_height = 0, latent_width = 0;
   int64_t video_tokens = 0, reference_tokens = 0;
+  std::string rope_file;  // its RoPE tables (format 2); Python writes them to the inputs folder
+
+  std::string label() const;  // FRAMESxWIDTHxHEIGHT, as --bucket spells it
 };
 
 struct Manifest {
   int format = 0;
   std::string preset;
-  Bucket bucket;
+  Bucket bucket;                // the one the runner runs: the default (first) until select_bucket
+  std::vector<Bucket> buckets;  // every bucket of the bundle, the default first
   std::map<std::string, ComponentEntry> components;
   std::vector<float> sigmas;            // sampler.sigmas (float32 like the Python runtime)
   std::vector<float> distilled_sigmas;  // sampler.distilled_sigmas
@@ -55,6 +60,8 @@ struct Manifest {
   DecodeTiling decode_tiling;  // "decode": spatial tiles of the VAE decode; disabled = whole latent
 
   const ComponentEntry& component(const std::string& name) const;
+  // Makes `bucket` the bundle's bucket spelled FRAMESxWIDTHxHEIGHT; InputError listing them if absent.
+  void select_bucket(const std::string& label);
 };
 
 // Reads and validates `<bundle_dir>/manifest.json` (format version, required keys).

@@ -31,6 +31,8 @@ constexpr const char* kNullMask = "null_mask.npy";            // [1, L] int64
 constexpr const char* kDecodeNoise = "decode_noise.npy";      // [1, C, F', H', W'] whole latent, float32
 constexpr const char* kSigmas = "sigmas.npy";                 // [steps + 1] float32 (optional)
 constexpr const char* kInputsJson = "inputs.json";            // {"guidance": {...}} (optional)
+constexpr const char* kRopeCos = "rope_cos.npy";  // the bucket's RoPE tables, when the DiT takes them as inputs
+constexpr const char* kRopeSin = "rope_sin.npy";
 // outputs
 constexpr const char* kLatent = "latent.npy";  // final video tokens [1, video_tokens, C] float32
 constexpr const char* kVideo = "video.npy";    // decoder output [1, 3, F, H, W] float32 in [-1, 1]
@@ -43,6 +45,7 @@ struct RunInputs {
   at::Tensor decode_noise;  // undefined when the decoder is not timestep-conditioned
   std::vector<float> sigmas;
   GuidanceScales scales;
+  at::Tensor rope_cos, rope_sin;  // undefined when the DiT has its tables baked in
 };
 
 struct RunOutputs {
@@ -57,6 +60,10 @@ class Runner {
                                              bool trust_code = false);
 
   const Manifest& manifest() const { return manifest_; }
+
+  // Runs the bundle's bucket FRAMESxWIDTHxHEIGHT (default: the first); InputError listing them if absent.
+  void select_bucket(const std::string& label) { manifest_.select_bucket(label); }
+  bool rope_inputs() const;  // the DiT takes rope_cos/rope_sin (a bundle of several buckets)
 
   // Reads an inputs folder; sigmas and guidance default to the manifest's where the folder has none.
   RunInputs read_inputs(const std::string& folder) const;
