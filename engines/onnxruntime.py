@@ -178,7 +178,7 @@ def to_fp16(model: onnx.ModelProto, base_dir: Path = Path()) -> onnx.ModelProto:
         log.warning("%.1f GB of external fp32 weights read to convert to fp16: export in fp16 instead", halved / GB)
     wrapped = OnnxModel(model)
     FusionSimplifiedLayerNormalization(wrapped).apply()  # norms with a weight
-    wrapped.prune_graph()
+    wrapped.prune_graph(allow_remove_graph_inputs=False)  # the manifest lists every input (an unused timestep)
     _fuse_plain_rms_norms(wrapped.model, base_dir)
     if not any(o.domain == "com.microsoft" for o in wrapped.model.opset_import):
         wrapped.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
