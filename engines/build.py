@@ -178,7 +178,7 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
 
         onnx_path, kept = cached_onnx(cfg, cache_key(cfg, src, bucket, spec, dtype, attention), spec, load,
                                           writer.staging, attention)
-        facts = build_ort_engine(onnx_path, out, precision)
+        facts = build_ort_engine(onnx_path, out, precision, move=not kept)
         if not kept:
             drop_uncached(onnx_path)
         extra = {f.name: sha256_file(f) for f in onnx_files(out)[1:]}

@@ -2,14 +2,16 @@
 
 The CPU-side offline pass must not touch an fp16 graph: the CPU EP lacks fp16 kernels for most
 ops and wraps each in Casts back to float, so the saved "fp16" engine would compute in fp32.
-fp16 graphs are converted from the exported fp32 graph with RMS norms fused first into
-`SimplifiedLayerNormalization` (statistics in fp32, whatever the input type), then saved as they are.
+fp16 graphs (exported with fp16 weights, or converted from fp32) get their RMS norms fused into
+`SimplifiedLayerNormalization` (statistics in fp32, whatever the input type) on the graph alone: the
+exported external weights file goes into the bundle as it is (moved or hard-linked), never loaded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,11 +19,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from stdrc.export.errors import ExportError
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16")
+GB = 1024**3
+TWO_GB = 2 * GB
 
 
 def uses_external_data(path: Path) -> bool:
@@ -29,19 +34,105 @@ def uses_external_data(path: Path) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def _inline_float_externals(model: onnx.ModelProto, base_dir: Path) -> int:
+    """Read external fp32 initializers inline (the converter halves them there); fp16 ones stay unread."""
+    read = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.data_type == onnx.TensorProto.FLOAT:
+            load_external_data_for_tensor(tensor, str(base_dir))
+            read += len(tensor.raw_data)
+    return read
+
+
+def external_files(model: onnx.ModelProto) -> set[str]:
+    """The external-data file names the graph's initializers reference (relative to the model)."""
+    return {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path, found: dict[str, Path] | None = None) -> None:
+    """Every external initializer's bytes exist where the graph says, with its dtype's size: no weight read.
+
+    `found`: files (by location) that lie elsewhere than `base_dir` for now."""
+    sizes: dict[str, int] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        name = info["location"]
+        if name not in sizes:
+            sizes[name] = ((found or {}).get(name) or base_dir / name).stat().st_size
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        want = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        offset, length = int(info.get("offset", 0)), int(info.get("length", want))
+        if length != want or offset + length > sizes[name]:
+            raise ExportError(f"external data of {tensor.name} in {name} is {length} bytes at {offset}, "
+                              f"file {sizes[name]}: expected {want}; re-export (delete the stage cache entry)")
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with external initializers as graph inputs of the same type and shape: loads without weights."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)  # external tensors hold no bytes: this copies the graph only
+    keep = [t for t in light.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    moved = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+             for t in light.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(keep)
+    light.graph.input.extend(moved)
+    return light
+
+
+def _place(names: set[str], src_dir: Path, dst_dir: Path, move: bool) -> None:
+    """The exported external data goes into the bundle as it is: moved or hard-linked, copied only across disks."""
+    for name in names:
+        src, dst = src_dir / name, dst_dir / name
+        if src.resolve() == dst.resolve():
+            continue
+        dst.unlink(missing_ok=True)
+        if move:
+            shutil.move(src, dst)
+            continue
+        try:
+            os.link(src, dst)
+        except OSError:
+            log.info("%s: no hard link across file systems, copying", name)
+            shutil.copyfile(src, dst)
+
+
 RMS_NORM_CHAIN = ("Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul")  # x * rsqrt(mean(x^2) + eps)
 
 
-def _fuse_plain_rms_norms(model: onnx.ModelProto) -> int:
+class _Consts(dict):
+    """Constant values by name, read on first use: the exponent and eps scalars, never the weights."""
+
+    def __init__(self, graph: onnx.GraphProto, base_dir: Path):
+        super().__init__()
+        self.tensors = {t.name: t for t in graph.initializer}
+        self.tensors.update({n.output[0]: n.attribute[0].t for n in graph.node
+                             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+        self.base_dir = str(base_dir)
+
+    def __contains__(self, name: object) -> bool:
+        tensor = self.tensors.get(name)  # type: ignore[arg-type]
+        return tensor is not None and np.prod(tensor.dims, dtype=np.int64) <= 1
+
+    def __missing__(self, name: str) -> np.ndarray:
+        self[name] = numpy_helper.to_array(self.tensors[name], base_dir=self.base_dir)
+        return self[name]
+
+    def get(self, name: str, default: object = None) -> object:  # type: ignore[override]
+        return self[name] if name in self else default
+
+
+def _fuse_plain_rms_norms(model: onnx.ModelProto, base_dir: Path = Path()) -> int:
     """RMS norms without a weight (ORT's fusion needs one) -> SimplifiedLayerNormalization with a ones scale."""
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    consts = _Consts(graph, base_dir)
     shapes = {v.name: v.type.tensor_type.shape.dim for v in [*graph.value_info, *graph.input]}
     fused, drop = 0, set()
     for pow_node in [n for n in graph.node if n.op_type == "Pow"]:
@@ -73,16 +164,22 @@ def _fuse_plain_rms_norms(model: onnx.ModelProto) -> int:
     return fused
 
 
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 compute with fp32 graph inputs/outputs and RMS-norm statistics in fp32 (fused norms)."""
+def to_fp16(model: onnx.ModelProto, base_dir: Path = Path()) -> onnx.ModelProto:
+    """fp16 compute with fp32 graph inputs/outputs and RMS-norm statistics in fp32 (fused norms).
+
+    Works on the graph: external fp16 weights stay where they are (unread); only fp32 initializers
+    are read (to be halved) and `base_dir` is where the scalar constants' external data lies."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.fusion_simplified_layernorm import FusionSimplifiedLayerNormalization
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    halved = _inline_float_externals(model, base_dir)
+    if halved > TWO_GB // 2:
+        log.warning("%.1f GB of external fp32 weights read to convert to fp16: export in fp16 instead", halved / GB)
     wrapped = OnnxModel(model)
     FusionSimplifiedLayerNormalization(wrapped).apply()  # norms with a weight
-    wrapped.prune_graph()
-    _fuse_plain_rms_norms(wrapped.model)
+    wrapped.prune_graph(allow_remove_graph_inputs=False)  # the manifest lists every input (an unused timestep)
+    _fuse_plain_rms_norms(wrapped.model, base_dir)
     if not any(o.domain == "com.microsoft" for o in wrapped.model.opset_import):
         wrapped.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     half = OnnxModel(convert_float_to_float16(wrapped.model, keep_io_types=True))
@@ -90,8 +187,38 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return half.model
 
 
-def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32") -> dict:
-    """Optimise `onnx_path` (ORT 'extended' level: portable across CPUs) and save it at `out_path`."""
+def _fp16_engine(onnx_path: Path, out_path: Path, tmp: Path, move: bool) -> None:
+    """The fp16 graph edits on the graph alone; the exported weights file is reused, never read or rewritten.
+
+    Host memory stays at the graph's size whatever the model's (issue 11: a 12B text encoder builds in
+    well under its own weight bytes). Checked by ORT on the graph with the weights as inputs, and by the
+    external data's sizes against the graph's declared tensors."""
+    model = to_fp16(onnx.load(str(onnx_path), load_external_data=False), onnx_path.parent)
+    reused = external_files(model)
+    # fp32 tensors halved above (inline now) go to a new file beside the reused one when large
+    external = bool(reused) or model.ByteSize() > TWO_GB // 2
+    (out_path.parent / (out_path.name + ".fp16.data")).unlink(missing_ok=True)  # onnx.save appends to one
+    onnx.save(model, str(tmp), save_as_external_data=external, location=out_path.name + ".fp16.data",
+              size_threshold=1024**2)
+    check = ort.SessionOptions()  # ORT, not onnx.checker: SimplifiedLayerNormalization is ORT's own op
+    check.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    check.log_severity_level = 3
+    saved = onnx.load(str(tmp), load_external_data=False)
+    try:
+        ort.InferenceSession(_weightless(saved).SerializeToString(), check, providers=["CPUExecutionProvider"])
+        check_external_data(saved, out_path.parent, {name: onnx_path.parent / name for name in reused})
+    except Exception:
+        (out_path.parent / (out_path.name + ".fp16.data")).unlink(missing_ok=True)  # written by this save only
+        raise
+    _place(reused, onnx_path.parent, out_path.parent, move)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out_path)
+
+
+def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32", move: bool = False) -> dict:
+    """Optimise `onnx_path` (ORT 'extended' level: portable across CPUs) and save it at `out_path`.
+
+    `move`: the exported external data may be moved into the bundle (fp16; the export is not cached)."""
     if precision not in PRECISIONS:
         raise ExportError(f"ONNX Runtime engines are {' or '.join(PRECISIONS)}, not {precision}: "
                           "use --precision fp32 (CPU) or fp16 (CUDA EP); FP8 needs --backend tensorrt")
@@ -99,15 +226,7 @@ def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32") -
     os.close(fd)
     try:
         if precision == "fp16":  # no CPU-side pass: the CUDA EP optimises the fp16 graph at load
-            model = to_fp16(onnx.load(str(onnx_path)))
-            external = uses_external_data(onnx_path)
-            onnx.save(model, tmp, save_as_external_data=external, location=out_path.name + ".data")
-            check = ort.SessionOptions()  # ORT, not onnx.checker: SimplifiedLayerNormalization is ORT's own op
-            check.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            check.log_severity_level = 3
-            ort.InferenceSession(tmp, check, providers=["CPUExecutionProvider"])
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out_path)
+            _fp16_engine(onnx_path, out_path, Path(tmp), move)
             return {"onnxruntime_version": ort.__version__, "graph_optimization_level": "at load (target provider)"}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED

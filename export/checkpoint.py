@@ -132,9 +132,11 @@ class LazyCheckpoint:
                 transform: Transform | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(our key, tensor) one at a time: `transform(key, tensor)` on the file's tensor, then cast to `dtype`."""
         try:
-            with safe_open(str(self.path), framework="pt") as f:
+            with open(self.path, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header, base = json.loads(fh.read(size)), 8 + size
                 for key, name in self.keys[component].items():
-                    tensor = f.get_tensor(name)
+                    tensor = _read_tensor(fh, base, header[name])
                     if transform is not None:
                         tensor = transform(key, tensor)
                     yield key, tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
@@ -223,6 +225,27 @@ def check_layout(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], wh
             f"{path} does not match the {what} of this preset ({'; '.join(problems)}): "
             "pick the preset the checkpoint was trained with"
         )
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_tensor(fh: Any, base: int, info: dict) -> torch.Tensor:
+    """One tensor by a plain read, not a memory map: a map's touched pages stay in the process's RSS while
+    the file is open (a component's whole size again, measured by benchmarks/build_memory.py)."""
+    dtype, shape = _DTYPES.get(info["dtype"]), info["shape"]
+    if dtype is None:
+        raise CheckpointError(f"safetensors dtype {info['dtype']} is not supported: convert the checkpoint")
+    start, end = info["data_offsets"]
+    if end == start:
+        return torch.empty(shape, dtype=dtype)
+    fh.seek(base + start)
+    buf = bytearray(end - start)
+    if fh.readinto(buf) != len(buf):
+        raise CheckpointError(f"{fh.name} ends inside a tensor: the file is truncated")
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def load_streaming(module: torch.nn.Module, ckpt: LazyCheckpoint, component: str, what: str,

@@ -25,6 +25,9 @@ from stdrc.runtime.manifest import SPACE_SCALE
 log = logging.getLogger(__name__)
 TWO_GB = 2 * 1024**3
 PIXEL_DIMS = {"height", "width"}  # symbolic image sizes (the VAE encoder's), multiples of SPACE_SCALE
+# Weights above this go to one external file: engine builds then edit the graph without reading them
+# (engines/onnxruntime.py), and the file moves into the bundle as it is. Below it, one inline file.
+EXTERNAL_MIN_BYTES = 256 * 1024**2
 
 
 def dynamic_shapes(spec: ComponentSpec) -> tuple | None:
@@ -71,7 +74,7 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, 
     path = Path(path)
     feeds = spec.sample_inputs(seed=seed)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
-    external = param_bytes(module) > TWO_GB // 2
+    external = param_bytes(module) > EXTERNAL_MIN_BYTES
     shapes = dynamic_shapes(spec)
     if isinstance(module, CastIO) and shapes is not None:
         shapes = (shapes,)  # CastIO.forward(*args): one structure for the varargs

@@ -68,3 +68,69 @@ def test_fp16_engine_runs_on_ort_cpu_close_to_fp32(dit_onnx, tmp_path: Path) -> 
     cos = float((half * full).sum() / (np.linalg.norm(half) * np.linalg.norm(full)))
     assert cos >= 0.999, cos
     assert not np.array_equal(half, full)  # really computed at lower precision
+
+
+@pytest.fixture(scope="module")
+def fp16_external(tiny_models, dit_onnx, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The DiT exported with fp16 weights (as build-engines does) and its weights in one external file, as large
+    components are written (export/onnx_export.py EXTERNAL_MIN_BYTES; the tiny one is re-saved that way)."""
+    import copy
+
+    import torch
+
+    from stdrc.engines.build import BuildConfig
+    from stdrc.engines.preflight import check_bucket
+    from stdrc.export.onnx_export import CastIO
+
+    _, spec = dit_onnx
+    bucket, _ = check_bucket(BuildConfig())
+    module = CastIO(copy.deepcopy(tiny_models.export_modules(bucket, "tass")["dit"]).to(torch.float16))
+    folder = tmp_path_factory.mktemp("fp16ext")
+    export_onnx(module, spec, folder / "half.onnx")
+    model = onnx.load(str(folder / "half.onnx"))
+    (folder / "half.onnx").unlink()
+    onnx.save(model, str(folder / "dit.onnx"), save_as_external_data=True, location="dit.onnx.data",
+              size_threshold=1024)
+    return folder / "dit.onnx"
+
+
+def _run(path: Path, feeds: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("move", [False, True])
+def test_fp16_engine_reuses_the_exported_weights_file(dit_onnx, fp16_external, tmp_path: Path, move: bool) -> None:
+    """The weights file goes into the bundle as it is (hard link or move, never rewritten) and the engine agrees."""
+    _, spec = dit_onnx
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in fp16_external.parent.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    data = src / "dit.onnx.data"
+    inode, feeds = data.stat().st_ino, spec.sample_inputs(seed=5, batch=2)
+    want = _run(src / "dit.onnx", feeds)
+    out = tmp_path / "bundle" / "dit.onnx"
+    out.parent.mkdir()
+    build_ort_engine(src / "dit.onnx", out, "fp16", move=move)
+    placed = out.parent / "dit.onnx.data"
+    assert placed.stat().st_ino == inode and data.exists() != move
+    assert {t.data_location for t in onnx.load(str(out), load_external_data=False).graph.initializer
+            if np.prod(t.dims) > 1024} == {onnx.TensorProto.EXTERNAL}
+    got, full = _run(out, feeds), _run(dit_onnx[0], feeds)
+    assert got.shape == want.shape == full.shape
+    for ref in (want, full):  # the fp16 export as written, and the fp32 graph: fp16-level agreement with both
+        cos = float((got * ref).sum() / (np.linalg.norm(got) * np.linalg.norm(ref)))
+        assert cos >= 0.999, cos
+
+
+def test_fp16_engine_refuses_truncated_external_data(fp16_external, tmp_path: Path) -> None:
+    from stdrc.export.errors import ExportError
+
+    for f in fp16_external.parent.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes()[: -4096] if f.name.endswith(".data") else f.read_bytes())
+    (tmp_path / "bundle").mkdir()
+    with pytest.raises(ExportError, match="external data of"):
+        build_ort_engine(tmp_path / "dit.onnx", tmp_path / "bundle" / "dit.onnx", "fp16")
+    assert not (tmp_path / "bundle" / "dit.onnx").exists()
