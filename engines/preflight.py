@@ -133,9 +133,9 @@ def check_inductor_decoder(cfg: BuildConfig, buckets: tuple[Bucket, ...], tiling
     dynamic = component_specs(get_preset(cfg.preset), buckets, tiling)["vae_decoder"].dynamic_dims
     if all(k in dynamic for k in DECODER_DIMS):
         labels = " ".join(f"--bucket {b.frames}x{b.width}x{b.height}" for b in buckets)
-        raise ExportError(f"--backend {backend} cannot compile one VAE decoder whose frames, height and width all "
-                          f"differ between buckets ({labels}): give the buckets one frame count or one "
-                          "height and width, or use --backend torch, onnxruntime or tensorrt")
+        raise ExportError(f"--backend {backend} cannot compile one VAE decoder whose frames, height and "
+                          f"width all differ between buckets ({labels}): give the buckets one frame count "
+                          "or one height and width, or use --backend torch, onnxruntime or tensorrt")
 
 
 def check_bucket(cfg: BuildConfig) -> tuple[Bucket, DecodeTiling | None]:

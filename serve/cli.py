@@ -103,8 +103,8 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     t.add_argument("--text-scale", type=float, default=None, help="s_txt (default: the bundle's)")
     t.add_argument("--ref-scale", type=float, default=None, help="s_ref (default: the bundle's)")
-    t.add_argument("--frames", type=int, default=None, help="frame count (8k+1); with --height/--width one of "
-                   "the bundle's buckets (each default: its first bucket's)")
+    t.add_argument("--frames", type=int, default=None, help="frame count (8k+1); with --height/--width "
+                   "one of the bundle's buckets (each default: its first bucket's)")
     t.add_argument("--height", type=int, default=None, help="video height in pixels")
     t.add_argument("--width", type=int, default=None, help="video width in pixels")
     t.add_argument("--no-face-crop", action="store_true", help="use the whole photo, no face detection")

@@ -91,11 +91,12 @@ def test_dit_only_checkpoint_without_base_is_refused_in_one_line(capsys, tmp_pat
     assert not out.exists()
 
 
-def test_aoti_refuses_buckets_differing_in_frames_height_and_width(capsys, tmp_path: Path, dit_only: Path) -> None:
-    """Inductor cannot lower a decoder with frames, tile height and tile width all dynamic: one line, up front."""
+def test_aoti_refuses_buckets_differing_in_frames_height_and_width(capsys, tmp_path: Path,
+                                                                  dit_only: Path) -> None:
+    """Inductor cannot lower a decoder with frames, tile height and tile width dynamic: one line, up front."""
     out = tmp_path / "bundle"
-    code, err = _build(capsys, tmp_path, "--backend", "aoti", "--checkpoint", str(dit_only), "--out", str(out),
-                       "--bucket", "9x96x64", "--bucket", "17x64x96")
+    code, err = _build(capsys, tmp_path, "--backend", "aoti", "--checkpoint", str(dit_only),
+                       "--out", str(out), "--bucket", "9x96x64", "--bucket", "17x64x96")
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("error: --backend aoti cannot compile one VAE decoder") and "one frame count" in err
     assert not out.exists() and not (tmp_path / "cache").exists()
@@ -107,7 +108,8 @@ def test_aoti_refuses_buckets_differing_in_frames_height_and_width(capsys, tmp_p
     ("torch", ("9x96x64", "17x64x96")),  # exported program, no Inductor at build time
     ("onnxruntime", ("9x96x64", "17x64x96")),
 ])
-def test_other_bucket_mixes_pass_the_decoder_check(tmp_path: Path, backend: str, buckets: tuple[str, ...]) -> None:
+def test_other_bucket_mixes_pass_the_decoder_check(tmp_path: Path, backend: str,
+                                                   buckets: tuple[str, ...]) -> None:
     from stdrc.engines.build import BuildConfig
     from stdrc.engines.preflight import check_build
 

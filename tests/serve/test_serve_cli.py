@@ -38,7 +38,7 @@ def test_submit_says_when_no_server_answers(capsys, tmp_path: Path, astronaut_pn
 
 
 def test_submit_sends_the_bucket_size_as_form_fields(capsys, tmp_path: Path, astronaut_png: Path):
-    """--frames/--height/--width reach the job API as form fields; the server's refusal is the one error line."""
+    """--frames/--height/--width reach the job API as form fields; the server's refusal is the error line."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
