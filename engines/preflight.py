@@ -119,6 +119,25 @@ def check_buckets(cfg: BuildConfig) -> tuple[tuple[Bucket, ...], DecodeTiling | 
     return tuple(buckets), decode_tiling(height, width, cfg.decode_tile, cfg.decode_overlap), rope
 
 
+# Backends whose VAE decoder goes through Inductor at build time.
+INDUCTOR_BACKENDS = ("aoti",)
+DECODER_DIMS = ("latent_frames", "tile_height", "tile_width")
+
+
+def check_inductor_decoder(cfg: BuildConfig, buckets: tuple[Bucket, ...], tiling: DecodeTiling | None,
+                           backend: str) -> None:
+    """Inductor (torch 2.13) fails late, deep in lowering the decoder's reflect padding, when the decoder's
+    latent frames, tile height and tile width are all dynamic: refuse that bucket mix up front."""
+    from stdrc.export.specs import component_specs
+
+    dynamic = component_specs(get_preset(cfg.preset), buckets, tiling)["vae_decoder"].dynamic_dims
+    if all(k in dynamic for k in DECODER_DIMS):
+        labels = " ".join(f"--bucket {b.frames}x{b.width}x{b.height}" for b in buckets)
+        raise ExportError(f"--backend {backend} cannot compile one VAE decoder whose frames, height and "
+                          f"width all differ between buckets ({labels}): give the buckets one frame count "
+                          "or one height and width, or use --backend torch, onnxruntime or tensorrt")
+
+
 def check_bucket(cfg: BuildConfig) -> tuple[Bucket, DecodeTiling | None]:
     """The default bucket (preset defaults filled in) and decode tiling."""
     buckets, tiling, _ = check_buckets(cfg)
@@ -141,6 +160,8 @@ def check_build(cfg: BuildConfig, backend: str) -> tuple[tuple[Bucket, ...], Dec
         raise ExportError(f"--backend {backend} --precision {cfg.precision} bakes the RoPE tables into its DiT "
                           "(one bucket): pass one --bucket with --rope baked (or auto), or --precision "
                           f"{'fp16 or bf16' if backend == 'tensorrt' else 'fp32'} for several buckets")
+    if backend in INDUCTOR_BACKENDS:
+        check_inductor_decoder(cfg, buckets, tiling, backend)
     for name in ("checkpoint", "base_checkpoint", "face_weights", "text_encoder", "text_checkpoint", "cache_dir"):
         if getattr(cfg, name) is not None:
             check_path(getattr(cfg, name), f"--{name.replace('_', '-')}")

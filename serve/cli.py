@@ -57,7 +57,8 @@ def _submit(args: argparse.Namespace) -> int:
     client = Client(args.server)
     job_id = client.submit(args.ref, args.prompt, retry_s=args.retry, negative_prompt=args.negative_prompt,
                            seed=args.seed, steps=args.steps, text_scale=args.text_scale, ref_scale=args.ref_scale,
-                           face_crop=not args.no_face_crop)
+                           face_crop=not args.no_face_crop, frames=args.frames, height=args.height,
+                           width=args.width)
     status = client.wait(job_id, timeout=args.timeout)
     if status["status"] == "failed":
         raise StdrcError(f"job {job_id} failed: {status['error']}")
@@ -102,6 +103,10 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     t.add_argument("--text-scale", type=float, default=None, help="s_txt (default: the bundle's)")
     t.add_argument("--ref-scale", type=float, default=None, help="s_ref (default: the bundle's)")
+    t.add_argument("--frames", type=int, default=None, help="frame count (8k+1); with --height/--width "
+                   "one of the bundle's buckets (each default: its first bucket's)")
+    t.add_argument("--height", type=int, default=None, help="video height in pixels")
+    t.add_argument("--width", type=int, default=None, help="video width in pixels")
     t.add_argument("--no-face-crop", action="store_true", help="use the whole photo, no face detection")
     t.add_argument("--retry", type=float, default=60.0, help="seconds to keep retrying a full queue (429)")
     t.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")

@@ -40,7 +40,8 @@ class Client:
         return response
 
     def submit(self, reference: str | Path | bytes, prompt: str, retry_s: float = 0.0, **options) -> str:  # noqa: ANN003
-        """POST a job; returns its id. Options: negative_prompt, seed, steps, text_scale, ref_scale, face_crop.
+        """POST a job; returns its id. Options: negative_prompt, seed, steps, text_scale, ref_scale,
+        face_crop, frames, height, width (a bucket of the bundle).
 
         `retry_s`: keep retrying a full queue (429) this long before giving up.
         """

@@ -89,3 +89,29 @@ def test_dit_only_checkpoint_without_base_is_refused_in_one_line(capsys, tmp_pat
     code, err = _build(capsys, tmp_path, "--checkpoint", str(dit_only), "--out", str(out))
     assert code == 2 and "--base-checkpoint" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_aoti_refuses_buckets_differing_in_frames_height_and_width(capsys, tmp_path: Path,
+                                                                  dit_only: Path) -> None:
+    """Inductor cannot lower a decoder with frames, tile height and tile width dynamic: one line, up front."""
+    out = tmp_path / "bundle"
+    code, err = _build(capsys, tmp_path, "--backend", "aoti", "--checkpoint", str(dit_only),
+                       "--out", str(out), "--bucket", "9x96x64", "--bucket", "17x64x96")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: --backend aoti cannot compile one VAE decoder") and "one frame count" in err
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("backend, buckets", [
+    ("aoti", ("9x96x64", "17x96x64")),   # frames only
+    ("aoti", ("9x96x64", "9x64x96")),    # height and width only
+    ("torch", ("9x96x64", "17x64x96")),  # exported program, no Inductor at build time
+    ("onnxruntime", ("9x96x64", "17x64x96")),
+])
+def test_other_bucket_mixes_pass_the_decoder_check(tmp_path: Path, backend: str,
+                                                   buckets: tuple[str, ...]) -> None:
+    from stdrc.engines.build import BuildConfig
+    from stdrc.engines.preflight import check_build
+
+    got, _, rope = check_build(BuildConfig(out=tmp_path / "b", backend=backend, buckets=buckets), backend)
+    assert [b.label() for b in got] == list(buckets) and rope == "input"
