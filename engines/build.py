@@ -25,11 +25,9 @@ from stdrc.export.lora import LoraSpec, lora_transform
 from stdrc.export.models import COMPONENTS, ModelSet, Sources, load_sources, plan_sources
 from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
-from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
 from stdrc.runtime.memory import activation_bytes, component_weight_bytes
 from stdrc.runtime.sampler import DISTILLED_SIGMAS, ltx2_sigmas
-from stdrc.runtime.tiling import decode_tiling
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "aoti")
@@ -219,10 +217,6 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
     )
 
 
-def bucket_rope(bucket: Bucket) -> tuple[str, str]:
-    return bucket.rope_file, bucket.rope_sha256
-
-
 def write_rope_tables(models: ModelSet, buckets: tuple[Bucket, ...], layout: str,
                       writer: BundleWriter) -> tuple[tuple[Bucket, ...], float]:
     """One table file per bucket (`rope.npz` for the default, `rope_FxWxH.npz` for the others): positions,
@@ -312,8 +306,7 @@ def build_engines(cfg: BuildConfig) -> Path:
         }
         manifest = Manifest(
             preset=models.preset.name,
-            model_config={"dit": asdict(models.preset.dit), "vae": asdict(models.preset.vae),
-                          "text": asdict(models.preset.text), "seed": cfg.seed},
+            model_config={**config, "seed": cfg.seed},
             checkpoint_sha256=models.checkpoint_sha256,
             buckets=buckets,
             components=components,
@@ -322,7 +315,7 @@ def build_engines(cfg: BuildConfig) -> Path:
                      "distilled_sigmas": list(DISTILLED_SIGMAS)},
             guidance={"text_scale": models.preset.text_scale, "ref_scale": models.preset.ref_scale,
                       "null_reference": "key_mask"},
-            rope={"file": bucket_rope(buckets[0])[0], "sha256": bucket_rope(buckets[0])[1], "layout": cfg.layout,
+            rope={"file": buckets[0].rope_file, "sha256": buckets[0].rope_sha256, "layout": cfg.layout,
                   "type": models.preset.dit.rope_type, "baked_in_dit": rope == "baked", "max_position_ratio": ratio},
             text=text,
             reference={"layout": cfg.layout, "video_tokens": bucket.video_tokens,
