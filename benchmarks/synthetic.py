@@ -49,6 +49,14 @@ def write_gemma(folder: Path, hidden_size: int = 3840, layers: int = 2, vocab: i
     return folder
 
 
+def _unset(build):  # noqa: ANN001, ANN202
+    """Modules built on the meta device, then given uninitialised CPU storage: torch's default init (as slow as
+    the seeded draw that overwrites it) is skipped. Every state-dict entry is then set by `init_seeded`."""
+    with torch.device("meta"):
+        built = build()
+    return tuple(m.to_empty(device="cpu") for m in built) if isinstance(built, tuple) else built.to_empty(device="cpu")
+
+
 def write_ltx2_checkpoint(path: Path, dit_layers: int = 1, gemma_layers: int = 2, seed: int = 0,
                           with_vae: bool = True, dtype: torch.dtype = torch.bfloat16) -> Path:
     """An LTX-2-layout (ComfyUI prefix) checkpoint: DiT at full width with `dit_layers` blocks, text projection
@@ -57,12 +65,12 @@ def write_ltx2_checkpoint(path: Path, dit_layers: int = 1, gemma_layers: int = 2
     dit_cfg = replace(preset.dit, num_layers=dit_layers)
     text_cfg = replace(preset.text, kind="gemma", encoder_layers=gemma_layers, vocab_size=16)
     with default_dtype(dtype):
-        dit = build_dit(dit_cfg, seed=None)
+        dit = _unset(lambda: build_dit(dit_cfg, seed=None))
         init_seeded(dit, seed, std=0.02)
-        side = TextSide(text_cfg, TinyTextEncoder(replace(text_cfg, encoder_layers=0)))
+        side = _unset(lambda: TextSide(text_cfg, TinyTextEncoder(replace(text_cfg, encoder_layers=0))))
         init_seeded(side.feature_extractor, seed + 3, std=0.02)
         init_seeded(side.connector, seed + 4, std=0.02)
-        encoder, decoder = build_vae(preset.vae, seed=None) if with_vae else (None, None)
+        encoder, decoder = _unset(lambda: build_vae(preset.vae, seed=None)) if with_vae else (None, None)
         for i, module in enumerate((encoder, decoder)):
             if module is not None:
                 init_seeded(module, seed + 1 + i, std=0.02)

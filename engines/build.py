@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import stdrc
 from stdrc.engines.bundle import BundleWriter
-from stdrc.engines.preflight import check_build
+from stdrc.engines.preflight import check_build, check_disk
 from stdrc.engines.stage_cache import cache_key, cached_onnx, drop_uncached, release_memory, versions
 from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
@@ -248,6 +248,9 @@ def build_engines(cfg: BuildConfig) -> Path:
     stages.set_postfix_str("reading checkpoint headers")
     src = plan_sources(get_preset(cfg.preset), cfg.checkpoint, cfg.seed, cfg.face_weights, cfg.text_encoder,
                        cfg.base)
+    estimate = check_disk(src, backend, cfg.precision, cfg.out, cfg.cache_dir)
+    if estimate:
+        log.info("engine weights, estimated from headers: %s", {k: f"{v / 2**30:.2f} GB" for k, v in estimate.items()})
     lora_set = None
     if cfg.loras:  # checked against the DiT's shapes from headers, then fused as each DiT tensor is read
         transform, lora_set = lora_transform(cfg.loras, src.preset.dit, cfg.dit_transform)

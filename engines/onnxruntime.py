@@ -243,7 +243,11 @@ def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32", m
     except ExportError:
         raise
     except Exception as e:
-        raise ExportError(f"ONNX Runtime could not optimise {onnx_path.name}: {str(e).splitlines()[0]}") from e
+        first = str(e).splitlines()[0]
+        if "write" in first.lower():  # ORT names no OS reason; a full disk is the usual one
+            free = shutil.disk_usage(out_path.parent).free
+            first += f" ({free / 2**30:.1f} GB free on the disk of {out_path.parent}: free space or build elsewhere)"
+        raise ExportError(f"ONNX Runtime could not optimise {onnx_path.name}: {first}") from e
     finally:
         Path(tmp).unlink(missing_ok=True)
     return {"onnxruntime_version": ort.__version__, "graph_optimization_level": "extended"}

@@ -20,6 +20,7 @@ from stdrc.runtime.tiling import DecodeTiling, decode_tiling
 
 if TYPE_CHECKING:
     from stdrc.engines.build import BuildConfig
+    from stdrc.export.models import Sources
 
 # What each backend builds (the fast path's bf16/fp8 is the DiT's; its other components stay fp32).
 BACKEND_PRECISIONS = {
@@ -191,3 +192,79 @@ def check_build(cfg: BuildConfig, backend: str) -> tuple[tuple[Bucket, ...], Dec
         raise CheckpointError(f"--preset {cfg.preset} uses the Gemma-3 text side: pass --text-encoder DIR "
                               "(a local Gemma-3 folder)")
     return buckets, tiling, rope
+
+
+# Unestimated bytes a build may also write: the seeded face encoder (iresnet50: 0.17 GB fp32), manifest,
+# RoPE tables, tokenizer, small stage-cache entries.
+DISK_MARGIN_BYTES = 512 * 1024**2
+
+
+def engine_itemsize(backend: str, precision: str, component: str) -> int:
+    """Bytes per weight element in `component`'s engine (the torch fast path lowers only the DiT)."""
+    if backend in ("onnxruntime", "tensorrt"):
+        return {"fp32": 4, "fp8": 1 if component == "dit" else 2}.get(precision, 2)
+    return {"bf16": 2, "fp8": 1}.get(precision, 4) if component == "dit" else 4
+
+
+def _gemma_elements(folder: Path) -> int:
+    """Weight elements of a Gemma folder's language model, from shard headers (the vision tower and the tied
+    LM head are not exported)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), framework="np") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
+                         if not any(part in k for part in ("vision_tower", "multi_modal_projector", "lm_head")))
+    return total
+
+
+def engine_bytes_estimate(src: Sources, backend: str, precision: str) -> dict[str, int]:
+    """Engine weight bytes per component whose weights come from files, from their headers (no weight read)."""
+    elements: dict[str, int] = {}
+    for name, ckpt in (("dit", src.checkpoint), ("vae_encoder", src.vae), ("vae_decoder", src.vae)):
+        if ckpt is not None and ckpt.has(name):
+            elements[name] = sum(math.prod(ckpt.shapes[k]) for k in ckpt.keys[name].values())
+    text = sum(math.prod(src.text.shapes[k]) for k in src.text.keys["text"].values()) if src.text else 0
+    if src.gemma is not None:
+        text += _gemma_elements(src.gemma.folder)
+    if text:
+        elements["text_encoder"] = text
+    return {k: n * engine_itemsize(backend, precision, k) for k, n in elements.items()}
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def disk_needs(estimate: dict[str, int], backend: str, out: Path, cache_dir: Path) -> dict[Path, int]:
+    """Free bytes each disk must have: the bundle beside `out`, plus (ONNX backends) the largest component's
+    exported ONNX, which lies in the stage cache until its engine is written. One entry when both are one disk."""
+    bundle, largest = sum(estimate.values()), max(estimate.values(), default=0)
+    transient = largest if backend in ("onnxruntime", "tensorrt") else 0
+    out_disk, cache_disk = _existing(Path(out).parent), _existing(cache_dir)
+    if out_disk.stat().st_dev == cache_disk.stat().st_dev:
+        return {out_disk: bundle + transient + DISK_MARGIN_BYTES}
+    return {out_disk: bundle + DISK_MARGIN_BYTES, cache_disk: transient + DISK_MARGIN_BYTES}
+
+
+def check_disk_space(needs: dict[Path, int], free: dict[Path, int]) -> None:
+    """Refuse a build its disks cannot hold, before any weight is read (not a failed write minutes later)."""
+    for disk, need in needs.items():
+        if free[disk] < need:
+            raise InputError(f"the build needs about {need / 2**30:.1f} GB free on the disk of {disk} "
+                             f"(engines + the largest export while it builds), {free[disk] / 2**30:.1f} GB is "
+                             "free: free space, or pass --out and --cache-dir on a larger disk")
+
+
+def check_disk(src: Sources, backend: str, precision: str, out: Path, cache_dir: Path) -> dict[str, int]:
+    """The build's disk needs against what is free now; returns the per-component estimate (for the log)."""
+    import shutil
+
+    estimate = engine_bytes_estimate(src, backend, precision)
+    needs = disk_needs(estimate, backend, out, cache_dir)
+    check_disk_space(needs, {disk: shutil.disk_usage(disk).free for disk in needs})
+    return estimate

@@ -27,8 +27,11 @@ class OrtEngine:
     def __init__(self, path: Path, entry: ComponentEntry, device: str = "cpu", threads: int = 0):
         self.entry = entry
         options = ort.SessionOptions()
-        # the bundle holds an offline-optimised graph; do not redo the work at every load
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # an offline-optimised graph (fp32 CPU builds) is not optimised again at every load; a graph left for
+        # the target provider (fp16 for the CUDA EP) gets ORT's full set at load
+        offline = entry.build.get("graph_optimization_level") == "extended"
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if offline
+                                            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
         try:

@@ -115,3 +115,38 @@ def test_other_bucket_mixes_pass_the_decoder_check(tmp_path: Path, backend: str,
 
     got, _, rope = check_build(BuildConfig(out=tmp_path / "b", backend=backend, buckets=buckets), backend)
     assert [b.label() for b in got] == list(buckets) and rope == "input"
+
+
+def test_disk_needs_count_the_bundle_and_the_largest_export(tmp_path: Path) -> None:
+    from stdrc.engines.preflight import DISK_MARGIN_BYTES, disk_needs
+
+    estimate = {"dit": 5 * 2**30, "vae_encoder": 3 * 2**30, "text_encoder": 2 * 2**30}
+    out, cache = tmp_path / "new" / "bundle", tmp_path / "cache"  # neither exists yet: their disk is tmp_path's
+    assert disk_needs(estimate, "onnxruntime", out, cache) == {tmp_path: 15 * 2**30 + DISK_MARGIN_BYTES}
+    assert disk_needs(estimate, "aoti", out, cache) == {tmp_path: 10 * 2**30 + DISK_MARGIN_BYTES}  # no ONNX stage
+
+
+def test_a_disk_too_small_is_refused_in_one_line() -> None:
+    from stdrc.engines.preflight import check_disk_space
+    from stdrc.runtime.errors import InputError
+
+    disk = Path("/data")
+    check_disk_space({disk: 10 * 2**30}, {disk: 10 * 2**30})  # exactly enough passes
+    with pytest.raises(InputError) as refused:
+        check_disk_space({disk: 10 * 2**30}, {disk: 4 * 2**30})
+    message = str(refused.value)
+    assert "\n" not in message and "10.0 GB free on the disk of /data" in message and "4.0 GB is free" in message
+    assert "--out and --cache-dir on a larger disk" in message
+
+
+@pytest.mark.parametrize("backend, precision, itemsizes", [
+    ("onnxruntime", "fp32", {"dit": 4, "vae_decoder": 4}),
+    ("onnxruntime", "fp16", {"dit": 2, "vae_decoder": 2}),
+    ("tensorrt", "fp8", {"dit": 1, "vae_decoder": 2}),
+    ("aoti", "bf16", {"dit": 2, "vae_decoder": 4}),  # the fast path lowers the DiT only
+])
+def test_engine_itemsize_follows_what_each_backend_writes(backend: str, precision: str,
+                                                          itemsizes: dict[str, int]) -> None:
+    from stdrc.engines.preflight import engine_itemsize
+
+    assert {k: engine_itemsize(backend, precision, k) for k in itemsizes} == itemsizes
