@@ -106,13 +106,16 @@ class TextSide(torch.nn.Module):
         )
         # The connector's RoPE angles reach ~1e5 rad (max_pos [1]): float32 cos/sin of them differ
         # between runtimes by ~1e-2, so the table is computed once here, in torch, and baked.
-        grid = torch.arange(cfg.max_length, dtype=torch.float32)[None, None, :]
-        cos, sin = precompute_freqs_cis(
-            grid, dim=self.connector.inner_dim, out_dtype=torch.float32,
-            theta=self.connector.positional_embedding_theta, max_pos=self.connector.positional_embedding_max_pos,
-            num_attention_heads=self.connector.num_attention_heads, rope_type=self.connector.rope_type,
-            freq_grid_generator=generate_freq_grid_np if double else generate_freq_grid_pytorch,
-        )
+        # On the CPU even inside a meta-device build: ltx-core memoises the frequency grid
+        # (functools.lru_cache), and a grid made on meta would break every later build in the process.
+        with torch.device("cpu"):
+            grid = torch.arange(cfg.max_length, dtype=torch.float32)[None, None, :]
+            cos, sin = precompute_freqs_cis(
+                grid, dim=self.connector.inner_dim, out_dtype=torch.float32,
+                theta=self.connector.positional_embedding_theta, max_pos=self.connector.positional_embedding_max_pos,
+                num_attention_heads=self.connector.num_attention_heads, rope_type=self.connector.rope_type,
+                freq_grid_generator=generate_freq_grid_np if double else generate_freq_grid_pytorch,
+            )
         self.register_buffer("connector_cos", cos, persistent=False)
         self.register_buffer("connector_sin", sin, persistent=False)
 

@@ -272,3 +272,23 @@ def test_model_set_tokenizes_as_the_runtime(tiny_gemma_dir: Path, runtime_tokeni
     for prompt in PROMPTS:
         for ours, runtime in zip(models.tokenize(prompt), runtime_tokenizer(prompt)):
             assert ours.dtype == np.int64 and np.array_equal(ours, runtime), prompt
+
+
+def test_a_meta_device_build_leaves_later_builds_working() -> None:
+    """ltx-core memoises the RoPE frequency grid: a text side built on meta (shape-only builds, the synthetic
+    checkpoint writer) must not leave a meta grid behind for the next real build in the process."""
+    from ltx_core.model.transformer import rope
+    from stdrc.export.text import TextSide, TinyTextEncoder
+
+    cfg = get_preset("tiny").text
+    rope.generate_freq_grid_np.cache_clear()
+    rope.generate_freq_grid_pytorch.cache_clear()
+    with torch.device("meta"):
+        on_meta = TextSide(cfg, TinyTextEncoder(cfg))
+    assert on_meta.connector.learnable_registers.is_meta
+    real = TextSide(cfg, TinyTextEncoder(cfg))
+    assert real.connector_cos.device.type == "cpu" and torch.isfinite(real.connector_cos).all()
+    rope.generate_freq_grid_np.cache_clear()
+    rope.generate_freq_grid_pytorch.cache_clear()
+    fresh = TextSide(cfg, TinyTextEncoder(cfg))
+    torch.testing.assert_close(real.connector_cos, fresh.connector_cos, rtol=0, atol=0)
