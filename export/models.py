@@ -196,27 +196,40 @@ def _face_module(preset: Preset, seed: int, face_weights: Path | None, dtype: to
     return face.FaceEncoderForExport(face.fold_batchnorm(module)).to(dtype)
 
 
+def _no_default_init(real: LazyCheckpoint | None) -> contextlib.AbstractContextManager:
+    """Modules filled from a checkpoint skip torch's default init (minutes of CPU for a 13B DiT, all
+    overwritten: `load_streaming` refuses a checkpoint that lacks any of the module's keys)."""
+    if real is None:
+        return contextlib.nullcontext()
+    from transformers.initialization import no_init_weights
+
+    return no_init_weights()
+
+
 def _load_component(src: Sources, name: str, dtype: torch.dtype, transform: Transform | None) -> torch.nn.Module:
     preset, seed = src.preset, src.seed
     real = {"dit": src.checkpoint, "vae_encoder": src.vae, "vae_decoder": src.vae, "text_encoder": src.text}[name]
     # real weights: allocated in the engine dtype; seeded ones are drawn in fp32 (the same values at every dtype)
     with default_dtype(dtype if real is not None else torch.float32), torch.no_grad():
         if name == "dit":
-            dit = build_dit(preset.dit, seed=None if src.checkpoint else seed).to(dtype)
+            with _no_default_init(src.checkpoint):
+                dit = build_dit(preset.dit, seed=None if src.checkpoint else seed).to(dtype)
             if src.checkpoint is not None:
                 load_streaming(dit.ltx, src.checkpoint, "dit", "DiT", transform)
             elif transform is not None:  # seeded weights (a preset): the same hook, over the state dict
                 dit.ltx.load_state_dict({k: transform(k, v) for k, v in dit.ltx.state_dict().items()}, strict=True)
             return dit
         if name in ("vae_encoder", "vae_decoder"):
-            encoder, decoder = build_vae(preset.vae, seed=None if src.vae else seed, which=name)
+            with _no_default_init(src.vae):
+                encoder, decoder = build_vae(preset.vae, seed=None if src.vae else seed, which=name)
             module = (encoder if name == "vae_encoder" else decoder).to(dtype)
             if src.vae is not None:
                 load_streaming(module, src.vae, name, "VAE " + name.split("_")[1], None)
             return module
         if name == "text_encoder":
             gemma = load_gemma(src.gemma.folder, preset.text.max_length, dtype=dtype) if src.gemma else None
-            side = build_text_side(preset.text, seed=None if src.text else seed, gemma=gemma).to(dtype)
+            with _no_default_init(src.text if gemma is not None else None):  # a tiny encoder is not in it
+                side = build_text_side(preset.text, seed=None if src.text else seed, gemma=gemma).to(dtype)
             if src.text is not None:
                 parts = torch.nn.ModuleDict({"feature_extractor": side.feature_extractor, "connector": side.connector})
                 load_streaming(parts, src.text, "text", "text projection and connector", None)

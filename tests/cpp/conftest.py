@@ -26,25 +26,17 @@ def build_aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path)
 
 
 @pytest.fixture(scope="session")
-def aoti_tiled_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """The tiny preset at 64x192 with a 96 px decode tile (32 px overlap): columns [0,3) [2,5) [4,6), two widths."""
+def aoti_tiled_buckets_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """The tiny preset as aoti packages for two buckets of different frame counts at 64x192, decoded in 96 px
+    tiles (32 px overlap: columns [0,3) [2,5) [4,6), two widths): one DiT with dynamic tokens, one decoder with
+    dynamic latent frames and tile width. One build serves the tiling and the bucket tests (each aoti build is
+    minutes of Inductor). (With frames, tile height and tile width all dynamic, Inductor fails to lower the
+    decoder's reflect padding: torch 2.13, measured; the build refuses that mix.)"""
     from stdrc.engines.build import BuildConfig, build_engines
 
-    out = tmp_path_factory.mktemp("aoti-tiled") / "tiny-tiled"
-    return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", height=64, width=192,
+    out = tmp_path_factory.mktemp("aoti-tiled-buckets") / "tiny-tiled-buckets"
+    return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", buckets=("9x192x64", "17x192x64"),
                                      decode_tile=96, decode_overlap=32, progress=False))
-
-
-@pytest.fixture(scope="session")
-def aoti_buckets_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """The tiny preset as aoti packages serving two buckets of different frame counts: one DiT with dynamic
-    tokens, one decoder with dynamic latent frames. (With frames, tile height and tile width all dynamic,
-    Inductor fails to lower the decoder's reflect padding: torch 2.13, measured.)"""
-    from stdrc.engines.build import BuildConfig, build_engines
-
-    out = tmp_path_factory.mktemp("aoti-buckets") / "tiny-buckets"
-    return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", buckets=("9x96x64", "17x96x64"),
-                                     progress=False))
 
 
 @pytest.fixture(scope="session")

@@ -50,40 +50,27 @@ def run_cpp(runner: Path, bundle: Path, inputs: Path, out: Path, *flags: str, tr
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
 
 
-def test_cpp_tiled_decode_matches_python(cpp_runner: Path, aoti_tiled_bundle: Path, reference: np.ndarray,
-                                         tmp_path: Path) -> None:
-    """Tiles of two widths through one dynamic-width aoti decoder: C++ places and blends them as Python does."""
-    tiled = Pipeline.from_bundle(aoti_tiled_bundle, trust_code=True)
-    assert tiled.manifest.components["vae_decoder"].dynamic_dims == {"tile_width": [2, 3, 3]}
-    inputs = write_cpp_inputs(tiled, reference, PROMPT, SEED, tmp_path / "inputs", face_crop=False)
-    python = run_python(tiled, inputs)
-    done = run_cpp(cpp_runner, aoti_tiled_bundle, inputs, tmp_path / "out")
-    assert done.returncode == 0, done.stderr
-    cpp = read_cpp_outputs(tmp_path / "out")
-    assert cpp.video.shape == python.video.shape == (1, 3, tiled.bucket.frames, tiled.bucket.height,
-                                                     tiled.bucket.width)
-    assert np.abs(cpp.latent - python.latent).max() <= FP32_ATOL
-    assert np.abs(cpp.video - python.video).max() <= FP32_ATOL
-
-
-def test_cpp_runs_each_bucket_of_a_multi_bucket_bundle(cpp_runner: Path, aoti_buckets_bundle: Path,
-                                                       reference: np.ndarray, tmp_path: Path) -> None:
-    """One dynamic-token aoti DiT (RoPE tables as inputs) and decoder: `--bucket` picks the size, C++ = Python."""
-    multi = Pipeline.from_bundle(aoti_buckets_bundle, trust_code=True)
-    assert [b.label() for b in multi.manifest.buckets] == ["9x96x64", "17x96x64"]
-    for label, (frames, height, width) in (("9x96x64", (9, 64, 96)), ("17x96x64", (17, 64, 96))):
+def test_cpp_runs_each_bucket_with_tiled_decode(cpp_runner: Path, aoti_tiled_buckets_bundle: Path,
+                                               reference: np.ndarray, tmp_path: Path) -> None:
+    """One dynamic-token aoti DiT (RoPE tables as inputs) and one decoder for every bucket, fed tiles of two
+    widths: `--bucket` picks the size, and C++ places and blends the tiles as Python does."""
+    multi = Pipeline.from_bundle(aoti_tiled_buckets_bundle, trust_code=True)
+    assert [b.label() for b in multi.manifest.buckets] == ["9x192x64", "17x192x64"]
+    assert multi.manifest.components["vae_decoder"].dynamic_dims == {"latent_frames": [2, 2, 3],
+                                                                     "tile_width": [2, 3, 3]}
+    for label, (frames, height, width) in (("9x192x64", (9, 64, 192)), ("17x192x64", (17, 64, 192))):
         multi.use_bucket(frames, height, width)
         inputs = write_cpp_inputs(multi, reference, PROMPT, SEED, tmp_path / f"in-{label}", face_crop=False, steps=3)
         assert (inputs / "rope_cos.npy").is_file()
         python = run_python(multi, inputs)
-        done = run_cpp(cpp_runner, aoti_buckets_bundle, inputs, tmp_path / f"out-{label}", "--bucket", label)
+        done = run_cpp(cpp_runner, aoti_tiled_buckets_bundle, inputs, tmp_path / f"out-{label}", "--bucket", label)
         assert done.returncode == 0, done.stderr
         cpp = read_cpp_outputs(tmp_path / f"out-{label}")
         assert cpp.video.shape == python.video.shape == (1, 3, frames, height, width)
         assert np.abs(cpp.latent - python.latent).max() <= FP32_ATOL
         assert np.abs(cpp.video - python.video).max() <= FP32_ATOL
-    done = run_cpp(cpp_runner, aoti_buckets_bundle, inputs, tmp_path / "none", "--bucket", "25x96x64")
-    assert done.returncode == 2 and "9x96x64, 17x96x64" in done.stderr, done.stderr
+    done = run_cpp(cpp_runner, aoti_tiled_buckets_bundle, inputs, tmp_path / "none", "--bucket", "25x192x64")
+    assert done.returncode == 2 and "9x192x64, 17x192x64" in done.stderr, done.stderr
     assert not (tmp_path / "none").exists()
 
 
