@@ -36,7 +36,7 @@ MARGIN = 1.10  # allocator slack, CUDA context, workspace: `auto` picks `all` on
 # What a running engine session holds beyond its weights and the activation formula: the graph, kernels,
 # thread pool and allocator, a CPU convolution's column buffers, library code paged in on first use.
 # Measured 2026-12-02 on the reduced-depth ltx2-video bundle (fp32, ONNX Runtime 1.32 CPU, 9x64x64), RSS over
-# weights + activation estimate: VAE encoder 2-12 MB, VAE decoder 16-30 MB, face encoder 48 MB (its load
+# weights + activation estimate: VAE encoder 2-12 MB, VAE decoder 16-28 MB, face encoder 48 MB (its load
 # holds the embedded weights' protobuf beside the tensors): the largest, rounded up (docs/benchmarks.md).
 # One allowance per peak, as one session runs at a time; the CUDA context is outside it (a device's own).
 SESSION_BYTES = 48 * 2**20
