@@ -11,7 +11,8 @@ baseline is the RSS before the generation, after the runtime is imported and ONN
 one session of a one-node graph (its own code and globals resident), with no engine open. Under
 `staged` each stage is recorded too (RSS at its start, peak while loading, peak while running),
 and `check` compares the peak over the baseline with the largest stage's weights plus its
-activation estimate (runtime/memory.py), and each stage's own rise with its component's.
+activation estimate plus one session's allowance (runtime/memory.py: the plan's own numbers), and
+each stage's own rise with its component's.
 
 The projection for the full model counts parameters exactly (the ltx2-video DiT and VAE built on
 the meta device; Gemma-3 12B's text model from its published config: width 3840, 48 layers,
@@ -82,9 +83,10 @@ def measure(bundle: Path, plan: str, cached: bool, device: str, work: Path, refe
 def staged_check(record: dict, bundle: Path, cached: bool) -> dict:
     """The staged property, measured: the run's peak RSS over its baseline (RSS before the generation, with
     the runtime and ONNX Runtime loaded and no engine open) against the largest stage's weights plus its
-    activation estimate; and per stage, its own rise (its peak over the RSS at its start) against its
-    component's weights + activations. MiB throughout."""
-    from stdrc.runtime.memory import memory_needs
+    activation estimate and one session's own allowance (the plan's own number, runtime/memory.py's
+    memory_needs); and per stage, its own rise (its peak over the RSS at its start) against its
+    component's weights + activations + that allowance. MiB throughout."""
+    from stdrc.runtime.memory import SESSION_BYTES, memory_needs
 
     weights, acts = current_needs(bundle)
     budget = memory_needs(weights, acts, skip_text=cached).staged_peak_bytes / 2**20
@@ -93,9 +95,10 @@ def staged_check(record: dict, bundle: Path, cached: bool) -> dict:
     for s in record.get("stages", []):
         c = s["component"]
         own = max(s.get("load_peak_mb", 0.0), s.get("run_peak_mb", 0.0)) - s["rss_start_mb"]
-        need = (weights[c] + acts[c]) / 2**20
+        need = (weights[c] + acts[c] + SESSION_BYTES) / 2**20
         stages.append({"component": c, "rise_mb": own, "weights_mb": weights[c] / 2**20,
-                       "activations_mb": acts[c] / 2**20, "within": own <= need})
+                       "activations_mb": acts[c] / 2**20, "session_mb": SESSION_BYTES / 2**20,
+                       "within": own <= need})
     return {"peak_over_baseline_mb": rise, "largest_component_plus_activations_mb": budget,
             "within": rise <= budget, "stages": stages}
 

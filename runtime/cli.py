@@ -124,6 +124,7 @@ def _plan(args: argparse.Namespace) -> int:
     for stage in reports["uncached prompt"].stages:
         print(f"{stage.stage:<10} {stage.component:<13} weights {stage.weight_bytes / gb:8.3f} GB  "
               f"activations (estimate) {stage.activation_bytes / gb:8.3f} GB")
+    print(f"each stage + engine session's own {reports['uncached prompt'].session_bytes / gb:8.3f} GB")
     for label, r in reports.items():
         for plan in ("all", "staged"):
             need = r.peak(plan)

@@ -33,6 +33,13 @@ PLANS = ("all", "staged", "auto")
 STAGES = (("reference", "vae_encoder"), ("text", "text_encoder"), ("sampling", "dit"),
           ("decode", "vae_decoder"), ("facesim", "face_encoder"))
 MARGIN = 1.10  # allocator slack, CUDA context, workspace: `auto` picks `all` only with 10% to spare
+# What a running engine session holds beyond its weights and the activation formula: the graph, kernels,
+# thread pool and allocator, a CPU convolution's column buffers, library code paged in on first use.
+# Measured 2026-12-02 on the reduced-depth ltx2-video bundle (fp32, ONNX Runtime 1.32 CPU, 9x64x64), RSS over
+# weights + activation estimate: VAE encoder 2-12 MB, VAE decoder 16-28 MB, face encoder 48 MB (its load
+# holds the embedded weights' protobuf beside the tensors): the largest, rounded up (docs/benchmarks.md).
+# One allowance per peak, as one session runs at a time; the CUDA context is outside it (a device's own).
+SESSION_BYTES = 48 * 2**20
 GUIDANCE_STREAMS = 3
 _LOW_PRECISION = {"fp16": 2, "bf16": 2, "fp8": 2}  # activations of low-precision engines stay 16-bit
 
@@ -57,9 +64,8 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
     text_encoder: every layer's hidden states (its output) plus one layer's feed-forward;
     vae_decoder: three 128-channel maps at the decoder's last internal resolution (pixels over
     patch_size squared, before its depth-to-space) for every output frame, per tile when tiled;
-    vae_encoder: the same for one frame; face_encoder: a few MB. Not modelled: the engine library's
-    own per-session memory (graph, kernels, thread pool, column buffers of a CPU convolution),
-    measured at 3-16 MB over these on the reduced-depth ltx2-video bundle (docs/benchmarks.md).
+    vae_encoder: the same for one frame; face_encoder: a few MB. The engine library's own memory per
+    session is SESSION_BYTES, added by `memory_needs`, not here.
     """
     e = element_bytes(precision)
     frames, height, width = int(bucket["frames"]), int(bucket["height"]), int(bucket["width"])
@@ -99,27 +105,31 @@ class MemoryPlanReport:
     """What each plan needs at its peak, stage by stage."""
 
     stages: tuple[StageNeed, ...]
-    all_peak_bytes: int  # every engine resident + the largest stage's activations
-    staged_peak_bytes: int  # the largest single stage (its engine + its activations)
+    all_peak_bytes: int  # every engine resident + the largest stage's activations + one session's own
+    staged_peak_bytes: int  # the largest single stage (its engine + its activations + its session's own)
+    session_bytes: int = SESSION_BYTES
 
     def peak(self, plan: str) -> int:
         return self.all_peak_bytes if plan == "all" else self.staged_peak_bytes
 
     def to_json(self) -> dict[str, Any]:
         return {"stages": [s.__dict__ for s in self.stages], "all_peak_bytes": self.all_peak_bytes,
-                "staged_peak_bytes": self.staged_peak_bytes}
+                "staged_peak_bytes": self.staged_peak_bytes, "session_bytes": self.session_bytes}
 
 
 def memory_needs(weights: dict[str, int], activations: dict[str, int], skip_text: bool = False) -> MemoryPlanReport:
     """Per-stage needs from per-component weight and activation bytes. `skip_text`: the prompts are
-    cached, so the text stage never runs."""
+    cached, so the text stage never runs. Each stage adds SESSION_BYTES (one session runs at a time)."""
     stages = tuple(StageNeed(stage, comp, weights[comp], activations.get(comp, 0))
                    for stage, comp in STAGES if comp in weights and not (skip_text and comp == "text_encoder"))
     resident = sum(s.weight_bytes for s in stages)
+    session = SESSION_BYTES if stages else 0
+    largest_stage = max((s.weight_bytes + s.activation_bytes for s in stages), default=0)
     return MemoryPlanReport(
         stages=stages,
-        all_peak_bytes=resident + max((s.activation_bytes for s in stages), default=0),
-        staged_peak_bytes=max((s.weight_bytes + s.activation_bytes for s in stages), default=0),
+        all_peak_bytes=resident + max((s.activation_bytes for s in stages), default=0) + session,
+        staged_peak_bytes=largest_stage + session,
+        session_bytes=session,
     )
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from stdrc.runtime.errors import InputError
-from stdrc.runtime.memory import MemoryPlanReport, choose_plan, memory_needs, parse_bytes, trim_heap
+from stdrc.runtime.memory import (SESSION_BYTES, MemoryPlanReport, choose_plan, memory_needs, parse_bytes,
+                                  trim_heap)
 from stdrc.runtime.pipeline import Pipeline, weights_and_activations
 from stdrc.runtime.text import PromptStore
 
@@ -108,9 +109,11 @@ def test_plan_arithmetic():
     acts = {"text_encoder": 1, "vae_encoder": 1, "dit": 3, "vae_decoder": 5}
     r = memory_needs(weights, acts)
     assert [s.component for s in r.stages] == ["vae_encoder", "text_encoder", "dit", "vae_decoder"]
-    assert r.all_peak_bytes == 40 + 5 and r.staged_peak_bytes == 25
+    session = SESSION_BYTES  # one running session's own, once per plan's peak
+    assert r.all_peak_bytes == 40 + 5 + session and r.staged_peak_bytes == 25 + session
     cached = memory_needs(weights, acts, skip_text=True)
-    assert cached.staged_peak_bytes == 16 and cached.all_peak_bytes == 16 + 5
+    assert cached.staged_peak_bytes == 16 + session and cached.all_peak_bytes == 16 + 5 + session
+    assert memory_needs({}, {}).staged_peak_bytes == 0
 
 
 def test_auto_plan_and_sizes():
