@@ -79,3 +79,23 @@ def test_ltx2_width_dit_over_2gb_uses_external_data(tmp_path: Path) -> None:
     with torch.no_grad():
         want = module(*[torch.from_numpy(feeds[t.name]) for t in spec.inputs]).numpy()
     assert _rel_l2(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("rope_input", [False, True])
+def test_fp16_dit_keeps_its_timestep_fp32(rope_input: bool) -> None:
+    """ltx-core scales sigma by 1000 before its fp32 sinusoid: an fp16 sigma (CastIO casting every float
+    input, issue 11) put the tiny DiT at 3.6e-3 from fp32, the full-width one at 1.08e-2; kept fp32, 7.9e-4."""
+    import copy
+
+    from stdrc.export.onnx_export import CastIO
+
+    preset = get_preset("tiny")
+    module = _baked(preset) if not rope_input else build_dit(preset.dit, seed=0)
+    spec = component_specs(preset, BUCKET, rope_input=rope_input)["dit"]
+    feeds = spec.sample_inputs(seed=1234, batch=2)
+    args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
+    half = CastIO(copy.deepcopy(module).to(torch.float16))
+    with torch.no_grad():
+        got, want = half(*args), module(*args)
+    assert got.dtype == torch.float32
+    assert _rel_l2(got.numpy(), want.numpy()) < 2e-3
