@@ -2,9 +2,11 @@
 
 The CPU-side offline pass must not touch an fp16 graph: the CPU EP lacks fp16 kernels for most
 ops and wraps each in Casts back to float, so the saved "fp16" engine would compute in fp32.
-fp16 graphs (exported with fp16 weights, or converted from fp32) get their RMS norms fused into
-`SimplifiedLayerNormalization` (statistics in fp32, whatever the input type) on the graph alone: the
-exported external weights file goes into the bundle as it is (moved or hard-linked), never loaded.
+fp16 graphs (exported with fp16 weights, as build-engines writes them, or converted from fp32) get
+their RMS norms fused into `SimplifiedLayerNormalization` (statistics in fp32, whatever the input type)
+on the graph alone: the exported external weights file goes into the bundle as it is (moved or
+hard-linked), never loaded. An fp16 export is not converted: its fp32 values are where torch computes
+in fp32, and they stay so (`to_fp16`).
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def _fuse_plain_rms_norms(model: onnx.ModelProto, base_dir: Path = Path()) -> in
 
 
 def exported_in_fp16(model: onnx.ModelProto) -> bool:
-    """Written from fp16 weights (export/onnx_export.py CastIO): its fp32 values are the ones torch computes in fp32."""
+    """Written from fp16 weights (export/onnx_export.py CastIO): its fp32 values are where torch upcasts."""
     return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
 
 

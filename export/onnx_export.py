@@ -58,7 +58,8 @@ class CastIO(torch.nn.Module):
         self.keep = {names.index(n) for n in getattr(module, "fp32_inputs", ())}
 
     def forward(self, *args: torch.Tensor):  # noqa: ANN201
-        cast = [a.to(self.dtype) if a.is_floating_point() and i not in self.keep else a for i, a in enumerate(args)]
+        cast = [a.to(self.dtype) if a.is_floating_point() and i not in self.keep else a
+                for i, a in enumerate(args)]
         out = self.module(*cast)
         if isinstance(out, (tuple, list)):
             return tuple(o.float() if o.is_floating_point() else o for o in out)

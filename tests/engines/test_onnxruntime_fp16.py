@@ -1,5 +1,5 @@
-"""The fp16 ONNX Runtime engine computes in fp16: op dtypes in the saved graph, and it still runs under ORT CPU;
-a graph exported in fp16 keeps the fp32 islands torch computes in fp32."""
+"""The fp16 ONNX Runtime engine computes in fp16: op dtypes in the saved graph, and it still runs under ORT
+CPU; a graph exported in fp16 keeps the fp32 islands torch computes in fp32."""
 
 from __future__ import annotations
 
@@ -173,8 +173,9 @@ def test_fp16_export_keeps_its_fp32_islands(tmp_path: Path) -> None:
     src, out = tmp_path / "src.onnx", tmp_path / "islands.onnx"
     with torch.no_grad():
         want = module(x, positions).numpy()
-        torch.onnx.export(CastIO(copy.deepcopy(module).to(torch.float16)), (x, positions), str(src), dynamo=True,
-                          input_names=["x", "positions"], output_names=["y"])
+        half = CastIO(copy.deepcopy(module).to(torch.float16))
+        torch.onnx.export(half, (x, positions), str(src), dynamo=True, input_names=["x", "positions"],
+                          output_names=["y"])
     build_ort_engine(src, out, "fp16")
     got = _run(out, {"x": x.numpy(), "positions": positions.numpy()})
     rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))

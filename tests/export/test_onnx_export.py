@@ -84,7 +84,7 @@ def test_ltx2_width_dit_over_2gb_uses_external_data(tmp_path: Path) -> None:
 @pytest.mark.parametrize("rope_input", [False, True])
 def test_fp16_dit_keeps_its_timestep_fp32(rope_input: bool) -> None:
     """ltx-core scales sigma by 1000 before its fp32 sinusoid: an fp16 sigma (CastIO casting every float
-    input, issue 11) put the tiny DiT at 3.6e-3 from fp32, the full-width one at 1.08e-2; kept fp32, 7.9e-4."""
+    input, issue 11) put the tiny DiT at 3.6e-3 from fp32, the full-width one at 1.08e-2; kept fp32: 7.9e-4."""
     import copy
 
     from stdrc.export.onnx_export import CastIO
