@@ -2,9 +2,11 @@
 
 The CPU-side offline pass must not touch an fp16 graph: the CPU EP lacks fp16 kernels for most
 ops and wraps each in Casts back to float, so the saved "fp16" engine would compute in fp32.
-fp16 graphs (exported with fp16 weights, or converted from fp32) get their RMS norms fused into
-`SimplifiedLayerNormalization` (statistics in fp32, whatever the input type) on the graph alone: the
-exported external weights file goes into the bundle as it is (moved or hard-linked), never loaded.
+fp16 graphs (exported with fp16 weights, as build-engines writes them, or converted from fp32) get
+their RMS norms fused into `SimplifiedLayerNormalization` (statistics in fp32, whatever the input type)
+on the graph alone: the exported external weights file goes into the bundle as it is (moved or
+hard-linked), never loaded. An fp16 export is not converted: its fp32 values are where torch computes
+in fp32, and they stay so (`to_fp16`).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def _fuse_plain_rms_norms(model: onnx.ModelProto, base_dir: Path = Path()) -> in
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     consts = _Consts(graph, base_dir)
-    shapes = {v.name: v.type.tensor_type.shape.dim for v in [*graph.value_info, *graph.input]}
+    values = {v.name: v.type.tensor_type for v in [*graph.value_info, *graph.input]}
     fused, drop = 0, set()
     for pow_node in [n for n in graph.node if n.op_type == "Pow"]:
         chain, node = [pow_node], pow_node
@@ -144,14 +146,15 @@ def _fuse_plain_rms_norms(model: onnx.ModelProto, base_dir: Path = Path()) -> in
             node = users[0]
             chain.append(node)
         x = pow_node.input[0]
-        dims = shapes.get(x)
+        dims = values[x].shape.dim if x in values else None
         if (len(chain) < len(RMS_NORM_CHAIN) or set(chain[-1].input) != {x, chain[-2].output[0]}
                 or not dims or not dims[-1].dim_value or float(consts.get(pow_node.input[1], 0)) != 2.0):
             continue
         eps = next((consts[i] for i in chain[2].input if i in consts), None)
         if eps is None or eps.size != 1:
             continue
-        scale = numpy_helper.from_array(np.ones(dims[-1].dim_value, np.float32), f"{chain[-1].name}_ones_scale")
+        dtype = helper.tensor_dtype_to_np_dtype(values[x].elem_type)  # the scale's type is the output's
+        scale = numpy_helper.from_array(np.ones(dims[-1].dim_value, dtype), f"{chain[-1].name}_ones_scale")
         graph.initializer.append(scale)
         graph.node.append(helper.make_node(
             "SimplifiedLayerNormalization", [x, scale.name], [chain[-1].output[0]], name=f"{chain[-1].name}_rmsnorm",
@@ -164,24 +167,40 @@ def _fuse_plain_rms_norms(model: onnx.ModelProto, base_dir: Path = Path()) -> in
     return fused
 
 
+def exported_in_fp16(model: onnx.ModelProto) -> bool:
+    """Written from fp16 weights (export/onnx_export.py CastIO): its fp32 values are where torch upcasts."""
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
 def to_fp16(model: onnx.ModelProto, base_dir: Path = Path()) -> onnx.ModelProto:
     """fp16 compute with fp32 graph inputs/outputs and RMS-norm statistics in fp32 (fused norms).
 
+    A graph exported in fp16 keeps its dtypes: where torch upcasts (RoPE angles -> Cos/Sin, norm and
+    masked-mean statistics) the export computes in fp32, and a float16 converter would halve those islands
+    too (it rewrites every Cast to float and every float value; issue 11: text encoder rel L2 1.3e-3 as
+    exported, 1.85e-2 converted). Only an fp32 graph goes through the converter (its islands are invisible).
     Works on the graph: external fp16 weights stay where they are (unread); only fp32 initializers
     are read (to be halved) and `base_dir` is where the scalar constants' external data lies."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.fusion_simplified_layernorm import FusionSimplifiedLayerNormalization
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    halved = _inline_float_externals(model, base_dir)
-    if halved > TWO_GB // 2:
-        log.warning("%.1f GB of external fp32 weights read to convert to fp16: export in fp16 instead", halved / GB)
+    convert = not exported_in_fp16(model)
+    if convert:
+        halved = _inline_float_externals(model, base_dir)
+        if halved > TWO_GB // 2:
+            log.warning("%.1f GB of external fp32 weights read to convert to fp16: export in fp16 instead",
+                        halved / GB)
     wrapped = OnnxModel(model)
     FusionSimplifiedLayerNormalization(wrapped).apply()  # norms with a weight
     wrapped.prune_graph(allow_remove_graph_inputs=False)  # the manifest lists every input (an unused timestep)
     _fuse_plain_rms_norms(wrapped.model, base_dir)
     if not any(o.domain == "com.microsoft" for o in wrapped.model.opset_import):
         wrapped.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if not convert:
+        wrapped.topological_sort()  # the fused norms are appended at the end
+        return wrapped.model
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
     half = OnnxModel(convert_float_to_float16(wrapped.model, keep_io_types=True))
     half.topological_sort()  # the converter appends its input/output casts at the end
     return half.model

@@ -67,6 +67,8 @@ def key_bias(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class STDRCTransformer(torch.nn.Module):
     """Wraps an `LTXModel` (video only); its state dict keys are LTX-2's under the `ltx.` prefix."""
 
+    fp32_inputs = ("timestep",)  # ltx-core embeds sigma * 1000 in fp32 (export/onnx_export.py CastIO)
+
     def __init__(self, ltx: LTXModel):
         super().__init__()
         self.ltx = ltx
@@ -114,6 +116,8 @@ class STDRCTransformer(torch.nn.Module):
 
 class BakedRopeDiT(torch.nn.Module):
     """The DiT for one bucket with its RoPE tables baked in as constants (ONNX initializers)."""
+
+    fp32_inputs = STDRCTransformer.fp32_inputs
 
     def __init__(self, dit: STDRCTransformer, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
         super().__init__()

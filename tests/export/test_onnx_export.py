@@ -61,3 +61,23 @@ def test_batch_outside_the_profile_is_refused(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with pytest.raises(Exception):
         session.run(None, spec.sample_inputs(seed=0, batch=3) | {"latent": np.zeros((3, 5, 128), np.float32)})
+
+
+@pytest.mark.parametrize("rope_input", [False, True])
+def test_fp16_dit_keeps_its_timestep_fp32(rope_input: bool) -> None:
+    """ltx-core scales sigma by 1000 before its fp32 sinusoid: an fp16 sigma (CastIO casting every float
+    input, issue 11) put the tiny DiT at 3.6e-3 from fp32, the full-width one at 1.08e-2; kept fp32: 7.9e-4."""
+    import copy
+
+    from stdrc.export.onnx_export import CastIO
+
+    preset = get_preset("tiny")
+    module = _baked(preset) if not rope_input else build_dit(preset.dit, seed=0)
+    spec = component_specs(preset, BUCKET, rope_input=rope_input)["dit"]
+    feeds = spec.sample_inputs(seed=1234, batch=2)
+    args = [torch.from_numpy(feeds[t.name]) for t in spec.inputs]
+    half = CastIO(copy.deepcopy(module).to(torch.float16))
+    with torch.no_grad():
+        got, want = half(*args), module(*args)
+    assert got.dtype == torch.float32
+    assert _rel_l2(got.numpy(), want.numpy()) < 2e-3
