@@ -214,10 +214,12 @@ class GemmaText:
     num_layers: int
     vocab_size: int
     sha256: str
+    num_heads: int = 16
+    intermediate_size: int = 15360
 
     def text_config(self, base: TextConfig) -> TextConfig:
         return replace(base, kind="gemma", vocab_size=self.vocab_size, encoder_dim=self.hidden_size,
-                       encoder_layers=self.num_layers)
+                       encoder_layers=self.num_layers, encoder_heads=self.num_heads, encoder_ffn=self.intermediate_size)
 
     def tokenizer_json(self) -> str:
         """The tokenizer as `tokenizers` runs it (BOS template included), padding and truncation left to the caller."""
@@ -299,6 +301,7 @@ def load_gemma(folder: str | Path, max_length: int, dtype: torch.dtype = torch.f
         tokenizer=tokenizer,
         hidden_size=int(text_config.hidden_size), num_layers=int(text_config.num_hidden_layers),
         vocab_size=int(text_config.vocab_size), sha256=_folder_sha256(folder),
+        num_heads=int(text_config.num_attention_heads), intermediate_size=int(text_config.intermediate_size),
     )
 
 
