@@ -50,6 +50,7 @@ def runtime_tokenizer(gemma, tmp_path_factory) -> JsonTokenizer:
 def test_folder_sets_the_text_config(gemma, side) -> None:
     assert (gemma.hidden_size, gemma.num_layers, gemma.vocab_size) == (32, 2, 300)
     assert side.cfg.kind == "gemma" and side.cfg.encoder_layers == 2 and side.cfg.vocab_size == 300
+    assert (side.cfg.encoder_heads, side.cfg.encoder_ffn) == (2, 64)  # the activation estimate's, in the manifest
     states = side.encoder(torch.tensor([[0, 0, 2, 40, 41]]), torch.tensor([[0, 0, 1, 1, 1]]))
     assert len(states) == 3 and states[0].shape == (1, 5, 32)
 
