@@ -73,7 +73,7 @@ class LayerwiseFeatureExtractor(torch.nn.Module):
     puts state l of width index d in column d * L + l, so state l owns columns l, l + L, ... Same
     weights and state dict (`aggregate_embed.weight`, `.bias` if any), same dtypes as ltx-core's
     (the mean and the normalised values in fp32 for 16-bit states, as torch's promotion makes them
-    there); the products are summed in fp32. Only the left/right padding of ltx-core is supported.
+    there); the products are summed in fp32. Padding left or right, as in ltx-core.
     """
 
     def __init__(self, aggregate_embed: torch.nn.Linear):
