@@ -17,8 +17,8 @@ each stage's own rise with its component's.
 The projection for the full model counts parameters exactly (the ltx2-video DiT and VAE built on
 the meta device; Gemma-3 12B's text model from its published config: width 3840, 48 layers,
 15360 feed-forward, 16 heads of 256, 8 KV heads, vocabulary 262208) and prices them in the engine
-precision, with the activation estimates at 768x512x121 and a fixed 1 GiB for the CUDA context
-and workspace. It is arithmetic, not a measurement; docs/benchmarks.md shows it line by line.
+precision, with the activation estimates at 768x512x121, one session's SESSION_BYTES and a fixed
+1 GiB for the CUDA context and workspace. It is arithmetic, not a measurement; docs/benchmarks.md shows it line by line.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     from stdrc.export.config import get_preset
     from stdrc.export.vae import build_vae
     from stdrc.runtime.manifest import Bucket
-    from stdrc.runtime.memory import activation_bytes
+    from stdrc.runtime.memory import SESSION_BYTES, activation_bytes
     from stdrc.runtime.tiling import decode_tiling
 
     preset = get_preset("ltx2-video")
@@ -157,8 +157,8 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     vae_enc, vae_dec = (sum(_meta_params(lambda i=i: build_vae(preset.vae, seed=None)[i]).values()) for i in (0, 1))
     bucket = Bucket(frames=frames, height=height, width=width, text_length=preset.text.max_length)
     tiling = decode_tiling(height, width, None, 64)
-    config = {"dit": asdict(preset.dit), "vae": asdict(preset.vae), "text": {"hidden_size": 3840, "num_layers": 48, "intermediate_size": 15360,
-                                                  "max_length": preset.text.max_length}}
+    # the preset's text config is Gemma-3 12B's (48 layers, 16 heads, feed-forward 15360), as a build writes it
+    config = {"dit": asdict(preset.dit), "vae": asdict(preset.vae), "text": asdict(preset.text)}
     b = bucket.to_json()
     acts = {c: activation_bytes(c, config, b, "fp16", tiling.to_json() if tiling else {})
             for c in ("text_encoder", "dit", "vae_encoder", "vae_decoder")}
@@ -177,7 +177,7 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
             need = sum(w[c] for c in comps) + max(acts[c] for c in comps)
         else:
             need = max(w[c] + acts[c] for c in comps)
-        return (need + CONTEXT_BYTES) / GIB
+        return (need + SESSION_BYTES + CONTEXT_BYTES) / GIB
 
     return {
         "bucket": {"frames": frames, "height": height, "width": width, "tokens": bucket.tokens},
@@ -186,6 +186,7 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
         "weights_gib": {p: {c: v / GIB for c, v in w.items()} for p, w in weights.items()},
         "activations_gib": {c: v / GIB for c, v in acts.items()},
         "context_gib": CONTEXT_BYTES / GIB,
+        "session_gib": SESSION_BYTES / GIB,
         "projected_gpu_gb": {
             "fp8_staged": peak(weights["fp8"], "staged", False),
             "fp8_staged_cached_prompt": peak(weights["fp8"], "staged", True),

@@ -24,14 +24,18 @@ PROMPTS = ["a woman smiles at the camera", "a man walks on a beach at sunset", "
            "an old man reads a book", "a dancer spins on a stage", "a chef cooks in a busy kitchen"]
 
 
-def write_gemma(folder: Path, hidden_size: int = 3840, layers: int = 2, vocab: int = 300) -> Path:
-    """A random `gemma3_text` folder (Gemma-3 12B's width, few layers, small vocab) with a BPE tokenizer."""
+def write_gemma(folder: Path, hidden_size: int = 3840, layers: int = 2, vocab: int = 300, intermediate_size: int = 256,
+                heads: int = 2, kv_heads: int = 1, head_dim: int = 128) -> Path:
+    """A random `gemma3_text` folder (Gemma-3 12B's width, few layers, small vocab) with a BPE tokenizer.
+
+    The layers are narrow inside by default; 12B's own (15360, 16, 8, 256) measure its per-layer activations."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
     config = Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=256, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=128, query_pre_attn_scalar=128, sliding_window=64,
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        sliding_window=64,
         max_position_embeddings=2048, layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
     )
     torch.manual_seed(0)

@@ -90,7 +90,7 @@ class TextConfig:
     """The text side: encoder features -> LTX-2 connector -> context of `caption_channels`.
 
     kind "tiny": seeded byte-level encoder, no download. kind "gemma": Gemma-3 from a local folder,
-    whose own config then sets `vocab_size`, `encoder_dim` and `encoder_layers`. The connector
+    whose own config then sets `vocab_size`, `encoder_dim`, `encoder_layers`, `encoder_heads` and `encoder_ffn`. The connector
     fields are ltx-core's `connector_*` transformer config keys (checkpoint metadata overrides them).
     """
 
@@ -99,6 +99,8 @@ class TextConfig:
     vocab_size: int = 262208  # tiny: 256 bytes + pad + bos + eos
     encoder_dim: int = 3840
     encoder_layers: int = 48
+    encoder_heads: int = 16  # attention heads and feed-forward width: the activation estimate's (runtime/memory.py)
+    encoder_ffn: int = 15360
     connector_heads: int = 30
     connector_head_dim: int = 128
     connector_layers: int = 2
@@ -147,7 +149,8 @@ def _tiny() -> Preset:
             timestep_conditioning=True,
         ),
         text=TextConfig(
-            kind="tiny", max_length=16, vocab_size=259, encoder_dim=32, encoder_layers=2, connector_heads=2,
+            kind="tiny", max_length=16, vocab_size=259, encoder_dim=32, encoder_layers=2, encoder_heads=1,
+            encoder_ffn=32, connector_heads=2,
             connector_head_dim=16, connector_layers=1, connector_registers=16,
         ),
         default_bucket={"frames": 9, "height": 64, "width": 96, "text_length": 16, "fps": 24.0},

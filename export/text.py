@@ -1,9 +1,10 @@
 """The text side: encoder hidden states -> LTX-2 feature extractor + connector -> DiT context.
 
 The `tiny` preset uses a seeded byte-level encoder (no download). Real LTX-2 checkpoints use
-Gemma-3 from a local folder through transformers (`load_gemma`), with ltx-core's
-feature extractor and connector. The connector's padding-to-register swap is rewritten with
-static shapes (ltx-core's uses boolean indexing) and checked against ltx-core's own.
+Gemma-3 from a local folder through transformers (`load_gemma`), with ltx-core's connector and
+its V1 feature extractor's arithmetic, computed one hidden state at a time (`LayerwiseFeatureExtractor`).
+The connector's padding-to-register swap is rewritten with static shapes (ltx-core's uses boolean
+indexing). Both are checked against ltx-core's own.
 """
 
 from __future__ import annotations
@@ -63,6 +64,51 @@ class TinyTextEncoder(torch.nn.Module):
         return tuple(states)
 
 
+class LayerwiseFeatureExtractor(torch.nn.Module):
+    """ltx-core's `FeatureExtractorV1` (per-layer masked normalisation -> `aggregate_embed`), one hidden state at a time.
+
+    ltx-core stacks the L hidden states to [B, T, D, L] and keeps several masked copies of that stack
+    live (at Gemma-3 12B's 49 states and 1024 tokens each fp32 copy is 771 MB). Here each state is
+    normalised alone and multiplied by its own weight columns: flattening [B, T, D, L] to [B, T, D * L]
+    puts state l of width index d in column d * L + l, so state l owns columns l, l + L, ... Same
+    weights and state dict (`aggregate_embed.weight`, `.bias` if any), same dtypes as ltx-core's
+    (the mean and the normalised values in fp32 for 16-bit states, as torch's promotion makes them
+    there); the products are summed in fp32. Padding left or right, as in ltx-core.
+    """
+
+    def __init__(self, aggregate_embed: torch.nn.Linear):
+        super().__init__()
+        self.aggregate_embed = aggregate_embed
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor], attention_mask: torch.Tensor,
+                padding_side: str = "left") -> tuple[torch.Tensor, None]:
+        states = list(hidden_states)
+        count, dtype = len(states), states[0].dtype
+        b, t, d = states[0].shape
+        lengths = attention_mask.sum(dim=-1)
+        index = torch.arange(t, device=attention_mask.device)[None, :]
+        if padding_side == "left":
+            valid = index >= t - lengths[:, None]
+        elif padding_side == "right":
+            valid = index < lengths[:, None]
+        else:
+            raise ExportError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        pad = ~valid[..., None]  # [B, T, 1]
+        denom = (lengths * d).view(b, 1, 1) + 1e-6  # int64 + float: the default (fp32) dtype, as in ltx-core
+        weight = self.aggregate_embed.weight
+        total = None
+        for layer, h in enumerate(states):
+            mean = h.masked_fill(pad, 0.0).sum(dim=(1, 2), keepdim=True) / denom
+            low = h.masked_fill(pad, float("inf")).amin(dim=(1, 2), keepdim=True)
+            high = h.masked_fill(pad, float("-inf")).amax(dim=(1, 2), keepdim=True)
+            normed = (8 * (h - mean) / (high - low + 1e-6)).masked_fill(pad, 0.0).to(dtype)
+            part = torch.nn.functional.linear(normed, weight[:, layer::count]).float()
+            total = part if total is None else total + part
+        if self.aggregate_embed.bias is not None:
+            total = total + self.aggregate_embed.bias.float()
+        return total.to(dtype), None
+
+
 def move_valid_to_front(hidden: torch.Tensor, mask: torch.Tensor, registers: torch.Tensor) -> torch.Tensor:
     """Left-padded tokens moved to the front, padding replaced by tiled registers (static shapes)."""
     length = hidden.shape[1]
@@ -82,7 +128,7 @@ class TextSide(torch.nn.Module):
         self.cfg = cfg
         self.encoder = encoder
         flat = cfg.encoder_dim * (cfg.encoder_layers + 1)
-        self.feature_extractor = FeatureExtractorV1(torch.nn.Linear(flat, cfg.encoder_dim, bias=False))
+        self.feature_extractor = LayerwiseFeatureExtractor(torch.nn.Linear(flat, cfg.encoder_dim, bias=False))
         if cfg.max_length % cfg.connector_registers:
             raise ExportError(
                 f"text length {cfg.max_length} is not a multiple of the connector's {cfg.connector_registers} "
@@ -135,9 +181,9 @@ class TextSide(torch.nn.Module):
         return context, torch.ones_like(token_mask)
 
     def ltx_reference(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """ltx-core's own connector path, for parity tests (batch 1, boolean indexing)."""
+        """ltx-core's own feature extractor and connector path, for parity tests (batch 1, boolean indexing)."""
         states = self.encoder(token_ids, token_mask)
-        features, _ = self.feature_extractor(states, token_mask, "left")
+        features, _ = FeatureExtractorV1(self.feature_extractor.aggregate_embed)(states, token_mask, "left")
         additive = convert_to_additive_mask(token_mask, features.dtype)
         encoded, _ = self.connector(features, additive)
         return encoded
@@ -168,10 +214,12 @@ class GemmaText:
     num_layers: int
     vocab_size: int
     sha256: str
+    num_heads: int = 16
+    intermediate_size: int = 15360
 
     def text_config(self, base: TextConfig) -> TextConfig:
         return replace(base, kind="gemma", vocab_size=self.vocab_size, encoder_dim=self.hidden_size,
-                       encoder_layers=self.num_layers)
+                       encoder_layers=self.num_layers, encoder_heads=self.num_heads, encoder_ffn=self.intermediate_size)
 
     def tokenizer_json(self) -> str:
         """The tokenizer as `tokenizers` runs it (BOS template included), padding and truncation left to the caller."""
@@ -253,6 +301,7 @@ def load_gemma(folder: str | Path, max_length: int, dtype: torch.dtype = torch.f
         tokenizer=tokenizer,
         hidden_size=int(text_config.hidden_size), num_layers=int(text_config.num_hidden_layers),
         vocab_size=int(text_config.vocab_size), sha256=_folder_sha256(folder),
+        num_heads=int(text_config.num_attention_heads), intermediate_size=int(text_config.intermediate_size),
     )
 
 

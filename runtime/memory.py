@@ -61,7 +61,7 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
 
     dit: the widest per-layer intermediates of the guidance batch (B = 3), feed-forward (4 D) plus
     q, k, v, attention out and two residuals (6 D), no N x N term (attention is fused in the graph);
-    text_encoder: every layer's hidden states (its output) plus one layer's feed-forward;
+    text_encoder: `text_activation_bytes`;
     vae_decoder: three 128-channel maps at the decoder's last internal resolution (pixels over
     patch_size squared, before its depth-to-space) for every output frame, per tile when tiled;
     vae_encoder: the same for one frame; face_encoder: a few MB. The engine library's own memory per
@@ -76,12 +76,7 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
         text = int(bucket.get("text_length", 0))
         return GUIDANCE_STREAMS * (tokens * (4 * inner + 6 * inner) + text * int(d["cross_attention_dim"])) * e
     if component == "text_encoder":
-        t = model_config["text"]
-        width_ = int(t.get("hidden_size") or t.get("encoder_dim") or 0)
-        layers = int(t.get("num_layers") or t.get("encoder_layers") or 0)
-        length = int(bucket.get("text_length", t.get("max_length", 0)))
-        ffn = int(t.get("intermediate_size") or 4 * width_)
-        return length * (width_ * (layers + 1) + 2 * ffn) * 4  # hidden states leave the encoder in fp32
+        return text_activation_bytes(model_config["text"], int(bucket.get("text_length", 0)), e)
     if component in ("vae_decoder", "vae_encoder"):
         if component == "vae_decoder" and decode:  # tiles of at most `tile` latents a side (+ overlap)
             side = (int(decode["tile"]) + int(decode.get("overlap", 0))) * int(decode.get("spatial_scale", 32))
@@ -90,6 +85,35 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
         pixels = height * width // (patch * patch) * (frames if component == "vae_decoder" else 1)
         return 3 * 128 * pixels * e
     return 8 * 2**20  # face encoder: 112x112 crops
+
+
+def text_activation_bytes(text: dict[str, Any], length: int, e: int = 4) -> int:
+    """The text encoder's live activations for `length` tokens (T), `e` bytes an element.
+
+    Three terms, each one full-size working set (the feature extraction holds one hidden state's copies,
+    never a [T, D, L] stack: export/text.py `LayerwiseFeatureExtractor`):
+    - every hidden state once, (L + 1) x T x D: what a schedule that runs the feature extraction last
+      holds (ONNX Runtime CPU frees them earlier; measured ~15 MB a layer from 3 to 4 full layers);
+    - one Gemma layer: its feed-forward (4 x T x ffn) and its unfused attention scores, heads x T x T,
+      three copies (scores, masked, softmax) in fp32 whatever the precision (the softmax is upcast);
+    - one connector block: 14 rows of its width (q, k, v, RoPE copies, norms, 4x feed-forward in and
+      out) and its heads' T x T probabilities (ONNX Runtime CPU's attention kernel), in fp32.
+    Measured, fp32 ONNX Runtime CPU, 1024 tokens, width 3840 (docs/benchmarks.md): run peak over the
+    weights minus SESSION_BYTES 353-377 MiB with narrow Gemma layers (2-28 of them; this gives 403-793),
+    402 / 671 / 735 / 748 MiB with Gemma-3 12B's own layers (1-4; this gives 792-837).
+    Old manifests lack `encoder_heads`/`encoder_ffn`: Gemma-3 12B's 16 heads (1 for tiny) and 4 x width.
+    """
+    width = int(text.get("hidden_size") or text.get("encoder_dim") or 0)
+    layers = int(text.get("num_layers") or text.get("encoder_layers") or 0)
+    length = int(length or text.get("max_length", 0))
+    ffn = int(text.get("encoder_ffn") or text.get("intermediate_size") or 4 * width)
+    heads = int(text.get("encoder_heads") or (16 if text.get("kind", "gemma") == "gemma" else 1))
+    c_heads = int(text.get("connector_heads") or 0)
+    c_width = c_heads * int(text.get("connector_head_dim") or 0) or width
+    states = (layers + 1) * length * width * e
+    gemma_layer = 4 * length * ffn * e + 3 * heads * length * length * 4
+    connector = 14 * length * c_width * e + c_heads * length * length * 4
+    return states + gemma_layer + connector
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ def runtime_tokenizer(gemma, tmp_path_factory) -> JsonTokenizer:
 def test_folder_sets_the_text_config(gemma, side) -> None:
     assert (gemma.hidden_size, gemma.num_layers, gemma.vocab_size) == (32, 2, 300)
     assert side.cfg.kind == "gemma" and side.cfg.encoder_layers == 2 and side.cfg.vocab_size == 300
+    assert (side.cfg.encoder_heads, side.cfg.encoder_ffn) == (2, 64)  # the activation estimate's, in the manifest
     states = side.encoder(torch.tensor([[0, 0, 2, 40, 41]]), torch.tensor([[0, 0, 1, 1, 1]]))
     assert len(states) == 3 and states[0].shape == (1, 5, 32)
 
@@ -83,7 +84,10 @@ def test_text_side_matches_ltx_core(tiny_gemma_dir: Path, side, runtime_tokenize
                                                         dtype=torch.float32).eval()
     encoder = GemmaTextEncoder(model=hf, tokenizer=LTXVGemmaTokenizer(str(tiny_gemma_dir), MAX_LENGTH),
                                dtype=torch.float32)
-    processor = EmbeddingsProcessor(feature_extractor=side.feature_extractor, video_connector=side.connector)
+    from ltx_core.text_encoders.gemma.feature_extractor import FeatureExtractorV1
+
+    ltx_features = FeatureExtractorV1(side.feature_extractor.aggregate_embed)  # ltx-core's, our weights
+    processor = EmbeddingsProcessor(feature_extractor=ltx_features, video_connector=side.connector)
     with torch.no_grad():
         states, mask = encoder.encode(prompt)
         expected = processor.process_hidden_states(states, mask).video_encoding
@@ -92,6 +96,65 @@ def test_text_side_matches_ltx_core(tiny_gemma_dir: Path, side, runtime_tokenize
     assert torch.equal(our_mask, mask.cpu())
     assert context.shape == (1, MAX_LENGTH, 32) and context_mask.all()
     assert (context - expected).abs().max().item() <= 1e-5
+
+
+def _hidden_states(count: int, length: int, width: int, valid: int, dtype: torch.dtype, seed: int):
+    """Left-padded random hidden states with per-layer scales and offsets (Gemma's grow with depth),
+    and something large under the padding, which must not reach the statistics."""
+    g = torch.Generator().manual_seed(seed)
+    states = tuple((torch.randn(1, length, width, generator=g) * (1 + 3 * i) + i).to(dtype) for i in range(count))
+    for h in states:
+        h[:, : length - valid] = 1e3 if dtype == torch.float32 else 300.0
+    mask = torch.zeros(1, length, dtype=torch.int64)
+    mask[:, length - valid:] = 1
+    return states, mask
+
+
+@pytest.mark.parametrize("length, valid", [(64, 64), (64, 17), (64, 1), (128, 1), (128, 100)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_layerwise_features_equal_ltx_core(length: int, valid: int, bias: bool) -> None:
+    """Per-hidden-state feature extraction == ltx-core's stacked FeatureExtractorV1 (fp32, 1e-5), left padding
+    down to a single valid token; same state dict, so checkpoints load into either."""
+    from ltx_core.text_encoders.gemma.feature_extractor import FeatureExtractorV1
+
+    from stdrc.export.text import LayerwiseFeatureExtractor
+
+    count, width, out = 5, 24, 40
+    torch.manual_seed(length + valid)
+    linear = torch.nn.Linear(width * count, out, bias=bias)
+    ours, theirs = LayerwiseFeatureExtractor(linear), FeatureExtractorV1(linear)
+    assert ours.state_dict().keys() == theirs.state_dict().keys() == (
+        {"aggregate_embed.weight", "aggregate_embed.bias"} if bias else {"aggregate_embed.weight"})
+    states, mask = _hidden_states(count, length, width, valid, torch.float32, seed=valid)
+    with torch.no_grad():
+        got, none = ours(states, mask, "left")
+        want, _ = theirs(states, mask, "left")
+    assert none is None and got.dtype == want.dtype == torch.float32 and got.shape == (1, length, out)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    pad = mask[0] == 0
+    if bias:  # padded rows are the bias alone, as ltx-core's zeroed inputs give
+        assert torch.equal(got[0, pad], linear.bias.detach().expand(int(pad.sum()), -1))
+    else:
+        assert (got[0, pad] == 0).all()
+
+
+def test_layerwise_features_fp16_sanity() -> None:
+    """fp16 hidden states: ltx-core's dtypes (fp32 statistics, fp16 product), close to its fp32 result."""
+    from ltx_core.text_encoders.gemma.feature_extractor import FeatureExtractorV1
+
+    from stdrc.export.text import LayerwiseFeatureExtractor
+
+    count, width, out, length, valid = 7, 64, 48, 96, 30
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(width * count, out, bias=False)
+    states, mask = _hidden_states(count, length, width, valid, torch.float16, seed=1)
+    with torch.no_grad():
+        want = FeatureExtractorV1(linear)(tuple(h.float() for h in states), mask)[0]
+        ref16 = FeatureExtractorV1(linear.half())(states, mask)[0]
+        got = LayerwiseFeatureExtractor(linear)(states, mask)[0]  # linear is fp16 now, as a CastIO export's
+    assert got.dtype == ref16.dtype == torch.float16 and torch.isfinite(got).all()
+    rel = lambda a: float((a.float() - want).norm() / want.norm())  # noqa: E731
+    assert rel(got) < 2e-3 and rel(got) <= 2 * rel(ref16) + 1e-4, (rel(got), rel(ref16))
 
 
 def test_padding_does_not_leak_into_the_context(side, runtime_tokenizer) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from stdrc.runtime.errors import InputError
-from stdrc.runtime.memory import (SESSION_BYTES, MemoryPlanReport, choose_plan, memory_needs, parse_bytes,
-                                  trim_heap)
+from stdrc.runtime.memory import (SESSION_BYTES, MemoryPlanReport, activation_bytes, choose_plan, memory_needs,
+                                  parse_bytes, text_activation_bytes, trim_heap)
 from stdrc.runtime.pipeline import Pipeline, weights_and_activations
 from stdrc.runtime.text import PromptStore
 
@@ -114,6 +114,48 @@ def test_plan_arithmetic():
     cached = memory_needs(weights, acts, skip_text=True)
     assert cached.staged_peak_bytes == 16 + session and cached.all_peak_bytes == 16 + 5 + session
     assert memory_needs({}, {}).staged_peak_bytes == 0
+
+
+# ltx2-video's text config at reduced Gemma depth, as a build writes it into the manifest (export/config.py)
+_TEXT = {"kind": "gemma", "max_length": 1024, "encoder_dim": 3840, "encoder_layers": 48, "encoder_heads": 16,
+         "encoder_ffn": 15360, "connector_heads": 30, "connector_head_dim": 128}
+MIB = 2**20
+
+
+def test_text_encoder_estimate_terms():
+    """Hidden states once, one Gemma layer (feed-forward + fp32 scores), one connector block; 1024 tokens."""
+    t, d = 1024, 3840
+    base = text_activation_bytes(dict(_TEXT, encoder_layers=0), t, 4)
+    assert text_activation_bytes(_TEXT, t, 4) - base == 48 * t * d * 4  # one more hidden state a layer, no stack copies
+    more_heads = text_activation_bytes(dict(_TEXT, encoder_heads=32), t, 4) - text_activation_bytes(_TEXT, t, 4)
+    assert more_heads == 3 * 16 * t * t * 4
+    # 16-bit halves the rows, not the fp32 attention scores and probabilities
+    scores = (3 * 16 + 30) * t * t * 4
+    assert text_activation_bytes(_TEXT, t, 2) - scores == (text_activation_bytes(_TEXT, t, 4) - scores) // 2
+    bucket = {"frames": 9, "height": 64, "width": 64, "text_length": t}
+    assert activation_bytes("text_encoder", {"text": _TEXT}, bucket, "fp16") == text_activation_bytes(_TEXT, t, 2)
+    assert activation_bytes("text_encoder", {"text": _TEXT}, bucket, "fp32") == text_activation_bytes(_TEXT, t, 4)
+
+
+@pytest.mark.parametrize("layers, heads, ffn, measured_mib", [
+    (2, 2, 256, 401), (6, 2, 256, 414), (28, 2, 256, 425),  # narrow Gemma layers
+    (1, 16, 15360, 450), (2, 16, 15360, 719), (4, 16, 15360, 796),  # Gemma-3 12B's own layers
+])
+def test_text_encoder_estimate_covers_the_measured_runs(layers, heads, ffn, measured_mib):
+    """fp32 ONNX Runtime CPU runs of the reduced-depth text encoder (docs/benchmarks.md, 2026-12-02): the
+    run peak over the weights is within the estimate plus SESSION_BYTES, and not twice it."""
+    need = text_activation_bytes(dict(_TEXT, encoder_layers=layers, encoder_heads=heads, encoder_ffn=ffn), 1024, 4)
+    assert measured_mib * MIB <= need + SESSION_BYTES < 2.1 * measured_mib * MIB
+
+
+def test_text_encoder_estimate_of_old_manifests():
+    """Manifests written before the head count was recorded: Gemma-3 12B's 16 heads, feed-forward 4 x width."""
+    old = {k: v for k, v in _TEXT.items() if k not in ("encoder_heads", "encoder_ffn")}
+    assert text_activation_bytes(old, 1024, 4) == text_activation_bytes(dict(_TEXT, encoder_ffn=4 * 3840), 1024, 4)
+    tiny = {"kind": "tiny", "max_length": 16, "encoder_dim": 32, "encoder_layers": 2, "connector_heads": 2,
+            "connector_head_dim": 16}
+    assert text_activation_bytes(tiny, 0, 4) == text_activation_bytes(dict(tiny, encoder_heads=1, encoder_ffn=128),
+                                                                      16, 4)
 
 
 def test_auto_plan_and_sizes():
