@@ -2,7 +2,7 @@
 # The system packages the tests need, from Debian/Ubuntu apt: the C++ runtime build (tests/cpp) and a real
 # browser for the web app's test (tests/app). Installs only what is missing; a failed install fails.
 # Without apt-get (another OS), install them yourself; STDRC_ALLOW_SKIP_CPP=1 and STDRC_SKIP_BROWSER_TESTS=1
-# let the tests skip those parts instead (documented in README).
+# let the tests skip those parts instead (docs/development.md).
 set -euo pipefail
 APT_PACKAGES=(
   nlohmann-json3-dev
