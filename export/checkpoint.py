@@ -31,10 +31,16 @@ _COMFY_PREFIX = "model.diffusion_model."
 _AUDIO_MARKERS = ("audio_", "av_ca_", "a2v", "v2a", "vocoder")
 _TEXT_PREFIXES = {
     "text_embedding_projection.aggregate_embed.": "feature_extractor.aggregate_embed.",
+    "text_embedding_projection.video_aggregate_embed.": "feature_extractor.video_aggregate_embed.",
     "video_embeddings_connector.": "connector.",
     "embeddings_connector.": "connector.",
 }
 _V2_PROJECTION = "text_embedding_projection.video_aggregate_embed."
+# LTX-2.3's audio projection: the video-only export has no audio stream
+_TEXT_IGNORED = ("text_embedding_projection.audio_aggregate_embed.",)
+# ltx-core's V2 trigger (encoder_configurator.py `_V2_EXPECTED_CONFIG`): all four keys with these values
+V2_CAPTION_CONFIG = {"caption_proj_before_connector": True, "caption_projection_first_linear": False,
+                     "caption_proj_input_norm": False, "caption_projection_second_linear": False}
 _PROJECTION_KEYS = SDOps("TEXT_PROJECTION").with_matching(prefix="text_embedding_projection.")
 _MAX_LISTED = 8
 
@@ -59,6 +65,9 @@ def _split_text(path: Path, dit: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         )
     text = {}
     for key in list(dit):
+        if key.startswith(_TEXT_IGNORED):
+            del dit[key]
+            continue
         for prefix, ours in _TEXT_PREFIXES.items():
             if key.startswith(prefix):
                 text[ours + key[len(prefix):]] = dit.pop(key)
@@ -192,10 +201,32 @@ def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Prese
                  "connector_num_layers": "connector_layers", "connector_apply_gated_attention": "connector_gated_attention",
                  "rope_type": "rope_type", "frequencies_precision": "frequencies_precision"}
     text_changes: dict[str, Any] = {ours: t[k] for k, ours in text_keys.items() if k in t}
+    if per_token_projection(t):
+        text_changes["per_token_projection"] = True
     if "connector_positional_embedding_max_pos" in t:
         text_changes["connector_max_pos"] = tuple(t["connector_positional_embedding_max_pos"])
     return replace(preset, dit=replace(preset.dit, **dit_changes), vae=replace(preset.vae, **vae_changes),
                    text=replace(preset.text, **text_changes))
+
+
+def per_token_projection(transformer: dict[str, Any]) -> bool:
+    """True for ltx-core's V2 text projection (LTX-2.3), False when none of its caption keys is set (LTX-2).
+
+    As ltx-core decides it: a partial set or another value is refused (ltx-core raises NotImplementedError
+    there)."""
+    present = transformer.keys() & V2_CAPTION_CONFIG.keys()
+    if not present:
+        return False
+    odd = sorted(f"{k} missing" for k in set(V2_CAPTION_CONFIG) - present) + sorted(
+        f"{k}={transformer[k]!r}" for k in present if transformer[k] != V2_CAPTION_CONFIG[k])
+    if odd:
+        raise CheckpointError(
+            f"the checkpoint's transformer config asks for a text projection ltx-core does not build "
+            f"({', '.join(odd)}; "
+            f"LTX-2.3 sets {', '.join(f'{k}={v}' for k, v in V2_CAPTION_CONFIG.items())}): "
+            "use an unmodified LTX-2 or LTX-2.3 checkpoint"
+        )
+    return True
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:

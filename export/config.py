@@ -87,7 +87,7 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The text side: encoder features -> LTX-2 connector -> context of `caption_channels`.
+    """The text side: encoder features -> projection -> LTX-2's connector -> context of `connector_dim`.
 
     kind "tiny": seeded byte-level encoder, no download. kind "gemma": Gemma-3 from a local folder,
     whose own config then sets `vocab_size`, `encoder_dim`, `encoder_layers`, `encoder_heads` and `encoder_ffn`. The connector
@@ -109,9 +109,13 @@ class TextConfig:
     connector_gated_attention: bool = False
     rope_type: str = "interleaved"
     frequencies_precision: str = "float32"
+    # LTX-2.3 (ltx-core's FeatureExtractorV2, set by the V2 caption keys of the metadata): per-token RMS norm
+    # and a biased `video_aggregate_embed` straight to the connector's width, no caption projection in the DiT
+    per_token_projection: bool = False
 
     @property
     def connector_dim(self) -> int:
+        """The context's width: the connector's (V1: the encoder's too; V2: the DiT's heads x head_dim)."""
         return self.connector_heads * self.connector_head_dim
 
 

@@ -144,7 +144,8 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
         "text_encoder": ComponentSpec(
             "text_encoder",
             (TensorSpec("token_ids", (1, length), i64), TensorSpec("token_mask", (1, length), i64)),
-            (TensorSpec("context", (1, length, d.caption_channels), f32), TensorSpec("context_mask", (1, length), i64)),
+            (TensorSpec("context", (1, length, preset.text.connector_dim), f32),
+             TensorSpec("context_mask", (1, length), i64)),
             sample=text_sample,
         ),
         "dit": ComponentSpec(

@@ -1,8 +1,9 @@
-"""The text side: encoder hidden states -> LTX-2 feature extractor + connector -> DiT context.
+"""The text side: encoder hidden states -> LTX-2's feature extractor + connector -> DiT context.
 
-The `tiny` preset uses a seeded byte-level encoder (no download). Real LTX-2 checkpoints use
-Gemma-3 from a local folder through transformers (`load_gemma`), with ltx-core's connector and
-its V1 feature extractor's arithmetic, computed one hidden state at a time (`LayerwiseFeatureExtractor`).
+The `tiny` preset uses a seeded byte-level encoder (no download). Real checkpoints use Gemma-3 from a
+local folder through transformers (`load_gemma`), with ltx-core's connector and its feature extractor's
+arithmetic (V1 for LTX-2, V2 for LTX-2.3, as the config says), computed one hidden state at a time
+(`LayerwiseFeatureExtractor`, `LayerwiseFeatureExtractorV2`).
 The connector's padding-to-register swap is rewritten with static shapes (ltx-core's uses boolean
 indexing). Both are checked against ltx-core's own.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 from ltx_core.text_encoders.gemma.embeddings_connector import Embeddings1DConnector
 from ltx_core.text_encoders.gemma.embeddings_processor import convert_to_additive_mask
-from ltx_core.text_encoders.gemma.feature_extractor import FeatureExtractorV1
+from ltx_core.text_encoders.gemma.feature_extractor import FeatureExtractorV1, FeatureExtractorV2
 from ltx_core.model.transformer.rope import (
     LTXRopeType,
     generate_freq_grid_np,
@@ -95,18 +98,56 @@ class LayerwiseFeatureExtractor(torch.nn.Module):
             raise ExportError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         pad = ~valid[..., None]  # [B, T, 1]
         denom = (lengths * d).view(b, 1, 1) + 1e-6  # int64 + float: the default (fp32) dtype, as in ltx-core
-        weight = self.aggregate_embed.weight
-        total = None
-        for layer, h in enumerate(states):
+
+        def normed(h: torch.Tensor) -> torch.Tensor:
             mean = h.masked_fill(pad, 0.0).sum(dim=(1, 2), keepdim=True) / denom
             low = h.masked_fill(pad, float("inf")).amin(dim=(1, 2), keepdim=True)
             high = h.masked_fill(pad, float("-inf")).amax(dim=(1, 2), keepdim=True)
-            normed = (8 * (h - mean) / (high - low + 1e-6)).masked_fill(pad, 0.0).to(dtype)
-            part = torch.nn.functional.linear(normed, weight[:, layer::count]).float()
-            total = part if total is None else total + part
-        if self.aggregate_embed.bias is not None:
-            total = total + self.aggregate_embed.bias.float()
-        return total.to(dtype), None
+            return (8 * (h - mean) / (high - low + 1e-6)).masked_fill(pad, 0.0).to(dtype)
+
+        return project_layerwise(map(normed, states), count, self.aggregate_embed).to(dtype), None
+
+
+class LayerwiseFeatureExtractorV2(torch.nn.Module):
+    """ltx-core's `FeatureExtractorV2` (LTX-2.3), video branch only, one hidden state at a time.
+
+    Per token and per state: `h * rsqrt(mean_d(h ** 2) + 1e-6)`, padding zeroed (by the mask, any side),
+    times sqrt(out / `embedding_dim`), then `video_aggregate_embed` (bias) on that state's columns, the
+    products summed in fp32 (see `LayerwiseFeatureExtractor`). All in the states' dtype, as ltx-core's
+    runs. `embedding_dim` is the encoder's width (ltx-core takes Gemma-3 12B's 3840 from its own config).
+    The audio aggregate embed is not built: the exported model has no audio stream.
+    """
+
+    def __init__(self, video_aggregate_embed: torch.nn.Linear, embedding_dim: int):
+        super().__init__()
+        self.video_aggregate_embed = video_aggregate_embed
+        self.embedding_dim = embedding_dim
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
+                attention_mask: torch.Tensor, padding_side: str = "left",  # noqa: ARG002 (ltx-core's signature)
+                ) -> tuple[torch.Tensor, None]:
+        states = list(hidden_states)
+        dtype = states[0].dtype
+        pad = ~attention_mask.bool()[..., None]  # [B, T, 1]
+        scale = math.sqrt(self.video_aggregate_embed.out_features / self.embedding_dim)
+
+        def normed(h: torch.Tensor) -> torch.Tensor:
+            rms = h * torch.rsqrt(torch.mean(h**2, dim=-1, keepdim=True) + 1e-6)
+            return rms.masked_fill(pad, 0.0).to(dtype) * scale
+
+        return project_layerwise(map(normed, states), len(states), self.video_aggregate_embed).to(dtype), None
+
+
+def project_layerwise(normed: Iterable[torch.Tensor], count: int, linear: torch.nn.Linear) -> torch.Tensor:
+    """`linear` over the [B, T, D * count] flattening of `count` states (state index fastest), one state at a
+    time: state l owns weight columns l, l + count, ...; the products and the bias are summed in fp32."""
+    total = None
+    for layer, x in enumerate(normed):
+        part = torch.nn.functional.linear(x, linear.weight[:, layer::count]).float()
+        total = part if total is None else total + part
+    if linear.bias is not None:
+        total = total + linear.bias.float()
+    return total
 
 
 def move_valid_to_front(hidden: torch.Tensor, mask: torch.Tensor, registers: torch.Tensor) -> torch.Tensor:
@@ -121,20 +162,25 @@ def move_valid_to_front(hidden: torch.Tensor, mask: torch.Tensor, registers: tor
 
 
 class TextSide(torch.nn.Module):
-    """token ids [1, L] + mask [1, L] -> context [1, L, caption_channels] + context mask [1, L]."""
+    """token ids [1, L] + mask [1, L] -> context [1, L, connector_dim] + context mask [1, L]."""
 
     def __init__(self, cfg: TextConfig, encoder: torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = encoder
         flat = cfg.encoder_dim * (cfg.encoder_layers + 1)
-        self.feature_extractor = LayerwiseFeatureExtractor(torch.nn.Linear(flat, cfg.encoder_dim, bias=False))
+        if cfg.per_token_projection:
+            self.feature_extractor = LayerwiseFeatureExtractorV2(
+                torch.nn.Linear(flat, cfg.connector_dim, bias=True), embedding_dim=cfg.encoder_dim)
+        else:
+            self.feature_extractor = LayerwiseFeatureExtractor(
+                torch.nn.Linear(flat, cfg.encoder_dim, bias=False))
         if cfg.max_length % cfg.connector_registers:
             raise ExportError(
                 f"text length {cfg.max_length} is not a multiple of the connector's {cfg.connector_registers} "
                 "registers: pick a text length that is"
             )
-        if cfg.encoder_dim != cfg.connector_dim:
+        if not cfg.per_token_projection and cfg.encoder_dim != cfg.connector_dim:
             raise ExportError(
                 f"the text encoder's width {cfg.encoder_dim} differs from the connector's {cfg.connector_dim}: "
                 "pick the preset that matches this text encoder (Gemma-3 12B: ltx2-video)"
@@ -183,7 +229,12 @@ class TextSide(torch.nn.Module):
     def ltx_reference(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """ltx-core's own feature extractor and connector path, for parity tests (batch 1, boolean indexing)."""
         states = self.encoder(token_ids, token_mask)
-        features, _ = FeatureExtractorV1(self.feature_extractor.aggregate_embed)(states, token_mask, "left")
+        extractor = self.feature_extractor
+        if isinstance(extractor, LayerwiseFeatureExtractorV2):
+            reference = FeatureExtractorV2(extractor.video_aggregate_embed, extractor.embedding_dim)
+        else:
+            reference = FeatureExtractorV1(extractor.aggregate_embed)
+        features, _ = reference(states, token_mask, "left")
         additive = convert_to_additive_mask(token_mask, features.dtype)
         encoded, _ = self.connector(features, additive)
         return encoded
