@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 
+from stdrc.runtime.cli import FORMATTER
+
 
 def add_app_parser(sub: argparse._SubParsersAction) -> None:
-    from stdrc.runtime.cli import FORMATTER
-
     a = sub.add_parser("app", help="a local web page: reference photo + prompt -> video (needs stdrc[app])",
                        formatter_class=FORMATTER,
                        description="A local web page (Gradio) over one in-process Pipeline, or over a `stdrc serve` "

@@ -1,4 +1,4 @@
-"""`--server URL`: the page's backend over `stdrc serve`'s job API, through `stdrc.serve.client.Client`.
+"""`--server URL`: the page's backend over `stdrc serve`'s job API, through `stdrc.runtime.client.Client`.
 
 This adds what the page needs on top of that client: progress per step while polling, Cancel
 (the API has none: Cancel stops waiting here while the server's job runs on), and the results
@@ -14,14 +14,14 @@ from pathlib import Path
 
 from stdrc.app.backends import Cancelled, Job, OnStep, Outcome
 from stdrc.runtime.errors import StdrcError
-from stdrc.serve.request import FIELDS  # what the job API's form takes
+from stdrc.runtime.options import FORM_FIELDS
 
 
 class ServerBackend:
     face_crop_optional = True  # the API takes face_crop
 
     def __init__(self, url: str, out_dir: Path, poll_s: float = 0.5):
-        from stdrc.serve.client import Client  # requests, no Ray
+        from stdrc.runtime.client import Client  # requests, no Ray
 
         self.client = Client(url)
         self.out_dir = out_dir
@@ -46,7 +46,7 @@ class ServerBackend:
             time.sleep(self.poll_s)
 
     def generate(self, job: Job, on_step: OnStep, cancel: threading.Event) -> Outcome:
-        form = {k: v for k, v in job.options.to_json().items() if k in FIELDS and k != "prompt"}
+        form = {k: v for k, v in job.options.to_json().items() if k in FORM_FIELDS and k != "prompt"}
         job_id = self.client.submit(job.reference, job.options.prompt, **form)
         state = self.wait(job_id, on_step, cancel)
         stem = self.out_dir / uuid.uuid4().hex[:12]

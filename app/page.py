@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stdrc.app.backends import Backend, Cancelled, Job, LocalBackend, facesim_text
-from stdrc.runtime.errors import BackendUnavailableError, StdrcError
+from stdrc.runtime.errors import StdrcError, require_extra
 from stdrc.runtime.manifest import Bucket, Manifest, read_manifest
 from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
@@ -170,10 +170,11 @@ def make_backend(config: AppConfig, out_dir: Path) -> Backend:
 def serve(config: AppConfig) -> None:
     """Load, then serve the page until interrupted; generated files live in a temp folder removed on exit."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio as gr
-    except ImportError as e:
-        raise BackendUnavailableError("`stdrc app` needs Gradio: pip install 'stdrc[app]'") from e
+    require_extra("gradio", "app", "`stdrc app`")
+    if config.server:
+        require_extra("requests", "app", "`stdrc app --server`")
+    import gradio as gr
+
     bundle = Path(config.bundle)
     manifest = read_manifest(bundle)
     with tempfile.TemporaryDirectory(prefix="stdrc-app-") as tmp:

@@ -56,7 +56,7 @@ def measure(bundle: Path, reference: Path, replicas: int, args: argparse.Namespa
     from ray import serve
 
     from stdrc.serve.app import ServeConfig, deploy, undeploy
-    from stdrc.serve.client import Client
+    from stdrc.runtime.client import Client
 
     config = ServeConfig(bundle=bundle, replicas=replicas, port=args.port, max_queue=args.jobs, keep_s=600,
                          cpus_per_replica=args.cpus_per_replica)

@@ -1,7 +1,5 @@
-"""stdrc: make a video of the person in a reference photo, doing what a prompt says.
-
-Runs an engine bundle built by `stdrc-export build-engines` (ONNX Runtime, torch, AOTInductor or
-TensorRT engines), and measures FaceSim between a video and a photo.
+"""The runtime's subcommands of `stdrc` (generate, encode-prompts, plan, facesim) and the contract every
+stdrc CLI shares: the help formatter and `run_command` (errors as one line). `stdrc.cli` assembles `stdrc`.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ import json
 import logging
 import sys
 
-from stdrc import __version__
 from stdrc.runtime.errors import StdrcError
 
 
@@ -134,10 +131,8 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stdrc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Adds generate, encode-prompts, plan and facesim to `stdrc`'s subcommands."""
     g = sub.add_parser("generate", help="reference photo + prompt -> video", formatter_class=FORMATTER,
                        description="Generate a video of the reference photo's person from a prompt. The face is "
                                    "found (YuNet by default), cropped to the bundle's bucket and encoded; the DiT "
@@ -197,25 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gpu-memory", default=None, help="device memory to check against, e.g. 24GB")
     m.add_argument("--json", action="store_true", help="print the numbers as JSON")
     m.set_defaults(func=_plan)
-    try:
-        from stdrc.runtime.face import add_facesim_parser
+    from stdrc.runtime.face import add_facesim_parser
 
-        add_facesim_parser(sub, FORMATTER)
-    except ImportError:
-        pass
-    try:  # serve and submit (Ray is imported only when they run)
-        from stdrc.serve import add_serve_parsers
-
-        add_serve_parsers(sub)
-    except ImportError:
-        pass
-    try:
-        from stdrc.app import add_app_parser
-
-        add_app_parser(sub)
-    except ImportError:
-        pass
-    return parser
+    add_facesim_parser(sub, FORMATTER)
 
 
 def run_command(args: argparse.Namespace, interrupted: str = "interrupted") -> int:
@@ -229,14 +208,3 @@ def run_command(args: argparse.Namespace, interrupted: str = "interrupted") -> i
         print(interrupted, file=sys.stderr)
         return 130
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not getattr(args, "quiet", False):
-        logging.getLogger("stdrc.runtime.backends").setLevel(logging.INFO)  # the device auto line
-    return run_command(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,3 +19,21 @@ class NoFaceError(InputError):
 
 class BackendUnavailableError(StdrcError):
     """The requested backend cannot run here (package missing, no GPU)."""
+
+
+def require_extra(module: str, extra: str, command: str) -> None:
+    """Import `module` or raise one line naming the extra that installs it.
+
+    Only the package itself being absent counts as missing: an ImportError raised inside it (or inside
+    stdrc) propagates, so a broken install is never mistaken for a missing extra.
+    """
+    import importlib
+
+    top = module.split(".")[0]
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != top:
+            raise
+        raise BackendUnavailableError(f"{command} needs {top}, which is not installed here: "
+                                      f'pip install "stdrc[{extra}]"') from None

@@ -140,3 +140,9 @@ class GenerationOptions:
         if unknown:
             raise InputError(f"unknown generation option(s) {', '.join(unknown)}: use {', '.join(sorted(known))}")
         return GenerationOptions(**data)
+
+
+# the GenerationOptions fields the job API's form takes (`stdrc serve` parses them, its clients send them);
+# the rest keep their defaults over HTTP
+FORM_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "text_scale", "ref_scale", "face_crop", "frames",
+               "height", "width")

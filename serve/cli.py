@@ -1,4 +1,4 @@
-"""`stdrc serve` and `stdrc submit`: parse, then call stdrc.serve.app / stdrc.serve.client."""
+"""`stdrc serve` and `stdrc submit`: parse, then call stdrc.serve.app / stdrc.runtime.client."""
 
 from __future__ import annotations
 
@@ -8,19 +8,17 @@ import signal
 import time
 from pathlib import Path
 
-from stdrc.runtime.errors import StdrcError
-
-MISSING = "Ray Serve is not installed: pip install 'stdrc[serve]'"
+from stdrc.runtime.cli import FORMATTER
+from stdrc.runtime.errors import StdrcError, require_extra
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        import ray
-        from ray import serve
+    require_extra("ray.serve", "serve", "`stdrc serve`")
+    import ray
+    from ray import serve
 
-        from stdrc.serve.app import ServeConfig, deploy, undeploy
-    except ImportError as e:
-        raise StdrcError(f"{MISSING} ({e})") from None
+    from stdrc.serve.app import ServeConfig, deploy, undeploy
+
     config = ServeConfig(bundle=Path(args.bundle), replicas=args.replicas, host=args.host, port=args.port,
                          max_queue=args.max_queue, address=args.address, keep_s=args.keep, device=args.device,
                          memory_plan=args.memory_plan, cpus_per_replica=args.cpus_per_replica,
@@ -47,10 +45,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    try:
-        from stdrc.serve.client import Client
-    except ImportError as e:
-        raise StdrcError(f"{MISSING} ({e})") from None
+    require_extra("requests", "serve", "`stdrc submit`")
+    from stdrc.runtime.client import Client
     from stdrc.runtime.video import check_writable
 
     output = check_writable(args.output)
@@ -71,8 +67,6 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
-    from stdrc.runtime.cli import FORMATTER
-
     s = sub.add_parser("serve", help="serve a bundle over HTTP on a Ray cluster (Ray Serve)", formatter_class=FORMATTER,
                        description="Deploy the bundle on Ray Serve behind a versioned HTTP job API (docs/serving.md): "
                                    "one replica holds one Pipeline (one GPU on CUDA); jobs survive a replica's death.")

@@ -16,12 +16,8 @@ from pathlib import Path
 
 from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import read_manifest
-from stdrc.runtime.options import GenerationOptions
+from stdrc.runtime.options import FORM_FIELDS, GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
-
-# the GenerationOptions fields a form may set (the rest keep their defaults over HTTP)
-FIELDS = ("prompt", "negative_prompt", "seed", "steps", "text_scale", "ref_scale", "face_crop", "frames", "height",
-          "width")
 
 
 def _number(name: str, value: str | None, kind: type) -> int | float | None:
@@ -39,9 +35,10 @@ def _number(name: str, value: str | None, kind: type) -> int | float | None:
 
 def parse_form(form: dict[str, str]) -> GenerationOptions:
     """Text form fields -> options: types here, ranges by `GenerationOptions` (the CLI's messages)."""
-    unknown = sorted(set(form) - set(FIELDS) - {"reference"})
+    unknown = sorted(set(form) - set(FORM_FIELDS) - {"reference"})
     if unknown:
-        raise InputError(f"unknown form field(s) {', '.join(unknown)}: use {', '.join(('reference',) + FIELDS)}")
+        raise InputError(f"unknown form field(s) {', '.join(unknown)}: "
+                         f"use {', '.join(('reference',) + FORM_FIELDS)}")
     prompt = form.get("prompt")
     if not prompt:
         raise InputError("no prompt: pass a non-empty 'prompt' form field")

@@ -30,7 +30,7 @@ def hook(event, args):
 sys.addaudithook(hook)
 import stdrc
 from stdrc.runtime import face
-from stdrc.runtime.cli import main
+from stdrc.cli import main
 codes = [main(argv) for argv in json.loads(sys.argv[1])]
 json.dump({"codes": codes, "stdrc": stdrc.__file__, "yunet": str(face.find_yunet()), "opened": opened,
            "torch": "torch" in sys.modules}, open(os.environ["CHILD_REPORT"], "w"))

@@ -92,7 +92,7 @@ def test_server_backend_shows_the_servers_error_line(server_url, blank_png, tmp_
 
 def test_server_backend_unreachable_is_one_line(astronaut_png, tmp_path):
     from stdrc.app.client import ServerBackend
-    from stdrc.serve.client import ServerError
+    from stdrc.runtime.client import ServerError
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -45,7 +45,7 @@ def app_url(tiny_bundle, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
     log = (tmp / "app.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "stdrc.runtime.cli", "app", "--bundle", str(tiny_bundle),
+    proc = subprocess.Popen([sys.executable, "-m", "stdrc.cli", "app", "--bundle", str(tiny_bundle),
                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -143,7 +143,7 @@ def test_generate_in_the_browser(page, tiny_bundle, astronaut_png, tmp_path):
 
 @pytest.mark.parametrize("case", ["no_face", "zero_steps"])
 def test_bad_input_shows_the_cli_error_line(case, page, tiny_bundle, astronaut_png, blank_png, capsys, tmp_path):
-    from stdrc.runtime.cli import main
+    from stdrc.cli import main
 
     photo, steps = (blank_png, STEPS) if case == "no_face" else (astronaut_png, 0)
     assert main(["generate", "--bundle", str(tiny_bundle), "--ref", str(photo), "--prompt", PROMPT,

@@ -132,7 +132,7 @@ def test_three_buckets_cost_at_most_5_percent_more_than_one(multi_bundle: Path, 
 
 def test_missing_size_fails_with_the_bucket_list(multi_bundle: Path, astronaut_png: Path, tmp_path: Path) -> None:
     out = tmp_path / "x.mp4"
-    proc = subprocess.run([sys.executable, "-m", "stdrc.runtime.cli", "generate", "--bundle", str(multi_bundle),
+    proc = subprocess.run([sys.executable, "-m", "stdrc.cli", "generate", "--bundle", str(multi_bundle),
                            "--ref", str(astronaut_png), "--prompt", "hi", "--frames", "25", "-o", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr

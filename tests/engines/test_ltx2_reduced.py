@@ -39,7 +39,7 @@ def real_layout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
 def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, astronaut_png: Path,
                                capsys) -> None:
     from stdrc.engines.cli import main as export_main
-    from stdrc.runtime.cli import main as runtime_main
+    from stdrc.cli import main as runtime_main
     from stdrc.runtime.manifest import read_manifest
 
     ckpt, gemma = real_layout

@@ -26,7 +26,7 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("module,prog", [("stdrc.runtime.cli", "stdrc"), ("stdrc.engines.cli", "stdrc-export")])
+@pytest.mark.parametrize("module,prog", [("stdrc.cli", "stdrc"), ("stdrc.engines.cli", "stdrc-export")])
 def test_version(module: str, prog: str) -> None:
     proc = _run(module, "--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"{prog} {stdrc.__version__}"
@@ -38,7 +38,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return dict(sub.choices)
 
 
-@pytest.mark.parametrize("module", ["stdrc.runtime.cli", "stdrc.engines.cli"])
+@pytest.mark.parametrize("module", ["stdrc.cli", "stdrc.engines.cli"])
 def test_every_option_has_help_and_shows_its_default(module: str) -> None:
     parser = importlib.import_module(module).build_parser()
     assert parser.description and not parser.description.startswith("`")
@@ -56,6 +56,15 @@ def test_every_option_has_help_and_shows_its_default(module: str) -> None:
         assert "(default: None)" not in text and "(default: False)" not in text, name
 
 
+def test_stdrc_assembles_every_subcommand_whatever_is_installed() -> None:
+    """No subcommand hides behind a failed import: serve, submit and app are listed without their extras."""
+    from stdrc.cli import build_parser
+
+    assert list(_subcommands(build_parser())) == ["generate", "encode-prompts", "plan", "facesim", "serve",
+                                                  "submit", "app"]
+    proc = _run("stdrc", "--version")  # python -m stdrc
+    assert proc.returncode == 0 and proc.stdout.strip() == f"stdrc {stdrc.__version__}"
+
 
 def test_device_auto_follows_what_the_backend_can_use(caplog: pytest.LogCaptureFixture) -> None:
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -69,7 +78,7 @@ def test_device_auto_follows_what_the_backend_can_use(caplog: pytest.LogCaptureF
 
 
 def _generate(bundle: Path, ref: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return _run("stdrc.runtime.cli", "generate", "--bundle", str(bundle), "--ref", str(ref), "--prompt", "x",
+    return _run("stdrc.cli", "generate", "--bundle", str(bundle), "--ref", str(ref), "--prompt", "x",
                 "-o", str(out), *extra)
 
 

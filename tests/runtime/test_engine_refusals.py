@@ -50,7 +50,7 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_generate_cuda_graphs_on_onnxruntime_exits_2(tiny_bundle: Path, astronaut_png: Path, tmp_path: Path) -> None:
     out = tmp_path / "v.mp4"
-    proc = _cli("stdrc.runtime.cli", "generate", "--bundle", str(tiny_bundle), "--ref", str(astronaut_png),
+    proc = _cli("stdrc.cli", "generate", "--bundle", str(tiny_bundle), "--ref", str(astronaut_png),
                 "--prompt", "x", "--device", "cuda", "--cuda-graphs", "-o", str(out), "-q")
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

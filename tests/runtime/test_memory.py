@@ -183,7 +183,7 @@ def test_manifest_records_weight_bytes_per_component(tiny_bundle):
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stdrc.runtime.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stdrc.cli", *args], capture_output=True, text=True,
                           input=stdin, timeout=300)
 
 

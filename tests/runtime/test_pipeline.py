@@ -96,7 +96,7 @@ def test_bad_api_arguments(pipe: Pipeline, astronaut_png: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stdrc.runtime.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "stdrc.cli", *args], capture_output=True, text=True)
 
 
 def test_cli_generate_json(tiny_bundle: Path, astronaut_png: Path, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import pytest
 from stdrc.runtime.errors import BundleError, InputError
 from stdrc.runtime.manifest import check_files, read_manifest, sha256_file
 
-RUNTIME, EXPORT = "stdrc.runtime.cli", "stdrc.engines.cli"
+RUNTIME, EXPORT = "stdrc.cli", "stdrc.engines.cli"
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -96,7 +96,7 @@ BAD_OPTIONS = {
 
 @pytest.mark.parametrize("case", BAD_OPTIONS)
 def test_bad_generation_option_is_one_line(case: str, work: Path, tiny_bundle: Path, capsys, monkeypatch) -> None:
-    from stdrc.runtime.cli import main
+    from stdrc.cli import main
 
     args, word = BAD_OPTIONS[case]
     monkeypatch.chdir(work)
@@ -111,7 +111,7 @@ def test_bad_generation_option_is_one_line(case: str, work: Path, tiny_bundle: P
 @pytest.mark.parametrize("name,word", [("out", "must end in .mp4"), ("folder.mp4", "is a folder"),
                                        ("missing/out.mp4", "does not exist")])
 def test_unusable_output_path(name: str, word: str, work: Path, tiny_bundle: Path, capsys, monkeypatch) -> None:
-    from stdrc.runtime.cli import main
+    from stdrc.cli import main
 
     (work / "folder.mp4").mkdir()
     monkeypatch.chdir(work)

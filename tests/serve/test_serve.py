@@ -21,11 +21,11 @@ import requests  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from stdrc.runtime.cli import main  # noqa: E402
+from stdrc.cli import main  # noqa: E402
 from stdrc.runtime.manifest import read_manifest  # noqa: E402
 from stdrc.runtime.video import read_video  # noqa: E402
 from stdrc.serve.app import ServeConfig, deploy, undeploy  # noqa: E402
-from stdrc.serve.client import Client, ServerError  # noqa: E402
+from stdrc.runtime.client import Client, ServerError  # noqa: E402
 from stdrc.serve.registry import get_registry  # noqa: E402
 
 pytestmark = pytest.mark.slow

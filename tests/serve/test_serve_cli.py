@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stdrc.runtime.cli import main
+from stdrc.cli import main
 
 pytest.importorskip("ray.serve")
 

@@ -1,4 +1,8 @@
-"""A small client for the job API (`stdrc submit`, the Gradio app's --server mode, scripts)."""
+"""A small client for `stdrc serve`'s job API (`stdrc submit`, the app's --server mode, scripts).
+
+It lives in the runtime, not in `stdrc.serve`, so that the app reaches a server without importing
+the serving side; it needs `requests` (the `serve` and `app` extras), not Ray.
+"""
 
 from __future__ import annotations
 

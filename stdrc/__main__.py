@@ -1,0 +1,7 @@
+"""`python -m stdrc`: the `stdrc` command."""
+
+import sys
+
+from stdrc.cli import main
+
+sys.exit(main())
