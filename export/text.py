@@ -113,8 +113,9 @@ class LayerwiseFeatureExtractorV2(torch.nn.Module):
 
     Per token and per state: `h * rsqrt(mean_d(h ** 2) + 1e-6)`, padding zeroed (by the mask, any side),
     times sqrt(out / `embedding_dim`), then `video_aggregate_embed` (bias) on that state's columns, the
-    products summed in fp32 (see `LayerwiseFeatureExtractor`). All in the states' dtype, as ltx-core's
-    runs. `embedding_dim` is the encoder's width (ltx-core takes Gemma-3 12B's 3840 from its own config).
+    products summed in fp32 (see `LayerwiseFeatureExtractor`). ltx-core runs the norm in the states' dtype
+    (bf16); here it runs in fp32 and its result is rounded once to that dtype, so fp16 states do not
+    overflow. `embedding_dim` is the encoder's width (ltx-core takes Gemma-3 12B's 3840 from its config).
     The audio aggregate embed is not built: the exported model has no audio stream.
     """
 
@@ -124,7 +125,7 @@ class LayerwiseFeatureExtractorV2(torch.nn.Module):
         self.embedding_dim = embedding_dim
 
     def forward(self, hidden_states: tuple[torch.Tensor, ...] | list[torch.Tensor],
-                attention_mask: torch.Tensor, padding_side: str = "left",  # noqa: ARG002 (ltx-core's signature)
+                attention_mask: torch.Tensor, padding_side: str = "left",  # ltx-core's signature; unused
                 ) -> tuple[torch.Tensor, None]:
         states = list(hidden_states)
         dtype = states[0].dtype
@@ -132,8 +133,9 @@ class LayerwiseFeatureExtractorV2(torch.nn.Module):
         scale = math.sqrt(self.video_aggregate_embed.out_features / self.embedding_dim)
 
         def normed(h: torch.Tensor) -> torch.Tensor:
-            rms = h * torch.rsqrt(torch.mean(h**2, dim=-1, keepdim=True) + 1e-6)
-            return rms.masked_fill(pad, 0.0).to(dtype) * scale
+            x = h.float()  # fp16 squares overflow past |h| = 256, which Gemma's later states reach
+            rms = x * torch.rsqrt(torch.mean(x**2, dim=-1, keepdim=True) + 1e-6)
+            return (rms.masked_fill(pad, 0.0) * scale).to(dtype)
 
         return project_layerwise(map(normed, states), len(states), self.video_aggregate_embed).to(dtype), None
 
