@@ -1,6 +1,6 @@
 """Host memory and disk of `build-engines` for ltx2-video at reduced depth, projected to the full model.
 
-    python benchmarks/build_memory.py [--layers 1 2 4] [--precision fp16] --json
+    python benchmarks/build_memory.py [--layers 1 2 4] [--precision fp16] [--work DIR] --json
 
 Each depth builds in its own child process from a synthetic full-width LTX-2-layout checkpoint and a
 random 3840-wide Gemma-3 folder (benchmarks/synthetic.py). Peak RSS comes from the OS: the child's
@@ -8,17 +8,21 @@ VmHWM per component (reset between components through /proc/self/clear_refs) and
 RUSAGE_CHILDREN maximum for the whole build. The per-layer slope of the DiT's peak and disk is fitted
 and projected to 48 layers; the Gemma-3 12B text encoder is projected from its parameter bytes in the
 engine precision, at the RSS per weight byte measured on the DiT's layers (the fitted slopes' ratio).
+The checkpoints, bundles and caches (about 28 GB for the default depths) go to --work, kept; without it
+to a temp folder removed when the run ends, fails or is interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -127,7 +131,18 @@ def project(points: list[dict], precision: str, gemma_params: float) -> dict | N
             "dit_disk_gb_per_layer": dit_disk[1], "rss_per_weight_byte": rss_per_weight_byte}
 
 
-def main() -> None:
+@contextlib.contextmanager
+def work_folder(given: Path | None) -> Iterator[Path]:
+    """`--work` as given, kept; else a temp folder, removed however the run ends."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="stdrc-build-memory.") as tmp:
+        yield Path(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
@@ -135,16 +150,21 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=96)
-    p.add_argument("--work", type=Path, default=None, help="folder for checkpoints and bundles (default: a temp one)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder for checkpoints, bundles and caches, kept (default: a temp one, removed)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
-        return child(args)
-    work = args.work or Path(tempfile.mkdtemp(prefix="stdrc-build-memory."))
-    work.mkdir(parents=True, exist_ok=True)
-    points = [measure(n, args, work) for n in sorted(args.layers)]
-    cfg = json.loads((work / f"gemma-3-w3840-{args.gemma_layers}layer" / "config.json").read_text())
+        child(args)
+        return 0
+    try:
+        with work_folder(args.work) as work:
+            points = [measure(n, args, work) for n in sorted(args.layers)]
+            cfg = json.loads((work / f"gemma-3-w3840-{args.gemma_layers}layer" / "config.json").read_text())
+    except KeyboardInterrupt:
+        print("interrupted" + ("" if args.work is None else f": {args.work} kept"), file=sys.stderr)
+        return 130
     gemma_params = _gemma_params(cfg)
     result = {"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}, "points": points,
               "projected": project(points, args.precision, gemma_params)}
@@ -156,6 +176,7 @@ def main() -> None:
                   f"cache={pt['cache_gb']:.2f} GB")
         print("projected (48 layers + Gemma-3 12B):", json.dumps(result["projected"]) if result["projected"]
               else "needs two or more --layers")
+    return 0
 
 
 def _gemma_params(cfg: dict) -> float:
@@ -167,4 +188,4 @@ def _gemma_params(cfg: dict) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

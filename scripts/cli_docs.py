@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -52,10 +53,13 @@ def render() -> str:
     return "\n".join(parts)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when docs/cli.md is out of date; write nothing")
+    args = parser.parse_args(argv)
     path = ROOT / "docs" / "cli.md"
     text = render()
-    if "--check" in sys.argv[1:]:
+    if args.check:
         if path.read_text() != text:
             print(f"{path.relative_to(ROOT)} is out of date: run .venv/bin/python scripts/cli_docs.py")
             return 1

@@ -12,6 +12,9 @@
 #      when onnxruntime-gpu was installed)               -> OUT_DIR/generate_*.json
 # Every step's exit status goes into OUT_DIR/summary.json; a failed step does not stop the next.
 # --dry-run checks the arguments and the wheel folder and writes OUT_DIR/plan.json without running.
+for arg in "$@"; do  # --help: the comment above, on stdout
+  case "$arg" in -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;; esac
+done
 set -uo pipefail
 cd "$(dirname "$0")/.."
 usage() { echo "usage: bash scripts/gpu_check.sh OUT_DIR [--wheels DIR] [--python PY] [--layers N] [--dry-run]" >&2; exit 2; }

@@ -3,6 +3,10 @@
 # browser for the web app's test (tests/app). Installs only what is missing; a failed install fails.
 # Without apt-get (another OS), install them yourself; STDRC_ALLOW_SKIP_CPP=1 and STDRC_SKIP_BROWSER_TESTS=1
 # let the tests skip those parts instead (docs/development.md).
+for arg in "$@"; do  # --help: the comment above, on stdout
+  case "$arg" in -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;; esac
+done
+[ $# -eq 0 ] || { echo "error: system-packages.sh takes no arguments (it installs a fixed list): see --help" >&2; exit 2; }
 set -euo pipefail
 APT_PACKAGES=(
   nlohmann-json3-dev
