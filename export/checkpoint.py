@@ -22,8 +22,9 @@ from ltx_core.model.video_vae.model_configurator import VAE_DECODER_COMFY_KEYS_F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from stdrc.export.config import DiTConfig, Preset, VAEConfig
+from stdrc.export.config import DiTConfig, Preset
 from stdrc.export.errors import CheckpointError
+from stdrc.export.vae import vae_from_metadata
 from stdrc.runtime.manifest import sha256_file
 
 _COMFY_PREFIX = "model.diffusion_model."
@@ -188,15 +189,7 @@ def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Prese
     dit_changes = {k: v for k, v in t.items() if k in dit_fields}
     if "positional_embedding_max_pos" in dit_changes:
         dit_changes["positional_embedding_max_pos"] = tuple(dit_changes["positional_embedding_max_pos"])
-    v = config.get("vae", {})
-    vae_changes: dict[str, Any] = {}
-    for key in ("latent_channels", "patch_size", "norm_layer", "latent_log_var", "decoder_base_channels",
-                "causal_decoder", "timestep_conditioning"):
-        if key in v:
-            vae_changes[key] = v[key]
-    for key in ("encoder_blocks", "decoder_blocks"):
-        if key in v:
-            vae_changes[key] = tuple((name, params) for name, params in v[key])
+    vae = vae_from_metadata(config["vae"], preset.vae) if "vae" in config else preset.vae
     text_keys = {"connector_num_attention_heads": "connector_heads", "connector_attention_head_dim": "connector_head_dim",
                  "connector_num_layers": "connector_layers", "connector_apply_gated_attention": "connector_gated_attention",
                  "rope_type": "rope_type", "frequencies_precision": "frequencies_precision"}
@@ -205,7 +198,7 @@ def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Prese
         text_changes["per_token_projection"] = True
     if "connector_positional_embedding_max_pos" in t:
         text_changes["connector_max_pos"] = tuple(t["connector_positional_embedding_max_pos"])
-    return replace(preset, dit=replace(preset.dit, **dit_changes), vae=replace(preset.vae, **vae_changes),
+    return replace(preset, dit=replace(preset.dit, **dit_changes), vae=vae,
                    text=replace(preset.text, **text_changes))
 
 

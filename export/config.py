@@ -48,7 +48,12 @@ class DiTConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """LTX-2 video VAE (ltx-core's `vae` config keys). Real block lists come from checkpoint metadata."""
+    """The LTX video VAE (ltx-core's `vae` config keys). Real block lists come from checkpoint metadata.
+
+    Defaults are what ltx-core's video_vae configurators take for a key a file's `vae` section lacks
+    (`export/vae.py` `vae_from_metadata`): one `spatial_padding_mode` sets both sides, absent it the
+    encoder pads with zeros and the decoder reflects; an absent `timestep_conditioning` is true.
+    `decode_timestep` and `decode_noise_scale` are ltx-core's decoder constants, not config keys."""
 
     latent_channels: int = 128
     patch_size: int = 4
@@ -58,7 +63,7 @@ class VAEConfig:
     decoder_blocks: tuple[tuple[str, Any], ...] = ()
     decoder_base_channels: int = 128
     causal_decoder: bool = False
-    timestep_conditioning: bool = False
+    timestep_conditioning: bool = True
     encoder_spatial_padding_mode: str = "zeros"
     decoder_spatial_padding_mode: str = "reflect"
     decode_timestep: float = 0.05

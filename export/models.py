@@ -26,7 +26,7 @@ from stdrc.export.lora import LoraSet, LoraSpec, lora_transform
 from stdrc.export.reference import token_positions
 from stdrc.export.rope import RopeTables, rope_tables
 from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
-from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae
+from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae, vae_from_metadata
 from stdrc.runtime.manifest import Bucket, sha256_file
 from stdrc.runtime.text import ByteTokenizer
 
@@ -152,6 +152,9 @@ def plan_sources(
             raise CheckpointError(f"{where} video VAE, and a real DiT is never paired with a random VAE: pass the "
                                   f"LTX-2 checkpoint as {BASE_FLAG}")
         text = next((c for c in (ckpt, base) if c is not None and c.has("text")), None)
+        if vae is not None and vae is not ckpt and "vae" in (vae.metadata_config or {}):
+            # the VAE as the file holding it describes it
+            preset = replace(preset, vae=vae_from_metadata(vae.metadata_config["vae"], preset.vae))
     gemma = None
     if text_encoder is not None:
         gemma = load_gemma(text_encoder, preset.text.max_length, weights=False)

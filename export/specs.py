@@ -118,12 +118,11 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
 
     def dec_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
         r = _rng(seed)
-        return {
-            "latent": r.standard_normal((1, latent_c, b.latent_frames, tile_dims["tile_height"][1],
-                                         tile_dims["tile_width"][1]),
-                                        dtype=np.float32),
-            "timestep": np.full((1,), preset.vae.decode_timestep, np.float32),
-        }
+        feeds = {"latent": r.standard_normal((1, latent_c, b.latent_frames, tile_dims["tile_height"][1],
+                                              tile_dims["tile_width"][1]), dtype=np.float32)}
+        if preset.vae.timestep_conditioning:
+            feeds["timestep"] = np.full((1,), preset.vae.decode_timestep, np.float32)
+        return feeds
 
     def face_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
         return {"image": _rng(seed).uniform(-1, 1, (batch, 3, 112, 112)).astype(np.float32)}
@@ -173,7 +172,9 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
         ),
         "vae_decoder": ComponentSpec(
             "vae_decoder",
-            (TensorSpec("latent", (1, latent_c, lf, dh, dw), f32), TensorSpec("timestep", (1,), f32)),
+            # a timestep only where the decoder is timestep-conditioned (LTX-2.3's is not)
+            (TensorSpec("latent", (1, latent_c, lf, dh, dw), f32),
+             *((TensorSpec("timestep", (1,), f32),) if preset.vae.timestep_conditioning else ())),
             (TensorSpec("video", (1, 3, frames_out, oh, ow), f32),),
             dynamic_dims=dec_dynamic,
             sample=dec_sample,

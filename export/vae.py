@@ -1,10 +1,16 @@
-"""LTX-2 video VAE (ltx-core's encoder and decoder) behind export-friendly forwards.
+"""The LTX video VAE (ltx-core's encoder and decoder) behind export-friendly forwards.
 
-The decoder's own forward draws `torch.randn` decode noise; `DecoderForExport` runs the same
-computation without it, and the runtime mixes seeded noise in before calling the engine.
+Built from a checkpoint's `vae` config as ltx-core's configurators build it (`vae_from_metadata`).
+A timestep-conditioned decoder's own forward draws `torch.randn` decode noise; `DecoderForExport`
+runs the same computation without it, and the runtime mixes seeded noise in before calling the
+engine. A decoder without timestep conditioning (LTX-2.3's) takes the latent alone: no timestep
+input, no decode noise.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
 
 import torch
 from ltx_core.model.video_vae.model_configurator import VideoDecoderConfigurator, VideoEncoderConfigurator
@@ -14,11 +20,46 @@ from ltx_core.model.video_vae.video_vae import VideoDecoder, VideoEncoder
 
 from stdrc.export.config import VAEConfig
 from stdrc.export.dit import init_seeded
-from stdrc.export.errors import ExportError
+from stdrc.export.errors import CheckpointError, ExportError
+
+# keys of ltx-core's `vae` section whose value is fixed here: RGB video through 3-D convolutions
+_FIXED = {"dims": 3, "in_channels": 3, "out_channels": 3}
+_SAME_NAME = ("latent_channels", "patch_size", "norm_layer", "latent_log_var", "decoder_base_channels",
+              "causal_decoder", "timestep_conditioning")
+
+
+def vae_from_metadata(section: dict[str, Any], base: VAEConfig) -> VAEConfig:
+    """The VAE ltx-core's configurators build from a checkpoint's `vae` section: every key they read, and
+    their default where the file has none (VAEConfig's defaults), `base`'s decode constants kept. A value
+    ltx-core refuses, or one this export cannot take, is one CheckpointError (built on the meta device:
+    no weight is allocated)."""
+    for key, want in _FIXED.items():
+        if section.get(key, want) != want:
+            raise CheckpointError(f"the checkpoint's vae config has {key}={section[key]!r}: only {key}="
+                                  f"{want} (RGB video, 3-D convolutions) is supported; use an LTX video VAE")
+    cfg = VAEConfig(
+        **{k: section[k] for k in _SAME_NAME if k in section},
+        **{k: tuple((name, params) for name, params in section[k])
+           for k in ("encoder_blocks", "decoder_blocks") if k in section},
+        decode_timestep=base.decode_timestep, decode_noise_scale=base.decode_noise_scale,
+    )
+    if "spatial_padding_mode" in section:  # ltx-core applies the one key to encoder and decoder alike
+        mode = section["spatial_padding_mode"]
+        cfg = replace(cfg, encoder_spatial_padding_mode=mode, decoder_spatial_padding_mode=mode)
+    try:
+        with torch.device("meta"):
+            build_vae(cfg, seed=None)
+    except (ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise CheckpointError(f"the checkpoint's vae config is not one ltx-core builds ({type(e).__name__}: "
+                              f"{e}): use an LTX video VAE checkpoint, or fix its `config` metadata"
+                              ) from None
+    except ExportError as e:
+        raise CheckpointError(str(e)) from None
+    return cfg
+
 
 VAE_ENCODER_INPUTS = ("image",)
 VAE_ENCODER_OUTPUTS = ("latent",)
-VAE_DECODER_INPUTS = ("latent", "timestep")
 VAE_DECODER_OUTPUTS = ("video",)
 
 
@@ -55,14 +96,18 @@ class EncoderForExport(torch.nn.Module):
 
 
 class DecoderForExport(torch.nn.Module):
-    """ltx-core's `VideoDecoder.forward` minus the random decode noise (the caller mixes it in)."""
+    """ltx-core's `VideoDecoder.forward` minus the random decode noise (the caller mixes it in).
+
+    `timestep` is an input only of a timestep-conditioned decoder (export/specs.py); None otherwise."""
 
     def __init__(self, decoder: VideoDecoder):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, latent: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
         d = self.decoder
+        if d.timestep_conditioning and timestep is None:
+            raise ExportError("a timestep-conditioned VAE decoder needs its timestep input")
         batch = latent.shape[0]
         sample = d.per_channel_statistics.un_normalize(latent)
         sample = d.conv_in(sample, causal=d.causal)

@@ -236,11 +236,15 @@ class Pipeline:
         return self.decode_latent(latent)
 
     def decode_latent(self, latent: np.ndarray) -> np.ndarray:
-        """[1, C, F, H, W] latent (decode noise already mixed in) -> [1, 3, frames, height, width] in [-1, 1]."""
-        timestep = np.full((1,), self.manifest.model_config["vae"]["decode_timestep"], np.float32)
+        """[1, C, F, H, W] latent (decode noise already mixed in) -> [1, 3, frames, height, width] in [-1, 1].
+
+        The decoder gets a timestep only where its engine has that input (a timestep-conditioned decoder)."""
+        names = {t.name for t in self.manifest.components["vae_decoder"].inputs}
+        value = self.manifest.model_config["vae"]["decode_timestep"]
+        timestep = {"timestep": np.full((1,), value, np.float32)} if "timestep" in names else {}
 
         def decode(part: np.ndarray) -> np.ndarray:
-            return self.run("vae_decoder", {"latent": part.astype(np.float32), "timestep": timestep})["video"]
+            return self.run("vae_decoder", {"latent": part.astype(np.float32), **timestep})["video"]
 
         tiling = DecodeTiling.from_json(self.manifest.decode)
         return decode(latent) if tiling is None else tiled_decode(decode, latent, tiling)

@@ -5,6 +5,7 @@
 #include <ATen/ops/full.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -178,8 +179,14 @@ at::Tensor Runner::decode(const at::Tensor& tokens, const at::Tensor& decode_noi
     const float scale = manifest_.decode_noise_scale;
     latent = decode_noise.to(device_) * scale + latent * (1.0f - scale);
   }
+  // a timestep only where the decoder engine has one (a timestep-conditioned decoder; LTX-2.3's is not)
+  const auto& inputs = manifest_.component("vae_decoder").inputs;
+  const bool with_timestep =
+      std::any_of(inputs.begin(), inputs.end(), [](const TensorSpec& t) { return t.name == "timestep"; });
   const at::Tensor timestep = at::full({1}, manifest_.decode_timestep, latent.options());
-  const auto decode_part = [this, &timestep](const at::Tensor& part) { return decoder_->run({part, timestep}).at(0); };
+  const auto decode_part = [this, &timestep, with_timestep](const at::Tensor& part) {
+    return with_timestep ? decoder_->run({part, timestep}).at(0) : decoder_->run({part}).at(0);
+  };
   if (manifest_.decode_tiling.enabled()) return tiled_decode(decode_part, latent, manifest_.decode_tiling);
   return decode_part(latent.contiguous());
 }
