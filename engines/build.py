@@ -6,7 +6,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -61,7 +60,6 @@ class BuildConfig:
     face_weights: Path | None = None
     text_encoder: Path | None = None  # a local Gemma-3 folder
     base_checkpoint: Path | None = None  # the LTX-2 file beside a DiT-only checkpoint: VAE + text projection
-    text_checkpoint: Path | None = None  # old name of base_checkpoint
     calibrate_fp8: bool = False
     decode_tile: int | None = None  # pixels; None = 512 when the bucket is larger, 0 = never tile
     decode_overlap: int = 64  # pixels
@@ -75,7 +73,7 @@ class BuildConfig:
 
     @property
     def base(self) -> Path | None:
-        return self.base_checkpoint or self.text_checkpoint
+        return self.base_checkpoint
 
 
 def resolve_backend(backend: str) -> str:
@@ -85,10 +83,6 @@ def resolve_backend(backend: str) -> str:
         return backend
     has_trt = importlib.util.find_spec("tensorrt") is not None
     return "tensorrt" if has_trt and torch.cuda.is_available() else "onnxruntime"
-
-
-def has_face_encoder() -> bool:
-    return importlib.util.find_spec("stdrc.export.face") is not None
 
 
 def module_dtype(backend: str, precision: str) -> torch.dtype:
@@ -277,12 +271,11 @@ def build_engines(cfg: BuildConfig) -> Path:
         components = {}
         for name in COMPONENTS:
             stages.set_postfix_str(f"{name} ({backend})")
-            if name != "face_encoder" or has_face_encoder():
-                components[name] = build_component(cfg, backend, src, bucket, specs[name], writer, full)
-                release_memory()
-                log.info("built %s", name)
-                if cfg.on_component is not None:
-                    cfg.on_component(name, writer.staging)
+            components[name] = build_component(cfg, backend, src, bucket, specs[name], writer, full)
+            release_memory()
+            log.info("built %s", name)
+            if cfg.on_component is not None:
+                cfg.on_component(name, writer.staging)
             stages.update()
         cache.clear()
         text = text_manifest(models, writer)
@@ -336,7 +329,3 @@ def build_engines(cfg: BuildConfig) -> Path:
         stages.update()
     stages.close()
     return path
-
-
-def clear_cache(cache_dir: Path) -> None:
-    shutil.rmtree(cache_dir / "onnx", ignore_errors=True)

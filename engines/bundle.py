@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from stdrc.export.errors import ExportError
+from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import MANIFEST_NAME, Manifest, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,20 @@ def is_bundle(folder: Path) -> bool:
 
 
 def check_out(out: str | os.PathLike) -> Path:
-    """The absolute `--out`, refused when building there would replace something that is not a bundle."""
+    """The absolute `--out`: new, empty, or a stdrc bundle (a build never replaces anything else).
+
+    Checked before the build (preflight) and again before the bundle is committed."""
     out = Path(out).absolute()
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ExportError(f"--out {out} is an existing file, not a bundle folder: pass a new folder path "
-                          "(nothing was changed)")
+        raise InputError(f"--out {out} is a file, not a bundle folder: pass a new folder path (nothing was changed)")
     if out.is_dir() and any(out.iterdir()) and not is_bundle(out):
-        raise ExportError(f"--out {out} is an existing folder that is not a stdrc bundle (no stdrc manifest.json): "
-                          "pass a new folder path, or empty that one yourself (nothing was changed)")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ExportError(f"--out {out}: {out.parent} is a file, not a folder: pass a path in a folder")
+        raise InputError(f"--out {out} is an existing folder that is not a stdrc bundle (no stdrc manifest.json): "
+                         "pass a new folder path, or empty that one yourself (nothing was changed)")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"--out {out}: {parent} is a file, not a folder: pass a path in a folder")
     return out
 
 

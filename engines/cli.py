@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference token positions (tass = TASS-RoPE)")
     b.add_argument("--text-encoder", type=Path, default=None,
                    help="local Gemma-3 folder (config.json, *.safetensors, tokenizer.json); needed by ltx2-video")
-    b.add_argument("--base-checkpoint", "--text-checkpoint", dest="base_checkpoint", type=Path, default=None,
+    b.add_argument("--base-checkpoint", type=Path, default=None,
                    help="the LTX-2 .safetensors beside a DiT-only --checkpoint (ST-DRC): supplies the VAE and the "
-                        "text projection + connector (--text-checkpoint is its old name)")
+                        "text projection + connector")
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LTX-2 LoRA .safetensors fused into the DiT (strength default 1.0); repeatable")
     b.add_argument("--face-weights", type=Path, default=None,
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("bundle", type=Path, help="bundle folder")
     v.add_argument("--checkpoint", type=Path, default=None, help="the .safetensors the bundle was built from")
     v.add_argument("--text-encoder", type=Path, default=None, help="the Gemma-3 folder the bundle was built with")
-    v.add_argument("--base-checkpoint", "--text-checkpoint", dest="base_checkpoint", type=Path, default=None,
+    v.add_argument("--base-checkpoint", type=Path, default=None,
                    help="the LTX-2 .safetensors the bundle's VAE and text projection came from")
     v.add_argument("--face-weights", type=Path, default=None, help="the ArcFace backbone the bundle was built with")
     v.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",

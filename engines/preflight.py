@@ -12,10 +12,11 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stdrc.engines.bundle import check_out
 from stdrc.export.config import get_preset
 from stdrc.export.errors import CheckpointError, ExportError
 from stdrc.runtime.errors import InputError
-from stdrc.runtime.manifest import MANIFEST_NAME, Bucket
+from stdrc.runtime.manifest import Bucket
 from stdrc.runtime.tiling import DecodeTiling, decode_tiling
 
 if TYPE_CHECKING:
@@ -47,21 +48,6 @@ def check_safetensors_file(path: Path, flag: str) -> None:
     if not path.is_file():
         raise CheckpointError(f"{flag} {path} is not a file: pass the path of a .safetensors file")
     _check_safetensors(path)
-
-
-def check_out(out: Path) -> None:
-    """The output folder is new, empty, or a stdrc bundle (a build never replaces anything else)."""
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"--out {out} is a file: pass a folder path for the bundle")
-        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-            raise InputError(f"--out {out} is a non-empty folder that is not a stdrc bundle: pass a new folder")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"--out {out}: {parent} is a file, not a folder: pass a folder path for the bundle")
 
 
 ROPE_MODES = ("auto", "input", "baked")
@@ -163,16 +149,13 @@ def check_build(cfg: BuildConfig, backend: str) -> tuple[tuple[Bucket, ...], Dec
                           f"{'fp16 or bf16' if backend == 'tensorrt' else 'fp32'} for several buckets")
     if backend in INDUCTOR_BACKENDS:
         check_inductor_decoder(cfg, buckets, tiling, backend)
-    for name in ("checkpoint", "base_checkpoint", "face_weights", "text_encoder", "text_checkpoint", "cache_dir"):
+    for name in ("checkpoint", "base_checkpoint", "face_weights", "text_encoder", "cache_dir"):
         if getattr(cfg, name) is not None:
             check_path(getattr(cfg, name), f"--{name.replace('_', '-')}")
     check_out(check_path(cfg.out, "--out"))
-    if cfg.base_checkpoint is not None and cfg.text_checkpoint is not None \
-            and Path(cfg.base_checkpoint) != Path(cfg.text_checkpoint):
-        raise InputError("--text-checkpoint is the old name of --base-checkpoint: pass one of them")
     if cfg.checkpoint is not None:
         check_safetensors_file(Path(cfg.checkpoint), "--checkpoint")
-    base = cfg.base_checkpoint or cfg.text_checkpoint
+    base = cfg.base_checkpoint
     if base is not None:
         check_safetensors_file(Path(base), "--base-checkpoint")
         if cfg.checkpoint is None:

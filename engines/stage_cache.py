@@ -8,7 +8,6 @@ engine is built, so large weights exist once on disk: in the bundle.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import gc
 import hashlib
@@ -27,6 +26,7 @@ from stdrc.export.models import Sources
 from stdrc.export.onnx_export import export_onnx, onnx_files
 from stdrc.export.specs import ComponentSpec
 from stdrc.runtime.manifest import Bucket, sha256_file
+from stdrc.runtime.memory import trim_heap
 
 if TYPE_CHECKING:
     from stdrc.engines.build import BuildConfig
@@ -102,10 +102,7 @@ def cached_onnx(cfg: BuildConfig, key: str, spec: ComponentSpec, load: Callable[
 def release_memory() -> None:
     """Collect, then hand freed heap back to the OS (glibc keeps it otherwise): the next component starts low."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: memory is reused by the allocator, only not returned
+    trim_heap()
 
 
 def drop_uncached(path: Path) -> None:

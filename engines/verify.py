@@ -147,7 +147,7 @@ def bucket_feeds(bundle: Path, bucket, feeds: dict[str, np.ndarray]) -> dict[str
 
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
                   device: str = "cpu", text_encoder: str | Path | None = None,
-                  text_checkpoint: str | Path | None = None, base_checkpoint: str | Path | None = None,
+                  base_checkpoint: str | Path | None = None,
                   face_weights: str | Path | None = None, loras: tuple[LoraSpec, ...] = (),
                   dit_transform: Callable | None = None, report: bool = False,
                   trust_code: bool = False) -> dict[str, ComponentReport]:
@@ -167,7 +167,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         raise CheckpointError(f"{bundle} uses a Gemma-3 text side: pass --text-encoder with that folder to verify it")
     loras = match_manifest(manifest.loras, tuple(loras), bundle)
     src = plan_sources(get_preset(manifest.preset), checkpoint, manifest.model_config.get("seed", 0), face_weights,
-                       text_encoder, base_checkpoint or text_checkpoint)
+                       text_encoder, base_checkpoint)
     if manifest.checkpoint_sha256 and (src.checkpoint is None or src.checkpoint.sha256 != manifest.checkpoint_sha256):
         raise CheckpointError(f"{checkpoint} is not the checkpoint {bundle} was built from (sha256 differs)")
     check_sources(bundle, manifest.created_by.get("sources", {}), src.of(), list(manifest.components))

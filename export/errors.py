@@ -11,9 +11,5 @@ class CheckpointError(StdrcError):
     """A checkpoint is not safetensors, or does not match the preset."""
 
 
-class ParityError(StdrcError):
-    """An exported component disagrees with the PyTorch reference beyond tolerance."""
-
-
 class LoraError(StdrcError):
     """A LoRA file is missing, not safetensors, or does not fit the DiT it is fused into."""

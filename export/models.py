@@ -260,7 +260,6 @@ def load_models(
     face_weights: str | Path | None = None,
     preset: Preset | None = None,
     text_encoder: str | Path | None = None,
-    text_checkpoint: str | Path | None = None,
     base_checkpoint: str | Path | None = None,
     components: tuple[str, ...] = COMPONENTS,
     dtype: torch.dtype = torch.float32,
@@ -269,15 +268,13 @@ def load_models(
 ) -> ModelSet:
     """Seeded modules for `preset_name`, with weights from `checkpoint` (+ `base_checkpoint`) when given.
 
-    `text_encoder`: a local Gemma-3 folder (else the preset's tiny text encoder). `base_checkpoint`
-    (`text_checkpoint` is its old name): the LTX-2 file beside a DiT-only checkpoint; it supplies
+    `text_encoder`: a local Gemma-3 folder (else the preset's tiny text encoder). `base_checkpoint`:
+    the LTX-2 file beside a DiT-only checkpoint; it supplies
     the VAE and the text projection + connector that the DiT file lacks. `loras` are checked against
     the DiT's shapes from headers, then fused into each DiT tensor as it is read.
     """
-    if text_checkpoint is not None and base_checkpoint is not None and Path(text_checkpoint) != Path(base_checkpoint):
-        raise CheckpointError(f"--text-checkpoint is the old name of {BASE_FLAG}: pass one of them")
     src = plan_sources(preset or get_preset(preset_name), checkpoint, seed, face_weights, text_encoder,
-                       base_checkpoint or text_checkpoint, components)
+                       base_checkpoint, components)
     lora_set = None
     if loras:
         transform, lora_set = lora_transform(loras, src.preset.dit, transform)

@@ -25,7 +25,6 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
     sample: Callable[[int, int], dict[str, np.ndarray]] | None = None  # (batch, seed) -> feeds
-    rel_l2_tolerance: float = 1e-4  # fp32 exported vs PyTorch
     # per bucket: the dynamic dims at that bucket's sizes (batch keeps its range), one TensorRT profile each
     bucket_dims: tuple[dict[str, list[int]], ...] = ()
 

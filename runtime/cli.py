@@ -131,6 +131,29 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _facesim(args: argparse.Namespace) -> int:
+    """Build detector and embedder from the args, score, print one line (or JSON)."""
+    from stdrc.runtime import face
+    from stdrc.runtime.errors import InputError
+    from stdrc.runtime.video import load_image, read_video
+
+    models = face.resolve_model_folder(args.models) if args.models else None
+    embedder_path = args.embedder or (models.recognizer if models else None)
+    if embedder_path is None:
+        raise InputError("facesim needs a face recogniser: pass --embedder model.onnx or --models buffalo_l")
+    detector = face.ScrfdDetector(models.detector) if models else face.YuNetDetector(face.find_yunet(args.face_detector))
+    result = face.facesim(read_video(args.video), load_image(args.ref), detector, face.FaceEmbedder(embedder_path),
+                          samples=args.samples)
+    value = result.value
+    if args.json:
+        print(json.dumps({"facesim": None if value is None else round(value, 6),
+                          "frames_sampled": result.frames_sampled, "frames_without_face": result.frames_without_face}))
+    else:
+        print(f"facesim {'n/a' if value is None else f'{value:.4f}'} ({result.frames_sampled} frames sampled, "
+              f"{result.frames_without_face} without a face)")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Adds generate, encode-prompts, plan and facesim to `stdrc`'s subcommands."""
     g = sub.add_parser("generate", help="reference photo + prompt -> video", formatter_class=FORMATTER,
@@ -192,9 +215,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--gpu-memory", default=None, help="device memory to check against, e.g. 24GB")
     m.add_argument("--json", action="store_true", help="print the numbers as JSON")
     m.set_defaults(func=_plan)
-    from stdrc.runtime.face import add_facesim_parser
+    from stdrc.runtime.face import YUNET_ENV
 
-    add_facesim_parser(sub, FORMATTER)
+    f = sub.add_parser("facesim", help="FaceSim (ConsisID protocol) of a video vs a reference photo",
+                       formatter_class=FORMATTER,
+                       description="How much the faces in a video look like the reference photo: the mean clamped "
+                                   "cosine similarity of ArcFace embeddings over uniformly sampled frames (ConsisID).")
+    f.add_argument("video", help="generated video (MP4)")
+    f.add_argument("--ref", required=True, help="reference photo with the face")
+    f.add_argument("--models", metavar="DIR",
+                   help="insightface model folder or name (buffalo_l, buffalo_s, antelopev2): SCRFD + its recogniser")
+    f.add_argument("--embedder", metavar="ONNX",
+                   help="ArcFace ONNX, e.g. a bundle's face_encoder.onnx (overrides the folder's recogniser)")
+    f.add_argument("--face-detector", "--yunet", dest="face_detector", metavar="ONNX", default=None,
+                   help=f"YuNet detector file when no --models (default: ${YUNET_ENV}, else the copy shipped "
+                        f"with stdrc)")
+    f.add_argument("--samples", type=int, default=16, help="frames sampled uniformly")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+    f.set_defaults(func=_facesim)
 
 
 def run_command(args: argparse.Namespace, interrupted: str = "interrupted") -> int:

@@ -8,9 +8,7 @@ RGB ``(x - 127.5) / 127.5``. FaceSim follows the ConsisID protocol (clamped cosi
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -409,69 +407,3 @@ def facesim(frames: np.ndarray, reference_rgb: np.ndarray, detector: FaceDetecto
         log.info("facesim: no face in any of %d sampled frames; FaceSim is n/a", len(idx))
     return FaceSimResult(score=float(np.mean(scores)) if scores else 0.0, per_frame=tuple(per_frame),
                          frames_without_face=len(idx) - len(scores), frame_indices=tuple(int(i) for i in idx))
-
-
-def _read_rgb(path: str | os.PathLike) -> np.ndarray:
-    from stdrc.runtime.video import load_image
-
-    return load_image(path)  # header size checked before decoding
-
-
-def read_video_rgb(path: str | os.PathLike) -> np.ndarray:
-    """All frames of a video as (F, H, W, 3) uint8 RGB."""
-    import imageio.v3 as iio
-
-    from stdrc.runtime.options import check_path
-
-    path = check_path(path, "video")
-    if not path.is_file():
-        raise InputError(f"video {path} does not exist: pass an existing MP4 file")
-    try:
-        frames = [np.asarray(f)[..., :3] for f in iio.imiter(path)]
-    except Exception as e:  # ffmpeg's whole log is in str(e): name the failure, not the log
-        raise InputError(f"cannot read video {path} ({type(e).__name__}): pass an MP4 made by `stdrc generate` "
-                         "or readable by ffmpeg") from None
-    if not frames:
-        raise InputError(f"video {path} has no frames")
-    return np.stack(frames).astype(np.uint8)
-
-
-def add_facesim_parser(subparsers: argparse._SubParsersAction,
-                       formatter_class: type = argparse.HelpFormatter) -> None:
-    """Register ``stdrc facesim VIDEO --ref IMG [--models DIR] [--embedder ONNX] [--face-detector ONNX]``."""
-    p = subparsers.add_parser(
-        "facesim", help="FaceSim (ConsisID protocol) of a video vs a reference photo",
-        description="How much the faces in a video look like the reference photo: the mean clamped "
-                    "cosine similarity of ArcFace embeddings over uniformly sampled frames (ConsisID).",
-        formatter_class=formatter_class)
-    p.add_argument("video", help="generated video (MP4)")
-    p.add_argument("--ref", required=True, help="reference photo with the face")
-    p.add_argument("--models", metavar="DIR",
-                   help="insightface model folder or name (buffalo_l, buffalo_s, antelopev2): SCRFD + its recogniser")
-    p.add_argument("--embedder", metavar="ONNX",
-                   help="ArcFace ONNX, e.g. a bundle's face_encoder.onnx (overrides the folder's recogniser)")
-    p.add_argument("--face-detector", "--yunet", dest="face_detector", metavar="ONNX", default=None,
-                   help=f"YuNet detector file when no --models (default: ${YUNET_ENV}, else the copy shipped "
-                        f"with stdrc)")
-    p.add_argument("--samples", type=int, default=16, help="frames sampled uniformly")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run_facesim)
-
-
-def run_facesim(args: argparse.Namespace) -> int:
-    """CLI body: build detector and embedder from the args, score, print one line (or JSON)."""
-    models = resolve_model_folder(args.models) if args.models else None
-    embedder_path = args.embedder or (models.recognizer if models else None)
-    if embedder_path is None:
-        raise InputError("facesim needs a face recogniser: pass --embedder model.onnx or --models buffalo_l")
-    detector = ScrfdDetector(models.detector) if models else YuNetDetector(find_yunet(args.face_detector))
-    result = facesim(read_video_rgb(args.video), _read_rgb(args.ref), detector, FaceEmbedder(embedder_path),
-                     samples=args.samples)
-    value = result.value
-    if args.json:
-        print(json.dumps({"facesim": None if value is None else round(value, 6),
-                          "frames_sampled": result.frames_sampled, "frames_without_face": result.frames_without_face}))
-    else:
-        print(f"facesim {'n/a' if value is None else f'{value:.4f}'} ({result.frames_sampled} frames sampled, "
-              f"{result.frames_without_face} without a face)")
-    return 0

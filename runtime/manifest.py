@@ -86,9 +86,6 @@ class Bucket:
     def tokens(self) -> int:
         return self.video_tokens + self.reference_tokens
 
-    def key(self) -> str:
-        return f"f{self.frames}_h{self.height}_w{self.width}_l{self.text_length}"
-
     def label(self) -> str:
         """As `--bucket` spells it: frames x width x height."""
         return f"{self.frames}x{self.width}x{self.height}"

@@ -157,17 +157,19 @@ def write_png(image: np.ndarray, path: str | os.PathLike) -> None:
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
-    """[F, H, W, 3] uint8 RGB."""
+    """All frames of a video as (F, H, W, 3) uint8 RGB, through the ffmpeg that wrote it."""
+    import imageio.v3 as iio
+
     from stdrc.runtime.options import check_path
 
-    capture = cv2.VideoCapture(str(check_path(path, "video")))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    capture.release()
+    path = check_path(path, "video")
+    if not path.is_file():
+        raise InputError(f"video {path} does not exist: pass an existing MP4 file")
+    try:
+        frames = [np.asarray(f)[..., :3] for f in iio.imiter(path)]
+    except Exception as e:  # ffmpeg's whole log is in str(e): name the failure, not the log
+        raise InputError(f"cannot read video {path} ({type(e).__name__}): pass an MP4 made by `stdrc generate` "
+                         "or readable by ffmpeg") from None
     if not frames:
-        raise InputError(f"{path} has no readable video frames: pass an mp4 made by `stdrc generate`")
-    return np.stack(frames)
+        raise InputError(f"video {path} has no frames: pass an MP4 made by `stdrc generate`")
+    return np.stack(frames).astype(np.uint8)

@@ -70,7 +70,3 @@ class OrtEngine:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         return dict(zip(self._outputs, binding.copy_outputs_to_cpu()))
-
-    def release_kept(self) -> None:
-        """Drop the device copies of kept inputs (end of a generation)."""
-        self._kept.clear()

@@ -146,12 +146,11 @@ def profile_index(bucket_profiles: list[dict[str, list[list[int]]]], shapes: dic
 class TensorRTEngine:
     """One deserialized plan with its execution context, stream and device buffers."""
 
-    def __init__(self, path: str | Path, entry: ComponentEntry, use_cuda_graph: bool = False):
+    def __init__(self, path: str | Path, entry: ComponentEntry):
         trt = import_tensorrt()
         self._cudart = cudart = import_cudart()
         check_build(entry, trt.__version__, gpu_facts())
         self.entry = entry
-        self.use_cuda_graph = use_cuda_graph
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
@@ -172,7 +171,6 @@ class TensorRTEngine:
         self._shapes_key: tuple | None = None
         self._profile = 0
         self._kept: dict[str, np.ndarray] = {}  # kept inputs already on the device (the same array object)
-        self._graph_exec = None
         self.stream = _ok(cudart.cudaStreamCreate())
 
     def _buffer(self, name: str, nbytes: int) -> int:
@@ -204,26 +202,10 @@ class TensorRTEngine:
             self._out_shapes[n] = shape
             self._buffer(n, int(np.prod(shape)) * self._dtypes[n].itemsize)
         self._shapes_key = key
-        self._drop_graph()  # a captured graph holds the old shapes and addresses
 
     def _execute(self) -> None:
-        cudart, stream = self._cudart, int(self.stream)
-        if self._graph_exec is not None:
-            _ok(cudart.cudaGraphLaunch(self._graph_exec, self.stream))
-            return
-        if not self.context.execute_async_v3(stream):
+        if not self.context.execute_async_v3(int(self.stream)):
             raise BundleError(f"TensorRT execution of {self.entry.file} failed (see its log above)")
-        if self.use_cuda_graph:  # the run above was the warm-up; capture the next one for replays
-            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
-            _ok(cudart.cudaStreamBeginCapture(self.stream, mode))
-            captured = self.context.execute_async_v3(stream)
-            graph = _ok(cudart.cudaStreamEndCapture(self.stream))  # always end the capture, even on failure
-            if not captured:
-                _ok(cudart.cudaGraphDestroy(graph))
-                raise BundleError(f"TensorRT could not be captured in a CUDA graph for {self.entry.file} "
-                                  "(see its log above): run without CUDA graphs")
-            self._graph_exec = _ok(cudart.cudaGraphInstantiate(graph, 0))
-            _ok(cudart.cudaGraphDestroy(graph))
 
     def run(self, feeds: dict[str, np.ndarray], keep: Collection[str] = ()) -> dict[str, np.ndarray]:
         """Copy in, execute on the engine's stream, copy out, synchronize. Outputs belong to the caller.
@@ -251,17 +233,8 @@ class TensorRTEngine:
         _ok(cudart.cudaStreamSynchronize(self.stream))  # `host` stays alive until here
         return {n: to_float32(arr) for n, arr in out.items()}
 
-    def release_kept(self) -> None:
-        self._kept.clear()
-
-    def _drop_graph(self) -> None:
-        if self._graph_exec is not None:
-            _ok(self._cudart.cudaGraphExecDestroy(self._graph_exec))
-            self._graph_exec = None
-
     def close(self) -> None:
-        """Free the device buffers, graph and stream; the engine is unusable afterwards."""
-        self._drop_graph()
+        """Free the device buffers and stream; the engine is unusable afterwards."""
         for ptr, _ in self._buffers.values():
             _ok(self._cudart.cudaFree(ptr))
         self._buffers.clear()

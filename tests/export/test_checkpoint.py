@@ -57,7 +57,7 @@ def test_dit_only_file_needs_a_base_checkpoint(tmp_path: Path, donor) -> None:
     assert files["vae_decoder"] == {"vae": {"file": base.name, "sha256": read_checkpoint(base).sha256}}
     assert "seeded" in models.sources["face_encoder"]
     # the old flag name is an alias of the new one
-    assert load_models("tiny", checkpoint=path, text_checkpoint=base).sources == models.sources
+    assert load_models("tiny", checkpoint=path, base_checkpoint=base).sources == models.sources
 
 
 def test_base_checkpoint_without_vae_is_refused(tmp_path: Path, donor) -> None:

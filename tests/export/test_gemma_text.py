@@ -196,7 +196,7 @@ def test_dit_only_checkpoint_needs_a_base_checkpoint(tmp_path: Path, tiny_gemma_
     assert torch.equal(models.text.feature_extractor.aggregate_embed.weight,
                        donor.text.feature_extractor.aggregate_embed.weight)
     with pytest.raises(CheckpointError, match="no text projection"):
-        load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, text_checkpoint=dit_only,
+        load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, base_checkpoint=dit_only,
                     components=("text_encoder",))
 
 

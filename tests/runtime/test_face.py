@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import subprocess
@@ -17,6 +16,7 @@ import onnx
 import pytest
 import skimage.data
 from onnx import TensorProto, helper, numpy_helper
+from stdrc.cli import build_parser
 from stdrc.runtime import face as F
 from stdrc.runtime.errors import InputError, NoFaceError
 
@@ -371,8 +371,7 @@ def test_facesim_cli(tmp_path, astronaut, capsys):
     video, ref = tmp_path / "clip.mp4", tmp_path / "ref.png"
     iio.imwrite(video, np.stack([astronaut] * 6), fps=8, codec="libx264")
     iio.imwrite(ref, astronaut)
-    parser = argparse.ArgumentParser(prog="stdrc")
-    F.add_facesim_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     rec = write_recognizer(tmp_path / "rec.onnx")
     args = parser.parse_args(["facesim", str(video), "--ref", str(ref), "--json", "--embedder", str(rec)])
     assert args.func(args) == 0
@@ -383,10 +382,11 @@ def test_facesim_cli(tmp_path, astronaut, capsys):
     _model_pack(pack, planted={(16, anchor_index(16, 20, 12, 1)): (0.9, [3, 3, 3, 3], [-1, -1, 1, -1, 0, 0,
                                                                                        -1, 1, 1, 1])})
     args = parser.parse_args(["facesim", str(video), "--ref", str(ref), "--models", str(pack)])
-    assert F.run_facesim(args) == 0
+    assert args.func(args) == 0
     assert capsys.readouterr().out.startswith("facesim 0.9")
     with pytest.raises(InputError, match="--embedder"):
-        F.run_facesim(parser.parse_args(["facesim", str(video), "--ref", str(ref)]))
+        args = parser.parse_args(["facesim", str(video), "--ref", str(ref)])
+        args.func(args)
 
 
 def test_runtime_face_does_not_import_torch():
