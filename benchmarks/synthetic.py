@@ -2,7 +2,9 @@
 
 Used by the reduced-depth ltx2-video test and `build_memory.py`: the full-width model with fewer DiT
 and Gemma layers, so the real build path runs on a small machine and its cost can be scaled per layer.
-Weights are seeded random (nothing is downloaded); the file layout is what LTX-2 ships.
+Weights are seeded random (nothing is downloaded); the file holds every tensor ltx-core loads from the files
+LTX-2 ships (the transformer's audio stream and the audio connector included: the video-only export must
+skip them), under their names, with `config` metadata of the same shape.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ltx_core.model.transformer.model_configurator import LTXModelConfigurator
+from ltx_core.text_encoders.gemma.embeddings_connector import AudioEmbeddings1DConnectorConfigurator
+
 from stdrc.export.checkpoint import save_checkpoint
-from stdrc.export.config import get_preset
-from stdrc.export.dit import build_dit, init_seeded
+from stdrc.export.config import Preset, get_preset
+from stdrc.export.dit import init_seeded
 from stdrc.export.models import default_dtype
 from stdrc.export.text import TextSide, TinyTextEncoder
 from stdrc.export.vae import build_vae
@@ -61,26 +66,64 @@ def _unset(build):  # noqa: ANN001, ANN202
     return tuple(m.to_empty(device="cpu") for m in built) if isinstance(built, tuple) else built.to_empty(device="cpu")
 
 
-def write_ltx2_checkpoint(path: Path, dit_layers: int = 1, gemma_layers: int = 2, seed: int = 0,
-                          with_vae: bool = True, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """An LTX-2-layout (ComfyUI prefix) checkpoint: DiT at full width with `dit_layers` blocks, text projection
-    and connector for a Gemma with `gemma_layers` layers, and the full video VAE; config metadata as LTX-2's."""
-    preset = get_preset("ltx2-video")
-    dit_cfg = replace(preset.dit, num_layers=dit_layers)
-    text_cfg = replace(preset.text, kind="gemma", encoder_layers=gemma_layers, vocab_size=16)
+def real_config(preset: Preset) -> dict:
+    """The `config` metadata of a real LTX-2 file for `preset`: ltx-core's whole `transformer` key set (audio
+    stream, audio-video cross-attention, both connectors) and the `vae` section, with the preset's values.
+
+    The audio stream is the video one at half the head width (LTX-2: 32 x 64 = 2048); the audio connector
+    has one layer (`audio_connector_num_layers`, an ltx-core key) to keep reduced-depth files small."""
+    dit, text = preset.dit, preset.text
+    t = dit.ltx_config()["transformer"]
+    for flag in ("apply_gated_attention", "cross_attention_adaln"):  # absent from LTX-2 files
+        if not t[flag]:
+            del t[flag]
+    audio_head_dim = dit.attention_head_dim // 2
+    t.update(
+        use_audio_video_cross_attention=True, share_ff=False, av_cross_ada_norm=True,
+        audio_num_attention_heads=dit.num_attention_heads, audio_attention_head_dim=audio_head_dim,
+        audio_in_channels=dit.in_channels, audio_out_channels=dit.out_channels,
+        audio_cross_attention_dim=dit.num_attention_heads * audio_head_dim,
+        audio_positional_embedding_max_pos=[20],
+        av_ca_timestep_scale_multiplier=1, connector_num_attention_heads=text.connector_heads,
+        connector_attention_head_dim=text.connector_head_dim, connector_num_layers=text.connector_layers,
+        connector_positional_embedding_max_pos=list(text.connector_max_pos), audio_connector_num_layers=1,
+    )
+    vae = {**preset.vae.ltx_config("encoder")["vae"], **preset.vae.ltx_config("decoder")["vae"]}
+    del vae["spatial_padding_mode"]  # absent from LTX-2 files: ltx-core's defaults apply
+    return {"transformer": t, "vae": vae}
+
+
+def write_checkpoint(path: Path, preset: Preset, text_layers: int, seed: int = 0, with_vae: bool = True,
+                     dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Everything ltx-core loads from a real LTX-2 file (ComfyUI prefix), for `preset`, seeded: the
+    audio-video transformer built by ltx-core's own configurator (video and audio streams), the text
+    projection for a Gemma with `text_layers` layers, both text connectors, the video VAE, and
+    `real_config` as metadata."""
+    config = real_config(preset)
+    text_cfg = replace(preset.text, encoder_layers=text_layers, vocab_size=16)
     with default_dtype(dtype):
-        dit = _unset(lambda: build_dit(dit_cfg, seed=None))
+        dit = _unset(lambda: LTXModelConfigurator.from_config(config))
         init_seeded(dit, seed, std=0.02)
         side = _unset(lambda: TextSide(text_cfg, TinyTextEncoder(replace(text_cfg, encoder_layers=0))))
         init_seeded(side.feature_extractor, seed + 3, std=0.02)
         init_seeded(side.connector, seed + 4, std=0.02)
+        audio_connector = _unset(lambda: AudioEmbeddings1DConnectorConfigurator.from_config(config))
+        init_seeded(audio_connector, seed + 5, std=0.02)
         encoder, decoder = _unset(lambda: build_vae(preset.vae, seed=None)) if with_vae else (None, None)
         for i, module in enumerate((encoder, decoder)):
             if module is not None:
                 init_seeded(module, seed + 1 + i, std=0.02)
-    config = {"transformer": {"num_layers": dit_layers}}
-    save_checkpoint(path, dit.ltx, encoder, decoder, config=config, layout="comfy", text=side)
+    save_checkpoint(path, dit, encoder, decoder, config=config, layout="comfy", text=side,
+                    audio_connector=audio_connector)
     return path
+
+
+def write_ltx2_checkpoint(path: Path, dit_layers: int = 1, gemma_layers: int = 2, seed: int = 0,
+                          with_vae: bool = True, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A real-layout LTX-2 checkpoint (`write_checkpoint`) at full width with `dit_layers` transformer blocks,
+    a text projection for a Gemma with `gemma_layers` layers, and the full video VAE."""
+    preset = get_preset("ltx2-video").with_dit(num_layers=dit_layers)
+    return write_checkpoint(path, preset, gemma_layers, seed, with_vae, dtype)
 
 
 def write_all(folder: Path, dit_layers: int = 1, gemma_layers: int = 2) -> tuple[Path, Path]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,8 +28,10 @@ from stdrc.export.vae import vae_from_metadata
 from stdrc.runtime.manifest import sha256_file
 
 _COMFY_PREFIX = "model.diffusion_model."
-# Parts of LTX-2's audio-video model that the video-only DiT does not have.
-_AUDIO_MARKERS = ("audio_", "av_ca_", "a2v", "v2a", "vocoder")
+# Parts of LTX-2's audio-video model that the video-only DiT does not have, at any depth of a key:
+# `audio_patchify_proj.`, `transformer_blocks.N.audio_attn1.`, `...N.scale_shift_table_a2v_ca_video`,
+# `...N.video_to_audio_attn.`, `audio_embeddings_connector.`, `audio_vae.`, `vocoder.`.
+AUDIO_MARKERS = ("audio_", "av_ca_", "a2v", "v2a", "vocoder")
 _TEXT_PREFIXES = {
     "text_embedding_projection.aggregate_embed.": "feature_extractor.aggregate_embed.",
     "text_embedding_projection.video_aggregate_embed.": "feature_extractor.video_aggregate_embed.",
@@ -95,6 +97,11 @@ def _check_safetensors(path: Path) -> None:
             raise CheckpointError(f"{path} is not a safetensors file (header is not JSON): {e}") from e
 
 
+def is_audio_key(key: str) -> bool:
+    """True for a tensor of the audio stream (checkpoints and LoRAs alike): some dotted part names it."""
+    return any(m in part for part in key.split(".") for m in AUDIO_MARKERS)
+
+
 COMPONENTS = ("dit", "vae_encoder", "vae_decoder", "text")
 Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -116,7 +123,7 @@ def _map_keys(path: Path, keys: list[str]) -> dict[str, dict[str, str]]:
         dit.update(mapped(_PROJECTION_KEYS, keys))  # the projection sits outside the ComfyUI prefix
     else:
         dit = {k: k for k in keys if not k.startswith("vae.")}
-    dit = {k: v for k, v in dit.items() if not any(m in k.split(".")[0] for m in _AUDIO_MARKERS)}
+    dit = {k: v for k, v in dit.items() if not is_audio_key(k)}
     text = _split_text(path, dit)
     return {"dit": dit, "vae_encoder": mapped(VAE_ENCODER_COMFY_KEYS_FILTER, keys),
             "vae_decoder": mapped(VAE_DECODER_COMFY_KEYS_FILTER, keys), "text": text}
@@ -127,10 +134,17 @@ class LazyCheckpoint:
     """A safetensors checkpoint opened by its header: tensors are read one at a time, when loaded."""
 
     path: Path
-    sha256: str
     metadata_config: dict[str, Any] | None
     keys: dict[str, dict[str, str]]  # component -> our key -> file key
     shapes: dict[str, tuple[int, ...]]  # file key -> shape
+    known_sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        """The file's sha256, streamed on first use: a file is judged by its header before it is hashed."""
+        if self.known_sha256 is None:
+            object.__setattr__(self, "known_sha256", sha256_file(self.path))
+        return self.known_sha256
 
     def has(self, component: str) -> bool:
         return bool(self.keys[component])
@@ -158,7 +172,7 @@ class LazyCheckpoint:
 
 
 def open_checkpoint(path: str | Path, sha256: str | None = None) -> LazyCheckpoint:
-    """Header, key layout and shapes of `path`; no tensor is read (the sha256 streams the file once)."""
+    """Header, key layout and shapes of `path`; no tensor is read (`sha256` streams the file when asked)."""
     path = Path(path)
     _check_safetensors(path)
     try:
@@ -169,7 +183,7 @@ def open_checkpoint(path: str | Path, sha256: str | None = None) -> LazyCheckpoi
         config = json.loads(meta["config"]) if "config" in meta else None
     except Exception as e:
         raise CheckpointError(f"{path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
-    return LazyCheckpoint(path, sha256 or sha256_file(path), config, _map_keys(path, keys), shapes)
+    return LazyCheckpoint(path, config, _map_keys(path, keys), shapes, sha256)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -231,13 +245,18 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
 
 def check_layout(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], what: str, path: Path) -> None:
     """Raise one error listing missing, unexpected and mis-shaped keys (from shapes alone: nothing is read)."""
-    expected = module.state_dict()
+    check_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()}, shapes, what, path)
+
+
+def check_shapes(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], what: str,
+                 path: Path) -> None:
+    """`check_layout` against expected shapes (a meta-device model's, or `dit_shapes`)."""
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     wrong = [
-        f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(expected[k].shape)}"
+        f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(expected[k])}"
         for k in sorted(set(expected) & set(shapes))
-        if tuple(shapes[k]) != tuple(expected[k].shape)
+        if tuple(shapes[k]) != tuple(expected[k])
     ]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
@@ -293,8 +312,10 @@ def save_checkpoint(
     config: dict[str, Any] | None = None,
     layout: str = "comfy",
     text: torch.nn.Module | None = None,
+    audio_connector: torch.nn.Module | None = None,
 ) -> None:
-    """Write an LTX-2-layout checkpoint (tests and conversions); `dit` is an LTXModel, `text` a TextSide."""
+    """Write an LTX-2-layout checkpoint (tests and conversions); `dit` is an LTXModel (video-only or, as real
+    files, audio-video), `text` a TextSide, `audio_connector` the audio stream's text connector."""
     prefix = _COMFY_PREFIX if layout == "comfy" else ""
     tensors = {prefix + k: v.contiguous() for k, v in dit.state_dict().items()}
     if text is not None:
@@ -302,6 +323,9 @@ def save_checkpoint(
             tensors[f"text_embedding_projection.{k}"] = v.contiguous()
         for k, v in text.connector.state_dict().items():
             tensors[f"{prefix}video_embeddings_connector.{k}"] = v.contiguous()
+    if audio_connector is not None:
+        for k, v in audio_connector.state_dict().items():
+            tensors[f"{prefix}audio_embeddings_connector.{k}"] = v.contiguous()
     for name, module in (("encoder", vae_encoder), ("decoder", vae_decoder)):
         if module is not None:
             for k, v in module.state_dict().items():

@@ -26,6 +26,7 @@ import torch
 from ltx_core.model.transformer.model_configurator import LTXVideoOnlyModelConfigurator
 from safetensors import safe_open
 
+from stdrc.export.checkpoint import is_audio_key
 from stdrc.export.config import DiTConfig
 from stdrc.export.errors import LoraError
 from stdrc.runtime.manifest import LoraEntry, sha256_file
@@ -35,8 +36,6 @@ PREFIXES = {"diffusion_model.": "comfyui", "transformer.": "diffusers", "base_mo
 _DOWN = (".lora_A.weight", ".lora_down.weight")
 _UP = (".lora_B.weight", ".lora_up.weight")
 _ALPHA = ".alpha"
-# Parts of LTX-2's audio-video model that the video-only DiT does not have (as export/checkpoint.py).
-_AUDIO_MARKERS = ("audio_", "av_ca_", "a2v", "v2a")
 _MAX_LISTED = 5
 
 
@@ -139,7 +138,7 @@ def _check_file(path: Path, strength: float, targets: Mapping[str, tuple[int, ..
             not_lora.append(name)
             continue
         layout, module, kind = split
-        if any(m in part for part in module.split(".") for m in _AUDIO_MARKERS):
+        if is_audio_key(module):
             audio += 1
             continue
         layouts.add(layout)

@@ -18,11 +18,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from stdrc.export.checkpoint import LazyCheckpoint, Transform, config_from_metadata, load_streaming, open_checkpoint
+from stdrc.export.checkpoint import (LazyCheckpoint, Transform, check_layout, check_shapes,
+                                     config_from_metadata, load_streaming, open_checkpoint)
 from stdrc.export.config import Preset, get_preset
 from stdrc.export.dit import BakedRopeDiT, STDRCTransformer, build_dit
 from stdrc.export.errors import CheckpointError
-from stdrc.export.lora import LoraSet, LoraSpec, lora_transform
+from stdrc.export.lora import LoraSet, LoraSpec, dit_shapes, lora_transform
 from stdrc.export.reference import token_positions
 from stdrc.export.rope import RopeTables, rope_tables
 from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
@@ -32,6 +33,8 @@ from stdrc.runtime.text import ByteTokenizer
 
 COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder")
 BASE_FLAG = "--base-checkpoint"
+TEXT_PARTS = "text projection and connector"
+VAE_WHAT = {"vae_encoder": "VAE encoder", "vae_decoder": "VAE decoder"}
 
 
 @dataclass
@@ -98,6 +101,11 @@ class Sources:
     gemma: GemmaText | None = None  # tokenizer and config only: weights load with the text encoder
     face_weights: Path | None = None
     face_sha256: str | None = None
+
+    def file_of(self, component: str) -> LazyCheckpoint | None:
+        """The checkpoint `component`'s weights are read from (None: seeded, or not from a checkpoint)."""
+        return {"dit": self.checkpoint, "vae_encoder": self.vae, "vae_decoder": self.vae,
+                "text_encoder": self.text}.get(component)
 
     def of(self) -> dict[str, dict]:
         """Per component: the files (name + sha256) its weights come from, or the seed they were drawn with."""
@@ -173,7 +181,35 @@ def plan_sources(
         if not face_weights.is_file():
             raise CheckpointError(f"face backbone {face_weights} does not exist: pass the arcface_torch backbone.pth")
         face_sha = sha256_file(face_weights)
-    return Sources(preset, seed, ckpt, vae, text, gemma, face_weights, face_sha)
+    src = Sources(preset, seed, ckpt, vae, text, gemma, face_weights, face_sha)
+    check_layouts(src, components)
+    return src
+
+
+def _text_parts(side: TextSide) -> torch.nn.Module:
+    """The part of the text side a checkpoint holds (its "text" keys); the encoder comes from Gemma."""
+    return torch.nn.ModuleDict({"feature_extractor": side.feature_extractor, "connector": side.connector})
+
+
+def check_layouts(src: Sources, components: tuple[str, ...] = COMPONENTS) -> None:
+    """Every component with real weights against the module the preset builds, from the headers and
+    meta-device modules alone: a wrong file is refused in one line before any weight is read."""
+    for name in components:
+        real = src.file_of(name)
+        if real is None:
+            continue
+        part = "text" if name == "text_encoder" else name
+        shapes = {k: real.shape(part, k) for k in real.keys[part]}
+        if name == "dit":
+            check_shapes(dit_shapes(src.preset.dit), shapes, "DiT", real.path)
+            continue
+        with torch.device("meta"):
+            if name == "text_encoder":
+                parts = _text_parts(TextSide(src.preset.text, torch.nn.Identity()))
+                check_layout(parts, shapes, TEXT_PARTS, real.path)
+            else:
+                encoder, decoder = build_vae(src.preset.vae, seed=None, which=name)
+                check_layout(encoder or decoder, shapes, VAE_WHAT[name], real.path)
 
 
 @contextlib.contextmanager
@@ -211,7 +247,7 @@ def _no_default_init(real: LazyCheckpoint | None) -> contextlib.AbstractContextM
 
 def _load_component(src: Sources, name: str, dtype: torch.dtype, transform: Transform | None) -> torch.nn.Module:
     preset, seed = src.preset, src.seed
-    real = {"dit": src.checkpoint, "vae_encoder": src.vae, "vae_decoder": src.vae, "text_encoder": src.text}[name]
+    real = src.file_of(name)
     # real weights: allocated in the engine dtype; seeded ones are drawn in fp32 (the same values at every dtype)
     with default_dtype(dtype if real is not None else torch.float32), torch.no_grad():
         if name == "dit":
@@ -227,15 +263,14 @@ def _load_component(src: Sources, name: str, dtype: torch.dtype, transform: Tran
                 encoder, decoder = build_vae(preset.vae, seed=None if src.vae else seed, which=name)
             module = (encoder if name == "vae_encoder" else decoder).to(dtype)
             if src.vae is not None:
-                load_streaming(module, src.vae, name, "VAE " + name.split("_")[1], None)
+                load_streaming(module, src.vae, name, VAE_WHAT[name], None)
             return module
         if name == "text_encoder":
             gemma = load_gemma(src.gemma.folder, preset.text.max_length, dtype=dtype) if src.gemma else None
             with _no_default_init(src.text if gemma is not None else None):  # a tiny encoder is not in it
                 side = build_text_side(preset.text, seed=None if src.text else seed, gemma=gemma).to(dtype)
             if src.text is not None:
-                parts = torch.nn.ModuleDict({"feature_extractor": side.feature_extractor, "connector": side.connector})
-                load_streaming(parts, src.text, "text", "text projection and connector", None)
+                load_streaming(_text_parts(side), src.text, "text", TEXT_PARTS, None)
             return side
     raise ValueError(name)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stdrc.export.checkpoint import read_checkpoint, save_checkpoint
+from stdrc.export.checkpoint import is_audio_key, read_checkpoint, save_checkpoint
 from stdrc.export.config import get_preset
 from stdrc.export.dit import build_dit
 from stdrc.export.errors import CheckpointError
@@ -95,14 +95,33 @@ def test_metadata_config_overrides_preset(tmp_path: Path) -> None:
     assert models.preset.dit.rope_type == "split" and models.preset.dit.num_layers == 1
 
 
-def test_audio_keys_of_av_checkpoints_are_ignored(tmp_path: Path, donor) -> None:
+AUDIO_KEYS = {  # the audio stream of LTX-2's audio-video transformer, at every depth of a key
+    "audio_patchify_proj.weight": (4, 4),
+    "av_ca_video_scale_shift_adaln_single.linear.bias": (4,),
+    "transformer_blocks.0.audio_attn1.k_norm.weight": (4,),
+    "transformer_blocks.1.audio_ff.net.0.proj.weight": (4, 4),
+    "transformer_blocks.0.scale_shift_table_a2v_ca_video": (5, 4),
+    "transformer_blocks.1.scale_shift_table_a2v_ca_audio": (5, 4),
+    "transformer_blocks.0.audio_to_video_attn.to_q.weight": (4, 4),
+    "transformer_blocks.1.video_to_audio_attn.to_out.0.bias": (4,),
+    "audio_embeddings_connector.transformer_1d_blocks.0.attn1.to_k.weight": (4, 4),
+}
+
+
+@pytest.mark.parametrize("layout", ["comfy", "ltx"])
+def test_audio_keys_of_av_checkpoints_are_ignored(tmp_path: Path, donor, layout: str) -> None:
     _, dit, _, _ = donor
-    tensors = {f"model.diffusion_model.{k}": v.contiguous() for k, v in dit.ltx.state_dict().items()}
-    tensors["model.diffusion_model.audio_patchify_proj.weight"] = torch.zeros(4, 4)
-    tensors["model.diffusion_model.av_ca_video_scale_shift_adaln_single.linear.bias"] = torch.zeros(4)
+    prefix = "model.diffusion_model." if layout == "comfy" else ""
+    tensors = {f"{prefix}{k}": v.contiguous() for k, v in dit.ltx.state_dict().items()}
+    tensors.update({f"{prefix}{k}": torch.zeros(shape) for k, shape in AUDIO_KEYS.items()})
+    tensors.update({"audio_vae.decoder.conv_in.weight": torch.zeros(2),
+                    "vocoder.conv_pre.weight": torch.zeros(2)})
     path = tmp_path / "av.safetensors"
     save_file(tensors, str(path))
-    load_models("tiny", checkpoint=path, components=("dit",))
+    models = load_models("tiny", checkpoint=path, components=("dit",))
+    assert torch.equal(models.dit.ltx.proj_out.weight, dit.ltx.proj_out.weight)
+    # the LoRA reader skips the same keys: one predicate for both
+    assert all(is_audio_key(k) for k in AUDIO_KEYS) and not any(is_audio_key(k) for k in dit.ltx.state_dict())
 
 
 def _write_modified(tmp_path: Path, dit, change) -> Path:
