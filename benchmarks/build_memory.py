@@ -25,6 +25,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from stdrc.runtime.vocab import BACKEND_PRECISIONS
+
 HERE = Path(__file__).resolve().parent
 GB = 1024**3
 FULL_LAYERS = 48
@@ -145,7 +147,7 @@ def work_folder(given: Path | None) -> Iterator[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
+    p.add_argument("--precision", default="fp16", choices=BACKEND_PRECISIONS["onnxruntime"])
     p.add_argument("--gemma-layers", type=int, default=2)
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--height", type=int, default=64)

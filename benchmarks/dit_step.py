@@ -40,6 +40,8 @@ from typing import NamedTuple
 import harness
 import numpy as np
 
+from stdrc.runtime.vocab import CONCRETE_DEVICES, ONNX_BACKENDS
+
 BASELINE = "ltx-eager"
 BF16_BASELINE = "ltx-eager-bf16"
 BACKENDS = ("ltx-eager", "ltx-eager-bf16", "stdrc-torch", "stdrc-bf16", "stdrc-fp8", "onnxruntime",
@@ -451,7 +453,7 @@ def run(cfg: StepConfig) -> dict:
         results: dict[str, dict] = {}
         built: dict[str, tuple] = {}
         # ONNX-based builds first: the torch builds move the shared module to the GPU when there is one
-        for name in sorted(names, key=lambda n: BUILT.get(n) not in ("onnxruntime", "tensorrt")):
+        for name in sorted(names, key=lambda n: BUILT.get(n) not in ONNX_BACKENDS):
             reason = skip_reason(name, cfg)
             if reason:
                 results[name] = {"status": "skipped", "reason": reason}
@@ -616,7 +618,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StepConfig, bool]:
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES)
     p.add_argument("--backends", nargs="+", default=["auto"], choices=(*BACKENDS, "auto", "all"),
                    help="default auto: all but aoti on CPU (slow to compile), all on CUDA")
     p.add_argument("--warmup", type=int, default=3)

@@ -45,6 +45,8 @@ from pathlib import Path
 import harness
 import numpy as np
 
+from stdrc.runtime.vocab import BACKENDS, CONCRETE_DEVICES
+
 STAGES = ("text", "reference_prep", "reference_encode", "sampling", "decode", "write", "facesim")
 PROMPT = "a woman smiling at the camera, soft window light"
 _BUILD = ("import sys; from pathlib import Path; from stdrc.engines.build import BuildConfig, build_engines; "
@@ -400,9 +402,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
     p.add_argument("--bundle", type=Path, default=None, help="engine bundle (default: build the tiny one)")
     p.add_argument("--preset", default="tiny",
                    help="preset to build when no --bundle is given: only tiny builds without real weights")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "aoti", "tensorrt"),
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="backend of the built tiny bundle")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     p.add_argument("--distilled", action="store_true")
     p.add_argument("--max-batch", type=int, default=3)

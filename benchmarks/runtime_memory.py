@@ -32,6 +32,8 @@ from pathlib import Path
 
 import harness
 
+from stdrc.runtime.vocab import CONCRETE_DEVICES, FIXED_PLANS, REQUIRED_COMPONENTS
+
 GIB = 2**30
 CONTEXT_BYTES = GIB  # CUDA context + cuBLAS/TensorRT workspace, a fixed allowance
 _CHILD = r"""
@@ -161,7 +163,7 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     config = {"dit": asdict(preset.dit), "vae": asdict(preset.vae), "text": asdict(preset.text)}
     b = bucket.to_json()
     acts = {c: activation_bytes(c, config, b, "fp16", tiling.to_json() if tiling else {})
-            for c in ("text_encoder", "dit", "vae_encoder", "vae_decoder")}
+            for c in REQUIRED_COMPONENTS}
     dit_total = sum(dit.values())
     weights = {
         "fp16": {"text_encoder": 2 * gemma, "dit": 2 * dit_total, "vae_encoder": 2 * vae_enc,
@@ -214,7 +216,7 @@ def run(bundle: Path | None, device: str, cached_modes: tuple[bool, ...] = (Fals
         reference = work / "ref.png"
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(reference)
         plans = {plan: {("cached_prompt" if c else "uncached_prompt"): measure(bundle, plan, c, device, work, reference)
-                        for c in cached_modes} for plan in ("all", "staged")}
+                        for c in cached_modes} for plan in FIXED_PLANS}
         shas = {r.get("frames_sha") for p in plans.values() for r in p.values() if r["status"] == "ok"}
         for mode, r in plans["staged"].items():
             if r["status"] == "ok":
@@ -227,7 +229,7 @@ def run(bundle: Path | None, device: str, cached_modes: tuple[bool, ...] = (Fals
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=None, help="bundle to measure (default: build tiny)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES)
     p.add_argument("--projection-only", action="store_true", help="print the full-model projection only")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

@@ -21,15 +21,15 @@ from stdrc.engines.stage_cache import cache_key, cached_onnx, drop_uncached, rel
 from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
 from stdrc.export.lora import LoraSpec, lora_transform
-from stdrc.export.models import COMPONENTS, ModelSet, Sources, load_sources, plan_sources
+from stdrc.export.models import ModelSet, Sources, load_sources, plan_sources
 from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
 from stdrc.runtime.memory import activation_bytes, component_weight_bytes
 from stdrc.runtime.sampler import DISTILLED_SIGMAS, ltx2_sigmas
+from stdrc.runtime.vocab import BACKENDS, COMPONENTS, ONNX_BACKENDS, TORCH_BACKENDS
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "aoti")
 ENGINE_SUFFIX = {"onnxruntime": ".onnx", "torch": ".pt2", "aoti": ".pt2", "tensorrt": ".plan"}
 SCHEDULE = {"kind": "ltx2", "max_shift": 2.05, "base_shift": 0.95, "terminal": 0.1, "shift_tokens": 4096}
 ATTENTION_FOR = {"onnxruntime": "ort", "tensorrt": "onnx"}  # export/attention.py; TensorRT takes no com.microsoft op
@@ -77,8 +77,8 @@ class BuildConfig:
 
 
 def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ExportError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ExportError(f"unknown backend {backend!r}: choose auto or one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     has_trt = importlib.util.find_spec("tensorrt") is not None
@@ -87,7 +87,7 @@ def resolve_backend(backend: str) -> str:
 
 def module_dtype(backend: str, precision: str) -> torch.dtype:
     """The dtype weights are loaded and exported in: fp16/bf16 ONNX is written directly for ORT/TensorRT."""
-    if backend in ("onnxruntime", "tensorrt") and precision in ("fp16", "bf16"):
+    if backend in ONNX_BACKENDS and precision in ("fp16", "bf16"):
         return torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.float32
 
@@ -174,7 +174,7 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
         if not kept:
             drop_uncached(onnx_path)
         extra = {f.name: sha256_file(f) for f in onnx_files(out)[1:]}
-    elif backend in ("torch", "aoti"):
+    elif backend in TORCH_BACKENDS:
         models = full()
         module = models.export_modules(bucket, cfg.layout, rope_input)[spec.name]
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -263,7 +263,7 @@ def build_engines(cfg: BuildConfig) -> Path:
     specs = component_specs(models.preset, buckets, tiling, rope_input=rope == "input")
     with BundleWriter(cfg.out) as writer:
         quality = {}
-        if cfg.calibrate_fp8 or (cfg.precision == "fp8" and backend in ("torch", "aoti")):
+        if cfg.calibrate_fp8 or (cfg.precision == "fp8" and backend in TORCH_BACKENDS):
             stages.set_postfix_str("fp8 calibration")
             from stdrc.calibration.report import fp8_quality
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from stdrc import __version__
 from stdrc.runtime.cli import HelpFormatter, run_command
+from stdrc.runtime.vocab import BACKENDS, CONCRETE_DEVICES, LAYOUTS, PRECISIONS
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -77,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--height", type=int, default=None, help="pixels, multiple of 32 (default: the preset's bucket)")
     b.add_argument("--width", type=int, default=None, help="pixels, multiple of 32 (default: the preset's bucket)")
     b.add_argument("--fps", type=float, default=None, help="frame rate of the bucket's videos (default: the preset's)")
-    b.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch", "aoti"),
+    b.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
                    help="auto = TensorRT when importable with a GPU, else ONNX Runtime")
-    b.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "fp8"),
+    b.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="engine precision (fp16: ONNX Runtime CUDA / TensorRT; bf16, fp8: torch / TensorRT)")
-    b.add_argument("--layout", default="tass", choices=("tass", "overlap", "width_shift", "before"),
+    b.add_argument("--layout", default="tass", choices=LAYOUTS,
                    help="reference token positions (tass = TASS-RoPE)")
     b.add_argument("--text-encoder", type=Path, default=None,
                    help="local Gemma-3 folder (config.json, *.safetensors, tokenizer.json); needed by ltx2-video")
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--face-weights", type=Path, default=None, help="the ArcFace backbone the bundle was built with")
     v.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="each LoRA the bundle was built with, in order (strength default: the manifest's)")
-    v.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+    v.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES,
                    help="where the engines run (the reference runs on CPU)")
     v.add_argument("--trust-bundle-code", action="store_true",
                    help="allow torch/aoti bundles: loading one runs code from the bundle (see README, Trust)")

@@ -24,9 +24,10 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from stdrc.export.errors import ExportError
+from stdrc.runtime.vocab import BACKEND_PRECISIONS
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = BACKEND_PRECISIONS["onnxruntime"]
 GB = 1024**3
 TWO_GB = 2 * GB
 

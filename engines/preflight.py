@@ -18,18 +18,12 @@ from stdrc.export.errors import CheckpointError, ExportError
 from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import Bucket
 from stdrc.runtime.tiling import DecodeTiling, decode_tiling
+from stdrc.runtime.vocab import BACKEND_PRECISIONS, LAYOUTS, ONNX_BACKENDS, TORCH_BACKENDS
 
 if TYPE_CHECKING:
     from stdrc.engines.build import BuildConfig
     from stdrc.export.models import Sources
 
-# What each backend builds (the fast path's bf16/fp8 is the DiT's; its other components stay fp32).
-BACKEND_PRECISIONS = {
-    "onnxruntime": ("fp32", "fp16"),
-    "tensorrt": ("fp32", "fp16", "bf16", "fp8"),
-    "torch": ("fp32", "bf16", "fp8"),
-    "aoti": ("fp32", "bf16", "fp8"),
-}
 def check_precision(backend: str, precision: str) -> None:
     allowed = BACKEND_PRECISIONS[backend]
     if precision not in allowed:
@@ -133,7 +127,6 @@ def check_bucket(cfg: BuildConfig) -> tuple[Bucket, DecodeTiling | None]:
 
 def check_build(cfg: BuildConfig, backend: str) -> tuple[tuple[Bucket, ...], DecodeTiling | None, str]:
     """Every argument check of a build, in one place; reads no weights (headers of files at most)."""
-    from stdrc.runtime.manifest import LAYOUTS
     from stdrc.runtime.options import check_path
 
     get_preset(cfg.preset)
@@ -141,7 +134,7 @@ def check_build(cfg: BuildConfig, backend: str) -> tuple[tuple[Bucket, ...], Dec
     if cfg.layout not in LAYOUTS:
         raise ExportError(f"unknown layout {cfg.layout!r}: choose one of {', '.join(LAYOUTS)}")
     buckets, tiling, rope = check_buckets(cfg)
-    baked_only = (backend in ("torch", "aoti") and cfg.precision in ("bf16", "fp8")) \
+    baked_only = (backend in TORCH_BACKENDS and cfg.precision in ("bf16", "fp8")) \
         or (backend == "tensorrt" and cfg.precision == "fp8")
     if rope == "input" and baked_only:
         raise ExportError(f"--backend {backend} --precision {cfg.precision} bakes the RoPE tables into its DiT "
@@ -184,7 +177,7 @@ DISK_MARGIN_BYTES = 512 * 1024**2
 
 def engine_itemsize(backend: str, precision: str, component: str) -> int:
     """Bytes per weight element in `component`'s engine (the torch fast path lowers only the DiT)."""
-    if backend in ("onnxruntime", "tensorrt"):
+    if backend in ONNX_BACKENDS:
         return {"fp32": 4, "fp8": 1 if component == "dit" else 2}.get(precision, 2)
     return {"bf16": 2, "fp8": 1}.get(precision, 4) if component == "dit" else 4
 
@@ -227,7 +220,7 @@ def disk_needs(estimate: dict[str, int], backend: str, out: Path, cache_dir: Pat
     """Free bytes each disk must have: the bundle beside `out`, plus (ONNX backends) the largest component's
     exported ONNX, which lies in the stage cache until its engine is written. One entry when both are one disk."""
     bundle, largest = sum(estimate.values()), max(estimate.values(), default=0)
-    transient = largest if backend in ("onnxruntime", "tensorrt") else 0
+    transient = largest if backend in ONNX_BACKENDS else 0
     out_disk, cache_disk = _existing(Path(out).parent), _existing(cache_dir)
     if out_disk.stat().st_dev == cache_disk.stat().st_dev:
         return {out_disk: bundle + transient + DISK_MARGIN_BYTES}

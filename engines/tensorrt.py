@@ -28,10 +28,11 @@ from stdrc.runtime.backends.tensorrt import (
     normalize_capability,
 )
 from stdrc.runtime.manifest import TensorSpec, sha256_file
+from stdrc.runtime.vocab import BACKEND_PRECISIONS
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+PRECISIONS = BACKEND_PRECISIONS["tensorrt"]
 # Weakly typed precision flags (TensorRT 10; removed in 11, where every network is strongly typed).
 PRECISION_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "fp8": ()}
 Shape = tuple[int, ...]

@@ -25,6 +25,7 @@ from stdrc.runtime.backends import check_trust, open_engine
 from stdrc.runtime.manifest import bundle_path, check_files, read_manifest
 from stdrc.runtime.options import check_path
 from stdrc.runtime.tiling import DecodeTiling
+from stdrc.runtime.vocab import BUCKET_SIZED
 
 # rel L2 tolerated per engine precision (fp32: the 1e-4)
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2, "fp8": 1e-1}
@@ -134,7 +135,6 @@ def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Cal
     return outs
 
 
-BUCKET_SIZED = ("dit", "vae_encoder", "vae_decoder")
 
 
 def bucket_feeds(bundle: Path, bucket, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: ANN001

@@ -29,9 +29,9 @@ from stdrc.export.rope import RopeTables, rope_tables
 from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
 from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae, vae_from_metadata
 from stdrc.runtime.manifest import Bucket, sha256_file
+from stdrc.runtime.vocab import COMPONENTS
 from stdrc.runtime.text import ByteTokenizer
 
-COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder")
 BASE_FLAG = "--base-checkpoint"
 TEXT_PARTS = "text projection and connector"
 VAE_WHAT = {"vae_encoder": "VAE encoder", "vae_decoder": "VAE decoder"}

@@ -10,7 +10,8 @@ import torch
 from ltx_core.components.patchifiers import VideoLatentPatchifier, get_pixel_coords
 from ltx_core.types import SpatioTemporalScaleFactors, VideoLatentShape
 
-LAYOUTS = ("tass", "overlap", "width_shift", "before")
+from stdrc.runtime.vocab import LAYOUTS
+
 _SCALE = SpatioTemporalScaleFactors.default()
 
 

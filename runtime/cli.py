@@ -10,6 +10,7 @@ import logging
 import sys
 
 from stdrc.runtime.errors import StdrcError
+from stdrc.runtime.vocab import CONCRETE_DEVICES, DEVICES, FIXED_PLANS, MEMORY_PLANS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -123,7 +124,7 @@ def _plan(args: argparse.Namespace) -> int:
               f"activations (estimate) {stage.activation_bytes / gb:8.3f} GB")
     print(f"each stage + engine session's own {reports['uncached prompt'].session_bytes / gb:8.3f} GB")
     for label, r in reports.items():
-        for plan in ("all", "staged"):
+        for plan in FIXED_PLANS:
             need = r.peak(plan)
             fits = "" if budget is None else ("  fits" if need <= budget else "  does NOT fit")
             print(f"{plan:<7} {label:<16} peak {need / gb:8.3f} GB{fits}"
@@ -186,13 +187,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="insightface model folder or name (buffalo_l, antelopev2): SCRFD instead of YuNet")
     g.add_argument("--backend", default=None,
                    help="refuse a bundle whose engines are not this backend (default: whatever the bundle holds)")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    g.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto: CUDA when the bundle's backend can use it here, else CPU")
     g.add_argument("--trust-bundle-code", action="store_true",
                    help="allow torch/aoti bundles: loading one runs code from the bundle (see README, Trust)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay the DiT step as a CUDA graph (torch/aoti bundles on CUDA)")
-    g.add_argument("--memory-plan", default="all", choices=("all", "staged", "auto"),
+    g.add_argument("--memory-plan", default="all", choices=MEMORY_PLANS,
                    help="all: every engine resident; staged: each engine loaded for its stage and released "
                         "after (fits large models in small GPUs); auto: by free device memory")
     g.add_argument("--json", action="store_true", help="print one JSON object (files, frames, size, facesim)")
@@ -205,7 +206,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("prompts", help="text file with one prompt a line, or - for standard input")
     e.add_argument("--cache-dir", default=None,
                    help="prompt cache folder (default $STDRC_PROMPT_CACHE or ~/.cache/stdrc/prompts)")
-    e.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the text encoder runs")
+    e.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES, help="where the text encoder runs")
     e.set_defaults(func=_encode_prompts)
     m = sub.add_parser("plan", help="memory each plan (all, staged) needs for a bundle, and whether it fits",
                        formatter_class=FORMATTER,

@@ -16,16 +16,12 @@ from typing import Any
 
 from stdrc.runtime import schema as sc
 from stdrc.runtime.errors import BundleError, InputError
+from stdrc.runtime.vocab import BACKENDS, COMPONENTS, LAYOUTS, PRECISIONS
 
 FORMAT_VERSION = 2  # 2: a "buckets" list (format 1: one "bucket"), still read
 READ_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
-COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder")
-BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
-CODE_BACKENDS = ("torch", "aoti")  # loading one runs code from the bundle (pickle, shared library)
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8", "float8_e4m3fn")
-LAYOUTS = ("tass", "overlap", "width_shift", "before")
 MAX_STEPS = 1000  # more than this is a typo, not a schedule
 
 # LTX-2 video VAE compression: time x8 (causal first frame), space x32.

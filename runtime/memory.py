@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from stdrc.runtime.errors import InputError
+from stdrc.runtime.vocab import MEMORY_PLANS
 
 log = logging.getLogger(__name__)
-PLANS = ("all", "staged", "auto")
 # generation order; the stage that needs each component
 STAGES = (("reference", "vae_encoder"), ("text", "text_encoder"), ("sampling", "dit"),
           ("decode", "vae_decoder"), ("facesim", "face_encoder"))
@@ -192,8 +192,8 @@ def available_bytes(device: str) -> int | None:
 
 def choose_plan(plan: str, report: MemoryPlanReport, device: str) -> str:
     """Resolve `auto` (said in one log line); `all` and `staged` are taken as asked."""
-    if plan not in PLANS:
-        raise InputError(f"memory plan {plan!r}: use one of {', '.join(PLANS)}")
+    if plan not in MEMORY_PLANS:
+        raise InputError(f"memory plan {plan!r}: use one of {', '.join(MEMORY_PLANS)}")
     if plan != "auto":
         return plan
     free = available_bytes(device)

@@ -12,7 +12,7 @@ import numpy as np
 from stdrc.runtime import sampler as smp
 from stdrc.runtime.backends import Engine, check_cuda_graph, check_feeds, check_trust, open_engine, resolve_device
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
-from stdrc.runtime.manifest import BACKENDS, Manifest, bundle_path, check_files, read_manifest
+from stdrc.runtime.manifest import Manifest, bundle_path, check_files, read_manifest
 from stdrc.runtime.memory import EngineSet, choose_plan, memory_needs
 from stdrc.runtime.options import GenerationOptions, check_path
 from stdrc.runtime.text import Embedding, PromptCache, PromptStore, default_prompt_store_dir, tokenizer_from_manifest
@@ -26,9 +26,9 @@ from stdrc.runtime.video import (
     write_png,
     write_video,
 )
+from stdrc.runtime.vocab import BACKENDS, REQUIRED_COMPONENTS
 
 log = logging.getLogger(__name__)
-REQUIRED = ("text_encoder", "dit", "vae_encoder", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class Pipeline:
         device = resolve_device(device, {e.backend for e in manifest.components.values()})
         if cuda_graphs and device != "cuda":
             raise InputError("CUDA graphs need --device cuda: drop --cuda-graphs on CPU")
-        missing = [c for c in REQUIRED if c not in manifest.components]
+        missing = [c for c in REQUIRED_COMPONENTS if c not in manifest.components]
         if missing:
             raise BundleError(f"bundle {bundle_dir} lacks {', '.join(missing)}: rebuild it with build-engines")
         if backend is not None:

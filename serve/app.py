@@ -11,6 +11,7 @@ from ray import serve
 
 from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import read_manifest
+from stdrc.runtime.vocab import CONCRETE_DEVICES, MEMORY_PLANS
 from stdrc.serve.api import Api
 from stdrc.serve.registry import get_registry, registry_actor
 from stdrc.serve.replica import Generator
@@ -44,10 +45,10 @@ class ServeConfig:
             raise InputError(f"--port {self.port}: use a port in 1-65535")
         if not self.keep_s > 0:
             raise InputError(f"--keep {self.keep_s}: keep finished jobs a positive number of seconds")
-        if self.device not in ("cpu", "cuda"):
-            raise InputError(f"--device {self.device}: use cpu or cuda")
-        if self.memory_plan not in ("all", "staged", "auto"):
-            raise InputError(f"--memory-plan {self.memory_plan}: use all, staged or auto")
+        if self.device not in CONCRETE_DEVICES:
+            raise InputError(f"--device {self.device}: use {' or '.join(CONCRETE_DEVICES)}")
+        if self.memory_plan not in MEMORY_PLANS:
+            raise InputError(f"--memory-plan {self.memory_plan}: use one of {', '.join(MEMORY_PLANS)}")
         if not self.cpus_per_replica > 0:
             raise InputError(f"--cpus-per-replica {self.cpus_per_replica}: use a positive number")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from stdrc.runtime.cli import FORMATTER
 from stdrc.runtime.errors import StdrcError, require_extra
+from stdrc.runtime.vocab import CONCRETE_DEVICES, MEMORY_PLANS
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -77,8 +78,8 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue", type=int, default=16, help="waiting jobs beyond which POST answers 429")
     s.add_argument("--address", default=None, help="join this Ray cluster (auto, HOST:6379); default: start one")
     s.add_argument("--keep", type=float, default=3600.0, help="seconds finished jobs and their files are kept")
-    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: one GPU per replica")
-    s.add_argument("--memory-plan", default="all", choices=("all", "staged", "auto"),
+    s.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES, help="cuda: one GPU per replica")
+    s.add_argument("--memory-plan", default="all", choices=MEMORY_PLANS,
                    help="per replica: all engines resident, or each loaded for its stage (see stdrc plan)")
     s.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPU cores a replica reserves")
     s.add_argument("--object-store-mb", type=int, default=None,

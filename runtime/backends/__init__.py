@@ -15,10 +15,10 @@ from typing import Protocol
 import numpy as np
 
 from stdrc.runtime.errors import BackendUnavailableError, BundleError, InputError
-from stdrc.runtime.manifest import BACKENDS, CODE_BACKENDS, ComponentEntry, bundle_path  # noqa: F401 (BACKENDS re-exported)
+from stdrc.runtime.manifest import ComponentEntry, bundle_path
+from stdrc.runtime.vocab import CODE_BACKENDS, CUDA_GRAPH_BACKENDS, DEVICES, TORCH_BACKENDS
 
 log = logging.getLogger(__name__)
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class Engine(Protocol):
@@ -65,7 +65,7 @@ def cuda_usable(backend: str) -> tuple[bool, str]:
 
         ok = "CUDAExecutionProvider" in ort.get_available_providers()
         return ok, f"onnxruntime {'has' if ok else 'has no'} CUDAExecutionProvider"
-    if backend in ("torch", "aoti"):
+    if backend in TORCH_BACKENDS:
         import torch
 
         ok = torch.cuda.is_available()
@@ -85,9 +85,6 @@ def resolve_device(device: str, backends: Iterable[str]) -> str:
     chosen = "cuda" if facts and all(ok for ok, _ in facts.values()) else "cpu"
     log.info("device auto -> %s (%s)", chosen, "; ".join(why for _, why in facts.values()) or "no backend")
     return chosen
-
-
-CUDA_GRAPH_BACKENDS = ("torch", "aoti")
 
 
 def check_cuda_graph(entry: ComponentEntry) -> None:
@@ -126,7 +123,7 @@ def open_engine(bundle_dir: Path, name: str, entry: ComponentEntry, device: str 
         from stdrc.runtime.backends.onnxruntime import OrtEngine
 
         return OrtEngine(path, entry, device=device)
-    if entry.backend in ("torch", "aoti"):
+    if entry.backend in TORCH_BACKENDS:
         from stdrc.runtime.backends.torch import TorchEngine
 
         return TorchEngine.from_file(path, entry, device=device, cuda_graph=cuda_graph)

@@ -11,7 +11,8 @@ import torch
 from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import open_engine
 from stdrc.runtime.backends.torch import TorchEngine
-from stdrc.runtime.manifest import COMPONENTS, read_manifest
+from stdrc.runtime.manifest import read_manifest
+from stdrc.runtime.vocab import COMPONENTS
 from stdrc.runtime.pipeline import Pipeline
 from stdrc.runtime.video import psnr
 

@@ -1,0 +1,32 @@
+"""The words bundles, manifests, configs and every CLI share, each defined once (imports nothing).
+
+Everything else imports these: a CLI's `choices`, a manifest check and a build switch cannot drift apart.
+"""
+
+# bundle components, in build order; a bundle without a face encoder still generates (no FaceSim then)
+COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder")
+REQUIRED_COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder")
+BUCKET_SIZED = ("dit", "vae_encoder", "vae_decoder")  # input shapes follow the bucket (the others: fixed)
+
+BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
+ONNX_BACKENDS = ("onnxruntime", "tensorrt")  # engines built from an exported ONNX file
+TORCH_BACKENDS = ("torch", "aoti")  # engines exported through torch.export (AOTInductor compiles it)
+CODE_BACKENDS = TORCH_BACKENDS  # loading one runs code from the bundle (pickle, shared library)
+CUDA_GRAPH_BACKENDS = TORCH_BACKENDS  # the only engines that replay captured CUDA graphs
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+# what each backend builds (the torch fast path's bf16/fp8 is the DiT's; its other components stay fp32)
+BACKEND_PRECISIONS = {
+    "onnxruntime": ("fp32", "fp16"),
+    "tensorrt": PRECISIONS,
+    "torch": ("fp32", "bf16", "fp8"),
+    "aoti": ("fp32", "bf16", "fp8"),
+}
+
+LAYOUTS = ("tass", "overlap", "width_shift", "before")  # reference token positions (tass = TASS-RoPE)
+
+FIXED_PLANS = ("all", "staged")  # every engine resident, or each loaded for its stage
+MEMORY_PLANS = (*FIXED_PLANS, "auto")  # auto: one of the fixed plans, by free device memory
+
+CONCRETE_DEVICES = ("cpu", "cuda")
+DEVICES = ("auto", *CONCRETE_DEVICES)  # auto: CUDA when the bundle's backend can use it here, else CPU
