@@ -197,3 +197,74 @@ def test_tiled_bundle_verifies(tiled_bundle: Path) -> None:
 
     reports = verify_bundle(tiled_bundle)
     assert reports["vae_decoder"].ok, reports["vae_decoder"]
+
+
+@pytest.fixture(scope="module")
+def ltx23_vae_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DiT beside an LTX-2.3 VAE (its block list, no timestep conditioning, zeros padding; reduced width:
+    latent 16, so the DiT's in/out channels are 16 too), the `config` metadata saying so."""
+    from dataclasses import replace
+
+    from stdrc.export.checkpoint import save_checkpoint
+    from stdrc.export.config import get_preset
+    from stdrc.export.dit import build_dit
+
+    from vae_cases import LTX23, ltx_core_vae  # tests/vae_cases.py
+
+    channels = {"in_channels": LTX23["latent_channels"], "out_channels": LTX23["latent_channels"]}
+    dit = build_dit(replace(get_preset("tiny").dit, **channels), seed=0)
+    encoder, decoder = ltx_core_vae(LTX23, seed=3)
+    path = tmp_path_factory.mktemp("ltx23-vae") / "tiny-dit-ltx23-vae.safetensors"
+    save_checkpoint(path, dit.ltx, encoder, decoder, config={"transformer": channels, "vae": LTX23})
+    return path
+
+
+@pytest.fixture(scope="module")
+def ltx23_tiled_bundle(ltx23_vae_file: Path, tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    from stdrc.engines.build import BuildConfig, build_engines
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-ltx23-vae-tiled"
+    return build_engines(BuildConfig(checkpoint=ltx23_vae_file, out=out, cache_dir=cache_dir, backend="onnxruntime",
+                                     progress=False, **TILED))
+
+
+def test_decoder_without_timestep_tiled_bundle_matches_ltx_core(ltx23_tiled_bundle: Path, ltx23_vae_file: Path
+                                                                ) -> None:
+    """LTX-2.3's decoder (no timestep conditioning): the engine's only input is the latent, the runtime mixes no
+    decode noise, and tiles of two widths through it == ltx-core's `tiled_decode` of the decoder ltx-core builds
+    from the file's own config (fp32 ONNX Runtime)."""
+    from stdrc.runtime.manifest import read_manifest
+    from stdrc.runtime.pipeline import Pipeline
+
+    from vae_cases import ltx_core_from_file
+
+    manifest = read_manifest(ltx23_tiled_bundle)
+    assert [t.name for t in manifest.components["vae_decoder"].inputs] == ["latent"]
+    assert manifest.model_config["vae"]["timestep_conditioning"] is False
+    pipeline = Pipeline.from_bundle(ltx23_tiled_bundle)
+    assert pipeline.decode_noise(seed=1) is None
+    b = manifest.bucket
+    latent = np.random.default_rng(4).standard_normal(
+        (1, 16, b.latent_frames, b.latent_height, b.latent_width)).astype(np.float32)
+    ours = pipeline.decode_latent(latent)
+    _, decoder = ltx_core_from_file(ltx23_vae_file)
+    expected = ltx_tiled_decode(decoder, latent, TILED["decode_tile"], TILED["decode_overlap"], timestep=0.0)
+    assert ours.shape == expected.shape == (1, 3, b.frames, b.height, b.width)
+    rel = np.linalg.norm(ours - expected) / np.linalg.norm(expected)
+    assert rel <= 1e-5, rel
+
+
+def test_decoder_without_timestep_bundle_verifies_and_generates(ltx23_tiled_bundle: Path, ltx23_vae_file: Path,
+                                                                tmp_path: Path) -> None:
+    from stdrc.engines.verify import verify_bundle
+    from stdrc.runtime.cpp_inputs import DECODE_NOISE, write_cpp_inputs
+    from stdrc.runtime.pipeline import Pipeline
+
+    reports = verify_bundle(ltx23_tiled_bundle, checkpoint=ltx23_vae_file)
+    assert all(r.ok for r in reports.values()), reports
+    pipeline = Pipeline.from_bundle(ltx23_tiled_bundle)
+    reference = np.random.default_rng(3).integers(0, 256, (64, 192, 3), dtype=np.uint8)
+    result = pipeline.generate(reference=reference, prompt="a woman smiles", seed=1, steps=2, face_crop=False)
+    assert result.frames.shape == (9, 64, 192, 3)
+    inputs = write_cpp_inputs(pipeline, reference, "a woman smiles", 1, tmp_path / "cpp", face_crop=False)
+    assert not (inputs / DECODE_NOISE).exists()  # the C++ runner gets no decode noise to mix either
