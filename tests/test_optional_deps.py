@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_MODELOPT = "import sys, pytest; sys.modules['modelopt'] = None; sys.exit(pytest.main(sys.argv[1:]))"
 
 
+@pytest.mark.slow  # a pytest process
 def test_without_modelopt_only_modelopt_tests_skip(tmp_path: Path) -> None:
     runs = ["tests/export/test_fast_path.py::test_fp8_linear_needs_gemm_friendly_shapes",
             "tests/export/test_fast_path.py::test_bad_scale_files",  # needs calibrated scales: skips

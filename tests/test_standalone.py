@@ -50,6 +50,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
+@pytest.mark.slow  # installs a copy
 def test_installed_package_runs_without_repo_or_shared(installed: Path, tiny_bundle: Path, astronaut_png: Path,
                                                        tmp_path: Path) -> None:
     work, home = tmp_path / "work", tmp_path / "home"

@@ -67,6 +67,7 @@ def server_url(tiny_bundle):
             ray.shutdown()
 
 
+@pytest.mark.slow  # Ray Serve
 def test_server_backend_returns_what_the_pipeline_makes(server_url, pipeline, astronaut_png, tmp_path):
     from stdrc.app.client import ServerBackend
     from stdrc.runtime.video import contact_sheet
@@ -82,6 +83,7 @@ def test_server_backend_returns_what_the_pipeline_makes(server_url, pipeline, as
     assert seen and seen == sorted(seen) and {t for _, t in seen} == {STEPS}  # progress as the server reports it
 
 
+@pytest.mark.slow  # Ray Serve
 def test_server_backend_shows_the_servers_error_line(server_url, blank_png, tmp_path):
     from stdrc.app.client import ServerBackend
 

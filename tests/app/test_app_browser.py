@@ -24,6 +24,7 @@ if os.environ.get("STDRC_SKIP_BROWSER_TESTS") == "1":
 
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Chromium and a `stdrc app` process
 CHROMIUM = os.environ.get("STDRC_CHROMIUM", "/usr/bin/chromium")
 PROMPT = "an astronaut smiling at the camera"
 STEPS = 2

@@ -148,6 +148,7 @@ def test_quantize_needs_batches(dit):
         fp8.quantize_dit_fp8(dit, [])
 
 
+@pytest.mark.slow  # a Q/DQ export
 def test_qdq_onnx_matches_fake_quant(tmp_path, qdit, held_out):
     batch = held_out[0]
     baked = BakedRopeDiT(qdit, batch["rope_cos"], batch["rope_sin"]).eval()

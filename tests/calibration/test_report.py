@@ -15,6 +15,7 @@ from stdrc.export.errors import ExportError
 from stdrc.runtime.manifest import Bucket, sha256_file
 
 
+@pytest.mark.slow  # calibration and two generations
 def test_fp8_quality_is_measured_held_out_and_written(tiny_models, tmp_path: Path) -> None:
     bucket = Bucket(**tiny_models.preset.default_bucket)
     result = fp8_quality(tiny_models, bucket, "tass", tmp_path, calibration_prompts=2)
@@ -42,6 +43,7 @@ def test_fp8_quality_is_measured_held_out_and_written(tiny_models, tmp_path: Pat
     assert sha256_file(tmp_path / result["scales_file"]) == result["scales_sha256"]
 
 
+@pytest.mark.slow  # calibration and a Q/DQ export
 def test_fp8_qdq_onnx_for_tensorrt(tiny_models, tmp_path: Path) -> None:
     """What `build-engines --backend tensorrt --precision fp8` hands TensorRT (the plan itself is never built here)."""
     import onnx

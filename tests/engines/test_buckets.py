@@ -50,6 +50,7 @@ def portrait_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -
                                      width=64, progress=False))
 
 
+@pytest.mark.slow  # builds the 3-bucket bundle
 def test_manifest_lists_every_bucket_with_its_rope_table(multi_bundle: Path) -> None:
     m = read_manifest(multi_bundle)
     assert m.format == 2
@@ -85,6 +86,7 @@ def _graph_inputs_behind(graph: onnx.GraphProto, tensor: str) -> set[str]:
     return found
 
 
+@pytest.mark.slow
 def test_dit_graph_has_no_position_or_trigonometry_op(multi_bundle: Path, tiny_bundle: Path) -> None:
     """No Range (positions) and no trigonometry on positions: the only Sin/Cos is the sinusoidal timestep
     embedding, computed from the `timestep` input alone (RoPE comes in as precomputed tables)."""
@@ -99,6 +101,7 @@ def test_dit_graph_has_no_position_or_trigonometry_op(multi_bundle: Path, tiny_b
     assert {"rope_cos", "rope_sin"} <= inputs
 
 
+@pytest.mark.slow  # and a portrait bundle
 def test_each_size_matches_a_single_bucket_bundle(multi_bundle: Path, tiny_bundle: Path, portrait_bundle: Path,
                                                   astronaut_png: Path) -> None:
     from stdrc.runtime.pipeline import Pipeline
@@ -117,6 +120,7 @@ def test_each_size_matches_a_single_bucket_bundle(multi_bundle: Path, tiny_bundl
     assert square.frames.shape == (9, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_verify_checks_every_bucket(multi_bundle: Path) -> None:
     reports = verify_bundle(multi_bundle)
     assert all(r.ok for r in reports.values()), reports
@@ -124,12 +128,14 @@ def test_verify_checks_every_bucket(multi_bundle: Path) -> None:
         assert reports[name].buckets == BUCKETS
 
 
+@pytest.mark.slow
 def test_three_buckets_cost_at_most_5_percent_more_than_one(multi_bundle: Path, tiny_bundle: Path) -> None:
     one, three = _size(tiny_bundle), _size(multi_bundle)
     print(f"tiny bundle: 1 bucket {one} bytes, 3 buckets {three} bytes ({three / one:.4f}x)")
     assert three <= 1.05 * one
 
 
+@pytest.mark.slow
 def test_missing_size_fails_with_the_bucket_list(multi_bundle: Path, astronaut_png: Path, tmp_path: Path) -> None:
     out = tmp_path / "x.mp4"
     proc = subprocess.run([sys.executable, "-m", "stdrc.cli", "generate", "--bundle", str(multi_bundle),
@@ -160,6 +166,7 @@ def test_format_1_bundle_still_loads(tiny_bundle: Path, tmp_path: Path, astronau
     assert result.frames.shape == (9, 64, 96, 3)
 
 
+@pytest.mark.slow  # a stdrc-export process per case
 @pytest.mark.parametrize("args,message", [
     (["--bucket", "9x96x64", "--bucket", "17x64x96", "--rope", "baked"], "--rope baked"),
     (["--bucket", "9x96x64", "--frames", "17"], "--bucket and --frames"),

@@ -40,6 +40,7 @@ def test_verify_every_component_within_1e4(tiny_bundle: Path) -> None:
         assert r.rel_l2 > 0 or r.max_abs_err == 0
 
 
+@pytest.mark.slow  # a stdrc-export verify process
 def test_verify_cli_json(tiny_bundle: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "stdrc.engines.cli", "verify", str(tiny_bundle), "--json"],
                          capture_output=True, text=True, check=True)
@@ -48,6 +49,7 @@ def test_verify_cli_json(tiny_bundle: Path) -> None:
     assert data["ok"] is True
 
 
+@pytest.mark.slow  # a stdrc-export verify process
 def test_verify_cli_report(tiny_bundle: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "stdrc.engines.cli", "verify", str(tiny_bundle), "--report"],
                          capture_output=True, text=True, check=True)
@@ -88,6 +90,7 @@ def test_interrupted_build_leaves_no_bundle(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a stdrc-export process per case
 @pytest.mark.parametrize("args,message", [
     (["--frames", "10"], "not 8k+1"),
     (["--height", "100"], "multiple of 32"),

@@ -102,6 +102,7 @@ def _run(path: Path, feeds: dict) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
+@pytest.mark.slow  # an external-data export
 @pytest.mark.parametrize("move", [False, True])
 def test_fp16_engine_reuses_the_exported_weights_file(dit_onnx, fp16_external, tmp_path: Path, move: bool) -> None:
     """The weights file goes into the bundle as it is (hard link or move, never rewritten) and the engine agrees."""
@@ -127,6 +128,7 @@ def test_fp16_engine_reuses_the_exported_weights_file(dit_onnx, fp16_external, t
         assert cos >= 0.999, cos
 
 
+@pytest.mark.slow
 def test_fp16_engine_refuses_truncated_external_data(fp16_external, tmp_path: Path) -> None:
     from stdrc.export.errors import ExportError
 

@@ -118,6 +118,7 @@ def test_onnxruntime_graph_has_one_fused_op_per_attention_and_matches(module, sp
         assert rel_l2(got, torch_velocity(module, spec, feeds)) <= 1e-5
 
 
+@pytest.mark.slow  # onnx's reference evaluator
 def test_tensorrt_graph_uses_onnx_attention_and_matches(module, spec, tmp_path):
     """TensorRT's parser takes ONNX `Attention` (10.14+), no com.microsoft op; ORT CPU refuses its key
     bias, so onnx's own reference evaluator checks the numbers."""
@@ -134,6 +135,7 @@ def test_tensorrt_graph_uses_onnx_attention_and_matches(module, spec, tmp_path):
     assert rel_l2(got, torch_velocity(module, spec, feeds)) <= 1e-5
 
 
+@pytest.mark.slow  # a second export
 def test_unfused_baseline_is_what_the_graph_check_catches(module, spec, tmp_path):
     path = export_onnx(module, spec, tmp_path / "dit_unfused.onnx", attention="unfused")
     assert softmax_between_matmuls(path) == ATTENTIONS_PER_LAYER * PRESET.dit.num_layers

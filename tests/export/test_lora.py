@@ -247,6 +247,7 @@ def test_manifest_entry_validates():
             LoraEntry.from_json(bad)
 
 
+@pytest.mark.slow  # a bundle build and verify
 def test_build_verify_round_trip(tmp_path, tiny_shapes, tiny_models, cache_dir, capsys):
     """build-engines --lora -> manifest names it -> verify needs the same LoRA and passes; the DiT really changed."""
     from stdrc.engines.cli import main

@@ -58,6 +58,7 @@ def test_generate_cuda_graphs_on_onnxruntime_exits_2(tiny_bundle: Path, astronau
     assert not out.exists()
 
 
+@pytest.mark.slow  # stdrc-export verify processes
 def test_verify_exit_codes(tiny_bundle: Path, tmp_path: Path) -> None:
     """2 for bad input (no such bundle), 1 when a component is beyond tolerance (a decoder weight perturbed)."""
     import onnx

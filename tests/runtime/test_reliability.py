@@ -320,6 +320,7 @@ def test_bad_build_value_is_one_line(case: str, tmp_path: Path, capsys) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # stdrc-export processes
 def test_build_cli_fps_nan_and_backend_bogus(tmp_path: Path) -> None:
     done = cli(EXPORT, "build-engines", "-q", "--out", "b", "--fps", "nan", cwd=tmp_path)
     refused(done.returncode, done.stderr, "--fps nan")

@@ -164,6 +164,7 @@ def tiled_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> P
     return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="onnxruntime", progress=False, **TILED))
 
 
+@pytest.mark.slow  # builds a tiled bundle
 def test_tiled_bundle_matches_ltx_core_tiled_decode(tiled_bundle: Path, tiny_models) -> None:
     """Tiles of two widths through one dynamic-width ONNX Runtime engine == ltx-core's `tiled_decode` (fp32)."""
     from stdrc.runtime.manifest import read_manifest
@@ -184,6 +185,7 @@ def test_tiled_bundle_matches_ltx_core_tiled_decode(tiled_bundle: Path, tiny_mod
     assert rel <= 1e-5, rel
 
 
+@pytest.mark.slow
 def test_tiled_bundle_generates(tiled_bundle: Path, astronaut_png: Path) -> None:
     from stdrc.runtime.pipeline import Pipeline
 
@@ -192,6 +194,7 @@ def test_tiled_bundle_generates(tiled_bundle: Path, astronaut_png: Path) -> None
     assert result.frames.shape == (9, 64, 192, 3)
 
 
+@pytest.mark.slow
 def test_tiled_bundle_verifies(tiled_bundle: Path) -> None:
     from stdrc.engines.verify import verify_bundle
 
