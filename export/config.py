@@ -90,6 +90,29 @@ class VAEConfig:
         return {"vae": vae}
 
 
+def _blocks(names: tuple[str, ...], layers: tuple[int, ...], multipliers: tuple[int, ...],
+            **extra: Any) -> tuple[tuple[str, Any], ...]:
+    """res_x, compression, res_x, ... in a file's order (the decoder's listed pixel side first; ltx-core
+    reverses it at build)."""
+    out: list[tuple[str, Any]] = []
+    for n, name, m in zip(layers, names, multipliers):
+        out += [("res_x", {"num_layers": n}), (name, {"multiplier": m, **extra})]
+    return (*out, ("res_x", {"num_layers": layers[-1]}))
+
+
+# LTX-2.3's video VAE (LTX23.md 1c, 3P until a real header confirms it; a file's own `vae` section rules):
+# wider compressions, no timestep conditioning (no decode timestep or noise), zeros padding on both sides.
+LTX23_VAE = VAEConfig(
+    encoder_blocks=_blocks(("compress_space_res", "compress_time_res", "compress_all_res", "compress_all_res"),
+                           (4, 6, 4, 2, 2), (2, 2, 2, 1)),
+    decoder_blocks=_blocks(("compress_space", "compress_time", "compress_all", "compress_all"),
+                           (4, 6, 4, 2, 2), (2, 2, 1, 2)),
+    timestep_conditioning=False,
+    encoder_spatial_padding_mode="zeros",
+    decoder_spatial_padding_mode="zeros",
+)
+
+
 @dataclass(frozen=True)
 class TextConfig:
     """The text side: encoder features -> projection -> LTX-2's connector -> context of `connector_dim`.

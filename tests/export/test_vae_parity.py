@@ -149,3 +149,13 @@ def test_absent_keys_take_ltx_cores_defaults() -> None:
     ours = VideoDecoderConfigurator.from_config(vae.ltx_config("decoder"))
     shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (ours, theirs)]
     assert shapes[0] == shapes[1]
+
+
+def test_ltx23_vae_is_what_the_ltx23_header_describes() -> None:
+    """LTX23_VAE (presets and synthetic files) == the VAE read from LTX-2.3's `vae` header at real width
+    (which has no latent_channels or decoder_base_channels: ltx-core's 128 apply)."""
+    from stdrc.export.config import LTX23_VAE
+    from stdrc.export.vae import vae_from_metadata
+
+    header = {k: v for k, v in LTX23.items() if k not in ("latent_channels", "decoder_base_channels")}
+    assert vae_from_metadata(header, get_preset("ltx2-video").vae) == LTX23_VAE
