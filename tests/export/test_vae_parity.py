@@ -94,6 +94,7 @@ def test_pytorch_equals_ltx_core_from_the_files_config(case: dict) -> None:
     assert _rel_l2(video, case["want_video"]) <= TOL
 
 
+@pytest.mark.slow  # two ONNX exports
 @pytest.mark.parametrize("case", ONNX_CASES, indirect=True)
 def test_onnx_runtime_equals_ltx_core_from_the_files_config(case: dict, tmp_path: Path) -> None:
     """The exported graphs (spec from the file's config): a decoder without timestep conditioning has the

@@ -231,6 +231,7 @@ def ltx23_tiled_bundle(ltx23_vae_file: Path, tmp_path_factory: pytest.TempPathFa
                                      progress=False, **TILED))
 
 
+@pytest.mark.slow  # builds a bundle
 def test_decoder_without_timestep_tiled_bundle_matches_ltx_core(ltx23_tiled_bundle: Path, ltx23_vae_file: Path
                                                                 ) -> None:
     """LTX-2.3's decoder (no timestep conditioning): the engine's only input is the latent, the runtime mixes no
@@ -257,6 +258,7 @@ def test_decoder_without_timestep_tiled_bundle_matches_ltx_core(ltx23_tiled_bund
     assert rel <= 1e-5, rel
 
 
+@pytest.mark.slow
 def test_decoder_without_timestep_bundle_verifies_and_generates(ltx23_tiled_bundle: Path, ltx23_vae_file: Path,
                                                                 tmp_path: Path) -> None:
     from stdrc.engines.verify import verify_bundle
