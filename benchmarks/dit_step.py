@@ -285,7 +285,8 @@ def sampler_overhead(engine, s: Setup) -> dict:
     scales = smp.GuidanceScales(text=3.0, ref=2.0)
     noise = np.random.default_rng(s.cfg.seed).standard_normal(f["latent"][:1, :video].shape, dtype=np.float32)
     start = time.perf_counter()
-    smp.sample(denoiser, noise, smp.ltx2_sigmas(steps), cond, scales, max_batch=STREAMS)
+    smp.sample(denoiser, noise, smp.ltx2_sigmas(steps), cond, scales, max_batch=STREAMS,
+               feed_sigma=any(t.name == smp.SIGMA_INPUT for t in engine.entry.inputs))
     total_ms = (time.perf_counter() - start) * 1e3
     outside = (total_ms - sum(engine_ms)) / steps
     return {"steps": steps, "step_ms": total_ms / steps, "outside_engine_ms_per_step": outside,

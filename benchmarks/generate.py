@@ -131,7 +131,7 @@ def staged_generation(pipe, reference, prompt: str, seed: int, cfg: GenerateConf
     noise = np.random.default_rng(seed).standard_normal((1, b.video_tokens, channels), dtype=np.float32)
     with stage(times, "sampling"):
         latent = smp.sample(denoiser, noise, sigmas, smp.Conditioning(ref_tokens, text, no_text), scales,
-                            cfg.max_batch)
+                            cfg.max_batch, feed_sigma=pipe.feeds_sigma)
     with stage(times, "decode"):
         frames = pipe.decode(latent, seed)
     result = GenerationResult(frames=frames, latent=latent, reference=image)

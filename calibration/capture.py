@@ -15,6 +15,7 @@ from stdrc.export.config import Preset, get_preset
 from stdrc.export.errors import ExportError
 from stdrc.export.reference import reference_timesteps, token_positions
 from stdrc.export.rope import rope_tables
+from stdrc.export.specs import SIGMA_INPUT
 from stdrc.runtime.manifest import Bucket
 
 # (uses text, uses reference) per stream, in the sampler's order UNCOND, REF, FULL.
@@ -61,8 +62,8 @@ def random_dit_batches(
         noise = torch.randn(video, d.in_channels, generator=gen)
         reference = torch.randn(ref, d.in_channels, generator=gen)  # clean: never noised
         latent = torch.cat([(1.0 - sigma) * clean + sigma * noise, reference])
-        text = torch.randn(length, d.caption_channels, generator=gen)
-        null = torch.randn(length, d.caption_channels, generator=gen)  # the empty prompt's features
+        text = torch.randn(length, d.context_dim, generator=gen)
+        null = torch.randn(length, d.context_dim, generator=gen)  # the empty prompt's features
         text_len = int(torch.randint(max(1, length // 2), length + 1, (1,), generator=gen))
         null_len = int(torch.randint(1, max(2, length // 4 + 1), (1,), generator=gen))
         contexts, context_masks, attn_masks = [], [], []
@@ -81,5 +82,6 @@ def random_dit_batches(
             "attn_mask": torch.stack(attn_masks),
             "rope_cos": rope.cos,
             "rope_sin": rope.sin,
+            **({SIGMA_INPUT: sigma.expand(streams).contiguous()} if d.takes_sigma else {}),
         })
     return batches

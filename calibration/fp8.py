@@ -31,6 +31,7 @@ import torch
 from stdrc.export.dit import DIT_INPUTS, DIT_OUTPUTS, SENSITIVE_LAYER_PATTERNS, STDRCTransformer
 from stdrc.export.errors import ExportError
 from stdrc.export.onnx_export import TWO_GB, param_bytes
+from stdrc.export.specs import SIGMA_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def export_qdq_onnx(
     `batch_range=(min, max)` makes axis 0 of every input dynamic, as the DiT spec's "batch" dim.
     """
     path = Path(path)
-    names = [n for n in DIT_INPUTS if n in example_inputs] or list(example_inputs)
+    names = [n for n in (*DIT_INPUTS, SIGMA_INPUT) if n in example_inputs] or list(example_inputs)
     args = tuple(example_inputs[n] for n in names)
     dynamic = None
     if batch_range is not None:

@@ -33,9 +33,11 @@ class TorchDenoiser:
         self.dit, self.cos, self.sin = dit, cos, sin
         self.recorded: list[dict[str, torch.Tensor]] = [] if record else None
 
-    def __call__(self, latent, timestep, context, context_mask, attn_mask):  # noqa: ANN001, ANN204
+    def __call__(self, latent, timestep, context, context_mask, attn_mask,  # noqa: ANN001, ANN204
+                 **sigma):  # noqa: ANN003
         feeds = {k: torch.from_numpy(v) for k, v in dict(latent=latent, timestep=timestep, context=context,
-                                                         context_mask=context_mask, attn_mask=attn_mask).items()}
+                                                         context_mask=context_mask, attn_mask=attn_mask,
+                                                         **sigma).items()}
         feeds.update(rope_cos=self.cos, rope_sin=self.sin)
         if self.recorded is not None:
             self.recorded.append(feeds)
@@ -60,7 +62,8 @@ def _generate(models: ModelSet, bucket: Bucket, denoiser: TorchDenoiser, cond: s
               steps: int) -> np.ndarray:
     noise = np.random.default_rng(seed).standard_normal((1, bucket.video_tokens, 128), dtype=np.float32)
     scales = smp.GuidanceScales(models.preset.text_scale, models.preset.ref_scale)
-    tokens = smp.sample(denoiser, noise, smp.ltx2_sigmas(steps), cond, scales)
+    tokens = smp.sample(denoiser, noise, smp.ltx2_sigmas(steps), cond, scales,
+                        feed_sigma=models.preset.dit.takes_sigma)
     grid = (bucket.latent_frames, bucket.latent_height, bucket.latent_width)
     latent = torch.from_numpy(tokens.transpose(0, 2, 1).reshape(1, -1, *grid).copy())
     from stdrc.export.vae import DecoderForExport

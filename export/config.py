@@ -10,7 +10,12 @@ from stdrc.runtime.errors import InputError
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """LTX-2 video-only transformer hyper-parameters (ltx-core's `transformer` config keys)."""
+    """LTX-2 / LTX-2.3 video-only transformer hyper-parameters (ltx-core's `transformer` config keys).
+
+    The 2.3 arithmetic follows from the flags, as in ltx-core: `apply_gated_attention` (per-head gates),
+    `cross_attention_adaln` (9-slot AdaLN + prompt AdaLN fed by the stream's sigma), and
+    `caption_proj_before_connector` (no caption projection in the DiT: context arrives `inner_dim` wide).
+    """
 
     num_layers: int = 48
     num_attention_heads: int = 32
@@ -27,10 +32,22 @@ class DiTConfig:
     frequencies_precision: str = "float32"  # or "float64"
     apply_gated_attention: bool = False
     cross_attention_adaln: bool = False
+    caption_proj_before_connector: bool = False
 
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def takes_sigma(self) -> bool:
+        """The DiT takes the stream's sigma: ltx-core builds `prompt_adaln_single` exactly with this flag."""
+        return self.cross_attention_adaln
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the text context the DiT takes: `caption_channels` before its caption projection, or
+        `inner_dim` when the projection ran on the text side (2.3's config still says 3840 there)."""
+        return self.inner_dim if self.caption_proj_before_connector else self.caption_channels
 
     def ltx_config(self) -> dict[str, Any]:
         """The dict ltx-core's `LTXVideoOnlyModelConfigurator.from_config` reads."""
@@ -190,6 +207,19 @@ def _tiny() -> Preset:
     )
 
 
+def _tiny23() -> Preset:
+    """`tiny` with LTX-2.3's DiT flags (gated attention, 9-slot + prompt AdaLN, context `inner_dim` wide)
+    and a gated connector as wide as that context: the 2.3 DiT path end to end in seconds."""
+    tiny = _tiny()
+    return replace(
+        tiny, name="tiny23",
+        dit=replace(tiny.dit, apply_gated_attention=True, cross_attention_adaln=True,
+                    caption_proj_before_connector=True),
+        text=replace(tiny.text, encoder_dim=64, encoder_ffn=64, connector_head_dim=32,
+                     connector_gated_attention=True),
+    )
+
+
 def _ltx2_video() -> Preset:
     """LTX-2's video stream at full size: ltx-core's LTXModel defaults (48 x 32 heads x 128, text 4096)."""
     return Preset(
@@ -217,7 +247,7 @@ def _ltx2_video() -> Preset:
     )
 
 
-PRESETS = {"tiny": _tiny, "ltx2-video": _ltx2_video}
+PRESETS = {"tiny": _tiny, "tiny23": _tiny23, "ltx2-video": _ltx2_video}
 
 
 def get_preset(name: str) -> Preset:

@@ -1,9 +1,12 @@
-"""The ST-DRC DiT: ltx-core's LTX-2 video-only transformer behind the plain-tensor interface of DESIGN.md §3.
+"""The ST-DRC DiT: ltx-core's LTX-2 / LTX-2.3 video-only transformer behind the plain-tensor interface
+of DESIGN.md §3.
 
 `STDRCTransformer.forward` takes tokens, per-token timesteps, text context and masks, and
 precomputed RoPE tables, so no position or trigonometry math is left inside an exported graph.
 It calls ltx-core's own preprocessor pieces and blocks, so it computes what `LTXModel.forward`
-computes for the same tokens and positions.
+computes for the same tokens and positions. A DiT with the prompt AdaLN (`cross_attention_adaln`,
+LTX-2.3) also takes the stream's global `sigma`, as ltx-core's `Modality.sigma`: reference tokens keep
+timestep 0 for their own modulation while the text keys and values are modulated by the stream's sigma.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from ltx_core.model.transformer.model_configurator import LTXVideoOnlyModelConfi
 from ltx_core.model.transformer.transformer_args import TransformerArgs
 
 from stdrc.export.config import DiTConfig
+from stdrc.export.specs import SIGMA_INPUT
 
 # One sample with no perturbation: blocks run full self-attention whatever the batch size.
 # (An empty list would make `all_in_batch` true and silently skip self-attention.)
@@ -22,6 +26,12 @@ _NO_PERTURBATION = BatchedPerturbationConfig.empty(1)
 
 DIT_INPUTS = ("latent", "timestep", "context", "context_mask", "attn_mask")
 DIT_OUTPUTS = ("velocity",)
+ROPE_INPUTS = ("rope_cos", "rope_sin")
+
+
+def dit_input_names(cfg: DiTConfig, rope_input: bool = False) -> tuple[str, ...]:
+    """The DiT's inputs in forward order: DIT_INPUTS, the RoPE tables when fed, `sigma` when taken."""
+    return (*DIT_INPUTS, *(ROPE_INPUTS if rope_input else ()), *((SIGMA_INPUT,) if cfg.takes_sigma else ()))
 
 
 def build_ltx_model(cfg: DiTConfig) -> LTXModel:
@@ -67,7 +77,7 @@ def key_bias(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class STDRCTransformer(torch.nn.Module):
     """Wraps an `LTXModel` (video only); its state dict keys are LTX-2's under the `ltx.` prefix."""
 
-    fp32_inputs = ("timestep",)  # ltx-core embeds sigma * 1000 in fp32 (export/onnx_export.py CastIO)
+    fp32_inputs = ("timestep", "sigma")  # ltx-core embeds sigma * 1000 in fp32 (export/onnx_export.py CastIO)
 
     def __init__(self, ltx: LTXModel):
         super().__init__()
@@ -77,11 +87,12 @@ class STDRCTransformer(torch.nn.Module):
         self,
         latent: torch.Tensor,  # [B, N, C]
         timestep: torch.Tensor,  # [B, N] sigma per token
-        context: torch.Tensor,  # [B, L, caption_channels]
+        context: torch.Tensor,  # [B, L, context_dim]
         context_mask: torch.Tensor,  # [B, L] int64 1/0
         attn_mask: torch.Tensor,  # [B, N] int64 1 = visible as key
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
+        sigma: torch.Tensor | None = None,  # [B] the stream's sigma: needed by the prompt AdaLN, else unused
     ) -> torch.Tensor:
         m = self.ltx
         prep = m.video_args_preprocessor
@@ -91,7 +102,14 @@ class STDRCTransformer(torch.nn.Module):
         timesteps, embedded = prep._prepare_timestep(timestep, m.adaln_single, batch, dtype)
         prompt_timestep = None
         if prep.prompt_adaln is not None:
-            prompt_timestep, _ = prep._prepare_timestep(timestep[:, :1], prep.prompt_adaln, batch, dtype)
+            if sigma is None:
+                raise ValueError("this DiT has a prompt AdaLN (cross_attention_adaln): "
+                                 "pass the stream's sigma [B]")
+            # the ONNX exporter may give each input's batch its own symbol; the prompt modulation broadcasts
+            # context against sigma's embedding, so both are tied to the latent's batch here
+            sigma = sigma.reshape(batch)
+            context = context.reshape(batch, *context.shape[1:])
+            prompt_timestep, _ = prep._prepare_timestep(sigma, prep.prompt_adaln, batch, dtype)
         # split RoPE reshapes queries by the table's batch size: give the table the real one
         cos = rope_cos.expand(batch, *rope_cos.shape[1:])
         sin = rope_sin.expand(batch, *rope_sin.shape[1:])
@@ -125,8 +143,9 @@ class BakedRopeDiT(torch.nn.Module):
         self.register_buffer("rope_cos", rope_cos.clone())
         self.register_buffer("rope_sin", rope_sin.clone())
 
-    def forward(self, latent, timestep, context, context_mask, attn_mask):  # noqa: ANN001, ANN201
-        return self.dit(latent, timestep, context, context_mask, attn_mask, self.rope_cos, self.rope_sin)
+    def forward(self, latent, timestep, context, context_mask, attn_mask, sigma=None):  # noqa: ANN001, ANN201
+        return self.dit(latent, timestep, context, context_mask, attn_mask, self.rope_cos, self.rope_sin,
+                        sigma)
 
 
 def build_dit(cfg: DiTConfig, seed: int | None = 0) -> STDRCTransformer:

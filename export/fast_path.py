@@ -4,7 +4,7 @@
 with `BakedRopeDiT`'s interface (latent, timestep, context, context_mask, attn_mask -> fp32
 velocity). What it does, and why:
 
-- bf16 weights and activations, as ltx-core runs LTX-2. Kept in fp32: the `timestep` input
+- bf16 weights and activations, as ltx-core runs LTX-2. Kept in fp32: the `timestep` and `sigma` inputs
   (bf16 cannot hold the schedule's sigmas, e.g. 0.99375), the sinusoidal timestep features
   (ltx-core computes them in fp32 and casts before the embedder), and the returned velocity
   (the Euler step runs in fp32). Norms run on bf16 tensors; PyTorch reduces them in fp32.
@@ -180,9 +180,9 @@ class FastDiT(torch.nn.Module):
         self.register_buffer("rope_cos", rope_cos.to(dtype).contiguous())
         self.register_buffer("rope_sin", rope_sin.to(dtype).contiguous())
 
-    def forward(self, latent, timestep, context, context_mask, attn_mask):  # noqa: ANN001, ANN201
+    def forward(self, latent, timestep, context, context_mask, attn_mask, sigma=None):  # noqa: ANN001, ANN201
         velocity = self.dit(latent.to(self.dtype), timestep.float(), context.to(self.dtype), context_mask,
-                            attn_mask, self.rope_cos, self.rope_sin)
+                            attn_mask, self.rope_cos, self.rope_sin, None if sigma is None else sigma.float())
         return velocity.float()
 
 

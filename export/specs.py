@@ -12,6 +12,7 @@ import numpy as np
 
 from stdrc.export.config import Preset
 from stdrc.runtime.manifest import SPACE_SCALE, Bucket, TensorSpec
+from stdrc.runtime.sampler import SIGMA_INPUT  # the DiT's last input when DiTConfig.takes_sigma
 from stdrc.runtime.tiling import DecodeTiling, decoder_tile_dims
 
 FACE_BATCH = (1, 16, 64)
@@ -103,13 +104,15 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
         feeds = {
             "latent": r.standard_normal((batch, b.tokens, c), dtype=np.float32),
             "timestep": timestep,
-            "context": r.standard_normal((batch, length, d.caption_channels), dtype=np.float32),
+            "context": r.standard_normal((batch, length, d.context_dim), dtype=np.float32),
             "context_mask": ctx_mask,
             "attn_mask": attn,
         }
         if rope_input:  # tables of the right shape (verify feeds the bundle's own)
             angle = r.uniform(0, 2 * np.pi, rope_shape(preset, b.tokens))
             feeds.update(rope_cos=np.cos(angle).astype(np.float32), rope_sin=np.sin(angle).astype(np.float32))
+        if d.takes_sigma:
+            feeds[SIGMA_INPUT] = sigma[:, 0].copy()
         return feeds
 
     def enc_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -151,10 +154,11 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
             (
                 TensorSpec("latent", ("batch", n, c), f32),
                 TensorSpec("timestep", ("batch", n), f32),
-                TensorSpec("context", ("batch", length, d.caption_channels), f32),
+                TensorSpec("context", ("batch", length, d.context_dim), f32),
                 TensorSpec("context_mask", ("batch", length), i64),
                 TensorSpec("attn_mask", ("batch", n), i64),
                 *rope,
+                *((TensorSpec(SIGMA_INPUT, ("batch",), f32),) if d.takes_sigma else ()),
             ),
             (TensorSpec("velocity", ("batch", n, d.out_channels), f32),),
             dynamic_dims=dit_dims,

@@ -101,7 +101,8 @@ def run_python(pipeline: Pipeline, folder: str | Path, max_batch: int = 3) -> Cp
         return np.load(folder / name)
 
     cond = smp.Conditioning(load(REFERENCE), (load(TEXT_CONTEXT), load(TEXT_MASK)), (load(NULL_CONTEXT), load(NULL_MASK)))
-    latent = smp.sample(pipeline.denoiser, load(NOISE), load(SIGMAS), cond, _scales(folder), max_batch)
+    latent = smp.sample(pipeline.denoiser, load(NOISE), load(SIGMAS), cond, _scales(folder), max_batch,
+                        feed_sigma=pipeline.feeds_sigma)
     timestep_conditioned = pipeline.manifest.model_config["vae"]["timestep_conditioning"]
     video = pipeline.decode_video(latent, load(DECODE_NOISE) if timestep_conditioned else None)
     return CppResult(latent, video.astype(np.float32), frames_to_uint8(video))

@@ -276,11 +276,17 @@ class Pipeline:
                                          "rope_sin": np.ascontiguousarray(tables["sin"], np.float32)}
         return self._rope[b.label()]
 
-    def denoiser(self, latent, timestep, context, context_mask, attn_mask):  # noqa: ANN001, ANN201
+    @property
+    def feeds_sigma(self) -> bool:
+        """The DiT takes the stream's `sigma` (a prompt-AdaLN DiT, LTX-2.3): sample with `feed_sigma`."""
+        return any(t.name == smp.SIGMA_INPUT for t in self.manifest.components["dit"].inputs)
+
+    def denoiser(self, latent, timestep, context, context_mask, attn_mask,  # noqa: ANN001, ANN201
+                 **sigma):  # noqa: ANN003
         rope = self.rope_feeds()
         feeds = {"latent": latent, "timestep": timestep, "context": context,
-                 "context_mask": context_mask, "attn_mask": attn_mask, **rope}
-        # only latent and timestep move
+                 "context_mask": context_mask, "attn_mask": attn_mask, **rope, **sigma}
+        # only latent, timestep (and sigma) move
         return self.run("dit", feeds, keep=(*smp.FIXED_INPUTS, *rope))["velocity"]
 
     # -- the whole thing ----------------------------------------------------------------------
@@ -344,7 +350,8 @@ class Pipeline:
         noise = self.initial_noise(o.seed)
         total = len(sigmas) - 1
         latent = smp.sample(self.denoiser, noise, sigmas, cond, scales, o.max_batch,
-                            on_step=(lambda i: on_step(i, total)) if on_step else None)
+                            on_step=(lambda i: on_step(i, total)) if on_step else None,
+                            feed_sigma=self.feeds_sigma)
         self._stage_done("dit")
         frames = self.decode(latent, o.seed)
         self._stage_done("vae_decoder")

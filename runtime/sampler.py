@@ -85,9 +85,11 @@ def ltx2_sigmas(
 
 
 class Denoiser(Protocol):
+    """Called with the feeds by name; `sigma` [B] only when sampled with `feed_sigma` (prompt-AdaLN DiTs)."""
+
     def __call__(
         self, latent: np.ndarray, timestep: np.ndarray, context: np.ndarray, context_mask: np.ndarray,
-        attn_mask: np.ndarray,
+        attn_mask: np.ndarray, **sigma: np.ndarray,
     ) -> np.ndarray: ...
 
 
@@ -102,6 +104,9 @@ class Conditioning:
 
 STEP_INPUTS = ("latent", "timestep")  # what changes from step to step; the rest is fixed per stream set
 FIXED_INPUTS = ("context", "context_mask", "attn_mask")
+# The stream's global sigma [B] (fp32): a step input of DiTs with the prompt AdaLN (LTX-2.3's
+# `cross_attention_adaln`), which modulates the text by it while reference tokens keep timestep 0.
+SIGMA_INPUT = "sigma"
 
 
 def _fixed_inputs(names: Sequence[str], video: int, cond: Conditioning) -> dict[str, np.ndarray]:
@@ -120,10 +125,12 @@ def _fixed_inputs(names: Sequence[str], video: int, cond: Conditioning) -> dict[
 
 
 def _stream_batch(names: Sequence[str], x: np.ndarray, sigma: float, cond: Conditioning,
-                  fixed: dict[tuple[str, ...], dict[str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+                  fixed: dict[tuple[str, ...], dict[str, np.ndarray]] | None = None,
+                  feed_sigma: bool = False) -> dict[str, np.ndarray]:
     """The DiT feeds of a batch of streams. With `fixed` (one dict per generation), the fixed inputs
     are built once per stream set and handed over as the same arrays at every step, so an engine
-    can keep them bound (ONNX Runtime IO binding) and move only latent and timestep."""
+    can keep them bound (ONNX Runtime IO binding) and move only latent and timestep (and `sigma`,
+    fed when `feed_sigma`)."""
     video, ref = x.shape[1], cond.reference.shape[1]
     key = tuple(names)
     if fixed is None or key not in fixed:
@@ -136,18 +143,20 @@ def _stream_batch(names: Sequence[str], x: np.ndarray, sigma: float, cond: Condi
     batch = len(names)
     step = {"latent": np.concatenate([latent] * batch, axis=0) if batch > 1 else latent,
             "timestep": np.concatenate([timestep] * batch, axis=0) if batch > 1 else timestep}
+    if feed_sigma:
+        step[SIGMA_INPUT] = np.full((batch,), sigma, np.float32)
     return {**step, **fixed[key]}
 
 
 def denoise_streams(
     denoiser: Denoiser, names: Sequence[str], x: np.ndarray, sigma: float, cond: Conditioning, max_batch: int,
-    fixed: dict[tuple[str, ...], dict[str, np.ndarray]] | None = None,
+    fixed: dict[tuple[str, ...], dict[str, np.ndarray]] | None = None, feed_sigma: bool = False,
 ) -> dict[str, np.ndarray]:
     """Denoised video tokens d = x - sigma * v per stream; streams batched, split by `max_batch`."""
     out: dict[str, np.ndarray] = {}
     for start in range(0, len(names), max_batch):
         chunk = list(names[start:start + max_batch])
-        velocity = denoiser(**_stream_batch(chunk, x, sigma, cond, fixed))
+        velocity = denoiser(**_stream_batch(chunk, x, sigma, cond, fixed, feed_sigma))
         for i, name in enumerate(chunk):
             v = velocity[i:i + 1, : x.shape[1]].astype(np.float32)
             out[name] = x - np.float32(sigma) * v
@@ -162,13 +171,17 @@ def sample(
     scales: GuidanceScales,
     max_batch: int = 3,
     on_step: Callable[[int], None] | None = None,
+    feed_sigma: bool = False,
 ) -> np.ndarray:
-    """Euler on velocity over `sigmas`: x <- x + (sigma_next - sigma) * v, v from the guided d."""
+    """Euler on velocity over `sigmas`: x <- x + (sigma_next - sigma) * v, v from the guided d.
+
+    `feed_sigma`: the DiT takes `sigma` (its spec lists SIGMA_INPUT)."""
     x = (noise * np.float32(sigmas[0])).astype(np.float32)
     fixed: dict[tuple[str, ...], dict[str, np.ndarray]] = {}  # per stream set, reused by every step
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         sigma, sigma_next = float(sigma), float(sigma_next)
-        d = combine(denoise_streams(denoiser, scales.streams(sigma), x, sigma, cond, max_batch, fixed), scales)
+        streams = scales.streams(sigma)
+        d = combine(denoise_streams(denoiser, streams, x, sigma, cond, max_batch, fixed, feed_sigma), scales)
         velocity = (x - d) / np.float32(sigma)
         x = (x + np.float32(sigma_next - sigma) * velocity).astype(np.float32)
         if on_step is not None:

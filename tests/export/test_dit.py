@@ -56,7 +56,9 @@ def test_matches_ltx_core_forward(variant: str, with_reference: bool) -> None:
     tables = rope_tables(positions, preset.dit)
     latent, timestep, context, mask = _inputs(3, tokens)
     with torch.no_grad():
-        ours = dit(latent, timestep, context, mask, torch.ones(3, tokens, dtype=torch.int64), tables.cos, tables.sin)
+        keys = torch.ones(3, tokens, dtype=torch.int64)
+        # the stream's sigma: used by the prompt AdaLN (gated-adaln), else unused
+        ours = dit(latent, timestep, context, mask, keys, tables.cos, tables.sin, sigma=timestep[:, 0])
         theirs = _ltx(dit, latent, timestep, positions, context, mask)
     assert ours.shape == (3, tokens, 128)
     assert (ours - theirs).abs().max().item() <= TOL

@@ -80,7 +80,7 @@ def reference(tiny_models, batch) -> torch.Tensor:
 
 
 def _args(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    return [batch[k] for k in DIT_INPUTS]
+    return [batch[k] for k in (*DIT_INPUTS, "sigma") if k in batch]  # sigma: a prompt-AdaLN DiT's
 
 
 def _run(module, batch) -> torch.Tensor:

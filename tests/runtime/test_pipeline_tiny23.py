@@ -1,0 +1,59 @@
+"""The runtime on an LTX-2.3-flagged bundle (`tiny23`): the DiT's `sigma` input is fed from the manifest,
+with the stream's sigma at every step, and generation equals the same sampling over the PyTorch modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stdrc.runtime import sampler as smp
+from stdrc.runtime.errors import BundleError
+from stdrc.runtime.pipeline import Pipeline
+
+PROMPT, SEED, STEPS = "a person waving", 5, 3
+
+
+@pytest.fixture(scope="module")
+def bundle23(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    from stdrc.engines.build import BuildConfig, build_engines
+
+    out = tmp_path_factory.mktemp("bundles23") / "tiny23"
+    return build_engines(BuildConfig(preset="tiny23", out=out, cache_dir=cache_dir, backend="onnxruntime",
+                                     progress=False))
+
+
+def test_generation_feeds_sigma_and_equals_pytorch(bundle23: Path) -> None:
+    from stdrc.calibration.report import TorchDenoiser
+    from stdrc.export.models import load_models
+
+    pipe = Pipeline.from_bundle(bundle23)
+    assert pipe.feeds_sigma
+    assert [t.name for t in pipe.manifest.components["dit"].inputs][-1] == smp.SIGMA_INPUT
+    image = np.random.default_rng(7).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    result = pipe.generate(image, PROMPT, seed=SEED, steps=STEPS, face_crop=False)
+
+    cond = smp.Conditioning(pipe.encode_reference(result.reference), pipe.prompts(PROMPT), pipe.prompts(""))
+    g = pipe.manifest.guidance
+    scales = smp.GuidanceScales(text=g["text_scale"], ref=g["ref_scale"])
+    noise, sigmas = pipe.initial_noise(SEED), pipe.sigmas(STEPS, False)
+    calls: list[tuple[float, np.ndarray]] = []
+
+    def recording(**feeds: np.ndarray) -> np.ndarray:
+        calls.append((float(feeds["timestep"][0, 0]), feeds[smp.SIGMA_INPUT]))
+        return pipe.denoiser(**feeds)
+
+    again = smp.sample(recording, noise, sigmas, cond, scales, feed_sigma=True)
+    assert np.array_equal(again, result.latent)
+    for sigma, fed in calls:  # the stream's sigma, one per stream of the batch, fp32
+        assert fed.dtype == np.float32 and fed.shape == (3,) and np.all(fed == np.float32(sigma))
+
+    models = load_models("tiny23", components=("dit",))
+    _, tables = models.rope(pipe.bucket)
+    torch_latent = smp.sample(TorchDenoiser(models.dit, tables.cos, tables.sin), noise, sigmas, cond, scales,
+                              feed_sigma=True)
+    assert np.abs(torch_latent - result.latent).max() <= 1e-4
+
+    with pytest.raises(BundleError, match="input 'sigma' is missing"):
+        smp.sample(pipe.denoiser, noise, sigmas, cond, scales)  # a sampler that forgets it is refused
