@@ -94,6 +94,7 @@ def test_pytorch_matches_ltx_core_and_needs_sigma(module, spec, positions) -> No
         module(*[torch.from_numpy(f[t.name]) for t in spec.inputs][:5])
 
 
+@pytest.mark.slow  # two exports, one run by onnx's reference evaluator
 @pytest.mark.parametrize("kind", ["ort", "onnx"])
 def test_exported_graph_matches_ltx_core(kind: str, module, spec, positions,  # noqa: ANN001
                                          tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ def bundle23(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
                                      progress=False))
 
 
+@pytest.mark.slow  # a bundle build of its own
 def test_generation_feeds_sigma_and_equals_pytorch(bundle23: Path) -> None:
     from stdrc.calibration.report import TorchDenoiser
     from stdrc.export.models import load_models
