@@ -118,10 +118,10 @@ def build_page(page: Page):  # noqa: ANN201
                     # no min/max here: the Pipeline checks values and the page shows its message
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                     dice = gr.Button("Random seed", size="sm")
-                    steps = gr.Number(value=m.sampler["steps"], precision=0, label="Steps", elem_id="steps")
+                    steps = gr.Number(value=m.sampler.steps, precision=0, label="Steps", elem_id="steps")
                 with gr.Row():
-                    text_scale = gr.Number(value=m.guidance["text_scale"], label="Text guidance")
-                    ref_scale = gr.Number(value=m.guidance["ref_scale"], label="Reference guidance")
+                    text_scale = gr.Number(value=m.guidance.text_scale, label="Text guidance")
+                    ref_scale = gr.Number(value=m.guidance.ref_scale, label="Reference guidance")
                 size = bucket_label(m.bucket)
                 gr.Dropdown(choices=[size], value=size, label="Size", interactive=False)
                 with gr.Row():

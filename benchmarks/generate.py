@@ -110,7 +110,7 @@ def staged_generation(pipe, reference, prompt: str, seed: int, cfg: GenerateConf
     from stdrc.runtime.pipeline import GenerationResult
 
     g, b = pipe.manifest.guidance, pipe.bucket
-    scales = smp.GuidanceScales(text=g["text_scale"], ref=g["ref_scale"])
+    scales = smp.GuidanceScales(text=g.text_scale, ref=g.ref_scale)
     sigmas = pipe.sigmas(cfg.steps, cfg.distilled)
     times: dict[str, float] = {}
     calls: list[float] = []
@@ -127,7 +127,7 @@ def staged_generation(pipe, reference, prompt: str, seed: int, cfg: GenerateConf
         image = pipe.prepare_reference(reference, cfg.face_crop)
     with stage(times, "reference_encode"):
         ref_tokens = pipe.encode_reference(image)
-    channels = pipe.manifest.model_config["dit"]["in_channels"]
+    channels = pipe.manifest.model_config.dit.in_channels
     noise = np.random.default_rng(seed).standard_normal((1, b.video_tokens, channels), dtype=np.float32)
     with stage(times, "sampling"):
         latent = smp.sample(denoiser, noise, sigmas, smp.Conditioning(ref_tokens, text, no_text), scales,
@@ -222,8 +222,8 @@ def _pytorch_models(pipe, cfg: GenerateConfig):
     from stdrc.export.models import load_models
 
     m = pipe.manifest
-    models = load_models(m.preset, cfg.checkpoint, seed=m.model_config.get("seed", 0))
-    if models.source_sha256 != m.created_by.get("source_sha256"):
+    models = load_models(m.preset, cfg.checkpoint, seed=m.model_config.seed)
+    if models.source_sha256 != m.created_by.source_sha256:
         raise RuntimeError("the PyTorch weights are not the bundle's (source sha256 differs): "
                            "pass --checkpoint with the file the bundle was built from")
     return models
@@ -240,7 +240,7 @@ def _fp8_scales(pipe, models, cfg: GenerateConfig) -> tuple[dict[str, float], st
     from stdrc.calibration.report import calibrate_dit_fp8
 
     with contextlib.redirect_stdout(sys.stderr):
-        qdit, _ = calibrate_dit_fp8(models, pipe.bucket, pipe.manifest.rope["layout"],
+        qdit, _ = calibrate_dit_fp8(models, pipe.bucket, pipe.manifest.rope.layout,
                                     cfg.fp8_calibration_prompts)
     return amax_scales(qdit), f"calibrated here (modelopt max, {cfg.fp8_calibration_prompts} prompts)"
 
@@ -255,7 +255,7 @@ def fast_path_mode(pipe, reference, cfg: GenerateConfig, out_dir: Path) -> dict:
 
     models = _pytorch_models(pipe, cfg)
     scales, source = _fp8_scales(pipe, models, cfg)
-    rope = np.load(pipe.bundle_dir / pipe.manifest.rope["file"])
+    rope = np.load(pipe.bundle_dir / pipe.manifest.rope.file)
     cos, sin = torch.from_numpy(rope["cos"]), torch.from_numpy(rope["sin"])
     graph = cfg.device == "cuda"
     variants = {"engine": None, "bf16": FastPathOptions(cuda_graph=graph),
@@ -292,9 +292,9 @@ def bundle_facts(pipe) -> dict:
     return {
         "preset": m.preset, "frames": b.frames, "height": b.height, "width": b.width, "fps": b.fps,
         "video_tokens": b.video_tokens, "reference_tokens": b.reference_tokens, "text_length": b.text_length,
-        "dit_layers": m.model_config["dit"]["num_layers"],
+        "dit_layers": m.model_config.dit.num_layers,
         "components": {k: {"backend": e.backend, "precision": e.precision} for k, e in m.components.items()},
-        "default_steps": m.sampler["steps"], "guidance": m.guidance,
+        "default_steps": m.sampler.steps, "guidance": m.guidance.to_json(),
     }
 
 
@@ -321,7 +321,7 @@ def run(cfg: GenerateConfig) -> dict:
             "config": {
                 "bundle": str(cfg.bundle) if cfg.bundle else None,
                 "built_backend": None if cfg.bundle else cfg.backend, "device": cfg.device,
-                "steps": cfg.steps if cfg.steps is not None else pipe.manifest.sampler["steps"],
+                "steps": cfg.steps if cfg.steps is not None else pipe.manifest.sampler.steps,
                 "distilled": cfg.distilled, "max_batch": cfg.max_batch, "warmup": cfg.warmup,
                 "repeats": cfg.repeats, "seed": cfg.seed, "face_crop": cfg.face_crop,
                 "reference": str(cfg.reference) if cfg.reference else "synthetic 256x256 (no face)",

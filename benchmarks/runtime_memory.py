@@ -114,8 +114,7 @@ def current_needs(bundle: Path) -> tuple[dict[str, int], dict[str, int]]:
 
     manifest = read_manifest(bundle)
     weights, _ = weights_and_activations(bundle, manifest)
-    bucket = manifest.bucket.to_json()
-    return weights, {n: activation_bytes(n, manifest.model_config, bucket, e.precision, manifest.decode)
+    return weights, {n: activation_bytes(n, manifest.model_config, manifest.bucket, e.precision, manifest.decode)
                      for n, e in manifest.components.items()}
 
 
@@ -138,8 +137,6 @@ def _meta_params(module_fn) -> dict[str, int]:
 
 def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     """Full-model GPU memory per plan, from exact parameter counts and the activation estimates."""
-    from dataclasses import asdict
-
     from ltx_core.model.transformer.model_configurator import LTXVideoOnlyModelConfigurator
     from transformers import Gemma3TextConfig, Gemma3TextModel
 
@@ -147,6 +144,7 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     from stdrc.export.vae import build_vae
     from stdrc.runtime.manifest import Bucket
     from stdrc.runtime.memory import SESSION_BYTES, activation_bytes
+    from stdrc.runtime.schema import DitModel, ModelConfig, TextModel, VaeModel
     from stdrc.runtime.tiling import decode_tiling
 
     preset = get_preset("ltx2-video")
@@ -160,9 +158,8 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     bucket = Bucket(frames=frames, height=height, width=width, text_length=preset.text.max_length)
     tiling = decode_tiling(height, width, None, 64)
     # the preset's text config is Gemma-3 12B's (48 layers, 16 heads, feed-forward 15360), as a build writes it
-    config = {"dit": asdict(preset.dit), "vae": asdict(preset.vae), "text": asdict(preset.text)}
-    b = bucket.to_json()
-    acts = {c: activation_bytes(c, config, b, "fp16", tiling.to_json() if tiling else {})
+    config = ModelConfig(dit=DitModel.of(preset.dit), vae=VaeModel.of(preset.vae), text=TextModel.of(preset.text))
+    acts = {c: activation_bytes(c, config, bucket, "fp16", tiling)
             for c in REQUIRED_COMPONENTS}
     dit_total = sum(dit.values())
     weights = {

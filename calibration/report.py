@@ -19,6 +19,7 @@ from stdrc.export.errors import ExportError
 from stdrc.export.models import ModelSet
 from stdrc.runtime import sampler as smp
 from stdrc.runtime.manifest import Bucket, sha256_file
+from stdrc.runtime.schema import Fp8Quality
 from stdrc.runtime.video import frames_to_uint8, psnr, resize_cover
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def held_out_generation(models: ModelSet, bucket: Bucket, calibration_prompts: i
 
 
 def fp8_quality(models: ModelSet, bucket: Bucket, layout: str, out_dir: Path, seed: int = 0,
-                calibration_prompts: int = 4) -> dict:
+                calibration_prompts: int = 4) -> Fp8Quality:
     """Calibrate on inputs captured through the sampler, write `fp8_scales.json`, return the figures."""
     cond, eval_seed, what = held_out_generation(models, bucket, calibration_prompts, seed)  # validates first
     _, tables = models.rope(bucket, layout)
@@ -110,15 +111,15 @@ def fp8_quality(models: ModelSet, bucket: Bucket, layout: str, out_dir: Path, se
     held_out = reference.recorded  # the fp32 sampler's DiT inputs on the held-out generation
     scales_path = out_dir / FP8_SCALES_FILE
     scales_path.write_text(json.dumps(amax_scales(qdit), indent=1, sort_keys=True))
-    result = {
-        "method": "nvidia-modelopt FP8 E4M3 per-tensor max, fake quantization on CPU",
-        "calibration_batches": len(captured),
-        "held_out": f"1 generation not in calibration ({what}): {len(held_out)} DiT batches",
-        "dit_rel_l2_held_out": fp8_dit_error(models.dit, qdit, held_out),
-        "frame_psnr_db_held_out": psnr(fp8_frames, ref_frames),
-        "scales_file": scales_path.name,
-        "scales_sha256": sha256_file(scales_path),
-    }
-    log.info("FP8 (held out): DiT rel L2 %.4f, frame PSNR %.1f dB", result["dit_rel_l2_held_out"],
-             result["frame_psnr_db_held_out"])
+    result = Fp8Quality(
+        method="nvidia-modelopt FP8 E4M3 per-tensor max, fake quantization on CPU",
+        calibration_batches=len(captured),
+        held_out=f"1 generation not in calibration ({what}): {len(held_out)} DiT batches",
+        dit_rel_l2_held_out=fp8_dit_error(models.dit, qdit, held_out),
+        frame_psnr_db_held_out=psnr(fp8_frames, ref_frames),
+        scales_file=scales_path.name,
+        scales_sha256=sha256_file(scales_path),
+    )
+    log.info("FP8 (held out): DiT rel L2 %.4f, frame PSNR %.1f dB", result.dit_rel_l2_held_out,
+             result.frame_psnr_db_held_out)
     return result

@@ -7,7 +7,7 @@ import importlib.util
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,21 @@ from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
 from stdrc.runtime.memory import activation_bytes, component_weight_bytes
-from stdrc.runtime.sampler import DISTILLED_SIGMAS, ltx2_sigmas
+from stdrc.runtime.sampler import DISTILLED_SIGMAS
+from stdrc.runtime.schema import (
+    CreatedBy,
+    DitModel,
+    GuidanceConfig,
+    MemoryConfig,
+    ModelConfig,
+    QualityConfig,
+    ReferenceConfig,
+    RopeConfig,
+    SamplerConfig,
+    TextConfig,
+    TextModel,
+    VaeModel,
+)
 from stdrc.runtime.vocab import BACKENDS, COMPONENTS, ONNX_BACKENDS, TORCH_BACKENDS
 
 log = logging.getLogger(__name__)
@@ -131,15 +145,15 @@ def fp8_qdq_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, folder: Pat
     return export_qdq_onnx(BakedRopeDiT(qdit, tables.cos, tables.sin), folder / "dit.onnx", feeds, (lo, hi))
 
 
-def text_manifest(models: ModelSet, writer: BundleWriter) -> dict:
+def text_manifest(models: ModelSet, writer: BundleWriter) -> TextConfig:
     """The tokenizer the runtime runs: bytes for `tiny`, else Gemma's tokenizer.json (run with `tokenizers`)."""
     cfg = models.preset.text
     if models.gemma is None:
-        return {"tokenizer": "bytes", "max_length": cfg.max_length}
+        return TextConfig(tokenizer="bytes", max_length=cfg.max_length)
     path = writer.path("tokenizer.json")
     path.write_text(models.gemma.tokenizer_json(), encoding="utf-8")
-    return {"tokenizer": "hf-tokenizers", "file": path.name, "sha256": sha256_file(path),
-            "max_length": cfg.max_length, "pad_id": models.gemma.pad_id, "padding_side": "left"}
+    return TextConfig(tokenizer="hf-tokenizers", file=path.name, sha256=sha256_file(path),
+                      max_length=cfg.max_length, pad_id=models.gemma.pad_id, padding_side="left")
 
 
 def _fp32_models(src: Sources, cfg: BuildConfig) -> ModelSet:
@@ -262,12 +276,12 @@ def build_engines(cfg: BuildConfig) -> Path:
     stages.update()
     specs = component_specs(models.preset, buckets, tiling, rope_input=rope == "input")
     with BundleWriter(cfg.out) as writer:
-        quality = {}
+        quality = QualityConfig()
         if cfg.calibrate_fp8 or (cfg.precision == "fp8" and backend in TORCH_BACKENDS):
             stages.set_postfix_str("fp8 calibration")
             from stdrc.calibration.report import fp8_quality
 
-            quality["fp8"] = fp8_quality(full(), bucket, cfg.layout, writer.staging, seed=cfg.seed)
+            quality = QualityConfig(fp8=fp8_quality(full(), bucket, cfg.layout, writer.staging, seed=cfg.seed))
         components = {}
         for name in COMPONENTS:
             stages.set_postfix_str(f"{name} ({backend})")
@@ -279,49 +293,47 @@ def build_engines(cfg: BuildConfig) -> Path:
             stages.update()
         cache.clear()
         text = text_manifest(models, writer)
-        if "file" in text:
+        if text.file is not None:
             components["text_encoder"] = replace(
                 components["text_encoder"],
-                extra_files={**components["text_encoder"].extra_files, text["file"]: text["sha256"]})
+                extra_files={**components["text_encoder"].extra_files, text.file: text.sha256})
         buckets, ratio = write_rope_tables(models, buckets, cfg.layout, writer)
-        if quality:
-            extra_files = {quality["fp8"]["scales_file"]: quality["fp8"]["scales_sha256"]}
+        if quality.fp8 is not None:
+            extra_files = {quality.fp8.scales_file: quality.fp8.scales_sha256}
             components["dit"] = replace(components["dit"], extra_files={**components["dit"].extra_files,
                                                                          **extra_files})
-        config = {"dit": asdict(models.preset.dit), "vae": asdict(models.preset.vae),
-                  "text": asdict(models.preset.text)}
-        per = {b.label(): {k: activation_bytes(k, config, b.to_json(), e.precision, tiling.to_json() if tiling else {})
-                           for k, e in components.items()} for b in buckets}
-        memory = {
-            "weight_bytes": {k: component_weight_bytes(writer.staging, e.file, e.extra_files)
-                             for k, e in components.items()},
+        preset = models.preset
+        model = ModelConfig(dit=DitModel.of(preset.dit), vae=VaeModel.of(preset.vae), text=TextModel.of(preset.text),
+                            seed=cfg.seed)
+        per = {b.label(): {k: activation_bytes(k, model, b, e.precision, tiling) for k, e in components.items()}
+               for b in buckets}
+        memory = MemoryConfig(
+            weight_bytes={k: component_weight_bytes(writer.staging, e.file, e.extra_files)
+                          for k, e in components.items()},
             # the largest over the buckets (what the memory plan must hold); each bucket's below
-            "activation_bytes": {k: max(per[b.label()][k] for b in buckets) for k in components},
-            "activation_bytes_per_bucket": per,
-            "note": "weights: engine files' bytes; activations: estimates (stdrc.runtime.memory)",
-        }
+            activation_bytes={k: max(per[b.label()][k] for b in buckets) for k in components},
+            activation_bytes_per_bucket=per,
+            note="weights: engine files' bytes; activations: estimates (stdrc.runtime.memory)",
+        )
         manifest = Manifest(
-            preset=models.preset.name,
-            model_config={**config, "seed": cfg.seed},
+            preset=preset.name,
+            model_config=model,
             checkpoint_sha256=models.checkpoint_sha256,
             buckets=buckets,
             components=components,
-            sampler={**SCHEDULE, "steps": models.preset.steps,
-                     "sigmas": [float(s) for s in ltx2_sigmas(models.preset.steps)],
-                     "distilled_sigmas": list(DISTILLED_SIGMAS)},
-            guidance={"text_scale": models.preset.text_scale, "ref_scale": models.preset.ref_scale,
-                      "null_reference": "key_mask"},
-            rope={"file": buckets[0].rope_file, "sha256": buckets[0].rope_sha256, "layout": cfg.layout,
-                  "type": models.preset.dit.rope_type, "baked_in_dit": rope == "baked", "max_position_ratio": ratio},
+            sampler=SamplerConfig.build(preset.steps, DISTILLED_SIGMAS, **SCHEDULE),
+            guidance=GuidanceConfig(text_scale=preset.text_scale, ref_scale=preset.ref_scale,
+                                    null_reference="key_mask"),
+            rope=RopeConfig(file=buckets[0].rope_file, sha256=buckets[0].rope_sha256, layout=cfg.layout,
+                            type=preset.dit.rope_type, baked_in_dit=rope == "baked", max_position_ratio=ratio),
             text=text,
-            reference={"layout": cfg.layout, "video_tokens": bucket.video_tokens,
-                       "reference_tokens": bucket.reference_tokens, "timestep": 0.0},
+            reference=ReferenceConfig(layout=cfg.layout, video_tokens=bucket.video_tokens,
+                                      reference_tokens=bucket.reference_tokens, timestep=0.0),
             quality=quality,
-            decode=tiling.to_json() if tiling else {},
+            decode=tiling,
             memory=memory,
-            created_by={"stdrc": stdrc.__version__, "torch": torch.__version__, "backend": backend,
-                        "source_sha256": models.source_sha256, "sources": models.sources,
-                        "versions": versions()},
+            created_by=CreatedBy(stdrc=stdrc.__version__, torch=torch.__version__, backend=backend,
+                                 source_sha256=models.source_sha256, sources=models.sources, versions=versions()),
             loras=lora_set.entries() if lora_set else (),
         )
         stages.set_postfix_str("writing manifest")

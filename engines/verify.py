@@ -24,7 +24,6 @@ from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import check_trust, open_engine
 from stdrc.runtime.manifest import bundle_path, check_files, read_manifest
 from stdrc.runtime.options import check_path
-from stdrc.runtime.tiling import DecodeTiling
 from stdrc.runtime.vocab import BUCKET_SIZED
 
 # rel L2 tolerated per engine precision (fp32: the issue's 1e-4)
@@ -125,8 +124,7 @@ def check_sources(bundle: Path, recorded: dict[str, dict], given: dict[str, dict
 def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Callable | None) -> list[tuple]:  # noqa: ANN001
     """PyTorch outputs (fp32, from the recorded sources) for each feed; the module is released on return."""
     one = load_sources(src, (name,), torch.float32, transform if name == "dit" else None)
-    rope_input = any(t.name == "rope_cos" for t in spec.inputs)
-    module = one.export_modules(manifest.bucket, manifest.rope["layout"], rope_input)[name]
+    module = one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)[name]
     outs = []
     with torch.no_grad():
         for feed in feeds:
@@ -163,20 +161,17 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     check_files(bundle, manifest)
     if manifest.checkpoint_sha256 and checkpoint is None:
         raise CheckpointError(f"{bundle} was built from a checkpoint: pass --checkpoint with that file to verify it")
-    if manifest.text.get("tokenizer") == "hf-tokenizers" and text_encoder is None:
+    if manifest.text.tokenizer == "hf-tokenizers" and text_encoder is None:
         raise CheckpointError(f"{bundle} uses a Gemma-3 text side: pass --text-encoder with that folder to verify it")
     loras = match_manifest(manifest.loras, tuple(loras), bundle)
-    src = plan_sources(get_preset(manifest.preset), checkpoint, manifest.model_config.get("seed", 0), face_weights,
+    src = plan_sources(get_preset(manifest.preset), checkpoint, manifest.model_config.seed, face_weights,
                        text_encoder, base_checkpoint)
     if manifest.checkpoint_sha256 and (src.checkpoint is None or src.checkpoint.sha256 != manifest.checkpoint_sha256):
         raise CheckpointError(f"{checkpoint} is not the checkpoint {bundle} was built from (sha256 differs)")
-    check_sources(bundle, manifest.created_by.get("sources", {}), src.of(), list(manifest.components))
+    check_sources(bundle, manifest.created_by.sources, src.of(), list(manifest.components))
     if loras:
         dit_transform, _ = lora_transform(loras, src.preset.dit, dit_transform)
-    tiling = DecodeTiling.from_json(manifest.decode)
-    rope_input = any(t.name == "rope_cos" for t in manifest.components["dit"].inputs) \
-        if "dit" in manifest.components else False
-    per_bucket = [component_specs(src.preset, b, tiling, rope_input) for b in manifest.buckets]
+    per_bucket = [component_specs(src.preset, b, manifest.decode, manifest.rope_input) for b in manifest.buckets]
     reports = {}
     for name, entry in manifest.components.items():
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],

@@ -58,8 +58,8 @@ def write_cpp_inputs(
     folder.mkdir(parents=True, exist_ok=True)
     g = pipeline.manifest.guidance
     guidance = {
-        "text_scale": float(g["text_scale"] if text_scale is None else text_scale),
-        "ref_scale": float(g["ref_scale"] if ref_scale is None else ref_scale),
+        "text_scale": float(g.text_scale if text_scale is None else text_scale),
+        "ref_scale": float(g.ref_scale if ref_scale is None else ref_scale),
         "interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
         "rescale": float(cfg_rescale),
     }
@@ -103,7 +103,7 @@ def run_python(pipeline: Pipeline, folder: str | Path, max_batch: int = 3) -> Cp
     cond = smp.Conditioning(load(REFERENCE), (load(TEXT_CONTEXT), load(TEXT_MASK)), (load(NULL_CONTEXT), load(NULL_MASK)))
     latent = smp.sample(pipeline.denoiser, load(NOISE), load(SIGMAS), cond, _scales(folder), max_batch,
                         feed_sigma=pipeline.feeds_sigma)
-    timestep_conditioned = pipeline.manifest.model_config["vae"]["timestep_conditioning"]
+    timestep_conditioned = pipeline.manifest.model_config.vae.timestep_conditioning
     video = pipeline.decode_video(latent, load(DECODE_NOISE) if timestep_conditioned else None)
     return CppResult(latent, video.astype(np.float32), frames_to_uint8(video))
 

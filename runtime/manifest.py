@@ -16,17 +16,27 @@ from typing import Any
 
 from stdrc.runtime import schema as sc
 from stdrc.runtime.errors import BundleError, InputError
-from stdrc.runtime.vocab import BACKENDS, COMPONENTS, LAYOUTS, PRECISIONS
+from stdrc.runtime.schema import MAX_STEPS  # noqa: F401  (defined in schema; importable here too)
+from stdrc.runtime.schema import (
+    SPACE_SCALE,
+    TIME_SCALE,
+    CreatedBy,
+    GuidanceConfig,
+    MemoryConfig,
+    ModelConfig,
+    QualityConfig,
+    ReferenceConfig,
+    RopeConfig,
+    SamplerConfig,
+    TextConfig,
+)
+from stdrc.runtime.tiling import DecodeTiling
+from stdrc.runtime.vocab import BACKENDS, COMPONENTS, PRECISIONS
 
 FORMAT_VERSION = 2  # 2: a "buckets" list (format 1: one "bucket"), still read
 READ_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8", "float8_e4m3fn")
-MAX_STEPS = 1000  # more than this is a typo, not a schedule
-
-# LTX-2 video VAE compression: time x8 (causal first frame), space x32.
-TIME_SCALE = 8
-SPACE_SCALE = 32
 
 
 @dataclass(frozen=True)
@@ -237,21 +247,26 @@ class Manifest:
     """Everything the runtime needs to run a bundle, and nothing it must guess."""
 
     preset: str
-    model_config: dict[str, Any]
+    model_config: ModelConfig
     checkpoint_sha256: str | None
     buckets: tuple[Bucket, ...]  # the first is the default
     components: dict[str, ComponentEntry]
-    sampler: dict[str, Any]  # {"sigmas": [...], "distilled_sigmas": [...], "steps": int, "shift": ...}
-    guidance: dict[str, Any]  # {"text_scale": .., "ref_scale": .., "null_reference": "mask"}
-    rope: dict[str, Any]  # {"file": "rope.npz", "sha256": .., "layout": "tass", "type": .., ...}
-    text: dict[str, Any]  # tokenizer description
-    reference: dict[str, Any]  # layout and latent slot facts
-    quality: dict[str, Any] = field(default_factory=dict)  # measured errors (FP8 etc.)
-    decode: dict[str, Any] = field(default_factory=dict)  # spatial tiling of the VAE decode; {} = whole latent
-    memory: dict[str, Any] = field(default_factory=dict)  # weight_bytes / activation_bytes per component
-    created_by: dict[str, Any] = field(default_factory=dict)
+    sampler: SamplerConfig
+    guidance: GuidanceConfig
+    rope: RopeConfig
+    text: TextConfig
+    reference: ReferenceConfig
+    quality: QualityConfig = field(default_factory=QualityConfig)  # measured errors (FP8 etc.)
+    decode: DecodeTiling | None = None  # spatial tiling of the VAE decode; None: the whole latent
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    created_by: CreatedBy = field(default_factory=CreatedBy)
     format: int = FORMAT_VERSION
     loras: tuple[LoraEntry, ...] = ()  # fused into the DiT, in build order
+
+    @property
+    def rope_input(self) -> bool:
+        """Whether the DiT takes the RoPE tables as inputs (`rope_cos`/`rope_sin`), as C++ decides it."""
+        return "dit" in self.components and any(t.name == "rope_cos" for t in self.components["dit"].inputs)
 
     @property
     def bucket(self) -> Bucket:
@@ -275,20 +290,13 @@ class Manifest:
         return {
             "format": self.format,
             "preset": self.preset,
-            "model_config": self.model_config,
+            "model_config": self.model_config.to_json(),
             "checkpoint_sha256": self.checkpoint_sha256,
             "bucket": self.bucket.to_json(),  # the default, as format 1 readers (and C++) read it
             "buckets": [b.to_json() for b in self.buckets],
             "components": {k: v.to_json() for k, v in self.components.items()},
-            "sampler": self.sampler,
-            "guidance": self.guidance,
-            "rope": self.rope,
-            "text": self.text,
-            "reference": self.reference,
-            "quality": self.quality,
-            "decode": self.decode,
-            "memory": self.memory,
-            "created_by": self.created_by,
+            **{key: getattr(self, key).to_json() for key in SECTIONS},
+            "decode": self.decode.to_json() if self.decode is not None else {},
             "loras": [lora.to_json() for lora in self.loras],
         }
 
@@ -309,28 +317,22 @@ class Manifest:
         checkpoint = sc.get(data, "checkpoint_sha256", "manifest", None)
         if checkpoint is not None:
             sc.sha256(data, "checkpoint_sha256", "manifest")
-        sections = {key: sc.section(sc.get(data, key, "manifest", sc.MISSING if required else {}), key)
-                    for key, required in SECTIONS.items()}
-        for key, check in SECTION_CHECKS.items():
-            check(sections[key])
-        return Manifest(
+        sections = {key: kind.from_json(sc.get(data, key, "manifest", sc.MISSING if kind in REQUIRED else {}), key)
+                    for key, kind in SECTIONS.items()}
+        manifest = Manifest(
             preset=preset,
-            model_config=sections["model_config"],
             checkpoint_sha256=checkpoint,
             buckets=_buckets(data, fmt),
             components={k: ComponentEntry.from_json(v, f"components.{k}") for k, v in components.items()},
-            sampler=sections["sampler"],
-            guidance=sections["guidance"],
-            rope=sections["rope"],
-            text=sections["text"],
-            reference=sections["reference"],
-            quality=sections["quality"],
-            decode=sections["decode"],
-            memory=sections["memory"],
-            created_by=sections["created_by"],
+            decode=DecodeTiling.from_json(sc.get(data, "decode", "manifest", {})),
+            **sections,
             format=fmt,
             loras=_loras(sc.get(data, "loras", "manifest", [])),
         )
+        if "dit" in manifest.components and manifest.rope.baked_in_dit == manifest.rope_input:
+            raise sc.bad("rope.baked_in_dit", manifest.rope.baked_in_dit,
+                         f"{not manifest.rope_input} (the DiT's rope_cos input says so)")
+        return manifest
 
 
 def _buckets(data: dict, fmt: int) -> tuple[Bucket, ...]:
@@ -351,72 +353,6 @@ def _buckets(data: dict, fmt: int) -> tuple[Bucket, ...]:
     return buckets
 
 
-def _check_model_config(data: dict) -> None:
-    dit = sc.section(sc.get(data, "dit", "model_config"), "model_config.dit")
-    vae = sc.section(sc.get(data, "vae", "model_config"), "model_config.vae")
-    sc.integer(dit, "in_channels", "model_config.dit", lo=1)
-    sc.integer(vae, "latent_channels", "model_config.vae", lo=1)
-    sc.boolean(vae, "timestep_conditioning", "model_config.vae")
-    sc.number(vae, "decode_timestep", "model_config.vae", lo=0, hi=1)
-    sc.number(vae, "decode_noise_scale", "model_config.vae", lo=0, hi=1)
-    sc.integer(data, "seed", "model_config", default=0)
-
-
-def _check_sampler(data: dict) -> None:
-    sc.string(data, "kind", "sampler", ("ltx2",))
-    sc.integer(data, "steps", "sampler", lo=1, hi=MAX_STEPS)
-    for key in ("sigmas", "distilled_sigmas"):
-        sigmas = sc.numbers(data, key, "sampler", lo=0, hi=1)
-        if len(sigmas) < 2 or any(a < b for a, b in zip(sigmas, sigmas[1:])):
-            raise sc.bad(f"sampler.{key}", list(sigmas), "at least 2 non-increasing sigmas")
-    sc.number(data, "max_shift", "sampler")
-    sc.number(data, "base_shift", "sampler")
-    sc.number(data, "terminal", "sampler", lo=0, hi=1, default=None)
-    sc.integer(data, "shift_tokens", "sampler", lo=1)
-
-
-def _check_guidance(data: dict) -> None:
-    sc.number(data, "text_scale", "guidance", lo=-100, hi=100)
-    sc.number(data, "ref_scale", "guidance", lo=-100, hi=100)
-    sc.string(data, "null_reference", "guidance", default="key_mask")
-
-
-def _check_rope(data: dict) -> None:
-    sc.file_field(data, "file", "rope")
-    sc.sha256(data, "sha256", "rope")
-    sc.string(data, "layout", "rope", LAYOUTS)
-    sc.string(data, "type", "rope", ("interleaved", "split"))
-    sc.boolean(data, "baked_in_dit", "rope", default=True)
-
-
-def _check_text(data: dict) -> None:
-    kind = sc.string(data, "tokenizer", "text", ("bytes", "hf-tokenizers"))
-    sc.integer(data, "max_length", "text", lo=1)
-    if kind == "hf-tokenizers":
-        sc.file_field(data, "file", "text")
-        sc.sha256(data, "sha256", "text")
-        sc.integer(data, "pad_id", "text", lo=0)
-        sc.string(data, "padding_side", "text", ("left",), default="left")
-
-
-def _check_decode(data: dict) -> None:
-    """Tiles placed as ltx-core places them; an older placement is refused with the "rebuild" line."""
-    if data and data.get("placement") != "ltx-core":
-        raise BundleError("this bundle's decode tiles predate ltx-core's tile placement: rebuild it with "
-                          "stdrc-export build-engines")
-    if data:
-        sc.integer(data, "tile", "decode", lo=1)
-        sc.integer(data, "overlap", "decode", lo=0)
-        sc.integer(data, "spatial_scale", "decode", lo=SPACE_SCALE, hi=SPACE_SCALE)
-
-
-def _check_memory(data: dict) -> None:
-    for key in ("weight_bytes", "activation_bytes"):
-        per = sc.section(sc.get(data, key, "memory", {}), f"memory.{key}")
-        for name in per:
-            sc.integer(per, name, f"memory.{key}", lo=0)
-
-
 def _loras(data: Any) -> tuple[LoraEntry, ...]:
     if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
         raise sc.bad("loras", data, "a list of {name, sha256, strength} objects")
@@ -426,10 +362,10 @@ def _loras(data: Any) -> tuple[LoraEntry, ...]:
         raise sc.bad("loras", data, "a list of {name, sha256, strength} objects") from e
 
 
-SECTIONS = {"model_config": True, "sampler": True, "guidance": True, "rope": True, "text": True,  # required?
-            "reference": True, "quality": False, "decode": False, "memory": False, "created_by": False}
-SECTION_CHECKS = {"model_config": _check_model_config, "sampler": _check_sampler, "guidance": _check_guidance,
-                  "rope": _check_rope, "text": _check_text, "decode": _check_decode, "memory": _check_memory}
+SECTIONS = {"model_config": ModelConfig, "sampler": SamplerConfig, "guidance": GuidanceConfig,
+            "rope": RopeConfig, "text": TextConfig, "reference": ReferenceConfig, "quality": QualityConfig,
+            "memory": MemoryConfig, "created_by": CreatedBy}
+REQUIRED = (ModelConfig, SamplerConfig, GuidanceConfig, RopeConfig, TextConfig, ReferenceConfig)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -474,10 +410,10 @@ def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
 def bundle_files(manifest: Manifest) -> dict[str, str]:
     """Every file the runtime reads, relative path -> sha256 (engines, their data, RoPE, tokenizer)."""
     files: dict[str, str] = {}
-    named = [(manifest.rope["file"], manifest.rope["sha256"])]
+    named = [(manifest.rope.file, manifest.rope.sha256)]
     named += [(b.rope_file, b.rope_sha256) for b in manifest.buckets if b.rope_file is not None]
-    if "file" in manifest.text:
-        named.append((manifest.text["file"], manifest.text["sha256"]))
+    if manifest.text.file is not None:
+        named.append((manifest.text.file, manifest.text.sha256))
     for entry in manifest.components.values():
         named += [(entry.file, entry.sha256), *entry.extra_files.items()]
     for rel, digest in named:

@@ -23,10 +23,16 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stdrc.runtime.errors import InputError
+from stdrc.runtime.schema import SPACE_SCALE
 from stdrc.runtime.vocab import MEMORY_PLANS
+
+if TYPE_CHECKING:
+    from stdrc.runtime.manifest import Bucket
+    from stdrc.runtime.schema import ModelConfig, TextModel
+    from stdrc.runtime.tiling import DecodeTiling
 
 log = logging.getLogger(__name__)
 # generation order; the stage that needs each component
@@ -55,8 +61,8 @@ def component_weight_bytes(bundle_dir: str | os.PathLike, file: str, extra_files
     return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
 
 
-def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[str, Any], precision: str,
-                     decode: dict[str, Any] | None = None) -> int:
+def activation_bytes(component: str, model: ModelConfig, bucket: Bucket, precision: str,
+                     decode: DecodeTiling | None = None) -> int:
     """A documented estimate of the live activations of one engine call for `bucket`.
 
     dit: the widest per-layer intermediates of the guidance batch (B = 3), feed-forward (4 D) plus
@@ -68,26 +74,25 @@ def activation_bytes(component: str, model_config: dict[str, Any], bucket: dict[
     session is SESSION_BYTES, added by `memory_needs`, not here.
     """
     e = element_bytes(precision)
-    frames, height, width = int(bucket["frames"]), int(bucket["height"]), int(bucket["width"])
-    tokens = int(bucket.get("video_tokens", 0)) + int(bucket.get("reference_tokens", 0))
+    frames, height, width = bucket.frames, bucket.height, bucket.width
     if component == "dit":
-        d = model_config["dit"]
-        inner = int(d["num_attention_heads"]) * int(d["attention_head_dim"])
-        text = int(bucket.get("text_length", 0))
-        return GUIDANCE_STREAMS * (tokens * (4 * inner + 6 * inner) + text * int(d["cross_attention_dim"])) * e
+        d = model.dit
+        inner = d.num_attention_heads * d.attention_head_dim
+        return GUIDANCE_STREAMS * (bucket.tokens * (4 * inner + 6 * inner)
+                                   + bucket.text_length * d.cross_attention_dim) * e
     if component == "text_encoder":
-        return text_activation_bytes(model_config["text"], int(bucket.get("text_length", 0)), e)
+        return text_activation_bytes(model.text, bucket.text_length, e)
     if component in ("vae_decoder", "vae_encoder"):
         if component == "vae_decoder" and decode:  # tiles of at most `tile` latents a side (+ overlap)
-            side = (int(decode["tile"]) + int(decode.get("overlap", 0))) * int(decode.get("spatial_scale", 32))
+            side = (decode.tile + decode.overlap) * SPACE_SCALE
             height, width = min(height, side), min(width, side)
-        patch = int(model_config.get("vae", {}).get("patch_size", 4))
+        patch = model.vae.patch_size
         pixels = height * width // (patch * patch) * (frames if component == "vae_decoder" else 1)
         return 3 * 128 * pixels * e
     return 8 * 2**20  # face encoder: 112x112 crops
 
 
-def text_activation_bytes(text: dict[str, Any], length: int, e: int = 4) -> int:
+def text_activation_bytes(text: TextModel, length: int, e: int = 4) -> int:
     """The text encoder's live activations for `length` tokens (T), `e` bytes an element.
 
     Three terms, each one full-size working set (the feature extraction holds one hidden state's copies,
@@ -101,17 +106,12 @@ def text_activation_bytes(text: dict[str, Any], length: int, e: int = 4) -> int:
     Measured, fp32 ONNX Runtime CPU, 1024 tokens, width 3840 (docs/benchmarks.md): run peak over the
     weights minus SESSION_BYTES 353-377 MiB with narrow Gemma layers (2-28 of them; this gives 403-793),
     402 / 671 / 735 / 748 MiB with Gemma-3 12B's own layers (1-4; this gives 792-837).
-    Old manifests lack `encoder_heads`/`encoder_ffn`: Gemma-3 12B's 16 heads (1 for tiny) and 4 x width.
     """
-    width = int(text.get("hidden_size") or text.get("encoder_dim") or 0)
-    layers = int(text.get("num_layers") or text.get("encoder_layers") or 0)
-    length = int(length or text.get("max_length", 0))
-    ffn = int(text.get("encoder_ffn") or text.get("intermediate_size") or 4 * width)
-    heads = int(text.get("encoder_heads") or (16 if text.get("kind", "gemma") == "gemma" else 1))
-    c_heads = int(text.get("connector_heads") or 0)
-    c_width = c_heads * int(text.get("connector_head_dim") or 0) or width
-    states = (layers + 1) * length * width * e
-    gemma_layer = 4 * length * ffn * e + 3 * heads * length * length * 4
+    width, length = text.encoder_dim, length or text.max_length
+    c_heads = text.connector_heads
+    c_width = c_heads * text.connector_head_dim or width
+    states = (text.encoder_layers + 1) * length * width * e
+    gemma_layer = 4 * length * text.ffn * e + 3 * text.heads * length * length * 4
     connector = 14 * length * c_width * e + c_heads * length * length * 4
     return states + gemma_layer + connector
 

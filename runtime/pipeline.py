@@ -16,7 +16,7 @@ from stdrc.runtime.manifest import Manifest, bundle_path, check_files, read_mani
 from stdrc.runtime.memory import EngineSet, choose_plan, memory_needs
 from stdrc.runtime.options import GenerationOptions, check_path
 from stdrc.runtime.text import Embedding, PromptCache, PromptStore, default_prompt_store_dir, tokenizer_from_manifest
-from stdrc.runtime.tiling import DecodeTiling, tiled_decode
+from stdrc.runtime.tiling import tiled_decode
 from stdrc.runtime.video import (
     as_rgb,
     contact_sheet,
@@ -44,13 +44,11 @@ def weights_and_activations(bundle_dir: Path, manifest: Manifest) -> tuple[dict[
     """Per component: weight bytes (recorded at build, else the files' sizes) and activation estimates."""
     from stdrc.runtime.memory import activation_bytes, component_weight_bytes
 
-    recorded = manifest.memory or {}
-    weights = {name: int(recorded.get("weight_bytes", {}).get(name)
-                         or component_weight_bytes(bundle_dir, e.file, e.extra_files))
+    recorded = manifest.memory
+    weights = {name: recorded.weight_bytes.get(name) or component_weight_bytes(bundle_dir, e.file, e.extra_files)
                for name, e in manifest.components.items()}
-    bucket = manifest.bucket.to_json()
-    activations = {name: int(recorded.get("activation_bytes", {}).get(name)
-                             or activation_bytes(name, manifest.model_config, bucket, e.precision, manifest.decode))
+    activations = {name: recorded.activation_bytes.get(name)
+                   or activation_bytes(name, manifest.model_config, manifest.bucket, e.precision, manifest.decode)
                    for name, e in manifest.components.items()}
     return weights, activations
 
@@ -212,15 +210,15 @@ class Pipeline:
 
     def initial_noise(self, seed: int) -> np.ndarray:
         """The seed's starting noise, video tokens [1, N_video, C]."""
-        channels = self.manifest.model_config["dit"]["in_channels"]
+        channels = self.manifest.model_config.dit.in_channels
         return np.random.default_rng(seed).standard_normal((1, self.bucket.video_tokens, channels), dtype=np.float32)
 
     def decode_noise(self, seed: int) -> np.ndarray | None:
         """The noise a timestep-conditioned VAE decoder mixes into its input ([1, C, F, H, W]), else None."""
-        b, vae = self.bucket, self.manifest.model_config["vae"]
-        if not vae["timestep_conditioning"]:
+        b, vae = self.bucket, self.manifest.model_config.vae
+        if not vae.timestep_conditioning:
             return None
-        shape = (1, vae["latent_channels"], b.latent_frames, b.latent_height, b.latent_width)
+        shape = (1, vae.latent_channels, b.latent_frames, b.latent_height, b.latent_width)
         return np.random.default_rng(seed + 1).standard_normal(shape, dtype=np.float32)
 
     def decode(self, tokens: np.ndarray, seed: int) -> np.ndarray:
@@ -231,7 +229,7 @@ class Pipeline:
         b = self.bucket
         latent = unpatchify(tokens, (b.latent_frames, b.latent_height, b.latent_width))
         if noise is not None:
-            scale = np.float32(self.manifest.model_config["vae"]["decode_noise_scale"])
+            scale = np.float32(self.manifest.model_config.vae.decode_noise_scale)
             latent = noise * scale + (np.float32(1.0) - scale) * latent
         return self.decode_latent(latent)
 
@@ -240,22 +238,18 @@ class Pipeline:
 
         The decoder gets a timestep only where its engine has that input (a timestep-conditioned decoder)."""
         names = {t.name for t in self.manifest.components["vae_decoder"].inputs}
-        value = self.manifest.model_config["vae"]["decode_timestep"]
+        value = self.manifest.model_config.vae.decode_timestep
         timestep = {"timestep": np.full((1,), value, np.float32)} if "timestep" in names else {}
 
         def decode(part: np.ndarray) -> np.ndarray:
             return self.run("vae_decoder", {"latent": part.astype(np.float32), **timestep})["video"]
 
-        tiling = DecodeTiling.from_json(self.manifest.decode)
+        tiling = self.manifest.decode
         return decode(latent) if tiling is None else tiled_decode(decode, latent, tiling)
 
     def sigmas(self, steps: int | None, distilled: bool) -> np.ndarray:
-        if distilled:
-            return np.array(smp.DISTILLED_SIGMAS, np.float32)
-        cfg = self.manifest.sampler
-        steps = cfg["steps"] if steps is None else steps
-        return smp.ltx2_sigmas(steps, tokens=cfg["shift_tokens"], max_shift=cfg["max_shift"],
-                               base_shift=cfg["base_shift"], terminal=cfg["terminal"])
+        """The manifest's sigmas, as C++ runs them; a `steps` override: its schedule, computed as the build did."""
+        return self.manifest.sampler.sigmas_for(steps, distilled)
 
     def use_bucket(self, frames: int | None = None, height: int | None = None, width: int | None = None) -> None:
         """Run the bundle's bucket of this size next (None: the default's value); one it lacks: InputError."""
@@ -266,11 +260,11 @@ class Pipeline:
 
         Read once per bucket and handed over as the same arrays at every call, so the engines bind
         them once (ONNX Runtime IO binding, a TensorRT buffer copied once)."""
-        if not any(t.name == "rope_cos" for t in self.manifest.components["dit"].inputs):
+        if not self.manifest.rope_input:
             return {}
         b = self.bucket
         if b.label() not in self._rope:
-            rel = b.rope_file or self.manifest.rope["file"]
+            rel = b.rope_file or self.manifest.rope.file
             with np.load(bundle_path(self.bundle_dir, rel), allow_pickle=False) as tables:
                 self._rope[b.label()] = {"rope_cos": np.ascontiguousarray(tables["cos"], np.float32),
                                          "rope_sin": np.ascontiguousarray(tables["sin"], np.float32)}
@@ -332,8 +326,8 @@ class Pipeline:
         o, g = options, self.manifest.guidance
         self.use_bucket(o.frames, o.height, o.width)  # before any engine runs
         scales = smp.GuidanceScales(
-            text=g["text_scale"] if o.text_scale is None else o.text_scale,
-            ref=g["ref_scale"] if o.ref_scale is None else o.ref_scale,
+            text=g.text_scale if o.text_scale is None else o.text_scale,
+            ref=g.ref_scale if o.ref_scale is None else o.ref_scale,
             interval=o.guidance_interval, rescale=o.cfg_rescale,
         )
         sigmas = self.sigmas(o.steps, o.distilled)

@@ -1,4 +1,4 @@
-"""Typed reading of manifest values: each one's type and range checked, a bad one is one BundleError line.
+"""The manifest's sections as typed dataclasses, and the readers that check each value (one BundleError line).
 
 A manifest is written by whoever wrote the bundle, so nothing in it is trusted: wrong
 types (`components: []`, `file: null`), missing keys, NaN, paths leaving the bundle all
@@ -8,14 +8,24 @@ applies the same rules.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from stdrc.runtime.errors import BundleError
+from stdrc.runtime.vocab import LAYOUTS
 
 FIX = "rebuild the bundle with `stdrc-export build-engines`"
+MAX_STEPS = 1000  # more than this is a typo, not a schedule
+# LTX-2 video VAE compression: time x8 (causal first frame), space x32.
+TIME_SCALE = 8
+SPACE_SCALE = 32
 MISSING = object()
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -113,3 +123,290 @@ def relative_path(value: Any, where: str) -> str:
 
 def file_field(data: dict, key: str, where: str) -> str:
     return relative_path(get(data, key, where), f"{where}.{key}")
+
+
+# -- typed sections -----------------------------------------------------------------------------
+# Each manifest section is a frozen dataclass whose fields say how they are read (`spec`): the
+# loader and the writer walk the same field list, so a field is declared once.
+
+def spec(read: Callable[..., Any], default: Any = MISSING, **args: Any) -> Any:
+    """A section field read by `read(data, key, where, **args)`; `default`: its value when absent."""
+    meta = {"read": read, "args": args}
+    if default is MISSING:
+        return field(metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def sigma_list(data: dict, key: str, where: str) -> tuple[float, ...]:
+    """At least two non-increasing sigmas in [0, 1] (one step or more)."""
+    values = numbers(data, key, where, lo=0, hi=1)
+    if len(values) < 2 or any(a < b for a, b in zip(values, values[1:])):
+        raise bad(f"{where}.{key}", list(values), "at least 2 non-increasing sigmas")
+    return values
+
+
+def measure(data: dict, key: str, where: str) -> float:
+    """A measured figure: a number, possibly infinite (the PSNR of identical frames)."""
+    value = get(data, key, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise bad(f"{where}.{key}", value, "a number")
+    return float(value)
+
+
+def text_value(data: dict, key: str, where: str) -> str:
+    """Any string, empty allowed (a recorded fact, not a choice)."""
+    value = get(data, key, where)
+    if not isinstance(value, str):
+        raise bad(f"{where}.{key}", value, "a string")
+    return value
+
+
+def counts(data: dict, key: str, where: str) -> dict[str, int]:
+    """An object of integers >= 0 (bytes per component)."""
+    per = section(get(data, key, where), f"{where}.{key}")
+    return {name: integer(per, name, f"{where}.{key}", lo=0) for name in per}
+
+
+def counts_per(data: dict, key: str, where: str) -> dict[str, dict[str, int]]:
+    per = section(get(data, key, where), f"{where}.{key}")
+    return {name: counts(per, name, f"{where}.{key}") for name in per}
+
+
+def strings(data: dict, key: str, where: str) -> dict[str, str]:
+    per = section(get(data, key, where), f"{where}.{key}")
+    return {name: text_value(per, name, f"{where}.{key}") for name in per}
+
+
+def records(data: dict, key: str, where: str) -> dict[str, dict]:
+    """An object of objects, kept as written (compared whole, never read field by field)."""
+    per = section(get(data, key, where), f"{where}.{key}")
+    return {name: dict(section(per[name], f"{where}.{key}.{name}")) for name in per}
+
+
+def nested(cls: type) -> Callable[..., Any]:
+    """The reader of a sub-section of type `cls`."""
+    def read(data: dict, key: str, where: str) -> Any:
+        return cls.from_json(get(data, key, where), f"{where}.{key}")
+    return read
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Section):
+        return value.to_json()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class Section:
+    """A manifest section: `from_json` reads every field with its `spec` reader, `to_json` writes
+    them back (None: left out, as a section that never had the key); unknown keys are ignored."""
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Any:
+        data = section(data, where)
+        values = {}
+        for f in fields(cls):
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
+            values[f.name] = default if f.name not in data and default is not MISSING \
+                else f.metadata["read"](data, f.name, where, **f.metadata["args"])
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def of(cls, config: Any, **more: Any) -> Any:
+        """From an object with same-named attributes (the export presets' configs)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}, **more)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DitModel(Section):
+    """The DiT facts the runtime reads (noise channels, activation estimate)."""
+
+    in_channels: int = spec(integer, lo=1)
+    num_layers: int = spec(integer, lo=1)
+    num_attention_heads: int = spec(integer, lo=1)
+    attention_head_dim: int = spec(integer, lo=1)
+    cross_attention_dim: int = spec(integer, lo=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VaeModel(Section):
+    """The VAE facts the runtime reads: latent channels, and the decoder's timestep conditioning."""
+
+    latent_channels: int = spec(integer, lo=1)
+    patch_size: int = spec(integer, 4, lo=1)
+    timestep_conditioning: bool = spec(boolean)
+    decode_timestep: float = spec(number, lo=0, hi=1)
+    decode_noise_scale: float = spec(number, lo=0, hi=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextModel(Section):
+    """The text encoder's shape, for its activation estimate (runtime/memory.py).
+
+    Old manifests lack `encoder_heads`/`encoder_ffn` (None): Gemma-3 12B's 16 heads (1 for tiny), 4 x width."""
+
+    kind: str = spec(string, "gemma")
+    max_length: int = spec(integer, lo=1)
+    encoder_dim: int = spec(integer, lo=1)
+    encoder_layers: int = spec(integer, lo=0)
+    encoder_heads: int | None = spec(integer, None, lo=1)
+    encoder_ffn: int | None = spec(integer, None, lo=1)
+    connector_heads: int = spec(integer, 0, lo=0)
+    connector_head_dim: int = spec(integer, 0, lo=0)
+
+    @property
+    def heads(self) -> int:
+        return self.encoder_heads or (16 if self.kind == "gemma" else 1)
+
+    @property
+    def ffn(self) -> int:
+        return self.encoder_ffn or 4 * self.encoder_dim
+
+
+FAMILIES = ("ltx2",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(Section):
+    """What the bundle's model is: its family (old bundles: ltx2), the facts the runtime reads of each
+    network, and the seed of any seeded weights. The full configs are the preset's (export/config.py)."""
+
+    family: str = spec(string, "ltx2", choices=FAMILIES)
+    dit: DitModel = spec(nested(DitModel))
+    vae: VaeModel = spec(nested(VaeModel))
+    text: TextModel = spec(nested(TextModel))
+    seed: int = spec(integer, 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerConfig(Section):
+    """The LTX-2 schedule. `sigmas` is the schedule of `steps`, computed once at build; another step
+    count is computed by `schedule`, the function the build used (runtime/sampler.py `ltx2_sigmas`)."""
+
+    kind: str = spec(string, choices=("ltx2",))
+    steps: int = spec(integer, lo=1, hi=MAX_STEPS)
+    sigmas: tuple[float, ...] = spec(sigma_list)
+    distilled_sigmas: tuple[float, ...] = spec(sigma_list)
+    max_shift: float = spec(number)
+    base_shift: float = spec(number)
+    terminal: float | None = spec(number, None, lo=0, hi=1)
+    shift_tokens: int = spec(integer, lo=1)
+
+    @staticmethod
+    def build(steps: int, distilled: tuple[float, ...], **schedule: Any) -> SamplerConfig:
+        """The section a build writes: `steps`' sigmas computed here, once."""
+        cfg = SamplerConfig(steps=steps, sigmas=(1.0, 0.0), distilled_sigmas=tuple(distilled), **schedule)
+        return dataclasses.replace(cfg, sigmas=tuple(float(s) for s in cfg.schedule(steps)))
+
+    def schedule(self, steps: int) -> np.ndarray:
+        """`steps` sigmas of this schedule (float32), as the build computes them."""
+        from stdrc.runtime.sampler import ltx2_sigmas
+
+        return ltx2_sigmas(steps, tokens=self.shift_tokens, max_shift=self.max_shift, base_shift=self.base_shift,
+                           terminal=self.terminal)
+
+    def sigmas_for(self, steps: int | None = None, distilled: bool = False) -> np.ndarray:
+        """The sigmas a generation runs: the manifest's (as C++ reads them) unless `steps` overrides them."""
+        if distilled:
+            return np.array(self.distilled_sigmas, np.float32)
+        if steps is None or steps == self.steps:
+            return np.array(self.sigmas, np.float32)
+        return self.schedule(steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuidanceConfig(Section):
+    """The default guidance scales (s_txt, s_ref) and how the null reference is made."""
+
+    text_scale: float = spec(number, lo=-100, hi=100)
+    ref_scale: float = spec(number, lo=-100, hi=100)
+    null_reference: str = spec(string, "key_mask")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeConfig(Section):
+    """The default bucket's RoPE tables and how they were laid out."""
+
+    file: str = spec(file_field)
+    sha256: str = spec(sha256)
+    layout: str = spec(string, choices=LAYOUTS)
+    type: str = spec(string, choices=("interleaved", "split"))
+    baked_in_dit: bool = spec(boolean, True)  # False: the DiT takes rope_cos/rope_sin (Manifest.rope_input)
+    max_position_ratio: float | None = spec(number, None, lo=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig(Section):
+    """The tokenizer the runtime runs: `bytes` (tiny) or a tokenizer.json run by `tokenizers`."""
+
+    tokenizer: str = spec(string, choices=("bytes", "hf-tokenizers"))
+    max_length: int = spec(integer, lo=1)
+    file: str | None = spec(file_field, None)
+    sha256: str | None = spec(sha256, None)
+    pad_id: int | None = spec(integer, None, lo=0)
+    padding_side: str | None = spec(string, None, choices=("left",))
+
+    def __post_init__(self) -> None:
+        if self.tokenizer == "hf-tokenizers" and None in (self.file, self.sha256, self.pad_id):
+            raise BundleError(f"bundle manifest text lacks its tokenizer file, sha256 or pad_id: {FIX}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceConfig(Section):
+    """Where the reference tokens sit (layout) and their timestep (clean: 0); token counts of the default bucket."""
+
+    layout: str = spec(string, choices=LAYOUTS)
+    video_tokens: int = spec(integer, lo=1)
+    reference_tokens: int = spec(integer, lo=1)
+    timestep: float = spec(number, 0.0, lo=0, hi=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp8Quality(Section):
+    """FP8 calibration: its scales file and the errors measured on a held-out generation."""
+
+    method: str = spec(text_value)
+    calibration_batches: int = spec(integer, lo=0)
+    held_out: str = spec(text_value)
+    dit_rel_l2_held_out: float = spec(measure)
+    frame_psnr_db_held_out: float = spec(measure)
+    scales_file: str = spec(file_field)
+    scales_sha256: str = spec(sha256)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QualityConfig(Section):
+    """Measured errors of lossy builds (none: nothing lossy was measured)."""
+
+    fp8: Fp8Quality | None = spec(nested(Fp8Quality), None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryConfig(Section):
+    """Engine bytes per component (recorded at build) and activation estimates (the largest bucket's, and each's)."""
+
+    weight_bytes: dict[str, int] = spec(counts, {})
+    activation_bytes: dict[str, int] = spec(counts, {})
+    activation_bytes_per_bucket: dict[str, dict[str, int]] = spec(counts_per, {})
+    note: str | None = spec(text_value, None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CreatedBy(Section):
+    """What built the bundle: versions, backend, and the sources each component's weights came from."""
+
+    stdrc: str | None = spec(text_value, None)
+    torch: str | None = spec(text_value, None)
+    backend: str | None = spec(text_value, None)
+    source_sha256: str | None = spec(text_value, None)
+    sources: dict[str, dict] = spec(records, {})  # as export/models.py `Sources.of` writes them
+    versions: dict[str, str] = spec(strings, {})

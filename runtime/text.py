@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from stdrc.runtime.errors import BundleError
+from stdrc.runtime.schema import TextConfig
 
 log = logging.getLogger(__name__)
 PROMPT_CACHE_ENV = "STDRC_PROMPT_CACHE"
@@ -62,14 +63,14 @@ class JsonTokenizer:
         return (np.array([encoding.ids], dtype=np.int64), np.array([encoding.attention_mask], dtype=np.int64))
 
 
-def tokenizer_from_manifest(text: dict, bundle_dir: Path) -> Callable[[str], tuple[np.ndarray, np.ndarray]]:
-    kind = text.get("tokenizer")
+def tokenizer_from_manifest(text: TextConfig, bundle_dir: Path) -> Callable[[str], tuple[np.ndarray, np.ndarray]]:
+    kind = text.tokenizer
     if kind == "bytes":
-        return ByteTokenizer(max_length=int(text["max_length"]))
+        return ByteTokenizer(max_length=text.max_length)
     if kind == "hf-tokenizers":
         from stdrc.runtime.manifest import bundle_path
 
-        return JsonTokenizer(bundle_path(bundle_dir, text["file"]), int(text["max_length"]), int(text["pad_id"]))
+        return JsonTokenizer(bundle_path(bundle_dir, text.file), text.max_length, text.pad_id)
     raise BundleError(
         f"bundle text side uses tokenizer {kind!r}, which this runtime cannot run: rebuild the bundle"
     )
@@ -93,9 +94,9 @@ class PromptStore:
         self.shape = shape  # (L, D) of context
 
     @staticmethod
-    def text_key(text_encoder_sha256: str, text: dict) -> str:
-        parts = [text_encoder_sha256, str(text.get("tokenizer")), str(text.get("sha256", "")),
-                 str(text.get("max_length")), str(text.get("pad_id", ""))]
+    def text_key(text_encoder_sha256: str, text: TextConfig) -> str:
+        parts = [text_encoder_sha256, text.tokenizer, text.sha256 or "", str(text.max_length),
+                 "" if text.pad_id is None else str(text.pad_id)]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def path(self, prompt: str) -> Path:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stdrc.runtime import schema as sc
 from stdrc.runtime.errors import BundleError, InputError
-from stdrc.runtime.manifest import SPACE_SCALE
+from stdrc.runtime.schema import SPACE_SCALE
 
 PLACEMENT = "ltx-core"  # manifest "decode" tilings without it (equal tiles spread evenly) are refused
 
@@ -33,13 +34,16 @@ class DecodeTiling:
         return {"placement": PLACEMENT, "tile": self.tile, "overlap": self.overlap, "spatial_scale": SPACE_SCALE}
 
     @staticmethod
-    def from_json(data: dict) -> DecodeTiling | None:
+    def from_json(data: object, where: str = "decode") -> DecodeTiling | None:
+        """The manifest's `decode` section ({}: the whole latent at once); an older placement is refused."""
+        data = sc.section(data, where)
         if not data:
             return None
         if data.get("placement") != PLACEMENT:
             raise BundleError("this bundle's decode tiles predate ltx-core's tile placement: rebuild it with "
                               "stdrc-export build-engines")
-        return DecodeTiling(int(data["tile"]), int(data["overlap"]))
+        sc.integer(data, "spatial_scale", where, lo=SPACE_SCALE, hi=SPACE_SCALE)
+        return DecodeTiling(sc.integer(data, "tile", where, lo=1), sc.integer(data, "overlap", where, lo=0))
 
     def axis_size(self, length: int, long_side: int) -> int:
         """ltx-core `_prepare_tiles.enable_on_axis`: the tile scaled to this axis (Python's round: half to even)."""

@@ -52,7 +52,7 @@ def test_manifest_records_aoti_packages(aoti_bundle: Path) -> None:
 
 def test_every_component_matches_pytorch(aoti_bundle: Path, tiny_models) -> None:
     manifest = read_manifest(aoti_bundle)
-    modules = tiny_models.export_modules(manifest.bucket, manifest.rope["layout"])
+    modules = tiny_models.export_modules(manifest.bucket, manifest.rope.layout)
     specs = component_specs(tiny_models.preset, manifest.bucket)
     assert set(manifest.components) <= set(specs), "a bundle component has no parity case"
     errors = {}

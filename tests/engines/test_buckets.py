@@ -55,7 +55,7 @@ def test_manifest_lists_every_bucket_with_its_rope_table(multi_bundle: Path) -> 
     m = read_manifest(multi_bundle)
     assert m.format == 2
     assert [b.label() for b in m.buckets] == list(BUCKETS)
-    assert m.bucket == m.buckets[0] and m.rope["baked_in_dit"] is False
+    assert m.bucket == m.buckets[0] and m.rope.baked_in_dit is False
     assert len({b.rope_file for b in m.buckets}) == 3
     for b in m.buckets:
         with np.load(multi_bundle / b.rope_file) as t:
@@ -66,9 +66,9 @@ def test_manifest_lists_every_bucket_with_its_rope_table(multi_bundle: Path) -> 
     assert dit.dynamic_dims["tokens"] == [12, 18, 24]  # min, opt (the default's), max over the buckets
     assert m.components["vae_decoder"].dynamic_dims["latent_frames"] == [2, 2, 3]
     assert set(m.components["vae_encoder"].dynamic_dims) == {"height", "width"}
-    per = m.memory["activation_bytes_per_bucket"]
+    per = m.memory.activation_bytes_per_bucket
     assert set(per) == set(BUCKETS)
-    assert m.memory["activation_bytes"]["dit"] == max(p["dit"] for p in per.values())
+    assert m.memory.activation_bytes["dit"] == max(p["dit"] for p in per.values())
 
 
 def _graph_inputs_behind(graph: onnx.GraphProto, tensor: str) -> set[str]:

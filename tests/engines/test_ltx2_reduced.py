@@ -50,20 +50,20 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
                         str(gemma), "--frames", "9", "--height", "64", "--width", "64", "--out", str(bundle),
                         "--cache-dir", str(cache), "-q"]) == 0
     manifest = read_manifest(bundle)
-    assert manifest.preset == "ltx2-video" and manifest.model_config["dit"]["num_layers"] == 1
-    assert manifest.model_config["dit"]["num_attention_heads"] * manifest.model_config["dit"][
-        "attention_head_dim"] == 4096 and manifest.model_config["text"]["encoder_dim"] == 3840
+    assert manifest.preset == "ltx2-video" and manifest.model_config.dit.num_layers == 1
+    dit = manifest.model_config.dit
+    assert dit.num_attention_heads * dit.attention_head_dim == 4096 and manifest.model_config.text.encoder_dim == 3840
     assert set(manifest.components) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
     # past protobuf's 2 GiB limit (what the tiny preset never reaches): the VAE encoder's 2.6 GiB of fp32
     # weights sit in external data beside a small graph, and verify and generate below run them
     assert (bundle / "vae_encoder.onnx.data").stat().st_size > 2 * 1024**3
     assert (bundle / "vae_encoder.onnx").stat().st_size < 16 * 1024**2
-    sources = manifest.created_by["sources"]
+    sources = manifest.created_by.sources
     for name in ("dit", "vae_encoder", "vae_decoder"):
         assert {f["file"] for f in sources[name]["files"].values()} == {ckpt.name}
     assert set(sources["text_encoder"]["files"]) == {"encoder", "projection"}
     # the disk check's estimate (from headers, before any weight is read) is the engines' size within 5%
-    weights = manifest.memory["weight_bytes"]
+    weights = manifest.memory.weight_bytes
     for name, estimated in _disk_estimate(ckpt, gemma).items():
         assert abs(weights[name] - estimated) <= 0.05 * estimated, (name, weights[name], estimated)
     # one copy on disk: large components are not kept in the stage cache beside the bundle
@@ -94,7 +94,7 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
     check = memory.staged_check(record, bundle, cached=False)
     budget = check["largest_component_plus_activations_mb"]
     assert check["peak_over_baseline_mb"] <= budget, check
-    assert budget < 0.4 * sum(manifest.memory["weight_bytes"].values()) / 2**20  # not the sum: 5 engines
+    assert budget < 0.4 * sum(manifest.memory.weight_bytes.values()) / 2**20  # not the sum: 5 engines
 
 
 def _bench_module(name: str):  # noqa: ANN202

@@ -54,7 +54,7 @@ def real_bundle(files: dict[str, Path], tiny_bundle: Path, cache_dir: Path) -> P
 
 
 def test_manifest_records_every_components_source(real_bundle: Path, files: dict[str, Path]) -> None:
-    sources = read_manifest(real_bundle).created_by["sources"]
+    sources = read_manifest(real_bundle).created_by.sources
     sha = {k: sha256_file(files[k]) for k in ("dit", "base", "face")}
     assert sources["dit"] == {"files": {"dit": {"file": files["dit"].name, "sha256": sha["dit"]}}}
     for name in ("vae_encoder", "vae_decoder"):

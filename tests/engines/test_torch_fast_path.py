@@ -36,7 +36,7 @@ def test_manifest_records_the_fast_dit(fast_bundle: Path) -> None:
     assert {e.precision for n, e in manifest.components.items() if n != "dit"} == {"fp32"}
     if precision == "fp8":
         assert "fp8_scales.json" in manifest.components["dit"].extra_files
-        assert manifest.quality["fp8"]["calibration_batches"] > 0
+        assert manifest.quality.fp8.calibration_batches > 0
 
 
 def test_fast_bundle_verifies(fast_bundle: Path) -> None:

@@ -59,7 +59,7 @@ def scales_path(mtq, tiny_models, bucket, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("fp8")
     result = fp8_quality(tiny_models, bucket, "tass", out, calibration_prompts=1)
-    return out / result["scales_file"]
+    return out / result.scales_file
 
 
 @pytest.fixture(scope="module")

@@ -304,9 +304,9 @@ def test_gemma_bundle_builds_verifies_and_generates(tmp_path: Path, tiny_gemma_d
     bundle = build_engines(BuildConfig(out=tmp_path / "gemma-bundle", cache_dir=cache_dir, backend="onnxruntime",
                                        text_encoder=tiny_gemma_dir, progress=False))
     manifest = read_manifest(bundle)
-    assert manifest.text["tokenizer"] == "hf-tokenizers" and manifest.text["pad_id"] == 0
+    assert manifest.text.tokenizer == "hf-tokenizers" and manifest.text.pad_id == 0
     assert "tokenizer.json" in manifest.components["text_encoder"].extra_files
-    assert manifest.model_config["text"]["kind"] == "gemma"
+    assert manifest.model_config.text.kind == "gemma"
     reports = verify_bundle(bundle, text_encoder=tiny_gemma_dir)
     assert all(r.ok for r in reports.values()), reports
     with pytest.raises(CheckpointError, match="--text-encoder"):

@@ -262,7 +262,7 @@ def test_build_verify_round_trip(tmp_path, tiny_shapes, tiny_models, cache_dir, 
                  "--cache-dir", str(cache_dir)]) == 0
     manifest = read_manifest(out)
     assert manifest.loras == (LoraEntry("style.safetensors", sha256_file(lora), 0.8),)
-    assert manifest.created_by["source_sha256"] != tiny_models.source_sha256
+    assert manifest.created_by.source_sha256 != tiny_models.source_sha256
     capsys.readouterr()
     assert main(["verify", str(out), "--lora", str(lora), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -6,14 +6,17 @@ import json
 import platform
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from stdrc.runtime.errors import InputError
+from stdrc.runtime.manifest import Bucket
 from stdrc.runtime.memory import (SESSION_BYTES, MemoryPlanReport, activation_bytes, choose_plan, memory_needs,
                                   parse_bytes, text_activation_bytes, trim_heap)
 from stdrc.runtime.pipeline import Pipeline, weights_and_activations
+from stdrc.runtime.schema import DitModel, ModelConfig, TextModel, VaeModel
 from stdrc.runtime.text import PromptStore
 
 PROMPT = "a woman smiles and waves"
@@ -75,7 +78,7 @@ def test_another_text_side_never_shares_entries(tiny_bundle, tmp_path):
     text = pipe.manifest.text
     key = PromptStore.text_key("a" * 64, text)
     assert key != PromptStore.text_key("b" * 64, text)
-    assert key != PromptStore.text_key("a" * 64, {**text, "max_length": 99})
+    assert key != PromptStore.text_key("a" * 64, replace(text, max_length=99))
     assert pipe.prompts.store.folder.parent == tmp_path
 
 
@@ -117,24 +120,28 @@ def test_plan_arithmetic():
 
 
 # ltx2-video's text config at reduced Gemma depth, as a build writes it into the manifest (export/config.py)
-_TEXT = {"kind": "gemma", "max_length": 1024, "encoder_dim": 3840, "encoder_layers": 48, "encoder_heads": 16,
-         "encoder_ffn": 15360, "connector_heads": 30, "connector_head_dim": 128}
+_TEXT = TextModel(kind="gemma", max_length=1024, encoder_dim=3840, encoder_layers=48, encoder_heads=16,
+                  encoder_ffn=15360, connector_heads=30, connector_head_dim=128)
 MIB = 2**20
 
 
 def test_text_encoder_estimate_terms():
     """Hidden states once, one Gemma layer (feed-forward + fp32 scores), one connector block; 1024 tokens."""
     t, d = 1024, 3840
-    base = text_activation_bytes(dict(_TEXT, encoder_layers=0), t, 4)
+    base = text_activation_bytes(replace(_TEXT, encoder_layers=0), t, 4)
     assert text_activation_bytes(_TEXT, t, 4) - base == 48 * t * d * 4  # one more hidden state a layer, no stack copies
-    more_heads = text_activation_bytes(dict(_TEXT, encoder_heads=32), t, 4) - text_activation_bytes(_TEXT, t, 4)
+    more_heads = text_activation_bytes(replace(_TEXT, encoder_heads=32), t, 4) - text_activation_bytes(_TEXT, t, 4)
     assert more_heads == 3 * 16 * t * t * 4
     # 16-bit halves the rows, not the fp32 attention scores and probabilities
     scores = (3 * 16 + 30) * t * t * 4
     assert text_activation_bytes(_TEXT, t, 2) - scores == (text_activation_bytes(_TEXT, t, 4) - scores) // 2
-    bucket = {"frames": 9, "height": 64, "width": 64, "text_length": t}
-    assert activation_bytes("text_encoder", {"text": _TEXT}, bucket, "fp16") == text_activation_bytes(_TEXT, t, 2)
-    assert activation_bytes("text_encoder", {"text": _TEXT}, bucket, "fp32") == text_activation_bytes(_TEXT, t, 4)
+    bucket = Bucket(frames=9, height=64, width=64, text_length=t)
+    model = ModelConfig(dit=DitModel(in_channels=128, num_layers=1, num_attention_heads=32, attention_head_dim=128,
+                                     cross_attention_dim=4096),
+                        vae=VaeModel(latent_channels=128, timestep_conditioning=False, decode_timestep=0.05,
+                                     decode_noise_scale=0.025), text=_TEXT)
+    assert activation_bytes("text_encoder", model, bucket, "fp16") == text_activation_bytes(_TEXT, t, 2)
+    assert activation_bytes("text_encoder", model, bucket, "fp32") == text_activation_bytes(_TEXT, t, 4)
 
 
 @pytest.mark.parametrize("layers, heads, ffn, measured_mib", [
@@ -144,17 +151,18 @@ def test_text_encoder_estimate_terms():
 def test_text_encoder_estimate_covers_the_measured_runs(layers, heads, ffn, measured_mib):
     """fp32 ONNX Runtime CPU runs of the reduced-depth text encoder (docs/benchmarks.md, 2026-12-02): the
     run peak over the weights is within the estimate plus SESSION_BYTES, and not twice it."""
-    need = text_activation_bytes(dict(_TEXT, encoder_layers=layers, encoder_heads=heads, encoder_ffn=ffn), 1024, 4)
+    need = text_activation_bytes(replace(_TEXT, encoder_layers=layers, encoder_heads=heads, encoder_ffn=ffn), 1024, 4)
     assert measured_mib * MIB <= need + SESSION_BYTES < 2.1 * measured_mib * MIB
 
 
 def test_text_encoder_estimate_of_old_manifests():
     """Manifests written before the head count was recorded: Gemma-3 12B's 16 heads, feed-forward 4 x width."""
-    old = {k: v for k, v in _TEXT.items() if k not in ("encoder_heads", "encoder_ffn")}
-    assert text_activation_bytes(old, 1024, 4) == text_activation_bytes(dict(_TEXT, encoder_ffn=4 * 3840), 1024, 4)
-    tiny = {"kind": "tiny", "max_length": 16, "encoder_dim": 32, "encoder_layers": 2, "connector_heads": 2,
-            "connector_head_dim": 16}
-    assert text_activation_bytes(tiny, 0, 4) == text_activation_bytes(dict(tiny, encoder_heads=1, encoder_ffn=128),
+    old = TextModel.from_json({k: v for k, v in _TEXT.to_json().items() if k not in ("encoder_heads", "encoder_ffn")},
+                              "model_config.text")
+    assert text_activation_bytes(old, 1024, 4) == text_activation_bytes(replace(_TEXT, encoder_ffn=4 * 3840), 1024, 4)
+    tiny = TextModel.from_json({"kind": "tiny", "max_length": 16, "encoder_dim": 32, "encoder_layers": 2,
+                                "connector_heads": 2, "connector_head_dim": 16}, "model_config.text")
+    assert text_activation_bytes(tiny, 0, 4) == text_activation_bytes(replace(tiny, encoder_heads=1, encoder_ffn=128),
                                                                       16, 4)
 
 
@@ -174,7 +182,7 @@ def test_auto_plan_and_sizes():
 def test_manifest_records_weight_bytes_per_component(tiny_bundle):
     pipe = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=None)
     weights, acts = weights_and_activations(tiny_bundle, pipe.manifest)
-    recorded = pipe.manifest.memory["weight_bytes"]
+    recorded = pipe.manifest.memory.weight_bytes
     assert set(recorded) == set(pipe.manifest.components)
     for name, entry in pipe.manifest.components.items():
         files = [entry.file, *[f for f in entry.extra_files if f.endswith(".data")]]

@@ -171,7 +171,7 @@ def test_tiled_bundle_matches_ltx_core_tiled_decode(tiled_bundle: Path, tiny_mod
     from stdrc.runtime.pipeline import Pipeline
 
     manifest = read_manifest(tiled_bundle)
-    assert manifest.decode == DecodeTiling(3, 1).to_json()
+    assert manifest.decode == DecodeTiling(3, 1)
     decoder = manifest.components["vae_decoder"]
     assert decoder.inputs[0].shape[-2:] == (2, "tile_width") and decoder.dynamic_dims == {"tile_width": [2, 3, 3]}
     b = manifest.bucket
@@ -179,7 +179,7 @@ def test_tiled_bundle_matches_ltx_core_tiled_decode(tiled_bundle: Path, tiny_mod
         (1, 128, b.latent_frames, b.latent_height, b.latent_width)).astype(np.float32)
     ours = Pipeline.from_bundle(tiled_bundle).decode_latent(latent)
     expected = ltx_tiled_decode(tiny_models.vae_decoder, latent, TILED["decode_tile"], TILED["decode_overlap"],
-                                manifest.model_config["vae"]["decode_timestep"])
+                                manifest.model_config.vae.decode_timestep)
     assert ours.shape == expected.shape == (1, 3, b.frames, b.height, b.width)
     rel = np.linalg.norm(ours - expected) / np.linalg.norm(expected)
     assert rel <= 1e-5, rel
