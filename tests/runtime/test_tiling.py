@@ -244,7 +244,7 @@ def test_decoder_without_timestep_tiled_bundle_matches_ltx_core(ltx23_tiled_bund
 
     manifest = read_manifest(ltx23_tiled_bundle)
     assert [t.name for t in manifest.components["vae_decoder"].inputs] == ["latent"]
-    assert manifest.model_config["vae"]["timestep_conditioning"] is False
+    assert manifest.model_config.vae.timestep_conditioning is False
     pipeline = Pipeline.from_bundle(ltx23_tiled_bundle)
     assert pipeline.decode_noise(seed=1) is None
     b = manifest.bucket
