@@ -212,8 +212,15 @@ def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Prese
         text_changes["per_token_projection"] = True
     if "connector_positional_embedding_max_pos" in t:
         text_changes["connector_max_pos"] = tuple(t["connector_positional_embedding_max_pos"])
-    return replace(preset, dit=replace(preset.dit, **dit_changes), vae=vae,
-                   text=replace(preset.text, **text_changes))
+    out = replace(preset, dit=replace(preset.dit, **dit_changes), vae=vae,
+                  text=replace(preset.text, **text_changes))
+    if out.text.connector_dim != out.dit.context_dim:  # ltx-core fails at the DiT's first cross-attention
+        raise CheckpointError(
+            f"the checkpoint's config makes a {out.text.connector_dim}-wide text context (connector heads x "
+            f"head dim) for a DiT that takes {out.dit.context_dim}: use an unmodified LTX-2 or LTX-2.3 "
+            "checkpoint"
+        )
+    return out
 
 
 def per_token_projection(transformer: dict[str, Any]) -> bool:

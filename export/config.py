@@ -208,15 +208,15 @@ def _tiny() -> Preset:
 
 
 def _tiny23() -> Preset:
-    """`tiny` with LTX-2.3's DiT flags (gated attention, 9-slot + prompt AdaLN, context `inner_dim` wide)
-    and a gated connector as wide as that context: the 2.3 DiT path end to end in seconds."""
+    """`tiny` with LTX-2.3's flags (gated attention, 9-slot + prompt AdaLN, context `inner_dim` wide, the
+    per-token text projection) and a gated connector as wide as that context: the 2.3 path in seconds."""
     tiny = _tiny()
     return replace(
         tiny, name="tiny23",
         dit=replace(tiny.dit, apply_gated_attention=True, cross_attention_adaln=True,
                     caption_proj_before_connector=True),
         text=replace(tiny.text, encoder_dim=64, encoder_ffn=64, connector_head_dim=32,
-                     connector_gated_attention=True),
+                     connector_gated_attention=True, per_token_projection=True),
     )
 
 

@@ -165,6 +165,36 @@ def test_partial_or_other_v2_config_is_refused(keys: dict, message: str) -> None
     assert "\n" not in str(info.value)
 
 
+def test_context_width_mismatch_is_refused() -> None:
+    """The connector's width must be the DiT's context width (2.3: heads x head_dim): no DiT reads another."""
+    config = ltx23_config(heads=32, head_dim=128, layers=1)
+    config["transformer"]["connector_num_attention_heads"] = 30
+    with pytest.raises(CheckpointError, match="3840-wide text context .* takes 4096") as info:
+        config_from_metadata(get_preset("ltx2-video"), config)
+    assert "\n" not in str(info.value)
+
+
+def test_tiny23_text_side_is_v2() -> None:
+    """`tiny23`: V2 projection, gated connector, context as wide as its DiT takes; == ltx-core's path."""
+    from stdrc.export.specs import component_specs
+    from stdrc.runtime.manifest import Bucket
+    from stdrc.runtime.text import ByteTokenizer
+
+    preset = get_preset("tiny23")
+    side = build_text_side(preset.text, seed=0)
+    assert isinstance(side.feature_extractor, LayerwiseFeatureExtractorV2)
+    assert side.connector.transformer_1d_blocks[0].attn1.to_gate_logits is not None
+    specs = component_specs(preset, Bucket(**preset.default_bucket))
+    width = dict((t.name, t.shape) for t in specs["dit"].inputs)["context"][-1]
+    assert specs["text_encoder"].outputs[0].shape[-1] == width == preset.dit.context_dim
+    for prompt in ("a woman waves at the camera", ""):
+        ids, mask = (torch.from_numpy(a) for a in ByteTokenizer(preset.text.max_length)(prompt))
+        with torch.no_grad():
+            context, _ = side(ids, mask)
+            reference = side.ltx_reference(ids, mask)
+        assert context.shape[-1] == width and rel_l2(context, reference) <= 1e-5
+
+
 def test_ltx2_config_keeps_the_v1_projection() -> None:
     preset = config_from_metadata(get_preset("ltx2-video"), {"transformer": {"connector_num_layers": 2}})
     assert not preset.text.per_token_projection
