@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stdrc.export.dit import DIT_INPUTS, DIT_OUTPUTS, SENSITIVE_LAYER_PATTERNS, STDRCTransformer
+from stdrc.export.dit import (DIT_INPUTS, DIT_OUTPUTS, SENSITIVE_LAYER_PATTERNS, STDRCTransformer,
+                              sensitive_layer_patterns)
 from stdrc.export.errors import ExportError
 from stdrc.export.onnx_export import TWO_GB, param_bytes
 from stdrc.export.specs import SIGMA_INPUT
@@ -49,10 +50,11 @@ def _mtq() -> Any:
     return mtq
 
 
-def fp8_config() -> dict[str, Any]:
-    """modelopt's FP8 default (E4M3 per-tensor weights and inputs, max calibration) minus sensitive layers."""
+def fp8_config(patterns: tuple[str, ...] = SENSITIVE_LAYER_PATTERNS) -> dict[str, Any]:
+    """modelopt's FP8 default (E4M3 per-tensor weights and inputs, max calibration) minus the layers matching
+    `patterns` (`sensitive_layer_patterns(dit)` for a given DiT)."""
     cfg = copy.deepcopy(_mtq().FP8_DEFAULT_CFG)
-    keep = [{"quantizer_name": pattern, "enable": False} for pattern in SENSITIVE_LAYER_PATTERNS]
+    keep = [{"quantizer_name": pattern, "enable": False} for pattern in patterns]
     cfg["quant_cfg"] = list(cfg["quant_cfg"]) + keep  # later entries win
     return cfg
 
@@ -70,7 +72,7 @@ def quantize_dit_fp8(dit: STDRCTransformer, calib_batches: list[dict[str, torch.
                 model(**batch)
 
     with contextlib.redirect_stdout(io.StringIO()) as out:  # modelopt prints its progress
-        qdit = mtq.quantize(qdit, fp8_config(), forward_loop=forward_loop)
+        qdit = mtq.quantize(qdit, fp8_config(sensitive_layer_patterns(dit)), forward_loop=forward_loop)
     log.debug("modelopt: %s", out.getvalue().strip())
     log.info("FP8 calibration: %d quantized linears over %d batches",
              len(quantized_layers(qdit)), len(calib_batches))

@@ -49,6 +49,18 @@ SENSITIVE_LAYER_PATTERNS = (
     "*proj_out*",  # hidden -> velocity: last layer
     "*norm_out*",
 )
+# ltx-core's fp8_scaled_mm policy (quantization/fp8_scaled_mm.py:111-126) also keeps block 0 and blocks
+# 43..47 (the last five of 48) in high precision, by absolute index: LTX-2.3's pre-quantized files follow it.
+# Taken for the 2.3 arithmetic (`cross_attention_adaln`); LTX-2's calibration keeps the list above.
+FP8_POLICY_BLOCKS = (0, 43, 44, 45, 46, 47)
+
+
+def sensitive_layer_patterns(dit: torch.nn.Module) -> tuple[str, ...]:
+    """The high-precision patterns for `dit` (any module holding the LTXModel): 2.3 adds FP8_POLICY_BLOCKS."""
+    ltx = next((m for m in dit.modules() if isinstance(m, LTXModel)), None)
+    if ltx is None or not ltx.cross_attention_adaln:
+        return SENSITIVE_LAYER_PATTERNS
+    return (*SENSITIVE_LAYER_PATTERNS, *(f"*transformer_blocks.{i}.*" for i in FP8_POLICY_BLOCKS))
 
 
 def init_seeded(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:

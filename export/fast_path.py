@@ -21,7 +21,7 @@ velocity). What it does, and why:
   casts its own tables), so a call does no position or trigonometry work. ltx-core's
   rotation is still a few elementwise kernels per q and k; `FastPathOptions.compile` lets
   Inductor fuse them (and the FP8 input quantisation) into neighbouring kernels.
-- FP8 GEMMs: every `nn.Linear` outside `export.dit.SENSITIVE_LAYER_PATTERNS` becomes an
+- FP8 GEMMs: every `nn.Linear` outside `export.dit.sensitive_layer_patterns` becomes an
   `Fp8Linear` (`torch._scaled_mm`, E4M3, per-tensor scales from the calibration's
   `fp8_scales.json`). Attention itself stays bf16.
 - CUDA graphs: the runtime's `CudaGraphStep` captures one forward per input shape and replays it.
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from stdrc.export.dit import SENSITIVE_LAYER_PATTERNS, STDRCTransformer
+from stdrc.export.dit import STDRCTransformer, sensitive_layer_patterns
 from stdrc.export.errors import ExportError
 from stdrc.runtime.backends.torch import CudaGraphStep
 
@@ -124,8 +124,9 @@ class Fp8Linear(torch.nn.Module):
 
 def fp8_layer_names(dit: torch.nn.Module) -> list[str]:
     """The linears the calibration quantizes: every `nn.Linear` not matching a sensitive pattern."""
+    patterns = sensitive_layer_patterns(dit)
     return [name for name, m in dit.named_modules() if isinstance(m, torch.nn.Linear)
-            and not any(fnmatch.fnmatchcase(name, p) for p in SENSITIVE_LAYER_PATTERNS)]
+            and not any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
 def load_fp8_scales(path: str | Path) -> dict[str, float]:

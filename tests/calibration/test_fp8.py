@@ -177,3 +177,28 @@ def test_qdq_export_refuses_unquantized(mtq, tmp_path, dit, held_out):
     with pytest.raises(ExportError, match="no enabled FP8 quantizers"):
         fp8.export_qdq_onnx(baked, tmp_path / "x.onnx", {k: batch[k] for k in DIT_INPUTS})
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # a 48-layer calibration
+def test_ltx23_follows_ltx_cores_fp8_scaled_mm_policy(mtq):
+    """A 2.3 DiT (tiny width, 48 layers as the real one) calibrated: besides patchify_proj, the AdaLNs (prompt
+    AdaLN included) and proj_out, block 0 and blocks 43..47 stay in high precision, as ltx-core's
+    fp8_scaled_mm policy keeps them; the gates are quantized like the other block linears. The fast path
+    takes the same list."""
+    from ltx_core.quantization.fp8_scaled_mm import EXCLUDED_LAYER_SUBSTRINGS
+
+    from stdrc.export.fast_path import fp8_layer_names
+
+    preset = get_preset("tiny23").with_dit(num_layers=48)
+    bucket = Bucket(frames=1, height=32, width=32, text_length=preset.default_bucket["text_length"])
+    dit = build_dit(preset.dit, seed=0)
+    qdit = fp8.quantize_dit_fp8(dit, random_dit_batches(preset, bucket, n=1, seed=0))
+    linears = [n for n, m in dit.named_modules() if isinstance(m, torch.nn.Linear)]
+    excluded = {n for n in linears if any(s in n.removeprefix("ltx.") for s in EXCLUDED_LAYER_SUBSTRINGS)}
+    assert {"ltx.prompt_adaln_single.linear", "ltx.transformer_blocks.0.attn1.to_gate_logits",
+            "ltx.transformer_blocks.47.ff.net.2"} <= excluded
+    assert set(fp8.quantized_layers(qdit)) == set(linears) - excluded  # exactly ltx-core's FP8Linear set
+    assert set(fp8_layer_names(dit)) == set(fp8.quantized_layers(qdit))
+    assert "ltx.transformer_blocks.1.attn2.to_gate_logits" in fp8.quantized_layers(qdit)
+    tiny = build_dit(get_preset("tiny").with_dit(num_layers=48).dit, seed=0)  # LTX-2 keeps its list
+    assert "ltx.transformer_blocks.0.attn1.to_q" in fp8_layer_names(tiny)

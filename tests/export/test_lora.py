@@ -168,6 +168,35 @@ def test_full_width_single_layer_with_audio_keys(tmp_path):
         assert rel_l2(loras.fuse(key, state[key].float()), reference[key]) <= 1e-6
 
 
+LTX23_TARGETS = ("transformer_blocks.0.attn1.to_gate_logits.weight",
+                 "transformer_blocks.1.attn2.to_gate_logits.weight", "prompt_adaln_single.linear.weight",
+                 "prompt_adaln_single.emb.timestep_embedder.linear_1.weight", "adaln_single.linear.weight",
+                 "transformer_blocks.1.attn2.to_q.weight")
+
+
+def test_ltx23_keys_fuse_as_ltx_core(tmp_path):
+    """LTX-2.3's own weights at real width (gates, prompt AdaLN, the 9-slot AdaLN linear): two LoRAs fused per
+    tensor == ltx-core's apply_loras (fp32). The DiT's keys and shapes come from the config flags alone."""
+    cfg = replace(get_preset("ltx2-video").dit, num_layers=2, apply_gated_attention=True,
+                  cross_attention_adaln=True, caption_proj_before_connector=True)
+    shapes = dit_shapes(cfg)
+    assert shapes["adaln_single.linear.weight"] == (9 * 4096, 4096)
+    assert shapes["prompt_adaln_single.linear.weight"] == (2 * 4096, 4096)
+    assert shapes["transformer_blocks.0.attn1.to_gate_logits.weight"] == (32, 4096)
+    first = write(tmp_path / "a.safetensors", lora_tensors(shapes, LTX23_TARGETS, 2, 1))
+    second = write(tmp_path / "b.safetensors", lora_tensors(shapes, LTX23_TARGETS[:3], 4, 2))
+    specs = [(first, 0.8), (second, -0.5)]
+    loras = LoraSet.load([LoraSpec(p, s) for p, s in specs], shapes)
+    assert set(loras.targets) == set(LTX23_TARGETS)
+    gen = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(shapes[k], generator=gen) * 0.02).to(torch.bfloat16) for k in LTX23_TARGETS}
+    reference = ltx_core_fused(state, specs, "comfyui")
+    for key in LTX23_TARGETS:
+        fused = loras.fuse(key, state[key].float())
+        assert rel_l2(fused, state[key].float()) > 1e-2, key  # the delta is really there
+        assert rel_l2(fused, reference[key]) <= 1e-6, key
+
+
 def _bad_loras(tmp_path: Path, shapes: dict) -> dict[str, tuple[Path, str]]:
     good = lora_tensors(shapes, TINY_TARGETS[:2])
     q = "diffusion_model.transformer_blocks.0.attn1.to_q"

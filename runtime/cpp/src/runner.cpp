@@ -127,6 +127,11 @@ bool Runner::rope_inputs() const {
   return false;
 }
 
+bool Runner::sigma_input() const {
+  const std::vector<TensorSpec>& inputs = manifest_.component("dit").inputs;
+  return !inputs.empty() && inputs.back().name == "sigma";
+}
+
 void Runner::check_inputs(const RunInputs& in) const {
   const Bucket& b = manifest_.bucket;
   const int64_t c = manifest_.latent_channels;
@@ -163,10 +168,15 @@ at::Tensor Runner::sample(const RunInputs& in, int max_batch, const std::functio
   // a bucket's RoPE tables go to the device once, then every DiT call takes the same tensors
   const at::Tensor cos = in.rope_cos.defined() ? to_dev(in.rope_cos) : at::Tensor();
   const at::Tensor sin = in.rope_sin.defined() ? to_dev(in.rope_sin) : at::Tensor();
-  const Denoiser dit = [this, cos, sin](const at::Tensor& latent, const at::Tensor& timestep, const at::Tensor& context,
-                                        const at::Tensor& context_mask, const at::Tensor& attn_mask) {
-    if (cos.defined()) return dit_->run({latent, timestep, context, context_mask, attn_mask, cos, sin}).at(0);
-    return dit_->run({latent, timestep, context, context_mask, attn_mask}).at(0);
+  const bool with_sigma = sigma_input();
+  // the DiT's inputs in the manifest's order: the five of every DiT, the RoPE tables, then sigma (LTX-2.3)
+  const Denoiser dit = [this, cos, sin, with_sigma](const at::Tensor& latent, const at::Tensor& timestep,
+                                                    const at::Tensor& context, const at::Tensor& context_mask,
+                                                    const at::Tensor& attn_mask, const at::Tensor& sigma) {
+    std::vector<at::Tensor> feeds{latent, timestep, context, context_mask, attn_mask};
+    if (cos.defined()) feeds.insert(feeds.end(), {cos, sin});
+    if (with_sigma) feeds.push_back(sigma);
+    return dit_->run(feeds).at(0);
   };
   return stdrc::sample(dit, to_dev(in.noise), in.sigmas, cond, in.scales, max_batch, on_step);
 }

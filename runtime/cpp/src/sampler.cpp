@@ -83,7 +83,7 @@ std::map<Stream, at::Tensor> denoise_streams(const Denoiser& dit, const std::vec
     const int64_t batch = static_cast<int64_t>(chunk.size());
     const at::Tensor velocity = dit(latent.expand({batch, -1, -1}).contiguous(),
                                     timestep.expand({batch, -1}).contiguous(), in->context, in->context_mask,
-                                    in->attn_mask);
+                                    in->attn_mask, at::full({batch}, sigma, opts));
     for (size_t i = start; i < stop; ++i) {
       const at::Tensor v = velocity.narrow(0, static_cast<int64_t>(i - start), 1).narrow(1, 0, video).to(at::kFloat);
       out[names[i]] = x - v * sigma;

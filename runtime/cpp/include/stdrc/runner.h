@@ -64,6 +64,7 @@ class Runner {
   // Runs the bundle's bucket FRAMESxWIDTHxHEIGHT (default: the first); InputError listing them if absent.
   void select_bucket(const std::string& label) { manifest_.select_bucket(label); }
   bool rope_inputs() const;  // the DiT takes rope_cos/rope_sin (a bundle of several buckets)
+  bool sigma_input() const;  // the DiT takes the stream's sigma last (a prompt-AdaLN DiT, LTX-2.3)
 
   // Reads an inputs folder; sigmas and guidance default to the manifest's where the folder has none.
   RunInputs read_inputs(const std::string& folder) const;

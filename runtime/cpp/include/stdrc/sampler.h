@@ -34,10 +34,11 @@ struct Conditioning {
 };
 
 // velocity [B, N, C] = dit(latent [B, N, C], timestep [B, N], context [B, L, D],
-//                          context_mask [B, L], attn_mask [B, N])
+//                          context_mask [B, L], attn_mask [B, N], sigma [B])
+// sigma is the stream's sigma (float32): a DiT with the prompt AdaLN (LTX-2.3) takes it, others ignore it.
 using Denoiser = std::function<at::Tensor(const at::Tensor& latent, const at::Tensor& timestep,
                                           const at::Tensor& context, const at::Tensor& context_mask,
-                                          const at::Tensor& attn_mask)>;
+                                          const at::Tensor& attn_mask, const at::Tensor& sigma)>;
 
 // d = d_u + s_ref (d_r - d_u) + s_txt (d_f - d_r), using only the streams present.
 at::Tensor combine(const std::map<Stream, at::Tensor>& denoised, const GuidanceScales& scales);
