@@ -37,7 +37,7 @@ def test_generation_feeds_sigma_and_equals_pytorch(bundle23: Path) -> None:
 
     cond = smp.Conditioning(pipe.encode_reference(result.reference), pipe.prompts(PROMPT), pipe.prompts(""))
     g = pipe.manifest.guidance
-    scales = smp.GuidanceScales(text=g["text_scale"], ref=g["ref_scale"])
+    scales = smp.GuidanceScales(text=g.text_scale, ref=g.ref_scale)
     noise, sigmas = pipe.initial_noise(SEED), pipe.sigmas(STEPS, False)
     calls: list[tuple[float, np.ndarray]] = []
 
