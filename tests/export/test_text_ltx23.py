@@ -32,7 +32,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 def ltx23_config(heads: int, head_dim: int, layers: int) -> dict:
     """The text-side keys of an LTX-2.3 `config` header (values as the 3P copies give them, sizes reduced)."""
     return {"transformer": {
-        **V2_CAPTION_CONFIG, "num_attention_heads": heads, "attention_head_dim": head_dim,
+        **V2_CAPTION_CONFIG, "apply_gated_attention": True, "cross_attention_adaln": True,
+        "num_attention_heads": heads, "attention_head_dim": head_dim,
         "audio_num_attention_heads": 2, "audio_attention_head_dim": 8,
         "connector_num_attention_heads": heads, "connector_attention_head_dim": head_dim,
         "connector_num_layers": layers, "connector_apply_gated_attention": True,
