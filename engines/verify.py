@@ -21,6 +21,7 @@ from stdrc.export.errors import CheckpointError
 from stdrc.export.lora import LoraSpec, lora_transform, match_manifest
 from stdrc.export.models import load_sources, plan_sources
 from stdrc.export.specs import component_specs
+from stdrc.export.vae import ltx_core_reference
 from stdrc.runtime.backends import check_trust, open_engine
 from stdrc.runtime.manifest import bundle_path, check_files, read_manifest
 from stdrc.runtime.options import check_path
@@ -122,9 +123,14 @@ def check_sources(bundle: Path, recorded: dict[str, dict], given: dict[str, dict
 
 
 def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Callable | None) -> list[tuple]:  # noqa: ANN001
-    """PyTorch outputs (fp32, from the recorded sources) for each feed; the module is released on return."""
-    one = load_sources(src, (name,), torch.float32, transform if name == "dit" else None)
-    module = one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)[name]
+    """PyTorch outputs (fp32, from the recorded sources) for each feed; the module is released on return.
+    A VAE whose file has a `vae` config: ltx-core's own module built from that config, not ours."""
+    vae_file = src.vae if name in ("vae_encoder", "vae_decoder") else None
+    if vae_file is not None and "vae" in (vae_file.metadata_config or {}):
+        module = ltx_core_reference(vae_file, name)
+    else:
+        one = load_sources(src, (name,), torch.float32, transform if name == "dit" else None)
+        module = one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)[name]
     outs = []
     with torch.no_grad():
         for feed in feeds:

@@ -132,6 +132,33 @@ class DecoderForExport(torch.nn.Module):
         return unpatchify(sample, patch_size_hw=d.patch_size, patch_size_t=1)
 
 
+class LtxCoreDecoder(torch.nn.Module):
+    """ltx-core's own `VideoDecoder.forward` with its decode noise scaled to zero (the engine's input is
+    already mixed): `verify`'s reference, independent of `DecoderForExport`."""
+
+    def __init__(self, decoder: VideoDecoder):
+        super().__init__()
+        self.decoder = decoder
+        decoder.decode_noise_scale = 0.0  # noise * 0 + latent: exact
+
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(latent, timestep)
+
+
+def ltx_core_reference(ckpt: Any, name: str) -> torch.nn.Module:
+    """fp32 `vae_encoder`/`vae_decoder` as ltx-core builds it from the checkpoint's own `config` (its
+    configurators, not this project's reading of it), the file's weights streamed in: what `verify`
+    compares a bundle's VAE with when the file has a `vae` section."""
+    from stdrc.export.checkpoint import load_streaming  # checkpoint.py imports this module
+
+    configurator = VideoEncoderConfigurator if name == "vae_encoder" else VideoDecoderConfigurator
+    with torch.device("meta"):
+        module = configurator.from_config(ckpt.metadata_config)
+    module = module.to_empty(device="cpu").float().eval()
+    load_streaming(module, ckpt, name, "VAE " + name.split("_")[1])
+    return EncoderForExport(module) if name == "vae_encoder" else LtxCoreDecoder(module)
+
+
 def mix_decode_noise(latent: torch.Tensor, noise: torch.Tensor, scale: float) -> torch.Tensor:
     """What ltx-core's decoder does to its input before decoding when timestep-conditioned."""
     return noise * scale + (1.0 - scale) * latent

@@ -273,3 +273,47 @@ def test_decoder_without_timestep_bundle_verifies_and_generates(ltx23_tiled_bund
     assert result.frames.shape == (9, 64, 192, 3)
     inputs = write_cpp_inputs(pipeline, reference, "a woman smiles", 1, tmp_path / "cpp", face_crop=False)
     assert not (inputs / DECODE_NOISE).exists()  # the C++ runner gets no decode noise to mix either
+
+
+@pytest.mark.slow  # a decoder export and a verify
+def test_verify_sees_a_vae_config_misread(ltx23_tiled_bundle: Path, ltx23_vae_file: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bug verify could not see: a reading of the `vae` config that drops `spatial_padding_mode` (the
+    decoder then reflects, on a zeros file) builds the export and its reference alike. verify's reference is
+    ltx-core's decoder built from the file's own config, so the misread decoder is a FAIL."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from stdrc.engines.verify import verify_bundle
+    from stdrc.export import checkpoint
+    from stdrc.export.config import get_preset
+    from stdrc.export.models import load_sources, plan_sources
+    from stdrc.export.onnx_export import export_onnx
+    from stdrc.export.specs import component_specs
+    from stdrc.runtime.manifest import read_manifest, sha256_file
+
+    def misread(section: dict, base):  # noqa: ANN001, ANN202 - as before `spatial_padding_mode` was read
+        return replace(read(section, base), encoder_spatial_padding_mode="zeros",
+                       decoder_spatial_padding_mode="reflect")
+
+    read = checkpoint.vae_from_metadata
+    monkeypatch.setattr(checkpoint, "vae_from_metadata", misread)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ltx23_tiled_bundle, bundle)
+    manifest = read_manifest(bundle)
+    src = plan_sources(get_preset("tiny"), ltx23_vae_file, components=("vae_decoder",))
+    assert src.preset.vae.decoder_spatial_padding_mode == "reflect"
+    decoder = load_sources(src, ("vae_decoder",)).export_modules(manifest.bucket)["vae_decoder"]
+    tiling = DecodeTiling.from_json(manifest.decode)
+    spec = component_specs(src.preset, manifest.buckets, tiling)["vae_decoder"]
+    entry = manifest.components["vae_decoder"]
+    export_onnx(decoder, spec, bundle / entry.file)
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["components"]["vae_decoder"]["sha256"] = sha256_file(bundle / entry.file)
+    # the VAE alone: the misread preset also changes the seeded components' recorded source
+    data["components"] = {k: data["components"][k] for k in ("vae_encoder", "vae_decoder")}
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    reports = verify_bundle(bundle, checkpoint=ltx23_vae_file)
+    assert reports["vae_encoder"].ok and not reports["vae_decoder"].ok, reports
+    assert reports["vae_decoder"].rel_l2 > 0.05
