@@ -305,8 +305,7 @@ def test_verify_sees_a_vae_config_misread(ltx23_tiled_bundle: Path, ltx23_vae_fi
     src = plan_sources(get_preset("tiny"), ltx23_vae_file, components=("vae_decoder",))
     assert src.preset.vae.decoder_spatial_padding_mode == "reflect"
     decoder = load_sources(src, ("vae_decoder",)).export_modules(manifest.bucket)["vae_decoder"]
-    tiling = DecodeTiling.from_json(manifest.decode)
-    spec = component_specs(src.preset, manifest.buckets, tiling)["vae_decoder"]
+    spec = component_specs(src.preset, manifest.buckets, manifest.decode)["vae_decoder"]
     entry = manifest.components["vae_decoder"]
     export_onnx(decoder, spec, bundle / entry.file)
     data = json.loads((bundle / "manifest.json").read_text())
