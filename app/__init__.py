@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from stdrc.runtime.cli import FORMATTER
-from stdrc.runtime.vocab import CONCRETE_DEVICES, MEMORY_PLANS
+from stdrc.runtime.cli import FORMATTER, add_device_flag
+from stdrc.runtime.vocab import MEMORY_PLANS
 
 
 def add_app_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def add_app_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it on the network)")
     a.add_argument("--server", default=None, metavar="URL",
                    help="submit to a `stdrc serve` endpoint instead of running the bundle in this process")
-    a.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES, help="in-process device")
+    add_device_flag(a, "in-process device (auto: CUDA when the bundle's backend can use it here)")
     a.add_argument("--memory-plan", default="all", choices=MEMORY_PLANS,
                    help="in process: all engines resident, or each loaded for its stage (see stdrc plan)")
     a.set_defaults(func=_run)

@@ -42,15 +42,11 @@ class Outcome:
 
 
 class Backend(Protocol):
-    face_crop_optional: bool  # whether the page may offer "whole photo, no face crop"
-
     def generate(self, job: Job, on_step: OnStep, cancel: threading.Event) -> Outcome: ...
 
 
 class LocalBackend:
     """One `Pipeline`, one generation at a time (the lock also guards against a cancelled run still ending)."""
-
-    face_crop_optional = True
 
     def __init__(self, pipeline: Pipeline, out_dir: Path):
         self.pipeline = pipeline
@@ -65,9 +61,8 @@ class LocalBackend:
                 raise Cancelled(f"cancelled after {i + 1} of {total} steps")
             on_step(i + 1, total)
         with self._lock:
-            result = self.pipeline.generate_with(job.reference, replace(job.options, output=output), step)
-        scored = "face_encoder" in self.pipeline.engines and job.options.face_crop  # as Pipeline.generate decides
-        return Outcome(result.files["video"], result.files["contact_sheet"], result.facesim, scored)
+            result = self.pipeline.generate(job.reference, replace(job.options, output=output), on_step=step)
+        return Outcome(result.files["video"], result.files["contact_sheet"], result.facesim, result.facesim_scored)
 
 
 def facesim_text(outcome: Outcome) -> str:

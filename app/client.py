@@ -14,12 +14,9 @@ from pathlib import Path
 
 from stdrc.app.backends import Cancelled, Job, OnStep, Outcome
 from stdrc.runtime.errors import StdrcError
-from stdrc.runtime.options import FORM_FIELDS
 
 
 class ServerBackend:
-    face_crop_optional = True  # the API takes face_crop
-
     def __init__(self, url: str, out_dir: Path, poll_s: float = 0.5):
         from stdrc.runtime.client import Client  # requests, no Ray
 
@@ -46,8 +43,8 @@ class ServerBackend:
             time.sleep(self.poll_s)
 
     def generate(self, job: Job, on_step: OnStep, cancel: threading.Event) -> Outcome:
-        form = {k: v for k, v in job.options.to_json().items() if k in FORM_FIELDS and k != "prompt"}
-        job_id = self.client.submit(job.reference, job.options.prompt, **form)
+        form = job.options.form()  # the job API's fields
+        job_id = self.client.submit(job.reference, form.pop("prompt"), **form)
         state = self.wait(job_id, on_step, cancel)
         stem = self.out_dir / uuid.uuid4().hex[:12]
         video, sheet = stem.with_suffix(".mp4"), stem.with_name(stem.name + "_sheet.png")

@@ -7,13 +7,13 @@ import random
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 from stdrc.app.backends import Backend, Cancelled, Job, LocalBackend, facesim_text
 from stdrc.runtime.errors import StdrcError, require_extra
-from stdrc.runtime.manifest import Bucket, Manifest, read_manifest
-from stdrc.runtime.options import GenerationOptions
+from stdrc.runtime.manifest import Bucket, Manifest
+from stdrc.runtime.options import GenerationOptions, Option, options_of
 from stdrc.runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class AppConfig:
     host: str = "127.0.0.1"
     port: int = 7860
     server: str | None = None  # a `stdrc serve` URL; None runs the bundle in this process
-    device: str = "cpu"
+    device: str = "auto"
     memory_plan: str = "all"  # in process: runtime/memory.py's all, staged or auto
 
 
@@ -39,15 +39,27 @@ def bucket_label(bucket: Bucket) -> str:
     return f"{bucket.width}x{bucket.height}, {bucket.frames} frames at {bucket.fps:g} fps"
 
 
+def page_options(options_type: type = GenerationOptions) -> tuple[Option, ...]:
+    """The fields the page offers as inputs (their Knob has an app label), in declaration order."""
+    return tuple(o for o in options_of(options_type) if o.knob.app)
+
+
 class Page:
     """The handlers behind the page, kept apart from the layout so each reads as plain Python."""
 
-    def __init__(self, backend: Backend, manifest: Manifest, preview: Pipeline):
+    def __init__(self, backend: Backend, manifest: Manifest, preview: Pipeline,
+                 options_type: type = GenerationOptions):
         self.backend = backend
         self.manifest = manifest
-        self.preview = preview  # a Pipeline without engines: face detection and crop only
+        self.preview = preview  # a Pipeline that never opens an engine: `prepare` for the face crop only
+        self.options_type = options_type
         self._preview_lock = threading.Lock()
         self._cancel: dict[str, threading.Event] = {}
+
+    def initial(self) -> dict[str, object]:
+        """Each input's starting value: the field's default, or the bundle's where that is None."""
+        resolved = self.preview.resolve(self.options_type(prompt=""))
+        return {o.name: getattr(resolved, o.name) for o in page_options(self.options_type)}
 
     def crop(self, reference: str | None, face_crop: bool):  # noqa: ANN201
         """The detected face as the run will use it, shown as soon as a photo is in."""
@@ -55,20 +67,33 @@ class Page:
             return None, ""
         try:
             with self._preview_lock:
-                return self.preview.prepare_reference(reference, face_crop), ""
+                options = self.options_type(prompt="", face_crop=bool(face_crop))
+                return self.preview.prepare(reference, options).image, ""
         except StdrcError as e:
             return None, f"error: {e}"
 
-    def generate(self, reference, prompt, negative_prompt, seed, steps, text_scale, ref_scale, face_crop,  # noqa: ANN001, ANN201
-                 request, progress):
+    def options(self, values: dict[str, object]) -> GenerationOptions:
+        """The page's input values (by field name) as checked options; an empty number takes the default."""
+        kept = {}
+        for option in page_options(self.options_type):
+            value = values.get(option.name)
+            if option.kind is str:
+                value = value or ""
+            elif option.kind is bool:
+                value = bool(value)
+            elif value is None:
+                continue  # the field's default (the bundle's value for steps and scales)
+            elif option.kind is int and float(value).is_integer():
+                value = int(value)
+            kept[option.name] = value
+        return self.options_type(**kept)
+
+    def generate(self, reference, values, request, progress):  # noqa: ANN001, ANN201
         """-> (status line, video, contact sheet, FaceSim text); StdrcError becomes the CLI's `error:` line."""
         if not reference:
             return "error: no reference photo: upload one (or take one with the webcam)", None, None, ""
         try:
-            options = GenerationOptions(prompt=prompt or "", negative_prompt=negative_prompt or "",
-                                        seed=int(seed) if seed is not None else 0,
-                                        steps=int(steps) if steps is not None else None,
-                                        text_scale=text_scale, ref_scale=ref_scale, face_crop=bool(face_crop))
+            options = self.options(values)
         except StdrcError as e:
             return f"error: {e}", None, None, ""
         job = Job(reference, options)
@@ -102,6 +127,7 @@ def build_page(page: Page):  # noqa: ANN201
     import gradio as gr  # not `from __future__ import annotations` here: Gradio reads `gr.Request` hints
 
     m = page.manifest
+    initial = page.initial()
     with gr.Blocks(title="stdrc") as demo:
         gr.Markdown(f"## stdrc: identity-preserving text-to-video\nbundle `{m.preset}`")
         with gr.Row():
@@ -110,18 +136,10 @@ def build_page(page: Page):  # noqa: ANN201
                     reference = gr.Image(label="Reference photo", sources=["upload", "webcam"], type="filepath",
                                          elem_id="reference")
                     crop = gr.Image(label="Detected face", interactive=False, elem_id="crop")
-                face_crop = gr.Checkbox(value=True, label="Crop to the largest face",
-                                        visible=page.backend.face_crop_optional)
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
-                with gr.Row():
-                    # no min/max here: the Pipeline checks values and the page shows its message
-                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                    dice = gr.Button("Random seed", size="sm")
-                    steps = gr.Number(value=m.sampler.steps, precision=0, label="Steps", elem_id="steps")
-                with gr.Row():
-                    text_scale = gr.Number(value=m.guidance.text_scale, label="Text guidance")
-                    ref_scale = gr.Number(value=m.guidance.ref_scale, label="Reference guidance")
+                # one input per field the options offer the page; no min/max: the Pipeline checks values
+                # and the page shows its message
+                inputs = {o.name: _input(gr, o, initial[o.name]) for o in page_options(page.options_type)}
+                dice = gr.Button("Random seed", size="sm")
                 size = bucket_label(m.bucket)
                 gr.Dropdown(choices=[size], value=size, label="Size", interactive=False)
                 with gr.Row():
@@ -137,8 +155,9 @@ def build_page(page: Page):  # noqa: ANN201
             image, line = page.crop(ref, fc)
             return image, status_html(line)
 
-        def _generate(ref, p, n, s, st, ts, rs, fc, request: gr.Request, progress=gr.Progress()):  # noqa: B008
-            line, *results = page.generate(ref, p, n, s, st, ts, rs, fc, request, progress)
+        def _generate(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: ANN202, B008
+            values = {name: data[component] for name, component in inputs.items()}
+            line, *results = page.generate(data[reference], values, request, progress)
             return status_html(line), *results
 
         def _arm(request: gr.Request) -> None:
@@ -147,15 +166,27 @@ def build_page(page: Page):  # noqa: ANN201
         def _cancel(request: gr.Request) -> None:
             page.cancel(request)
 
-        reference.change(_crop, [reference, face_crop], [crop, status], concurrency_limit=1)
-        face_crop.change(_crop, [reference, face_crop], [crop, status], concurrency_limit=1)
-        dice.click(lambda: random.randint(0, SEED_MAX), None, seed, queue=False)
+        reference.change(_crop, [reference, inputs["face_crop"]], [crop, status], concurrency_limit=1)
+        inputs["face_crop"].change(_crop, [reference, inputs["face_crop"]], [crop, status], concurrency_limit=1)
+        dice.click(lambda: random.randint(0, SEED_MAX), None, inputs["seed"], queue=False)
         # no `cancels=`: Gradio may drop a running job's reply; the flag lets the run end and say so
         run.click(_arm, None, None, queue=False).then(
-            _generate, [reference, prompt, negative, seed, steps, text_scale, ref_scale, face_crop],
-            [status, video, sheet, facesim], concurrency_limit=1, concurrency_id="generate")
+            _generate, {reference, *inputs.values()}, [status, video, sheet, facesim], concurrency_limit=1,
+            concurrency_id="generate")
         stop.click(_cancel, None, None, queue=False)
     return demo
+
+
+def _input(gr, option: Option, value: object):  # noqa: ANN001, ANN202
+    """The Gradio component for one field, by its type; elem_id is the field's name."""
+    label, name = option.knob.app, option.name
+    if option.kind is str:
+        return gr.Textbox(value=value, label=label, lines=2 if option.default is MISSING else 1, elem_id=name)
+    if option.kind is bool:
+        return gr.Checkbox(value=value, label=label, elem_id=name)
+    if option.kind in (int, float):
+        return gr.Number(value=value, precision=0 if option.kind is int else None, label=label, elem_id=name)
+    raise TypeError(f"the app has no input for {name} ({option.kind.__name__}): drop its app label")
 
 
 def make_backend(config: AppConfig, out_dir: Path) -> Backend:
@@ -163,8 +194,9 @@ def make_backend(config: AppConfig, out_dir: Path) -> Backend:
         from stdrc.app.client import ServerBackend
 
         return ServerBackend(config.server, out_dir)
-    return LocalBackend(Pipeline.from_bundle(config.bundle, device=config.device, memory_plan=config.memory_plan),
-                        out_dir)
+    pipe = Pipeline.from_bundle(config.bundle, device=config.device, memory_plan=config.memory_plan)
+    pipe.engines.warm()  # loaded before the page is up
+    return LocalBackend(pipe, out_dir)
 
 
 def serve(config: AppConfig) -> None:
@@ -175,10 +207,9 @@ def serve(config: AppConfig) -> None:
         require_extra("requests", "app", "`stdrc app --server`")
     import gradio as gr
 
-    bundle = Path(config.bundle)
-    manifest = read_manifest(bundle)
+    preview = Pipeline.for_checks(config.bundle)
     with tempfile.TemporaryDirectory(prefix="stdrc-app-") as tmp:
-        page = Page(make_backend(config, Path(tmp)), manifest, Pipeline(bundle, manifest, {}))
+        page = Page(make_backend(config, Path(tmp)), preview.manifest, preview)
         demo = build_page(page)
         theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                   font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline

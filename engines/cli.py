@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from stdrc import __version__
-from stdrc.runtime.cli import HelpFormatter, run_command
-from stdrc.runtime.vocab import BACKENDS, CONCRETE_DEVICES, LAYOUTS, PRECISIONS
+from stdrc.runtime.cli import HelpFormatter, add_device_flag, run_command
+from stdrc.runtime.vocab import BACKENDS, LAYOUTS, PRECISIONS
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--face-weights", type=Path, default=None, help="the ArcFace backbone the bundle was built with")
     v.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="each LoRA the bundle was built with, in order (strength default: the manifest's)")
-    v.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES,
-                   help="where the engines run (the reference runs on CPU)")
+    add_device_flag(v, "where the engines run (the reference runs on CPU; auto: CUDA when the bundle's backend "
+                       "can use it here)")
     v.add_argument("--trust-bundle-code", action="store_true",
                    help="allow torch/aoti bundles: loading one runs code from the bundle (see README, Trust)")
     v.add_argument("--json", action="store_true", help="print the numbers as JSON")

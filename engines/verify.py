@@ -22,7 +22,7 @@ from stdrc.export.lora import LoraSpec, lora_transform, match_manifest
 from stdrc.export.models import load_sources, plan_sources
 from stdrc.export.specs import component_specs
 from stdrc.export.vae import ltx_core_reference
-from stdrc.runtime.backends import check_trust, open_engine
+from stdrc.runtime.backends import check_trust, open_engine, resolve_device
 from stdrc.runtime.manifest import bundle_path, check_files, read_manifest
 from stdrc.runtime.options import check_path
 from stdrc.runtime.vocab import BUCKET_SIZED
@@ -164,6 +164,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     manifest = read_manifest(bundle)
     for name, entry in manifest.components.items():
         check_trust(name, entry, trust_code)
+    device = resolve_device(device, {e.backend for e in manifest.components.values()})
     check_files(bundle, manifest)
     if manifest.checkpoint_sha256 and checkpoint is None:
         raise CheckpointError(f"{bundle} was built from a checkpoint: pass --checkpoint with that file to verify it")

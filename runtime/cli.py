@@ -8,9 +8,12 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import MISSING
+from pathlib import Path
 
 from stdrc.runtime.errors import StdrcError
-from stdrc.runtime.vocab import CONCRETE_DEVICES, DEVICES, FIXED_PLANS, MEMORY_PLANS
+from stdrc.runtime.options import GenerationOptions, options_of
+from stdrc.runtime.vocab import DEVICES, FIXED_PLANS, MEMORY_PLANS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -28,24 +31,48 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 FORMATTER = HelpFormatter
 
 
+def add_generation_flags(parser: argparse.ArgumentParser, options_type: type = GenerationOptions,
+                         served_only: bool = False) -> None:
+    """One flag per field of `options_type` (GenerationOptions or a subclass), made from its Knobs.
+
+    `served_only`: just the fields the job API takes (`stdrc submit`)."""
+    for option in options_of(options_type):
+        if served_only and not option.knob.served:
+            continue
+        kw: dict = {"help": option.knob.help, "dest": option.name, "default": option.default}
+        if option.kind is bool:
+            kw["action"] = "store_true" if option.default is False else argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {tuple: float, Path: str}.get(option.kind, option.kind)
+            kw["required"] = option.default is MISSING or option.knob.required
+            if option.default is MISSING:
+                kw["default"] = None
+            if option.kind is tuple:
+                kw["nargs"] = 2
+            if option.knob.metavar:
+                kw["metavar"] = option.knob.metavar
+        parser.add_argument(*option.flags, **kw)
+
+
+def options_from_args(args: argparse.Namespace, options_type: type = GenerationOptions,
+                      served_only: bool = False) -> GenerationOptions:
+    """The parsed flags of `add_generation_flags` as checked options (InputError on a bad value)."""
+    return options_type(**{o.name: getattr(args, o.name) for o in options_of(options_type)
+                           if o.knob.served or not served_only})
+
+
+def add_device_flag(parser: argparse.ArgumentParser, help: str = "") -> None:  # noqa: A002
+    """--device, with the one default every command shares (auto)."""
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help=help or "auto: CUDA when the bundle's backend can use it here, else CPU")
+
+
 def _generate(args: argparse.Namespace) -> int:
-    from stdrc.runtime.options import GenerationOptions
     from stdrc.runtime.pipeline import Pipeline
-    from stdrc.runtime.video import load_image
 
-    # every argument is checked before anything is loaded, and before a progress bar is drawn
-    options = GenerationOptions(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-        text_scale=args.text_scale, ref_scale=args.ref_scale,
-        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
-        cfg_rescale=args.cfg_rescale, distilled=args.distilled, max_batch=args.max_batch,
-        face_crop=not args.no_face_crop, output=args.output, frames=args.frames, height=args.height, width=args.width,
-    )
-    from stdrc.runtime.manifest import read_manifest
-    from stdrc.runtime.options import check_path
-
-    read_manifest(check_path(args.bundle, "bundle folder")).find_bucket(args.frames, args.height, args.width)
-    reference = load_image(args.ref)
+    # every argument is checked before an engine is opened (options here, the rest in Pipeline.prepare),
+    # and before a progress bar is drawn
+    options = options_from_args(args)
     pipe = Pipeline.from_bundle(args.bundle, backend=args.backend, device=args.device, cuda_graphs=args.cuda_graphs,
                                 memory_plan=args.memory_plan, trust_code=args.trust_bundle_code)
     if args.face_models:
@@ -66,7 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
             bar.close()  # decode and FaceSim log lines come after, on lines of their own
 
     try:
-        result = pipe.generate_with(reference, options, on_step=on_step)
+        result = pipe.generate(args.ref, options, on_step=on_step)
     finally:
         if bar is not None:
             bar.close()  # ends the bar's line, so an error goes on its own
@@ -75,9 +102,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        has_encoder = "face_encoder" in pipe.engines and not args.no_face_crop
         face = (f", FaceSim {result.facesim:.3f}" if result.facesim is not None
-                else ", FaceSim n/a (no face in the generated frames)" if has_encoder else "")
+                else ", FaceSim n/a (no face in the generated frames)" if result.facesim_scored else "")
         print(f"wrote {result.files['video']} ({summary['frames']} frames, {result.files['codec']}) "
               f"and {result.files['contact_sheet']}{face}")
     return 0
@@ -164,31 +190,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "OUT_sheet.png, and prints FaceSim when the bundle has a face encoder.")
     g.add_argument("--bundle", required=True, help="engine bundle folder (from stdrc-export build-engines)")
     g.add_argument("--ref", required=True, help="reference photo with one face (PNG/JPEG)")
-    g.add_argument("--prompt", required=True, help="what the video shows")
-    g.add_argument("--negative-prompt", default="", help="prompt of the 'no text' guidance stream")
-    g.add_argument("-o", "--output", required=True, help="output .mp4 (a _sheet.png goes beside it)")
-    g.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same video)")
-    g.add_argument("--frames", type=int, default=None,
-                   help="video frames: picks the bundle's bucket (default: its first)")
-    g.add_argument("--height", type=int, default=None, help="pixels: picks the bundle's bucket (default: its first)")
-    g.add_argument("--width", type=int, default=None, help="pixels: picks the bundle's bucket (default: its first)")
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
-    g.add_argument("--distilled", action="store_true", help="LTX-2's distilled 8-step sigmas")
-    g.add_argument("--text-scale", type=float, default=None, help="text guidance s_txt (default: the bundle's)")
-    g.add_argument("--ref-scale", type=float, default=None, help="reference guidance s_ref (default: the bundle's)")
-    g.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"), default=None,
-                   help="apply guidance only for sigmas in [LO, HI] (default: every step)")
-    g.add_argument("--cfg-rescale", type=float, default=0.0, help="rescale guided velocity toward its std (0 = off)")
-    g.add_argument("--max-batch", type=int, default=3, help="guidance streams per DiT call (1-3; lower saves memory)")
-    g.add_argument("--no-face-crop", action="store_true", help="use the whole photo, no face detection")
+    add_generation_flags(g)
     g.add_argument("--face-detector", metavar="ONNX", default=None,
                    help="YuNet ONNX for the face crop (default: $STDRC_YUNET, else the copy shipped with stdrc)")
     g.add_argument("--face-models", metavar="DIR", default=None,
                    help="insightface model folder or name (buffalo_l, antelopev2): SCRFD instead of YuNet")
     g.add_argument("--backend", default=None,
                    help="refuse a bundle whose engines are not this backend (default: whatever the bundle holds)")
-    g.add_argument("--device", default="auto", choices=DEVICES,
-                   help="auto: CUDA when the bundle's backend can use it here, else CPU")
+    add_device_flag(g)
     g.add_argument("--trust-bundle-code", action="store_true",
                    help="allow torch/aoti bundles: loading one runs code from the bundle (see README, Trust)")
     g.add_argument("--cuda-graphs", action="store_true",
@@ -206,7 +215,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("prompts", help="text file with one prompt a line, or - for standard input")
     e.add_argument("--cache-dir", default=None,
                    help="prompt cache folder (default $STDRC_PROMPT_CACHE or ~/.cache/stdrc/prompts)")
-    e.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES, help="where the text encoder runs")
+    add_device_flag(e, "where the text encoder runs (auto: CUDA when the bundle's backend can use it here)")
     e.set_defaults(func=_encode_prompts)
     m = sub.add_parser("plan", help="memory each plan (all, staged) needs for a bundle, and whether it fits",
                        formatter_class=FORMATTER,

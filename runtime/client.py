@@ -13,6 +13,7 @@ from pathlib import Path
 import requests
 
 from stdrc.runtime.errors import StdrcError
+from stdrc.runtime.options import FORM_FIELDS
 
 TERMINAL = ("done", "failed")
 
@@ -44,11 +45,14 @@ class Client:
         return response
 
     def submit(self, reference: str | Path | bytes, prompt: str, retry_s: float = 0.0, **options) -> str:  # noqa: ANN003
-        """POST a job; returns its id. Options: negative_prompt, seed, steps, text_scale, ref_scale,
-        face_crop, frames, height, width (a bucket of the bundle).
+        """POST a job; returns its id. Options: the job API's form fields (GenerationOptions' served
+        fields: negative_prompt, seed, steps, ...); the server checks their values.
 
         `retry_s`: keep retrying a full queue (429) this long before giving up.
         """
+        unknown = sorted(set(options) - set(FORM_FIELDS))
+        if unknown:
+            raise ServerError(f"unknown option(s) {', '.join(unknown)}: the job API takes {', '.join(FORM_FIELDS)}")
         data = reference if isinstance(reference, bytes) else Path(reference).read_bytes()
         name = "reference.png" if isinstance(reference, bytes) else Path(reference).name
         fields = {"prompt": prompt, **{k: str(v).lower() if isinstance(v, bool) else str(v)

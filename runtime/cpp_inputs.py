@@ -2,8 +2,9 @@
 
 The C++ runner samples and decodes; the text side and the reference encoding stay in Python.
 `write_cpp_inputs` writes exactly what the runner reads (file names shared with
-`runtime/cpp/include/stdrc/runner.h`), drawn with the same seeds as `Pipeline.generate`, so
-`run_python(pipeline, folder)` == `Pipeline.generate(...)` == `stdrc_run --inputs folder`.
+`runtime/cpp/include/stdrc/runner.h`), prepared by `Pipeline.prepare` and drawn with the same seeds
+as `Pipeline.generate`, so `run_python(pipeline, folder)` == `Pipeline.generate(reference, options)`
+== `stdrc_run --inputs folder`.
 No torch import here: the Python side runs on whatever backend the bundle holds.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from stdrc.runtime import sampler as smp
 from stdrc.runtime.errors import InputError
+from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 from stdrc.runtime.video import frames_to_uint8
 
@@ -38,49 +40,36 @@ class CppResult:
     frames: np.ndarray
 
 
-def write_cpp_inputs(
-    pipeline: Pipeline,
-    reference: str | Path | np.ndarray,
-    prompt: str,
-    seed: int,
-    folder: str | Path,
-    negative_prompt: str = "",
-    steps: int | None = None,
-    text_scale: float | None = None,
-    ref_scale: float | None = None,
-    guidance_interval: tuple[float, float] | None = None,
-    cfg_rescale: float = 0.0,
-    distilled: bool = False,
-    face_crop: bool = True,
-) -> Path:
-    """Write the runner's inputs for one `generate(...)` call with these arguments; returns `folder`."""
+def write_cpp_inputs(pipeline: Pipeline, reference: str | Path | np.ndarray, options: GenerationOptions,
+                     folder: str | Path) -> Path:
+    """Write the runner's inputs for `pipeline.generate(reference, options)`; returns `folder`.
+
+    Resolved by `Pipeline.prepare` like every generation (bucket, scales, sigmas, crop), so the runner
+    samples exactly what `generate` would."""
+    prepared = pipeline.prepare(reference, options)
+    o, scales = prepared.options, prepared.scales
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    g = pipeline.manifest.guidance
-    guidance = {
-        "text_scale": float(g.text_scale if text_scale is None else text_scale),
-        "ref_scale": float(g.ref_scale if ref_scale is None else ref_scale),
-        "interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
-        "rescale": float(cfg_rescale),
-    }
-    image = pipeline.prepare_reference(reference, face_crop)
-    text, no_text = pipeline.prompts(prompt), pipeline.prompts(negative_prompt)
+    pipeline.bucket = prepared.bucket
+    text, no_text = pipeline.prompts(o.prompt), pipeline.prompts(o.negative_prompt)
     arrays = {
-        NOISE: pipeline.initial_noise(seed),
-        REFERENCE: pipeline.encode_reference(image),
+        NOISE: pipeline.initial_noise(o.seed),
+        REFERENCE: pipeline.encode_reference(prepared.image),
         TEXT_CONTEXT: text[0], TEXT_MASK: text[1],
         NULL_CONTEXT: no_text[0], NULL_MASK: no_text[1],
-        SIGMAS: pipeline.sigmas(steps, distilled),
+        SIGMAS: prepared.sigmas,
     }
     arrays.update({f"{name}.npy": value for name, value in pipeline.rope_feeds().items()})  # the bucket's tables
-    decode_noise = pipeline.decode_noise(seed)
+    decode_noise = pipeline.decode_noise(o.seed)
     if decode_noise is not None:
         arrays[DECODE_NOISE] = decode_noise
     for name, value in arrays.items():
         want = np.int64 if name in (TEXT_MASK, NULL_MASK) else np.float32
         np.save(folder / name, np.ascontiguousarray(value, dtype=want))
-    meta = {"format": 1, "bundle": str(pipeline.bundle_dir), "prompt": prompt, "negative_prompt": negative_prompt,
-            "seed": seed, "guidance": guidance, "bucket": pipeline.bucket.label()}
+    guidance = {"text_scale": float(scales.text), "ref_scale": float(scales.ref), "rescale": float(scales.rescale),
+                "interval": None if scales.interval is None else [float(v) for v in scales.interval]}
+    meta = {"format": 1, "bundle": str(pipeline.bundle_dir), "prompt": o.prompt, "negative_prompt": o.negative_prompt,
+            "seed": o.seed, "guidance": guidance, "bucket": prepared.bucket.label(), "options": o.to_json()}
     (folder / INPUTS_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 

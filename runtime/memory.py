@@ -205,7 +205,8 @@ def choose_plan(plan: str, report: MemoryPlanReport, device: str) -> str:
 
 
 class EngineSet:
-    """The bundle's engines, opened on first use; under ``staged`` each is released after its stage.
+    """The bundle's engines, opened on first use (or by `warm`); under ``staged`` each is released after
+    its stage, under ``all`` kept.
 
     `opened` records every open, in order, so callers (and tests) can see what a generation loaded.
     Releasing drops the session, runs the garbage collector (which frees ONNX Runtime's arena) and
@@ -221,9 +222,11 @@ class EngineSet:
         # called as on_stage(event, name) with "open" (before opening), "opened" and "done" (before the
         # release): benchmarks measure memory per stage with it
         self.on_stage = None
-        if plan == "all":
-            for name in self._names:
-                self[name]
+
+    def warm(self) -> None:
+        """Under ``all``, open every engine now (a server or the app loads before its first request)."""
+        if self.plan == "all":
+            self.values()
 
     def __contains__(self, name: object) -> bool:
         return name in self._names

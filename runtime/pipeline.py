@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import numpy as np
 from stdrc.runtime import sampler as smp
 from stdrc.runtime.backends import Engine, check_cuda_graph, check_feeds, check_trust, open_engine, resolve_device
 from stdrc.runtime.errors import BundleError, InputError, NoFaceError
-from stdrc.runtime.manifest import Manifest, bundle_path, check_files, read_manifest
+from stdrc.runtime.manifest import Bucket, Manifest, bundle_path, check_files, read_manifest
 from stdrc.runtime.memory import EngineSet, choose_plan, memory_needs
 from stdrc.runtime.options import GenerationOptions, check_path
 from stdrc.runtime.text import Embedding, PromptCache, PromptStore, default_prompt_store_dir, tokenizer_from_manifest
@@ -38,6 +38,21 @@ class GenerationResult:
     reference: np.ndarray  # the prepared reference image [H, W, 3]
     facesim: float | None = None
     files: dict[str, str] = field(default_factory=dict)
+    facesim_scored: bool = False  # FaceSim was measured (None above then means: no face in the frames)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One request checked and resolved against the bundle, before any engine runs (`Pipeline.prepare`)."""
+
+    options: GenerationOptions  # the bundle's values filled in: steps, scales and the bucket's size
+    bucket: Bucket
+    scales: smp.GuidanceScales
+    sigmas: np.ndarray
+    image: np.ndarray  # the reference as it is encoded (face crop or whole photo) [H, W, 3] uint8
+    text: Embedding | None = None  # given prompt embeddings, checked
+    negative: Embedding | None = None
+    facesim_scored: bool = False  # the bundle has an ONNX face encoder and the reference is a face crop
 
 
 def weights_and_activations(bundle_dir: Path, manifest: Manifest) -> tuple[dict[str, int], dict[str, int]]:
@@ -72,7 +87,7 @@ def unpatchify(tokens: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
 
 
 class Pipeline:
-    def __init__(self, bundle_dir: Path, manifest: Manifest, engines: EngineSet | dict[str, Engine],
+    def __init__(self, bundle_dir: Path, manifest: Manifest, engines: EngineSet,
                  prompt_store: PromptStore | None = None):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -104,8 +119,8 @@ class Pipeline:
 
         `device`: "auto" (CUDA when the bundle's backends can use it here, else CPU), "cpu" or "cuda".
         `cuda_graphs`: the DiT of a torch/aoti bundle replays CUDA graphs (device "cuda" only).
-        `memory_plan`: ``all`` opens every engine now and keeps it; ``staged`` opens each when its stage
-        starts and releases it after; ``auto`` picks by the device's free memory (runtime/memory.py).
+        `memory_plan`: ``all`` keeps every engine once opened (on first use, or `engines.warm()`); ``staged``
+        opens each when its stage starts and releases it after; ``auto`` picks by the device's free memory (runtime/memory.py).
         `prompt_cache`: folder of prompt embeddings on disk ("default": $STDRC_PROMPT_CACHE or
         ~/.cache/stdrc/prompts; None: in memory only).
         `trust_code`: allow torch/aoti bundles, whose loading runs code from the bundle (see README, Trust).
@@ -144,6 +159,12 @@ class Pipeline:
             store = prompt_store_for(manifest, folder)
         return Pipeline(bundle_dir, manifest, EngineSet(opener, list(manifest.components), plan), store)
 
+    @staticmethod
+    def for_checks(path: str | Path) -> Pipeline:
+        """A Pipeline for `prepare` only, in a process that holds no model (the serve ingress, the app's face
+        preview): the manifest and the files' presence are checked, nothing is hashed, no engine is opened."""
+        return Pipeline.from_bundle(path, device="cpu", verify_hashes=False, prompt_cache=None)
+
     def run(self, component: str, feeds: dict[str, np.ndarray], keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         engine = self.engines[component]
         check_feeds(engine.entry, feeds, component)
@@ -157,9 +178,7 @@ class Pipeline:
         return out["context"].astype(np.float32), out["context_mask"].astype(np.int64)
 
     def _stage_done(self, component: str) -> None:
-        done = getattr(self.engines, "done", None)
-        if done is not None:
-            done(component)
+        self.engines.done(component)
 
     def encode_prompts(self, prompts: list[str]) -> int:
         """Fill the prompt cache ahead of time (the empty "no text" prompt included); returns how many
@@ -182,10 +201,11 @@ class Pipeline:
                              "Pipeline.prompts)")
         return np.asarray(context, dtype=np.float32), np.asarray(mask, dtype=np.int64)
 
-    def prepare_reference(self, reference: str | Path | np.ndarray, face_crop: bool = True) -> np.ndarray:
-        """Largest face, cropped with margin and resized to the bucket; or the whole photo."""
+    def prepare_reference(self, reference: str | Path | np.ndarray, face_crop: bool = True,
+                          bucket: Bucket | None = None) -> np.ndarray:
+        """Largest face, cropped with margin and resized to the bucket (None: the current one); or the whole photo."""
         image = load_image(reference) if isinstance(reference, (str, Path)) else as_rgb(np.asarray(reference))
-        b = self.bucket
+        b = bucket or self.bucket
         if not face_crop:
             return resize_cover(image, b.height, b.width)
         from stdrc.runtime import face
@@ -285,83 +305,87 @@ class Pipeline:
 
     # -- the whole thing ----------------------------------------------------------------------
 
-    def generate(
-        self,
-        reference: str | Path | np.ndarray,
-        prompt: str,
-        negative_prompt: str = "",
-        seed: int = 0,
-        steps: int | None = None,
-        text_scale: float | None = None,
-        ref_scale: float | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        cfg_rescale: float = 0.0,
-        distilled: bool = False,
-        max_batch: int = 3,
-        face_crop: bool = True,
-        output: str | Path | None = None,
-        on_step: Callable[[int, int], None] | None = None,
-        text_embeddings: Embedding | None = None,
-        negative_embeddings: Embedding | None = None,
-        frames: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-    ) -> GenerationResult:
-        """Every argument is checked (GenerationOptions) before any engine runs; a bad one is an InputError.
+    def generate(self, reference: str | Path | np.ndarray, options: GenerationOptions | None = None, *,
+                 on_step: Callable[[int, int], None] | None = None, text_embeddings: Embedding | None = None,
+                 negative_embeddings: Embedding | None = None, **fields: object) -> GenerationResult:
+        """One video. `options` (or its fields as keywords, which override it) is checked before any engine
+        runs; a bad value is an InputError. `generate(ref, prompt="...", seed=3)` is the short form.
 
         `frames`/`height`/`width` pick the bundle's bucket of that size (None: the default bucket's value).
 
         `text_embeddings` / `negative_embeddings`: precomputed (context [1, L, D], mask [1, L]) for the prompt
         and the negative prompt; with both given (or cached) the text encoder is never opened."""
-        options = GenerationOptions(
-            prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, text_scale=text_scale,
-            ref_scale=ref_scale, guidance_interval=guidance_interval, cfg_rescale=cfg_rescale, distilled=distilled,
-            max_batch=max_batch, face_crop=face_crop, output=output, frames=frames, height=height, width=width,
-        )
-        return self.generate_with(reference, options, on_step, text_embeddings, negative_embeddings)
+        if options is None:
+            options = GenerationOptions(**fields)
+        elif not isinstance(options, GenerationOptions):
+            raise InputError(f"options is a {type(options).__name__}, not GenerationOptions: pass the prompt as "
+                             "prompt=...")
+        elif fields:
+            options = replace(options, **fields)
+        return self.generate_prepared(self.prepare(reference, options, text_embeddings, negative_embeddings),
+                                      on_step)
 
-    def generate_with(self, reference: str | Path | np.ndarray, options: GenerationOptions,
-                      on_step: Callable[[int, int], None] | None = None, text_embeddings: Embedding | None = None,
-                      negative_embeddings: Embedding | None = None) -> GenerationResult:
+    def prepare(self, reference: str | Path | np.ndarray, options: GenerationOptions,
+                text_embeddings: Embedding | None = None, negative_embeddings: Embedding | None = None) -> Prepared:
+        """Everything one request needs that no engine computes: the bucket, the bundle's defaults filled in,
+        scales, sigmas, the reference crop, given embeddings checked, whether FaceSim is scored.
+
+        The one validation path (the CLI, `stdrc serve`'s ingress, the app's face preview and the C++
+        inputs all come through here); it opens no engine and leaves the Pipeline as it was."""
+        o = self.resolve(options)
+        bucket = self.manifest.find_bucket(o.frames, o.height, o.width)
+        sigmas = self.sigmas(options.steps, options.distilled)  # the manifest's own unless overridden
+        scales = smp.GuidanceScales(text=o.text_scale, ref=o.ref_scale, interval=o.guidance_interval,
+                                    rescale=o.cfg_rescale)
+        given = tuple(None if e is None else self._embeddings(p, e)
+                      for p, e in ((o.prompt, text_embeddings), (o.negative_prompt, negative_embeddings)))
+        image = self.prepare_reference(reference, o.face_crop, bucket)
+        encoder = self.manifest.components.get("face_encoder")
+        scored = encoder is not None and encoder.backend == "onnxruntime" and o.face_crop
+        return Prepared(o, bucket, scales, sigmas, image, *given, facesim_scored=scored)
+
+    def resolve(self, options: GenerationOptions) -> GenerationOptions:
+        """`options` with the bundle's values in place of None: steps (the sigmas' count), guidance scales and
+        the bucket's size (an InputError when the bundle has no such bucket). The app shows these."""
         o, g = options, self.manifest.guidance
-        self.use_bucket(o.frames, o.height, o.width)  # before any engine runs
-        scales = smp.GuidanceScales(
-            text=g.text_scale if o.text_scale is None else o.text_scale,
-            ref=g.ref_scale if o.ref_scale is None else o.ref_scale,
-            interval=o.guidance_interval, rescale=o.cfg_rescale,
-        )
-        sigmas = self.sigmas(o.steps, o.distilled)
-        given = [None if e is None else self._embeddings(p, e)  # checked before any engine runs
-                 for p, e in ((o.prompt, text_embeddings), (o.negative_prompt, negative_embeddings))]
-        image = self.prepare_reference(reference, o.face_crop)
+        bucket = self.manifest.find_bucket(o.frames, o.height, o.width)
+        return replace(o, steps=len(self.sigmas(o.steps, o.distilled)) - 1, frames=bucket.frames,
+                       height=bucket.height, width=bucket.width,
+                       text_scale=g.text_scale if o.text_scale is None else o.text_scale,
+                       ref_scale=g.ref_scale if o.ref_scale is None else o.ref_scale)
+
+    def generate_prepared(self, prepared: Prepared,
+                          on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+        """Run what `prepare` checked: encode, sample, decode, score, write."""
+        o, image = prepared.options, prepared.image
+        self.bucket = prepared.bucket
         # the reference is encoded before the prompts: the VAE encoder's stage then carries nothing (the
         # prompt embeddings are not yet made), and only a few reference tokens ride into the text stage
         reference_tokens = self.encode_reference(image)
         self._stage_done("vae_encoder")
-        text = (self._embeddings(o.prompt, given[0]), self._embeddings(o.negative_prompt, given[1]))
+        text = (self._embeddings(o.prompt, prepared.text), self._embeddings(o.negative_prompt, prepared.negative))
         self._stage_done("text_encoder")
         cond = smp.Conditioning(reference_tokens, *text)
         noise = self.initial_noise(o.seed)
+        sigmas = prepared.sigmas
         total = len(sigmas) - 1
-        latent = smp.sample(self.denoiser, noise, sigmas, cond, scales, o.max_batch,
+        latent = smp.sample(self.denoiser, noise, sigmas, cond, prepared.scales, o.max_batch,
                             on_step=(lambda i: on_step(i, total)) if on_step else None,
                             feed_sigma=self.feeds_sigma)
         self._stage_done("dit")
         frames = self.decode(latent, o.seed)
         self._stage_done("vae_decoder")
-        result = GenerationResult(frames=frames, latent=latent, reference=image)
-        score = self.facesim(frames, image) if "face_encoder" in self.engines and o.face_crop else None
-        if getattr(self.engines, "plan", "all") == "staged":
+        score = self.facesim(frames, image) if prepared.facesim_scored else None
+        if self.engines.plan == "staged":
             self._embedder = None  # the face encoder's session, released like the other stages
+        result = GenerationResult(frames, latent, image, score, facesim_scored=prepared.facesim_scored)
         files = self.write(result, o.output) if o.output is not None else {}
-        return GenerationResult(frames, latent, image, score, files)
+        return replace(result, files=files)
 
     def facesim(self, frames: np.ndarray, reference: np.ndarray) -> float | None:
         from stdrc.runtime import face
 
         entry = self.manifest.components["face_encoder"]
-        if entry.backend != "onnxruntime":
-            return None
         if self._embedder is None:
             self._embedder = face.FaceEmbedder(bundle_path(self.bundle_dir, entry.file))
         try:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
 from ray import serve
 
+from stdrc.runtime.backends import resolve_device
 from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import read_manifest
-from stdrc.runtime.vocab import CONCRETE_DEVICES, MEMORY_PLANS
+from stdrc.runtime.vocab import DEVICES, MEMORY_PLANS
 from stdrc.serve.api import Api
 from stdrc.serve.registry import get_registry, registry_actor
 from stdrc.serve.replica import Generator
@@ -30,7 +31,7 @@ class ServeConfig:
     max_queue: int = 16  # jobs waiting for a replica beyond those running; more are refused with 429
     address: str | None = None  # join this Ray cluster ("auto", "HOST:6379"); None starts a local one
     keep_s: float = 3600.0  # finished jobs and their files are kept this long
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when the bundle's backends can use it on this (the driver's) machine
     memory_plan: str = "all"  # runtime/memory.py: all, staged or auto, per replica
     cpus_per_replica: float = 1.0
     app_name: str = "stdrc"
@@ -45,8 +46,8 @@ class ServeConfig:
             raise InputError(f"--port {self.port}: use a port in 1-65535")
         if not self.keep_s > 0:
             raise InputError(f"--keep {self.keep_s}: keep finished jobs a positive number of seconds")
-        if self.device not in CONCRETE_DEVICES:
-            raise InputError(f"--device {self.device}: use {' or '.join(CONCRETE_DEVICES)}")
+        if self.device not in DEVICES:
+            raise InputError(f"--device {self.device}: use {', '.join(DEVICES)}")
         if self.memory_plan not in MEMORY_PLANS:
             raise InputError(f"--memory-plan {self.memory_plan}: use one of {', '.join(MEMORY_PLANS)}")
         if not self.cpus_per_replica > 0:
@@ -64,6 +65,9 @@ class ServeConfig:
 
 
 def build(config: ServeConfig) -> serve.Application:
+    if config.device == "auto":  # decided once, here: a replica's resources depend on it
+        backends = {e.backend for e in read_manifest(config.bundle).components.values()}
+        config = replace(config, device=resolve_device("auto", backends))
     generator = serve.deployment(
         Generator, name="Generator", num_replicas=config.replicas, max_ongoing_requests=1,
         ray_actor_options=config.replica_resources(), health_check_period_s=5, health_check_timeout_s=60,

@@ -8,9 +8,9 @@ import signal
 import time
 from pathlib import Path
 
-from stdrc.runtime.cli import FORMATTER
+from stdrc.runtime.cli import FORMATTER, add_device_flag, add_generation_flags, options_from_args
 from stdrc.runtime.errors import StdrcError, require_extra
-from stdrc.runtime.vocab import CONCRETE_DEVICES, MEMORY_PLANS
+from stdrc.runtime.vocab import MEMORY_PLANS
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -50,12 +50,10 @@ def _submit(args: argparse.Namespace) -> int:
     from stdrc.runtime.client import Client
     from stdrc.runtime.video import check_writable
 
+    form = options_from_args(args, served_only=True).form()  # checked here first, with the CLI's messages
     output = check_writable(args.output)
     client = Client(args.server)
-    job_id = client.submit(args.ref, args.prompt, retry_s=args.retry, negative_prompt=args.negative_prompt,
-                           seed=args.seed, steps=args.steps, text_scale=args.text_scale, ref_scale=args.ref_scale,
-                           face_crop=not args.no_face_crop, frames=args.frames, height=args.height,
-                           width=args.width)
+    job_id = client.submit(args.ref, form.pop("prompt"), retry_s=args.retry, **form)
     status = client.wait(job_id, timeout=args.timeout)
     if status["status"] == "failed":
         raise StdrcError(f"job {job_id} failed: {status['error']}")
@@ -78,7 +76,7 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue", type=int, default=16, help="waiting jobs beyond which POST answers 429")
     s.add_argument("--address", default=None, help="join this Ray cluster (auto, HOST:6379); default: start one")
     s.add_argument("--keep", type=float, default=3600.0, help="seconds finished jobs and their files are kept")
-    s.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES, help="cuda: one GPU per replica")
+    add_device_flag(s, "cuda: one GPU per replica; auto: cuda when the bundle's backend can use it here")
     s.add_argument("--memory-plan", default="all", choices=MEMORY_PLANS,
                    help="per replica: all engines resident, or each loaded for its stage (see stdrc plan)")
     s.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPU cores a replica reserves")
@@ -91,18 +89,8 @@ def add_serve_parsers(sub: argparse._SubParsersAction) -> None:
                                    "video and contact sheet.")
     t.add_argument("--server", default="http://127.0.0.1:8000", help="the serve endpoint")
     t.add_argument("--ref", required=True, help="reference photo (PNG/JPEG)")
-    t.add_argument("--prompt", required=True, help="what the person does")
-    t.add_argument("--negative-prompt", default="", help="the 'no text' stream's prompt")
+    add_generation_flags(t, served_only=True)  # the job API's form fields
     t.add_argument("-o", "--output", required=True, help="output .mp4 (a _sheet.png goes beside it)")
-    t.add_argument("--seed", type=int, default=0, help="noise seed")
-    t.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
-    t.add_argument("--text-scale", type=float, default=None, help="s_txt (default: the bundle's)")
-    t.add_argument("--ref-scale", type=float, default=None, help="s_ref (default: the bundle's)")
-    t.add_argument("--frames", type=int, default=None, help="frame count (8k+1); with --height/--width "
-                   "one of the bundle's buckets (each default: its first bucket's)")
-    t.add_argument("--height", type=int, default=None, help="video height in pixels")
-    t.add_argument("--width", type=int, default=None, help="video width in pixels")
-    t.add_argument("--no-face-crop", action="store_true", help="use the whole photo, no face detection")
     t.add_argument("--retry", type=float, default=60.0, help="seconds to keep retrying a full queue (429)")
     t.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
     t.add_argument("--json", action="store_true", help="print one JSON object")

@@ -21,9 +21,10 @@ class Generator:
     """Takes job ids from the ingress (Ray Serve routes them, one in flight per replica), runs them,
     and leaves status, progress and result bytes in the registry."""
 
-    def __init__(self, bundle: str, app_name: str, max_queue: int, keep_s: float, device: str = "cpu",
+    def __init__(self, bundle: str, app_name: str, max_queue: int, keep_s: float, device: str = "auto",
                  memory_plan: str = "all"):
         self.pipe = Pipeline.from_bundle(bundle, device=device, memory_plan=memory_plan)
+        self.pipe.engines.warm()  # loaded before the first job
         self.registry = registry_actor(app_name, max_queue, keep_s)  # the existing one, or a new one
         self.worker = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                        "replica": _replica_id()}

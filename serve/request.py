@@ -1,13 +1,11 @@
 """One generation request: form fields parsed into `GenerationOptions`, checked and run through the Pipeline.
 
-Validation is the Pipeline's own (the messages the CLI prints): `check` runs `Pipeline.generate` on a
-Pipeline whose engines are never loaded, so it stops, cheaply, at the first engine call, after every
-check that comes before heavy work.
+Validation is the Pipeline's own (the messages the CLI prints): `Checker` calls `Pipeline.prepare` on a
+Pipeline that never opens an engine, so a bad request is refused before it is queued.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from collections.abc import Callable
@@ -15,43 +13,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stdrc.runtime.errors import InputError
-from stdrc.runtime.manifest import read_manifest
-from stdrc.runtime.options import FORM_FIELDS, GenerationOptions
+from stdrc.runtime.options import GenerationOptions, from_form
 from stdrc.runtime.pipeline import Pipeline
 
 
-def _number(name: str, value: str | None, kind: type) -> int | float | None:
-    if value is None or value == "":
-        return None
-    try:
-        number = kind(value)
-    except ValueError:
-        raise InputError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}: "
-                         f"pass {name} as {'an integer' if kind is int else 'a number'}") from None
-    if kind is float and not math.isfinite(number):
-        raise InputError(f"{name}={value!r}: pass a finite number")
-    return number
-
-
-def parse_form(form: dict[str, str]) -> GenerationOptions:
-    """Text form fields -> options: types here, ranges by `GenerationOptions` (the CLI's messages)."""
-    unknown = sorted(set(form) - set(FORM_FIELDS) - {"reference"})
-    if unknown:
-        raise InputError(f"unknown form field(s) {', '.join(unknown)}: "
-                         f"use {', '.join(('reference',) + FORM_FIELDS)}")
-    prompt = form.get("prompt")
-    if not prompt:
-        raise InputError("no prompt: pass a non-empty 'prompt' form field")
-    face_crop = str(form.get("face_crop", "true")).lower()
-    if face_crop not in ("true", "false", "1", "0"):
-        raise InputError(f"face_crop={face_crop!r}: pass true or false")
-    seed = _number("seed", form.get("seed"), int)
-    return GenerationOptions(
-        prompt=prompt, negative_prompt=form.get("negative_prompt") or "", seed=0 if seed is None else seed,
-        steps=_number("steps", form.get("steps"), int), text_scale=_number("text_scale", form.get("text_scale"), float),
-        ref_scale=_number("ref_scale", form.get("ref_scale"), float), face_crop=face_crop in ("true", "1"),
-        **{k: _number(k, form.get(k), int) for k in ("frames", "height", "width")},
-    )
+def parse_form(form: dict[str, str], options_type: type = GenerationOptions) -> GenerationOptions:
+    """Text form fields (the upload aside) -> options: types and ranges by `options_type`'s Knobs."""
+    return from_form(form, options_type)
 
 
 def safe_name(filename: str | None) -> str:
@@ -72,30 +40,18 @@ def _strip(error: Exception, folder: Path) -> str:
     return str(error).replace(f"{folder}/ref/", "")
 
 
-class _Checked(Exception):
-    """Raised at the first engine call: every check before heavy work has passed."""
-
-
-class _NoEngines(dict):
-    def __getitem__(self, name: str):  # noqa: ANN204
-        raise _Checked(name)
-
-
 class Checker:
-    """`Pipeline.generate`'s validation without loading an engine: for the ingress, which holds no model."""
+    """`Pipeline.prepare` without loading an engine: for the ingress, which holds no model."""
 
     def __init__(self, bundle: str | Path):
-        bundle = Path(bundle)
-        self.pipe = Pipeline(bundle, read_manifest(bundle), _NoEngines())
+        self.pipe = Pipeline.for_checks(bundle)
 
     def check(self, options: GenerationOptions, reference: bytes, name: str) -> None:
         """Raises InputError (or another StdrcError) with the CLI's message when the request cannot run."""
         with tempfile.TemporaryDirectory(prefix="stdrc-check-") as tmp:
             folder = Path(tmp)
             try:
-                self.pipe.generate_with(_reference_file(folder, reference, name), options)
-            except _Checked:
-                return
+                self.pipe.prepare(_reference_file(folder, reference, name), options)
             except InputError as e:
                 raise InputError(_strip(e, folder)) from None
 
@@ -114,8 +70,8 @@ def run(pipe: Pipeline, options: GenerationOptions, reference: bytes, name: str,
     with tempfile.TemporaryDirectory(prefix="stdrc-job-") as tmp:
         folder = Path(tmp)
         try:
-            result = pipe.generate_with(_reference_file(folder, reference, name),
-                                        replace(options, output=folder / "video.mp4"), on_step)
+            result = pipe.generate(_reference_file(folder, reference, name),
+                                   replace(options, output=folder / "video.mp4"), on_step=on_step)
         except InputError as e:
             raise InputError(_strip(e, folder)) from None
         files = result.files

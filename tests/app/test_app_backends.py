@@ -75,7 +75,7 @@ def test_server_backend_returns_what_the_pipeline_makes(server_url, pipeline, as
     backend, seen = ServerBackend(server_url, tmp_path, poll_s=0.05), []
     job = Job(str(astronaut_png), GenerationOptions(PROMPT, seed=5, steps=STEPS, text_scale=2.0, ref_scale=1.5))
     out = backend.generate(job, lambda d, t: seen.append((d, t)), threading.Event())
-    expected = pipeline.generate(astronaut_png, PROMPT, seed=5, steps=STEPS, text_scale=2.0, ref_scale=1.5)
+    expected = pipeline.generate(astronaut_png, prompt=PROMPT, seed=5, steps=STEPS, text_scale=2.0, ref_scale=1.5)
     assert iio.imread(out.video).shape == expected.frames.shape  # the downloaded video decodes, full size
     sheet = iio.imread(out.contact_sheet)[..., :3].astype(int)  # PNG: lossless, so comparable to the frames
     assert abs(sheet - contact_sheet(expected.frames).astype(int)).max() <= 1

@@ -132,7 +132,7 @@ def test_generate_in_the_browser(page, tiny_bundle, astronaut_png, tmp_path):
     assert played > 0  # the browser decodes the codec, not just reads the header
 
     # the page shows what the library computes for the same inputs, worded as the CLI words it
-    expected = Pipeline.from_bundle(tiny_bundle).generate(astronaut_png, PROMPT, seed=SEED, steps=STEPS).facesim
+    expected = Pipeline.from_bundle(tiny_bundle).generate(astronaut_png, prompt=PROMPT, seed=SEED, steps=STEPS).facesim
     text = "n/a (no face in the generated frames)" if expected is None else f"{expected:.3f}"
     expect(page.locator("#facesim textarea")).to_have_value(text)
     expect(page.locator("#sheet img")).to_be_visible()

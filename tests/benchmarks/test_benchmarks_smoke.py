@@ -172,7 +172,7 @@ def test_staged_generation_equals_generate(scripts, bundle, tmp_path):
     reference = generate.synthetic_reference(0)
     cfg = generate.GenerateConfig(steps=3)
     _, _, staged = generate.staged_generation(pipe, reference, "a prompt", 5, cfg, tmp_path / "a.mp4")
-    direct = pipe.generate(reference, "a prompt", seed=5, steps=3, face_crop=False)
+    direct = pipe.generate(reference, prompt="a prompt", seed=5, steps=3, face_crop=False)
     np.testing.assert_array_equal(staged.frames, direct.frames)
     assert (tmp_path / "a.mp4").is_file()
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from stdrc.runtime.cpp_inputs import NOISE, read_cpp_outputs, run_python, write_cpp_inputs
+from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 
 pytestmark = pytest.mark.slow  # the aoti bundle (shared with test_aoti.py) and a libtorch C++ build
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow  # the aoti bundle (shared with test_aoti.py) and 
 FP32_ATOL = 1e-4
 PROMPT, SEED = "a person waving", 11
 
-# generate() keyword arguments -> the guidance paths they exercise
+# GenerationOptions fields -> the guidance paths they exercise
 CASES = {
     "three-streams-batched": {"max_batch": 3},
     "two-streams-split-interval-rescale": {"ref_scale": 1.0, "guidance_interval": (0.3, 0.95), "cfg_rescale": 0.7,
@@ -39,7 +40,8 @@ def reference() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def default_inputs(pipeline: Pipeline, reference: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cpp_inputs(pipeline, reference, PROMPT, SEED, tmp_path_factory.mktemp("cpp-inputs"), face_crop=False)
+    return write_cpp_inputs(pipeline, reference, GenerationOptions(PROMPT, seed=SEED, face_crop=False),
+                            tmp_path_factory.mktemp("cpp-inputs"))
 
 
 def run_cpp(runner: Path, bundle: Path, inputs: Path, out: Path, *flags: str, trust: bool = True
@@ -59,8 +61,9 @@ def test_cpp_runs_each_bucket_with_tiled_decode(cpp_runner: Path, aoti_tiled_buc
     assert multi.manifest.components["vae_decoder"].dynamic_dims == {"latent_frames": [2, 2, 3],
                                                                      "tile_width": [2, 3, 3]}
     for label, (frames, height, width) in (("9x192x64", (9, 64, 192)), ("17x192x64", (17, 64, 192))):
-        multi.use_bucket(frames, height, width)
-        inputs = write_cpp_inputs(multi, reference, PROMPT, SEED, tmp_path / f"in-{label}", face_crop=False, steps=3)
+        options = GenerationOptions(PROMPT, seed=SEED, face_crop=False, steps=3, frames=frames, height=height,
+                                    width=width)
+        inputs = write_cpp_inputs(multi, reference, options, tmp_path / f"in-{label}")
         assert (inputs / "rope_cos.npy").is_file()
         python = run_python(multi, inputs)
         done = run_cpp(cpp_runner, aoti_tiled_buckets_bundle, inputs, tmp_path / f"out-{label}", "--bucket", label)
@@ -77,12 +80,12 @@ def test_cpp_runs_each_bucket_with_tiled_decode(cpp_runner: Path, aoti_tiled_buc
 @pytest.mark.parametrize("case", list(CASES))
 def test_cpp_matches_python(case: str, cpp_runner: Path, aoti_bundle: Path, pipeline: Pipeline,
                             reference: np.ndarray, tmp_path: Path) -> None:
-    kwargs = dict(CASES[case])
-    max_batch = kwargs.pop("max_batch")
-    inputs = write_cpp_inputs(pipeline, reference, PROMPT, SEED, tmp_path / "inputs", face_crop=False, **kwargs)
+    options = GenerationOptions(PROMPT, seed=SEED, face_crop=False, **CASES[case])
+    max_batch = options.max_batch
+    inputs = write_cpp_inputs(pipeline, reference, options, tmp_path / "inputs")
     python = run_python(pipeline, inputs, max_batch=max_batch)
     # the helper's inputs are generate()'s own draws: the comparison covers the real runtime path
-    generated = pipeline.generate(reference, PROMPT, seed=SEED, face_crop=False, max_batch=max_batch, **kwargs)
+    generated = pipeline.generate(reference, options)
     np.testing.assert_array_equal(python.latent, generated.latent)
     np.testing.assert_array_equal(python.frames, generated.frames)
 

@@ -78,7 +78,7 @@ def test_generate_matches_onnxruntime(aoti_bundle: Path, tiny_bundle: Path) -> N
     for label, bundle in (("aoti", aoti_bundle), ("onnxruntime", tiny_bundle)):
         pipeline = Pipeline.from_bundle(bundle, trust_code=True)
         assert {e.entry.backend for e in pipeline.engines.values()} == {label}
-        results[label] = pipeline.generate(reference, "a person waving", seed=5, face_crop=False)
+        results[label] = pipeline.generate(reference, prompt="a person waving", seed=5, face_crop=False)
     aoti, ort = results["aoti"], results["onnxruntime"]
     assert aoti.frames.shape == ort.frames.shape == (9, 64, 96, 3)
     assert np.abs(aoti.latent - ort.latent).max() <= 1e-3

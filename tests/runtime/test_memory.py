@@ -29,6 +29,8 @@ def _generate(pipe: Pipeline, astronaut_png, **kw) -> np.ndarray:
 
 def test_staged_loads_each_engine_for_its_stage_and_gives_identical_frames(tiny_bundle, astronaut_png, tmp_path):
     resident = Pipeline.from_bundle(tiny_bundle, memory_plan="all", prompt_cache=tmp_path / "a")
+    assert resident.engines.loaded() == []  # opened on first use (after Pipeline.prepare), or all by warm()
+    resident.engines.warm()
     assert sorted(resident.engines.loaded()) == sorted(resident.manifest.components)
     staged = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=tmp_path / "s")
     assert staged.engines.loaded() == []  # nothing opened before a stage needs it

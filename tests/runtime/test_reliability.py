@@ -134,7 +134,7 @@ def test_library_checks_options_before_work(tiny_bundle: Path, astronaut_png: Pa
             pipe.generate(astronaut_png, **kwargs)
     for reference in (str(tmp_path / "x\x00.png"), str(tmp_path / "x\udcff.png")):
         with pytest.raises(InputError, match="NUL|UTF-8"):
-            pipe.generate(reference, "ok", face_crop=False)
+            pipe.generate(reference, prompt="ok", face_crop=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -371,8 +371,8 @@ def test_generation_still_works(work: Path, tiny_bundle: Path) -> None:
     from stdrc.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(tiny_bundle)
-    a = pipe.generate(work / "ref.png", "a woman", seed=2**40, steps=2, guidance_interval=(0.2, 0.9),
+    a = pipe.generate(work / "ref.png", prompt="a woman", seed=2**40, steps=2, guidance_interval=(0.2, 0.9),
                       cfg_rescale=1.0, text_scale=0.0)
-    b = pipe.generate(work / "ref.png", "a woman", seed=2**40, steps=2, guidance_interval=(0.2, 0.9),
+    b = pipe.generate(work / "ref.png", prompt="a woman", seed=2**40, steps=2, guidance_interval=(0.2, 0.9),
                       cfg_rescale=1.0, text_scale=0.0)
     np.testing.assert_array_equal(a.frames, b.frames)
