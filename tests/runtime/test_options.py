@@ -65,7 +65,7 @@ def test_a_new_field_reaches_the_app_inputs(checks: Pipeline, tmp_path: Path) ->
     demo = build_page(page)
     inputs = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     assert inputs["motion"].label == "Motion" and inputs["motion"].value == 1.0
-    assert inputs["steps"].value == checks.manifest.sampler["steps"]  # None in the options: the bundle's value
+    assert inputs["steps"].value == checks.manifest.sampler.steps  # None in the options: the bundle's value
     assert page.options({"prompt": "p", "motion": 0.25, "seed": 4.0, "face_crop": True}) == \
         WithMotion("p", seed=4, motion=0.25)
     assert checks.engines.loaded() == []  # the page's preview never opened an engine
@@ -131,8 +131,9 @@ def test_prepare_refuses_before_any_engine_and_fills_the_bundles_defaults(checks
                                                                          blank_png: Path) -> None:
     prepared = checks.prepare(astronaut_png, GenerationOptions("p"))
     g, s = checks.manifest.guidance, checks.manifest.sampler
-    assert (prepared.options.text_scale, prepared.options.ref_scale) == (g["text_scale"], g["ref_scale"])
-    assert prepared.options.steps == s["steps"] == len(prepared.sigmas) - 1
+    assert (prepared.options.text_scale, prepared.options.ref_scale) == (g.text_scale, g.ref_scale)
+    assert prepared.options.steps == s.steps == len(prepared.sigmas) - 1
+    np.testing.assert_array_equal(prepared.sigmas, np.array(s.sigmas, np.float32))  # the manifest's own
     assert prepared.facesim_scored  # an ONNX face encoder and a face crop
     assert not checks.prepare(astronaut_png, GenerationOptions("p", face_crop=False)).facesim_scored
     for options, words in ((GenerationOptions("p", frames=17), "no bucket of 17 frames"),
