@@ -56,9 +56,10 @@ def _inputs(section: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return image, latent, noise
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=[pytest.param(k, marks=pytest.mark.slow) if "-" in k else k for k in CASES])
 def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One file per case; the project's modules loaded from it; ltx-core's reference outputs."""
+    """One file per case; the project's modules loaded from it; ltx-core's reference outputs. The second
+    padding of each family is in the slow lane (seconds each to write, load and run)."""
     section = CASES[request.param]
     path = write_vae_file(tmp_path_factory.mktemp("vae") / f"{request.param}.safetensors", section)
     src = plan_sources(get_preset("ltx2-video"), path, components=("vae_encoder", "vae_decoder"))
