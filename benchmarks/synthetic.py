@@ -18,8 +18,8 @@ import torch
 from ltx_core.model.transformer.model_configurator import LTXModelConfigurator
 from ltx_core.text_encoders.gemma.embeddings_connector import AudioEmbeddings1DConnectorConfigurator
 
-from stdrc.export.checkpoint import save_checkpoint
-from stdrc.export.config import Preset, get_preset
+from stdrc.export.checkpoint import V2_CAPTION_CONFIG, save_checkpoint
+from stdrc.export.config import ModelFamily, Preset, get_preset
 from stdrc.export.dit import init_seeded
 from stdrc.export.models import default_dtype
 from stdrc.export.text import TextSide, TinyTextEncoder
@@ -67,8 +67,9 @@ def _unset(build):  # noqa: ANN001, ANN202
 
 
 def real_config(preset: Preset) -> dict:
-    """The `config` metadata of a real LTX-2 file for `preset`: ltx-core's whole `transformer` key set (audio
-    stream, audio-video cross-attention, both connectors) and the `vae` section, with the preset's values.
+    """The `config` metadata of a real LTX-2 (or, by the preset's flags, LTX-2.3) file for `preset`:
+    ltx-core's whole `transformer` key set (audio stream, audio-video cross-attention, both connectors)
+    and the `vae` section, with the preset's values.
 
     The audio stream is the video one at half the head width (LTX-2: 32 x 64 = 2048); the audio connector
     has one layer (`audio_connector_num_layers`, an ltx-core key) to keep reduced-depth files small."""
@@ -77,6 +78,10 @@ def real_config(preset: Preset) -> dict:
     for flag in ("apply_gated_attention", "cross_attention_adaln"):  # absent from LTX-2 files
         if not t[flag]:
             del t[flag]
+    if text.per_token_projection:  # LTX-2.3's text projection (ltx-core's V2 trigger) and its gated connector
+        t.update(V2_CAPTION_CONFIG)
+    if text.connector_gated_attention:
+        t["connector_apply_gated_attention"] = True
     audio_head_dim = dit.attention_head_dim // 2
     t.update(
         use_audio_video_cross_attention=True, share_ff=False, av_cross_ada_norm=True,
@@ -109,12 +114,20 @@ def write_checkpoint(path: Path, preset: Preset, text_layers: int, seed: int = 0
         init_seeded(side.connector, seed + 4, std=0.02)
         audio_connector = _unset(lambda: AudioEmbeddings1DConnectorConfigurator.from_config(config))
         init_seeded(audio_connector, seed + 5, std=0.02)
+        audio_projection = None
+        if text_cfg.per_token_projection:  # V2 projects for the audio stream too
+            t = config["transformer"]
+            flat = text_cfg.encoder_dim * (text_layers + 1)
+            width = t["audio_num_attention_heads"] * t["audio_attention_head_dim"]
+            audio_projection = _unset(lambda: torch.nn.Linear(flat, width, bias=True))
+            init_seeded(audio_projection, seed + 6, std=0.02)
         encoder, decoder = _unset(lambda: build_vae(preset.vae, seed=None)) if with_vae else (None, None)
         for i, module in enumerate((encoder, decoder)):
             if module is not None:
                 init_seeded(module, seed + 1 + i, std=0.02)
+    version = "2.3.0" if preset.family is ModelFamily.LTX23 else None  # LTX-2.3 files carry one
     save_checkpoint(path, dit, encoder, decoder, config=config, layout="comfy", text=side,
-                    audio_connector=audio_connector)
+                    audio_connector=audio_connector, audio_projection=audio_projection, model_version=version)
     return path
 
 

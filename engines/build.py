@@ -303,8 +303,8 @@ def build_engines(cfg: BuildConfig) -> Path:
             components["dit"] = replace(components["dit"], extra_files={**components["dit"].extra_files,
                                                                          **extra_files})
         preset = models.preset
-        model = ModelConfig(dit=DitModel.of(preset.dit), vae=VaeModel.of(preset.vae), text=TextModel.of(preset.text),
-                            seed=cfg.seed)
+        model = ModelConfig(family=preset.family.value, dit=DitModel.of(preset.dit), vae=VaeModel.of(preset.vae),
+                            text=TextModel.of(preset.text), seed=cfg.seed)
         per = {b.label(): {k: activation_bytes(k, model, b, e.precision, tiling) for k, e in components.items()}
                for b in buckets}
         memory = MemoryConfig(

@@ -38,16 +38,18 @@ def _build(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from stdrc.engines.verify import reports_json, verify_bundle
+    from stdrc.runtime.manifest import read_manifest
     from stdrc.export.lora import LoraSpec
 
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
                             base_checkpoint=args.base_checkpoint, face_weights=args.face_weights,
                             loras=tuple(LoraSpec.parse(t) for t in args.lora),
                             report=args.report and not args.json, trust_code=args.trust_bundle_code)
-    result = reports_json(reports)
+    result = reports_json(reports, read_manifest(args.bundle).model_config.family)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        print(f"model         {result['family']}")
         for name, r in reports.items():
             status = "ok" if r.ok else "FAIL"
             print(f"{name:13s} {r.backend:11s} {r.precision:5s} max_abs_err={r.max_abs_err:.3e} "

@@ -173,6 +173,10 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     loras = match_manifest(manifest.loras, tuple(loras), bundle)
     src = plan_sources(get_preset(manifest.preset), checkpoint, manifest.model_config.seed, face_weights,
                        text_encoder, base_checkpoint)
+    family = manifest.model_config.family
+    if src.preset.family.value != family:
+        raise CheckpointError(f"{bundle} holds an {family} model and {checkpoint} is {src.preset.family.value}: "
+                              "pass the checkpoint the bundle was built from")
     if manifest.checkpoint_sha256 and (src.checkpoint is None or src.checkpoint.sha256 != manifest.checkpoint_sha256):
         raise CheckpointError(f"{checkpoint} is not the checkpoint {bundle} was built from (sha256 differs)")
     check_sources(bundle, manifest.created_by.sources, src.of(), list(manifest.components))
@@ -203,5 +207,6 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     return reports
 
 
-def reports_json(reports: dict[str, ComponentReport]) -> dict:
-    return {"components": {k: asdict(v) for k, v in reports.items()}, "ok": all(r.ok for r in reports.values())}
+def reports_json(reports: dict[str, ComponentReport], family: str) -> dict:
+    return {"family": family, "components": {k: asdict(v) for k, v in reports.items()},
+            "ok": all(r.ok for r in reports.values())}

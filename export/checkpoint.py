@@ -38,9 +38,6 @@ _TEXT_PREFIXES = {
     "video_embeddings_connector.": "connector.",
     "embeddings_connector.": "connector.",
 }
-_V2_PROJECTION = "text_embedding_projection.video_aggregate_embed."
-# LTX-2.3's audio projection: the video-only export has no audio stream
-_TEXT_IGNORED = ("text_embedding_projection.audio_aggregate_embed.",)
 # ltx-core's V2 trigger (encoder_configurator.py `_V2_EXPECTED_CONFIG`): all four keys with these values
 V2_CAPTION_CONFIG = {"caption_proj_before_connector": True, "caption_projection_first_linear": False,
                      "caption_proj_input_norm": False, "caption_projection_second_linear": False}
@@ -59,18 +56,11 @@ class Checkpoint:
     text: dict[str, torch.Tensor]  # TextSide names: feature_extractor.*, connector.*
 
 
-def _split_text(path: Path, dit: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Move the text projection and connector out of the DiT keys (in place), renamed for `TextSide`."""
-    if any(k.startswith(_V2_PROJECTION) for k in dit):
-        raise CheckpointError(
-            f"{path} uses LTX-2.3's per-token text projection (video_aggregate_embed), which this version does "
-            "not export: use an LTX-2 (19B) checkpoint"
-        )
+def _split_text(dit: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move the text projection and connector out of the DiT keys (in place), renamed for `TextSide`
+    (LTX-2.3's audio projection, `audio_aggregate_embed`, is the audio stream's: already left out)."""
     text = {}
     for key in list(dit):
-        if key.startswith(_TEXT_IGNORED):
-            del dit[key]
-            continue
         for prefix, ours in _TEXT_PREFIXES.items():
             if key.startswith(prefix):
                 text[ours + key[len(prefix):]] = dit.pop(key)
@@ -106,7 +96,7 @@ COMPONENTS = ("dit", "vae_encoder", "vae_decoder", "text")
 Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def _map_keys(path: Path, keys: list[str]) -> dict[str, dict[str, str]]:
+def _map_keys(keys: list[str]) -> dict[str, dict[str, str]]:
     """Our key -> file key for each component, from the header's key list alone (no tensor is read)."""
 
     def mapped(ops: SDOps | None, names: list[str]) -> dict[str, str]:
@@ -124,7 +114,7 @@ def _map_keys(path: Path, keys: list[str]) -> dict[str, dict[str, str]]:
     else:
         dit = {k: k for k in keys if not k.startswith("vae.")}
     dit = {k: v for k, v in dit.items() if not is_audio_key(k)}
-    text = _split_text(path, dit)
+    text = _split_text(dit)
     return {"dit": dit, "vae_encoder": mapped(VAE_ENCODER_COMFY_KEYS_FILTER, keys),
             "vae_decoder": mapped(VAE_DECODER_COMFY_KEYS_FILTER, keys), "text": text}
 
@@ -138,6 +128,7 @@ class LazyCheckpoint:
     keys: dict[str, dict[str, str]]  # component -> our key -> file key
     shapes: dict[str, tuple[int, ...]]  # file key -> shape
     known_sha256: str | None = field(default=None, repr=False)
+    model_version: str | None = None  # the top-level metadata key ltx-pipelines reads ("2.3..." on LTX-2.3)
 
     @property
     def sha256(self) -> str:
@@ -183,7 +174,7 @@ def open_checkpoint(path: str | Path, sha256: str | None = None) -> LazyCheckpoi
         config = json.loads(meta["config"]) if "config" in meta else None
     except Exception as e:
         raise CheckpointError(f"{path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
-    return LazyCheckpoint(path, config, _map_keys(path, keys), shapes, sha256)
+    return LazyCheckpoint(path, config, _map_keys(keys), shapes, sha256, meta.get("model_version"))
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -320,9 +311,12 @@ def save_checkpoint(
     layout: str = "comfy",
     text: torch.nn.Module | None = None,
     audio_connector: torch.nn.Module | None = None,
+    audio_projection: torch.nn.Module | None = None,
+    model_version: str | None = None,
 ) -> None:
     """Write an LTX-2-layout checkpoint (tests and conversions); `dit` is an LTXModel (video-only or, as real
-    files, audio-video), `text` a TextSide, `audio_connector` the audio stream's text connector."""
+    files, audio-video), `text` a TextSide, `audio_connector` and `audio_projection` (LTX-2.3's
+    `audio_aggregate_embed`) the audio stream's text parts; `model_version` the top-level metadata key."""
     prefix = _COMFY_PREFIX if layout == "comfy" else ""
     tensors = {prefix + k: v.contiguous() for k, v in dit.state_dict().items()}
     if text is not None:
@@ -333,14 +327,19 @@ def save_checkpoint(
     if audio_connector is not None:
         for k, v in audio_connector.state_dict().items():
             tensors[f"{prefix}audio_embeddings_connector.{k}"] = v.contiguous()
+    if audio_projection is not None:
+        for k, v in audio_projection.state_dict().items():
+            tensors[f"text_embedding_projection.audio_aggregate_embed.{k}"] = v.contiguous()
     for name, module in (("encoder", vae_encoder), ("decoder", vae_decoder)):
         if module is not None:
             for k, v in module.state_dict().items():
                 key = k.replace("per_channel_statistics.", "vae.per_channel_statistics.", 1) if k.startswith(
                     "per_channel_statistics.") else f"vae.{name}.{k}"
                 tensors[key] = v.contiguous()
-    meta = {"config": json.dumps(config)} if config else None
+    meta = {"config": json.dumps(config)} if config else {}
+    if model_version is not None:
+        meta["model_version"] = model_version
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_file(tensors, str(tmp), metadata=meta or None)
     tmp.replace(path)

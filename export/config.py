@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 from stdrc.runtime.errors import InputError
+
+
+class ModelFamily(str, Enum):
+    """The model a checkpoint or preset is (export/family.py decides it for a file). ltx-core has no
+    version switch: a family is a consistent set of the config flags below, which the exporters read."""
+
+    LTX2 = "ltx2"
+    LTX23 = "ltx2.3"
+
+    @property
+    def label(self) -> str:
+        return {"ltx2": "LTX-2", "ltx2.3": "LTX-2.3"}[self.value]
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,13 @@ class Preset:
     steps: int = 40
     text_scale: float = 3.0
     ref_scale: float = 2.0
+
+    @property
+    def family(self) -> ModelFamily:
+        """LTX-2.3 when any of its flags is set (a checkpoint's are all set or none: export/family.py)."""
+        dit = self.dit
+        flags = (dit.apply_gated_attention, dit.cross_attention_adaln, self.text.per_token_projection)
+        return ModelFamily.LTX23 if any(flags) else ModelFamily.LTX2
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

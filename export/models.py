@@ -20,9 +20,10 @@ import torch
 
 from stdrc.export.checkpoint import (LazyCheckpoint, Transform, check_layout, check_shapes,
                                      config_from_metadata, load_streaming, open_checkpoint)
-from stdrc.export.config import Preset, get_preset
+from stdrc.export.config import ModelFamily, Preset, get_preset
 from stdrc.export.dit import BakedRopeDiT, STDRCTransformer, build_dit
 from stdrc.export.errors import CheckpointError
+from stdrc.export.family import detect_family
 from stdrc.export.lora import LoraSet, LoraSpec, dit_shapes, lora_transform
 from stdrc.export.reference import token_positions
 from stdrc.export.rope import RopeTables, rope_tables
@@ -35,6 +36,9 @@ from stdrc.runtime.text import ByteTokenizer
 BASE_FLAG = "--base-checkpoint"
 TEXT_PARTS = "text projection and connector"
 VAE_WHAT = {"vae_encoder": "VAE encoder", "vae_decoder": "VAE decoder"}
+# The families each component's exporter builds from a checkpoint (LTX-2.3's DiT and VAE: under way).
+EXPORTED_FAMILIES = {"text_encoder": (ModelFamily.LTX2, ModelFamily.LTX23), "dit": (ModelFamily.LTX2,),
+                     "vae_encoder": (ModelFamily.LTX2,), "vae_decoder": (ModelFamily.LTX2,)}
 
 
 @dataclass
@@ -146,12 +150,13 @@ def plan_sources(
     Only the `components` asked for must have real weights (a DiT-only file loads its DiT alone).
     """
     ckpt = open_checkpoint(checkpoint) if checkpoint is not None else None
-    if ckpt is not None:
-        preset = config_from_metadata(preset, ckpt.metadata_config)
     base = open_checkpoint(base_checkpoint) if base_checkpoint is not None else None
     if base is not None and ckpt is None:
         raise CheckpointError(f"{BASE_FLAG} {base.path.name} supplies the VAE and text side beside a DiT file: "
                               "pass that DiT file as --checkpoint")
+    if ckpt is not None:
+        check_family(ckpt, base, components)
+        preset = config_from_metadata(preset, ckpt.metadata_config)
     vae = text = None
     if ckpt is not None:
         vae = next((c for c in (ckpt, base) if c is not None and c.has("vae_encoder") and c.has("vae_decoder")), None)
@@ -184,6 +189,23 @@ def plan_sources(
     src = Sources(preset, seed, ckpt, vae, text, gemma, face_weights, face_sha)
     check_layouts(src, components)
     return src
+
+
+def check_family(ckpt: LazyCheckpoint, base: LazyCheckpoint | None,
+                 components: tuple[str, ...]) -> ModelFamily:
+    """The checkpoint's family (its base's is the same), refused where a component's exporter lacks it."""
+    family = detect_family(ckpt.path, ckpt.metadata_config, ckpt.model_version, ckpt.shapes)
+    if base is not None:
+        other = detect_family(base.path, base.metadata_config, base.model_version, base.shapes)
+        if other is not family:
+            raise CheckpointError(f"{ckpt.path.name} is an {family.label} checkpoint but {BASE_FLAG} "
+                                  f"{base.path.name} is {other.label}: pass the base checkpoint of the same "
+                                  "model")
+    missing = [name for name in components if family not in EXPORTED_FAMILIES.get(name, (family,))]
+    if missing:
+        raise CheckpointError(f"{ckpt.path} is an {family.label} checkpoint, and this version does not "
+                              f"export {family.label}'s {', '.join(missing)} yet: use an LTX-2 checkpoint")
+    return family
 
 
 def _text_parts(side: TextSide) -> torch.nn.Module:

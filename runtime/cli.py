@@ -142,9 +142,11 @@ def _plan(args: argparse.Namespace) -> int:
     reports = {"uncached prompt": memory_needs(weights, activations),
                "cached prompt": memory_needs(weights, activations, skip_text=True)}
     if args.json:
-        print(json.dumps({k: {**r.to_json(), "budget_bytes": budget} for k, r in reports.items()}, indent=2))
+        plans = {k: {**r.to_json(), "budget_bytes": budget} for k, r in reports.items()}
+        print(json.dumps({"family": manifest.model_config.family, **plans}, indent=2))
         return 0
     gb = 2**30
+    print(f"model      {manifest.model_config.family} (preset {manifest.preset})")
     for stage in reports["uncached prompt"].stages:
         print(f"{stage.stage:<10} {stage.component:<13} weights {stage.weight_bytes / gb:8.3f} GB  "
               f"activations (estimate) {stage.activation_bytes / gb:8.3f} GB")

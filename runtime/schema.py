@@ -272,7 +272,7 @@ class TextModel(Section):
         return self.encoder_ffn or 4 * self.encoder_dim
 
 
-FAMILIES = ("ltx2",)
+FAMILIES = ("ltx2", "ltx2.3")  # export/config.py ModelFamily's values
 
 
 @dataclass(frozen=True, kw_only=True)

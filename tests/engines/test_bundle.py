@@ -14,7 +14,7 @@ from stdrc.engines.bundle import BundleWriter
 from stdrc.engines.build import BuildConfig, build_engines
 from stdrc.engines.verify import verify_bundle
 from stdrc.runtime.errors import BundleError
-from stdrc.runtime.manifest import FORMAT_VERSION, check_files, read_manifest, sha256_file
+from stdrc.runtime.manifest import FORMAT_VERSION, Manifest, check_files, read_manifest, sha256_file
 
 
 def test_manifest_describes_the_bundle(tiny_bundle: Path) -> None:
@@ -30,6 +30,11 @@ def test_manifest_describes_the_bundle(tiny_bundle: Path) -> None:
     for rel, digest in {**{e.file: e.sha256 for e in m.components.values()}, m.rope.file: m.rope.sha256}.items():
         assert sha256_file(tiny_bundle / rel) == digest
     check_files(tiny_bundle, m)
+    # the model family is recorded; a manifest written before it reads as LTX-2
+    assert m.model_config.family == "ltx2"
+    data = json.loads((tiny_bundle / "manifest.json").read_text())
+    del data["model_config"]["family"]
+    assert Manifest.from_json(data).model_config.family == "ltx2"
 
 
 def test_verify_every_component_within_1e4(tiny_bundle: Path) -> None:
@@ -45,6 +50,7 @@ def test_verify_cli_json(tiny_bundle: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "stdrc.engines.cli", "verify", str(tiny_bundle), "--json"],
                          capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
+    assert data["family"] == "ltx2"
     assert set(data["components"]["dit"]) >= {"max_abs_err", "rel_l2", "ok"}
     assert data["ok"] is True
 
@@ -56,7 +62,9 @@ def test_verify_cli_report(tiny_bundle: Path) -> None:
     for name in ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"):
         assert f"Accuracy Summary | {name} vs. pytorch" in out.stdout  # polygraphy's comparison per component
     assert "Passed: 2/2 iterations" in out.stdout  # the DiT at batch 1 and 3
-    assert out.stdout.strip().splitlines()[-1].startswith("face_encoder  onnxruntime fp32")
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("face_encoder  onnxruntime fp32")
+    assert lines[-6].split() == ["model", "ltx2"]  # before the five component lines
 
 
 def test_tampered_engine_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -200,7 +200,9 @@ def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 def test_plan_and_encode_prompts_commands(tiny_bundle, tmp_path):
     out = _cli("plan", "--bundle", str(tiny_bundle), "--gpu-memory", "24GB")
     assert out.returncode == 0 and "staged" in out.stdout and "fits" in out.stdout, out.stderr
+    assert out.stdout.splitlines()[0].split() == ["model", "ltx2", "(preset", "tiny)"]
     data = json.loads(_cli("plan", "--bundle", str(tiny_bundle), "--json").stdout)
+    assert data["family"] == "ltx2"
     assert data["cached prompt"]["staged_peak_bytes"] <= data["uncached prompt"]["staged_peak_bytes"]
     bad = _cli("plan", "--bundle", str(tiny_bundle), "--gpu-memory", "lots")
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

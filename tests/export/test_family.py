@@ -1,0 +1,159 @@
+"""LTX-2 or LTX-2.3 from a checkpoint's header; a file of neither is refused before any weight is read."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from stdrc.export import checkpoint
+from stdrc.export.checkpoint import V2_CAPTION_CONFIG, open_checkpoint
+from stdrc.export.config import ModelFamily, Preset, get_preset
+from stdrc.export.errors import CheckpointError
+from stdrc.export.family import detect_family
+from stdrc.runtime.schema import FAMILIES
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+FLAGS_23 = {"apply_gated_attention": True, "cross_attention_adaln": True, **V2_CAPTION_CONFIG}
+
+
+def tiny23() -> Preset:
+    """`tiny` with LTX-2.3's flags: gated attention, 9-slot AdaLN, the V2 projection into a gated connector
+    as wide as the DiT (its context arrives `inner_dim` wide)."""
+    tiny = get_preset("tiny")
+    return replace(tiny, dit=replace(tiny.dit, apply_gated_attention=True, cross_attention_adaln=True),
+                   text=replace(tiny.text, per_token_projection=True, connector_gated_attention=True,
+                                connector_head_dim=32))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    spec = importlib.util.spec_from_file_location("synthetic", BENCH / "synthetic.py")
+    synthetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synthetic)
+    folder = tmp_path_factory.mktemp("family")
+    return {name: synthetic.write_checkpoint(folder / f"{name}.safetensors", preset, 2, dtype=torch.float32)
+            for name, preset in (("ltx2", get_preset("tiny")), ("ltx23", tiny23()))}
+
+
+def test_real_layout_files_of_each_family(files: dict[str, Path]) -> None:
+    for name, family in (("ltx2", ModelFamily.LTX2), ("ltx23", ModelFamily.LTX23)):
+        lazy = open_checkpoint(files[name], sha256="-")
+        assert detect_family(lazy.path, lazy.metadata_config, lazy.model_version, lazy.shapes) is family
+    assert open_checkpoint(files["ltx23"], sha256="-").model_version == "2.3.0"
+    assert get_preset("tiny").family is ModelFamily.LTX2 and tiny23().family is ModelFamily.LTX23
+    assert tuple(f.value for f in ModelFamily) == FAMILIES  # what the manifest reader accepts
+
+
+@pytest.mark.parametrize("transformer, version, family", [
+    ({}, None, ModelFamily.LTX2),  # no config: ltx-core's defaults are LTX-2's
+    ({"apply_gated_attention": False, "cross_attention_adaln": False, "qk_norm": "rms_norm"}, "2.0",
+     ModelFamily.LTX2),
+    (FLAGS_23, None, ModelFamily.LTX23),
+    (FLAGS_23, "2.3.1", ModelFamily.LTX23),
+    ({**FLAGS_23, "some_new_key": 7}, "2.3", ModelFamily.LTX23),  # ltx-core does not read it: no effect
+])
+def test_family_from_metadata(transformer: dict, version: str | None, family: ModelFamily) -> None:
+    assert detect_family(Path("f"), {"transformer": transformer}, version, ["proj_out.weight"]) is family
+
+
+NEITHER = {
+    "partial V2 set": ({"caption_proj_before_connector": True}, None, [],
+                       r"caption_proj_input_norm missing"),
+    "V2 key of another value": ({**FLAGS_23, "caption_proj_input_norm": True}, None, [],
+                                r"caption_proj_input_norm=True"),
+    "gated attention alone": ({"apply_gated_attention": True}, None, [],
+                              r"mixes the two \(LTX-2: cross_attention_adaln, the V2 caption keys; "
+                              r"LTX-2\.3: apply_gated_attention\)"),
+    "2.3 version, LTX-2 flags": ({}, "2.3.0", [], r"LTX-2\.3: model_version '2\.3\.0'"),
+    "flag not a boolean": ({"apply_gated_attention": "yes"}, None, [], r"apply_gated_attention is 'yes'"),
+    "fixed key changed": ({"qk_norm": "layer_norm"}, None, [],
+                          r"transformer\.qk_norm is 'layer_norm', which changes the model's arithmetic"),
+    "both key sets": ({}, None, ["caption_projection.linear_1.weight",
+                                 "transformer_blocks.0.attn1.to_gate_logits.weight"],
+                      r"holds tensors of both"),
+    "2.3 tensors, no config": (None, None, ["prompt_adaln_single.linear.weight"],
+                               r"holds LTX-2\.3 tensors \(prompt_adaln_single\.linear\.weight\) "
+                               r"but no config metadata"),
+    "LTX-2 tensors, 2.3 config": (FLAGS_23, None, ["text_embedding_projection.aggregate_embed.weight"],
+                                  r"holds LTX-2 tensors .* config metadata says LTX-2\.3"),
+}
+
+
+@pytest.mark.parametrize("case", list(NEITHER))
+def test_neither_family_is_one_error(case: str) -> None:
+    transformer, version, keys, message = NEITHER[case]
+    config = None if transformer is None else {"transformer": transformer}
+    with pytest.raises(CheckpointError, match=message) as e:
+        detect_family(Path("f.safetensors"), config, version, keys)
+    text = str(e.value)
+    assert text.startswith("f.safetensors matches neither LTX-2 nor LTX-2.3: ") and "\n" not in text
+
+
+def _rewrite(src: Path, dst: Path, transformer: dict | None = None, version: str | None = None,
+             extra: dict[str, torch.Tensor] | None = None) -> Path:
+    with safe_open(str(src), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    config = json.loads(meta["config"])
+    config["transformer"].update(transformer or {})
+    meta["config"] = json.dumps(config)
+    if version is not None:
+        meta["model_version"] = version
+    save_file({**tensors, **(extra or {})}, str(dst), metadata=meta)
+    return dst
+
+
+CLI = {  # file, header change, the one error line
+    "LTX-2.3 (not exported yet)": ("ltx23", {}, None, {},
+                                   r"is an LTX-2\.3 checkpoint, and this version does not export LTX-2\.3's "
+                                   r"dit, vae_encoder, vae_decoder yet"),
+    "partial V2 set": ("ltx2", {"caption_proj_before_connector": True}, None, {},
+                       r"matches neither LTX-2 nor LTX-2\.3: .*caption_projection_first_linear missing"),
+    "mixed flags": ("ltx2", {"cross_attention_adaln": True}, None, {}, r"mixes the two"),
+    "2.3 model_version on LTX-2": ("ltx2", {}, "2.3.0", {}, r"mixes the two"),
+    "arithmetic key": ("ltx2", {"norm_elementwise_affine": True}, None, {},
+                       r"changes the model's arithmetic"),
+    "mixed tensors": ("ltx2", {}, None,
+                      {"model.diffusion_model.transformer_blocks.0.attn1.to_gate_logits.weight":
+                       torch.zeros(2, 2)},
+                      r"holds tensors of both"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI))
+def test_build_engines_refuses_before_any_read(files: dict[str, Path], tmp_path: Path, case: str, monkeypatch,
+                                               capsys) -> None:
+    from stdrc.engines.cli import main
+
+    name, transformer, version, extra, message = CLI[case]
+    bad = _rewrite(files[name], tmp_path / "bad.safetensors", transformer, version, extra)
+    reads = []
+
+    def no_read(fh, base, info):  # noqa: ANN001, ANN202
+        reads.append(info)
+        raise AssertionError("a tensor was read")
+
+    monkeypatch.setattr(checkpoint, "_read_tensor", no_read)
+    out = tmp_path / "bundle"
+    rc = main(["build-engines", "--preset", "tiny", "--checkpoint", str(bad), "--backend", "onnxruntime",
+               "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(message, err[0]), err[0]
+    assert not reads and not out.exists()
+
+
+def test_base_checkpoint_of_another_family_is_refused(files: dict[str, Path]) -> None:
+    from stdrc.export.models import load_models
+
+    message = r"ltx2\.safetensors is an LTX-2 checkpoint but --base-checkpoint ltx23\.safetensors is LTX-2\.3"
+    with pytest.raises(CheckpointError, match=message):
+        load_models("tiny", checkpoint=files["ltx2"], base_checkpoint=files["ltx23"], components=("dit",))
