@@ -75,10 +75,10 @@ def real_config(preset: Preset) -> dict:
     has one layer (`audio_connector_num_layers`, an ltx-core key) to keep reduced-depth files small."""
     dit, text = preset.dit, preset.text
     t = dit.ltx_config()["transformer"]
-    for flag in ("apply_gated_attention", "cross_attention_adaln"):  # absent from LTX-2 files
-        if not t[flag]:
+    for flag in ("apply_gated_attention", "cross_attention_adaln", "caption_proj_before_connector"):
+        if not t[flag]:  # absent from LTX-2 files
             del t[flag]
-    if text.per_token_projection:  # LTX-2.3's text projection (ltx-core's V2 trigger) and its gated connector
+    if dit.caption_proj_before_connector or text.per_token_projection:  # LTX-2.3's text projection: all four
         t.update(V2_CAPTION_CONFIG)
     if text.connector_gated_attention:
         t["connector_apply_gated_attention"] = True

@@ -192,7 +192,8 @@ class Preset:
     def family(self) -> ModelFamily:
         """LTX-2.3 when any of its flags is set (a checkpoint's are all set or none: export/family.py)."""
         dit = self.dit
-        flags = (dit.apply_gated_attention, dit.cross_attention_adaln, self.text.per_token_projection)
+        flags = (dit.apply_gated_attention, dit.cross_attention_adaln, dit.caption_proj_before_connector,
+                 self.text.per_token_projection)
         return ModelFamily.LTX23 if any(flags) else ModelFamily.LTX2
 
     def to_json(self) -> dict[str, Any]:

@@ -25,12 +25,10 @@ FLAGS_23 = {"apply_gated_attention": True, "cross_attention_adaln": True, **V2_C
 
 
 def tiny23() -> Preset:
-    """`tiny` with LTX-2.3's flags: gated attention, 9-slot AdaLN, the V2 projection into a gated connector
-    as wide as the DiT (its context arrives `inner_dim` wide)."""
-    tiny = get_preset("tiny")
-    return replace(tiny, dit=replace(tiny.dit, apply_gated_attention=True, cross_attention_adaln=True),
-                   text=replace(tiny.text, per_token_projection=True, connector_gated_attention=True,
-                                connector_head_dim=32))
+    """The tiny23 preset (LTX-2.3's DiT flags, a gated connector as wide as the DiT) with the V2 text
+    projection: every LTX-2.3 flag set."""
+    preset = get_preset("tiny23")
+    return replace(preset, text=replace(preset.text, per_token_projection=True))
 
 
 @pytest.fixture(scope="module")
