@@ -37,6 +37,11 @@ def vae_from_metadata(section: dict[str, Any], base: VAEConfig) -> VAEConfig:
         if section.get(key, want) != want:
             raise CheckpointError(f"the checkpoint's vae config has {key}={section[key]!r}: only {key}="
                                   f"{want} (RGB video, 3-D convolutions) is supported; use an LTX video VAE")
+    for key in _SAME_NAME:
+        kind = type(getattr(VAEConfig, key))  # the dataclass default's type: bool, int or str
+        if key in section and type(section[key]) is not kind:
+            raise CheckpointError(f"the checkpoint's vae config has {key}={section[key]!r}, not of type "
+                                  f"{kind.__name__}: use an LTX video VAE checkpoint, or fix its `config`")
     cfg = VAEConfig(
         **{k: section[k] for k in _SAME_NAME if k in section},
         **{k: tuple((name, params) for name, params in section[k])

@@ -131,6 +131,8 @@ def test_the_padding_mode_matters() -> None:
     ({"decoder_blocks": [["upsample_magic", {}]]}, "unknown layer: upsample_magic"),
     ({"encoder_blocks": [["res_x", {}]]}, "KeyError: 'num_layers'"),
     ({"dims": 2}, "dims=2: only dims=3"),
+    ({"timestep_conditioning": "false"}, "timestep_conditioning='false', not of type bool"),
+    ({"latent_channels": 128.0}, "latent_channels=128.0, not of type int"),
     ({"out_channels": 4}, "out_channels=4: only out_channels=3"),
     ({"decoder_blocks": [["res_x", {"num_layers": 1, "inject_noise": True}]]}, "inject_noise"),
 ])
