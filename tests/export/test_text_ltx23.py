@@ -296,9 +296,6 @@ def test_v2_text_side_matches_ltx_core_at_real_width(wide, tmp_path: Path) -> No
     assert rel_l2(onnx_context, expected) <= 1e-5
 
 
-@pytest.mark.xfail(raises=CheckpointError, strict=False,
-                   reason="export/checkpoint.py `_split_text` refuses 2.3 files until the family detection "
-                          "(issue 26) lands (checked passing with it): remove this mark then")
 def test_ltx23_text_weights_load_from_a_checkpoint(tmp_path: Path, tiny_gemma_dir: Path) -> None:
     """A 2.3 file's text side as ltx-core's key ops name it (both aggregate embeds, both connectors): the
     video projection and connector load into ours, the audio ones are left out; config from the header."""
@@ -326,6 +323,7 @@ def test_ltx23_text_weights_load_from_a_checkpoint(tmp_path: Path, tiny_gemma_di
     models = load_models(preset=base, checkpoint=path, text_encoder=tiny_gemma_dir,
                          components=("text_encoder",))
     side = models.text
+    assert models.preset.family.label == "LTX-2.3"
     assert side.cfg.per_token_projection and side.cfg.connector_gated_attention
     assert side.cfg.connector_dim == 48
     for name in ("feature_extractor", "connector"):
