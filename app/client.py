@@ -51,4 +51,5 @@ class ServerBackend:
         video.write_bytes(self.client.video(job_id))
         sheet.write_bytes(self.client.sheet(job_id))
         facesim = state.get("facesim")
-        return Outcome(str(video), str(sheet), None if facesim is None else float(facesim), scored=job.options.face_crop)
+        return Outcome(str(video), str(sheet), None if facesim is None else float(facesim),
+                       scored=bool(state.get("facesim_scored")))  # the server's Pipeline decided

@@ -88,13 +88,14 @@ def unpatchify(tokens: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
 
 class Pipeline:
     def __init__(self, bundle_dir: Path, manifest: Manifest, engines: EngineSet,
-                 prompt_store: PromptStore | None = None):
+                 prompt_store: PromptStore | None = None, verify_hashes: bool = True):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.engines = engines
         self.bucket = manifest.bucket  # the one `generate` runs; it picks one of the manifest's buckets
         self._rope: dict[str, dict[str, np.ndarray]] = {}  # per bucket: its DiT RoPE feeds, read once
-        self._tokenize = tokenizer_from_manifest(manifest.text, bundle_dir)
+        self._hashes_pending = verify_hashes
+        self._tokenize = None  # made on first use, after the files' hashes are checked
         self.prompts = PromptCache(self._encode_prompt, store=prompt_store)
         self._detector = None
         self._embedder = None
@@ -115,12 +116,16 @@ class Pipeline:
     def from_bundle(path: str | Path, backend: str | None = None, device: str = "auto",
                     verify_hashes: bool = True, cuda_graphs: bool = False, memory_plan: str = "all",
                     prompt_cache: str | Path | None = "default", trust_code: bool = False) -> Pipeline:
-        """Validate the manifest and files (types, containment, sha256, backend, TensorRT version/GPU), then load.
+        """Validate the manifest and files (types, containment, backend, TensorRT version/GPU); no engine opens yet.
+
+        Files are checked against their sha256 once, before the first is read (`check_hashes`): after the
+        first request's `prepare`, so a bad request never waits for a large bundle to be hashed.
 
         `device`: "auto" (CUDA when the bundle's backends can use it here, else CPU), "cpu" or "cuda".
         `cuda_graphs`: the DiT of a torch/aoti bundle replays CUDA graphs (device "cuda" only).
         `memory_plan`: ``all`` keeps every engine once opened (on first use, or `engines.warm()`); ``staged``
-        opens each when its stage starts and releases it after; ``auto`` picks by the device's free memory (runtime/memory.py).
+        opens each when its stage starts and releases it after; ``auto`` picks by the device's free memory
+        (runtime/memory.py).
         `prompt_cache`: folder of prompt embeddings on disk ("default": $STDRC_PROMPT_CACHE or
         ~/.cache/stdrc/prompts; None: in memory only).
         `trust_code`: allow torch/aoti bundles, whose loading runs code from the bundle (see README, Trust).
@@ -146,10 +151,11 @@ class Pipeline:
             check_trust(name, entry, trust_code)
         if cuda_graphs:
             check_cuda_graph(manifest.components["dit"])
-        check_files(bundle_dir, manifest, hashes=verify_hashes)
+        check_files(bundle_dir, manifest, hashes=False)  # containment and presence; sha256 before the first read
         plan = choose_plan(memory_plan, memory_needs(*weights_and_activations(bundle_dir, manifest)), device)
 
         def opener(name: str) -> Engine:
+            pipe.check_hashes()
             return open_engine(bundle_dir, name, manifest.components[name], device,
                                cuda_graph=cuda_graphs and name == "dit", trust_code=trust_code)
 
@@ -157,13 +163,21 @@ class Pipeline:
         if prompt_cache is not None:
             folder = default_prompt_store_dir() if prompt_cache == "default" else Path(prompt_cache)
             store = prompt_store_for(manifest, folder)
-        return Pipeline(bundle_dir, manifest, EngineSet(opener, list(manifest.components), plan), store)
+        pipe = Pipeline(bundle_dir, manifest, EngineSet(opener, list(manifest.components), plan), store, verify_hashes)
+        return pipe
 
     @staticmethod
     def for_checks(path: str | Path) -> Pipeline:
         """A Pipeline for `prepare` only, in a process that holds no model (the serve ingress, the app's face
         preview): the manifest and the files' presence are checked, nothing is hashed, no engine is opened."""
         return Pipeline.from_bundle(path, device="cpu", verify_hashes=False, prompt_cache=None)
+
+    def check_hashes(self) -> None:
+        """Every bundle file against its sha256, once, before the first is read: after `prepare`, so a bad
+        request is refused before a large bundle is hashed (BundleError for a changed file)."""
+        if self._hashes_pending:
+            check_files(self.bundle_dir, self.manifest)
+            self._hashes_pending = False
 
     def run(self, component: str, feeds: dict[str, np.ndarray], keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         engine = self.engines[component]
@@ -173,6 +187,9 @@ class Pipeline:
     # -- stages -------------------------------------------------------------------------------
 
     def _encode_prompt(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._tokenize is None:
+            self.check_hashes()
+            self._tokenize = tokenizer_from_manifest(self.manifest.text, self.bundle_dir)
         ids, mask = self._tokenize(prompt)
         out = self.run("text_encoder", {"token_ids": ids, "token_mask": mask})
         return out["context"].astype(np.float32), out["context_mask"].astype(np.int64)
@@ -285,6 +302,7 @@ class Pipeline:
         b = self.bucket
         if b.label() not in self._rope:
             rel = b.rope_file or self.manifest.rope.file
+            self.check_hashes()
             with np.load(bundle_path(self.bundle_dir, rel), allow_pickle=False) as tables:
                 self._rope[b.label()] = {"rope_cos": np.ascontiguousarray(tables["cos"], np.float32),
                                          "rope_sin": np.ascontiguousarray(tables["sin"], np.float32)}
@@ -387,6 +405,7 @@ class Pipeline:
 
         entry = self.manifest.components["face_encoder"]
         if self._embedder is None:
+            self.check_hashes()
             self._embedder = face.FaceEmbedder(bundle_path(self.bundle_dir, entry.file))
         try:
             result = face.facesim(frames, reference, self._face_detector(), self._embedder)

@@ -27,6 +27,7 @@ class Job:
     steps: int | None = None
     error: str | None = None
     facesim: float | None = None
+    facesim_scored: bool = False  # FaceSim was measured (the Pipeline's decision); None above then: no face
     attempts: int = 0  # replicas that started it
     worker: dict = field(default_factory=dict)  # node_id, pid, replica of the latest attempt
     created: float = 0.0
@@ -35,7 +36,7 @@ class Job:
     def public(self) -> dict:
         """What `GET /v1/generations/{id}` answers."""
         return {"id": self.id, "status": self.status, "step": self.step, "steps": self.steps,
-                "error": self.error, "facesim": self.facesim}
+                "error": self.error, "facesim": self.facesim, "facesim_scored": self.facesim_scored}
 
 
 class JobRegistry:
@@ -86,13 +87,13 @@ class JobRegistry:
         if job is not None and job.status not in (DONE, FAILED):
             self.jobs[job_id] = replace(job, status=QUEUED, step=0, error=reason)
 
-    def finish(self, job_id: str, video: bytes, sheet: bytes, facesim: float | None) -> None:
+    def finish(self, job_id: str, video: bytes, sheet: bytes, facesim: float | None, scored: bool = False) -> None:
         job = self.jobs.get(job_id)
         if job is None:
             return
         self.results[job_id] = {"video": video, "sheet": sheet}
         self.jobs[job_id] = replace(job, status=DONE, step=job.steps or job.step, error=None, facesim=facesim,
-                                    finished=time.time(), reference=b"")
+                                    facesim_scored=scored, finished=time.time(), reference=b"")
 
     def fail(self, job_id: str, error: str) -> None:
         job = self.jobs.get(job_id)

@@ -53,7 +53,8 @@ class Generator:
         except StdrcError as e:
             ray.get(self.registry.fail.remote(job_id, str(e)))
             return "failed"
-        ray.get(self.registry.finish.remote(job_id, out.video, out.sheet, out.facesim))
+        ray.get(self.registry.finish.remote(job_id, out.video, out.sheet, out.facesim,
+                                                 out.facesim_scored))
         return "done"
 
     def check_health(self) -> None:

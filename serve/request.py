@@ -61,6 +61,7 @@ class Output:
     video: bytes
     sheet: bytes
     facesim: float | None
+    facesim_scored: bool
     frames: int
 
 
@@ -76,4 +77,4 @@ def run(pipe: Pipeline, options: GenerationOptions, reference: bytes, name: str,
             raise InputError(_strip(e, folder)) from None
         files = result.files
         return Output(Path(files["video"]).read_bytes(), Path(files["contact_sheet"]).read_bytes(), result.facesim,
-                      int(result.frames.shape[0]))
+                      result.facesim_scored, int(result.frames.shape[0]))

@@ -79,7 +79,7 @@ def test_server_backend_returns_what_the_pipeline_makes(server_url, pipeline, as
     assert iio.imread(out.video).shape == expected.frames.shape  # the downloaded video decodes, full size
     sheet = iio.imread(out.contact_sheet)[..., :3].astype(int)  # PNG: lossless, so comparable to the frames
     assert abs(sheet - contact_sheet(expected.frames).astype(int)).max() <= 1
-    assert out.facesim == expected.facesim
+    assert out.facesim == expected.facesim and out.scored == expected.facesim_scored is True
     assert seen and seen == sorted(seen) and {t for _, t in seen} == {STEPS}  # progress as the server reports it
 
 

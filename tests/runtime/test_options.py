@@ -141,3 +141,25 @@ def test_prepare_refuses_before_any_engine_and_fills_the_bundles_defaults(checks
         with pytest.raises(InputError, match=words):
             checks.prepare(blank_png if words == "no face found" else astronaut_png, options)
     assert checks.engines.loaded() == [] and checks.engines.opened == []
+
+
+def test_a_bad_request_is_refused_before_the_bundle_is_hashed(tiny_bundle: Path, astronaut_png: Path,
+                                                              tmp_path: Path) -> None:
+    """`prepare` runs before any bundle file is hashed or read; a changed file is still refused before use."""
+    import os
+    import shutil
+
+    from stdrc.runtime.errors import BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle, copy_function=os.link)
+    (bundle / "dit.onnx").unlink()  # a hard link would change the shared bundle
+    data = bytearray((tiny_bundle / "dit.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "dit.onnx").write_bytes(bytes(data))
+    pipe = Pipeline.from_bundle(bundle, prompt_cache=None)  # presence and containment only
+    with pytest.raises(InputError, match="does not exist"):
+        pipe.generate(tmp_path / "missing.png", prompt="p", steps=1)
+    with pytest.raises(BundleError, match="dit.onnx does not match its sha256"):
+        pipe.generate(astronaut_png, prompt="p", steps=1)
+    assert pipe.engines.opened == [] and not list(tmp_path.glob("*.mp4"))

@@ -27,13 +27,14 @@ def test_a_job_runs_to_done_with_progress_and_bytes():
     reg = JobRegistry(max_queue=4, keep_s=60)
     job = reg.create(REQUEST, b"png", "a.png")
     assert reg.status(job) == {"id": job, "status": "queued", "step": 0, "steps": 2, "error": None,
-                               "facesim": None}
+                               "facesim": None, "facesim_scored": False}
     assert reg.result(job, "video") is None
     reg.start(job, {"pid": 1})
     reg.progress(job, 1, 2)
     assert reg.status(job)["status"] == "running" and reg.status(job)["step"] == 1
-    reg.finish(job, b"mp4", b"sheet", 0.5)
-    assert reg.status(job) == {"id": job, "status": "done", "step": 2, "steps": 2, "error": None, "facesim": 0.5}
+    reg.finish(job, b"mp4", b"sheet", 0.5, scored=True)
+    assert reg.status(job) == {"id": job, "status": "done", "step": 2, "steps": 2, "error": None, "facesim": 0.5,
+                               "facesim_scored": True}
     assert reg.result(job, "video") == b"mp4" and reg.result(job, "sheet") == b"sheet"
     reg.fail(job, "late")  # a finished job stays finished
     assert reg.status(job)["status"] == "done"
