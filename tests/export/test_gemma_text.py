@@ -325,8 +325,8 @@ def test_gemma_bundle_builds_verifies_and_generates(tmp_path: Path, tiny_gemma_d
     (bundle / "tokenizer.json").write_text("{}")
     from stdrc.runtime.errors import BundleError
 
-    with pytest.raises(BundleError, match="tokenizer.json"):
-        Pipeline.from_bundle(bundle)
+    with pytest.raises(BundleError, match="tokenizer.json does not match its sha256"):
+        Pipeline.from_bundle(bundle).prompts("another prompt")  # hashed before the tokenizer is read
 
 
 def test_model_set_tokenizes_as_the_runtime(tiny_gemma_dir: Path, runtime_tokenizer) -> None:
