@@ -263,6 +263,7 @@ def test_decoder_without_timestep_bundle_verifies_and_generates(ltx23_tiled_bund
                                                                 tmp_path: Path) -> None:
     from stdrc.engines.verify import verify_bundle
     from stdrc.runtime.cpp_inputs import DECODE_NOISE, write_cpp_inputs
+    from stdrc.runtime.options import GenerationOptions
     from stdrc.runtime.pipeline import Pipeline
 
     reports = verify_bundle(ltx23_tiled_bundle, checkpoint=ltx23_vae_file)
@@ -271,7 +272,8 @@ def test_decoder_without_timestep_bundle_verifies_and_generates(ltx23_tiled_bund
     reference = np.random.default_rng(3).integers(0, 256, (64, 192, 3), dtype=np.uint8)
     result = pipeline.generate(reference=reference, prompt="a woman smiles", seed=1, steps=2, face_crop=False)
     assert result.frames.shape == (9, 64, 192, 3)
-    inputs = write_cpp_inputs(pipeline, reference, "a woman smiles", 1, tmp_path / "cpp", face_crop=False)
+    options = GenerationOptions("a woman smiles", seed=1, steps=2, face_crop=False)
+    inputs = write_cpp_inputs(pipeline, reference, options, tmp_path / "cpp")
     assert not (inputs / DECODE_NOISE).exists()  # the C++ runner gets no decode noise to mix either
 
 
