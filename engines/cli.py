@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the model's components to ONNX, build engines and write a bundle "
                                    "folder (manifest.json with sha256 of every file). Without --checkpoint the "
                                    "preset's seeded random weights are used. The bundle appears atomically.")
-    b.add_argument("--preset", default="tiny", help="model preset: tiny (seeded, seconds on a CPU) or ltx2-video")
+    b.add_argument("--preset", default="tiny",
+                   help="model preset: tiny or tiny23 (seeded, seconds on a CPU), ltx2-video or ltx23-video")
     b.add_argument("--checkpoint", type=Path, default=None, help="LTX-2 / ST-DRC .safetensors (default: the preset's seeded weights)")
     b.add_argument("--bucket", action="append", default=[], metavar="FRAMESxWIDTHxHEIGHT",
                    help="a size the bundle serves, e.g. 121x768x512; repeatable (the first is the default); "
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layout", default="tass", choices=LAYOUTS,
                    help="reference token positions (tass = TASS-RoPE)")
     b.add_argument("--text-encoder", type=Path, default=None,
-                   help="local Gemma-3 folder (config.json, *.safetensors, tokenizer.json); needed by ltx2-video")
+                   help="local Gemma-3 folder (config.json, *.safetensors, tokenizer.json); needed by ltx2-video"
+                        " and ltx23-video")
     b.add_argument("--base-checkpoint", type=Path, default=None,
                    help="the LTX-2 .safetensors beside a DiT-only --checkpoint (ST-DRC): supplies the VAE and the "
                         "text projection + connector")

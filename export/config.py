@@ -20,6 +20,25 @@ class ModelFamily(str, Enum):
     def label(self) -> str:
         return {"ltx2": "LTX-2", "ltx2.3": "LTX-2.3"}[self.value]
 
+    @property
+    def defaults(self) -> FamilyDefaults:
+        return FAMILY_DEFAULTS[self]
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """ltx-pipelines' stage-1 sampling defaults of a family (LTX23.md 2): what a bundle records in its
+    manifest when its preset does not set them."""
+
+    steps: int
+    text_scale: float  # the video CFG scale
+
+
+FAMILY_DEFAULTS = {
+    ModelFamily.LTX2: FamilyDefaults(steps=40, text_scale=3.0),
+    ModelFamily.LTX23: FamilyDefaults(steps=30, text_scale=3.0),
+}
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -184,9 +203,17 @@ class Preset:
     vae: VAEConfig
     text: TextConfig
     default_bucket: dict[str, Any] = field(default_factory=dict)
-    steps: int = 40
-    text_scale: float = 3.0
+    preset_steps: int | None = None  # None: the family's (a checkpoint's metadata may change the family)
+    preset_text_scale: float | None = None
     ref_scale: float = 2.0
+
+    @property
+    def steps(self) -> int:
+        return self.preset_steps or self.family.defaults.steps
+
+    @property
+    def text_scale(self) -> float:
+        return self.family.defaults.text_scale if self.preset_text_scale is None else self.preset_text_scale
 
     @property
     def family(self) -> ModelFamily:
@@ -224,16 +251,17 @@ def _tiny() -> Preset:
             connector_head_dim=16, connector_layers=1, connector_registers=16,
         ),
         default_bucket={"frames": 9, "height": 64, "width": 96, "text_length": 16, "fps": 24.0},
-        steps=8,
+        preset_steps=8,
     )
 
 
 def _tiny23() -> Preset:
     """`tiny` with LTX-2.3's flags (gated attention, 9-slot + prompt AdaLN, context `inner_dim` wide, the
-    per-token text projection) and a gated connector as wide as that context: the 2.3 path in seconds."""
+    per-token text projection) and a gated connector as wide as that context: the 2.3 path in seconds.
+    Its steps are the family's (30), as a real 2.3 bundle's."""
     tiny = _tiny()
     return replace(
-        tiny, name="tiny23",
+        tiny, name="tiny23", preset_steps=None,
         dit=replace(tiny.dit, apply_gated_attention=True, cross_attention_adaln=True,
                     caption_proj_before_connector=True),
         text=replace(tiny.text, encoder_dim=64, encoder_ffn=64, connector_head_dim=32,
@@ -264,11 +292,26 @@ def _ltx2_video() -> Preset:
         ),
         text=TextConfig(),
         default_bucket={"frames": 121, "height": 512, "width": 768, "text_length": 1024, "fps": 24.0},
-        steps=40,
     )
 
 
-PRESETS = {"tiny": _tiny, "tiny23": _tiny23, "ltx2-video": _ltx2_video}
+def _ltx23_video() -> Preset:
+    """LTX-2.3's video stream at full size (LTX23.md 1, 3P values until a real header confirms them; a file's
+    `config` metadata rules): the 2.3 DiT flags, split fp64 RoPE, the V2 text side into an 8-layer gated
+    32 x 128 connector with registers, LTX23_VAE."""
+    ltx2 = _ltx2_video()
+    return replace(
+        ltx2, name="ltx23-video",
+        dit=replace(ltx2.dit, apply_gated_attention=True, cross_attention_adaln=True,
+                    caption_proj_before_connector=True, rope_type="split", frequencies_precision="float64"),
+        vae=LTX23_VAE,
+        text=replace(ltx2.text, connector_heads=32, connector_head_dim=128, connector_layers=8,
+                     connector_registers=128, connector_max_pos=(4096,), connector_gated_attention=True,
+                     rope_type="split", frequencies_precision="float64", per_token_projection=True),
+    )
+
+
+PRESETS = {"tiny": _tiny, "tiny23": _tiny23, "ltx2-video": _ltx2_video, "ltx23-video": _ltx23_video}
 
 
 def get_preset(name: str) -> Preset:

@@ -185,7 +185,7 @@ class TextSide(torch.nn.Module):
         if not cfg.per_token_projection and cfg.encoder_dim != cfg.connector_dim:
             raise ExportError(
                 f"the text encoder's width {cfg.encoder_dim} differs from the connector's {cfg.connector_dim}: "
-                "pick the preset that matches this text encoder (Gemma-3 12B: ltx2-video)"
+                "pick the preset that matches this text encoder (Gemma-3 12B: ltx2-video or ltx23-video)"
             )
         double = cfg.frequencies_precision == "float64"
         self.connector = Embeddings1DConnector(

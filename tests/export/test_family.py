@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from stdrc.export import checkpoint
 from stdrc.export.checkpoint import V2_CAPTION_CONFIG, open_checkpoint
-from stdrc.export.config import ModelFamily, Preset, get_preset
+from stdrc.export.config import LTX23_VAE, ModelFamily, Preset, get_preset
 from stdrc.export.errors import CheckpointError
 from stdrc.export.family import detect_family
 from stdrc.runtime.schema import FAMILIES
@@ -155,3 +155,17 @@ def test_base_checkpoint_of_another_family_is_refused(files: dict[str, Path]) ->
     message = r"ltx2\.safetensors is an LTX-2 checkpoint but --base-checkpoint ltx23\.safetensors is LTX-2\.3"
     with pytest.raises(CheckpointError, match=message):
         load_models("tiny", checkpoint=files["ltx2"], base_checkpoint=files["ltx23"], components=("dit",))
+
+
+def test_sampling_defaults_follow_the_family() -> None:
+    """ltx-pipelines' defaults (LTX23.md 2): 40 steps for LTX-2, 30 for LTX-2.3, video CFG 3.0 both; a preset
+    that sets none takes its family's, also when a checkpoint's metadata makes it the other family."""
+    ltx2, ltx23 = get_preset("ltx2-video"), get_preset("ltx23-video")
+    assert (ltx2.family, ltx2.steps, ltx2.text_scale) == (ModelFamily.LTX2, 40, 3.0)
+    assert (ltx23.family, ltx23.steps, ltx23.text_scale) == (ModelFamily.LTX23, 30, 3.0)
+    assert ltx23.dit.inner_dim == ltx23.text.connector_dim == ltx23.dit.context_dim == 4096
+    assert (ltx23.text.connector_layers, ltx23.text.connector_gated_attention, ltx23.vae) == (8, True, LTX23_VAE)
+    as_23 = checkpoint.config_from_metadata(ltx2, {"transformer": {
+        **FLAGS_23, "connector_num_attention_heads": 32, "connector_attention_head_dim": 128}})
+    assert (as_23.family, as_23.steps) == (ModelFamily.LTX23, 30)
+    assert (get_preset("tiny").steps, get_preset("tiny23").steps) == (8, 30)  # tiny sets its own

@@ -33,7 +33,7 @@ def test_generation_feeds_sigma_and_equals_pytorch(bundle23: Path) -> None:
     assert pipe.feeds_sigma
     assert [t.name for t in pipe.manifest.components["dit"].inputs][-1] == smp.SIGMA_INPUT
     image = np.random.default_rng(7).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    result = pipe.generate(image, PROMPT, seed=SEED, steps=STEPS, face_crop=False)
+    result = pipe.generate(image, prompt=PROMPT, seed=SEED, steps=STEPS, face_crop=False)
 
     cond = smp.Conditioning(pipe.encode_reference(result.reference), pipe.prompts(PROMPT), pipe.prompts(""))
     g = pipe.manifest.guidance
@@ -58,3 +58,21 @@ def test_generation_feeds_sigma_and_equals_pytorch(bundle23: Path) -> None:
 
     with pytest.raises(BundleError, match="input 'sigma' is missing"):
         smp.sample(pipe.denoiser, noise, sigmas, cond, scales)  # a sampler that forgets it is refused
+
+
+@pytest.mark.slow  # the bundle above
+def test_a_23_bundle_defaults_to_its_familys_steps(bundle23: Path) -> None:
+    """tiny23 sets no steps: the manifest records LTX-2.3's 30 (LTX-2: 40) and their sigmas, which Python runs
+    when a generation names none (C++ runs the manifest's sigmas too: runtime/cpp/src/manifest.cpp)."""
+    from stdrc.export.config import ModelFamily
+    from stdrc.runtime.options import GenerationOptions
+
+    pipe = Pipeline.from_bundle(bundle23)
+    s = pipe.manifest.sampler
+    assert pipe.manifest.model_config.family == ModelFamily.LTX23.value
+    assert s.steps == ModelFamily.LTX23.defaults.steps == 30 != ModelFamily.LTX2.defaults.steps
+    np.testing.assert_array_equal(np.array(s.sigmas, np.float32), s.schedule(30))
+    image = np.random.default_rng(7).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    prepared = pipe.prepare(image, GenerationOptions(PROMPT, face_crop=False))
+    assert prepared.options.steps == 30 and len(prepared.sigmas) == 31
+    assert prepared.options.text_scale == pipe.manifest.guidance.text_scale == ModelFamily.LTX23.defaults.text_scale
