@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from stdrc.engines.stage_cache import release_memory
-from stdrc.export.config import get_preset
+from stdrc.export.config import ModelFamily, get_preset
 from stdrc.export.errors import CheckpointError
 from stdrc.export.lora import LoraSpec, lora_transform, match_manifest
 from stdrc.export.models import load_sources, plan_sources
@@ -172,11 +172,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         raise CheckpointError(f"{bundle} uses a Gemma-3 text side: pass --text-encoder with that folder to verify it")
     loras = match_manifest(manifest.loras, tuple(loras), bundle)
     src = plan_sources(get_preset(manifest.preset), checkpoint, manifest.model_config.seed, face_weights,
-                       text_encoder, base_checkpoint)
-    family = manifest.model_config.family
-    if src.preset.family.value != family:
-        raise CheckpointError(f"{bundle} holds an {family} model and {checkpoint} is {src.preset.family.value}: "
-                              "pass the checkpoint the bundle was built from")
+                       text_encoder, base_checkpoint, family=ModelFamily(manifest.model_config.family))
     if manifest.checkpoint_sha256 and (src.checkpoint is None or src.checkpoint.sha256 != manifest.checkpoint_sha256):
         raise CheckpointError(f"{checkpoint} is not the checkpoint {bundle} was built from (sha256 differs)")
     check_sources(bundle, manifest.created_by.sources, src.of(), list(manifest.components))

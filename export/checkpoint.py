@@ -199,8 +199,11 @@ def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Prese
                  "connector_num_layers": "connector_layers", "connector_apply_gated_attention": "connector_gated_attention",
                  "rope_type": "rope_type", "frequencies_precision": "frequencies_precision"}
     text_changes: dict[str, Any] = {ours: t[k] for k, ours in text_keys.items() if k in t}
-    if per_token_projection(t):
-        text_changes["per_token_projection"] = True
+    # ltx-core reads an absent LTX-2.3 flag as false: a file's config sets each, whatever the preset's
+    for flag in ("apply_gated_attention", "cross_attention_adaln", "caption_proj_before_connector"):
+        dit_changes[flag] = bool(t.get(flag, False))
+    text_changes["per_token_projection"] = per_token_projection(t)
+    text_changes["connector_gated_attention"] = bool(t.get("connector_apply_gated_attention", False))
     if "connector_positional_embedding_max_pos" in t:
         text_changes["connector_max_pos"] = tuple(t["connector_positional_embedding_max_pos"])
     out = replace(preset, dit=replace(preset.dit, **dit_changes), vae=vae,

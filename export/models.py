@@ -36,9 +36,6 @@ from stdrc.runtime.text import ByteTokenizer
 BASE_FLAG = "--base-checkpoint"
 TEXT_PARTS = "text projection and connector"
 VAE_WHAT = {"vae_encoder": "VAE encoder", "vae_decoder": "VAE decoder"}
-# The families each component's exporter builds from a checkpoint (LTX-2.3's DiT and VAE: under way).
-EXPORTED_FAMILIES = {"text_encoder": (ModelFamily.LTX2, ModelFamily.LTX23), "dit": (ModelFamily.LTX2,),
-                     "vae_encoder": (ModelFamily.LTX2,), "vae_decoder": (ModelFamily.LTX2,)}
 
 
 @dataclass
@@ -144,10 +141,12 @@ def plan_sources(
     text_encoder: str | Path | None = None,
     base_checkpoint: str | Path | None = None,
     components: tuple[str, ...] = COMPONENTS,
+    family: ModelFamily | None = None,
 ) -> Sources:
     """Open headers, pick each component's file, refuse a mix of real and seeded weights (one line, naming the flag).
 
-    Only the `components` asked for must have real weights (a DiT-only file loads its DiT alone).
+    Only the `components` asked for must have real weights (a DiT-only file loads its DiT alone). `family`:
+    the one the checkpoint must be (a bundle's, for verify).
     """
     ckpt = open_checkpoint(checkpoint) if checkpoint is not None else None
     base = open_checkpoint(base_checkpoint) if base_checkpoint is not None else None
@@ -155,8 +154,14 @@ def plan_sources(
         raise CheckpointError(f"{BASE_FLAG} {base.path.name} supplies the VAE and text side beside a DiT file: "
                               "pass that DiT file as --checkpoint")
     if ckpt is not None:
-        check_family(ckpt, base, components)
+        found = check_family(ckpt, base)
+        if family is not None and found is not family:
+            raise CheckpointError(f"{ckpt.path} is an {found.label} checkpoint and the bundle "
+                                  f"{family.label}: pass the checkpoint the bundle was built from")
         preset = config_from_metadata(preset, ckpt.metadata_config)
+        if preset.family is not found:  # a file without config metadata takes the preset's flags
+            raise CheckpointError(f"{ckpt.path} is an {found.label} checkpoint and preset {preset.name} "
+                                  f"{preset.family.label}: pick a preset of the checkpoint's family")
     vae = text = None
     if ckpt is not None:
         vae = next((c for c in (ckpt, base) if c is not None and c.has("vae_encoder") and c.has("vae_decoder")), None)
@@ -191,9 +196,8 @@ def plan_sources(
     return src
 
 
-def check_family(ckpt: LazyCheckpoint, base: LazyCheckpoint | None,
-                 components: tuple[str, ...]) -> ModelFamily:
-    """The checkpoint's family (its base's is the same), refused where a component's exporter lacks it."""
+def check_family(ckpt: LazyCheckpoint, base: LazyCheckpoint | None) -> ModelFamily:
+    """The checkpoint's family; its base checkpoint's must be the same."""
     family = detect_family(ckpt.path, ckpt.metadata_config, ckpt.model_version, ckpt.shapes)
     if base is not None:
         other = detect_family(base.path, base.metadata_config, base.model_version, base.shapes)
@@ -201,10 +205,6 @@ def check_family(ckpt: LazyCheckpoint, base: LazyCheckpoint | None,
             raise CheckpointError(f"{ckpt.path.name} is an {family.label} checkpoint but {BASE_FLAG} "
                                   f"{base.path.name} is {other.label}: pass the base checkpoint of the same "
                                   "model")
-    missing = [name for name in components if family not in EXPORTED_FAMILIES.get(name, (family,))]
-    if missing:
-        raise CheckpointError(f"{ckpt.path} is an {family.label} checkpoint, and this version does not "
-                              f"export {family.label}'s {', '.join(missing)} yet: use an LTX-2 checkpoint")
     return family
 
 
@@ -289,8 +289,11 @@ def _load_component(src: Sources, name: str, dtype: torch.dtype, transform: Tran
             return module
         if name == "text_encoder":
             gemma = load_gemma(src.gemma.folder, preset.text.max_length, dtype=dtype) if src.gemma else None
-            with _no_default_init(src.text if gemma is not None else None):  # a tiny encoder is not in it
-                side = build_text_side(preset.text, seed=None if src.text else seed, gemma=gemma).to(dtype)
+            # a tiny encoder is never in a checkpoint: it is the preset's, seeded (the file's projection and
+            # connector then load over the rest), else a build and its verify would draw different encoders
+            seeded = gemma is None or src.text is None
+            with _no_default_init(None if seeded else src.text):
+                side = build_text_side(preset.text, seed=seed if seeded else None, gemma=gemma).to(dtype)
             if src.text is not None:
                 load_streaming(_text_parts(side), src.text, "text", TEXT_PARTS, None)
             return side

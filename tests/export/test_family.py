@@ -110,9 +110,6 @@ def _rewrite(src: Path, dst: Path, transformer: dict | None = None, version: str
 
 
 CLI = {  # file, header change, the one error line
-    "LTX-2.3 (not exported yet)": ("ltx23", {}, None, {},
-                                   r"is an LTX-2\.3 checkpoint, and this version does not export LTX-2\.3's "
-                                   r"dit, vae_encoder, vae_decoder yet"),
     "partial V2 set": ("ltx2", {"caption_proj_before_connector": True}, None, {},
                        r"matches neither LTX-2 nor LTX-2\.3: .*caption_projection_first_linear missing"),
     "mixed flags": ("ltx2", {"cross_attention_adaln": True}, None, {}, r"mixes the two"),
@@ -149,6 +146,30 @@ def test_build_engines_refuses_before_any_read(files: dict[str, Path], tmp_path:
     assert not reads and not out.exists()
 
 
+def test_ltx23_file_builds_and_verifies(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """A real-layout LTX-2.3 file (tiny23 width, audio stream included) through build-engines and verify: the
+    bundle records its family, and every engine equals the PyTorch module loaded from the same file."""
+    from stdrc.engines.cli import main
+    from stdrc.runtime.manifest import read_manifest
+
+    bundle = tmp_path / "bundle"
+    assert main(["build-engines", "--preset", "tiny23", "--checkpoint", str(files["ltx23"]), "--backend",
+                 "onnxruntime", "--out", str(bundle), "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+    manifest = read_manifest(bundle)
+    assert manifest.model_config.family == "ltx2.3" and manifest.checkpoint_sha256
+    assert {t.name for t in manifest.components["dit"].inputs} >= {"sigma"}
+    capsys.readouterr()
+    assert main(["verify", str(bundle), "--checkpoint", str(files["ltx23"]), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["family"] == "ltx2.3"
+    assert set(report["components"]) == set(manifest.components)
+    from stdrc.engines.verify import verify_bundle
+
+    other = r"ltx2\.safetensors is an LTX-2 checkpoint and the bundle LTX-2\.3"
+    with pytest.raises(CheckpointError, match=other):
+        verify_bundle(bundle, files["ltx2"])
+
+
 def test_base_checkpoint_of_another_family_is_refused(files: dict[str, Path]) -> None:
     from stdrc.export.models import load_models
 
@@ -169,3 +190,16 @@ def test_sampling_defaults_follow_the_family() -> None:
         **FLAGS_23, "connector_num_attention_heads": 32, "connector_attention_head_dim": 128}})
     assert (as_23.family, as_23.steps) == (ModelFamily.LTX23, 30)
     assert (get_preset("tiny").steps, get_preset("tiny23").steps) == (8, 30)  # tiny sets its own
+
+
+def test_file_without_config_needs_a_preset_of_its_family(files: dict[str, Path], tmp_path: Path) -> None:
+    """A 2.3 file's config sets every flag whatever the preset; with no config the preset must match."""
+    from stdrc.export.models import plan_sources
+
+    assert plan_sources(get_preset("tiny"), files["ltx23"], components=()).preset.family is ModelFamily.LTX23
+    with safe_open(str(files["ltx2"]), framework="pt") as f:
+        bare = tmp_path / "no-config.safetensors"
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(bare))
+    message = r"no-config\.safetensors is an LTX-2 checkpoint and preset tiny23 LTX-2\.3: pick a preset"
+    with pytest.raises(CheckpointError, match=message):
+        plan_sources(get_preset("tiny23"), bare, components=())
