@@ -115,7 +115,8 @@ def current_needs(bundle: Path) -> tuple[dict[str, int], dict[str, int]]:
 
     manifest = read_manifest(bundle)
     weights, _ = weights_and_activations(bundle, manifest)
-    return weights, {n: activation_bytes(n, manifest.model_config, manifest.bucket, e.precision, manifest.decode)
+    m = manifest
+    return weights, {n: activation_bytes(n, m.model_config, m.bucket, e.precision, m.decode)
                      for n, e in manifest.components.items()}
 
 
@@ -145,7 +146,7 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     from stdrc.export.vae import build_vae
     from stdrc.runtime.manifest import Bucket
     from stdrc.runtime.memory import SESSION_BYTES, activation_bytes
-    from stdrc.runtime.schema import DitModel, ModelConfig, TextModel, VaeModel
+    from stdrc.runtime.schema import ModelConfig
     from stdrc.runtime.tiling import decode_tiling
 
     preset = get_preset("ltx2-video")
@@ -159,7 +160,7 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     bucket = Bucket(frames=frames, height=height, width=width, text_length=preset.text.max_length)
     tiling = decode_tiling(height, width, None, 64)
     # the preset's text config is Gemma-3 12B's (48 layers, 16 heads, feed-forward 15360), as a build writes it
-    config = ModelConfig(dit=DitModel.of(preset.dit), vae=VaeModel.of(preset.vae), text=TextModel.of(preset.text))
+    config = ModelConfig.of_preset(preset)
     acts = {c: activation_bytes(c, config, bucket, "fp16", tiling)
             for c in REQUIRED_COMPONENTS}
     dit_total = sum(dit.values())

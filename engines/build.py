@@ -29,7 +29,6 @@ from stdrc.runtime.memory import activation_bytes, component_weight_bytes
 from stdrc.runtime.sampler import DISTILLED_SIGMAS
 from stdrc.runtime.schema import (
     CreatedBy,
-    DitModel,
     GuidanceConfig,
     MemoryConfig,
     ModelConfig,
@@ -38,8 +37,6 @@ from stdrc.runtime.schema import (
     RopeConfig,
     SamplerConfig,
     TextConfig,
-    TextModel,
-    VaeModel,
 )
 from stdrc.runtime.vocab import BACKENDS, COMPONENTS, ONNX_BACKENDS, TORCH_BACKENDS
 
@@ -281,7 +278,8 @@ def build_engines(cfg: BuildConfig) -> Path:
             stages.set_postfix_str("fp8 calibration")
             from stdrc.calibration.report import fp8_quality
 
-            quality = QualityConfig(fp8=fp8_quality(full(), bucket, cfg.layout, writer.staging, seed=cfg.seed))
+            fp8 = fp8_quality(full(), bucket, cfg.layout, writer.staging, seed=cfg.seed)
+            quality = QualityConfig(fp8=fp8)
         components = {}
         for name in COMPONENTS:
             stages.set_postfix_str(f"{name} ({backend})")
@@ -303,10 +301,9 @@ def build_engines(cfg: BuildConfig) -> Path:
             components["dit"] = replace(components["dit"], extra_files={**components["dit"].extra_files,
                                                                          **extra_files})
         preset = models.preset
-        model = ModelConfig(family=preset.family.value, dit=DitModel.of(preset.dit), vae=VaeModel.of(preset.vae),
-                            text=TextModel.of(preset.text), seed=cfg.seed)
-        per = {b.label(): {k: activation_bytes(k, model, b, e.precision, tiling) for k, e in components.items()}
-               for b in buckets}
+        model = ModelConfig.of_preset(preset, seed=cfg.seed)
+        per = {b.label(): {k: activation_bytes(k, model, b, e.precision, tiling)
+                           for k, e in components.items()} for b in buckets}
         memory = MemoryConfig(
             weight_bytes={k: component_weight_bytes(writer.staging, e.file, e.extra_files)
                           for k, e in components.items()},
@@ -325,7 +322,8 @@ def build_engines(cfg: BuildConfig) -> Path:
             guidance=GuidanceConfig(text_scale=preset.text_scale, ref_scale=preset.ref_scale,
                                     null_reference="key_mask"),
             rope=RopeConfig(file=buckets[0].rope_file, sha256=buckets[0].rope_sha256, layout=cfg.layout,
-                            type=preset.dit.rope_type, baked_in_dit=rope == "baked", max_position_ratio=ratio),
+                            type=preset.dit.rope_type, baked_in_dit=rope == "baked",
+                            max_position_ratio=ratio),
             text=text,
             reference=ReferenceConfig(layout=cfg.layout, video_tokens=bucket.video_tokens,
                                       reference_tokens=bucket.reference_tokens, timestep=0.0),
@@ -333,7 +331,8 @@ def build_engines(cfg: BuildConfig) -> Path:
             decode=tiling,
             memory=memory,
             created_by=CreatedBy(stdrc=stdrc.__version__, torch=torch.__version__, backend=backend,
-                                 source_sha256=models.source_sha256, sources=models.sources, versions=versions()),
+                                 source_sha256=models.source_sha256, sources=models.sources,
+                                 versions=versions()),
             loras=lora_set.entries() if lora_set else (),
         )
         stages.set_postfix_str("writing manifest")

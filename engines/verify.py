@@ -178,7 +178,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     check_sources(bundle, manifest.created_by.sources, src.of(), list(manifest.components))
     if loras:
         dit_transform, _ = lora_transform(loras, src.preset.dit, dit_transform)
-    per_bucket = [component_specs(src.preset, b, manifest.decode, manifest.rope_input) for b in manifest.buckets]
+    per_bucket = [component_specs(src.preset, b, manifest.decode, manifest.rope_input)
+                  for b in manifest.buckets]
     reports = {}
     for name, entry in manifest.components.items():
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],

@@ -317,8 +317,8 @@ class Manifest:
         checkpoint = sc.get(data, "checkpoint_sha256", "manifest", None)
         if checkpoint is not None:
             sc.sha256(data, "checkpoint_sha256", "manifest")
-        sections = {key: kind.from_json(sc.get(data, key, "manifest", sc.MISSING if kind in REQUIRED else {}), key)
-                    for key, kind in SECTIONS.items()}
+        sections = {key: kind.from_json(sc.get(data, key, "manifest", sc.MISSING if kind in REQUIRED else {}),
+                                        key) for key, kind in SECTIONS.items()}
         manifest = Manifest(
             preset=preset,
             checkpoint_sha256=checkpoint,

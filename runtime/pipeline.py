@@ -60,11 +60,13 @@ def weights_and_activations(bundle_dir: Path, manifest: Manifest) -> tuple[dict[
     from stdrc.runtime.memory import activation_bytes, component_weight_bytes
 
     recorded = manifest.memory
-    weights = {name: recorded.weight_bytes.get(name) or component_weight_bytes(bundle_dir, e.file, e.extra_files)
-               for name, e in manifest.components.items()}
+    m = manifest
+    weights = {name: recorded.weight_bytes.get(name) or component_weight_bytes(bundle_dir, e.file,
+                                                                                e.extra_files)
+               for name, e in m.components.items()}
     activations = {name: recorded.activation_bytes.get(name)
-                   or activation_bytes(name, manifest.model_config, manifest.bucket, e.precision, manifest.decode)
-                   for name, e in manifest.components.items()}
+                   or activation_bytes(name, m.model_config, m.bucket, e.precision, m.decode)
+                   for name, e in m.components.items()}
     return weights, activations
 
 
@@ -285,7 +287,7 @@ class Pipeline:
         return decode(latent) if tiling is None else tiled_decode(decode, latent, tiling)
 
     def sigmas(self, steps: int | None, distilled: bool) -> np.ndarray:
-        """The manifest's sigmas, as C++ runs them; a `steps` override: its schedule, computed as the build did."""
+        """The manifest's sigmas, as C++ runs them; another `steps`: its schedule, computed as at build."""
         return self.manifest.sampler.sigmas_for(steps, distilled)
 
     def use_bucket(self, frames: int | None = None, height: int | None = None, width: int | None = None) -> None:

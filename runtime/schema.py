@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from stdrc.runtime.errors import BundleError
-from stdrc.runtime.vocab import LAYOUTS
+from stdrc.runtime.vocab import LAYOUTS, MODEL_FAMILIES
 
 FIX = "rebuild the bundle with `stdrc-export build-engines`"
 MAX_STEPS = 1000  # more than this is a typo, not a schedule
@@ -218,12 +218,14 @@ class Section:
         return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: _plain(v) for k, v in values.items() if v is not None}
 
     @classmethod
     def of(cls, config: Any, **more: Any) -> Any:
         """From an object with same-named attributes (the export presets' configs)."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}, **more)
+        given = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
+        return cls(**given, **more)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,7 +254,7 @@ class VaeModel(Section):
 class TextModel(Section):
     """The text encoder's shape, for its activation estimate (runtime/memory.py).
 
-    Old manifests lack `encoder_heads`/`encoder_ffn` (None): Gemma-3 12B's 16 heads (1 for tiny), 4 x width."""
+    Old manifests lack `encoder_heads`/`encoder_ffn` (None): Gemma-3 12B's 16 heads (tiny: 1), 4 x width."""
 
     kind: str = spec(string, "gemma")
     max_length: int = spec(integer, lo=1)
@@ -272,19 +274,22 @@ class TextModel(Section):
         return self.encoder_ffn or 4 * self.encoder_dim
 
 
-FAMILIES = ("ltx2", "ltx2.3")  # export/config.py ModelFamily's values
-
-
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(Section):
     """What the bundle's model is: its family (old bundles: ltx2), the facts the runtime reads of each
     network, and the seed of any seeded weights. The full configs are the preset's (export/config.py)."""
 
-    family: str = spec(string, "ltx2", choices=FAMILIES)
+    family: str = spec(string, "ltx2", choices=MODEL_FAMILIES)
     dit: DitModel = spec(nested(DitModel))
     vae: VaeModel = spec(nested(VaeModel))
     text: TextModel = spec(nested(TextModel))
     seed: int = spec(integer, 0)
+
+    @staticmethod
+    def of_preset(preset: Any, seed: int = 0) -> ModelConfig:
+        """From an export preset's dit, vae and text configs (export/config.py)."""
+        return ModelConfig(family=preset.family.value, dit=DitModel.of(preset.dit),
+                           vae=VaeModel.of(preset.vae), text=TextModel.of(preset.text), seed=seed)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,8 +316,8 @@ class SamplerConfig(Section):
         """`steps` sigmas of this schedule (float32), as the build computes them."""
         from stdrc.runtime.sampler import ltx2_sigmas
 
-        return ltx2_sigmas(steps, tokens=self.shift_tokens, max_shift=self.max_shift, base_shift=self.base_shift,
-                           terminal=self.terminal)
+        return ltx2_sigmas(steps, tokens=self.shift_tokens, max_shift=self.max_shift,
+                           base_shift=self.base_shift, terminal=self.terminal)
 
     def sigmas_for(self, steps: int | None = None, distilled: bool = False) -> np.ndarray:
         """The sigmas a generation runs: the manifest's (as C++ reads them) unless `steps` overrides them."""
@@ -362,7 +367,7 @@ class TextConfig(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class ReferenceConfig(Section):
-    """Where the reference tokens sit (layout) and their timestep (clean: 0); token counts of the default bucket."""
+    """Where the reference tokens sit (layout), their timestep (clean: 0), the default bucket's tokens."""
 
     layout: str = spec(string, choices=LAYOUTS)
     video_tokens: int = spec(integer, lo=1)
@@ -392,7 +397,7 @@ class QualityConfig(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryConfig(Section):
-    """Engine bytes per component (recorded at build) and activation estimates (the largest bucket's, and each's)."""
+    """Engine bytes per component (recorded at build) and activation estimates (largest bucket's, each's)."""
 
     weight_bytes: dict[str, int] = spec(counts, {})
     activation_bytes: dict[str, int] = spec(counts, {})

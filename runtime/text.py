@@ -63,7 +63,8 @@ class JsonTokenizer:
         return (np.array([encoding.ids], dtype=np.int64), np.array([encoding.attention_mask], dtype=np.int64))
 
 
-def tokenizer_from_manifest(text: TextConfig, bundle_dir: Path) -> Callable[[str], tuple[np.ndarray, np.ndarray]]:
+def tokenizer_from_manifest(text: TextConfig, bundle_dir: Path
+                            ) -> Callable[[str], tuple[np.ndarray, np.ndarray]]:
     kind = text.tokenizer
     if kind == "bytes":
         return ByteTokenizer(max_length=text.max_length)

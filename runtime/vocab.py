@@ -23,6 +23,9 @@ BACKEND_PRECISIONS = {
     "aoti": ("fp32", "bf16", "fp8"),
 }
 
+# manifest model_config.family, export/config.py ModelFamily's values (bundles written before it: ltx2)
+MODEL_FAMILIES = ("ltx2", "ltx2.3")
+
 LAYOUTS = ("tass", "overlap", "width_shift", "before")  # reference token positions (tass = TASS-RoPE)
 
 FIXED_PLANS = ("all", "staged")  # every engine resident, or each loaded for its stage

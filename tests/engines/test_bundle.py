@@ -27,7 +27,8 @@ def test_manifest_describes_the_bundle(tiny_bundle: Path) -> None:
     assert dit.inputs[0].shape == ("batch", 18, 128) and dit.dynamic_dims == {"batch": [1, 3, 3]}
     assert m.rope.layout == "tass" and m.guidance.null_reference == "key_mask"
     assert len(m.sampler.sigmas) == m.sampler.steps + 1
-    for rel, digest in {**{e.file: e.sha256 for e in m.components.values()}, m.rope.file: m.rope.sha256}.items():
+    files = {**{e.file: e.sha256 for e in m.components.values()}, m.rope.file: m.rope.sha256}
+    for rel, digest in files.items():
         assert sha256_file(tiny_bundle / rel) == digest
     check_files(tiny_bundle, m)
     # the model family is recorded; a manifest written before it reads as LTX-2

@@ -52,7 +52,8 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
     manifest = read_manifest(bundle)
     assert manifest.preset == "ltx2-video" and manifest.model_config.dit.num_layers == 1
     dit = manifest.model_config.dit
-    assert dit.num_attention_heads * dit.attention_head_dim == 4096 and manifest.model_config.text.encoder_dim == 3840
+    assert dit.num_attention_heads * dit.attention_head_dim == 4096
+    assert manifest.model_config.text.encoder_dim == 3840
     assert set(manifest.components) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
     # past protobuf's 2 GiB limit (what the tiny preset never reaches): the VAE encoder's 2.6 GiB of fp32
     # weights sit in external data beside a small graph, and verify and generate below run them

@@ -18,7 +18,7 @@ from stdrc.export.checkpoint import V2_CAPTION_CONFIG, open_checkpoint
 from stdrc.export.config import LTX23_VAE, ModelFamily, Preset, get_preset
 from stdrc.export.errors import CheckpointError
 from stdrc.export.family import detect_family
-from stdrc.runtime.schema import FAMILIES
+from stdrc.runtime.vocab import MODEL_FAMILIES
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 FLAGS_23 = {"apply_gated_attention": True, "cross_attention_adaln": True, **V2_CAPTION_CONFIG}
@@ -47,7 +47,7 @@ def test_real_layout_files_of_each_family(files: dict[str, Path]) -> None:
         assert detect_family(lazy.path, lazy.metadata_config, lazy.model_version, lazy.shapes) is family
     assert open_checkpoint(files["ltx23"], sha256="-").model_version == "2.3.0"
     assert get_preset("tiny").family is ModelFamily.LTX2 and tiny23().family is ModelFamily.LTX23
-    assert tuple(f.value for f in ModelFamily) == FAMILIES  # what the manifest reader accepts
+    assert tuple(f.value for f in ModelFamily) == MODEL_FAMILIES  # what the manifest reader accepts
 
 
 @pytest.mark.parametrize("transformer, version, family", [

@@ -132,14 +132,15 @@ def test_text_encoder_estimate_terms():
     t, d = 1024, 3840
     base = text_activation_bytes(replace(_TEXT, encoder_layers=0), t, 4)
     assert text_activation_bytes(_TEXT, t, 4) - base == 48 * t * d * 4  # one more hidden state a layer, no stack copies
-    more_heads = text_activation_bytes(replace(_TEXT, encoder_heads=32), t, 4) - text_activation_bytes(_TEXT, t, 4)
+    wider = replace(_TEXT, encoder_heads=32)
+    more_heads = text_activation_bytes(wider, t, 4) - text_activation_bytes(_TEXT, t)
     assert more_heads == 3 * 16 * t * t * 4
     # 16-bit halves the rows, not the fp32 attention scores and probabilities
     scores = (3 * 16 + 30) * t * t * 4
     assert text_activation_bytes(_TEXT, t, 2) - scores == (text_activation_bytes(_TEXT, t, 4) - scores) // 2
     bucket = Bucket(frames=9, height=64, width=64, text_length=t)
-    model = ModelConfig(dit=DitModel(in_channels=128, num_layers=1, num_attention_heads=32, attention_head_dim=128,
-                                     cross_attention_dim=4096),
+    model = ModelConfig(dit=DitModel(in_channels=128, num_layers=1, num_attention_heads=32,
+                                     attention_head_dim=128, cross_attention_dim=4096),
                         vae=VaeModel(latent_channels=128, timestep_conditioning=False, decode_timestep=0.05,
                                      decode_noise_scale=0.025), text=_TEXT)
     assert activation_bytes("text_encoder", model, bucket, "fp16") == text_activation_bytes(_TEXT, t, 2)
@@ -153,19 +154,21 @@ def test_text_encoder_estimate_terms():
 def test_text_encoder_estimate_covers_the_measured_runs(layers, heads, ffn, measured_mib):
     """fp32 ONNX Runtime CPU runs of the reduced-depth text encoder (docs/benchmarks.md, 2026-12-02): the
     run peak over the weights is within the estimate plus SESSION_BYTES, and not twice it."""
-    need = text_activation_bytes(replace(_TEXT, encoder_layers=layers, encoder_heads=heads, encoder_ffn=ffn), 1024, 4)
+    text = replace(_TEXT, encoder_layers=layers, encoder_heads=heads, encoder_ffn=ffn)
+    need = text_activation_bytes(text, 1024, 4)
     assert measured_mib * MIB <= need + SESSION_BYTES < 2.1 * measured_mib * MIB
 
 
 def test_text_encoder_estimate_of_old_manifests():
     """Manifests written before the head count was recorded: Gemma-3 12B's 16 heads, feed-forward 4 x width."""
-    old = TextModel.from_json({k: v for k, v in _TEXT.to_json().items() if k not in ("encoder_heads", "encoder_ffn")},
-                              "model_config.text")
-    assert text_activation_bytes(old, 1024, 4) == text_activation_bytes(replace(_TEXT, encoder_ffn=4 * 3840), 1024, 4)
+    old = {k: v for k, v in _TEXT.to_json().items() if k not in ("encoder_heads", "encoder_ffn")}
+    old = TextModel.from_json(old, "model_config.text")
+    ffn4 = replace(_TEXT, encoder_ffn=4 * 3840)
+    assert text_activation_bytes(old, 1024) == text_activation_bytes(ffn4, 1024)
     tiny = TextModel.from_json({"kind": "tiny", "max_length": 16, "encoder_dim": 32, "encoder_layers": 2,
                                 "connector_heads": 2, "connector_head_dim": 16}, "model_config.text")
-    assert text_activation_bytes(tiny, 0, 4) == text_activation_bytes(replace(tiny, encoder_heads=1, encoder_ffn=128),
-                                                                      16, 4)
+    explicit = replace(tiny, encoder_heads=1, encoder_ffn=128)
+    assert text_activation_bytes(tiny, 0) == text_activation_bytes(explicit, 16)
 
 
 def test_auto_plan_and_sizes():

@@ -65,7 +65,8 @@ def test_python_runs_the_manifests_sigmas_and_steps_override_them(tiny_bundle: P
     assert np.array_equal(pipe.sigmas(s.steps, False), np.array(s.sigmas, np.float32))
     assert np.array_equal(pipe.sigmas(None, True), np.array(s.distilled_sigmas, np.float32))
     other = s.steps + 3
-    assert np.array_equal(pipe.sigmas(other, False), s.schedule(other)) and len(pipe.sigmas(other, False)) == other + 1
+    assert np.array_equal(pipe.sigmas(other, False), s.schedule(other))
+    assert len(s.schedule(other)) == other + 1
     # the manifest's values are the ones used: another valid list in the manifest is what Python runs
     mine = [1.0, 0.5, 0.25, 0.0]
     edited = _copy(tiny_bundle, tmp_path / "edited", lambda d: d["sampler"].update(sigmas=mine, steps=3))
@@ -115,7 +116,8 @@ def test_old_manifests_read_with_defaults(tiny_bundle: Path) -> None:
     (["created_by", "sources", "dit"], "ckpt", "created_by.sources.dit is 'ckpt', expected an object"),
     (["reference", "layout"], "sideways", "reference.layout is 'sideways'"),
 ])
-def test_bad_sections_are_one_line_with_the_fix(tiny_bundle: Path, path: list, value: object, word: str) -> None:
+def test_bad_sections_are_one_line_with_the_fix(tiny_bundle: Path, path: list, value: object, word: str
+                                               ) -> None:
     data = json.loads((tiny_bundle / MANIFEST_NAME).read_text())
     target = data
     for key in path[:-1]:
