@@ -18,6 +18,35 @@ for _name in ("onnx_ir", "onnxscript", "torch.onnx"):
 os.environ.setdefault("STDRC_PROMPT_CACHE", tempfile.mkdtemp(prefix="stdrc-test-prompts-"))
 
 
+RAY_STORE = 200 * 2**20  # object store per simulated Ray node
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules that use `ray_cluster` run last, in their own order: one cluster, alive only while they run."""
+    ray_files = {item.nodeid.split("::")[0] for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] in ray_files)  # stable: the rest keeps its order
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray cluster for the serve and app tests: two simulated nodes of 2 CPUs (a replica reserving 2 lands
+    one per node). Each module deploys its app on it, then undeploys and shuts Serve down."""
+    pytest.importorskip("ray.serve")
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": RAY_STORE})
+    try:
+        cluster.add_node(num_cpus=2, object_store_memory=RAY_STORE)
+        ray.init(address=cluster.address, namespace="stdrc", logging_level="WARNING")
+        yield cluster
+    finally:
+        try:
+            ray.shutdown()
+        finally:
+            cluster.shutdown()
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stage-cache")

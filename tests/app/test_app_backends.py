@@ -44,10 +44,8 @@ def test_cancel_stops_sampling_after_the_current_step(pipeline, astronaut_png, t
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_bundle):
-    """The real `stdrc serve` (Ray Serve, one replica) on the tiny bundle; shut down afterwards."""
-    pytest.importorskip("ray.serve")  # the `serve` extra; the `test` extra installs it
-    import ray
+def server_url(ray_cluster, tiny_bundle):
+    """The real `stdrc serve` (Ray Serve, one replica) on the tiny bundle, on the session's Ray cluster."""
     from ray import serve
 
     from stdrc.serve.app import ServeConfig, deploy, undeploy
@@ -55,16 +53,15 @@ def server_url(tiny_bundle):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = ServeConfig(bundle=tiny_bundle, replicas=1, port=port, max_queue=4, keep_s=600, object_store_mb=200,
+    config = ServeConfig(bundle=tiny_bundle, replicas=1, port=port, max_queue=4, keep_s=600,
                          app_name="stdrc-app-test")
     try:
         yield deploy(config) + "/"
     finally:
         try:
             undeploy(config)
-            serve.shutdown()
         finally:
-            ray.shutdown()
+            serve.shutdown()
 
 
 @pytest.mark.slow  # Ray Serve

@@ -19,7 +19,6 @@ pytest.importorskip("multipart")
 import ray  # noqa: E402
 import requests  # noqa: E402
 from ray import serve  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from stdrc.cli import main  # noqa: E402
 from stdrc.runtime.manifest import read_manifest  # noqa: E402
@@ -29,7 +28,6 @@ from stdrc.runtime.client import Client, ServerError  # noqa: E402
 from stdrc.serve.registry import get_registry  # noqa: E402
 
 pytestmark = pytest.mark.slow
-STORE = 200 * 2**20
 SLOW_STEPS = 300  # about a second a job on this VM's tiny bundle: long enough to fill the queue or kill mid-job
 
 
@@ -40,11 +38,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle: Path):
-    """Two nodes of 2 CPUs; a replica reserves 2, so each node holds exactly one."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": STORE})
-    cluster.add_node(num_cpus=2, object_store_memory=STORE)
-    ray.init(address=cluster.address, namespace="stdrc", logging_level="WARNING")
+def server(ray_cluster, tiny_bundle: Path):
+    """On the session's two nodes of 2 CPUs: a replica reserves 2, so each node holds exactly one."""
     config = ServeConfig(bundle=tiny_bundle, replicas=2, port=_free_port(), max_queue=3, keep_s=600,
                          cpus_per_replica=2)
     try:
@@ -53,10 +48,8 @@ def server(tiny_bundle: Path):
     finally:
         try:
             undeploy(config)
-            serve.shutdown()
         finally:
-            ray.shutdown()
-            cluster.shutdown()
+            serve.shutdown()
 
 
 def _frames(tiny_bundle: Path) -> int:
