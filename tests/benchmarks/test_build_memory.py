@@ -60,6 +60,7 @@ def _interrupt(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.slow  # a build_memory.py process
 def test_an_interrupted_run_leaves_no_temp_folder(tmp_path: Path) -> None:
     done = _interrupt(tmp_path)
     assert done.returncode == 130, done.stderr[-2000:]
@@ -67,6 +68,7 @@ def test_an_interrupted_run_leaves_no_temp_folder(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+@pytest.mark.slow  # a build_memory.py process
 def test_an_interrupted_run_keeps_the_work_folder_it_was_given(tmp_path: Path) -> None:
     work = tmp_path / "runs" / "work"  # made by the run
     done = _interrupt(tmp_path, "--work", str(work))
