@@ -1,7 +1,8 @@
 """The real-weights path end to end: ltx2-video at full width, reduced depth, through the README's commands.
 
-A full-width 1-layer LTX-2-layout checkpoint (ComfyUI keys, text projection + connector, the full
-video VAE, config metadata) and a random 3840-wide Gemma-3 folder (2 layers, small vocab) are written
+A full-width 1-layer checkpoint laid out as LTX-2 ships it (benchmarks/synthetic.py: ltx-core's
+audio-video transformer with its audio stream, text projection, both connectors, the full video VAE,
+config metadata) and a random 3840-wide Gemma-3 folder (2 layers, small vocab) are written
 here; then `build-engines` -> `verify` -> `generate` run as the README gives them (modulo paths and a
 small bucket). It is the guard that the real path works; the tiny preset cannot catch its failures
 (face arch names, full-size shapes, external data past 2 GB, the Gemma text side).
@@ -18,9 +19,11 @@ from pathlib import Path
 import cv2
 import pytest
 
-# ~2 B random parameters written (4 GB bf16), exported (7.9 GB fp32 bundle) and checked: measured 4.8 min on
-# the shared 2-core VM, lightly loaded (2026-12-02: 0.5 min writing; build 3.4, verify 1.6, generate 0.9 min
-# with two other jobs running); build peak RSS 6.4 GB
+# ~2.5 B random parameters written (5.1 GB bf16; 0.5 B of it the audio stream the build skips; 2 B before
+# 2026-12-06), exported (7.9 GB fp32 bundle) and checked: measured 4.8 min on the shared 2-core VM, lightly
+# loaded (2026-12-02: 0.5 min writing; build 3.4, verify 1.6, generate 0.9 min with two other jobs running);
+# build peak RSS 6.4 GB (2026-12-06, the 2.5 B file, heavily loaded VM: build and verify passed in 15 min,
+# process peak RSS 9.6 GB writer included)
 pytestmark = pytest.mark.slow
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
