@@ -1,6 +1,8 @@
 """Host memory and disk of `build-engines` for ltx2-video at reduced depth, projected to the full model.
 
     python benchmarks/build_memory.py [--layers 1 2 4] [--precision fp16] [--work DIR] --json
+    python benchmarks/build_memory.py --family ltx2.3 --points docs/build_memory_fp16.json --json
+
 
 Each depth builds in its own child process from a synthetic full-width LTX-2-layout checkpoint and a
 random 3840-wide Gemma-3 folder (benchmarks/synthetic.py). Peak RSS comes from the OS: the child's
@@ -10,6 +12,13 @@ and projected to 48 layers; the Gemma-3 12B text encoder is projected from its p
 engine precision, at the RSS per weight byte measured on the DiT's layers (the fitted slopes' ratio).
 The checkpoints, bundles and caches (about 28 GB for the default depths) go to --work, kept; without it
 to a temp folder removed when the run ends, fails or is interrupted.
+
+The text encoder engine holds the text side's head (feature extractor + connector) beside Gemma, and the
+feature extractor grows with Gemma's depth: the projection adds the full head's parameters over the
+measured one's (counted on the meta device, runtime_memory.py). `--points FILE` reuses a previous run's
+measured ltx2 points instead of building; `--family ltx2.3` (which needs it: only ltx2 builds are
+measured) scales the DiT's per-layer slope by the ratio of the two families' block parameters and
+prices the 2.3 head. Arithmetic over LTX-2's measurements, not a 2.3 measurement.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from stdrc.runtime.vocab import BACKEND_PRECISIONS
@@ -105,19 +115,37 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def project(points: list[dict], precision: str, gemma_params: float) -> dict | None:
-    """The full model: DiT fitted per layer to 48; text encoder = its measured overhead + Gemma-3 12B's weights.
+def family_scale(family: str, gemma_layers: int) -> dict:
+    """What turns ltx2 points measured with a `gemma_layers`-deep Gemma into `family`'s full model: the ratio
+    of one DiT block's parameters (family over ltx2) and the text head's parameters, full and as measured."""
+    import runtime_memory as rm
+    from stdrc.export.config import get_preset
+
+    full, ltx2 = rm.family_params(family), rm.family_params("ltx2")
+    measured = replace(get_preset("ltx2-video").text, encoder_layers=gemma_layers)
+    return {"dit_block_ratio": full["dit_block"] / ltx2["dit_block"], "text_head_params": full["text_head"],
+            "measured_text_head_params": rm.text_head_params(measured)}
+
+
+def project(points: list[dict], precision: str, gemma_params: float,
+            scale: dict | None = None) -> dict | None:
+    """The full model: DiT fitted per layer to 48; text encoder = its measured overhead + Gemma-3 12B's
+    weights + the full text head's over the measured one's (`scale`, family_scale: also another family).
 
     None from fewer than two depths: a per-layer slope is never assumed, only fitted."""
     xs = [p["layers"] for p in points]
     if len(set(xs)) < 2:
         return None
+    scale = scale or {"dit_block_ratio": 1.0, "text_head_params": 0, "measured_text_head_params": 0}
+    ratio = scale["dit_block_ratio"]
     dit_peak = _fit(xs, [p["components"]["dit"]["peak_rss_gb"] for p in points])
     dit_disk = _fit(xs, [p["components"]["dit"]["disk_gb"] for p in points])
+    dit_peak, dit_disk = (dit_peak[0], dit_peak[1] * ratio), (dit_disk[0], dit_disk[1] * ratio)
     bpp = BYTES[precision]
     text = points[-1]["components"]["text_encoder"]
-    gemma_weights = gemma_params * bpp / GB  # the synthetic Gemma's weights in the engine precision
-    full_gemma = GEMMA_12B_PARAMS * bpp / GB
+    # the measured text side's weights (synthetic Gemma + its head) in the engine precision
+    gemma_weights = (gemma_params + scale["measured_text_head_params"]) * bpp / GB
+    full_gemma = (GEMMA_12B_PARAMS + scale["text_head_params"]) * bpp / GB
     # RSS per byte of weights at the margin, as measured on the DiT's layers, applied to Gemma's extra weights
     rss_per_weight_byte = dit_peak[1] / dit_disk[1] if dit_disk[1] > 0 else 1.0
     text_peak = text["peak_rss_gb"] + rss_per_weight_byte * (full_gemma - gemma_weights)
@@ -130,7 +158,7 @@ def project(points: list[dict], precision: str, gemma_params: float) -> dict | N
     return {"peak_rss_gb": max(peaks.values()), "bundle_gb": bundle,
             "cache_gb": max(0.0, cache_slope[0] + cache_slope[1] * FULL_LAYERS),
             "per_component_peak_rss_gb": peaks, "dit_peak_rss_gb_per_layer": dit_peak[1],
-            "dit_disk_gb_per_layer": dit_disk[1], "rss_per_weight_byte": rss_per_weight_byte}
+            "dit_disk_gb_per_layer": dit_disk[1], "rss_per_weight_byte": rss_per_weight_byte, **scale}
 
 
 @contextlib.contextmanager
@@ -154,29 +182,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--work", type=Path, default=None,
                    help="folder for checkpoints, bundles and caches, kept (default: a temp one, removed)")
+    p.add_argument("--family", default="ltx2", choices=("ltx2", "ltx2.3"),
+                   help="the family projected (ltx2.3: from ltx2 points, --points)")
+    p.add_argument("--points", type=Path, default=None,
+                   help="a previous run's --json report: project from its measured points, build nothing")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(args)
         return 0
-    try:
-        with work_folder(args.work) as work:
-            points = [measure(n, args, work) for n in sorted(args.layers)]
-            cfg = json.loads((work / f"gemma-3-w3840-{args.gemma_layers}layer" / "config.json").read_text())
-    except KeyboardInterrupt:
-        print("interrupted" + ("" if args.work is None else f": {args.work} kept"), file=sys.stderr)
-        return 130
-    gemma_params = _gemma_params(cfg)
-    result = {"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}, "points": points,
-              "projected": project(points, args.precision, gemma_params)}
+    if args.points is not None:
+        try:
+            previous = json.loads(args.points.read_text())
+            points = previous["points"]
+            import synthetic
+
+            # reports written before these fields: the run's --gemma-layers and synthetic's Gemma config
+            gemma_layers = previous.get("gemma_layers", args.gemma_layers)
+            gemma_params = previous.get("gemma_params") or _gemma_params(
+                synthetic.gemma_config(layers=gemma_layers).to_dict())
+            args.precision = points[0]["precision"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            print(f"error: --points {args.points}: not a build_memory --json report "
+                  f"({type(e).__name__}: {e}); pass one this benchmark wrote", file=sys.stderr)
+            return 2
+    elif args.family != "ltx2":
+        print(f"error: only ltx2 builds are measured; project {args.family} from measured ltx2 points: "
+              "--points docs/build_memory_fp16.json", file=sys.stderr)
+        return 2
+    else:
+        try:
+            with work_folder(args.work) as work:
+                points = [measure(n, args, work) for n in sorted(args.layers)]
+                gemma_dir = work / f"gemma-3-w3840-{args.gemma_layers}layer"
+                cfg = json.loads((gemma_dir / "config.json").read_text())
+        except KeyboardInterrupt:
+            print("interrupted" + ("" if args.work is None else f": {args.work} kept"), file=sys.stderr)
+            return 130
+        gemma_params, gemma_layers = _gemma_params(cfg), args.gemma_layers
+    result = {"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}, "family": args.family,
+              "points": points, "gemma_params": gemma_params, "gemma_layers": gemma_layers,
+              "projected": project(points, args.precision, gemma_params,
+                                   family_scale(args.family, gemma_layers))}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         for pt in points:
             print(f"layers={pt['layers']} peak_rss={pt['peak_rss_gb']:.2f} GB bundle={pt['bundle_gb']:.2f} GB "
                   f"cache={pt['cache_gb']:.2f} GB")
-        print("projected (48 layers + Gemma-3 12B):", json.dumps(result["projected"]) if result["projected"]
+        print(f"projected {args.family} (48 layers + Gemma-3 12B):",
+              json.dumps(result["projected"]) if result["projected"]
               else "needs two or more --layers")
     return 0
 

@@ -3,6 +3,7 @@
     python benchmarks/runtime_memory.py --json                       # builds the tiny bundle, CPU
     python benchmarks/runtime_memory.py --bundle bundles/ltx2-1layer --json
     python benchmarks/runtime_memory.py --device cuda --bundle DIR   # device memory instead of RSS
+    python benchmarks/runtime_memory.py --projection-only --family ltx2.3 --json  # LTX-2.3's arithmetic
 
 Each configuration (plan all / staged, prompt cached or not) runs in a child process of its own,
 so its peak is its own: one generation (2 steps), then the process's RSS high-water mark (VmHWM)
@@ -14,8 +15,9 @@ and `check` compares the peak over the baseline with the largest stage's weights
 activation estimate plus one session's allowance (runtime/memory.py: the plan's own numbers), and
 each stage's own rise with its component's.
 
-The projection for the full model counts parameters exactly (the ltx2-video DiT and VAE built on
-the meta device; Gemma-3 12B's text model from its published config: width 3840, 48 layers,
+The projection for the full model counts parameters exactly (the family's full-size preset, ltx2-video
+or ltx23-video: its DiT, text-side head (feature extractor + connector) and VAE built on the meta
+device; Gemma-3 12B's text model from its published config: width 3840, 48 layers,
 15360 feed-forward, 16 heads of 256, 8 KV heads, vocabulary 262208) and prices them in the engine
 precision, with the activation estimates at 768x512x121, one session's SESSION_BYTES and a fixed
 1 GiB for the CUDA context and workspace. It is arithmetic, not a measurement; docs/benchmarks.md shows it line by line.
@@ -36,6 +38,7 @@ from stdrc.runtime.vocab import CONCRETE_DEVICES, FIXED_PLANS, REQUIRED_COMPONEN
 
 GIB = 2**30
 CONTEXT_BYTES = GIB  # CUDA context + cuBLAS/TensorRT workspace, a fixed allowance
+FAMILY_PRESETS = {"ltx2": "ltx2-video", "ltx2.3": "ltx23-video"}  # the full-size preset of each family
 _CHILD = r"""
 import json, sys, numpy as np
 sys.path.insert(0, sys.argv[6])
@@ -137,11 +140,39 @@ def _meta_params(module_fn) -> dict[str, int]:
     return {n: p.numel() for n, p in module.named_parameters()}
 
 
-def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
-    """Full-model GPU memory per plan, from exact parameter counts and the activation estimates."""
+def text_head_params(text) -> int:  # noqa: ANN001 (a TextConfig)
+    """The text side's own parameters (feature extractor + connector; the text_encoder engine holds them
+    beside Gemma), built on the meta device. The feature extractor grows with Gemma's depth."""
+    import torch
+
+    from stdrc.export.text import TextSide
+
+    return sum(_meta_params(lambda: TextSide(text, torch.nn.Identity())).values())
+
+
+def family_params(family: str = "ltx2") -> dict[str, int]:
+    """Parameter counts of a family's full-size preset on the meta device (nothing allocated): the DiT (48
+    blocks), one block, the blocks' GEMM weights, Gemma-3 12B's text model and the text side's head."""
     from ltx_core.model.transformer.model_configurator import LTXVideoOnlyModelConfigurator
     from transformers import Gemma3TextConfig, Gemma3TextModel
 
+    from stdrc.export.config import get_preset
+
+    preset = get_preset(FAMILY_PRESETS[family])
+    dit = _meta_params(lambda: LTXVideoOnlyModelConfigurator.from_config(preset.dit.ltx_config()))
+    block_linear = sum(n for k, n in dit.items() if k.startswith("transformer_blocks.") and k.endswith(".weight")
+                       and "norm" not in k and n > 4096 * 64)
+    gemma_cfg = Gemma3TextConfig(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=262208)
+    return {"dit": sum(dit.values()),
+            "dit_block": sum(n for k, n in dit.items() if k.startswith("transformer_blocks.0.")),
+            "dit_block_gemm_weights": block_linear,
+            "gemma3_12b_text": sum(_meta_params(lambda: Gemma3TextModel(gemma_cfg)).values()),
+            "text_head": text_head_params(preset.text)}
+
+
+def projected(frames: int = 121, height: int = 512, width: int = 768, family: str = "ltx2") -> dict:
+    """Full-model GPU memory per plan, from exact parameter counts and the activation estimates."""
     from stdrc.export.config import get_preset
     from stdrc.export.vae import build_vae
     from stdrc.runtime.manifest import Bucket
@@ -149,13 +180,10 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     from stdrc.runtime.schema import ModelConfig
     from stdrc.runtime.tiling import decode_tiling
 
-    preset = get_preset("ltx2-video")
-    dit = _meta_params(lambda: LTXVideoOnlyModelConfigurator.from_config(preset.dit.ltx_config()))
-    block_linear = sum(n for k, n in dit.items() if k.startswith("transformer_blocks.") and k.endswith(".weight")
-                       and "norm" not in k and n > 4096 * 64)
-    gemma_cfg = Gemma3TextConfig(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
-                                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=262208)
-    gemma = sum(_meta_params(lambda: Gemma3TextModel(gemma_cfg)).values())
+    preset = get_preset(FAMILY_PRESETS[family])
+    counts = family_params(family)
+    block_linear = counts["dit_block_gemm_weights"]
+    gemma = counts["gemma3_12b_text"] + counts["text_head"]  # the text_encoder engine: Gemma + the head
     vae_enc, vae_dec = (sum(_meta_params(lambda i=i: build_vae(preset.vae, seed=None)[i]).values()) for i in (0, 1))
     bucket = Bucket(frames=frames, height=height, width=width, text_length=preset.text.max_length)
     tiling = decode_tiling(height, width, None, 64)
@@ -163,7 +191,7 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     config = ModelConfig.of_preset(preset)
     acts = {c: activation_bytes(c, config, bucket, "fp16", tiling)
             for c in REQUIRED_COMPONENTS}
-    dit_total = sum(dit.values())
+    dit_total = counts["dit"]
     weights = {
         "fp16": {"text_encoder": 2 * gemma, "dit": 2 * dit_total, "vae_encoder": 2 * vae_enc,
                  "vae_decoder": 2 * vae_dec},
@@ -181,9 +209,9 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
         return (need + SESSION_BYTES + CONTEXT_BYTES) / GIB
 
     return {
+        "family": family,
         "bucket": {"frames": frames, "height": height, "width": width, "tokens": bucket.tokens},
-        "parameters": {"dit": dit_total, "dit_block_gemm_weights": block_linear, "gemma3_12b_text": gemma,
-                       "vae_encoder": vae_enc, "vae_decoder": vae_dec},
+        "parameters": {**counts, "vae_encoder": vae_enc, "vae_decoder": vae_dec},
         "weights_gib": {p: {c: v / GIB for c, v in w.items()} for p, w in weights.items()},
         "activations_gib": {c: v / GIB for c, v in acts.items()},
         "context_gib": CONTEXT_BYTES / GIB,
@@ -200,7 +228,8 @@ def projected(frames: int = 121, height: int = 512, width: int = 768) -> dict:
     }
 
 
-def run(bundle: Path | None, device: str, cached_modes: tuple[bool, ...] = (False, True)) -> dict:
+def run(bundle: Path | None, device: str, cached_modes: tuple[bool, ...] = (False, True),
+        family: str = "ltx2") -> dict:
     with tempfile.TemporaryDirectory(prefix="stdrc-memory-") as tmp:
         work = Path(tmp)
         if bundle is None:
@@ -221,7 +250,8 @@ def run(bundle: Path | None, device: str, cached_modes: tuple[bool, ...] = (Fals
             if r["status"] == "ok":
                 r["check"] = staged_check(r, bundle, mode == "cached_prompt")
         return {"bundle": str(bundle), "device": device, "plans": plans, "identical_frames": len(shas) == 1,
-                "needs": bundle_needs(bundle), "projected": projected(), "machine": harness.device_info(device),
+                "needs": bundle_needs(bundle), "projected": projected(family=family),
+                "machine": harness.device_info(device),
                 "load_average": harness.load_average(), "versions": harness.versions()}
 
 
@@ -230,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=None, help="bundle to measure (default: build tiny)")
     p.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES)
     p.add_argument("--projection-only", action="store_true", help="print the full-model projection only")
+    p.add_argument("--family", default="ltx2", choices=tuple(FAMILY_PRESETS),
+                   help="the model family whose full-size preset the projection counts")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    rep = {"projected": projected()} if a.projection_only else run(a.bundle, a.device)
+    rep = ({"projected": projected(family=a.family)} if a.projection_only
+           else run(a.bundle, a.device, family=a.family))
     if a.json:
         print(harness.dump_json(rep))
         return 0

@@ -29,20 +29,28 @@ PROMPTS = ["a woman smiles at the camera", "a man walks on a beach at sunset", "
            "an old man reads a book", "a dancer spins on a stage", "a chef cooks in a busy kitchen"]
 
 
+def gemma_config(hidden_size: int = 3840, layers: int = 2, vocab: int = 300, intermediate_size: int = 256,
+                 heads: int = 2, kv_heads: int = 1, head_dim: int = 128):  # noqa: ANN201 (a Gemma3TextConfig)
+    """The config `write_gemma` writes (build_memory counts a measured run's Gemma from it)."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        sliding_window=64,
+        max_position_embeddings=2048, layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
+    )
+
+
 def write_gemma(folder: Path, hidden_size: int = 3840, layers: int = 2, vocab: int = 300, intermediate_size: int = 256,
                 heads: int = 2, kv_heads: int = 1, head_dim: int = 128) -> Path:
     """A random `gemma3_text` folder (Gemma-3 12B's width, few layers, small vocab) with a BPE tokenizer.
 
     The layers are narrow inside by default; 12B's own (15360, 16, 8, 256) measure its per-layer activations."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+    from transformers import Gemma3ForCausalLM, PreTrainedTokenizerFast
 
-    config = Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, query_pre_attn_scalar=head_dim,
-        sliding_window=64,
-        max_position_embeddings=2048, layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
-    )
+    config = gemma_config(hidden_size, layers, vocab, intermediate_size, heads, kv_heads, head_dim)
     torch.manual_seed(0)
     with default_dtype(torch.bfloat16):
         model = Gemma3ForCausalLM(config)

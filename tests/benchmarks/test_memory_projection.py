@@ -1,0 +1,78 @@
+"""The full-model memory projections per family (issue 26): `--family ltx2.3` runs in projection mode
+(parameters counted on the meta device, nothing allocated; build memory from the recorded LTX-2 points)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def runtime_memory():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import runtime_memory
+
+        yield runtime_memory
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def projections(runtime_memory) -> dict[str, dict]:
+    return {f: runtime_memory.projected(family=f) for f in ("ltx2", "ltx2.3")}
+
+
+def test_ltx23_counts_its_own_architecture(projections) -> None:
+    two, three = projections["ltx2"]["parameters"], projections["ltx2.3"]["parameters"]
+    assert projections["ltx2.3"]["family"] == "ltx2.3"
+    # gated attention and the prompt AdaLN add to each block; the 8-layer 4096-wide connector to the head
+    assert three["dit_block"] > two["dit_block"] and three["dit"] > two["dit"]
+    assert three["text_head"] > 2 * two["text_head"] > 0
+    assert three["gemma3_12b_text"] == two["gemma3_12b_text"]
+    assert three["vae_encoder"] != two["vae_encoder"]  # LTX-2.3's own VAE
+
+
+def test_ltx23_text_stage_holds_gemma_and_its_head(projections) -> None:
+    p = projections["ltx2.3"]
+    w, a, g = p["weights_gib"]["fp8"], p["activations_gib"], p["projected_gpu_gb"]
+    text_stage = w["text_encoder"] + a["text_encoder"] + p["session_gib"] + p["context_gib"]
+    dit_stage = w["dit"] + a["dit"] + p["session_gib"] + p["context_gib"]
+    assert g["fp8_staged"] == pytest.approx(max(text_stage, dit_stage))
+    assert g["fp8_staged_cached_prompt"] < g["fp8_staged"] < g["fp16_all"]
+    n = p["parameters"]
+    assert w["text_encoder"] == pytest.approx(2 * (n["gemma3_12b_text"] + n["text_head"]) / 2**30)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "build_memory.py"), *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+def test_build_memory_projects_ltx23_from_recorded_points() -> None:
+    reports = {}
+    for family in ("ltx2", "ltx2.3"):
+        out = _run("--family", family, "--points", "docs/build_memory_fp16.json", "--json")
+        assert out.returncode == 0, out.stderr
+        reports[family] = json.loads(out.stdout)
+    two, three = reports["ltx2"]["projected"], reports["ltx2.3"]["projected"]
+    assert three["dit_block_ratio"] > 1.0 == two["dit_block_ratio"]
+    assert three["dit_peak_rss_gb_per_layer"] == pytest.approx(two["dit_peak_rss_gb_per_layer"]
+                                                               * three["dit_block_ratio"])
+    assert three["per_component_peak_rss_gb"]["text_encoder"] > two["per_component_peak_rss_gb"]["text_encoder"]
+    assert three["peak_rss_gb"] == max(three["per_component_peak_rss_gb"].values())
+
+
+@pytest.mark.parametrize("args, needle", [(("--family", "ltx2.3"), "--points"),
+                                          (("--points", "no-such-report.json"), "--points")])
+def test_build_memory_refuses_what_it_cannot_project(args, needle) -> None:
+    out = _run(*args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("error:") and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
