@@ -1,6 +1,7 @@
-"""Synthetic real-layout inputs: an LTX-2-layout checkpoint at the real width and a random Gemma-3 folder.
+"""Synthetic real-layout inputs: an LTX-2- or LTX-2.3-layout checkpoint at the real width and a random Gemma-3
+folder.
 
-Used by the reduced-depth ltx2-video test and `build_memory.py`: the full-width model with fewer DiT
+Used by the reduced-depth ltx2-video and ltx23-video tests and `build_memory.py`: the full-width model with fewer DiT
 and Gemma layers, so the real build path runs on a small machine and its cost can be scaled per layer.
 Weights are seeded random (nothing is downloaded); the file holds every tensor ltx-core loads from the files
 LTX-2 ships (the transformer's audio stream and the audio connector included: the video-only export must
@@ -101,8 +102,12 @@ def real_config(preset: Preset) -> dict:
         connector_attention_head_dim=text.connector_head_dim, connector_num_layers=text.connector_layers,
         connector_positional_embedding_max_pos=list(text.connector_max_pos), audio_connector_num_layers=1,
     )
+    if text.per_token_projection:  # LTX-2.3's audio connector is as wide as its audio stream (32 x 64, 3P)
+        t.update(audio_connector_num_attention_heads=dit.num_attention_heads,
+                 audio_connector_attention_head_dim=audio_head_dim)
     vae = {**preset.vae.ltx_config("encoder")["vae"], **preset.vae.ltx_config("decoder")["vae"]}
-    del vae["spatial_padding_mode"]  # absent from LTX-2 files: ltx-core's defaults apply
+    if preset.family is ModelFamily.LTX2:
+        del vae["spatial_padding_mode"]  # absent from LTX-2 files: ltx-core's defaults apply (2.3's say zeros)
     return {"transformer": t, "vae": vae}
 
 
@@ -139,20 +144,33 @@ def write_checkpoint(path: Path, preset: Preset, text_layers: int, seed: int = 0
     return path
 
 
+def reduced_preset(name: str = "ltx2-video", dit_layers: int = 1, connector_layers: int | None = None) -> Preset:
+    """A full-width preset with `dit_layers` transformer blocks (and `connector_layers` connector blocks)."""
+    preset = get_preset(name).with_dit(num_layers=dit_layers)
+    if connector_layers is None:
+        return preset
+    return replace(preset, text=replace(preset.text, connector_layers=connector_layers))
+
+
 def write_ltx2_checkpoint(path: Path, dit_layers: int = 1, gemma_layers: int = 2, seed: int = 0,
-                          with_vae: bool = True, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A real-layout LTX-2 checkpoint (`write_checkpoint`) at full width with `dit_layers` transformer blocks,
-    a text projection for a Gemma with `gemma_layers` layers, and the full video VAE."""
-    preset = get_preset("ltx2-video").with_dit(num_layers=dit_layers)
-    return write_checkpoint(path, preset, gemma_layers, seed, with_vae, dtype)
+                          with_vae: bool = True, dtype: torch.dtype = torch.bfloat16,
+                          preset: str = "ltx2-video", connector_layers: int | None = None) -> Path:
+    """A real-layout checkpoint of `preset`'s family (`write_checkpoint`) at full width with `dit_layers`
+    transformer blocks, a text projection for a Gemma with `gemma_layers` layers, and the full video VAE."""
+    return write_checkpoint(path, reduced_preset(preset, dit_layers, connector_layers), gemma_layers, seed,
+                            with_vae, dtype)
 
 
-def write_all(folder: Path, dit_layers: int = 1, gemma_layers: int = 2) -> tuple[Path, Path]:
-    """(checkpoint, Gemma folder) under `folder`, written once (reused when present)."""
+def write_all(folder: Path, dit_layers: int = 1, gemma_layers: int = 2, preset: str = "ltx2-video",
+              connector_layers: int | None = None) -> tuple[Path, Path]:
+    """(checkpoint, Gemma folder) under `folder`, written once (reused when present). `preset`: ltx2-video
+    (an LTX-2 file) or ltx23-video (an LTX-2.3 file: model_version 2.3.0, the 2.3 keys and config)."""
     folder.mkdir(parents=True, exist_ok=True)
-    ckpt, gemma = folder / f"ltx2-{dit_layers}layer.safetensors", folder / f"gemma-3-w3840-{gemma_layers}layer"
+    stem = "ltx2" if preset == "ltx2-video" else preset.removesuffix("-video")
+    layers = f"{dit_layers}layer" + ("" if connector_layers is None else f"-{connector_layers}conn")
+    ckpt, gemma = folder / f"{stem}-{layers}.safetensors", folder / f"gemma-3-w3840-{gemma_layers}layer"
     if not ckpt.is_file():
-        write_ltx2_checkpoint(ckpt, dit_layers, gemma_layers)
+        write_ltx2_checkpoint(ckpt, dit_layers, gemma_layers, preset=preset, connector_layers=connector_layers)
     if not (gemma / "config.json").is_file():
         write_gemma(gemma, layers=gemma_layers)
     (folder / "README.json").write_text(json.dumps({"checkpoint": ckpt.name, "gemma": gemma.name}))
