@@ -33,7 +33,8 @@ from stdrc.export.rope import rope_tables
 from stdrc.export.specs import component_specs
 from stdrc.runtime.manifest import Bucket
 
-# ~3.1 GB of fp32 weights, exported (external data) and loaded by ONNX Runtime: run under the heavy lock
+# ~3.1 GB of fp32 weights, exported (external data) and loaded by ONNX Runtime: run under the heavy lock.
+# Measured 1.9 min, peak RSS 6.5 GB on the shared 2-core VM (2026-12-06)
 pytestmark = pytest.mark.slow
 
 LAYERS, WIDTH, HEADS = 2, 4096, 32
