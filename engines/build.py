@@ -26,8 +26,9 @@ from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
 from stdrc.runtime.memory import activation_bytes, component_weight_bytes
-from stdrc.runtime.sampler import DISTILLED_SIGMAS
+from stdrc.runtime.sampler import BASE_SHIFT, DISTILLED_SIGMAS, MAX_SHIFT, MAX_SHIFT_ANCHOR, TERMINAL
 from stdrc.runtime.schema import (
+    BuildFacts,
     CreatedBy,
     GuidanceConfig,
     MemoryConfig,
@@ -42,7 +43,8 @@ from stdrc.runtime.vocab import BACKENDS, COMPONENTS, ONNX_BACKENDS, TORCH_BACKE
 
 log = logging.getLogger(__name__)
 ENGINE_SUFFIX = {"onnxruntime": ".onnx", "torch": ".pt2", "aoti": ".pt2", "tensorrt": ".plan"}
-SCHEDULE = {"kind": "ltx2", "max_shift": 2.05, "base_shift": 0.95, "terminal": 0.1, "shift_tokens": 4096}
+SCHEDULE = {"kind": "ltx2", "max_shift": MAX_SHIFT, "base_shift": BASE_SHIFT, "terminal": TERMINAL,
+            "shift_tokens": MAX_SHIFT_ANCHOR}  # ltx2_sigmas' defaults
 ATTENTION_FOR = {"onnxruntime": "ort", "tensorrt": "onnx"}  # export/attention.py; TensorRT takes no com.microsoft op
 
 
@@ -103,7 +105,7 @@ def module_dtype(backend: str, precision: str) -> torch.dtype:
     return torch.float32
 
 
-def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str, device: str) -> dict:
+def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str, device: str) -> BuildFacts:
     feeds = spec.sample_inputs()
     args = tuple(torch.from_numpy(feeds[t.name]).to(device) for t in spec.inputs)
     with torch.no_grad():
@@ -115,7 +117,7 @@ def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backe
     else:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
     os.replace(tmp, out)
-    return {"torch_version": torch.__version__, "device": device}
+    return BuildFacts(torch_version=torch.__version__, device=device)
 
 
 def fast_dit(cfg: BuildConfig, models: ModelSet, bucket: Bucket, fp8_scales: Path | None,
@@ -215,7 +217,7 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
         if not kept:
             drop_uncached(onnx_path)
         out = plan.plan_path
-    facts = {**facts, "source": src.of()[spec.name]}
+    facts = replace(facts, source=src.of()[spec.name])
     return ComponentEntry(
         backend=backend, file=out.name, sha256=sha256_file(out), precision=precision,
         inputs=spec.inputs, outputs=spec.outputs, dynamic_dims=spec.dynamic_dims, extra_files=extra, build=facts,

@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from stdrc.export.errors import ExportError
+from stdrc.runtime.schema import BuildFacts
 from stdrc.runtime.vocab import BACKEND_PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def _fp16_engine(onnx_path: Path, out_path: Path, tmp: Path, move: bool) -> None
     os.replace(tmp, out_path)
 
 
-def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32", move: bool = False) -> dict:
+def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32", move: bool = False) -> BuildFacts:
     """Optimise `onnx_path` (ORT 'extended' level: portable across CPUs) and save it at `out_path`.
 
     `move`: the exported external data may be moved into the bundle (fp16; the export is not cached)."""
@@ -247,7 +248,7 @@ def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32", m
     try:
         if precision == "fp16":  # no CPU-side pass: the CUDA EP optimises the fp16 graph at load
             _fp16_engine(onnx_path, out_path, Path(tmp), move)
-            return {"onnxruntime_version": ort.__version__, "graph_optimization_level": "at load (target provider)"}
+            return BuildFacts(onnxruntime_version=ort.__version__, graph_optimization_level="at load (target provider)")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = tmp
@@ -270,4 +271,4 @@ def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32", m
         raise ExportError(f"ONNX Runtime could not optimise {onnx_path.name}: {first}") from e
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return {"onnxruntime_version": ort.__version__, "graph_optimization_level": "extended"}
+    return BuildFacts(onnxruntime_version=ort.__version__, graph_optimization_level="extended")

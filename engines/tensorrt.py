@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from stdrc.runtime.backends.tensorrt import (
     normalize_capability,
 )
 from stdrc.runtime.manifest import TensorSpec, sha256_file
+from stdrc.runtime.schema import BuildFacts
 from stdrc.runtime.vocab import BACKEND_PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -66,18 +67,11 @@ class TrtBuildPlan:
         """The plan's optimization profiles, in order (index = the bucket's position in the manifest)."""
         return self.bucket_profiles or (self.profiles,)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> BuildFacts:
         """The plan's facts for the manifest `build` field (no machine paths)."""
-        return {
-            "precision": self.precision,
-            "strongly_typed": self.strongly_typed,
-            "builder_flags": list(self.flags),
-            "builder_optimization_level": self.optimization_level,
-            "workspace_bytes": self.workspace_bytes,
-            "profiles": {k: [list(s) for s in v] for k, v in self.profiles.items()},
-            **({"bucket_profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in self.bucket_profiles]}
-               if self.bucket_profiles else {}),
-        }
+        return BuildFacts(precision=self.precision, strongly_typed=self.strongly_typed, builder_flags=self.flags,
+                          builder_optimization_level=self.optimization_level, workspace_bytes=self.workspace_bytes,
+                          profiles=dict(self.profiles), bucket_profiles=self.bucket_profiles or None)
 
 
 def _dim_range(name: str, dim: int | str, dynamic_dims: Mapping[str, list[int]]) -> tuple[int, int, int]:
@@ -162,7 +156,7 @@ def engine_cache_key(
     facts = {
         "onnx_sha256": onnx_sha256,
         "component": plan.component,
-        **plan.describe(),
+        **plan.describe().to_json(),
         "tensorrt_version": trt_version,
         "compute_capability": normalize_capability(compute_capability),
     }
@@ -233,7 +227,7 @@ def polygraphy_loaders(plan: TrtBuildPlan, memory_pool_limits: Mapping[Any, int]
     return NetworkFromOnnxPath(str(plan.onnx_path), strongly_typed=plan.strongly_typed), config
 
 
-def build_engine(plan: TrtBuildPlan) -> dict[str, Any]:
+def build_engine(plan: TrtBuildPlan) -> BuildFacts:
     """Parse the ONNX, build and serialize the plan (written atomically); return the build facts."""
     trt = import_tensorrt()
     if not plan.onnx_path.is_file():
@@ -271,10 +265,5 @@ def build_engine(plan: TrtBuildPlan) -> dict[str, Any]:
     plan.plan_path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(plan.plan_path, memoryview(serialized))
     onnx_sha = sha256_file(plan.onnx_path)
-    return {
-        TRT_VERSION_KEY: trt.__version__,
-        **gpu,
-        **plan.describe(),
-        "onnx_sha256": onnx_sha,
-        "cache_key": engine_cache_key(onnx_sha, plan, trt.__version__, gpu[COMPUTE_CAPABILITY_KEY]),
-    }
+    return replace(plan.describe(), tensorrt_version=trt.__version__, **gpu, onnx_sha256=onnx_sha,
+                   cache_key=engine_cache_key(onnx_sha, plan, trt.__version__, gpu[COMPUTE_CAPABILITY_KEY]))

@@ -166,7 +166,7 @@ class ComponentEntry:
     # min/opt/max per symbolic dim, e.g. {"batch": [1, 3, 3]}
     dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
     extra_files: dict[str, str] = field(default_factory=dict)  # relative file -> sha256
-    build: dict[str, Any] = field(default_factory=dict)  # backend-specific facts (TRT version, GPU, flags)
+    build: sc.BuildFacts = field(default_factory=sc.BuildFacts)  # backend-specific (TRT version, GPU, flags)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -178,7 +178,7 @@ class ComponentEntry:
             "outputs": [t.to_json() for t in self.outputs],
             "dynamic_dims": self.dynamic_dims,
             "extra_files": self.extra_files,
-            "build": self.build,
+            "build": self.build.to_json(),
         }
 
     @staticmethod
@@ -210,7 +210,7 @@ class ComponentEntry:
             outputs=tensors["outputs"],
             dynamic_dims=dims,
             extra_files=dict(extra),
-            build=dict(sc.section(sc.get(data, "build", where, {}), f"{where}.build")),
+            build=sc.BuildFacts.from_json(sc.get(data, "build", where, {}), f"{where}.build"),
         )
 
 

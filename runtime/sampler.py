@@ -16,6 +16,7 @@ from stdrc.runtime.errors import InputError
 
 DISTILLED_SIGMAS = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0)
 BASE_SHIFT_ANCHOR, MAX_SHIFT_ANCHOR = 1024, 4096
+MAX_SHIFT, BASE_SHIFT, TERMINAL = 2.05, 0.95, 0.1  # ltx-core LTX2Scheduler's defaults (builds write these)
 
 # The three guidance streams: (uses text, uses reference)
 UNCOND, REF, FULL = "uncond", "ref", "full"
@@ -61,9 +62,9 @@ def combine(denoised: dict[str, np.ndarray], scales: GuidanceScales) -> np.ndarr
 def ltx2_sigmas(
     steps: int,
     tokens: int = MAX_SHIFT_ANCHOR,
-    max_shift: float = 2.05,
-    base_shift: float = 0.95,
-    terminal: float | None = 0.1,
+    max_shift: float = MAX_SHIFT,
+    base_shift: float = BASE_SHIFT,
+    terminal: float | None = TERMINAL,
 ) -> np.ndarray:
     """ltx-core's `LTX2Scheduler` in numpy (float32 like it): shifted linspace, stretched to `terminal`."""
     if steps < 1:

@@ -415,3 +415,72 @@ class CreatedBy(Section):
     source_sha256: str | None = spec(text_value, None)
     sources: dict[str, dict] = spec(records, {})  # as export/models.py `Sources.of` writes them
     versions: dict[str, str] = spec(strings, {})
+
+
+def string_list(data: dict, key: str, where: str) -> tuple[str, ...]:
+    value = get(data, key, where)
+    if not isinstance(value, list):
+        raise bad(f"{where}.{key}", value, "a list of strings")
+    return tuple(text_value({str(i): v for i, v in enumerate(value)}, str(i), f"{where}.{key}")
+                 for i in range(len(value)))
+
+
+Ranges = dict[str, tuple[tuple[int, ...], ...]]  # input name -> (min, opt, max) shapes
+
+
+def _ranges(per: Any, where: str) -> Ranges:
+    per = section(per, where)
+    ok = all(isinstance(span, list) and len(span) == 3 and all(
+        isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+        for s in span) for span in per.values())
+    if not ok:
+        raise bad(where, per, "an object of [min, opt, max] shapes")
+    return {name: tuple(tuple(s) for s in span) for name, span in per.items()}
+
+
+def shape_ranges(data: dict, key: str, where: str) -> Ranges:
+    """An optimization profile: (min, opt, max) shapes per input."""
+    return _ranges(get(data, key, where), f"{where}.{key}")
+
+
+def shape_ranges_list(data: dict, key: str, where: str) -> tuple[Ranges, ...]:
+    value = get(data, key, where)
+    if not isinstance(value, list):
+        raise bad(f"{where}.{key}", value, "a list of optimization profiles")
+    return tuple(_ranges(p, f"{where}.{key}[{i}]") for i, p in enumerate(value))
+
+
+def bytes_or_null(data: dict, key: str, where: str) -> int | None:
+    """A byte count, or null (TensorRT's default workspace, as builds write it)."""
+    return None if data.get(key) is None else integer(data, key, where, lo=0)
+
+
+def record(data: dict, key: str, where: str) -> dict:
+    """An object kept as written (a fact compared whole)."""
+    return dict(section(get(data, key, where), f"{where}.{key}"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildFacts(Section):
+    """A component's backend-specific build facts; each backend writes its own (None: not this backend's).
+
+    The runtime reads `device` (torch), `graph_optimization_level` (ONNX Runtime), the TensorRT version,
+    compute capability and `bucket_profiles` (TensorRT); the rest is recorded for people and caches."""
+
+    source: dict | None = spec(record, None)  # as export/models.py `Sources.of` writes it
+    device: str | None = spec(text_value, None)
+    torch_version: str | None = spec(text_value, None)
+    onnxruntime_version: str | None = spec(text_value, None)
+    graph_optimization_level: str | None = spec(text_value, None)
+    tensorrt_version: str | None = spec(text_value, None)
+    gpu_name: str | None = spec(text_value, None)
+    compute_capability: str | None = spec(text_value, None)
+    precision: str | None = spec(text_value, None)
+    strongly_typed: bool | None = spec(boolean, None)
+    builder_flags: tuple[str, ...] | None = spec(string_list, None)
+    builder_optimization_level: int | None = spec(integer, None, lo=0)
+    workspace_bytes: int | None = spec(bytes_or_null, None)
+    profiles: Ranges | None = spec(shape_ranges, None)
+    bucket_profiles: tuple[Ranges, ...] | None = spec(shape_ranges_list, None)  # one per bucket
+    onnx_sha256: str | None = spec(text_value, None)
+    cache_key: str | None = spec(text_value, None)

@@ -29,7 +29,7 @@ class OrtEngine:
         options = ort.SessionOptions()
         # an offline-optimised graph (fp32 CPU builds) is not optimised again at every load; a graph left for
         # the target provider (fp16 for the CUDA EP) gets ORT's full set at load
-        offline = entry.build.get("graph_optimization_level") == "extended"
+        offline = entry.build.graph_optimization_level == "extended"
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if offline
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         options.intra_op_num_threads = threads

@@ -23,6 +23,7 @@ import numpy as np
 from stdrc.runtime.backends import check_feeds
 from stdrc.runtime.errors import BackendUnavailableError, BundleError
 from stdrc.runtime.manifest import ComponentEntry
+from stdrc.runtime.schema import Ranges
 
 log = logging.getLogger(__name__)
 
@@ -110,28 +111,28 @@ def gpu_facts(device: int | None = None) -> dict[str, str]:
 def check_build(entry: ComponentEntry, trt_version: str, gpu: dict[str, str]) -> None:
     """A plan runs only with the TensorRT version and GPU architecture that built it."""
     built = entry.build
-    if TRT_VERSION_KEY not in built or COMPUTE_CAPABILITY_KEY not in built:
+    if built.tensorrt_version is None or built.compute_capability is None:
         raise BundleError(f"{entry.file}: the manifest records no TensorRT version / compute capability: "
                           "rebuild the bundle with `stdrc-export build-engines --backend tensorrt`")
-    if built[TRT_VERSION_KEY] != trt_version:
+    if built.tensorrt_version != trt_version:
         raise BundleError(
-            f"{entry.file} was built with TensorRT {built[TRT_VERSION_KEY]} and this machine has "
+            f"{entry.file} was built with TensorRT {built.tensorrt_version} and this machine has "
             f"{trt_version}: "
             "plans load only in the TensorRT version that built them; rebuild the bundle on this machine "
             "with `stdrc-export build-engines --backend tensorrt`"
         )
-    want = normalize_capability(built[COMPUTE_CAPABILITY_KEY])
+    want = normalize_capability(built.compute_capability)
     have = normalize_capability(gpu[COMPUTE_CAPABILITY_KEY])
     if want != have:
         raise BundleError(
             f"{entry.file} was built for compute capability {want} "
-            f"({built.get(GPU_NAME_KEY, 'unknown GPU')}) "
+            f"({built.gpu_name or 'unknown GPU'}) "
             f"and this GPU ({gpu.get(GPU_NAME_KEY, 'unknown')}) is {have}: rebuild the bundle on this GPU "
             "with `stdrc-export build-engines --backend tensorrt`"
         )
 
 
-def profile_index(bucket_profiles: list[dict[str, list[list[int]]]], shapes: dict[str, tuple[int, ...]]) -> int:
+def profile_index(bucket_profiles: tuple[Ranges, ...], shapes: dict[str, tuple[int, ...]]) -> int:
     """The optimization profile (a bucket's) that admits `shapes`; 0 for a single-profile plan."""
     for i, profile in enumerate(bucket_profiles):
         if all(all(lo <= d <= hi for d, lo, hi in zip(shapes[n], *span[::2])) for n, span in profile.items()
@@ -187,7 +188,7 @@ class TensorRTEngine:
         key = tuple(host[n].shape for n in self._inputs)
         if key == self._shapes_key:
             return
-        index = profile_index(self.entry.build.get("bucket_profiles", []), {n: host[n].shape for n in self._inputs})
+        index = profile_index(self.entry.build.bucket_profiles or (), {n: host[n].shape for n in self._inputs})
         if index != self._profile:  # a plan with a profile per bucket: the one of these shapes
             if not self.context.set_optimization_profile_async(index, int(self.stream)):
                 raise BundleError(f"{self.entry.file}: TensorRT refused optimization profile {index}")

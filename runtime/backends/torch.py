@@ -52,7 +52,7 @@ class TorchEngine:
 
 def check_build_device(path: Path, entry: ComponentEntry, device: str) -> None:
     """Exported programs bake their build device in (constants, tensor-metadata asserts): refuse any other."""
-    built, want = entry.build.get("device"), torch.device(device).type
+    built, want = entry.build.device, torch.device(device).type
     if built is None or torch.device(built).type != want:
         raise BundleError(
             f"{path.name} was exported for {built or 'an unrecorded device'}, not {want}: rebuild the bundle on a "

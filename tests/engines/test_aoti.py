@@ -46,7 +46,7 @@ def test_manifest_records_aoti_packages(aoti_bundle: Path) -> None:
     for name, entry in manifest.components.items():
         assert entry.backend == "aoti", name
         assert entry.file == f"{name}.pt2"
-        assert entry.build["torch_version"] == torch.__version__
+        assert entry.build.torch_version == torch.__version__
     assert manifest.components["dit"].dynamic_dims == {"batch": [1, 3, 3]}
 
 

@@ -198,7 +198,7 @@ def test_tensorrt_plan_holds_one_profile_per_bucket(tmp_path: Path) -> None:
     for name in ("dit", "vae_encoder", "vae_decoder"):
         plan = plan_for(name, specs[name], "fp16", tmp_path, bucket_dims=specs[name].bucket_dims)
         assert len(plan.all_profiles()) == 3
-        described = plan.describe()["bucket_profiles"]
+        described = plan.describe().bucket_profiles
         assert len(described) == 3
         _, config = polygraphy_loaders(plan)
         assert len(config.profiles) == 3
@@ -209,6 +209,6 @@ def test_tensorrt_plan_holds_one_profile_per_bucket(tmp_path: Path) -> None:
         assert (lo[0], hi[0]) == (1, 3)  # the guidance-stream batch stays dynamic
         assert profile["rope_cos"][0] == profile["rope_cos"][2] == (1, b.tokens, 64)
         shapes = {k: (2, *v[1][1:]) if k != "rope_cos" and k != "rope_sin" else v[1] for k, v in profile.items()}
-        assert profile_index(plan.describe()["bucket_profiles"], shapes) == i
+        assert profile_index(plan.describe().bucket_profiles, shapes) == i
     with pytest.raises(Exception, match="fit none"):
-        profile_index(plan.describe()["bucket_profiles"], {"latent": (1, 999, 128)})
+        profile_index(plan.describe().bucket_profiles, {"latent": (1, 999, 128)})

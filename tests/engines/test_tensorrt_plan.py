@@ -27,6 +27,7 @@ from stdrc.export.specs import component_specs
 from stdrc.runtime.backends.tensorrt import TensorRTEngine, check_build, normalize_capability
 from stdrc.runtime.errors import BackendUnavailableError, BundleError
 from stdrc.runtime.manifest import Bucket, ComponentEntry, TensorSpec
+from stdrc.runtime.schema import BuildFacts
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 TRT_SKIP = "TensorRT is not installable in this environment (PyPI's tensorrt packages are download stubs)"
@@ -110,10 +111,11 @@ def test_plan_file_names(specs, tmp_path):
     other = plan_for("dit", specs["dit"], "fp16", tmp_path, onnx_path=tmp_path / "cache" / "x.onnx")
     assert other.onnx_path == tmp_path / "cache" / "x.onnx" and other.plan_path == tmp_path / "dit.plan"
     facts = plan.describe()
-    assert facts["builder_flags"] == [] and facts["strongly_typed"]
-    assert facts["builder_optimization_level"] == 5
-    assert facts["profiles"]["latent"] == [[1, 18, 128], [3, 18, 128], [3, 18, 128]]
-    assert str(tmp_path) not in str(facts)
+    assert facts.builder_flags == () and facts.strongly_typed
+    assert facts.builder_optimization_level == 5
+    assert facts.to_json()["profiles"]["latent"] == [[1, 18, 128], [3, 18, 128], [3, 18, 128]]
+    assert str(tmp_path) not in str(facts.to_json())
+    assert BuildFacts.from_json(facts.to_json(), "build") == facts  # the manifest reads back what was written
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -169,7 +171,8 @@ def test_polygraphy_loaders_carry_the_plan(specs, tmp_path, precision, typed):
 
 def _entry(build: dict) -> ComponentEntry:
     spec = TensorSpec("x", (1,), "float32")
-    return ComponentEntry("tensorrt", "dit.plan", "0" * 64, "fp8", (spec,), (spec,), build=build)
+    return ComponentEntry("tensorrt", "dit.plan", "0" * 64, "fp8", (spec,), (spec,),
+                          build=BuildFacts.from_json(build, "build"))
 
 
 def test_runtime_refuses_other_trt_version_or_gpu():
@@ -250,7 +253,7 @@ def test_build_and_run_tiny_dit_plan(preset, bucket, specs, tmp_path, fp8):
                     timing_cache=tmp_path / "timing.cache")
     facts = build_engine(plan)
     assert plan.plan_path.is_file() and plan.timing_cache.is_file()
-    assert facts["tensorrt_version"] == trt.__version__ and facts["strongly_typed"] is fp8
+    assert facts.tensorrt_version == trt.__version__ and facts.strongly_typed is fp8
     entry = ComponentEntry("tensorrt", plan.plan_path.name, sha256_file(plan.plan_path), precision,
                            spec.inputs, spec.outputs, dynamic_dims=spec.dynamic_dims, build=facts)
     for batch in (3, 1):

@@ -14,13 +14,14 @@ import pytest
 from stdrc.runtime.backends import open_engine
 from stdrc.runtime.errors import BundleError, InputError
 from stdrc.runtime.manifest import ComponentEntry, TensorSpec, sha256_file
+from stdrc.runtime.schema import BuildFacts
 from stdrc.runtime.pipeline import Pipeline
 
 SPEC = (TensorSpec("x", (1, 4), "float32"),)
 
 
 def _entry(backend: str, **build: str) -> ComponentEntry:
-    return ComponentEntry(backend, f"dit.{backend}", "0" * 64, "fp32", SPEC, SPEC, build=dict(build))
+    return ComponentEntry(backend, f"dit.{backend}", "0" * 64, "fp32", SPEC, SPEC, build=BuildFacts(**build))
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])

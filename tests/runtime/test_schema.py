@@ -115,6 +115,8 @@ def test_old_manifests_read_with_defaults(tiny_bundle: Path) -> None:
     (["memory", "weight_bytes", "dit"], -1, "memory.weight_bytes.dit is -1"),
     (["created_by", "sources", "dit"], "ckpt", "created_by.sources.dit is 'ckpt', expected an object"),
     (["reference", "layout"], "sideways", "reference.layout is 'sideways'"),
+    (["components", "dit", "build", "device"], 0, "components.dit.build.device is 0, expected a string"),
+    (["components", "dit", "build", "bucket_profiles"], [{"x": [[1]]}], "build.bucket_profiles[0] is"),
 ])
 def test_bad_sections_are_one_line_with_the_fix(tiny_bundle: Path, path: list, value: object, word: str
                                                ) -> None:
@@ -127,6 +129,25 @@ def test_bad_sections_are_one_line_with_the_fix(tiny_bundle: Path, path: list, v
         Manifest.from_json(data)
     message = str(info.value)
     assert word in message and "rebuild" in message and "\n" not in message, message
+
+
+def test_tensorrt_build_facts_read_as_older_builds_wrote_them() -> None:
+    """A TensorRT `build` record as builds wrote it (workspace null, keys the runtime never reads) loads
+    typed, ignores unknown keys, and writes back the same JSON the C++ reader sees (its strings)."""
+    written = {"tensorrt_version": "10.13.0", "gpu_name": "NVIDIA L40S", "compute_capability": "8.9",
+               "precision": "fp16", "strongly_typed": False, "builder_flags": ["FP16"],
+               "builder_optimization_level": 3, "workspace_bytes": None,
+               "profiles": {"latent": [[1, 18, 128], [3, 18, 128], [3, 18, 128]]},
+               "bucket_profiles": [{"latent": [[1, 18, 128], [3, 18, 128], [3, 18, 128]]}],
+               "onnx_sha256": "0" * 64, "cache_key": "dit-fp16-trt10.13.0-sm89-x", "source": {"seeded": "ab"},
+               "future_key": {"anything": 1}}
+    facts = sc.BuildFacts.from_json(written, "components.dit.build")
+    assert facts.compute_capability == "8.9" and facts.builder_flags == ("FP16",)
+    assert facts.bucket_profiles[0]["latent"][2] == (3, 18, 128) and facts.workspace_bytes is None
+    back = facts.to_json()
+    assert back == {k: v for k, v in written.items() if k not in ("future_key", "workspace_bytes")}
+    assert sc.BuildFacts.from_json(back, "build") == facts
+    assert sc.BuildFacts.from_json({}, "build") == sc.BuildFacts()  # old bundles without one
 
 
 def test_hf_tokenizer_needs_its_file() -> None:
