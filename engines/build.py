@@ -105,7 +105,8 @@ def module_dtype(backend: str, precision: str) -> torch.dtype:
     return torch.float32
 
 
-def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str, device: str) -> BuildFacts:
+def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str,
+                  device: str) -> BuildFacts:
     feeds = spec.sample_inputs()
     args = tuple(torch.from_numpy(feeds[t.name]).to(device) for t in spec.inputs)
     with torch.no_grad():

@@ -236,7 +236,8 @@ def _fp16_engine(onnx_path: Path, out_path: Path, tmp: Path, move: bool) -> None
     os.replace(tmp, out_path)
 
 
-def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32", move: bool = False) -> BuildFacts:
+def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32",
+                     move: bool = False) -> BuildFacts:
     """Optimise `onnx_path` (ORT 'extended' level: portable across CPUs) and save it at `out_path`.
 
     `move`: the exported external data may be moved into the bundle (fp16; the export is not cached)."""
@@ -248,7 +249,8 @@ def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32", m
     try:
         if precision == "fp16":  # no CPU-side pass: the CUDA EP optimises the fp16 graph at load
             _fp16_engine(onnx_path, out_path, Path(tmp), move)
-            return BuildFacts(onnxruntime_version=ort.__version__, graph_optimization_level="at load (target provider)")
+            return BuildFacts(onnxruntime_version=ort.__version__,
+                              graph_optimization_level="at load (target provider)")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = tmp

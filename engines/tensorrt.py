@@ -69,8 +69,9 @@ class TrtBuildPlan:
 
     def describe(self) -> BuildFacts:
         """The plan's facts for the manifest `build` field (no machine paths)."""
-        return BuildFacts(precision=self.precision, strongly_typed=self.strongly_typed, builder_flags=self.flags,
-                          builder_optimization_level=self.optimization_level, workspace_bytes=self.workspace_bytes,
+        return BuildFacts(precision=self.precision, strongly_typed=self.strongly_typed,
+                          builder_flags=self.flags, builder_optimization_level=self.optimization_level,
+                          workspace_bytes=self.workspace_bytes,
                           profiles=dict(self.profiles), bucket_profiles=self.bucket_profiles or None)
 
 

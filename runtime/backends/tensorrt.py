@@ -188,7 +188,8 @@ class TensorRTEngine:
         key = tuple(host[n].shape for n in self._inputs)
         if key == self._shapes_key:
             return
-        index = profile_index(self.entry.build.bucket_profiles or (), {n: host[n].shape for n in self._inputs})
+        shapes = {n: host[n].shape for n in self._inputs}
+        index = profile_index(self.entry.build.bucket_profiles or (), shapes)
         if index != self._profile:  # a plan with a profile per bucket: the one of these shapes
             if not self.context.set_optimization_profile_async(index, int(self.stream)):
                 raise BundleError(f"{self.entry.file}: TensorRT refused optimization profile {index}")
