@@ -61,7 +61,7 @@ class Page:
         resolved = self.preview.resolve(self.options_type(prompt=""))
         return {o.name: getattr(resolved, o.name) for o in page_options(self.options_type)}
 
-    def crop(self, reference: str | None, face_crop: bool):  # noqa: ANN201
+    def crop(self, reference: str | None, face_crop: bool):
         """The detected face as the run will use it, shown as soon as a photo is in."""
         if not reference:
             return None, ""
@@ -88,7 +88,7 @@ class Page:
             kept[option.name] = value
         return self.options_type(**kept)
 
-    def generate(self, reference, values, request, progress):  # noqa: ANN001, ANN201
+    def generate(self, reference, values, request, progress):
         """-> (status line, video, contact sheet, FaceSim text); StdrcError becomes the CLI's `error:` line."""
         if not reference:
             return "error: no reference photo: upload one (or take one with the webcam)", None, None, ""
@@ -112,18 +112,18 @@ class Page:
         status = f"done in {time.perf_counter() - start:.1f} s (seed {options.seed})"
         return status, outcome.video, outcome.contact_sheet, facesim_text(outcome)
 
-    def arm(self, request) -> None:  # noqa: ANN001
+    def arm(self, request) -> None:
         """On Generate, before the queue: a fresh cancel flag that Cancel can set while the run waits or runs."""
         self._cancel[request.session_hash] = threading.Event()
 
-    def cancel(self, request) -> None:  # noqa: ANN001
+    def cancel(self, request) -> None:
         """Sets the flag; the backend stops after the current step and the run's own reply says so."""
         event = self._cancel.get(request.session_hash)
         if event is not None:
             event.set()
 
 
-def build_page(page: Page):  # noqa: ANN201
+def build_page(page: Page):
     import gradio as gr  # not `from __future__ import annotations` here: Gradio reads `gr.Request` hints
 
     m = page.manifest
@@ -151,11 +151,11 @@ def build_page(page: Page):  # noqa: ANN201
                 sheet = gr.Image(label="Contact sheet", interactive=False, elem_id="sheet")
                 facesim = gr.Textbox(label="FaceSim", interactive=False, elem_id="facesim")
 
-        def _crop(ref, fc):  # noqa: ANN001, ANN202
+        def _crop(ref, fc):
             image, line = page.crop(ref, fc)
             return image, status_html(line)
 
-        def _generate(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: ANN202, B008
+        def _generate(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008
             values = {name: data[component] for name, component in inputs.items()}
             line, *results = page.generate(data[reference], values, request, progress)
             return status_html(line), *results
@@ -177,7 +177,7 @@ def build_page(page: Page):  # noqa: ANN201
     return demo
 
 
-def _input(gr, option: Option, value: object):  # noqa: ANN001, ANN202
+def _input(gr, option: Option, value: object):
     """The Gradio component for one field, by its type; elem_id is the field's name."""
     label, name = option.knob.app, option.name
     if option.kind is str:

@@ -119,6 +119,7 @@ def family_scale(family: str, gemma_layers: int) -> dict:
     """What turns ltx2 points measured with a `gemma_layers`-deep Gemma into `family`'s full model: the ratio
     of one DiT block's parameters (family over ltx2) and the text head's parameters, full and as measured."""
     import runtime_memory as rm
+
     from stdrc.export.config import get_preset
 
     full, ltx2 = rm.family_params(family), rm.family_params("ltx2")

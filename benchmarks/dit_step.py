@@ -18,8 +18,9 @@ stdrc-torch (`STDRCTransformer` with the bucket's baked RoPE tables), stdrc-bf16
 stdrc-fp8 (the fast path, export/fast_path.py: bf16, FP8 GEMMs with calibrated scales, CUDA
 graphs on --device cuda), onnxruntime (the runtime's `OrtEngine` on the fused-attention graph,
 com.microsoft.MultiHeadAttention; CUDA EP with IO binding on --device cuda), onnxruntime-unfused
-(the same graph with attention left as MatMul -> Softmax -> MatMul: before fusion), torch-export (`torch.export` .pt2), aoti (AOTInductor .pt2), tensorrt (when it imports, on
-CUDA only). With --layers below the preset's depth, full-depth times are scaled by FLOPs.
+(the same graph with attention left as MatMul -> Softmax -> MatMul: before fusion), torch-export
+(`torch.export` .pt2), aoti (AOTInductor .pt2), tensorrt (when it imports, on CUDA only).
+With --layers below the preset's depth, full-depth times are scaled by FLOPs.
 """
 
 from __future__ import annotations
@@ -242,8 +243,8 @@ def sdpa_facts(s: Setup) -> dict[str, str]:
 
 def build(name: str, s: Setup, stack: contextlib.ExitStack) -> tuple[object, Path]:
     """One DiT engine through build_engines' own per-component builder, in its own folder."""
-    from stdrc.engines.bundle import BundleWriter
     from stdrc.engines.build import build_component
+    from stdrc.engines.bundle import BundleWriter
 
     writer = stack.enter_context(BundleWriter(s.work / name))
     build_cfg = replace(s.build, attention=ATTENTION.get(name))
@@ -463,7 +464,7 @@ def run(cfg: StepConfig) -> dict:
                 try:
                     built[name] = build(name, s, stack)
                     results[name] = {"status": "ok", "build_s": time.perf_counter() - start}
-                except Exception as e:  # noqa: BLE001 -- a backend that cannot build is reported, not fatal
+                except Exception as e:
                     results[name] = {"status": "failed", "reason": f"build: {_error(e)}"}
             else:
                 results[name] = {"status": "ok", "build_s": 0.0}
@@ -477,14 +478,14 @@ def run(cfg: StepConfig) -> dict:
         if results.get("stdrc-fp8", {}).get("status") == "ok":
             try:
                 s.fp8_scales = fp8_scales(s)
-            except Exception as e:  # noqa: BLE001 -- reported in the row, like a failed build
+            except Exception as e:
                 results["stdrc-fp8"] = {"status": "failed", "reason": f"fp8 scales: {_error(e)}"}
         for name in names:
             if results[name]["status"] != "ok":
                 continue
             try:
                 results[name].update(measure(name, s, built.get(name), reference))
-            except Exception as e:  # noqa: BLE001 -- likewise at run time
+            except Exception as e:
                 results[name] = {"status": "failed", "reason": f"run: {_error(e)}"}
         rep = report(s, names, results)
     rep["config"]["load_average"] = {"start": load_start, "end": harness.load_average()}

@@ -192,7 +192,7 @@ def tensorrt_status() -> dict:
     """Whether TensorRT imports here, and its version: reported even when it is not used."""
     try:
         trt = importlib.import_module("tensorrt")
-    except Exception as e:  # noqa: BLE001 -- ImportError, or a stub package that raises on import
+    except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         return {"importable": False, "reason": f"{type(e).__name__}: {first}"}
     return {"importable": True, "version": getattr(trt, "__version__", None)}

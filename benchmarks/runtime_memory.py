@@ -140,7 +140,7 @@ def _meta_params(module_fn) -> dict[str, int]:
     return {n: p.numel() for n, p in module.named_parameters()}
 
 
-def text_head_params(text) -> int:  # noqa: ANN001 (a TextConfig)
+def text_head_params(text) -> int:
     """The text side's own parameters (feature extractor + connector; the text_encoder engine holds them
     beside Gemma), built on the meta device. The feature extractor grows with Gemma's depth."""
     import torch
@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if "plans" in rep:
         for plan, modes in rep["plans"].items():
             for mode, r in modes.items():
-                print(f"{plan:<7} {mode:<16} " + (f"peak RSS {r['peak_rss_mb']:.0f} MB (before {r['rss_before_mb']:.0f}),"
+                print(f"{plan:<7} {mode:<16} " + (f"peak RSS {r['peak_rss_mb']:.0f} MB "
+                                                  f"(before {r['rss_before_mb']:.0f}),"
                                                   f" text encoder opened: {r['text_encoder_opened']}"
                                                   if r["status"] == "ok" else f"failed: {r['reason']}"))
                 if "check" in r:

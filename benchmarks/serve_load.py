@@ -38,7 +38,7 @@ def _tiny_bundle(folder: Path) -> Path:
                                      progress=False))
 
 
-def _batch(client, reference: Path, jobs: int, steps: int, seed: int) -> float:  # noqa: ANN001
+def _batch(client, reference: Path, jobs: int, steps: int, seed: int) -> float:
     """Seconds from the first submit to the last job done; every job must be done."""
     start = time.perf_counter()
     with ThreadPoolExecutor(min(jobs, 16)) as pool:
@@ -55,8 +55,8 @@ def _batch(client, reference: Path, jobs: int, steps: int, seed: int) -> float: 
 def measure(bundle: Path, reference: Path, replicas: int, args: argparse.Namespace) -> dict:
     from ray import serve
 
-    from stdrc.serve.app import ServeConfig, deploy, undeploy
     from stdrc.runtime.client import Client
+    from stdrc.serve.app import ServeConfig, deploy, undeploy
 
     config = ServeConfig(bundle=bundle, replicas=replicas, port=args.port, max_queue=args.jobs, keep_s=600,
                          cpus_per_replica=args.cpus_per_replica)
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-store-mb", type=int, default=256)
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here (Ray may print to stdout)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the JSON report here (Ray may print to stdout)")
     args = parser.parse_args(argv)
     args.port = args.port or _free_port()
 
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     by_n = {r["replicas"]: r["jobs_per_min"]["median"] for r in rows}
     ratio = by_n[2] / by_n[1] if 1 in by_n and 2 in by_n else None
     report = {"benchmark": "serve_load", "timestamp": harness.timestamp(), "device": harness.device_info("cpu"),
-              "load_average": harness.load_average(), "versions": {**harness.versions(), "ray": harness._version("ray")},
+              "load_average": harness.load_average(),
+              "versions": {**harness.versions(), "ray": harness._version("ray")},
               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
               "rows": rows, "scaling_ratio_2_over_1": None if ratio is None else round(ratio, 3)}
     if args.out is not None:

@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from ltx_core.model.transformer.model_configurator import LTXModelConfigurator
 from ltx_core.text_encoders.gemma.embeddings_connector import AudioEmbeddings1DConnectorConfigurator
 
@@ -31,7 +30,7 @@ PROMPTS = ["a woman smiles at the camera", "a man walks on a beach at sunset", "
 
 
 def gemma_config(hidden_size: int = 3840, layers: int = 2, vocab: int = 300, intermediate_size: int = 256,
-                 heads: int = 2, kv_heads: int = 1, head_dim: int = 128):  # noqa: ANN201 (a Gemma3TextConfig)
+                 heads: int = 2, kv_heads: int = 1, head_dim: int = 128):
     """The config `write_gemma` writes (build_memory counts a measured run's Gemma from it)."""
     from transformers import Gemma3TextConfig
 
@@ -67,7 +66,7 @@ def write_gemma(folder: Path, hidden_size: int = 3840, layers: int = 2, vocab: i
     return folder
 
 
-def _unset(build):  # noqa: ANN001, ANN202
+def _unset(build):
     """Modules built on the meta device, then given uninitialised CPU storage: torch's default init (as slow as
     the seeded draw that overwrites it) is skipped. Every state-dict entry is then set by `init_seeded`."""
     with torch.device("meta"):

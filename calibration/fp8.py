@@ -28,8 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stdrc.export.dit import (DIT_INPUTS, DIT_OUTPUTS, SENSITIVE_LAYER_PATTERNS, STDRCTransformer,
-                              sensitive_layer_patterns)
+from stdrc.export.dit import (
+    DIT_INPUTS,
+    DIT_OUTPUTS,
+    SENSITIVE_LAYER_PATTERNS,
+    STDRCTransformer,
+    sensitive_layer_patterns,
+)
 from stdrc.export.errors import ExportError
 from stdrc.export.onnx_export import TWO_GB, param_bytes
 from stdrc.export.specs import SIGMA_INPUT

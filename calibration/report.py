@@ -34,8 +34,8 @@ class TorchDenoiser:
         self.dit, self.cos, self.sin = dit, cos, sin
         self.recorded: list[dict[str, torch.Tensor]] = [] if record else None
 
-    def __call__(self, latent, timestep, context, context_mask, attn_mask,  # noqa: ANN001, ANN204
-                 **sigma):  # noqa: ANN003
+    def __call__(self, latent, timestep, context, context_mask, attn_mask,
+                 **sigma):
         feeds = {k: torch.from_numpy(v) for k, v in dict(latent=latent, timestep=timestep, context=context,
                                                          context_mask=context_mask, attn_mask=attn_mask,
                                                          **sigma).items()}

@@ -38,8 +38,8 @@ def _build(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from stdrc.engines.verify import reports_json, verify_bundle
-    from stdrc.runtime.manifest import read_manifest
     from stdrc.export.lora import LoraSpec
+    from stdrc.runtime.manifest import read_manifest
 
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
                             base_checkpoint=args.base_checkpoint, face_weights=args.face_weights,
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "preset's seeded random weights are used. The bundle appears atomically.")
     b.add_argument("--preset", default="tiny",
                    help="model preset: tiny or tiny23 (seeded, seconds on a CPU), ltx2-video or ltx23-video")
-    b.add_argument("--checkpoint", type=Path, default=None, help="LTX-2 / ST-DRC .safetensors (default: the preset's seeded weights)")
+    b.add_argument("--checkpoint", type=Path, default=None,
+                   help="LTX-2 / LTX-2.3 / ST-DRC .safetensors (default: the preset's seeded weights)")
     b.add_argument("--bucket", action="append", default=[], metavar="FRAMESxWIDTHxHEIGHT",
                    help="a size the bundle serves, e.g. 121x768x512; repeatable (the first is the default); "
                         "instead of --frames/--height/--width")
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VAE decode tile in pixels (default: 512 when the bucket is larger; 0 = never tile)")
     b.add_argument("--decode-overlap", type=int, default=64, help="minimum tile overlap in pixels")
     b.add_argument("--seed", type=int, default=0, help="seed of the preset's random weights")
-    b.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default: $STDRC_CACHE, else ~/.cache/stdrc)")
+    b.add_argument("--cache-dir", type=Path, default=None,
+                   help="stage cache (default: $STDRC_CACHE, else ~/.cache/stdrc)")
     b.add_argument("--out", type=Path, default=None, help="bundle folder (default bundles/<preset>)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_build)

@@ -23,7 +23,6 @@ from stdrc.export.errors import ExportError
 from stdrc.runtime.backends.tensorrt import (
     COMPUTE_CAPABILITY_KEY,
     GPU_NAME_KEY,
-    TRT_VERSION_KEY,
     import_tensorrt,
     normalize_capability,
 )

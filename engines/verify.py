@@ -43,7 +43,7 @@ class ComponentReport:
 
 
 @contextmanager
-def _engine_runner(bundle: Path, name: str, entry, device: str, report: bool,  # noqa: ANN001, ANN202
+def _engine_runner(bundle: Path, name: str, entry, device: str, report: bool,
                    trust_code: bool = False):
     """feeds -> outputs: polygraphy's OnnxrtRunner for ONNX files, else the runtime's engine for the backend."""
     if entry.backend != "onnxruntime":
@@ -82,7 +82,7 @@ def polygraphy_check(name: str, got: list[dict[str, np.ndarray]], ref: list[dict
 
 
 @contextmanager
-def _polygraphy_log(report: bool):  # noqa: ANN202
+def _polygraphy_log(report: bool):
     """polygraphy logs on stdout: its INFO lines only when a report is asked for (never into --json)."""
     from polygraphy.logger import G_LOGGER
 
@@ -122,7 +122,7 @@ def check_sources(bundle: Path, recorded: dict[str, dict], given: dict[str, dict
                               f"pass the same files to verify ({flags})")
 
 
-def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Callable | None) -> list[tuple]:  # noqa: ANN001
+def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Callable | None) -> list[tuple]:
     """PyTorch outputs (fp32, from the recorded sources) for each feed; the module is released on return.
     A VAE whose file has a `vae` config: ltx-core's own module built from that config, not ours."""
     vae_file = src.vae if name in ("vae_encoder", "vae_decoder") else None
@@ -141,7 +141,7 @@ def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Cal
 
 
 
-def bucket_feeds(bundle: Path, bucket, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: ANN001
+def bucket_feeds(bundle: Path, bucket, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A DiT taking RoPE inputs is fed the bucket's own tables from the bundle (not random ones)."""
     if "rope_cos" not in feeds or bucket.rope_file is None:
         return feeds

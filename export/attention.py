@@ -42,7 +42,7 @@ def key_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
 
 
 @key_masked_attention.register_fake
-def _(q, k, v, key_mask, heads):  # noqa: ANN001, ANN202
+def _(q, k, v, key_mask, heads):
     return torch.empty_like(q)
 
 
@@ -75,7 +75,7 @@ def _register_mha_schema() -> None:
     ))
 
 
-def _mha_onnx(q, k, v, key_mask, heads: int):  # noqa: ANN001, ANN202
+def _mha_onnx(q, k, v, key_mask, heads: int):
     msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
     return msft.MultiHeadAttention(q, k, v, None, key_mask, num_heads=heads)
 

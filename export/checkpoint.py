@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from ltx_core.loader.sd_ops import SDOps
@@ -195,8 +196,10 @@ def config_from_metadata(preset: Preset, config: dict[str, Any] | None) -> Prese
     if "positional_embedding_max_pos" in dit_changes:
         dit_changes["positional_embedding_max_pos"] = tuple(dit_changes["positional_embedding_max_pos"])
     vae = vae_from_metadata(config["vae"], preset.vae) if "vae" in config else preset.vae
-    text_keys = {"connector_num_attention_heads": "connector_heads", "connector_attention_head_dim": "connector_head_dim",
-                 "connector_num_layers": "connector_layers", "connector_apply_gated_attention": "connector_gated_attention",
+    text_keys = {"connector_num_attention_heads": "connector_heads",
+                 "connector_attention_head_dim": "connector_head_dim",
+                 "connector_num_layers": "connector_layers",
+                 "connector_apply_gated_attention": "connector_gated_attention",
                  "rope_type": "rope_type", "frequencies_precision": "frequencies_precision"}
     text_changes: dict[str, Any] = {ours: t[k] for k, ours in text_keys.items() if k in t}
     # ltx-core reads an absent LTX-2.3 flag as false: a file's config sets each, whatever the preset's

@@ -167,8 +167,8 @@ class TextConfig:
     """The text side: encoder features -> projection -> LTX-2's connector -> context of `connector_dim`.
 
     kind "tiny": seeded byte-level encoder, no download. kind "gemma": Gemma-3 from a local folder,
-    whose own config then sets `vocab_size`, `encoder_dim`, `encoder_layers`, `encoder_heads` and `encoder_ffn`. The connector
-    fields are ltx-core's `connector_*` transformer config keys (checkpoint metadata overrides them).
+    whose own config then sets `vocab_size`, `encoder_dim`, `encoder_layers`, `encoder_heads` and `encoder_ffn`.
+    The connector fields are ltx-core's `connector_*` transformer config keys (checkpoint metadata overrides them).
     """
 
     kind: str = "gemma"

@@ -155,7 +155,7 @@ class BakedRopeDiT(torch.nn.Module):
         self.register_buffer("rope_cos", rope_cos.clone())
         self.register_buffer("rope_sin", rope_sin.clone())
 
-    def forward(self, latent, timestep, context, context_mask, attn_mask, sigma=None):  # noqa: ANN001, ANN201
+    def forward(self, latent, timestep, context, context_mask, attn_mask, sigma=None):
         return self.dit(latent, timestep, context, context_mask, attn_mask, self.rope_cos, self.rope_sin,
                         sigma)
 

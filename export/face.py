@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from stdrc.export.errors import CheckpointError, ExportError
 from torch import nn
+
+from stdrc.export.errors import CheckpointError, ExportError
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ Keys ltx-core does not read cannot change its arithmetic, and are ignored.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from stdrc.export.checkpoint import per_token_projection
 from stdrc.export.config import DiTConfig, ModelFamily

@@ -181,7 +181,7 @@ class FastDiT(torch.nn.Module):
         self.register_buffer("rope_cos", rope_cos.to(dtype).contiguous())
         self.register_buffer("rope_sin", rope_sin.to(dtype).contiguous())
 
-    def forward(self, latent, timestep, context, context_mask, attn_mask, sigma=None):  # noqa: ANN001, ANN201
+    def forward(self, latent, timestep, context, context_mask, attn_mask, sigma=None):
         velocity = self.dit(latent.to(self.dtype), timestep.float(), context.to(self.dtype), context_mask,
                             attn_mask, self.rope_cos, self.rope_sin, None if sigma is None else sigma.float())
         return velocity.float()

@@ -117,7 +117,7 @@ def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, floa
         raise LoraError(f"LoRA file {path} does not exist or is not a file: pass the path of a .safetensors LoRA")
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
             alphas = {name: float(f.get_tensor(name).float().reshape(-1)[0]) for name in shapes
                       if name.endswith(_ALPHA)}
     except Exception as e:  # safetensors raises its own error types for foreign or corrupt files

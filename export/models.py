@@ -11,15 +11,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from stdrc.export.checkpoint import (LazyCheckpoint, Transform, check_layout, check_shapes,
-                                     config_from_metadata, load_streaming, open_checkpoint)
+from stdrc.export.checkpoint import (
+    LazyCheckpoint,
+    Transform,
+    check_layout,
+    check_shapes,
+    config_from_metadata,
+    load_streaming,
+    open_checkpoint,
+)
 from stdrc.export.config import ModelFamily, Preset, get_preset
 from stdrc.export.dit import BakedRopeDiT, STDRCTransformer, build_dit
 from stdrc.export.errors import CheckpointError
@@ -30,8 +37,8 @@ from stdrc.export.rope import RopeTables, rope_tables
 from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
 from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae, vae_from_metadata
 from stdrc.runtime.manifest import Bucket, sha256_file
-from stdrc.runtime.vocab import COMPONENTS
 from stdrc.runtime.text import ByteTokenizer
+from stdrc.runtime.vocab import COMPONENTS
 
 BASE_FLAG = "--base-checkpoint"
 TEXT_PARTS = "text projection and connector"

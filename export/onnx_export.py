@@ -57,7 +57,7 @@ class CastIO(torch.nn.Module):
         names = list(inspect.signature(module.forward).parameters)
         self.keep = {names.index(n) for n in getattr(module, "fp32_inputs", ())}
 
-    def forward(self, *args: torch.Tensor):  # noqa: ANN201
+    def forward(self, *args: torch.Tensor):
         cast = [a.to(self.dtype) if a.is_floating_point() and i not in self.keep else a
                 for i, a in enumerate(args)]
         out = self.module(*cast)

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ltx_core.text_encoders.gemma.embeddings_connector import Embeddings1DConnector
-from ltx_core.text_encoders.gemma.embeddings_processor import convert_to_additive_mask
-from ltx_core.text_encoders.gemma.feature_extractor import FeatureExtractorV1, FeatureExtractorV2
 from ltx_core.model.transformer.rope import (
     LTXRopeType,
     generate_freq_grid_np,
     generate_freq_grid_pytorch,
     precompute_freqs_cis,
 )
+from ltx_core.text_encoders.gemma.embeddings_connector import Embeddings1DConnector
+from ltx_core.text_encoders.gemma.embeddings_processor import convert_to_additive_mask
+from ltx_core.text_encoders.gemma.feature_extractor import FeatureExtractorV1, FeatureExtractorV2
 from ltx_core.utils import rms_norm
 
 from stdrc.export.config import TextConfig
@@ -68,7 +68,8 @@ class TinyTextEncoder(torch.nn.Module):
 
 
 class LayerwiseFeatureExtractor(torch.nn.Module):
-    """ltx-core's `FeatureExtractorV1` (per-layer masked normalisation -> `aggregate_embed`), one hidden state at a time.
+    """ltx-core's `FeatureExtractorV1` (per-layer masked normalisation -> `aggregate_embed`), one hidden state at
+    a time.
 
     ltx-core stacks the L hidden states to [B, T, D, L] and keeps several masked copies of that stack
     live (at Gemma-3 12B's 49 states and 1024 tokens each fp32 copy is 771 MB). Here each state is

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 from ltx_core.model.video_vae.model_configurator import VideoDecoderConfigurator, VideoEncoderConfigurator
-from ltx_core.model.video_vae.resnet import ResnetBlock3D, UNetMidBlock3D
 from ltx_core.model.video_vae.ops import unpatchify
+from ltx_core.model.video_vae.resnet import ResnetBlock3D, UNetMidBlock3D
 from ltx_core.model.video_vae.video_vae import VideoDecoder, VideoEncoder
 
 from stdrc.export.config import VAEConfig

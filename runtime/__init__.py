@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from stdrc.runtime.pipeline import GenerationResult, Pipeline
 
 
-def __getattr__(name: str):  # noqa: ANN202
+def __getattr__(name: str):
     if name in __all__:
         from stdrc.runtime import pipeline
 

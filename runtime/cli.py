@@ -60,7 +60,7 @@ def options_from_args(args: argparse.Namespace, options_type: type = GenerationO
                            if o.knob.served or not served_only})
 
 
-def add_device_flag(parser: argparse.ArgumentParser, help: str = "") -> None:  # noqa: A002
+def add_device_flag(parser: argparse.ArgumentParser, help: str = "") -> None:
     """--device, with the one default every command shares (auto)."""
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help=help or "auto: CUDA when the bundle's backend can use it here, else CPU")
@@ -169,7 +169,10 @@ def _facesim(args: argparse.Namespace) -> int:
     embedder_path = args.embedder or (models.recognizer if models else None)
     if embedder_path is None:
         raise InputError("facesim needs a face recogniser: pass --embedder model.onnx or --models buffalo_l")
-    detector = face.ScrfdDetector(models.detector) if models else face.YuNetDetector(face.find_yunet(args.face_detector))
+    if models:
+        detector = face.ScrfdDetector(models.detector)
+    else:
+        detector = face.YuNetDetector(face.find_yunet(args.face_detector))
     result = face.facesim(read_video(args.video), load_image(args.ref), detector, face.FaceEmbedder(embedder_path),
                           samples=args.samples)
     value = result.value
@@ -209,7 +212,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object (files, frames, size, facesim)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     g.set_defaults(func=_generate)
-    e = sub.add_parser("encode-prompts", help="fill the prompt-embedding cache ahead of time", formatter_class=FORMATTER,
+    e = sub.add_parser("encode-prompts", help="fill the prompt-embedding cache ahead of time",
+                       formatter_class=FORMATTER,
                        description="Encode prompts with the bundle's text encoder once and cache the embeddings on "
                                    "disk, so generations with those prompts never load the text encoder.")
     e.add_argument("--bundle", required=True, help="engine bundle folder")

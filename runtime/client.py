@@ -31,7 +31,7 @@ class Client:
     url: str = "http://127.0.0.1:8000"
     timeout: float = 60.0  # per HTTP call
 
-    def _call(self, method: str, path: str, **kwargs) -> requests.Response:  # noqa: ANN003
+    def _call(self, method: str, path: str, **kwargs) -> requests.Response:
         try:
             response = requests.request(method, self.url.rstrip("/") + path, timeout=self.timeout, **kwargs)
         except requests.RequestException as e:
@@ -44,7 +44,7 @@ class Client:
             raise ServerError(message, response.status_code)
         return response
 
-    def submit(self, reference: str | Path | bytes, prompt: str, retry_s: float = 0.0, **options) -> str:  # noqa: ANN003
+    def submit(self, reference: str | Path | bytes, prompt: str, retry_s: float = 0.0, **options) -> str:
         """POST a job; returns its id. Options: the job API's form fields (GenerationOptions' served
         fields: negative_prompt, seed, steps, ...); the server checks their values.
 
@@ -60,7 +60,8 @@ class Client:
         deadline = time.monotonic() + retry_s
         while True:
             try:
-                return self._call("POST", "/v1/generations", data=fields, files={"reference": (name, data)}).json()["id"]
+                files = {"reference": (name, data)}
+                return self._call("POST", "/v1/generations", data=fields, files=files).json()["id"]
             except ServerError as e:
                 if e.status != 429 or time.monotonic() > deadline:
                     raise

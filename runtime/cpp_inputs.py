@@ -77,7 +77,8 @@ def write_cpp_inputs(pipeline: Pipeline, reference: str | Path | np.ndarray, opt
 def _scales(folder: Path) -> smp.GuidanceScales:
     g = json.loads((folder / INPUTS_JSON).read_text())["guidance"]
     interval = tuple(g["interval"]) if g.get("interval") is not None else None
-    return smp.GuidanceScales(text=g["text_scale"], ref=g["ref_scale"], interval=interval, rescale=g.get("rescale", 0.0))
+    return smp.GuidanceScales(text=g["text_scale"], ref=g["ref_scale"], interval=interval,
+                              rescale=g.get("rescale", 0.0))
 
 
 def run_python(pipeline: Pipeline, folder: str | Path, max_batch: int = 3) -> CppResult:
@@ -89,7 +90,8 @@ def run_python(pipeline: Pipeline, folder: str | Path, max_batch: int = 3) -> Cp
     def load(name: str) -> np.ndarray:
         return np.load(folder / name)
 
-    cond = smp.Conditioning(load(REFERENCE), (load(TEXT_CONTEXT), load(TEXT_MASK)), (load(NULL_CONTEXT), load(NULL_MASK)))
+    text, null = (load(TEXT_CONTEXT), load(TEXT_MASK)), (load(NULL_CONTEXT), load(NULL_MASK))
+    cond = smp.Conditioning(load(REFERENCE), text, null)
     latent = smp.sample(pipeline.denoiser, load(NOISE), load(SIGMAS), cond, _scales(folder), max_batch,
                         feed_sigma=pipeline.feeds_sigma)
     timestep_conditioned = pipeline.manifest.model_config.vae.timestep_conditioning

@@ -19,6 +19,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 import onnxruntime as ort
+
 from stdrc.runtime.errors import InputError, NoFaceError
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def _onnx_role(path: Path) -> str | None:
     opts.log_severity_level = 3
     try:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception:  # noqa: BLE001 - not a loadable model: not ours to use
+    except Exception:
         log.warning("skipping %s: not a loadable ONNX model", path)
         return None
     inp, outs = sess.get_inputs()[0].shape, [o.shape for o in sess.get_outputs()]

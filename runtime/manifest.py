@@ -16,8 +16,8 @@ from typing import Any
 
 from stdrc.runtime import schema as sc
 from stdrc.runtime.errors import BundleError, InputError
-from stdrc.runtime.schema import MAX_STEPS  # noqa: F401  (defined in schema; importable here too)
 from stdrc.runtime.schema import (
+    MAX_STEPS,  # noqa: F401  (defined in schema; importable here too)
     SPACE_SCALE,
     TIME_SCALE,
     CreatedBy,

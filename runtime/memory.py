@@ -213,7 +213,7 @@ class EngineSet:
     trims the C heap; torch's CUDA cache is emptied when torch is loaded.
     """
 
-    def __init__(self, opener, names: list[str], plan: str):  # noqa: ANN001 -- opener(name) -> Engine
+    def __init__(self, opener, names: list[str], plan: str):
         self._open = opener
         self._names = list(names)
         self.plan = plan
@@ -231,7 +231,7 @@ class EngineSet:
     def __contains__(self, name: object) -> bool:
         return name in self._names
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self._names)
 
     def __getitem__(self, name: str) -> Any:

@@ -99,7 +99,7 @@ class Knob:
     fix: str | None = None  # the advice after "name=value: " for a bad integer
 
 
-def knob(help: str, default: object = MISSING, **kw) -> Any:  # noqa: ANN003, A002
+def knob(help: str, default: object = MISSING, **kw) -> Any:
     """A GenerationOptions field with its `Knob` (kw: Knob's other fields)."""
     meta = {"knob": Knob(help, **kw)}
     return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)

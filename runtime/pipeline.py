@@ -234,7 +234,7 @@ class Pipeline:
             raise NoFaceError("no face found in the reference image: use a clearer photo, or pass --no-face-crop")
         return face.crop_reference(image, found, b.height, b.width)
 
-    def _face_detector(self):  # noqa: ANN202
+    def _face_detector(self):
         """YuNet unless `use_face_models` chose SCRFD; created on first use."""
         if self._detector is None:
             from stdrc.runtime import face
@@ -315,8 +315,8 @@ class Pipeline:
         """The DiT takes the stream's `sigma` (a prompt-AdaLN DiT, LTX-2.3): sample with `feed_sigma`."""
         return any(t.name == smp.SIGMA_INPUT for t in self.manifest.components["dit"].inputs)
 
-    def denoiser(self, latent, timestep, context, context_mask, attn_mask,  # noqa: ANN001, ANN201
-                 **sigma):  # noqa: ANN003
+    def denoiser(self, latent, timestep, context, context_mask, attn_mask,
+                 **sigma):
         rope = self.rope_feeds()
         feeds = {"latent": latent, "timestep": timestep, "context": context,
                  "context_mask": context_mask, "attn_mask": attn_mask, **rope, **sigma}

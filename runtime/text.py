@@ -49,8 +49,9 @@ class JsonTokenizer:
     def __init__(self, path: Path, max_length: int, pad_id: int):
         try:
             from tokenizers import Tokenizer
-        except ImportError:
-            raise BundleError("this bundle's Gemma tokenizer needs the `tokenizers` package: pip install tokenizers")
+        except ImportError as e:
+            raise BundleError(
+                "this bundle's Gemma tokenizer needs the `tokenizers` package: pip install tokenizers") from e
         try:
             self._tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for unreadable files
@@ -110,7 +111,7 @@ class PromptStore:
         try:
             with np.load(path, allow_pickle=False) as data:
                 stored, context, mask = str(data["prompt"]), data["context"], data["context_mask"]
-        except Exception as e:  # noqa: BLE001 -- any unreadable entry is a miss, never an error
+        except Exception as e:
             log.info("prompt cache entry %s ignored (%s)", path, type(e).__name__)
             return None
         length, width = self.shape

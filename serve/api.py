@@ -37,7 +37,7 @@ def _error(status: int, message: str, **headers: str) -> JSONResponse:
 
 @serve.ingress(app)  # at import, so that every process importing this module gets the same routes
 class Api:
-    def __init__(self, generator, bundle: str, app_name: str, max_queue: int, keep_s: float):  # noqa: ANN001
+    def __init__(self, generator, bundle: str, app_name: str, max_queue: int, keep_s: float):
         self.generator = generator  # a Serve DeploymentHandle to the Generator replicas
         self.registry = registry_actor(app_name, max_queue, keep_s)
         self.checker = rq.Checker(bundle)
@@ -69,7 +69,7 @@ class Api:
                     await self.registry.requeue.remote(job_id, f"{reason}; retrying on another replica")
                 else:
                     await self.registry.fail.remote(job_id, f"{reason}, twice: giving up")
-            except Exception as e:  # noqa: BLE001 - a bug, not bad input: fail the job with the reason
+            except Exception as e:
                 log.exception("job %s failed", job_id)
                 first = str(e).strip().splitlines()
                 await self.registry.fail.remote(job_id, f"internal error {type(e).__name__}: "

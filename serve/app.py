@@ -104,7 +104,7 @@ def undeploy(config: ServeConfig) -> None:
     """Remove the app and the registry (and with it every job and result)."""
     try:
         serve.delete(config.app_name)
-    except Exception as e:  # noqa: BLE001 - Serve never started (deploy failed early): nothing to delete
+    except Exception as e:
         log.debug("serve.delete: %s", e)
     try:
         ray.kill(get_registry(config.app_name))

@@ -128,7 +128,7 @@ def registry_name(app_name: str) -> str:
     return f"{app_name}-jobs"
 
 
-def registry_actor(app_name: str, max_queue: int, keep_s: float):  # noqa: ANN201
+def registry_actor(app_name: str, max_queue: int, keep_s: float):
     """Create (or get) the detached registry actor, on the head node so it lives as long as the cluster."""
     import ray
 
@@ -138,7 +138,7 @@ def registry_actor(app_name: str, max_queue: int, keep_s: float):  # noqa: ANN20
                        max_concurrency=1).remote(max_queue, keep_s)
 
 
-def get_registry(app_name: str):  # noqa: ANN201
+def get_registry(app_name: str):
     import ray
 
     return ray.get_actor(registry_name(app_name), namespace=NAMESPACE)

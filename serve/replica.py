@@ -67,5 +67,5 @@ def _replica_id() -> str:
 
     try:
         return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - outside a replica (direct use in tests): no id
+    except Exception:
         return "local"

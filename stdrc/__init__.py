@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from stdrc.runtime.pipeline import GenerationResult, Pipeline
 
 
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562: `import stdrc` stays light, the pipeline loads on use
+def __getattr__(name: str):
     if name in ("Pipeline", "GenerationResult"):
         from stdrc.runtime import pipeline
 

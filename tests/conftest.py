@@ -91,8 +91,14 @@ def write_tiny_gemma(folder: Path, hidden_size: int = 32, text_only: bool = Fals
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
-                              PreTrainedTokenizerFast, SiglipVisionConfig)
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForCausalLM,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        PreTrainedTokenizerFast,
+        SiglipVisionConfig,
+    )
 
     from stdrc.calibration.data import CALIBRATION_PROMPTS
 

@@ -43,7 +43,8 @@ class OrtEngine:
         except BackendUnavailableError:
             raise
         except Exception as e:
-            raise BundleError(f"{path} could not be loaded by ONNX Runtime ({str(e).splitlines()[0]}): rebuild the bundle") from e
+            reason = str(e).splitlines()[0]
+            raise BundleError(f"{path} could not be loaded by ONNX Runtime ({reason}): rebuild the bundle") from e
         self._outputs = [t.name for t in entry.outputs]
         self._device = "cuda" if device == "cuda" else "cpu"
         self._kept: dict[str, tuple[np.ndarray, ort.OrtValue]] = {}

@@ -11,9 +11,8 @@ freed by `close()`); `run` copies outputs into fresh numpy arrays owned by the c
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from types import ModuleType
 from typing import Any

@@ -5,9 +5,8 @@ torch is imported here only, so the ONNX Runtime path never loads it.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,8 @@ class TorchEngine:
                 module = torch.export.load(str(path)).module()
                 module.to(device)
         except Exception as e:
-            raise BundleError(f"{path} could not be loaded by torch ({str(e).splitlines()[0]}): rebuild the bundle") from e
+            reason = str(e).splitlines()[0]
+            raise BundleError(f"{path} could not be loaded by torch ({reason}): rebuild the bundle") from e
         return TorchEngine(CudaGraphStep(module) if cuda_graph else module, entry, device)
 
     @torch.inference_mode()

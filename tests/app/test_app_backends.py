@@ -12,7 +12,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 
-from stdrc.app.backends import Cancelled, Job, LocalBackend, Outcome
+from stdrc.app.backends import Cancelled, Job, LocalBackend
 from stdrc.runtime.errors import StdrcError
 from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline

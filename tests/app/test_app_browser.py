@@ -22,7 +22,7 @@ import pytest
 if os.environ.get("STDRC_SKIP_BROWSER_TESTS") == "1":
     pytest.skip("STDRC_SKIP_BROWSER_TESTS=1", allow_module_level=True)
 
-from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Page, expect, sync_playwright
 
 pytestmark = pytest.mark.slow  # Chromium and a `stdrc app` process
 CHROMIUM = os.environ.get("STDRC_CHROMIUM", "/usr/bin/chromium")

@@ -24,7 +24,6 @@ from stdrc.export.errors import ExportError
 from stdrc.runtime.manifest import Bucket
 
 
-
 @pytest.fixture(scope="module")
 def mtq():
     """Only the tests that quantize need nvidia-modelopt; the others run without it."""

@@ -12,9 +12,9 @@ from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import open_engine
 from stdrc.runtime.backends.torch import TorchEngine
 from stdrc.runtime.manifest import read_manifest
-from stdrc.runtime.vocab import COMPONENTS
 from stdrc.runtime.pipeline import Pipeline
 from stdrc.runtime.video import psnr
+from stdrc.runtime.vocab import COMPONENTS
 
 pytestmark = pytest.mark.slow  # ~75-120 s on 2 CPU cores, almost all of it the five AOTInductor compiles
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stdrc.engines.bundle import BundleWriter
 from stdrc.engines.build import BuildConfig, build_engines
+from stdrc.engines.bundle import BundleWriter
 from stdrc.engines.verify import verify_bundle
 from stdrc.runtime.errors import BundleError
 from stdrc.runtime.manifest import FORMAT_VERSION, Manifest, check_files, read_manifest, sha256_file

@@ -41,8 +41,8 @@ def real_layout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
 
 def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, astronaut_png: Path,
                                capsys) -> None:
-    from stdrc.engines.cli import main as export_main
     from stdrc.cli import main as runtime_main
+    from stdrc.engines.cli import main as export_main
     from stdrc.runtime.manifest import read_manifest
 
     ckpt, gemma = real_layout
@@ -101,7 +101,7 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
     assert budget < 0.4 * sum(manifest.memory.weight_bytes.values()) / 2**20  # not the sum: 5 engines
 
 
-def _bench_module(name: str):  # noqa: ANN202
+def _bench_module(name: str):
     import sys
 
     sys.path.insert(0, str(BENCH))

@@ -63,7 +63,7 @@ CONFIG = {"transformer": {
 }}
 
 
-def rel_l2(a, b) -> float:  # noqa: ANN001
+def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -84,7 +84,7 @@ def _inputs() -> dict[str, torch.Tensor]:
             "attn_mask": attn_mask, "sigma": sigma}
 
 
-def _ltx_core(model, x: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+def _ltx_core(model, x: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
     n = x["latent"].shape[1]
     dense = x["attn_mask"][:, None, :].expand(-1, n, -1).float()  # ltx-core's (B, T, T) self-attention mask
     video = Modality(latent=x["latent"], sigma=x["sigma"], timesteps=x["timestep"],

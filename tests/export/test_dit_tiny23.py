@@ -31,7 +31,7 @@ GRID = (BUCKET.latent_frames, BUCKET.latent_height, BUCKET.latent_width)
 TOL = 1e-5
 
 
-def rel_l2(a, b) -> float:  # noqa: ANN001
+def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -52,7 +52,7 @@ def spec():
     return component_specs(PRESET, BUCKET)["dit"]
 
 
-def feeds(spec, batch: int = 3) -> dict[str, np.ndarray]:  # noqa: ANN001
+def feeds(spec, batch: int = 3) -> dict[str, np.ndarray]:
     """The spec's sample with the first latent frame conditioned (timestep 0) in the last stream."""
     f = spec.sample_inputs(seed=3, batch=batch)
     f["timestep"][-1, :GRID[1] * GRID[2]] = 0.0
@@ -72,12 +72,12 @@ def ltx_core(module: BakedRopeDiT, f: dict[str, np.ndarray], positions: torch.Te
     return out.numpy()
 
 
-def run_torch(module, spec, f) -> np.ndarray:  # noqa: ANN001
+def run_torch(module, spec, f) -> np.ndarray:
     with torch.no_grad():
         return module(*[torch.from_numpy(f[t.name]) for t in spec.inputs]).numpy()
 
 
-def test_spec_takes_sigma_and_a_context_as_wide_as_the_model(spec) -> None:  # noqa: ANN001
+def test_spec_takes_sigma_and_a_context_as_wide_as_the_model(spec) -> None:
     names = [t.name for t in spec.inputs]
     assert names == list(dit_input_names(PRESET.dit)) == [*names[:5], "sigma"]
     assert dict((t.name, t.shape) for t in spec.inputs)["context"][-1] == PRESET.dit.inner_dim
@@ -87,7 +87,7 @@ def test_spec_takes_sigma_and_a_context_as_wide_as_the_model(spec) -> None:  # n
     assert [t.name for t in with_rope.inputs][-3:] == ["rope_cos", "rope_sin", "sigma"]
 
 
-def test_pytorch_matches_ltx_core_and_needs_sigma(module, spec, positions) -> None:  # noqa: ANN001
+def test_pytorch_matches_ltx_core_and_needs_sigma(module, spec, positions) -> None:
     f = feeds(spec)
     assert rel_l2(run_torch(module, spec, f), ltx_core(module, f, positions)) <= TOL
     with pytest.raises(ValueError, match="pass the stream's sigma"):
@@ -96,7 +96,7 @@ def test_pytorch_matches_ltx_core_and_needs_sigma(module, spec, positions) -> No
 
 @pytest.mark.slow  # two exports, one run by onnx's reference evaluator
 @pytest.mark.parametrize("kind", ["ort", "onnx"])
-def test_exported_graph_matches_ltx_core(kind: str, module, spec, positions,  # noqa: ANN001
+def test_exported_graph_matches_ltx_core(kind: str, module, spec, positions,
                                          tmp_path: Path) -> None:
     """`ort`: com.microsoft MultiHeadAttention, run by ONNX Runtime; `onnx`: ONNX Attention for TensorRT,
     run by onnx's reference evaluator (ORT's CPU kernel refuses its key bias). Gates sit beside the fused op."""

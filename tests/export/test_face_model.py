@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
 from stdrc.export import face as F
 from stdrc.export.errors import CheckpointError, ExportError
 

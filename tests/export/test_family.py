@@ -132,7 +132,7 @@ def test_build_engines_refuses_before_any_read(files: dict[str, Path], tmp_path:
     bad = _rewrite(files[name], tmp_path / "bad.safetensors", transformer, version, extra)
     reads = []
 
-    def no_read(fh, base, info):  # noqa: ANN001, ANN202
+    def no_read(fh, base, info):
         reads.append(info)
         raise AssertionError("a tensor was read")
 

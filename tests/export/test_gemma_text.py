@@ -341,6 +341,7 @@ def test_a_meta_device_build_leaves_later_builds_working() -> None:
     """ltx-core memoises the RoPE frequency grid: a text side built on meta (shape-only builds, the synthetic
     checkpoint writer) must not leave a meta grid behind for the next real build in the process."""
     from ltx_core.model.transformer import rope
+
     from stdrc.export.text import TextSide, TinyTextEncoder
 
     cfg = get_preset("tiny").text

@@ -21,7 +21,8 @@ from stdrc.runtime.manifest import LoraEntry, sha256_file
 
 PREFIX = {"comfyui": "diffusion_model.", "diffusers": "transformer.", "peft": "base_model.model.", "ltx-core": ""}
 TINY_TARGETS = ("patchify_proj.weight", "adaln_single.linear.weight", "transformer_blocks.0.attn1.to_q.weight",
-                "transformer_blocks.1.attn2.to_k.weight", "transformer_blocks.1.ff.net.0.proj.weight", "proj_out.weight")
+                "transformer_blocks.1.attn2.to_k.weight", "transformer_blocks.1.ff.net.0.proj.weight",
+                "proj_out.weight")
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from ltx_core.model.transformer.model_configurator import LTXV_MODEL_COMFY_RENAMING_MAP, LTXModelConfigurator
-from ltx_core.model.video_vae.model_configurator import (VAE_DECODER_COMFY_KEYS_FILTER,
-                                                         VAE_ENCODER_COMFY_KEYS_FILTER,
-                                                         VideoDecoderConfigurator, VideoEncoderConfigurator)
-from ltx_core.text_encoders.gemma.encoders.encoder_configurator import (EMBEDDINGS_PROCESSOR_KEY_OPS,
-                                                                        EmbeddingsProcessorConfigurator)
+from ltx_core.model.video_vae.model_configurator import (
+    VAE_DECODER_COMFY_KEYS_FILTER,
+    VAE_ENCODER_COMFY_KEYS_FILTER,
+    VideoDecoderConfigurator,
+    VideoEncoderConfigurator,
+)
+from ltx_core.text_encoders.gemma.encoders.encoder_configurator import (
+    EMBEDDINGS_PROCESSOR_KEY_OPS,
+    EmbeddingsProcessorConfigurator,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -27,7 +32,7 @@ from stdrc.export.models import load_models
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _synthetic():  # noqa: ANN202
+def _synthetic():
     spec = importlib.util.spec_from_file_location("synthetic", BENCH / "synthetic.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -86,7 +91,7 @@ def test_real_layout_file_loads_every_component(real_file: Path) -> None:
         assert torch.equal(models.vae_decoder.conv_in.conv.weight, conv_in)
 
 
-def _rewrite(src: Path, dst: Path, change) -> Path:  # noqa: ANN001
+def _rewrite(src: Path, dst: Path, change) -> Path:
     with safe_open(str(src), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
@@ -122,7 +127,7 @@ def test_mismatched_component_is_refused_before_any_read(real_file: Path, tmp_pa
     bad = _rewrite(real_file, tmp_path / "bad.safetensors", change)
     reads = []
 
-    def no_read(fh, base, info):  # noqa: ANN001, ANN202
+    def no_read(fh, base, info):
         reads.append(info)
         raise AssertionError("a tensor was read")
 

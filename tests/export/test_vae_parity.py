@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from ltx_core.model.video_vae.model_configurator import VideoDecoderConfigurator
+from vae_cases import LTX2, LTX23, ltx_core_from_file, write_vae_file  # tests/vae_cases.py
 
 from stdrc.export.checkpoint import config_from_metadata
 from stdrc.export.config import get_preset
@@ -26,8 +27,6 @@ from stdrc.export.onnx_export import export_onnx
 from stdrc.export.specs import component_specs
 from stdrc.export.vae import mix_decode_noise
 from stdrc.runtime.manifest import Bucket
-
-from vae_cases import LTX2, LTX23, ltx_core_from_file, write_vae_file  # tests/vae_cases.py
 
 BUCKET = Bucket(frames=9, height=64, width=96, text_length=16)
 TOL = 1e-5  # rel L2, fp32

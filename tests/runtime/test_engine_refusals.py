@@ -14,8 +14,8 @@ import pytest
 from stdrc.runtime.backends import open_engine
 from stdrc.runtime.errors import BundleError, InputError
 from stdrc.runtime.manifest import ComponentEntry, TensorSpec, sha256_file
-from stdrc.runtime.schema import BuildFacts
 from stdrc.runtime.pipeline import Pipeline
+from stdrc.runtime.schema import BuildFacts
 
 SPEC = (TensorSpec("x", (1, 4), "float32"),)
 

@@ -16,6 +16,7 @@ import onnx
 import pytest
 import skimage.data
 from onnx import TensorProto, helper, numpy_helper
+
 from stdrc.cli import build_parser
 from stdrc.runtime import face as F
 from stdrc.runtime.errors import InputError, NoFaceError

@@ -13,8 +13,16 @@ import pytest
 
 from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import Bucket
-from stdrc.runtime.memory import (SESSION_BYTES, MemoryPlanReport, activation_bytes, choose_plan, memory_needs,
-                                  parse_bytes, text_activation_bytes, trim_heap)
+from stdrc.runtime.memory import (
+    SESSION_BYTES,
+    MemoryPlanReport,
+    activation_bytes,
+    choose_plan,
+    memory_needs,
+    parse_bytes,
+    text_activation_bytes,
+    trim_heap,
+)
 from stdrc.runtime.pipeline import Pipeline, weights_and_activations
 from stdrc.runtime.schema import DitModel, ModelConfig, TextModel, VaeModel
 from stdrc.runtime.text import PromptStore

@@ -34,7 +34,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def cli(module: str, *args: str | bytes, cwd: Path) -> subprocess.CompletedProcess:
     # onnxruntime writes ~/.cache/Microsoft on import: a HOME beside the test folder, not in it
     env = {**os.environ, "HOME": str(cwd.parent / "home"), "STDRC_CACHE": str(cwd.parent / "cache")}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, timeout=300, check=False)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, timeout=300,
+                          check=False)
 
 
 def refused(returncode: int, stderr: str | bytes, *words: str) -> str:
@@ -232,7 +233,8 @@ def test_manifest_schema_grid(bundle_copy, tmp_path: Path) -> None:
         _set(["components", "dit", "backend"], "pickle"), _set(["components", "dit", "dynamic_dims"], {"b": [3, 1]}),
         _set(["components", "extra"], {}), _set(["bucket", "frames"], "9"), _set(["bucket", "fps"], -1),
         _set(["bucket", "video_tokens"], 13), _set(["sampler", "steps"], True), _set(["sampler", "steps"], 10**6),
-        _set(["guidance", "text_scale"], None), _set(["rope"], "rope.npz"), _set(["text", "tokenizer"], "sentencepiece"),
+        _set(["guidance", "text_scale"], None), _set(["rope"], "rope.npz"),
+        _set(["text", "tokenizer"], "sentencepiece"),
         _set(["model_config", "vae", "timestep_conditioning"], 1), _set(["decode"], {"tile_height": 0}),
         _set(["components", "dit", "extra_files"], {"../x": "0" * 64}), _set(["rope", "file"], "C:/rope.npz"),
         _set(["format"], True), _set(["preset"], ["tiny"]),

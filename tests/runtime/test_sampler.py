@@ -19,7 +19,7 @@ class ToyDenoiser:
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    def __call__(self, latent, timestep, context, context_mask, attn_mask):  # noqa: ANN001, ANN204
+    def __call__(self, latent, timestep, context, context_mask, attn_mask):
         self.batches.append(latent.shape[0])
         ref_visible = (attn_mask[:, VIDEO:].mean(axis=1) * latent[:, VIDEO:].mean(axis=(1, 2)))[:, None, None]
         text = context.mean(axis=(1, 2))[:, None, None]
@@ -118,7 +118,7 @@ def test_fixed_inputs_are_built_once_per_stream_set() -> None:
     seen: list[dict[str, np.ndarray]] = []
     toy = ToyDenoiser()
 
-    def recording(**feeds):  # noqa: ANN003, ANN202
+    def recording(**feeds):
         seen.append(feeds)
         return toy(**feeds)
 

@@ -18,7 +18,7 @@ from stdrc.runtime.pipeline import Pipeline
 from stdrc.runtime.sampler import ltx2_sigmas
 
 
-def _copy(bundle: Path, folder: Path, edit) -> Path:  # noqa: ANN001
+def _copy(bundle: Path, folder: Path, edit) -> Path:
     """The bundle with its manifest edited (engines copied: the bundle is shared by the session)."""
     shutil.copytree(bundle, folder)
     path = folder / MANIFEST_NAME

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiling_cases import GRID, ltx_tiles  # tests/tiling_cases.py: one grid for Python and C++
 
 from stdrc.runtime.errors import BundleError, InputError
 from stdrc.runtime.tiling import DecodeTiling, axis_masks, decode_tiling, decoder_tile_dims, tiled_decode
-
-from tiling_cases import GRID, ltx_tiles  # tests/tiling_cases.py: one grid for Python and C++
 
 
 def test_grid_has_one_to_four_tiles_per_axis() -> None:
@@ -208,11 +207,11 @@ def ltx23_vae_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     latent 16, so the DiT's in/out channels are 16 too), the `config` metadata saying so."""
     from dataclasses import replace
 
+    from vae_cases import LTX23, ltx_core_vae  # tests/vae_cases.py
+
     from stdrc.export.checkpoint import save_checkpoint
     from stdrc.export.config import get_preset
     from stdrc.export.dit import build_dit
-
-    from vae_cases import LTX23, ltx_core_vae  # tests/vae_cases.py
 
     channels = {"in_channels": LTX23["latent_channels"], "out_channels": LTX23["latent_channels"]}
     dit = build_dit(replace(get_preset("tiny").dit, **channels), seed=0)
@@ -237,10 +236,10 @@ def test_decoder_without_timestep_tiled_bundle_matches_ltx_core(ltx23_tiled_bund
     """LTX-2.3's decoder (no timestep conditioning): the engine's only input is the latent, the runtime mixes no
     decode noise, and tiles of two widths through it == ltx-core's `tiled_decode` of the decoder ltx-core builds
     from the file's own config (fp32 ONNX Runtime)."""
+    from vae_cases import ltx_core_from_file
+
     from stdrc.runtime.manifest import read_manifest
     from stdrc.runtime.pipeline import Pipeline
-
-    from vae_cases import ltx_core_from_file
 
     manifest = read_manifest(ltx23_tiled_bundle)
     assert [t.name for t in manifest.components["vae_decoder"].inputs] == ["latent"]
@@ -295,7 +294,7 @@ def test_verify_sees_a_vae_config_misread(ltx23_tiled_bundle: Path, ltx23_vae_fi
     from stdrc.export.specs import component_specs
     from stdrc.runtime.manifest import read_manifest, sha256_file
 
-    def misread(section: dict, base):  # noqa: ANN001, ANN202 - as before `spatial_padding_mode` was read
+    def misread(section: dict, base):
         return replace(read(section, base), encoder_spatial_padding_mode="zeros",
                        decoder_spatial_padding_mode="reflect")
 

@@ -16,16 +16,16 @@ import pytest
 pytest.importorskip("ray.serve")
 pytest.importorskip("multipart")
 
-import ray  # noqa: E402
-import requests  # noqa: E402
-from ray import serve  # noqa: E402
+import ray
+import requests
+from ray import serve
 
-from stdrc.cli import main  # noqa: E402
-from stdrc.runtime.manifest import read_manifest  # noqa: E402
-from stdrc.runtime.video import read_video  # noqa: E402
-from stdrc.serve.app import ServeConfig, deploy, undeploy  # noqa: E402
-from stdrc.runtime.client import Client, ServerError  # noqa: E402
-from stdrc.serve.registry import get_registry  # noqa: E402
+from stdrc.cli import main
+from stdrc.runtime.client import Client, ServerError
+from stdrc.runtime.manifest import read_manifest
+from stdrc.runtime.video import read_video
+from stdrc.serve.app import ServeConfig, deploy, undeploy
+from stdrc.serve.registry import get_registry
 
 pytestmark = pytest.mark.slow
 SLOW_STEPS = 300  # about a second a job on this VM's tiny bundle: long enough to fill the queue or kill mid-job

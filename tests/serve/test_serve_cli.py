@@ -46,7 +46,7 @@ def test_submit_sends_the_bucket_size_as_form_fields(capsys, tmp_path: Path, ast
     bodies: list[bytes] = []
 
     class Refuse(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
             body = json.dumps({"error": "no bucket 17x64x96 in this bundle: pass one of 9x96x64"}).encode()
             self.send_response(400)

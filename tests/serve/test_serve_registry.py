@@ -7,8 +7,8 @@ import time
 import pytest
 
 from stdrc.runtime.errors import InputError
-from stdrc.serve.registry import JobRegistry
 from stdrc.runtime.options import GenerationOptions
+from stdrc.serve.registry import JobRegistry
 from stdrc.serve.request import parse_form, safe_name
 
 REQUEST = GenerationOptions(prompt="a woman", steps=2).to_json()
