@@ -29,14 +29,24 @@ pytestmark = pytest.mark.slow
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
+def _written(tmp_path_factory: pytest.TempPathFactory, preset: str,
+             **layers: int) -> Iterator[tuple[Path, Path]]:
+    """benchmarks/synthetic.py's (checkpoint, Gemma folder) for `preset`, removed afterwards (GBs of disk)."""
+    folder = tmp_path_factory.mktemp(preset)
+    yield _bench_module("synthetic").write_all(folder, gemma_layers=2, preset=preset, **layers)
+    shutil.rmtree(folder, ignore_errors=True)  # 4.5 GB: the rest of the session needs the disk
+
+
 @pytest.fixture(scope="module")
 def real_layout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    spec = importlib.util.spec_from_file_location("synthetic", BENCH / "synthetic.py")
-    synthetic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(synthetic)
-    folder = tmp_path_factory.mktemp("ltx2")
-    yield synthetic.write_all(folder, dit_layers=1, gemma_layers=2)
-    shutil.rmtree(folder, ignore_errors=True)  # 4.5 GB: the rest of the session needs the disk
+    yield from _written(tmp_path_factory, "ltx2-video", dit_layers=1)
+
+
+@pytest.fixture
+def real_layout23(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """An LTX-2.3 file: 1 DiT block and 1 connector block (ltx-core's configurators take any
+    `connector_num_layers`; the real file's 8 only repeat the block), the rest at LTX-2.3's real size."""
+    yield from _written(tmp_path_factory, "ltx23-video", dit_layers=1, connector_layers=1)
 
 
 def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, astronaut_png: Path,
@@ -99,6 +109,46 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
     budget = check["largest_component_plus_activations_mb"]
     assert check["peak_over_baseline_mb"] <= budget, check
     assert budget < 0.4 * sum(manifest.memory.weight_bytes.values()) / 2**20  # not the sum: 5 engines
+
+
+def test_ltx23_build_verify_generate(real_layout23: tuple[Path, Path], tmp_path: Path, astronaut_png: Path,
+                                    capsys) -> None:
+    """The LTX-2.3 file through the README's commands: its family's flags and defaults reach the bundle, and
+    verify finds the bundle's DiT and VAE equal to the PyTorch modules built from the same file (the VAE:
+    ltx-core's own, from the file's `vae` config) within 1e-5 rel L2 in fp32."""
+    from stdrc.cli import main as runtime_main
+    from stdrc.engines.cli import main as export_main
+    from stdrc.export.config import ModelFamily
+    from stdrc.runtime.manifest import read_manifest
+
+    ckpt, gemma = real_layout23
+    bundle = tmp_path / "ltx23-video"
+    # README: stdrc-export build-engines --preset ltx23-video --checkpoint F --text-encoder DIR
+    assert export_main(["build-engines", "--preset", "ltx23-video", "--checkpoint", str(ckpt), "--text-encoder",
+                        str(gemma), "--frames", "9", "--height", "64", "--width", "64", "--out", str(bundle),
+                        "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+    manifest = read_manifest(bundle)
+    model = manifest.model_config
+    assert manifest.preset == "ltx23-video" and model.family == ModelFamily.LTX23.value
+    assert (model.dit.num_layers, model.dit.num_attention_heads * model.dit.attention_head_dim) == (1, 4096)
+    assert not model.vae.timestep_conditioning  # the 2.3 VAE (the DiT's 2.3 flags: its sigma input below)
+    assert manifest.components["dit"].inputs[-1].name == "sigma"
+    assert manifest.sampler.steps == ModelFamily.LTX23.defaults.steps
+    capsys.readouterr()
+    assert export_main(["verify", str(bundle), "--checkpoint", str(ckpt), "--text-encoder", str(gemma),
+                        "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["family"] == ModelFamily.LTX23.value
+    for name in ("dit", "vae_encoder", "vae_decoder"):
+        assert report["components"][name]["rel_l2"] <= 1e-5, (name, report["components"][name])
+    out = tmp_path / "out.mp4"
+    assert runtime_main(["generate", "--bundle", str(bundle), "--ref", str(astronaut_png), "--prompt",
+                         "a woman smiles at the camera", "--steps", "2", "-o", str(out)]) == 0
+    video = cv2.VideoCapture(str(out))
+    shape = (int(video.get(cv2.CAP_PROP_FRAME_COUNT)), int(video.get(cv2.CAP_PROP_FRAME_WIDTH)),
+             int(video.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    video.release()
+    assert shape == (9, 64, 64)
 
 
 def _bench_module(name: str):
