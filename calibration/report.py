@@ -1,5 +1,6 @@
-"""FP8 quality figures for the manifest: capture DiT inputs through the PyTorch sampling pipeline,
-calibrate with modelopt, then measure one-forward rel L2 and whole-generation frame PSNR.
+"""FP8 quality figures for the manifest: capture DiT inputs through the runtime's `Pipeline` (with PyTorch
+modules as its engines), calibrate with modelopt, then measure one-forward rel L2 and whole-generation
+frame PSNR on that same pipeline (face crop, decode noise: what the runtime runs).
 
 Both figures are held out: measured on a generation (prompt, photo, seed) that calibration never saw.
 """
@@ -16,11 +17,25 @@ import torch
 from stdrc.calibration.data import CALIBRATION_PROMPTS, reference_photos
 from stdrc.calibration.fp8 import amax_scales, fp8_dit_error, quantize_dit_fp8
 from stdrc.export.errors import ExportError
+from stdrc.export.dit import BakedRopeDiT
 from stdrc.export.models import ModelSet
+from stdrc.export.specs import component_specs
 from stdrc.runtime import sampler as smp
-from stdrc.runtime.manifest import Bucket, sha256_file
-from stdrc.runtime.schema import Fp8Quality
-from stdrc.runtime.video import frames_to_uint8, psnr, resize_cover
+from stdrc.runtime.backends.torch import TorchEngine
+from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
+from stdrc.runtime.memory import EngineSet
+from stdrc.runtime.pipeline import Pipeline
+from stdrc.runtime.schema import (
+    Fp8Quality,
+    GuidanceConfig,
+    ModelConfig,
+    ReferenceConfig,
+    RopeConfig,
+    SamplerConfig,
+    TextConfig,
+)
+from stdrc.runtime.video import psnr
+from stdrc.runtime.vocab import REQUIRED_COMPONENTS
 
 log = logging.getLogger(__name__)
 FP8_SCALES_FILE = "fp8_scales.json"  # bundle file: "{layer}.input_scale" / ".weight_scale" -> float
@@ -28,87 +43,102 @@ HELD_OUT_SEED = 10_000  # calibration generation i uses seed i
 
 
 class TorchDenoiser:
-    """A PyTorch DiT as the sampler's `Denoiser`; optionally records every batch it sees."""
+    """A PyTorch DiT as the sampler's `Denoiser` (for parity tests against the runtime's engines)."""
 
-    def __init__(self, dit: torch.nn.Module, cos: torch.Tensor, sin: torch.Tensor, record: bool = False):
+    def __init__(self, dit: torch.nn.Module, cos: torch.Tensor, sin: torch.Tensor):
         self.dit, self.cos, self.sin = dit, cos, sin
-        self.recorded: list[dict[str, torch.Tensor]] = [] if record else None
 
-    def __call__(self, latent, timestep, context, context_mask, attn_mask,
-                 **sigma):
+    def __call__(self, latent, timestep, context, context_mask, attn_mask, **sigma):
         feeds = {k: torch.from_numpy(v) for k, v in dict(latent=latent, timestep=timestep, context=context,
                                                          context_mask=context_mask, attn_mask=attn_mask,
                                                          **sigma).items()}
-        feeds.update(rope_cos=self.cos, rope_sin=self.sin)
-        if self.recorded is not None:
-            self.recorded.append(feeds)
         with torch.no_grad():
-            return self.dit(**feeds).numpy()
+            return self.dit(**feeds, rope_cos=self.cos, rope_sin=self.sin).numpy()
 
 
-def _conditioning(models: ModelSet, bucket: Bucket, prompt: str, photo: np.ndarray) -> smp.Conditioning:
-    def text(p: str) -> tuple[np.ndarray, np.ndarray]:
-        with torch.no_grad():
-            c, m = models.text(*map(torch.from_numpy, models.tokenize(p)))
-        return c.numpy(), m.numpy()
+class RecordingEngine:
+    """An engine that records every batch it runs as `dit(**batch)` keyword tensors (RoPE tables added)."""
 
-    with torch.no_grad():
-        image = resize_cover(photo, bucket.height, bucket.width)
-        pixels = torch.from_numpy((image.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None, :, None].copy())
-        ref = models.vae_encoder(pixels).flatten(2).transpose(1, 2).numpy()
-    return smp.Conditioning(ref, text(prompt), text(""))
+    def __init__(self, engine: TorchEngine, cos: torch.Tensor, sin: torch.Tensor):
+        self.engine, self.entry, self.rope = engine, engine.entry, {"rope_cos": cos, "rope_sin": sin}
+        self.recorded: list[dict[str, torch.Tensor]] = []
+
+    def run(self, feeds: dict[str, np.ndarray], keep=()) -> dict[str, np.ndarray]:
+        self.recorded.append({**self.rope, **{k: torch.from_numpy(np.array(v)) for k, v in feeds.items()}})
+        return self.engine.run(feeds)
 
 
-def _generate(models: ModelSet, bucket: Bucket, denoiser: TorchDenoiser, cond: smp.Conditioning, seed: int,
-              steps: int) -> np.ndarray:
-    noise = np.random.default_rng(seed).standard_normal((1, bucket.video_tokens, 128), dtype=np.float32)
-    scales = smp.GuidanceScales(models.preset.text_scale, models.preset.ref_scale)
-    tokens = smp.sample(denoiser, noise, smp.ltx2_sigmas(steps), cond, scales,
-                        feed_sigma=models.preset.dit.takes_sigma)
-    grid = (bucket.latent_frames, bucket.latent_height, bucket.latent_width)
-    latent = torch.from_numpy(tokens.transpose(0, 2, 1).reshape(1, -1, *grid).copy())
-    from stdrc.export.vae import DecoderForExport
+def torch_pipeline(models: ModelSet, bucket: Bucket, layout: str, dit: torch.nn.Module | None = None,
+                   record: bool = False) -> Pipeline:
+    """The runtime's `Pipeline` (face crop, sampler, decode noise, tiling) over this process's PyTorch
+    modules.
 
-    with torch.no_grad():
-        video = DecoderForExport(models.vae_decoder)(latent, torch.tensor([models.preset.vae.decode_timestep]))
-    return frames_to_uint8(video.numpy())
+    Its manifest is made in memory from the preset (no bundle on disk; RoPE baked into the DiT). `dit`
+    replaces the model's DiT (the FP8 one); `record`: `pipe.engines["dit"].recorded` holds its batches."""
+    preset = models.preset
+    _, tables = models.rope(bucket, layout)
+    specs = component_specs(preset, bucket)
+    entries = {name: ComponentEntry(backend="torch", file=f"{name}.pt2", sha256="0" * 64, precision="fp32",
+                                    inputs=specs[name].inputs, outputs=specs[name].outputs,
+                                    dynamic_dims=specs[name].dynamic_dims)
+               for name in REQUIRED_COMPONENTS}
+    modules = models.export_modules(bucket, layout)
+    if dit is not None:
+        modules["dit"] = BakedRopeDiT(dit, tables.cos, tables.sin).eval()
+    manifest = Manifest(
+        preset=preset.name, model_config=ModelConfig.of_preset(preset), checkpoint_sha256=None,
+        buckets=(bucket,), components=entries,
+        sampler=SamplerConfig.build(preset.steps, smp.DISTILLED_SIGMAS, **smp.SCHEDULE),
+        guidance=GuidanceConfig(text_scale=preset.text_scale, ref_scale=preset.ref_scale),
+        rope=RopeConfig(file="rope.npz", sha256="0" * 64, layout=layout, type=preset.dit.rope_type),
+        text=TextConfig(tokenizer="bytes", max_length=preset.text.max_length),
+        reference=ReferenceConfig(layout=layout, video_tokens=bucket.video_tokens,
+                                  reference_tokens=bucket.reference_tokens))
+
+    def opener(name: str) -> TorchEngine | RecordingEngine:
+        engine = TorchEngine(modules[name], entries[name])
+        return RecordingEngine(engine, tables.cos, tables.sin) if record and name == "dit" else engine
+
+    pipe = Pipeline(Path("."), manifest, EngineSet(opener, list(entries), "all"), verify_hashes=False)
+    pipe._tokenize = models.tokenize  # the model's own tokenizer: no tokenizer file to read
+    return pipe
+
+
+def _generate(pipe: Pipeline, photo: np.ndarray, prompt: str, seed: int) -> np.ndarray:
+    return pipe.generate(photo, prompt=prompt, seed=seed).frames
 
 
 def calibrate_dit_fp8(models: ModelSet, bucket: Bucket, layout: str, calibration_prompts: int = 4
                       ) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
-    """modelopt FP8 DiT calibrated on the inputs it sees while sampling calibration prompts and photos."""
-    _, tables = models.rope(bucket, layout)
+    """modelopt FP8 DiT calibrated on the inputs it sees while the runtime's pipeline generates the
+    calibration prompts and photos."""
     photos = reference_photos()
-    recorder = TorchDenoiser(models.dit, tables.cos, tables.sin, record=True)
+    pipe = torch_pipeline(models, bucket, layout, record=True)
     for i, prompt in enumerate(CALIBRATION_PROMPTS[:calibration_prompts]):
-        cond = _conditioning(models, bucket, prompt, photos[i % len(photos)])
-        _generate(models, bucket, recorder, cond, i, models.preset.steps)
-    return quantize_dit_fp8(models.dit, recorder.recorded), recorder.recorded
+        _generate(pipe, photos[i % len(photos)], prompt, i)
+    recorded = pipe.engines["dit"].recorded
+    return quantize_dit_fp8(models.dit, recorded), recorded
 
 
-def held_out_generation(models: ModelSet, bucket: Bucket, calibration_prompts: int, seed: int = 0
-                        ) -> tuple[smp.Conditioning, int, str]:
-    """Conditioning and seed of the generation FP8 is measured on: its prompt and seed are never calibrated on."""
+def held_out_generation(calibration_prompts: int, seed: int = 0) -> tuple[np.ndarray, str, int, str]:
+    """Photo, prompt and seed of the generation FP8 is measured on: prompt and seed never calibrated on."""
     if not 1 <= calibration_prompts < len(CALIBRATION_PROMPTS):
         raise ExportError(f"calibration_prompts={calibration_prompts}: use 1..{len(CALIBRATION_PROMPTS) - 1} "
                           "(one prompt is kept back to measure FP8 on)")
     photo = calibration_prompts % len(reference_photos())
-    cond = _conditioning(models, bucket, CALIBRATION_PROMPTS[-1], reference_photos()[photo])
     what = f"prompt {len(CALIBRATION_PROMPTS) - 1}, photo {photo}, seed {HELD_OUT_SEED + seed}"
-    return cond, HELD_OUT_SEED + seed, what
+    return reference_photos()[photo], CALIBRATION_PROMPTS[-1], HELD_OUT_SEED + seed, what
 
 
 def fp8_quality(models: ModelSet, bucket: Bucket, layout: str, out_dir: Path, seed: int = 0,
                 calibration_prompts: int = 4) -> Fp8Quality:
     """Calibrate on inputs captured through the sampler, write `fp8_scales.json`, return the figures."""
-    cond, eval_seed, what = held_out_generation(models, bucket, calibration_prompts, seed)  # validates first
-    _, tables = models.rope(bucket, layout)
-    steps = models.preset.steps
+    photo, prompt, eval_seed, what = held_out_generation(calibration_prompts, seed)  # validates first
     qdit, captured = calibrate_dit_fp8(models, bucket, layout, calibration_prompts)
-    reference = TorchDenoiser(models.dit, tables.cos, tables.sin, record=True)
-    ref_frames = _generate(models, bucket, reference, cond, eval_seed, steps)
-    fp8_frames = _generate(models, bucket, TorchDenoiser(qdit, tables.cos, tables.sin), cond, eval_seed, steps)
-    held_out = reference.recorded  # the fp32 sampler's DiT inputs on the held-out generation
+    reference = torch_pipeline(models, bucket, layout, record=True)
+    ref_frames = _generate(reference, photo, prompt, eval_seed)
+    fp8_frames = _generate(torch_pipeline(models, bucket, layout, dit=qdit), photo, prompt, eval_seed)
+    held_out = reference.engines["dit"].recorded  # the fp32 DiT's inputs on the held-out generation
     scales_path = out_dir / FP8_SCALES_FILE
     scales_path.write_text(json.dumps(amax_scales(qdit), indent=1, sort_keys=True))
     result = Fp8Quality(

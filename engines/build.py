@@ -26,7 +26,7 @@ from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
 from stdrc.export.specs import ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
 from stdrc.runtime.memory import activation_bytes, component_weight_bytes
-from stdrc.runtime.sampler import BASE_SHIFT, DISTILLED_SIGMAS, MAX_SHIFT, MAX_SHIFT_ANCHOR, TERMINAL
+from stdrc.runtime.sampler import DISTILLED_SIGMAS, SCHEDULE
 from stdrc.runtime.schema import (
     BuildFacts,
     CreatedBy,
@@ -43,8 +43,6 @@ from stdrc.runtime.vocab import BACKENDS, COMPONENTS, ONNX_BACKENDS, TORCH_BACKE
 
 log = logging.getLogger(__name__)
 ENGINE_SUFFIX = {"onnxruntime": ".onnx", "torch": ".pt2", "aoti": ".pt2", "tensorrt": ".plan"}
-SCHEDULE = {"kind": "ltx2", "max_shift": MAX_SHIFT, "base_shift": BASE_SHIFT, "terminal": TERMINAL,
-            "shift_tokens": MAX_SHIFT_ANCHOR}  # ltx2_sigmas' defaults
 ATTENTION_FOR = {"onnxruntime": "ort", "tensorrt": "onnx"}  # export/attention.py; TensorRT takes no com.microsoft op
 
 

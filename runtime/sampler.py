@@ -17,6 +17,8 @@ from stdrc.runtime.errors import InputError
 DISTILLED_SIGMAS = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0)
 BASE_SHIFT_ANCHOR, MAX_SHIFT_ANCHOR = 1024, 4096
 MAX_SHIFT, BASE_SHIFT, TERMINAL = 2.05, 0.95, 0.1  # ltx-core LTX2Scheduler's defaults (builds write these)
+SCHEDULE = {"kind": "ltx2", "max_shift": MAX_SHIFT, "base_shift": BASE_SHIFT, "terminal": TERMINAL,
+            "shift_tokens": MAX_SHIFT_ANCHOR}  # ltx2_sigmas' defaults: a build's manifest sampler section
 
 # The three guidance streams: (uses text, uses reference)
 UNCOND, REF, FULL = "uncond", "ref", "full"

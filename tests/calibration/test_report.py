@@ -6,13 +6,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from stdrc.calibration.fp8 import fp8_dit_error
-from stdrc.calibration.report import TorchDenoiser, _generate, calibrate_dit_fp8, fp8_quality, held_out_generation
+from stdrc.calibration.report import calibrate_dit_fp8, fp8_quality, held_out_generation, torch_pipeline
 from stdrc.export.errors import ExportError
 from stdrc.runtime.manifest import Bucket, sha256_file
+from stdrc.runtime.pipeline import Pipeline
+from stdrc.runtime.video import frames_to_uint8
 
 
 @pytest.mark.slow  # calibration and two generations
@@ -25,22 +28,39 @@ def test_fp8_quality_is_measured_held_out_and_written(tiny_models, tmp_path: Pat
     assert math.isfinite(result.frame_psnr_db_held_out) and result.frame_psnr_db_held_out > 25
     # the figure is measured on DiT inputs that calibration never saw
     qdit, captured = calibrate_dit_fp8(tiny_models, bucket, "tass", 2)
-    cond, seed, _ = held_out_generation(tiny_models, bucket, 2)
-    _, tables = tiny_models.rope(bucket, "tass")
-    recorder = TorchDenoiser(tiny_models.dit, tables.cos, tables.sin, record=True)
-    _generate(tiny_models, bucket, recorder, cond, seed, steps)
-    held = recorder.recorded
+    photo, prompt, seed, _ = held_out_generation(2)
+    pipe = torch_pipeline(tiny_models, bucket, "tass", record=True)
+    pipe.generate(photo, prompt=prompt, seed=seed)
+    held = pipe.engines["dit"].recorded
     assert len(held) == steps and f"{steps} DiT batches" in result.held_out
     assert not any(torch.equal(h["latent"], c["latent"]) or torch.equal(h["context"][2], c["context"][2])
                    for h in held for c in captured)
     assert result.dit_rel_l2_held_out == pytest.approx(fp8_dit_error(tiny_models.dit, qdit, held), rel=1e-6)
     with pytest.raises(ExportError, match="kept back"):
-        held_out_generation(tiny_models, bucket, 99)
+        held_out_generation(99)
     scales = json.loads((tmp_path / result.scales_file).read_text())
     assert scales and all(v > 0 and math.isfinite(v) for v in scales.values())
     assert any(k.endswith(".input_scale") for k in scales) and any(k.endswith(".weight_scale") for k in scales)
     assert not any(k.startswith(("ltx.patchify_proj", "ltx.proj_out")) for k in scales)  # kept in high precision
     assert sha256_file(tmp_path / result.scales_file) == result.scales_sha256
+
+
+@pytest.mark.slow  # three tiny generations
+def test_held_out_frames_are_the_runtimes(tiny_models, tiny_bundle: Path) -> None:
+    """The report generates through the runtime's Pipeline: the frames of `Pipeline.generate` on a bundle of
+    the same model and seed (face crop, decode noise), not those of the whole photo or a noiseless decode."""
+    photo, prompt, seed, _ = held_out_generation(2)
+    runtime = Pipeline.from_bundle(tiny_bundle, device="cpu", prompt_cache=None)
+    want = runtime.generate(photo, prompt=prompt, seed=seed)
+    pipe = torch_pipeline(tiny_models, Bucket(**tiny_models.preset.default_bucket), "tass")
+    got = pipe.generate(photo, prompt=prompt, seed=seed)
+    assert pipe.manifest.model_config.vae.timestep_conditioning  # so decode noise is part of the path
+    np.testing.assert_allclose(got.latent, want.latent, atol=1e-4)  # ONNX Runtime vs PyTorch float rounding
+    assert np.abs(got.frames.astype(int) - want.frames).max() <= 1
+    whole = pipe.generate(photo, prompt=prompt, seed=seed, face_crop=False).frames
+    noiseless = frames_to_uint8(pipe.decode_video(got.latent, None))
+    for wrong in (whole, noiseless):
+        assert np.abs(wrong.astype(int) - want.frames).max() > 1
 
 
 @pytest.mark.slow  # calibration and a Q/DQ export
