@@ -16,8 +16,8 @@ import torch
 
 from stdrc.calibration.data import CALIBRATION_PROMPTS, reference_photos
 from stdrc.calibration.fp8 import amax_scales, fp8_dit_error, quantize_dit_fp8
-from stdrc.export.errors import ExportError
 from stdrc.export.dit import BakedRopeDiT
+from stdrc.export.errors import ExportError
 from stdrc.export.models import ModelSet
 from stdrc.export.specs import component_specs
 from stdrc.runtime import sampler as smp
