@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from refusals import assert_build_refused_before_any_read  # tests/refusals.py
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -126,24 +126,9 @@ CLI = {  # file, header change, the one error line
 @pytest.mark.parametrize("case", list(CLI))
 def test_build_engines_refuses_before_any_read(files: dict[str, Path], tmp_path: Path, case: str, monkeypatch,
                                                capsys) -> None:
-    from stdrc.engines.cli import main
-
     name, transformer, version, extra, message = CLI[case]
     bad = _rewrite(files[name], tmp_path / "bad.safetensors", transformer, version, extra)
-    reads = []
-
-    def no_read(fh, base, info):
-        reads.append(info)
-        raise AssertionError("a tensor was read")
-
-    monkeypatch.setattr(checkpoint, "_read_tensor", no_read)
-    out = tmp_path / "bundle"
-    rc = main(["build-engines", "--preset", "tiny", "--checkpoint", str(bad), "--backend", "onnxruntime",
-               "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "-q"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    assert re.search(message, err[0]), err[0]
-    assert not reads and not out.exists()
+    assert_build_refused_before_any_read(bad, tmp_path, message, monkeypatch, capsys)
 
 
 def test_ltx23_file_builds_and_verifies(files: dict[str, Path], tmp_path: Path, capsys) -> None:

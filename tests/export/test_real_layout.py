@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,10 @@ from ltx_core.text_encoders.gemma.encoders.encoder_configurator import (
     EMBEDDINGS_PROCESSOR_KEY_OPS,
     EmbeddingsProcessorConfigurator,
 )
+from refusals import assert_build_refused_before_any_read  # tests/refusals.py
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from stdrc.export import checkpoint
 from stdrc.export.checkpoint import is_audio_key, open_checkpoint
 from stdrc.export.config import get_preset
 from stdrc.export.models import load_models
@@ -121,22 +120,7 @@ BAD = {
 def test_mismatched_component_is_refused_before_any_read(real_file: Path, tmp_path: Path, case: str,
                                                           monkeypatch, capsys) -> None:
     """`build-engines` refuses in one line, exit 2, with no tensor read and no bundle folder."""
-    from stdrc.engines.cli import main
-
     change, message = BAD[case]
     bad = _rewrite(real_file, tmp_path / "bad.safetensors", change)
-    reads = []
-
-    def no_read(fh, base, info):
-        reads.append(info)
-        raise AssertionError("a tensor was read")
-
-    monkeypatch.setattr(checkpoint, "_read_tensor", no_read)
-    out = tmp_path / "bundle"
-    rc = main(["build-engines", "--preset", "tiny", "--checkpoint", str(bad), "--backend", "onnxruntime",
-               "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "-q"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    assert re.search(message, err[0]), err[0]
-    assert not reads and not out.exists()
+    assert_build_refused_before_any_read(bad, tmp_path, message, monkeypatch, capsys)
 
