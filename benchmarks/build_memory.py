@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from stdrc.runtime.vocab import BACKEND_PRECISIONS
+from stdrc.runtime.vocab import BACKEND_PRECISIONS, MODEL_FAMILIES
 
 HERE = Path(__file__).resolve().parent
 GB = 1024**3
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--work", type=Path, default=None,
                    help="folder for checkpoints, bundles and caches, kept (default: a temp one, removed)")
-    p.add_argument("--family", default="ltx2", choices=("ltx2", "ltx2.3"),
+    p.add_argument("--family", default="ltx2", choices=MODEL_FAMILIES,
                    help="the family projected (ltx2.3: from ltx2 points, --points)")
     p.add_argument("--points", type=Path, default=None,
                    help="a previous run's --json report: project from its measured points, build nothing")
