@@ -17,7 +17,6 @@ from typing import Any
 from stdrc.runtime import schema as sc
 from stdrc.runtime.errors import BundleError, InputError
 from stdrc.runtime.schema import (
-    MAX_STEPS,  # noqa: F401  (defined in schema; importable here too)
     SPACE_SCALE,
     TIME_SCALE,
     CreatedBy,

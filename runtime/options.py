@@ -17,7 +17,7 @@ from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from stdrc.runtime.errors import InputError
-from stdrc.runtime.manifest import MAX_STEPS
+from stdrc.runtime.schema import MAX_STEPS
 
 MAX_SEED = 2**63 - 1  # int64: what JSON, C++ and numpy's generators all take
 MAX_SCALE = 100.0
