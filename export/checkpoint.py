@@ -253,8 +253,8 @@ def check_layout(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], wh
 
 
 def check_shapes(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], what: str,
-                 path: Path) -> None:
-    """`check_layout` against expected shapes (a meta-device model's, or `dit_shapes`)."""
+                 path: Path, fix: str = "pick the preset the checkpoint was trained with") -> None:
+    """`check_layout` against expected shapes (a meta-device model's, or `dit_shapes`); `fix` ends the message."""
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     wrong = [
@@ -269,8 +269,7 @@ def check_shapes(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[i
             problems.append(f"{len(items)} {label}: {', '.join(items[:_MAX_LISTED])}{more}")
     if problems:
         raise CheckpointError(
-            f"{path} does not match the {what} of this preset ({'; '.join(problems)}): "
-            "pick the preset the checkpoint was trained with"
+            f"{path} does not match the {what} of this preset ({'; '.join(problems)}): {fix}"
         )
 
 

@@ -51,6 +51,31 @@ def rope_shape(preset: Preset, tokens: int | str) -> tuple[int | str, ...]:
     return (1, tokens, d.inner_dim)
 
 
+UPSAMPLER_DIMS = ("latent_frames", "latent_height", "latent_width")
+
+
+def upsampler_spec(channels: int, grids: Sequence[tuple[int, int, int]]) -> ComponentSpec:
+    """The `upsampler`: normalised stage-1 latent [1, C, F, h, w] -> `upsampled` [1, C, F, 2h, 2w].
+
+    `grids`: the stage-1 latent grids (frames, height, width) it serves, the default first; a dim that
+    differs between them is symbolic with [min, opt, max] and each grid is a TensorRT profile."""
+    spans = {name: _span([g[i] for g in grids]) for i, name in enumerate(UPSAMPLER_DIMS)}
+    varies = {k: v for k, v in spans.items() if v[0] != v[2]}
+    f, h, w = (name if name in varies else spans[name][1] for name in UPSAMPLER_DIMS)
+    oh, ow = (f"{d}*2" if isinstance(d, str) else d * 2 for d in (h, w))
+
+    def sample(batch: int, seed: int) -> dict[str, np.ndarray]:
+        return {"latent": _rng(seed).standard_normal((1, channels, *grids[0]), dtype=np.float32)}
+
+    per = tuple({k: [g[UPSAMPLER_DIMS.index(k)]] * 3 for k in varies} for g in grids) if len(grids) > 1 else ()
+    return ComponentSpec(
+        "upsampler",
+        (TensorSpec("latent", (1, channels, f, h, w), "float32"),),
+        (TensorSpec("upsampled", (1, channels, f, oh, ow), "float32"),),
+        dynamic_dims=varies, sample=sample, bucket_dims=per if varies else (),
+    )
+
+
 def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: DecodeTiling | None = None,
                     rope_input: bool = False) -> dict[str, ComponentSpec]:
     """Specs for every component, serving every bucket of `buckets` (the first is the default).
