@@ -6,6 +6,10 @@ and Gemma layers, so the real build path runs on a small machine and its cost ca
 Weights are seeded random (nothing is downloaded); the file holds every tensor ltx-core loads from the files
 LTX-2 ships (the transformer's audio stream and the audio connector included: the video-only export must
 skip them), under their names, with `config` metadata of the same shape.
+
+`write_fp8_checkpoint` turns such a file into one laid out as Lightricks' pre-quantized FP8 files
+(`ltx-2-19b-dev-fp8.safetensors`, ...): the same weights, each Linear ltx-core's fp8_scaled_mm policy
+quantizes stored as float8_e4m3fn [out, in] with its fp32 `weight_scale` (max|W| / 448) and `input_scale`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from pathlib import Path
 import torch
 from ltx_core.model.transformer.model_configurator import LTXModelConfigurator
 from ltx_core.text_encoders.gemma.embeddings_connector import AudioEmbeddings1DConnectorConfigurator
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from stdrc.export.checkpoint import V2_CAPTION_CONFIG, save_checkpoint
 from stdrc.export.config import ModelFamily, Preset, get_preset
-from stdrc.export.dit import init_seeded
+from stdrc.export.dit import fp8_policy_excluded, init_seeded
+from stdrc.export.fp8_source import E4M3_MAX, INPUT_SCALE, QUANT_METADATA, WEIGHT_SCALE, quantize
 from stdrc.export.models import default_dtype
 from stdrc.export.text import TextSide, TinyTextEncoder
 from stdrc.export.vae import build_vae
@@ -143,6 +150,42 @@ def write_checkpoint(path: Path, preset: Preset, text_layers: int, seed: int = 0
     return path
 
 
+COMFY = "model.diffusion_model."
+# Static activation scale of every synthetic FP8 Linear: activations up to |x| = 8 are representable. The
+# DiT's Linears take normed, modulated tokens (unit RMS) or their GELU; real files carry calibrated values.
+SYNTHETIC_INPUT_AMAX = 8.0
+
+
+def fp8_linears(config: dict) -> list[str]:
+    """The transformer's Linears (audio stream included, as in real files) that ltx-core's fp8_scaled_mm
+    policy quantizes, by module path."""
+    with torch.device("meta"):
+        model = LTXModelConfigurator.from_config(config)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not fp8_policy_excluded(n)]
+
+
+def write_fp8_checkpoint(src: Path, dst: Path) -> Path:
+    """The FP8 variant of the real-layout file `src` (`write_checkpoint`, bf16): its quantized Linears as
+    float8_e4m3fn [out, in] with fp32 scalar `weight_scale` and `input_scale`, everything else (biases
+    included) as in `src`, and `_quantization_metadata` beside `config`."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    linears = fp8_linears(json.loads(meta["config"]))
+    for name in linears:
+        key = COMFY + name
+        tensors[f"{key}.weight"], scale = quantize(tensors[f"{key}.weight"])
+        tensors[f"{key}.{WEIGHT_SCALE}"] = torch.tensor(scale, dtype=torch.float32)
+        tensors[f"{key}.{INPUT_SCALE}"] = torch.tensor(SYNTHETIC_INPUT_AMAX / E4M3_MAX, dtype=torch.float32)
+    # TensorRT-LLM's hf_quant_config shape (ModelOpt's recipe) [inferred: the real files' text is not public]
+    meta[QUANT_METADATA] = json.dumps({"producer": {"name": "stdrc benchmarks/synthetic.py"},
+                                       "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None}})
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(dst)
+    return dst
+
+
 def reduced_preset(name: str = "ltx2-video", dit_layers: int = 1, connector_layers: int | None = None) -> Preset:
     """A full-width preset with `dit_layers` transformer blocks (and `connector_layers` connector blocks)."""
     preset = get_preset(name).with_dit(num_layers=dit_layers)
@@ -161,15 +204,20 @@ def write_ltx2_checkpoint(path: Path, dit_layers: int = 1, gemma_layers: int = 2
 
 
 def write_all(folder: Path, dit_layers: int = 1, gemma_layers: int = 2, preset: str = "ltx2-video",
-              connector_layers: int | None = None) -> tuple[Path, Path]:
+              connector_layers: int | None = None, fp8: bool = False) -> tuple[Path, Path]:
     """(checkpoint, Gemma folder) under `folder`, written once (reused when present). `preset`: ltx2-video
-    (an LTX-2 file) or ltx23-video (an LTX-2.3 file: model_version 2.3.0, the 2.3 keys and config)."""
+    (an LTX-2 file) or ltx23-video (an LTX-2.3 file: model_version 2.3.0, the 2.3 keys and config). `fp8`:
+    the checkpoint is the FP8 variant of the bf16 one (`write_fp8_checkpoint`), written beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     stem = "ltx2" if preset == "ltx2-video" else preset.removesuffix("-video")
     layers = f"{dit_layers}layer" + ("" if connector_layers is None else f"-{connector_layers}conn")
     ckpt, gemma = folder / f"{stem}-{layers}.safetensors", folder / f"gemma-3-w3840-{gemma_layers}layer"
     if not ckpt.is_file():
         write_ltx2_checkpoint(ckpt, dit_layers, gemma_layers, preset=preset, connector_layers=connector_layers)
+    if fp8:
+        bf16, ckpt = ckpt, ckpt.with_name(ckpt.stem + "-fp8.safetensors")
+        if not ckpt.is_file():
+            write_fp8_checkpoint(bf16, ckpt)
     if not (gemma / "config.json").is_file():
         write_gemma(gemma, layers=gemma_layers)
     (folder / "README.json").write_text(json.dumps({"checkpoint": ckpt.name, "gemma": gemma.name}))

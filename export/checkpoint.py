@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from stdrc.export.config import DiTConfig, Preset
 from stdrc.export.errors import CheckpointError
+from stdrc.export.fp8_source import IN_OUT, FP8Source, LinearScales, dequantize, detect_fp8
 from stdrc.export.vae import vae_from_metadata
 from stdrc.runtime.manifest import sha256_file
 
@@ -69,7 +70,8 @@ def _split_text(dit: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return text
 
 
-def _check_safetensors(path: Path) -> None:
+def _check_safetensors(path: Path) -> FP8Source | None:
+    """Refuse what is not safetensors; the FP8 facts of a pre-quantized file (None for a float one)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .safetensors file")
     with open(path, "rb") as f:
@@ -83,9 +85,15 @@ def _check_safetensors(path: Path) -> None:
                 "convert it to .safetensors"
             )
         try:
-            json.loads(f.read(size))
+            header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path} is not a safetensors file (header is not JSON): {e}") from e
+        if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+            raise CheckpointError(f"{path} is not a safetensors file (header is not a table of tensors)")
+        try:
+            return detect_fp8(path, header, f, 8 + size)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path} has a malformed safetensors header ({e}): the file is corrupt") from e
 
 
 def is_audio_key(key: str) -> bool:
@@ -130,6 +138,7 @@ class LazyCheckpoint:
     shapes: dict[str, tuple[int, ...]]  # file key -> shape
     known_sha256: str | None = field(default=None, repr=False)
     model_version: str | None = None  # the top-level metadata key ltx-pipelines reads ("2.3..." on LTX-2.3)
+    fp8: FP8Source | None = None  # a pre-quantized file's format and scales: its weights dequantise as read
 
     @property
     def sha256(self) -> str:
@@ -144,6 +153,17 @@ class LazyCheckpoint:
     def shape(self, component: str, key: str) -> tuple[int, ...]:
         return self.shapes[self.keys[component][key]]
 
+    def linear_scales(self, component: str = "dit") -> dict[str, LinearScales]:
+        """Our Linear name (key minus `.weight`) -> the file's scales, for `component`'s float8 weights."""
+        if self.fp8 is None:
+            return {}
+        out = {}
+        for key, name in self.keys[component].items():
+            scales = self.fp8.scales_of(name)
+            if scales is not None:
+                out[key.removesuffix(".weight")] = scales
+        return out
+
     def tensors(self, component: str, dtype: torch.dtype | None = None,
                 transform: Transform | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(our key, tensor) one at a time: `transform(key, tensor)` on the file's tensor, then cast to `dtype`."""
@@ -153,6 +173,8 @@ class LazyCheckpoint:
                 header, base = json.loads(fh.read(size)), 8 + size
                 for key, name in self.keys[component].items():
                     tensor = _read_tensor(fh, base, header[name])
+                    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                        tensor = self._dequantized(name, tensor)
                     if transform is not None:
                         tensor = transform(key, tensor)
                     yield key, tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
@@ -162,11 +184,19 @@ class LazyCheckpoint:
             raise CheckpointError(
                 f"{self.path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
 
+    def _dequantized(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A float8 tensor as fp32 [out, in], by its scale: never cast raw."""
+        scales = self.fp8.scales_of(name) if self.fp8 is not None else None
+        if scales is None:
+            raise CheckpointError(f"{self.path}: float8 tensor {name} has no weight_scale, and a float8 tensor is "
+                                  "never cast raw: re-download the file or use the bf16 checkpoint")
+        return dequantize(tensor, scales, self.fp8.layout)
+
 
 def open_checkpoint(path: str | Path, sha256: str | None = None) -> LazyCheckpoint:
     """Header, key layout and shapes of `path`; no tensor is read (`sha256` streams the file when asked)."""
     path = Path(path)
-    _check_safetensors(path)
+    fp8 = _check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
@@ -175,7 +205,12 @@ def open_checkpoint(path: str | Path, sha256: str | None = None) -> LazyCheckpoi
         config = json.loads(meta["config"]) if "config" in meta else None
     except Exception as e:
         raise CheckpointError(f"{path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
-    return LazyCheckpoint(path, config, _map_keys(keys), shapes, sha256, meta.get("model_version"))
+    if fp8 is not None:  # scales are consumed with the header; weights read as [out, in] once dequantised
+        consumed = fp8.scale_keys()
+        keys = [k for k in keys if k not in consumed]
+        if fp8.layout == IN_OUT:
+            shapes.update({f"{n}.weight": shapes[f"{n}.weight"][::-1] for n in fp8.scales})
+    return LazyCheckpoint(path, config, _map_keys(keys), shapes, sha256, meta.get("model_version"), fp8)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

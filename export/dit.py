@@ -11,6 +11,8 @@ timestep 0 for their own modulation while the text keys and values are modulated
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 from ltx_core.guidance.perturbations import BatchedPerturbationConfig
 from ltx_core.model.transformer.model import LTXModel
@@ -53,6 +55,13 @@ SENSITIVE_LAYER_PATTERNS = (
 # 43..47 (the last five of 48) in high precision, by absolute index: LTX-2.3's pre-quantized files follow it.
 # Taken for the 2.3 arithmetic (`cross_attention_adaln`); LTX-2's calibration keeps the list above.
 FP8_POLICY_BLOCKS = (0, 43, 44, 45, 46, 47)
+FP8_POLICY_PATTERNS = (*SENSITIVE_LAYER_PATTERNS, *(f"*transformer_blocks.{i}.*" for i in FP8_POLICY_BLOCKS))
+
+
+def fp8_policy_excluded(linear: str) -> bool:
+    """True for a Linear (LTXModel module path, e.g. `transformer_blocks.0.attn1.to_q`) that ltx-core's
+    fp8_scaled_mm policy keeps in high precision: Lightricks' pre-quantized files leave it bf16."""
+    return any(fnmatch.fnmatchcase(linear, p) for p in FP8_POLICY_PATTERNS)
 
 
 def sensitive_layer_patterns(dit: torch.nn.Module) -> tuple[str, ...]:
@@ -60,7 +69,7 @@ def sensitive_layer_patterns(dit: torch.nn.Module) -> tuple[str, ...]:
     ltx = next((m for m in dit.modules() if isinstance(m, LTXModel)), None)
     if ltx is None or not ltx.cross_attention_adaln:
         return SENSITIVE_LAYER_PATTERNS
-    return (*SENSITIVE_LAYER_PATTERNS, *(f"*transformer_blocks.{i}.*" for i in FP8_POLICY_BLOCKS))
+    return FP8_POLICY_PATTERNS
 
 
 def init_seeded(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
