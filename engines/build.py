@@ -31,6 +31,7 @@ from stdrc.runtime.schema import (
     BuildFacts,
     CreatedBy,
     GuidanceConfig,
+    LoraEntry,
     MemoryConfig,
     ModelConfig,
     QualityConfig,
@@ -38,8 +39,9 @@ from stdrc.runtime.schema import (
     RopeConfig,
     SamplerConfig,
     TextConfig,
+    TwoStageConfig,
 )
-from stdrc.runtime.vocab import BACKENDS, COMPONENTS, ONNX_BACKENDS, TORCH_BACKENDS
+from stdrc.runtime.vocab import BACKENDS, COMPONENTS, ONNX_BACKENDS, STAGE_COMPONENTS, TORCH_BACKENDS
 
 log = logging.getLogger(__name__)
 ENGINE_SUFFIX = {"onnxruntime": ".onnx", "torch": ".pt2", "aoti": ".pt2", "tensorrt": ".plan"}
@@ -75,6 +77,10 @@ class BuildConfig:
     decode_tile: int | None = None  # pixels; None = 512 when the bucket is larger, 0 = never tile
     decode_overlap: int = 64  # pixels
     loras: tuple[LoraSpec, ...] = ()  # fused into the DiT weights tensor by tensor, in order
+    # two stages (both files, or `two_stage` on a tiny preset: random tiny pieces; docs/design.md)
+    upsampler: Path | None = None  # Lightricks' x2 spatial latent upsampler .safetensors
+    refine_lora: LoraSpec | None = None  # the distilled LoRA of stage 2, as low-rank branches of `dit_refine`
+    two_stage: bool = False
     attention: str | None = None  # export/attention.py kind; None = the backend's (ort, or onnx for TensorRT)
     progress: bool = True
     # applied to every DiT tensor as it is read (LoRA fusion); a `sha256` attribute keys it in the stage cache
@@ -85,6 +91,11 @@ class BuildConfig:
     @property
     def base(self) -> Path | None:
         return self.base_checkpoint
+
+    @property
+    def is_two_stage(self) -> bool:
+        """A two-stage bundle: both stage files given, or `two_stage` (tiny presets: random pieces)."""
+        return self.two_stage or (self.upsampler is not None and self.refine_lora is not None)
 
 
 def resolve_backend(backend: str) -> str:
@@ -164,6 +175,9 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
     """One component's engine; its weights are loaded (on a cache miss) and released before the next.
 
     `bucket` is the default; a spec with RoPE inputs (several buckets) exports the DiT without tables."""
+    if spec.name in STAGE_COMPONENTS:
+        raise ExportError(f"this stdrc cannot build the {spec.name} component yet: drop --two-stage, "
+                          "--upsampler and --refine-lora")
     rope_input = any(t.name == "rope_cos" for t in spec.inputs)
     out = writer.path(spec.name + ENGINE_SUFFIX[backend])
     extra: dict[str, str] = {}
@@ -224,18 +238,39 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
 
 
 def write_rope_tables(models: ModelSet, buckets: tuple[Bucket, ...], layout: str,
-                      writer: BundleWriter) -> tuple[tuple[Bucket, ...], float]:
+                      writer: BundleWriter, two_stage: bool = False) -> tuple[tuple[Bucket, ...], float]:
     """One table file per bucket (`rope.npz` for the default, `rope_FxWxH.npz` for the others): positions,
-    cos, sin. Returns the buckets naming their files, and the largest position ratio over them."""
+    cos, sin; `two_stage`: also its stage-1 grid's (`rope_s1.npz`, `rope_s1_FxWxH.npz`, of `Bucket.half()`).
+    Returns the buckets naming their files, and the largest position ratio over them."""
     named, ratio = [], 0.0
-    for i, b in enumerate(buckets):
-        positions, tables = models.rope(b, layout)
-        path = writer.path("rope.npz" if i == 0 else f"rope_{b.label()}.npz")
+
+    def write(grid: Bucket, name: str) -> tuple[str, str]:
+        nonlocal ratio
+        positions, tables = models.rope(grid, layout)
+        path = writer.path(name)
         with open(path, "wb") as f:
             np.savez(f, positions=positions.numpy(), cos=tables.cos.numpy(), sin=tables.sin.numpy())
-        named.append(replace(b, rope_file=path.name, rope_sha256=sha256_file(path)))
         ratio = max(ratio, tables.max_position_ratio)
+        return path.name, sha256_file(path)
+
+    for i, b in enumerate(buckets):
+        suffix = "" if i == 0 else f"_{b.label()}"
+        file, digest = write(b, f"rope{suffix}.npz")
+        b = replace(b, rope_file=file, rope_sha256=digest)
+        if two_stage:
+            file, digest = write(b.half(), f"rope_s1{suffix}.npz")
+            b = replace(b, stage1_rope_file=file, stage1_rope_sha256=digest)
+        named.append(b)
     return tuple(named), ratio
+
+
+def refine_entry(cfg: BuildConfig) -> LoraEntry:
+    """The refinement LoRA as the manifest's two_stage section records it (strength default 1.0)."""
+    lora = cfg.refine_lora
+    if lora is None:
+        raise ExportError("this stdrc cannot make the tiny presets' random refinement LoRA yet: pass "
+                          "--refine-lora FILE[:STRENGTH]")
+    return LoraEntry(lora.path.name, sha256_file(lora.path), 1.0 if lora.strength is None else lora.strength)
 
 
 def build_engines(cfg: BuildConfig) -> Path:
@@ -250,7 +285,7 @@ def build_engines(cfg: BuildConfig) -> Path:
     backend = resolve_backend(cfg.backend)
     buckets, tiling, rope = check_build(cfg, backend)
     bucket = buckets[0]
-    stages = tqdm(total=7, desc="build-engines", unit="stage", disable=not cfg.progress)
+    stages = tqdm(total=7 + 2 * cfg.is_two_stage, desc="build-engines", unit="stage", disable=not cfg.progress)
     stages.set_postfix_str("reading checkpoint headers")
     src = plan_sources(get_preset(cfg.preset), cfg.checkpoint, cfg.seed, cfg.face_weights, cfg.text_encoder,
                        cfg.base)
@@ -272,7 +307,8 @@ def build_engines(cfg: BuildConfig) -> Path:
         return cache[0]
 
     stages.update()
-    specs = component_specs(models.preset, buckets, tiling, rope_input=rope == "input")
+    two_stage = cfg.is_two_stage
+    specs = component_specs(models.preset, buckets, tiling, rope_input=rope == "input", two_stage=two_stage)
     with BundleWriter(cfg.out) as writer:
         quality = QualityConfig()
         if cfg.calibrate_fp8 or (cfg.precision == "fp8" and backend in TORCH_BACKENDS):
@@ -282,7 +318,7 @@ def build_engines(cfg: BuildConfig) -> Path:
             fp8 = fp8_quality(full(), bucket, cfg.layout, writer.staging, seed=cfg.seed)
             quality = QualityConfig(fp8=fp8)
         components = {}
-        for name in COMPONENTS:
+        for name in COMPONENTS + (STAGE_COMPONENTS if two_stage else ()):
             stages.set_postfix_str(f"{name} ({backend})")
             components[name] = build_component(cfg, backend, src, bucket, specs[name], writer, full)
             release_memory()
@@ -296,7 +332,7 @@ def build_engines(cfg: BuildConfig) -> Path:
             components["text_encoder"] = replace(
                 components["text_encoder"],
                 extra_files={**components["text_encoder"].extra_files, text.file: text.sha256})
-        buckets, ratio = write_rope_tables(models, buckets, cfg.layout, writer)
+        buckets, ratio = write_rope_tables(models, buckets, cfg.layout, writer, two_stage)
         if quality.fp8 is not None:
             extra_files = {quality.fp8.scales_file: quality.fp8.scales_sha256}
             components["dit"] = replace(components["dit"], extra_files={**components["dit"].extra_files,
@@ -335,6 +371,7 @@ def build_engines(cfg: BuildConfig) -> Path:
                                  source_sha256=models.source_sha256, sources=models.sources,
                                  versions=versions()),
             loras=lora_set.entries() if lora_set else (),
+            two_stage=TwoStageConfig(lora=refine_entry(cfg)) if two_stage else None,
         )
         stages.set_postfix_str("writing manifest")
         path = writer.commit(manifest)

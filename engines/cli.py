@@ -29,7 +29,8 @@ def _build(args: argparse.Namespace) -> int:
         seed=args.seed, layout=args.layout, face_weights=args.face_weights, calibrate_fp8=args.calibrate_fp8,
         text_encoder=args.text_encoder, base_checkpoint=args.base_checkpoint, decode_tile=args.decode_tile,
         decode_overlap=args.decode_overlap, loras=tuple(LoraSpec.parse(t) for t in args.lora),
-        progress=not args.quiet, **({"cache_dir": args.cache_dir} if args.cache_dir else {}),
+        upsampler=args.upsampler, refine_lora=LoraSpec.parse(args.refine_lora) if args.refine_lora else None,
+        two_stage=args.two_stage, progress=not args.quiet, **({"cache_dir": args.cache_dir} if args.cache_dir else {}),
     )
     path = build_engines(cfg)
     print(f"bundle written to {path}")
@@ -96,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "text projection + connector")
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LTX-2 LoRA .safetensors fused into the DiT (strength default 1.0); repeatable")
+    b.add_argument("--upsampler", type=Path, default=None,
+                   help="two stages: Lightricks' x2 spatial latent upsampler .safetensors (with --refine-lora)")
+    b.add_argument("--refine-lora", default=None, metavar="FILE[:STRENGTH]",
+                   help="two stages: the distilled LoRA of the refinement stage (strength default 1.0; with "
+                        "--upsampler)")
+    b.add_argument("--two-stage", action="store_true",
+                   help="a two-stage bundle; the tiny presets get a random tiny upsampler and refinement LoRA "
+                        "(bucket sizes: multiples of 64)")
     b.add_argument("--face-weights", type=Path, default=None,
                    help="arcface_torch backbone.pth (iresnet50/100) for the face encoder (default: seeded weights)")
     b.add_argument("--calibrate-fp8", action="store_true",

@@ -92,12 +92,35 @@ def check_buckets(cfg: BuildConfig) -> tuple[tuple[Bucket, ...], DecodeTiling | 
                               fps=fps))
     if cfg.rope not in ROPE_MODES:
         raise InputError(f"--rope {cfg.rope!r}: choose one of {', '.join(ROPE_MODES)}")
-    rope = cfg.rope if cfg.rope != "auto" else ("baked" if len(buckets) == 1 else "input")
+    two_stage = check_two_stage(cfg, tuple(buckets))
+    rope = cfg.rope if cfg.rope != "auto" else ("baked" if len(buckets) == 1 and not two_stage else "input")
+    if rope == "baked" and two_stage:
+        raise InputError("--rope baked holds one grid's tables as DiT constants, and a two-stage DiT runs two "
+                         "(the half size, then the output size): pass --rope input (or auto)")
     if rope == "baked" and len(buckets) > 1:
         raise InputError(f"--rope baked holds one bucket's tables as DiT constants, and {len(buckets)} buckets "
                          "were given: pass --rope input (or auto), or one --bucket")
     height, width = max(b.height for b in buckets), max(b.width for b in buckets)
     return tuple(buckets), decode_tiling(height, width, cfg.decode_tile, cfg.decode_overlap), rope
+
+
+def check_two_stage(cfg: BuildConfig, buckets: tuple[Bucket, ...]) -> bool:
+    """Whether the build is two-stage; refuses one stage file without the other, `--two-stage` without the
+    files outside the tiny presets, and a bucket whose half is not a VAE size (InputError, nothing read)."""
+    given = {"--upsampler": cfg.upsampler, "--refine-lora": cfg.refine_lora}
+    if sum(v is not None for v in given.values()) == 1:
+        (have,) = (k for k, v in given.items() if v is not None)
+        (lack,) = (k for k, v in given.items() if v is None)
+        raise InputError(f"{have} without {lack}: a two-stage bundle needs both (the x2 latent upsampler and the "
+                         f"refinement LoRA): pass {lack} FILE too, or neither")
+    if not cfg.is_two_stage:
+        return False
+    if cfg.upsampler is None and get_preset(cfg.preset).text.kind != "tiny":
+        raise InputError(f"--two-stage makes random stage pieces for the tiny presets only: for --preset "
+                         f"{cfg.preset} pass --upsampler FILE and --refine-lora FILE[:STRENGTH]")
+    for b in buckets:
+        b.half()  # InputError naming the multiple of 64
+    return True
 
 
 # Backends whose VAE decoder goes through Inductor at build time.
@@ -138,16 +161,23 @@ def check_build(cfg: BuildConfig, backend: str) -> tuple[tuple[Bucket, ...], Dec
         or (backend == "tensorrt" and cfg.precision == "fp8")
     if rope == "input" and baked_only:
         raise ExportError(f"--backend {backend} --precision {cfg.precision} bakes the RoPE tables into its DiT "
-                          "(one bucket): pass one --bucket with --rope baked (or auto), or --precision "
-                          f"{'fp16 or bf16' if backend == 'tensorrt' else 'fp32'} for several buckets")
+                          "(one bucket, one stage): pass one --bucket with --rope baked (or auto) and no "
+                          f"two-stage flag, or --precision {'fp16 or bf16' if backend == 'tensorrt' else 'fp32'} "
+                          "for several buckets or two stages")
     if backend in INDUCTOR_BACKENDS:
         check_inductor_decoder(cfg, buckets, tiling, backend)
-    for name in ("checkpoint", "base_checkpoint", "face_weights", "text_encoder", "cache_dir"):
+    for name in ("checkpoint", "base_checkpoint", "face_weights", "text_encoder", "cache_dir", "upsampler"):
         if getattr(cfg, name) is not None:
             check_path(getattr(cfg, name), f"--{name.replace('_', '-')}")
+    if cfg.refine_lora is not None:
+        check_path(cfg.refine_lora.path, "--refine-lora")
     check_out(check_path(cfg.out, "--out"))
     if cfg.checkpoint is not None:
         check_safetensors_file(Path(cfg.checkpoint), "--checkpoint")
+    if cfg.upsampler is not None:
+        check_safetensors_file(Path(cfg.upsampler), "--upsampler")
+    if cfg.refine_lora is not None:
+        check_safetensors_file(Path(cfg.refine_lora.path), "--refine-lora")
     base = cfg.base_checkpoint
     if base is not None:
         check_safetensors_file(Path(base), "--base-checkpoint")

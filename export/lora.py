@@ -29,7 +29,8 @@ from safetensors import safe_open
 from stdrc.export.checkpoint import is_audio_key
 from stdrc.export.config import DiTConfig
 from stdrc.export.errors import LoraError
-from stdrc.runtime.manifest import LoraEntry, sha256_file
+from stdrc.runtime.manifest import sha256_file
+from stdrc.runtime.schema import LoraEntry
 
 log = logging.getLogger(__name__)
 PREFIXES = {"diffusion_model.": "comfyui", "transformer.": "diffusers", "base_model.model.": "peft"}

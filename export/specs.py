@@ -77,23 +77,28 @@ def upsampler_spec(channels: int, grids: Sequence[tuple[int, int, int]]) -> Comp
 
 
 def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: DecodeTiling | None = None,
-                    rope_input: bool = False) -> dict[str, ComponentSpec]:
+                    rope_input: bool = False, two_stage: bool = False) -> dict[str, ComponentSpec]:
     """Specs for every component, serving every bucket of `buckets` (the first is the default).
 
     A dim that differs between buckets is symbolic with [min, opt, max] over them (DiT tokens, VAE
     encoder height/width, decoder latent frames and tiles). `rope_input`: the DiT takes the RoPE
     tables as inputs `rope_cos`/`rope_sin` (else they are baked constants, one bucket). With
     `tiling`, the VAE decoder takes tile sizes (dynamic where they differ), run tile by tile.
+    `two_stage`: the DiT and VAE encoder also serve each bucket's stage-1 half (`Bucket.half()`: a
+    TensorRT profile per grid), and the specs gain the `upsampler` (half -> bucket latent) and
+    `dit_refine` (the DiT's interface at the buckets' own grids).
     """
     buckets = (buckets,) if isinstance(buckets, Bucket) else tuple(buckets)
+    halves = tuple(x.half() for x in buckets) if two_stage else ()
+    grids = buckets + halves  # what the DiT and the VAE encoder run at
     d, b = preset.dit, buckets[0]
     length, c = b.text_length, d.in_channels
     per_tile = [decoder_tile_dims(tiling, x.latent_height, x.latent_width) if tiling
                 else {"tile_height": [x.latent_height] * 3, "tile_width": [x.latent_width] * 3} for x in buckets]
     tile_dims = {k: [min(t[k][0] for t in per_tile), per_tile[0][k][1], max(t[k][2] for t in per_tile)]
                  for k in ("tile_height", "tile_width")}
-    spans = {"tokens": _span([x.tokens for x in buckets]), "latent_frames": _span([x.latent_frames for x in buckets]),
-             "height": _span([x.height for x in buckets]), "width": _span([x.width for x in buckets]), **tile_dims}
+    spans = {"tokens": _span([x.tokens for x in grids]), "latent_frames": _span([x.latent_frames for x in buckets]),
+             "height": _span([x.height for x in grids]), "width": _span([x.width for x in grids]), **tile_dims}
     varies = {k: v for k, v in spans.items() if v[0] != v[2]}  # one value over the buckets: static
 
     def dim(name: str, static: int) -> int | str:
@@ -159,14 +164,15 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
         if rope_input else ()
     dit_dims = {"batch": list(DIT_BATCH), **({"tokens": varies["tokens"]} if "tokens" in varies else {})}
 
-    def profiles(dynamic: dict[str, list[int]], per: Callable[[int, Bucket], dict[str, list[int]]]) -> tuple:
-        """One dict per bucket: its own [min, opt, max] of each dynamic dim (a TensorRT profile each)."""
-        if len(buckets) == 1:
+    def profiles(dynamic: dict[str, list[int]], per: Callable[[int, Bucket], dict[str, list[int]]],
+                 over: tuple[Bucket, ...] = buckets) -> tuple:
+        """One dict per grid of `over`: its own [min, opt, max] of each dynamic dim (a TensorRT profile each)."""
+        if len(over) == 1:
             return ()
-        return tuple({k: per(i, x).get(k, span) for k, span in dynamic.items()} for i, x in enumerate(buckets))
+        return tuple({k: per(i, x).get(k, span) for k, span in dynamic.items()} for i, x in enumerate(over))
 
     enc_dynamic = {k: varies[k] for k in ("height", "width") if k in varies}
-    return {
+    specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
             (TensorSpec("token_ids", (1, length), i64), TensorSpec("token_mask", (1, length), i64)),
@@ -188,7 +194,7 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
             (TensorSpec("velocity", ("batch", n, d.out_channels), f32),),
             dynamic_dims=dit_dims,
             sample=dit_sample,
-            bucket_dims=profiles(dit_dims, lambda i, x: {"tokens": [x.tokens] * 3}),
+            bucket_dims=profiles(dit_dims, lambda i, x: {"tokens": [x.tokens] * 3}, grids),
         ),
         "vae_encoder": ComponentSpec(
             "vae_encoder",
@@ -196,7 +202,8 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
             (TensorSpec("latent", (1, latent_c, 1, lh, lw), f32),),
             dynamic_dims=enc_dynamic,
             sample=enc_sample,
-            bucket_dims=profiles(enc_dynamic, lambda i, x: {"height": [x.height] * 3, "width": [x.width] * 3}),
+            bucket_dims=profiles(enc_dynamic, lambda i, x: {"height": [x.height] * 3, "width": [x.width] * 3},
+                                 grids),
         ),
         "vae_decoder": ComponentSpec(
             "vae_decoder",
@@ -215,5 +222,58 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
             (TensorSpec("embedding", ("batch", 512), f32),),
             dynamic_dims={"batch": list(FACE_BATCH)},
             sample=face_sample,
+        ),
+    }
+    if two_stage:
+        specs.update(stage_specs(preset, buckets, specs["dit"]))
+    return specs
+
+
+def stage_specs(preset: Preset, buckets: tuple[Bucket, ...], dit: ComponentSpec) -> dict[str, ComponentSpec]:
+    """The two-stage components: `upsampler` takes each bucket's stage-1 latent (half its latent height and
+    width, normalised as the DiT makes it) and returns the bucket's; `dit_refine` has the DiT's inputs and
+    outputs at the buckets' own grids (stage 2 runs one unguided stream at the output size)."""
+    b, c = buckets[0], preset.vae.latent_channels
+    spans = {"latent_frames": _span([x.latent_frames for x in buckets]),
+             "latent_height": _span([x.half().latent_height for x in buckets]),
+             "latent_width": _span([x.half().latent_width for x in buckets])}
+    varies = {k: v for k, v in spans.items() if v[0] != v[2]}
+    lf, lh, lw = (k if k in varies else spans[k][1] for k in spans)
+    up_h, up_w = (f"{x}*2" if isinstance(x, str) else 2 * x for x in (lh, lw))
+
+    def up_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
+        h = b.half()
+        shape = (1, c, h.latent_frames, h.latent_height, h.latent_width)
+        return {"latent": _rng(seed).standard_normal(shape, dtype=np.float32)}
+
+    def up_profile(x: Bucket) -> dict[str, list[int]]:
+        h = x.half()
+        own = {"latent_frames": h.latent_frames, "latent_height": h.latent_height, "latent_width": h.latent_width}
+        return {k: [own[k]] * 3 for k in varies}
+
+    tokens = _span([x.tokens for x in buckets])
+    # the DiT's batch range (its graph, exported the same way), though stage 2 runs one stream
+    refine_dims = {"batch": list(DIT_BATCH), **({"tokens": tokens} if tokens[0] != tokens[2] else {})}
+
+    def refine_shape(shape: tuple[int | str, ...]) -> tuple[int | str, ...]:
+        return tuple(b.tokens if dim == "tokens" and "tokens" not in refine_dims else dim for dim in shape)
+
+    return {
+        "upsampler": ComponentSpec(
+            "upsampler",
+            (TensorSpec("latent", (1, c, lf, lh, lw), "float32"),),
+            (TensorSpec("upsampled", (1, c, lf, up_h, up_w), "float32"),),
+            dynamic_dims=varies,
+            sample=up_sample,
+            bucket_dims=tuple(up_profile(x) for x in buckets) if len(buckets) > 1 and varies else (),
+        ),
+        "dit_refine": ComponentSpec(
+            "dit_refine",
+            tuple(TensorSpec(t.name, refine_shape(t.shape), t.dtype) for t in dit.inputs),
+            tuple(TensorSpec(t.name, refine_shape(t.shape), t.dtype) for t in dit.outputs),
+            dynamic_dims=refine_dims,
+            sample=dit.sample,
+            bucket_dims=tuple({**refine_dims, **({"tokens": [x.tokens] * 3} if "tokens" in refine_dims else {})}
+                              for x in buckets) if len(buckets) > 1 else (),
         ),
     }

@@ -21,6 +21,7 @@ from stdrc.runtime.schema import (
     TIME_SCALE,
     CreatedBy,
     GuidanceConfig,
+    LoraEntry,
     MemoryConfig,
     ModelConfig,
     QualityConfig,
@@ -28,12 +29,14 @@ from stdrc.runtime.schema import (
     RopeConfig,
     SamplerConfig,
     TextConfig,
+    TwoStageConfig,
 )
 from stdrc.runtime.tiling import DecodeTiling
-from stdrc.runtime.vocab import BACKENDS, COMPONENTS, PRECISIONS
+from stdrc.runtime.vocab import BACKENDS, COMPONENTS, PRECISIONS, STAGE_COMPONENTS
 
 FORMAT_VERSION = 2  # 2: a "buckets" list (format 1: one "bucket"), still read
 READ_FORMATS = (1, 2)
+TWO_STAGE_MULTIPLE = 2 * SPACE_SCALE  # two-stage bucket sizes: their half is a multiple of the VAE's 32
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8", "float8_e4m3fn")
 
@@ -50,6 +53,9 @@ class Bucket:
     # this bucket's RoPE table file in the bundle (format 2); not part of the shape
     rope_file: str | None = field(default=None, compare=False)
     rope_sha256: str | None = field(default=None, compare=False)
+    # a two-stage bundle: the RoPE tables of this bucket's stage-1 grid (`half()`), beside its own
+    stage1_rope_file: str | None = field(default=None, compare=False)
+    stage1_rope_sha256: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.frames < 1 or (self.frames - 1) % TIME_SCALE:
@@ -95,13 +101,29 @@ class Bucket:
         """As `--bucket` spells it: frames x width x height."""
         return f"{self.frames}x{self.width}x{self.height}"
 
+    def half(self) -> Bucket:
+        """The stage-1 bucket of a two-stage generation: half the height and width (same frames, fps, text).
+
+        Two-stage buckets are multiples of 64 (the half stays a multiple of the VAE's 32); else an InputError."""
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value % TWO_STAGE_MULTIPLE:
+                lo = max(TWO_STAGE_MULTIPLE, value // TWO_STAGE_MULTIPLE * TWO_STAGE_MULTIPLE)
+                raise InputError(f"{name}={value} is not a multiple of {TWO_STAGE_MULTIPLE}, which two-stage "
+                                 f"generation needs (its first stage runs at half size): use --{name} {lo} or "
+                                 f"{lo + TWO_STAGE_MULTIPLE} (bucket {self.label()})")
+        return Bucket(frames=self.frames, height=self.height // 2, width=self.width // 2,
+                      text_length=self.text_length, fps=self.fps)
+
     def same_size(self, frames: int, height: int, width: int) -> bool:
         return (self.frames, self.height, self.width) == (frames, height, width)
 
     def to_json(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if not k.startswith("rope_")}
+        data = {k: v for k, v in asdict(self).items() if "rope_" not in k}
         if self.rope_file is not None:
             data["rope"] = {"file": self.rope_file, "sha256": self.rope_sha256}
+        if self.stage1_rope_file is not None:
+            data["stage1"] = {"rope": {"file": self.stage1_rope_file, "sha256": self.stage1_rope_sha256}}
         return {
             **data,
             "latent_grid": [self.latent_frames, self.latent_height, self.latent_width],
@@ -122,6 +144,11 @@ class Bucket:
             rope = sc.section(data["rope"], f"{where}.rope")
             bucket = replace(bucket, rope_file=sc.file_field(rope, "file", f"{where}.rope"),
                              rope_sha256=sc.sha256(rope, "sha256", f"{where}.rope"))
+        if "stage1" in data:
+            at = f"{where}.stage1.rope"
+            rope = sc.section(sc.get(sc.section(data["stage1"], f"{where}.stage1"), "rope", f"{where}.stage1"), at)
+            bucket = replace(bucket, stage1_rope_file=sc.file_field(rope, "file", at),
+                             stage1_rope_sha256=sc.sha256(rope, "sha256", at))
         facts = {"latent_grid": [bucket.latent_frames, bucket.latent_height, bucket.latent_width],
                  "video_tokens": bucket.video_tokens, "reference_tokens": bucket.reference_tokens}
         for key, want in facts.items():  # C++ apps read these as written
@@ -214,34 +241,6 @@ class ComponentEntry:
 
 
 @dataclass(frozen=True)
-class LoraEntry:
-    """A LoRA fused into the DiT at build time: file name, sha256, strength (DESIGN.md §4)."""
-
-    name: str
-    sha256: str
-    strength: float
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise BundleError(f"manifest LoRA name {self.name!r} is not a file name: rebuild the bundle")
-        if not (isinstance(self.sha256, str) and len(self.sha256) == 64
-                and all(c in "0123456789abcdef" for c in self.sha256)):
-            raise BundleError(f"manifest LoRA {self.name} sha256 {self.sha256!r} is not 64 hex digits: "
-                              "rebuild the bundle")
-        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
-                or self.strength != self.strength or abs(self.strength) == float("inf"):
-            raise BundleError(f"manifest LoRA {self.name} strength {self.strength!r} is not a finite number: "
-                              "rebuild the bundle")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "sha256": self.sha256, "strength": float(self.strength)}
-
-    @staticmethod
-    def from_json(data: dict[str, Any]) -> LoraEntry:
-        return LoraEntry(data["name"], data["sha256"], data["strength"])
-
-
-@dataclass(frozen=True)
 class Manifest:
     """Everything the runtime needs to run a bundle, and nothing it must guess."""
 
@@ -261,6 +260,12 @@ class Manifest:
     created_by: CreatedBy = field(default_factory=CreatedBy)
     format: int = FORMAT_VERSION
     loras: tuple[LoraEntry, ...] = ()  # fused into the DiT, in build order
+    two_stage: TwoStageConfig | None = None  # a two-stage bundle (with both STAGE_COMPONENTS); None: one stage
+
+    @property
+    def default_stages(self) -> int:
+        """The stages a generation runs unless asked otherwise: the bundle's two-stage default, else 1."""
+        return self.two_stage.default_stages if self.two_stage is not None else 1
 
     @property
     def rope_input(self) -> bool:
@@ -297,6 +302,7 @@ class Manifest:
             **{key: getattr(self, key).to_json() for key in SECTIONS},
             "decode": self.decode.to_json() if self.decode is not None else {},
             "loras": [lora.to_json() for lora in self.loras],
+            **({"two_stage": self.two_stage.to_json()} if self.two_stage is not None else {}),
         }
 
     @staticmethod
@@ -309,9 +315,10 @@ class Manifest:
                 f"{', '.join(map(str, READ_FORMATS))}): rebuild it with `stdrc-export build-engines`"
             )
         components = sc.section(sc.get(data, "components", "manifest"), "components")
-        unknown = sorted(set(components) - set(COMPONENTS))
+        unknown = sorted(set(components) - set(COMPONENTS) - set(STAGE_COMPONENTS))
         if unknown or not components:
-            raise sc.bad("components", sorted(components), f"components among {', '.join(COMPONENTS)}")
+            raise sc.bad("components", sorted(components),
+                         f"components among {', '.join(COMPONENTS + STAGE_COMPONENTS)}")
         preset = sc.string(data, "preset", "manifest")
         checkpoint = sc.get(data, "checkpoint_sha256", "manifest", None)
         if checkpoint is not None:
@@ -327,10 +334,13 @@ class Manifest:
             **sections,
             format=fmt,
             loras=_loras(sc.get(data, "loras", "manifest", [])),
+            two_stage=None if data.get("two_stage") is None else TwoStageConfig.from_json(data["two_stage"],
+                                                                                          "two_stage"),
         )
         if "dit" in manifest.components and manifest.rope.baked_in_dit == manifest.rope_input:
             raise sc.bad("rope.baked_in_dit", manifest.rope.baked_in_dit,
                          f"{not manifest.rope_input} (the DiT's rope_cos input says so)")
+        _check_two_stage(manifest)
         return manifest
 
 
@@ -350,6 +360,28 @@ def _buckets(data: dict, fmt: int) -> tuple[Bucket, ...]:
         if default != buckets[0]:
             raise sc.bad("bucket", default.label(), f"the first of buckets ({buckets[0].label()})")
     return buckets
+
+
+def _check_two_stage(m: Manifest) -> None:
+    """`two_stage` comes with both stage components, a DiT fed its RoPE tables, and per bucket a multiple-of-64
+    size with its stage-1 tables; the stage components come only with `two_stage`."""
+    present = [c for c in STAGE_COMPONENTS if c in m.components]
+    if m.two_stage is None:
+        if present:
+            raise sc.bad("two_stage", None, f"a two_stage section (the bundle holds {', '.join(present)})")
+        return
+    missing = [c for c in STAGE_COMPONENTS if c not in m.components]
+    if missing:
+        raise sc.bad("components", sorted(m.components), f"{', '.join(missing)} too (a two_stage bundle)")
+    if not m.rope_input:
+        raise sc.bad("rope.baked_in_dit", True, "false in a two_stage bundle (its DiT runs two token grids)")
+    for i, b in enumerate(m.buckets):
+        try:
+            b.half()
+        except InputError as e:
+            raise BundleError(f"bundle manifest buckets[{i}]: {e} ({sc.FIX})") from e
+        if b.stage1_rope_file is None:
+            raise sc.bad(f"buckets[{i}].stage1", None, "the stage-1 RoPE tables of a two_stage bundle")
 
 
 def _loras(data: Any) -> tuple[LoraEntry, ...]:
@@ -411,6 +443,8 @@ def bundle_files(manifest: Manifest) -> dict[str, str]:
     files: dict[str, str] = {}
     named = [(manifest.rope.file, manifest.rope.sha256)]
     named += [(b.rope_file, b.rope_sha256) for b in manifest.buckets if b.rope_file is not None]
+    named += [(b.stage1_rope_file, b.stage1_rope_sha256) for b in manifest.buckets
+              if b.stage1_rope_file is not None]
     if manifest.text.file is not None:
         named.append((manifest.text.file, manifest.text.sha256))
     for entry in manifest.components.values():

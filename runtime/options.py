@@ -18,6 +18,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from stdrc.runtime.errors import InputError
 from stdrc.runtime.schema import MAX_STEPS
+from stdrc.runtime.vocab import STAGES
 
 MAX_SEED = 2**63 - 1  # int64: what JSON, C++ and numpy's generators all take
 MAX_SCALE = 100.0
@@ -201,6 +202,10 @@ class GenerationOptions:
         metavar=("SIGMA_LO", "SIGMA_HI"))
     cfg_rescale: float = knob("rescale guided velocity toward its std (0 = off)", 0.0, lo=0.0, hi=1.0)
     distilled: bool = knob("LTX-2's distilled 8-step sigmas", False)
+    stages: int | None = knob("1: sample at the output size; 2: guided at half size, upsample x2, refine "
+                              "(default: the bundle's, 2 when it has an upsampler and a refinement)", None,
+                              lo=min(STAGES), hi=max(STAGES), served=True, app="Stages",
+                              fix=f"use --stages {' or '.join(map(str, STAGES))}")
     max_batch: int = knob("guidance streams per DiT call (1-3; lower saves memory)", 3, lo=1, hi=3,
                           fix="use 1, 2 or 3 guidance streams per DiT call")
     face_crop: bool = knob("crop the reference to its largest face (--no-face-crop: the whole photo, no "

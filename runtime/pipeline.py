@@ -365,11 +365,15 @@ class Pipeline:
         return Prepared(o, bucket, scales, sigmas, image, *given, facesim_scored=scored)
 
     def resolve(self, options: GenerationOptions) -> GenerationOptions:
-        """`options` with the bundle's values in place of None: steps (the sigmas' count), guidance scales and
-        the bucket's size (an InputError when the bundle has no such bucket). The app shows these."""
+        """`options` with the bundle's values in place of None: steps (the sigmas' count), stages, guidance scales
+        and the bucket's size (an InputError when the bundle has no such bucket). The app shows these."""
         o, g = options, self.manifest.guidance
         bucket = self.manifest.find_bucket(o.frames, o.height, o.width)
-        return replace(o, steps=len(self.sigmas(o.steps, o.distilled)) - 1, frames=bucket.frames,
+        stages = self.manifest.default_stages if o.stages is None else o.stages
+        if stages == 2 and self.manifest.two_stage is None:
+            raise InputError("this bundle has one stage (no upsampler and refinement LoRA): pass --stages 1 or "
+                             "leave it out, or rebuild it with --upsampler FILE --refine-lora FILE")
+        return replace(o, steps=len(self.sigmas(o.steps, o.distilled)) - 1, stages=stages, frames=bucket.frames,
                        height=bucket.height, width=bucket.width,
                        text_scale=g.text_scale if o.text_scale is None else o.text_scale,
                        ref_scale=g.ref_scale if o.ref_scale is None else o.ref_scale)

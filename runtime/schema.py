@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from stdrc.runtime.errors import BundleError
-from stdrc.runtime.vocab import LAYOUTS, MODEL_FAMILIES
+from stdrc.runtime.vocab import LAYOUTS, MODEL_FAMILIES, STAGES
 
 FIX = "rebuild the bundle with `stdrc-export build-engines`"
 MAX_STEPS = 1000  # more than this is a typo, not a schedule
@@ -193,7 +193,7 @@ def nested(cls: type) -> Callable[..., Any]:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, Section):
+    if isinstance(value, (Section, LoraEntry)):
         return value.to_json()
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
@@ -272,6 +272,65 @@ class TextModel(Section):
     @property
     def ffn(self) -> int:
         return self.encoder_ffn or 4 * self.encoder_dim
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """A LoRA fused into the DiT at build time: file name, sha256, strength (DESIGN.md §4)."""
+
+    name: str
+    sha256: str
+    strength: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise BundleError(f"manifest LoRA name {self.name!r} is not a file name: rebuild the bundle")
+        if not (isinstance(self.sha256, str) and len(self.sha256) == 64
+                and all(c in "0123456789abcdef" for c in self.sha256)):
+            raise BundleError(f"manifest LoRA {self.name} sha256 {self.sha256!r} is not 64 hex digits: "
+                              "rebuild the bundle")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
+                or self.strength != self.strength or abs(self.strength) == float("inf"):
+            raise BundleError(f"manifest LoRA {self.name} strength {self.strength!r} is not a finite number: "
+                              "rebuild the bundle")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "strength": float(self.strength)}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> LoraEntry:
+        return LoraEntry(data["name"], data["sha256"], data["strength"])
+
+
+def lora_entry(data: dict, key: str, where: str) -> LoraEntry:
+    """A {name, sha256, strength} object."""
+    entry = section(get(data, key, where), f"{where}.{key}")
+    return LoraEntry(string(entry, "name", f"{where}.{key}"), sha256(entry, "sha256", f"{where}.{key}"),
+                     number(entry, "strength", f"{where}.{key}"))
+
+
+# LTX-2's distilled stage-2 sigmas (ltx_pipelines STAGE_2_DISTILLED_SIGMA_VALUES): 3 Euler steps, the first
+# being the level the upsampled latent is re-noised to
+STAGE2_SIGMAS = (0.909375, 0.725, 0.421875, 0.0)
+
+
+def stage_count(data: dict, key: str, where: str) -> int:
+    return integer(data, key, where, lo=min(STAGES), hi=max(STAGES))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TwoStageConfig(Section):
+    """A two-stage bundle (its `upsampler` and `dit_refine` components): stage 1 samples the half-size bucket
+    with guidance, the upsampler doubles its latent, which is re-noised to `sigmas[0]` and refined by
+    `dit_refine` (the DiT with the refinement LoRA `lora`) over `sigmas`, one unguided stream."""
+
+    sigmas: tuple[float, ...] = spec(sigma_list, STAGE2_SIGMAS)
+    lora: LoraEntry = spec(lora_entry)
+    default_stages: int = spec(stage_count, 2)
+
+    def __post_init__(self) -> None:
+        if self.sigmas[-1] != 0.0 or self.sigmas[0] >= 1.0:
+            raise bad("two_stage.sigmas", list(self.sigmas), "sigmas from a re-noise level below 1 down to 0")
 
 
 @dataclass(frozen=True, kw_only=True)

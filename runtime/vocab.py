@@ -7,6 +7,9 @@ Everything else imports these: a CLI's `choices`, a manifest check and a build s
 COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder")
 REQUIRED_COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder")
 BUCKET_SIZED = ("dit", "vae_encoder", "vae_decoder")  # input shapes follow the bucket (the others: fixed)
+# a two-stage bundle's extra components: the x2 latent upsampler and the DiT with the refinement LoRA
+STAGE_COMPONENTS = ("upsampler", "dit_refine")
+STAGES = (1, 2)  # sampling stages of a generation: 1 = the output size only; 2 = half size, upsample, refine
 
 BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
 ONNX_BACKENDS = ("onnxruntime", "tensorrt")  # engines built from an exported ONNX file

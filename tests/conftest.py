@@ -68,6 +68,17 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Pa
 
 
 @pytest.fixture(scope="session")
+def two_stage_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """The tiny preset as a two-stage bundle (a random tiny upsampler and rank-4 refinement LoRA), bucket
+    9x128x64 so its stage-1 half is 9x64x32: the one every two-stage test shares (Python and C++)."""
+    from stdrc.engines.build import BuildConfig, build_engines
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-two-stage"
+    return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="onnxruntime", progress=False,
+                                     buckets=("9x128x64",), two_stage=True))
+
+
+@pytest.fixture(scope="session")
 def astronaut_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import skimage.data
 

@@ -39,6 +39,16 @@ def _build(capsys, tmp_path: Path, *args: str) -> tuple[int, str]:
     (["--precision", "fp8"], "FP8 needs --backend tensorrt or torch or aoti"),
     (["--backend", "torch", "--precision", "fp16"], "FP16 needs --backend onnxruntime or tensorrt"),
     (["--decode-tile", "50"], "decode tile 50 px must be a multiple of 32"),
+    # two stages (issue 27): the stage-1 half must be a VAE size, both stage files or neither, input RoPE
+    (["--two-stage"], "width=96 is not a multiple of 64, which two-stage generation needs"),
+    (["--two-stage", "--bucket", "9x128x64", "--bucket", "9x128x96"], "height=96 is not a multiple of 64"),
+    (["--upsampler", "up.safetensors"], "--upsampler without --refine-lora: a two-stage bundle needs both"),
+    (["--refine-lora", "l.safetensors:0.5"], "--refine-lora without --upsampler"),
+    (["--two-stage", "--width", "128", "--rope", "baked"], "a two-stage DiT runs two"),
+    (["--two-stage", "--preset", "ltx2-video"], "--two-stage makes random stage pieces for the tiny presets only"),
+    (["--two-stage", "--width", "128", "--backend", "torch", "--precision", "bf16"], "or two stages"),
+    (["--upsampler", "missing.safetensors", "--refine-lora", "l.safetensors", "--width", "128"],
+     "--upsampler missing.safetensors does not exist"),
 ])
 def test_bad_argument_is_refused_before_loading(capsys, tmp_path: Path, dit_only: Path, args: list[str],
                                                 message: str) -> None:

@@ -17,7 +17,8 @@ from stdrc.export.config import get_preset
 from stdrc.export.errors import LoraError
 from stdrc.export.lora import LoraSet, LoraSpec, dit_shapes
 from stdrc.runtime.errors import BundleError
-from stdrc.runtime.manifest import LoraEntry, sha256_file
+from stdrc.runtime.manifest import sha256_file
+from stdrc.runtime.schema import LoraEntry
 
 PREFIX = {"comfyui": "diffusion_model.", "diffusers": "transformer.", "peft": "base_model.model.", "ltx-core": ""}
 TINY_TARGETS = ("patchify_proj.weight", "adaln_single.linear.weight", "transformer_blocks.0.attn1.to_q.weight",
