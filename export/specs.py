@@ -233,24 +233,8 @@ def stage_specs(preset: Preset, buckets: tuple[Bucket, ...], dit: ComponentSpec)
     """The two-stage components: `upsampler` takes each bucket's stage-1 latent (half its latent height and
     width, normalised as the DiT makes it) and returns the bucket's; `dit_refine` has the DiT's inputs and
     outputs at the buckets' own grids (stage 2 runs one unguided stream at the output size)."""
-    b, c = buckets[0], preset.vae.latent_channels
-    spans = {"latent_frames": _span([x.latent_frames for x in buckets]),
-             "latent_height": _span([x.half().latent_height for x in buckets]),
-             "latent_width": _span([x.half().latent_width for x in buckets])}
-    varies = {k: v for k, v in spans.items() if v[0] != v[2]}
-    lf, lh, lw = (k if k in varies else spans[k][1] for k in spans)
-    up_h, up_w = (f"{x}*2" if isinstance(x, str) else 2 * x for x in (lh, lw))
-
-    def up_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
-        h = b.half()
-        shape = (1, c, h.latent_frames, h.latent_height, h.latent_width)
-        return {"latent": _rng(seed).standard_normal(shape, dtype=np.float32)}
-
-    def up_profile(x: Bucket) -> dict[str, list[int]]:
-        h = x.half()
-        own = {"latent_frames": h.latent_frames, "latent_height": h.latent_height, "latent_width": h.latent_width}
-        return {k: [own[k]] * 3 for k in varies}
-
+    b = buckets[0]
+    halves = [x.half() for x in buckets]
     tokens = _span([x.tokens for x in buckets])
     # the DiT's batch range (its graph, exported the same way), though stage 2 runs one stream
     refine_dims = {"batch": list(DIT_BATCH), **({"tokens": tokens} if tokens[0] != tokens[2] else {})}
@@ -259,14 +243,8 @@ def stage_specs(preset: Preset, buckets: tuple[Bucket, ...], dit: ComponentSpec)
         return tuple(b.tokens if dim == "tokens" and "tokens" not in refine_dims else dim for dim in shape)
 
     return {
-        "upsampler": ComponentSpec(
-            "upsampler",
-            (TensorSpec("latent", (1, c, lf, lh, lw), "float32"),),
-            (TensorSpec("upsampled", (1, c, lf, up_h, up_w), "float32"),),
-            dynamic_dims=varies,
-            sample=up_sample,
-            bucket_dims=tuple(up_profile(x) for x in buckets) if len(buckets) > 1 and varies else (),
-        ),
+        "upsampler": upsampler_spec(preset.vae.latent_channels,
+                                    [(h.latent_frames, h.latent_height, h.latent_width) for h in halves]),
         "dit_refine": ComponentSpec(
             "dit_refine",
             tuple(TensorSpec(t.name, refine_shape(t.shape), t.dtype) for t in dit.inputs),

@@ -42,7 +42,8 @@ def two_stage_json(one_stage: dict) -> dict:
     bucket = {**data["buckets"][0], "width": 128, "latent_grid": None, "video_tokens": None}
     b = Bucket(bucket["frames"], bucket["height"], 128, bucket["text_length"], bucket["fps"])
     bucket.update(latent_grid=[b.latent_frames, b.latent_height, b.latent_width], video_tokens=b.video_tokens,
-                  reference_tokens=b.reference_tokens, rope={"file": data["rope"]["file"], "sha256": data["rope"]["sha256"]},
+                  reference_tokens=b.reference_tokens,
+                  rope={"file": data["rope"]["file"], "sha256": data["rope"]["sha256"]},
                   stage1={"rope": {"file": "rope_s1.npz", "sha256": "02" * 32}})
     data["buckets"] = [bucket]
     dit = data["components"]["dit"]
