@@ -1,5 +1,5 @@
-"""Synthetic real-layout inputs: an LTX-2- or LTX-2.3-layout checkpoint at the real width and a random Gemma-3
-folder.
+"""Synthetic real-layout inputs: an LTX-2- or LTX-2.3-layout checkpoint at the real width, a random Gemma-3
+folder and an x2 spatial latent upsampler file.
 
 Used by the reduced-depth ltx2-video and ltx23-video tests and `build_memory.py`: the full-width model with fewer DiT
 and Gemma layers, so the real build path runs on a small machine and its cost can be scaled per layer.
@@ -30,6 +30,7 @@ from stdrc.export.dit import fp8_policy_excluded, init_seeded
 from stdrc.export.fp8_source import E4M3_MAX, INPUT_SCALE, QUANT_METADATA, WEIGHT_SCALE, quantize
 from stdrc.export.models import default_dtype
 from stdrc.export.text import TextSide, TinyTextEncoder
+from stdrc.export.upsampler import X2_UPSAMPLER, UpsamplerConfig, build_upsampler, save_upsampler
 from stdrc.export.vae import build_vae
 
 PROMPTS = ["a woman smiles at the camera", "a man walks on a beach at sunset", "a child laughs in the rain",
@@ -184,6 +185,17 @@ def write_fp8_checkpoint(src: Path, dst: Path) -> Path:
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(dst)
     return dst
+
+
+def write_upsampler(path: Path, cfg: UpsamplerConfig = X2_UPSAMPLER, seed: int = 0,
+                    dtype: torch.dtype = torch.bfloat16) -> Path:
+    """An x2 spatial upsampler file as Lightricks ships one (`*-spatial-upscaler-x2-*.safetensors`): ltx-core's
+    `LatentUpsampler` state dict under its own names, seeded, and `cfg` as flat `config` metadata. The default
+    is the real width (ltx-core's x2 spatial config, ~126 M parameters); `TINY_UPSAMPLER` for the tiny presets."""
+    with default_dtype(dtype):
+        module = _unset(lambda: build_upsampler(cfg, seed=None))
+        init_seeded(module, seed, std=0.02)
+    return save_upsampler(path, module, cfg)
 
 
 def reduced_preset(name: str = "ltx2-video", dit_layers: int = 1, connector_layers: int | None = None) -> Preset:

@@ -58,6 +58,7 @@ class UpsamplerConfig:
                 "dims": self.dims, **_X2_SPATIAL}
 
 
+X2_UPSAMPLER = UpsamplerConfig()  # the released x2 spatial file's width and depth
 TINY_UPSAMPLER = UpsamplerConfig(mid_channels=32, num_blocks_per_stage=1)  # the tiny presets' (GroupNorm: 32 groups)
 
 

@@ -1,11 +1,14 @@
 """The `upsampler` component against ltx-core: its `LatentUpsampler` built and loaded from the same file by its
 own model builder (as ltx-pipelines loads the spatial upscaler), with `upsample_video` around it and the VAE
-statistics read through ltx-core's own VAE key filter; through PyTorch and ONNX Runtime (fp32). The header
-checks refuse a wrong file before any tensor is read."""
+statistics read through ltx-core's own VAE key filter; through PyTorch and ONNX Runtime (fp32), for the tiny
+presets' upsampler and (slow lane) the real x2 width on a small grid. The files are benchmarks/synthetic.py's.
+The header checks refuse a wrong file before any tensor is read."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +31,7 @@ from stdrc.export.onnx_export import export_onnx
 from stdrc.export.specs import upsampler_spec
 from stdrc.export.upsampler import (
     TINY_UPSAMPLER,
+    X2_UPSAMPLER,
     UpsamplerConfig,
     UpsampleVideo,
     build_upsampler,
@@ -36,6 +40,8 @@ from stdrc.export.upsampler import (
     read_statistics,
     save_upsampler,
 )
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 TOL = 1e-5  # rel L2, fp32
 CHANNELS = 128  # the VAE's latent channels (every LTX VAE)
@@ -67,11 +73,18 @@ def ltx_core_upsample(upsampler_path: Path, stats_path: Path) -> Callable[[torch
     return lambda latent: upsample_video(latent, encoder, upsampler)
 
 
+def write_upsampler(path: Path, cfg: UpsamplerConfig, seed: int = 7) -> Path:
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("synthetic").write_upsampler(path, cfg, seed)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("upsampler")
-    path = save_upsampler(folder / "tiny-spatial-upscaler-x2.safetensors", build_upsampler(TINY_UPSAMPLER, 7),
-                          TINY_UPSAMPLER)
+    path = write_upsampler(folder / "tiny-spatial-upscaler-x2.safetensors", TINY_UPSAMPLER)
     return path, write_statistics(folder / "vae-stats.safetensors")
 
 
@@ -91,14 +104,13 @@ def test_config_and_statistics_read_from_the_files(files: tuple[Path, Path], our
     assert ours.std.shape == (1, CHANNELS, 1, 1, 1) and float(ours.std.min()) >= 0.5  # the file's, not ones
 
 
-def test_pytorch_and_onnxruntime_match_ltx_core(files: tuple[Path, Path], ours: UpsampleVideo,
-                                                 tmp_path: Path) -> None:
+def _check_parity(files: tuple[Path, Path], ours: UpsampleVideo, grids: tuple[tuple[int, int, int], ...],
+                  folder: Path) -> None:
+    """ours (PyTorch, then exported with `grids` as its stage-1 grids) vs ltx-core on every grid."""
     reference = ltx_core_upsample(*files)
-    spec = upsampler_spec(CHANNELS, GRIDS)
-    assert spec.dynamic_dims == {"latent_frames": [2, 2, 3], "latent_height": [2, 3, 3], "latent_width": [2, 4, 4]}
-    onnx_path = export_onnx(ours, spec, tmp_path / "upsampler.onnx")
+    onnx_path = export_onnx(ours, upsampler_spec(CHANNELS, grids), folder / "upsampler.onnx")
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    for i, grid in enumerate(GRIDS):
+    for i, grid in enumerate(grids):
         latent = _latent(grid, seed=i)
         with torch.no_grad():
             want = reference(latent).numpy()
@@ -108,6 +120,25 @@ def test_pytorch_and_onnxruntime_match_ltx_core(files: tuple[Path, Path], ours: 
         assert got.shape == want.shape and _rel_l2(got, want) <= TOL
         (onnx_out,) = session.run(["upsampled"], {"latent": latent.numpy()})
         assert onnx_out.shape == want.shape and _rel_l2(onnx_out, want) <= TOL
+
+
+def test_pytorch_and_onnxruntime_match_ltx_core(files: tuple[Path, Path], ours: UpsampleVideo,
+                                                 tmp_path: Path) -> None:
+    assert upsampler_spec(CHANNELS, GRIDS).dynamic_dims == {
+        "latent_frames": [2, 2, 3], "latent_height": [2, 3, 3], "latent_width": [2, 4, 4]}
+    _check_parity(files, ours, GRIDS, tmp_path)
+
+
+@pytest.mark.slow
+def test_real_width_matches_ltx_core(tmp_path: Path) -> None:
+    """The released x2 width and depth (bf16 file, ~250 MB; fp32 in both paths) on one small grid.
+    Measured 9.6 s, peak RSS 2.0 GB (the whole module) on the shared 2-core VM (2026-12-06)."""
+    path = write_upsampler(tmp_path / "ltx-2-spatial-upscaler-x2.safetensors", X2_UPSAMPLER)
+    file = open_upsampler(path, CHANNELS)
+    assert file.config == X2_UPSAMPLER and file.checkpoint.shapes["upsampler.0.weight"] == (2048, 512, 3, 3)
+    files = (path, write_statistics(tmp_path / "vae-stats.safetensors"))
+    ours = UpsampleVideo(load_upsampler(file), read_statistics(open_checkpoint(files[1])))
+    _check_parity(files, ours, ((2, 2, 3),), tmp_path)
 
 
 def _rewrite(src: Path, dst: Path, config: dict | None = None, drop: str | None = None,
