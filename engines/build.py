@@ -17,12 +17,14 @@ from tqdm import tqdm
 import stdrc
 from stdrc.engines.bundle import BundleWriter
 from stdrc.engines.preflight import check_build, check_disk
+from stdrc.engines.refine import externalize, refine_component, refine_lora_spec
 from stdrc.engines.stage_cache import cache_key, cached_onnx, drop_uncached, release_memory, versions
 from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
-from stdrc.export.lora import LoraSpec, lora_transform
+from stdrc.export.lora import LoraSpec, dit_shapes, lora_transform
 from stdrc.export.models import ModelSet, Sources, load_sources, plan_sources
 from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
+from stdrc.export.refine import load_refine_lora
 from stdrc.export.specs import ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
 from stdrc.runtime.memory import activation_bytes, component_weight_bytes
@@ -31,7 +33,6 @@ from stdrc.runtime.schema import (
     BuildFacts,
     CreatedBy,
     GuidanceConfig,
-    LoraEntry,
     MemoryConfig,
     ModelConfig,
     QualityConfig,
@@ -175,7 +176,7 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
     """One component's engine; its weights are loaded (on a cache miss) and released before the next.
 
     `bucket` is the default; a spec with RoPE inputs (several buckets) exports the DiT without tables."""
-    if spec.name in STAGE_COMPONENTS:
+    if spec.name == "upsampler":
         raise ExportError(f"this stdrc cannot build the {spec.name} component yet: drop --two-stage, "
                           "--upsampler and --refine-lora")
     rope_input = any(t.name == "rope_cos" for t in spec.inputs)
@@ -199,6 +200,8 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
         facts = build_ort_engine(onnx_path, out, precision, move=not kept)
         if not kept:
             drop_uncached(onnx_path)
+        if spec.name == "dit" and cfg.is_two_stage:  # dit_refine reads its weights file (engines/refine.py)
+            externalize(out)
         extra = {f.name: sha256_file(f) for f in onnx_files(out)[1:]}
     elif backend in TORCH_BACKENDS:
         models = full()
@@ -264,15 +267,6 @@ def write_rope_tables(models: ModelSet, buckets: tuple[Bucket, ...], layout: str
     return tuple(named), ratio
 
 
-def refine_entry(cfg: BuildConfig) -> LoraEntry:
-    """The refinement LoRA as the manifest's two_stage section records it (strength default 1.0)."""
-    lora = cfg.refine_lora
-    if lora is None:
-        raise ExportError("this stdrc cannot make the tiny presets' random refinement LoRA yet: pass "
-                          "--refine-lora FILE[:STRENGTH]")
-    return LoraEntry(lora.path.name, sha256_file(lora.path), 1.0 if lora.strength is None else lora.strength)
-
-
 def build_engines(cfg: BuildConfig) -> Path:
     """Build every component for the buckets of `cfg` and write the bundle at `cfg.out` (atomically).
 
@@ -296,6 +290,10 @@ def build_engines(cfg: BuildConfig) -> Path:
     if cfg.loras:  # checked against the DiT's shapes from headers, then fused as each DiT tensor is read
         transform, lora_set = lora_transform(cfg.loras, src.preset.dit, cfg.dit_transform)
         cfg = replace(cfg, dit_transform=transform)
+    refine = None
+    if cfg.is_two_stage:  # the refinement LoRA (given, or the tiny presets' random one) checked from its header
+        given = refine_lora_spec(cfg.refine_lora, src.preset, cfg.seed, cfg.cache_dir / "refine_lora")
+        refine = load_refine_lora(given, src.preset.dit)
     models = load_sources(src, components=())  # preset, tokenizer, RoPE: no weights
     if lora_set:  # as load_models records it: a fused DiT is another source
         models.source_sha256 = hashlib.sha256((models.source_sha256 + lora_set.digest()).encode()).hexdigest()
@@ -320,7 +318,11 @@ def build_engines(cfg: BuildConfig) -> Path:
         components = {}
         for name in COMPONENTS + (STAGE_COMPONENTS if two_stage else ()):
             stages.set_postfix_str(f"{name} ({backend})")
-            components[name] = build_component(cfg, backend, src, bucket, specs[name], writer, full)
+            if name == "dit_refine":  # the dit engine's graph with the LoRA's branches, on its weights file
+                components[name] = refine_component(components["dit"], writer.staging, specs[name], refine,
+                                                    dit_shapes(src.preset.dit))
+            else:
+                components[name] = build_component(cfg, backend, src, bucket, specs[name], writer, full)
             release_memory()
             log.info("built %s", name)
             if cfg.on_component is not None:
@@ -371,7 +373,7 @@ def build_engines(cfg: BuildConfig) -> Path:
                                  source_sha256=models.source_sha256, sources=models.sources,
                                  versions=versions()),
             loras=lora_set.entries() if lora_set else (),
-            two_stage=TwoStageConfig(lora=refine_entry(cfg)) if two_stage else None,
+            two_stage=TwoStageConfig(lora=refine.entry()) if refine is not None else None,
         )
         stages.set_postfix_str("writing manifest")
         path = writer.commit(manifest)

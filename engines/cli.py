@@ -45,6 +45,7 @@ def _verify(args: argparse.Namespace) -> int:
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
                             base_checkpoint=args.base_checkpoint, face_weights=args.face_weights,
                             loras=tuple(LoraSpec.parse(t) for t in args.lora),
+                            refine_lora=LoraSpec.parse(args.refine_lora) if args.refine_lora else None,
                             report=args.report and not args.json, trust_code=args.trust_bundle_code)
     result = reports_json(reports, read_manifest(args.bundle).model_config.family)
     if args.json:
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--face-weights", type=Path, default=None, help="the ArcFace backbone the bundle was built with")
     v.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="each LoRA the bundle was built with, in order (strength default: the manifest's)")
+    v.add_argument("--refine-lora", default=None, metavar="FILE[:STRENGTH]",
+                   help="a two-stage bundle's refinement LoRA (default: the tiny presets' seeded one, made again)")
     add_device_flag(v, "where the engines run (the reference runs on CPU; auto: CUDA when the bundle's backend "
                        "can use it here)")
     v.add_argument("--trust-bundle-code", action="store_true",

@@ -123,6 +123,8 @@ def check_two_stage(cfg: BuildConfig, buckets: tuple[Bucket, ...]) -> bool:
     return True
 
 
+# Backends that build the two-stage refinement engine (engines/refine.py; docs/design.md says why not the others).
+REFINE_BACKENDS = ("onnxruntime",)
 # Backends whose VAE decoder goes through Inductor at build time.
 INDUCTOR_BACKENDS = ("aoti",)
 DECODER_DIMS = ("latent_frames", "tile_height", "tile_width")
@@ -164,6 +166,10 @@ def check_build(cfg: BuildConfig, backend: str) -> tuple[tuple[Bucket, ...], Dec
                           "(one bucket, one stage): pass one --bucket with --rope baked (or auto) and no "
                           f"two-stage flag, or --precision {'fp16 or bf16' if backend == 'tensorrt' else 'fp32'} "
                           "for several buckets or two stages")
+    if cfg.is_two_stage and backend not in REFINE_BACKENDS:
+        raise ExportError(f"--backend {backend} builds no refinement engine (dit_refine) for two-stage generation: "
+                          f"pass --backend {' or '.join(REFINE_BACKENDS)}, or drop --two-stage, --upsampler and "
+                          "--refine-lora for a one-stage bundle")
     if backend in INDUCTOR_BACKENDS:
         check_inductor_decoder(cfg, buckets, tiling, backend)
     for name in ("checkpoint", "base_checkpoint", "face_weights", "text_encoder", "cache_dir", "upsampler"):

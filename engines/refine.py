@@ -16,7 +16,7 @@ nowhere, or twice, is an ExportError (never a silently missing branch).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,16 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors import safe_open
 
 from stdrc.engines.onnxruntime import check_external_data, external_files
+from stdrc.export.config import Preset
 from stdrc.export.errors import ExportError
-from stdrc.export.lora import LoraFile
+from stdrc.export.lora import LoraFile, LoraSpec
+from stdrc.export.refine import write_random_lora
+from stdrc.export.specs import ComponentSpec
+from stdrc.runtime.manifest import ComponentEntry, sha256_file
 
 log = logging.getLogger(__name__)
 ALIGN = 64  # byte alignment of each tensor in the LoRA data file
+RANDOM_LORA_PREFIX = "random-refine-lora-"  # the tiny presets' seeded refinement LoRA (`--two-stage`)
 _TORCH_TO_ONNX = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                   torch.bfloat16: TensorProto.BFLOAT16}
 
@@ -195,3 +200,40 @@ def build_refine_ort(dit_engine: Path, out: Path, lora: LoraFile, targets: dict[
     tmp.replace(out)
     log.info("dit_refine: %d LoRA branches on the dit engine's weights", len(sites))
     return [data.path]
+
+
+def random_refine_lora(preset: Preset, seed: int, folder: Path) -> LoraSpec:
+    """The tiny presets' refinement LoRA for `--two-stage` without `--refine-lora`: seeded, rank RANDOM_RANK, in
+    `folder` (the stage cache) under a name that says what it is; `verify` rebuilds the same file from the name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{RANDOM_LORA_PREFIX}{preset.name}-seed{seed}.safetensors"
+    if not path.is_file():
+        write_random_lora(path, preset.dit, seed=seed)
+    return LoraSpec(path, 1.0)
+
+
+def refine_lora_spec(given: LoraSpec | None, preset: Preset, seed: int, folder: Path) -> LoraSpec:
+    """The refinement LoRA of a two-stage build: the one given, else (tiny presets) the seeded random one."""
+    return given if given is not None else random_refine_lora(preset, seed, folder)
+
+
+def refine_source(lora: LoraFile) -> dict:
+    """The refinement LoRA as a component source (BuildFacts.source)."""
+    return {"refine_lora": {"file": lora.path.name, "sha256": lora.sha256, "strength": lora.strength}}
+
+
+def refine_component(dit: ComponentEntry, staging: Path, spec: ComponentSpec, lora: LoraFile,
+                     targets: dict[str, tuple[int, ...]]) -> ComponentEntry:
+    """The `dit_refine` entry, built from the staged `dit` engine (ONNX Runtime): its files are the graph,
+    the dit's weights file(s) it reads (the same file names and sha256 as the dit entry's) and the LoRA's data."""
+    if dit.backend != "onnxruntime":
+        raise ExportError(f"the refinement engine is built on an ONNX Runtime dit, not {dit.backend}: "
+                          "pass --backend onnxruntime for a two-stage bundle")
+    out = staging / f"{spec.name}.onnx"
+    own = build_refine_ort(staging / dit.file, out, lora, targets)
+    shared = {name: dit.extra_files[name] for name in external_files(onnx.load(str(out), load_external_data=False))
+              if name in dit.extra_files}
+    extra = {**shared, **{f.name: sha256_file(f) for f in own}}
+    return ComponentEntry(backend=dit.backend, file=out.name, sha256=sha256_file(out), precision=dit.precision,
+                          inputs=spec.inputs, outputs=spec.outputs, dynamic_dims=spec.dynamic_dims, extra_files=extra,
+                          build=replace(dit.build, source=refine_source(lora)))

@@ -7,6 +7,7 @@ files run through polygraphy's ONNX Runtime runner and comparator.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ import torch
 
 from stdrc.engines.stage_cache import release_memory
 from stdrc.export.config import ModelFamily, get_preset
-from stdrc.export.errors import CheckpointError
+from stdrc.export.errors import CheckpointError, LoraError
 from stdrc.export.lora import LoraSpec, lora_transform, match_manifest
 from stdrc.export.models import load_sources, plan_sources
 from stdrc.export.specs import component_specs
@@ -128,6 +129,9 @@ def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Cal
     vae_file = src.vae if name in ("vae_encoder", "vae_decoder") else None
     if vae_file is not None and "vae" in (vae_file.metadata_config or {}):
         module = ltx_core_reference(vae_file, name)
+    elif name == "dit_refine":  # the DiT with the refinement LoRA fused as ltx-core fuses it (not as branches)
+        one = load_sources(src, ("dit",), torch.float32, transform)
+        module = one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)["dit"]
     else:
         one = load_sources(src, (name,), torch.float32, transform if name == "dit" else None)
         module = one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)[name]
@@ -139,6 +143,18 @@ def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Cal
     return outs
 
 
+
+
+def refine_lora_for_verify(entry, given: LoraSpec | None, preset, seed: int, bundle: Path) -> LoraSpec:
+    """The refinement LoRA of a two-stage bundle, checked against its manifest entry (sha256, strength)."""
+    from stdrc.engines.refine import RANDOM_LORA_PREFIX, random_refine_lora
+
+    if given is None and entry.name.startswith(RANDOM_LORA_PREFIX):
+        given = random_refine_lora(preset, seed, Path(tempfile.gettempdir()) / "stdrc-refine-lora")  # seeded, tiny
+    if given is None:
+        raise LoraError(f"{bundle} refines with the LoRA {entry.name}: pass it as --refine-lora FILE to verify it")
+    (spec,) = match_manifest((entry,), (given,), bundle)
+    return spec
 
 
 def bucket_feeds(bundle: Path, bucket, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,11 +170,13 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
                   base_checkpoint: str | Path | None = None,
                   face_weights: str | Path | None = None, loras: tuple[LoraSpec, ...] = (),
                   dit_transform: Callable | None = None, report: bool = False,
-                  trust_code: bool = False) -> dict[str, ComponentReport]:
+                  trust_code: bool = False, refine_lora: LoraSpec | None = None) -> dict[str, ComponentReport]:
     """Rebuild each component in fp32 from the bundle's recorded sources, one at a time, and compare.
 
     `loras`: the files the bundle's DiT was fused with (the manifest keeps names and sha256, not paths);
-    `dit_transform`: any other per-tensor hook it was built with. `trust_code`: allow torch/aoti bundles,
+    `dit_transform`: any other per-tensor hook it was built with. `refine_lora`: a two-stage bundle's refinement
+    LoRA (its `dit_refine` is checked against the DiT with that LoRA fused; the tiny presets' random one is
+    made again when not given). `trust_code`: allow torch/aoti bundles,
     whose loading runs code from the bundle (README, Trust)."""
     bundle = check_path(bundle, "bundle folder")
     manifest = read_manifest(bundle)
@@ -178,8 +196,13 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     check_sources(bundle, manifest.created_by.sources, src.of(), list(manifest.components))
     if loras:
         dit_transform, _ = lora_transform(loras, src.preset.dit, dit_transform)
-    per_bucket = [component_specs(src.preset, b, manifest.decode, manifest.rope_input)
-                  for b in manifest.buckets]
+    refine_transform = None
+    if manifest.two_stage is not None:
+        refine = refine_lora_for_verify(manifest.two_stage.lora, refine_lora, src.preset, manifest.model_config.seed,
+                                        bundle)
+        refine_transform, _ = lora_transform((refine,), src.preset.dit, dit_transform)
+    per_bucket = [component_specs(src.preset, b, manifest.decode, manifest.rope_input,
+                                  two_stage=manifest.two_stage is not None) for b in manifest.buckets]
     reports = {}
     for name, entry in manifest.components.items():
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],
@@ -188,7 +211,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         checked = manifest.buckets if sized else manifest.buckets[:1]
         feeds = [bucket_feeds(bundle, b, specs[name].sample_inputs(seed=seed, batch=batch))
                  for b, specs in zip(checked, per_bucket) for batch in batches]
-        refs = _reference(src, name, manifest, per_bucket[0][name], feeds, dit_transform)
+        transform = refine_transform if name == "dit_refine" else dit_transform
+        refs = _reference(src, name, manifest, per_bucket[0][name], feeds, transform)
         release_memory()  # the PyTorch module is gone before the engine loads: one copy of the weights at a time
         expected = [{spec.name: value for spec, value in zip(entry.outputs, ref)} for ref in refs]
         with _engine_runner(bundle, name, entry, device, report, trust_code) as run:
