@@ -17,7 +17,7 @@ from tqdm import tqdm
 import stdrc
 from stdrc.engines.bundle import BundleWriter
 from stdrc.engines.preflight import check_build, check_disk
-from stdrc.engines.refine import externalize, refine_component, refine_lora_spec
+from stdrc.engines.refine import externalize, refine_component, refine_lora_spec, stage_refit_onnx
 from stdrc.engines.stage_cache import cache_key, cached_onnx, drop_uncached, release_memory, versions
 from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
@@ -227,9 +227,14 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
         else:
             onnx_path, kept = cached_onnx(cfg, cache_key(cfg, src, bucket, spec, dtype, attention), spec, load,
                                           writer.staging, attention)
-        plan = plan_for(spec.name, spec, precision, writer.staging, onnx_path=onnx_path,
-                        timing_cache=cfg.cache_dir / "trt_timing.cache", bucket_dims=spec.bucket_dims)
+        stripped = spec.name == "dit" and cfg.is_two_stage  # refit at load from dit.onnx, shared with dit_refine
+        refit = stage_refit_onnx(onnx_path, writer.staging) if stripped else onnx_path
+        plan = plan_for(spec.name, spec, precision, writer.staging, onnx_path=refit,
+                        timing_cache=cfg.cache_dir / "trt_timing.cache", bucket_dims=spec.bucket_dims,
+                        weight_stripped=stripped)
         facts = build_engine(plan)
+        if stripped:
+            extra = {f.name: sha256_file(f) for f in onnx_files(refit)}
         if not kept:
             drop_uncached(onnx_path)
         out = plan.plan_path
@@ -320,7 +325,7 @@ def build_engines(cfg: BuildConfig) -> Path:
             stages.set_postfix_str(f"{name} ({backend})")
             if name == "dit_refine":  # the dit engine's graph with the LoRA's branches, on its weights file
                 components[name] = refine_component(components["dit"], writer.staging, specs[name], refine,
-                                                    dit_shapes(src.preset.dit))
+                                                    dit_shapes(src.preset.dit), cfg.cache_dir / "trt_timing.cache")
             else:
                 components[name] = build_component(cfg, backend, src, bucket, specs[name], writer, full)
             release_memory()

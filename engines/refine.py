@@ -161,8 +161,9 @@ def _branch(graph: onnx.GraphProto, s: Site, tag: str, lora: LoraFile, f, data: 
     ]
 
 
-def build_refine_ort(dit_engine: Path, out: Path, lora: LoraFile, targets: dict[str, tuple[int, ...]]) -> list[Path]:
-    """`out` (dit_refine.onnx) from the built `dit_engine` graph and `lora`; returns its own extra files.
+def build_refine_graph(dit_engine: Path, out: Path, lora: LoraFile, targets: dict[str, tuple[int, ...]]) -> list[Path]:
+    """`out` (dit_refine.onnx) from the `dit_engine` graph (ONNX Runtime's engine, or the exported graph a
+    TensorRT plan is refit from) and `lora`; returns its own extra files.
 
     `targets`: the DiT's key -> shape map (export/lora.py `dit_shapes`). Reads the dit graph without its
     weights and the LoRA's A/B; the base weights are neither read nor written."""
@@ -202,6 +203,18 @@ def build_refine_ort(dit_engine: Path, out: Path, lora: LoraFile, targets: dict[
     return [data.path]
 
 
+def stage_refit_onnx(exported: Path, staging: Path) -> Path:
+    """The exported DiT ONNX placed in the bundle as `dit.onnx` with its weights in `dit.onnx.data` (hard-linked
+    from the export, or externalized there): a weight-stripped TensorRT plan is refit from it at load."""
+    from stdrc.engines.onnxruntime import _place
+
+    names = {exported.name, *external_files(onnx.load(str(exported), load_external_data=False))}
+    _place(names, exported.parent, staging, move=False)
+    target = staging / exported.name
+    externalize(target)
+    return target
+
+
 def random_refine_lora(preset: Preset, seed: int, folder: Path) -> LoraSpec:
     """The tiny presets' refinement LoRA for `--two-stage` without `--refine-lora`: seeded, rank RANDOM_RANK, in
     `folder` (the stage cache) under a name that says what it is; `verify` rebuilds the same file from the name."""
@@ -223,17 +236,31 @@ def refine_source(lora: LoraFile) -> dict:
 
 
 def refine_component(dit: ComponentEntry, staging: Path, spec: ComponentSpec, lora: LoraFile,
-                     targets: dict[str, tuple[int, ...]]) -> ComponentEntry:
-    """The `dit_refine` entry, built from the staged `dit` engine (ONNX Runtime): its files are the graph,
-    the dit's weights file(s) it reads (the same file names and sha256 as the dit entry's) and the LoRA's data."""
-    if dit.backend != "onnxruntime":
-        raise ExportError(f"the refinement engine is built on an ONNX Runtime dit, not {dit.backend}: "
-                          "pass --backend onnxruntime for a two-stage bundle")
-    out = staging / f"{spec.name}.onnx"
-    own = build_refine_ort(staging / dit.file, out, lora, targets)
-    shared = {name: dit.extra_files[name] for name in external_files(onnx.load(str(out), load_external_data=False))
+                     targets: dict[str, tuple[int, ...]], timing_cache: Path | None = None) -> ComponentEntry:
+    """The `dit_refine` entry, built on the staged `dit` component.
+
+    ONNX Runtime: the dit engine's graph with the branches (`dit_refine.onnx`). TensorRT: the same on the dit's
+    refit ONNX (`dit.onnx` beside its weight-stripped plan), then a weight-stripped plan of it, refit at load.
+    Its files: the graph (and plan), the dit's weights file(s) it reads (listed with the dit entry's sha256) and
+    the LoRA's data file."""
+    graph = staging / f"{spec.name}.onnx"
+    base = staging / (dit.file if dit.backend == "onnxruntime" else Path(dit.file).with_suffix(".onnx").name)
+    if dit.backend not in ("onnxruntime", "tensorrt") or not base.is_file():
+        raise ExportError(f"the refinement engine is built on an ONNX Runtime or weight-stripped TensorRT dit, not "
+                          f"{dit.backend}: pass --backend onnxruntime (or tensorrt) for a two-stage bundle")
+    own = build_refine_graph(base, graph, lora, targets)
+    shared = {name: dit.extra_files[name] for name in external_files(onnx.load(str(graph), load_external_data=False))
               if name in dit.extra_files}
     extra = {**shared, **{f.name: sha256_file(f) for f in own}}
-    return ComponentEntry(backend=dit.backend, file=out.name, sha256=sha256_file(out), precision=dit.precision,
+    file, facts = graph, dit.build
+    if dit.backend == "tensorrt":
+        from stdrc.engines.tensorrt import build_engine, plan_for
+
+        plan = plan_for(spec.name, spec, dit.precision, staging, onnx_path=graph, timing_cache=timing_cache,
+                        bucket_dims=spec.bucket_dims, weight_stripped=True)
+        facts = build_engine(plan)
+        extra[graph.name] = sha256_file(graph)
+        file = plan.plan_path
+    return ComponentEntry(backend=dit.backend, file=file.name, sha256=sha256_file(file), precision=dit.precision,
                           inputs=spec.inputs, outputs=spec.outputs, dynamic_dims=spec.dynamic_dims, extra_files=extra,
-                          build=replace(dit.build, source=refine_source(lora)))
+                          build=replace(facts, source=refine_source(lora)))

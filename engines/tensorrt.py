@@ -23,6 +23,7 @@ from stdrc.export.errors import ExportError
 from stdrc.runtime.backends.tensorrt import (
     COMPUTE_CAPABILITY_KEY,
     GPU_NAME_KEY,
+    WEIGHTLESS_FLAG,
     import_tensorrt,
     normalize_capability,
 )
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = BACKEND_PRECISIONS["tensorrt"]
 # Weakly typed precision flags (TensorRT 10; removed in 11, where every network is strongly typed).
 PRECISION_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "fp8": ()}
+WEIGHT_STRIPPED_FLAGS = ("REFIT", WEIGHTLESS_FLAG)  # polygraphy: refittable=True, strip_plan=True
 Shape = tuple[int, ...]
 
 
@@ -61,6 +63,14 @@ class TrtBuildPlan:
     flags: tuple[str, ...] = field(default_factory=tuple)  # trt.BuilderFlag member names
     # one optimization profile per bucket (min = opt = max at its sizes); empty: `profiles` alone
     bucket_profiles: tuple[dict[str, tuple[Shape, Shape, Shape]], ...] = ()
+    # refittable with its weights stripped (REFIT + STRIP_PLAN): the runtime refits it at load from the ONNX
+    # beside it (`<component>.onnx`), so two plans of a two-stage bundle share one weights file
+    weight_stripped: bool = False
+
+    @property
+    def builder_flags(self) -> tuple[str, ...]:
+        """Every trt.BuilderFlag the plan sets (precision flags, and the weight-stripping pair)."""
+        return self.flags + (WEIGHT_STRIPPED_FLAGS if self.weight_stripped else ())
 
     def all_profiles(self) -> tuple[dict[str, tuple[Shape, Shape, Shape]], ...]:
         """The plan's optimization profiles, in order (index = the bucket's position in the manifest)."""
@@ -69,7 +79,7 @@ class TrtBuildPlan:
     def describe(self) -> BuildFacts:
         """The plan's facts for the manifest `build` field (no machine paths)."""
         return BuildFacts(precision=self.precision, strongly_typed=self.strongly_typed,
-                          builder_flags=self.flags, builder_optimization_level=self.optimization_level,
+                          builder_flags=self.builder_flags, builder_optimization_level=self.optimization_level,
                           workspace_bytes=self.workspace_bytes,
                           profiles=dict(self.profiles), bucket_profiles=self.bucket_profiles or None)
 
@@ -113,10 +123,12 @@ def plan_for(
     workspace_bytes: int | None = None,
     strongly_typed: bool | None = None,
     bucket_dims: tuple[dict[str, list[int]], ...] = (),
+    weight_stripped: bool = False,
 ) -> TrtBuildPlan:
     """The build plan of one component. `strongly_typed=None`: True for fp8, False otherwise.
 
     `bucket_dims` (ComponentSpec.bucket_dims): the dynamic dims at each bucket, one profile each.
+    `weight_stripped`: a refittable plan without its weights, refit at load from its ONNX (two-stage DiTs).
 
     fp16/bf16 with `strongly_typed=True` takes its types from an ONNX already in that precision
     (the only way on TensorRT 11, which removed the FP16/BF16 builder flags).
@@ -146,6 +158,7 @@ def plan_for(
         strongly_typed=typed,
         flags=() if typed else PRECISION_FLAGS[precision],
         bucket_profiles=tuple(profile_shapes(interface.inputs, dims) for dims in bucket_dims),
+        weight_stripped=weight_stripped,
     )
 
 
@@ -222,6 +235,7 @@ def polygraphy_loaders(plan: TrtBuildPlan, memory_pool_limits: Mapping[Any, int]
     config = CreateConfig(
         profiles=profiles, builder_optimization_level=plan.optimization_level,
         load_timing_cache=str(cache) if cache else None, memory_pool_limits=memory_pool_limits,
+        refittable=plan.weight_stripped, strip_plan=plan.weight_stripped,
         **{flag.lower(): True for flag in plan.flags},  # "FP16" -> fp16=True, "BF16" -> bf16=True
     )
     return NetworkFromOnnxPath(str(plan.onnx_path), strongly_typed=plan.strongly_typed), config

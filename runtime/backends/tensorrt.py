@@ -143,6 +143,29 @@ def profile_index(bucket_profiles: tuple[Ranges, ...], shapes: dict[str, tuple[i
     return 0
 
 
+WEIGHTLESS_FLAG = "STRIP_PLAN"  # a plan built without its weights: refit at load from the ONNX beside it
+
+
+def refit_onnx(plan: Path, entry: ComponentEntry) -> Path:
+    """The ONNX a weight-stripped plan takes its weights from: `<plan stem>.onnx`, one of the entry's files."""
+    onnx = plan.with_suffix(".onnx")
+    if onnx.name not in entry.extra_files:
+        raise BundleError(f"{plan.name} is built without its weights and its entry lists no {onnx.name} to refit "
+                          "it from: rebuild the bundle")
+    return onnx
+
+
+def refit_from_onnx(trt: ModuleType, engine: Any, onnx: Path, logger: Any) -> None:
+    """Fill a weight-stripped engine's weights from `onnx` (TensorRT 10's ONNX parser refitter); its external
+    data (a two-stage bundle's shared `dit.onnx.data`) is read from the ONNX's folder."""
+    refitter = trt.Refitter(engine, logger)
+    if not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(onnx)):
+        raise BundleError(f"TensorRT could not read the weights of {onnx.name} for its plan (see its log above): "
+                          "rebuild the bundle")
+    if not refitter.refit_cuda_engine():
+        raise BundleError(f"TensorRT could not refit the plan of {onnx.name} (see its log above): rebuild the bundle")
+
+
 class TensorRTEngine:
     """One deserialized plan with its execution context, stream and device buffers."""
 
@@ -151,11 +174,14 @@ class TensorRTEngine:
         self._cudart = cudart = import_cudart()
         check_build(entry, trt.__version__, gpu_facts())
         self.entry = entry
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise BundleError(f"TensorRT could not deserialize {path} (see its log above): "
                               "rebuild the bundle")
+        if WEIGHTLESS_FLAG in (entry.build.builder_flags or ()):
+            refit_from_onnx(trt, self.engine, refit_onnx(Path(path), entry), self._logger)
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}

@@ -81,7 +81,7 @@ def _refused(argv: list[str], message: str, tmp_path: Path, capsys, monkeypatch)
     assert not reads and not out.exists()
 
 
-@pytest.mark.parametrize("backend", ["torch", "aoti", "tensorrt"])
+@pytest.mark.parametrize("backend", ["torch", "aoti"])
 def test_other_backends_refuse_two_stage(backend, tmp_path, capsys, monkeypatch):
     _refused(["--preset", "tiny", "--two-stage", "--bucket", "9x128x64", "--backend", backend],
              "builds no refinement engine", tmp_path, capsys, monkeypatch)

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from stdrc.engines.refine import build_refine_ort, externalize
+from stdrc.engines.refine import build_refine_graph, externalize
 from stdrc.export.errors import ExportError
 from stdrc.export.lora import LoraSpec, dit_shapes
 from stdrc.export.refine import add_lora_branches, load_refine_lora, write_random_lora
@@ -40,7 +40,8 @@ def engines(tiny_bundle, tiny_models, tmp_path_factory):
     assert externalize(folder / "dit.onnx") == [folder / "dit.onnx.data"]
     lora_path = write_random_lora(folder / "refine.safetensors", tiny_models.preset.dit, seed=3)
     lora = load_refine_lora(LoraSpec(lora_path, 0.75), tiny_models.preset.dit)
-    extra = build_refine_ort(folder / "dit.onnx", folder / "dit_refine.onnx", lora, dit_shapes(tiny_models.preset.dit))
+    shapes = dit_shapes(tiny_models.preset.dit)
+    extra = build_refine_graph(folder / "dit.onnx", folder / "dit_refine.onnx", lora, shapes)
     return folder, lora, extra
 
 
@@ -90,5 +91,5 @@ def test_a_target_the_graph_does_not_compute_is_refused(engines, tmp_path):
     folder, lora, _ = engines
     shapes = {k: v[::-1] if k in lora.pairs else v for k, v in dit_shapes(get_preset("tiny").dit).items()}
     with pytest.raises(ExportError, match="places computing"):
-        build_refine_ort(folder / "dit.onnx", tmp_path / "dit_refine.onnx", lora, shapes)
+        build_refine_graph(folder / "dit.onnx", tmp_path / "dit_refine.onnx", lora, shapes)
     assert not any(tmp_path.iterdir())
