@@ -7,6 +7,8 @@ files run through polygraphy's ONNX Runtime runner and comparator.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -145,12 +147,17 @@ def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Cal
 
 
 
-def refine_lora_for_verify(entry, given: LoraSpec | None, preset, seed: int, bundle: Path) -> LoraSpec:
-    """The refinement LoRA of a two-stage bundle, checked against its manifest entry (sha256, strength)."""
+def refine_lora_for_verify(entry, given: LoraSpec | None, preset, seed: int, bundle: Path,
+                           folder: Path | None = None) -> LoraSpec:
+    """The refinement LoRA of a two-stage bundle, checked against its manifest entry (sha256, strength).
+    The tiny presets' seeded one is made again in `folder` (default: a temporary folder removed at exit)."""
     from stdrc.engines.refine import RANDOM_LORA_PREFIX, random_refine_lora
 
     if given is None and entry.name.startswith(RANDOM_LORA_PREFIX):
-        given = random_refine_lora(preset, seed, Path(tempfile.gettempdir()) / "stdrc-refine-lora")  # seeded, tiny
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="stdrc-refine-lora-"))
+            atexit.register(shutil.rmtree, folder, True)
+        given = random_refine_lora(preset, seed, folder)
     if given is None:
         raise LoraError(f"{bundle} refines with the LoRA {entry.name}: pass it as --refine-lora FILE to verify it")
     (spec,) = match_manifest((entry,), (given,), bundle)

@@ -98,3 +98,22 @@ def test_lora_of_another_model_is_refused_before_any_weight(tmp_path, capsys, mo
                           (str(deeper), "another model or depth")):
         _refused(["--preset", "tiny", "--upsampler", str(up), "--refine-lora", lora, "--bucket", "9x128x64",
                   "--backend", "onnxruntime"], message, tmp_path / message[:4], capsys, monkeypatch)
+
+
+def test_verify_takes_the_bundles_refinement_lora_or_says_which(tmp_path):
+    """verify's refinement LoRA: the tiny presets' seeded one made again (same sha256), a given file checked against
+    the manifest's entry, and without one a LoRA error naming the flag."""
+    from stdrc.engines.verify import refine_lora_for_verify
+    from stdrc.export.errors import LoraError
+
+    preset = get_preset("tiny")
+    made = load_refine_lora(random_refine_lora(preset, 0, tmp_path / "build"), preset.dit).entry()
+    again = refine_lora_for_verify(made, None, preset, 0, tmp_path / "bundle", tmp_path / "verify")
+    assert sha256_file(again.path) == made.sha256 and again.strength == made.strength
+    given = write_random_lora(tmp_path / "distilled.safetensors", preset.dit, seed=9)
+    entry = load_refine_lora(LoraSpec(given, 0.6), preset.dit).entry()
+    assert refine_lora_for_verify(entry, LoraSpec(given), preset, 0, tmp_path).strength == 0.6
+    with pytest.raises(LoraError, match="pass it as --refine-lora FILE"):
+        refine_lora_for_verify(entry, None, preset, 0, tmp_path)
+    with pytest.raises(LoraError, match="is not LoRA 1"):
+        refine_lora_for_verify(entry, LoraSpec(again.path), preset, 0, tmp_path, tmp_path / "verify")

@@ -1,0 +1,114 @@
+"""The refinement DiT of two-stage generation vs the base DiT, ONNX Runtime (issue 27): bytes and step time.
+
+Builds the `dit` engine as build-engines does for a two-stage bundle (exported with RoPE inputs, optimised
+offline, weights in `dit.onnx.data`), writes a seeded refinement LoRA of `--rank` over every Linear (the
+tiny presets' stand-in layout, export/refine.py) and builds `dit_refine.onnx` on it (engines/refine.py).
+Prints: the LoRA file's bytes, what the refinement adds to the bundle (graph + LoRA data; the base
+weights are shared), their ratio, and one DiT step (one stream, as stage 2 runs) of each engine, min and
+median of `--repeats` after `--warmup`, same inputs, same threads. Weights are seeded (nothing downloaded).
+
+    python benchmarks/refine_step.py                                   # tiny, rank 4
+    python benchmarks/refine_step.py --preset ltx2-video --layers 1 --rank 384 --bucket 9x256x256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import harness
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--layers", type=int, default=None, help="DiT depth (default: the preset's)")
+    p.add_argument("--rank", type=int, default=4, help="the LoRA's rank (LTX's distilled LoRA: 384)")
+    p.add_argument("--bucket", default=None, metavar="FRAMESxWIDTHxHEIGHT", help="default: the preset's")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    import onnxruntime as ort
+    import torch
+
+    from stdrc.engines.onnxruntime import build_ort_engine
+    from stdrc.engines.refine import build_refine_graph, externalize
+    from stdrc.export.config import get_preset
+    from stdrc.export.dit import build_dit
+    from stdrc.export.lora import LoraSpec, dit_shapes
+    from stdrc.export.onnx_export import export_onnx
+    from stdrc.export.refine import load_refine_lora, write_random_lora
+    from stdrc.export.specs import component_specs
+    from stdrc.runtime.manifest import Bucket
+
+    preset = get_preset(args.preset)
+    if args.layers is not None:
+        preset = preset.with_dit(num_layers=args.layers)
+    fields = dict(preset.default_bucket)
+    if args.bucket:
+        frames, width, height = (int(v) for v in args.bucket.lower().split("x"))
+        fields.update(frames=frames, width=width, height=height)
+    bucket = Bucket(**fields)
+    spec = component_specs(preset, bucket, rope_input=True)["dit"]
+    with tempfile.TemporaryDirectory(prefix="stdrc-refine-bench-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "export").mkdir()
+        (tmp / "bundle").mkdir()
+        with torch.no_grad():
+            export_onnx(build_dit(preset.dit, seed=0).eval(), spec, tmp / "export" / "dit.onnx")
+        dit = tmp / "bundle" / "dit.onnx"
+        build_ort_engine(tmp / "export" / "dit.onnx", dit, "fp32")
+        externalize(dit)
+        lora_path = write_random_lora(tmp / "refine.safetensors", preset.dit, rank=args.rank)
+        lora = load_refine_lora(LoraSpec(lora_path, 1.0), preset.dit)
+        own = build_refine_graph(dit, tmp / "bundle" / "dit_refine.onnx", lora, dit_shapes(preset.dit))
+        size = {f.name: f.stat().st_size for f in (tmp / "bundle").iterdir()}
+        lora_bytes = lora_path.stat().st_size
+        added = size["dit_refine.onnx"] + sum(size[f.name] for f in own)
+        feeds = spec.sample_inputs(seed=0, batch=1)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # as OrtEngine: offline
+        options.intra_op_num_threads = args.threads
+        timings, outputs = {}, {}
+        for name in ("dit", "dit_refine"):
+            session = ort.InferenceSession(str(tmp / "bundle" / f"{name}.onnx"), options,
+                                           providers=["CPUExecutionProvider"])
+            outputs[name] = session.run(None, feeds)[0]
+            timings[name] = harness.time_calls(lambda s=session: s.run(None, feeds), args.warmup, args.repeats,
+                                               lambda: None)
+            del session
+    report = {
+        "preset": preset.name, "layers": preset.dit.num_layers, "bucket": bucket.label(), "tokens": bucket.tokens,
+        "lora": {"rank": args.rank, "targets": len(lora.pairs), "file_bytes": lora_bytes},
+        "bytes": {"dit_weights": size.get("dit.onnx.data", 0), "dit_graph": size["dit.onnx"],
+                  "refine_graph": size["dit_refine.onnx"], "refine_lora_data": sum(size[f.name] for f in own),
+                  "refine_added": added, "added_over_lora": round(added / lora_bytes, 4)},
+        "step_ms": {k: v.to_json() for k, v in timings.items()},
+        "refine_over_base_median": round(timings["dit_refine"].median_ms / timings["dit"].median_ms, 4),
+        "refine_vs_base_rel_l2": float(np.linalg.norm(outputs["dit_refine"] - outputs["dit"])
+                                       / np.linalg.norm(outputs["dit"])),
+        "device": harness.device_info("cpu"), "versions": harness.versions(), "load": harness.load_average(),
+        "when": harness.timestamp(), "argv": sys.argv[1:] if argv is None else argv,
+    }
+    if args.json:
+        print(harness.dump_json(report))
+    else:
+        b = report["bytes"]
+        print(f"{preset.name} x{preset.dit.num_layers} layers, bucket {bucket.label()} ({bucket.tokens} tokens), "
+              f"LoRA rank {args.rank} on {len(lora.pairs)} Linears")
+        print(f"LoRA file {lora_bytes} B; refinement adds {added} B (graph {b['refine_graph']} B + LoRA data "
+              f"{b['refine_lora_data']} B) = {b['added_over_lora']:.3f}x the LoRA; dit weights {b['dit_weights']} B")
+        for name, t in timings.items():
+            print(f"{name:10s} step: min {t.min_ms:.2f} ms, median {t.median_ms:.2f} ms")
+        print(f"refine / base (median): {report['refine_over_base_median']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
