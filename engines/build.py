@@ -376,6 +376,7 @@ def build_engines(cfg: BuildConfig) -> Path:
             memory=memory,
             created_by=CreatedBy(stdrc=stdrc.__version__, torch=torch.__version__, backend=backend,
                                  source_sha256=models.source_sha256, sources=models.sources,
+                                 source_quantization=src.source_quantization(),
                                  versions=versions()),
             loras=lora_set.entries() if lora_set else (),
             two_stage=TwoStageConfig(lora=refine.entry()) if refine is not None else None,

@@ -14,7 +14,6 @@ header, so a file with a missing or bad scale is refused before any weight is re
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +22,14 @@ from typing import Any, BinaryIO
 import torch
 
 from stdrc.export.errors import CheckpointError
+from stdrc.runtime.vocab import SOURCE_QUANT_FORMATS, WEIGHT_LAYOUTS
 
 FP8_DTYPE = "F8_E4M3"  # safetensors' name for float8_e4m3fn, the only float8 ltx-core's files use
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max: scale = max|W| / E4M3_MAX
-FORMAT = "float8_e4m3fn-per-tensor"  # per-tensor weight and input scales, as ltx-core's fp8_scaled_mm reads
+(FORMAT,) = SOURCE_QUANT_FORMATS  # per-tensor weight and input scales, as ltx-core's fp8_scaled_mm reads
 QUANT_METADATA = "_quantization_metadata"
 WEIGHT_SCALE, INPUT_SCALE = "weight_scale", "input_scale"
-OUT_IN, IN_OUT = "out_in", "in_out"  # ltx-core's files are [out, in]; some conversions store [in, out]
+OUT_IN, IN_OUT = WEIGHT_LAYOUTS  # ltx-core's files are [out, in]; some conversions store [in, out]
 _SCALE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _FIX = "re-download the file or use the bf16 checkpoint"
 _LISTED = 3
@@ -50,7 +50,7 @@ class FP8Source:
     format: str
     layout: str  # OUT_IN or IN_OUT, for every quantized weight of the file
     scales: dict[str, LinearScales]  # file key of the Linear (its weight key minus `.weight`) -> scales
-    quantization_metadata: Any = None  # the `_quantization_metadata` JSON (or its text when not JSON)
+    quantization_metadata: str | None = None  # the `_quantization_metadata` text (JSON), as the file has it
 
     def scale_keys(self) -> set[str]:
         """The scale tensors' file keys: consumed here, never loaded as weights."""
@@ -61,9 +61,9 @@ class FP8Source:
         return self.scales.get(weight_key.removesuffix(".weight")) if weight_key.endswith(".weight") else None
 
     def record(self) -> dict[str, Any]:
-        """The manifest's account of the source (plain JSON)."""
+        """The manifest's account of the source (runtime/schema.py `SourceQuantization`'s fields)."""
         return {"format": self.format, "layout": self.layout, "quantized_linears": len(self.scales),
-                "quantization_metadata": self.quantization_metadata}
+                "metadata": self.quantization_metadata}
 
 
 def _listed(items: list[str]) -> str:
@@ -146,13 +146,7 @@ def detect_fp8(path: Path, header: dict[str, Any], fh: BinaryIO, base: int) -> F
     layout = _layout(path, tensors, float8)
     scales = {n: LinearScales(*(_read_scale(fh, base, f"{n}.{s}", tensors[f"{n}.{s}"], path)
                                 for s in (WEIGHT_SCALE, INPUT_SCALE))) for n in names}
-    qmeta = meta.get(QUANT_METADATA)
-    if qmeta is not None:
-        try:
-            qmeta = json.loads(qmeta)
-        except json.JSONDecodeError:
-            pass  # kept as its text: recorded, never interpreted
-    return FP8Source(FORMAT, layout, scales, qmeta)
+    return FP8Source(FORMAT, layout, scales, meta.get(QUANT_METADATA))
 
 
 def dequantize(weight: torch.Tensor, scales: LinearScales, layout: str) -> torch.Tensor:

@@ -37,6 +37,7 @@ from stdrc.export.rope import RopeTables, rope_tables
 from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
 from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae, vae_from_metadata
 from stdrc.runtime.manifest import Bucket, sha256_file
+from stdrc.runtime.schema import SourceQuantization
 from stdrc.runtime.text import ByteTokenizer
 from stdrc.runtime.vocab import COMPONENTS
 
@@ -114,6 +115,11 @@ class Sources:
         """The checkpoint `component`'s weights are read from (None: seeded, or not from a checkpoint)."""
         return {"dit": self.checkpoint, "vae_encoder": self.vae, "vae_decoder": self.vae,
                 "text_encoder": self.text}.get(component)
+
+    def source_quantization(self) -> SourceQuantization | None:
+        """The DiT file's pre-quantization, for the manifest (None: a float file, or seeded weights)."""
+        fp8 = self.checkpoint.fp8 if self.checkpoint is not None else None
+        return SourceQuantization(**fp8.record()) if fp8 is not None else None
 
     def of(self) -> dict[str, dict]:
         """Per component: the files (name + sha256) its weights come from, or the seed they were drawn with."""

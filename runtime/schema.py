@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from stdrc.runtime.errors import BundleError
-from stdrc.runtime.vocab import LAYOUTS, MODEL_FAMILIES, STAGES
+from stdrc.runtime.vocab import LAYOUTS, MODEL_FAMILIES, SOURCE_QUANT_FORMATS, STAGES, WEIGHT_LAYOUTS
 
 FIX = "rebuild the bundle with `stdrc-export build-engines`"
 MAX_STEPS = 1000  # more than this is a typo, not a schedule
@@ -465,6 +465,18 @@ class MemoryConfig(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SourceQuantization(Section):
+    """The DiT checkpoint was pre-quantized (Lightricks' FP8 files): its float8 weights were dequantised by
+    their scales as read (float engines); `metadata` is the file's `_quantization_metadata` text, as written
+    (recorded, never interpreted)."""
+
+    format: str = spec(string, choices=SOURCE_QUANT_FORMATS)
+    layout: str = spec(string, choices=WEIGHT_LAYOUTS)
+    quantized_linears: int = spec(integer, lo=1)
+    metadata: str | None = spec(text_value, None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class CreatedBy(Section):
     """What built the bundle: versions, backend, and the sources each component's weights came from."""
 
@@ -473,6 +485,7 @@ class CreatedBy(Section):
     backend: str | None = spec(text_value, None)
     source_sha256: str | None = spec(text_value, None)
     sources: dict[str, dict] = spec(records, {})  # as export/models.py `Sources.of` writes them
+    source_quantization: SourceQuantization | None = spec(nested(SourceQuantization), None)  # FP8 DiT file
     versions: dict[str, str] = spec(strings, {})
 
 

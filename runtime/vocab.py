@@ -29,6 +29,11 @@ BACKEND_PRECISIONS = {
 # manifest model_config.family, export/config.py ModelFamily's values (bundles written before it: ltx2)
 MODEL_FAMILIES = ("ltx2", "ltx2.3")
 
+# pre-quantized checkpoints read as build input (export/fp8_source.py): Lightricks' FP8 files' format, and the
+# float8 weight layouts accepted ([out, in] as ltx-core's files; [in, out] as ltx-core holds them once loaded)
+SOURCE_QUANT_FORMATS = ("float8_e4m3fn-per-tensor",)
+WEIGHT_LAYOUTS = ("out_in", "in_out")
+
 LAYOUTS = ("tass", "overlap", "width_shift", "before")  # reference token positions (tass = TASS-RoPE)
 
 FIXED_PLANS = ("all", "staged")  # every engine resident, or each loaded for its stage

@@ -102,7 +102,7 @@ def test_fp8_file_is_recognised_and_dequantised_as_read(files, name: str) -> Non
     assert lazy.fp8 is not None and lazy.fp8.format == FORMAT and lazy.fp8.layout == OUT_IN
     assert open_checkpoint(bf16, sha256="-").fp8 is None
     raw, meta = _tensors(fp8)
-    assert lazy.fp8.quantization_metadata == json.loads(meta[QUANT_METADATA])
+    assert lazy.fp8.quantization_metadata == meta[QUANT_METADATA]
     scales = lazy.linear_scales("dit")
     assert scales and all(".audio" not in n for n in scales)  # the video-only DiT's own Linears
     for n, s in scales.items():
@@ -181,3 +181,51 @@ def test_bad_fp8_file_is_refused_before_any_read(files, tmp_path: Path, case: st
 
 def test_e4m3_max_is_torchs() -> None:
     assert E4M3_MAX == torch.finfo(torch.float8_e4m3fn).max
+
+
+def test_lora_fuses_on_the_dequantised_weights(files, tmp_path: Path) -> None:
+    """A LoRA on an FP8 file is added to each dequantised weight as it is read: ltx-core's `apply_loras` on the
+    dequantised state dict (fp32) to 1e-6, and ltx-core's own scaled-FP8 fuse (dequantise, add, requantise
+    per tensor) within that requantisation's e4m3 rounding."""
+    from ltx_core.loader import LoraStateDictWithStrength, StateDict, apply_loras
+
+    from stdrc.export.lora import LoraSpec
+    from stdrc.export.models import load_models
+
+    fp8 = files["tiny"][1]
+    dequantised = read_checkpoint(fp8).dit
+    lazy = open_checkpoint(fp8, sha256="-")
+    quantized = [n for n in ("transformer_blocks.1.attn2.to_k", "transformer_blocks.1.ff.net.0.proj")
+                 if n in lazy.linear_scales()]
+    targets = [*quantized, "transformer_blocks.0.attn1.to_q", "patchify_proj"]  # two quantized, two bf16
+    gen, lora = torch.Generator().manual_seed(5), {}
+    for n in targets:
+        rows, cols = dequantised[f"{n}.weight"].shape
+        lora[f"diffusion_model.{n}.lora_A.weight"] = torch.randn(4, cols, generator=gen) * 0.1
+        lora[f"diffusion_model.{n}.lora_B.weight"] = torch.randn(rows, 4, generator=gen) * 0.1
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    ours = load_models("tiny", checkpoint=fp8, components=("dit",),
+                       loras=(LoraSpec(tmp_path / "lora.safetensors", 0.8),)).dit.ltx.state_dict()
+    pairs = {k.removeprefix("diffusion_model."): v for k, v in lora.items()}
+    lsd = [LoraStateDictWithStrength(StateDict(pairs, torch.device("cpu"), 0, {torch.float32}), 0.8)]
+    # ltx-core fuses into bf16 (or float8) weights only: the dequantised ones rounded to bf16 (unit roundoff 2^-8)
+    as_bf16 = {k: v.to(torch.bfloat16) for k, v in dequantised.items()}
+    theirs = apply_loras(StateDict(as_bf16, torch.device("cpu"), 0, {torch.bfloat16}), lsd, dtype=torch.float32).sd
+    raw, _ = _tensors(fp8)
+    scales = lazy.linear_scales()
+    for n in targets:
+        key = f"{n}.weight"
+        assert float((ours[key] - dequantised[key]).norm() / dequantised[key].norm()) > 1e-2, n  # fused
+        # one bf16 rounding apart: theirs of the dequantised weight; ours of the fused bf16 ones (export/lora.py
+        # returns a file's bf16 weight in bf16; a dequantised one stays fp32)
+        bf16_rounding = 2.0**-8 * (dequantised[key].float().abs() + theirs[key].abs()) + 1e-7
+        assert bool(((ours[key] - theirs[key]).abs() <= bf16_rounding).all()), n
+    for n in quantized:  # ltx-core's FP8 fuse: its model holds the weight [in, out] beside its weight_scale
+        fp8_sd = {f"{n}.weight": raw[f"{P}{n}.weight"].t(),
+                  f"{n}.weight_scale": torch.tensor(scales[n].weight_scale)}
+        fused = apply_loras(StateDict(fp8_sd, torch.device("cpu"), 0, {torch.float8_e4m3fn}), lsd,
+                            dtype=torch.float32).sd
+        requantised = fused[f"{n}.weight"].t().float() * fused[f"{n}.weight_scale"]
+        w = ours[f"{n}.weight"]
+        bound = E4M3_REL * w.abs() + E4M3_ABS * fused[f"{n}.weight_scale"] + 1e-6 * w.abs().max()
+        assert bool(((requantised - w).abs() <= bound).all()), n

@@ -115,6 +115,10 @@ def test_old_manifests_read_with_defaults(tiny_bundle: Path) -> None:
     (["memory", "weight_bytes", "dit"], -1, "memory.weight_bytes.dit is -1"),
     (["created_by", "sources", "dit"], "ckpt", "created_by.sources.dit is 'ckpt', expected an object"),
     (["reference", "layout"], "sideways", "reference.layout is 'sideways'"),
+    (["created_by", "source_quantization"], {"format": "nvfp4", "layout": "out_in", "quantized_linears": 1},
+     "created_by.source_quantization.format is 'nvfp4', expected one of float8_e4m3fn-per-tensor"),
+    (["created_by", "source_quantization"], {"format": "float8_e4m3fn-per-tensor", "layout": "out_in",
+                                             "quantized_linears": 0}, "source_quantization.quantized_linears is 0"),
     (["components", "dit", "build", "device"], 0, "components.dit.build.device is 0, expected a string"),
     (["components", "dit", "build", "bucket_profiles"], [{"x": [[1]]}], "build.bucket_profiles[0] is"),
 ])
