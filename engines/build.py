@@ -176,9 +176,6 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
     """One component's engine; its weights are loaded (on a cache miss) and released before the next.
 
     `bucket` is the default; a spec with RoPE inputs (several buckets) exports the DiT without tables."""
-    if spec.name == "upsampler":
-        raise ExportError(f"this stdrc cannot build the {spec.name} component yet: drop --two-stage, "
-                          "--upsampler and --refine-lora")
     rope_input = any(t.name == "rope_cos" for t in spec.inputs)
     out = writer.path(spec.name + ENGINE_SUFFIX[backend])
     extra: dict[str, str] = {}
@@ -204,7 +201,8 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
             externalize(out)
         extra = {f.name: sha256_file(f) for f in onnx_files(out)[1:]}
     elif backend in TORCH_BACKENDS:
-        models = full()
+        # the one-stage set at once (the DiT's fast path needs it); a stage component alone
+        models = full() if spec.name in COMPONENTS else load_sources(src, (spec.name,), torch.float32)
         module = models.export_modules(bucket, cfg.layout, rope_input)[spec.name]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if spec.name == "dit" and precision != "fp32":
@@ -287,7 +285,7 @@ def build_engines(cfg: BuildConfig) -> Path:
     stages = tqdm(total=7 + 2 * cfg.is_two_stage, desc="build-engines", unit="stage", disable=not cfg.progress)
     stages.set_postfix_str("reading checkpoint headers")
     src = plan_sources(get_preset(cfg.preset), cfg.checkpoint, cfg.seed, cfg.face_weights, cfg.text_encoder,
-                       cfg.base)
+                       cfg.base, upsampler=cfg.upsampler, two_stage=cfg.is_two_stage)
     estimate = check_disk(src, backend, cfg.precision, cfg.out, cfg.cache_dir)
     if estimate:
         log.info("engine weights, estimated from headers: %s", {k: f"{v / 2**30:.2f} GB" for k, v in estimate.items()})

@@ -44,7 +44,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     reports = verify_bundle(args.bundle, args.checkpoint, device=args.device, text_encoder=args.text_encoder,
                             base_checkpoint=args.base_checkpoint, face_weights=args.face_weights,
-                            loras=tuple(LoraSpec.parse(t) for t in args.lora),
+                            loras=tuple(LoraSpec.parse(t) for t in args.lora), upsampler=args.upsampler,
                             refine_lora=LoraSpec.parse(args.refine_lora) if args.refine_lora else None,
                             report=args.report and not args.json, trust_code=args.trust_bundle_code)
     result = reports_json(reports, read_manifest(args.bundle).model_config.family)
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each LoRA the bundle was built with, in order (strength default: the manifest's)")
     v.add_argument("--refine-lora", default=None, metavar="FILE[:STRENGTH]",
                    help="a two-stage bundle's refinement LoRA (default: the tiny presets' seeded one, made again)")
+    v.add_argument("--upsampler", type=Path, default=None,
+                   help="the x2 latent upsampler a two-stage bundle was built with (none: the seeded tiny one)")
     add_device_flag(v, "where the engines run (the reference runs on CPU; auto: CUDA when the bundle's backend "
                        "can use it here)")
     v.add_argument("--trust-bundle-code", action="store_true",

@@ -24,11 +24,13 @@ from stdrc.export.errors import CheckpointError, LoraError
 from stdrc.export.lora import LoraSpec, lora_transform, match_manifest
 from stdrc.export.models import load_sources, plan_sources
 from stdrc.export.specs import component_specs
-from stdrc.export.vae import ltx_core_reference
+from stdrc.export.upsampler import ltx_core_reference as ltx_core_upsample
+from stdrc.export.upsampler import seeded_upsampler
+from stdrc.export.vae import build_vae, ltx_core_reference
 from stdrc.runtime.backends import check_trust, open_engine, resolve_device
 from stdrc.runtime.manifest import bundle_path, check_files, read_manifest
 from stdrc.runtime.options import check_path
-from stdrc.runtime.vocab import BUCKET_SIZED
+from stdrc.runtime.vocab import BUCKET_SIZED, STAGE_COMPONENTS
 
 # rel L2 tolerated per engine precision (fp32: the issue's 1e-4)
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2, "fp8": 1e-1}
@@ -104,7 +106,8 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
 
 
 _ROLE_FLAG = {"dit": "--checkpoint", "vae": "--base-checkpoint (or --checkpoint)", "projection":
-              "--base-checkpoint (or --checkpoint)", "encoder": "--text-encoder", "face": "--face-weights"}
+              "--base-checkpoint (or --checkpoint)", "encoder": "--text-encoder", "face": "--face-weights",
+              "upsampler": "--upsampler"}
 
 
 def _describe(source: dict) -> str:
@@ -134,6 +137,10 @@ def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Cal
     elif name == "dit_refine":  # the DiT with the refinement LoRA fused as ltx-core fuses it (not as branches)
         one = load_sources(src, ("dit",), torch.float32, transform)
         module = one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)["dit"]
+    elif name == "upsampler":  # ltx-core's LatentUpsampler + upsample_video, as ltx-core loads the files
+        module = ltx_core_upsample(
+            src.upsampler.path if src.upsampler else seeded_upsampler(src.seed),
+            src.vae.path if src.vae else build_vae(src.preset.vae, seed=src.seed, which="vae_encoder")[0])
     else:
         one = load_sources(src, (name,), torch.float32, transform if name == "dit" else None)
         module = one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)[name]
@@ -177,13 +184,15 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
                   base_checkpoint: str | Path | None = None,
                   face_weights: str | Path | None = None, loras: tuple[LoraSpec, ...] = (),
                   dit_transform: Callable | None = None, report: bool = False,
-                  trust_code: bool = False, refine_lora: LoraSpec | None = None) -> dict[str, ComponentReport]:
+                  trust_code: bool = False, refine_lora: LoraSpec | None = None,
+                  upsampler: str | Path | None = None) -> dict[str, ComponentReport]:
     """Rebuild each component in fp32 from the bundle's recorded sources, one at a time, and compare.
 
     `loras`: the files the bundle's DiT was fused with (the manifest keeps names and sha256, not paths);
     `dit_transform`: any other per-tensor hook it was built with. `refine_lora`: a two-stage bundle's refinement
     LoRA (its `dit_refine` is checked against the DiT with that LoRA fused; the tiny presets' random one is
-    made again when not given). `trust_code`: allow torch/aoti bundles,
+    made again when not given). `upsampler`: the x2 upsampler file a two-stage bundle was built with (none:
+    the tiny presets' seeded one). `trust_code`: allow torch/aoti bundles,
     whose loading runs code from the bundle (README, Trust)."""
     bundle = check_path(bundle, "bundle folder")
     manifest = read_manifest(bundle)
@@ -196,25 +205,27 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
     if manifest.text.tokenizer == "hf-tokenizers" and text_encoder is None:
         raise CheckpointError(f"{bundle} uses a Gemma-3 text side: pass --text-encoder with that folder to verify it")
     loras = match_manifest(manifest.loras, tuple(loras), bundle)
+    two_stage = manifest.two_stage is not None
     src = plan_sources(get_preset(manifest.preset), checkpoint, manifest.model_config.seed, face_weights,
-                       text_encoder, base_checkpoint, family=ModelFamily(manifest.model_config.family))
+                       text_encoder, base_checkpoint, family=ModelFamily(manifest.model_config.family),
+                       upsampler=upsampler, two_stage=two_stage)
     if manifest.checkpoint_sha256 and (src.checkpoint is None or src.checkpoint.sha256 != manifest.checkpoint_sha256):
         raise CheckpointError(f"{checkpoint} is not the checkpoint {bundle} was built from (sha256 differs)")
     check_sources(bundle, manifest.created_by.sources, src.of(), list(manifest.components))
     if loras:
         dit_transform, _ = lora_transform(loras, src.preset.dit, dit_transform)
     refine_transform = None
-    if manifest.two_stage is not None:
+    if two_stage:
         refine = refine_lora_for_verify(manifest.two_stage.lora, refine_lora, src.preset, manifest.model_config.seed,
                                         bundle)
         refine_transform, _ = lora_transform((refine,), src.preset.dit, dit_transform)
-    per_bucket = [component_specs(src.preset, b, manifest.decode, manifest.rope_input,
-                                  two_stage=manifest.two_stage is not None) for b in manifest.buckets]
+    per_bucket = [component_specs(src.preset, b, manifest.decode, manifest.rope_input, two_stage=two_stage)
+                  for b in manifest.buckets]
     reports = {}
     for name, entry in manifest.components.items():
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],
                                                                             entry.dynamic_dims["batch"][1]})
-        sized = name in BUCKET_SIZED  # checked at every bucket; the others take no bucket size
+        sized = name in BUCKET_SIZED + STAGE_COMPONENTS  # checked at every bucket; the others take no bucket size
         checked = manifest.buckets if sized else manifest.buckets[:1]
         feeds = [bucket_feeds(bundle, b, specs[name].sample_inputs(seed=seed, batch=batch))
                  for b, specs in zip(checked, per_bucket) for batch in batches]

@@ -35,6 +35,15 @@ from stdrc.export.lora import LoraSet, LoraSpec, dit_shapes, lora_transform
 from stdrc.export.reference import token_positions
 from stdrc.export.rope import RopeTables, rope_tables
 from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
+from stdrc.export.upsampler import (
+    UpsamplerFile,
+    UpsampleVideo,
+    load_upsampler,
+    module_statistics,
+    open_upsampler,
+    read_statistics,
+    seeded_upsampler,
+)
 from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae, vae_from_metadata
 from stdrc.runtime.manifest import Bucket, sha256_file
 from stdrc.runtime.schema import SourceQuantization
@@ -59,6 +68,7 @@ class ModelSet:
     gemma: GemmaText | None = None
     sources: dict[str, dict] = field(default_factory=dict)  # component -> {"file", "sha256"} or {"seeded"}
     loras: LoraSet | None = None  # fused into `dit`
+    upsampler: UpsampleVideo | None = None  # two-stage bundles: the x2 latent upsampler with the VAE statistics
 
     def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """[1, L] token ids and mask as the bundle's runtime tokenizer gives them (bytes, or Gemma's)."""
@@ -95,6 +105,8 @@ class ModelSet:
             modules["vae_decoder"] = DecoderForExport(self.vae_decoder)
         if self.face is not None:
             modules["face_encoder"] = self.face
+        if self.upsampler is not None:
+            modules["upsampler"] = self.upsampler
         return {k: v.eval() for k, v in modules.items()}
 
 
@@ -110,6 +122,8 @@ class Sources:
     gemma: GemmaText | None = None  # tokenizer and config only: weights load with the text encoder
     face_weights: Path | None = None
     face_sha256: str | None = None
+    two_stage: bool = False  # the bundle has an `upsampler` (from `upsampler`, else seeded: the tiny presets)
+    upsampler: UpsamplerFile | None = None
 
     def file_of(self, component: str) -> LazyCheckpoint | None:
         """The checkpoint `component`'s weights are read from (None: seeded, or not from a checkpoint)."""
@@ -129,16 +143,23 @@ class Sources:
             real = {role: {"file": Path(p).name, "sha256": sha} for role, p, sha in parts if sha is not None}
             return {"files": real} if real else seeded
 
-        ck = self.checkpoint
+        ck, vae = self.checkpoint, self.vae
         text_parts = [("encoder", self.gemma.folder if self.gemma else None, self.gemma.sha256 if self.gemma else None),
                       ("projection", self.text.path if self.text else None, self.text.sha256 if self.text else None)]
-        return {
+        out = {
             "text_encoder": files(*text_parts),
             "dit": files(("dit", ck.path if ck else None, ck.sha256 if ck else None)),
             "vae_encoder": files(("vae", self.vae.path if self.vae else None, self.vae.sha256 if self.vae else None)),
             "vae_decoder": files(("vae", self.vae.path if self.vae else None, self.vae.sha256 if self.vae else None)),
             "face_encoder": files(("face", self.face_weights, self.face_sha256)),
         }
+        if self.two_stage:  # the upsampler's file and the VAE's (its statistics are in the graph); a part of
+            up = self.upsampler  # them seeded (tiny presets) adds the seed
+            out["upsampler"] = files(("upsampler", up.path if up else None, up.sha256 if up else None),
+                                     ("vae", vae.path if vae else None, vae.sha256 if vae else None))
+            if (up is None or vae is None) and "files" in out["upsampler"]:
+                out["upsampler"] = {**out["upsampler"], **seeded}
+        return out
 
 
 def config_hash(preset: Preset, seed: int) -> str:
@@ -155,11 +176,14 @@ def plan_sources(
     base_checkpoint: str | Path | None = None,
     components: tuple[str, ...] = COMPONENTS,
     family: ModelFamily | None = None,
+    upsampler: str | Path | None = None,
+    two_stage: bool = False,
 ) -> Sources:
     """Open headers, pick each component's file, refuse a mix of real and seeded weights (one line, naming the flag).
 
     Only the `components` asked for must have real weights (a DiT-only file loads its DiT alone). `family`:
-    the one the checkpoint must be (a bundle's, for verify).
+    the one the checkpoint must be (a bundle's, for verify). `upsampler`: the x2 latent upsampler file, checked
+    against the VAE's latent channels from its header; `two_stage` without it: the seeded tiny upsampler.
     """
     ckpt = open_checkpoint(checkpoint) if checkpoint is not None else None
     base = open_checkpoint(base_checkpoint) if base_checkpoint is not None else None
@@ -204,7 +228,8 @@ def plan_sources(
         if not face_weights.is_file():
             raise CheckpointError(f"face backbone {face_weights} does not exist: pass the arcface_torch backbone.pth")
         face_sha = sha256_file(face_weights)
-    src = Sources(preset, seed, ckpt, vae, text, gemma, face_weights, face_sha)
+    up = open_upsampler(upsampler, preset.vae.latent_channels) if upsampler is not None else None
+    src = Sources(preset, seed, ckpt, vae, text, gemma, face_weights, face_sha, two_stage or up is not None, up)
     check_layouts(src, components)
     return src
 
@@ -310,7 +335,19 @@ def _load_component(src: Sources, name: str, dtype: torch.dtype, transform: Tran
             if src.text is not None:
                 load_streaming(_text_parts(side), src.text, "text", TEXT_PARTS, None)
             return side
+        if name == "upsampler":
+            module = load_upsampler(src.upsampler, dtype) if src.upsampler else seeded_upsampler(seed).to(dtype)
+            return UpsampleVideo(module, vae_statistics(src))
     raise ValueError(name)
+
+
+def vae_statistics(src: Sources) -> dict[str, torch.Tensor]:
+    """The VAE encoder's per-channel statistics the upsampler runs between: the VAE file's two tensors, or the
+    seeded encoder's (the bundle's own `vae_encoder`)."""
+    if src.vae is not None:
+        return read_statistics(src.vae)
+    encoder, _ = build_vae(src.preset.vae, seed=src.seed, which="vae_encoder")
+    return module_statistics(encoder)
 
 
 def load_sources(src: Sources, components: tuple[str, ...] = COMPONENTS, dtype: torch.dtype = torch.float32,
@@ -323,7 +360,8 @@ def load_sources(src: Sources, components: tuple[str, ...] = COMPONENTS, dtype: 
     ckpt = src.checkpoint
     return ModelSet(src.preset, got.get("dit"), got.get("vae_encoder"), got.get("vae_decoder"),
                     got.get("text_encoder"), face=face, source_sha256=source,
-                    checkpoint_sha256=ckpt.sha256 if ckpt else None, gemma=src.gemma, sources=sources)
+                    checkpoint_sha256=ckpt.sha256 if ckpt else None, gemma=src.gemma, sources=sources,
+                    upsampler=got.get("upsampler"))
 
 
 def load_models(

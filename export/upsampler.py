@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ltx_core.model.upsampler.model import LatentUpsampler
+from ltx_core.loader.sd_ops import SDOps
+from ltx_core.loader.sft_loader import SafetensorsStateDictLoader
+from ltx_core.loader.single_gpu_model_builder import SingleGPUModelBuilder
+from ltx_core.model.upsampler.model import LatentUpsampler, upsample_video
 from ltx_core.model.upsampler.model_configurator import LatentUpsamplerConfigurator
+from ltx_core.model.video_vae.ops import PerChannelStatistics
 from safetensors.torch import save_file
 
 from stdrc.export.checkpoint import LazyCheckpoint, check_shapes, load_streaming, open_checkpoint
@@ -36,6 +40,7 @@ WHAT = "x2 spatial latent upsampler"
 PART = "upsampler"  # the LazyCheckpoint component its tensors are listed under
 STATS = ("std-of-means", "mean-of-means")  # the VAE's per-channel statistics (ltx-core's buffer names)
 _STATS_PREFIX = "per_channel_statistics."
+SEED_OFFSET = 5  # the seeded upsampler's seed after the build's (the VAE takes +1 and +2)
 # the kind two-stage generation needs, as ltx-core's configurator keys name it
 _X2_SPATIAL = {"spatial_upsample": True, "temporal_upsample": False, "spatial_scale": 2.0, "rational_resampler": False}
 
@@ -95,6 +100,11 @@ def build_upsampler(cfg: UpsamplerConfig, seed: int | None = 0) -> LatentUpsampl
     if seed is not None:
         init_seeded(module, seed)
     return module
+
+
+def seeded_upsampler(seed: int) -> LatentUpsampler:
+    """The tiny presets' random upsampler (`--two-stage` without a file), drawn from the build seed."""
+    return build_upsampler(TINY_UPSAMPLER, seed + SEED_OFFSET)
 
 
 def upsampler_shapes(cfg: UpsamplerConfig) -> dict[str, tuple[int, ...]]:
@@ -189,6 +199,43 @@ class UpsampleVideo(torch.nn.Module):
         x = latent.float() * self.std + self.mean
         x = self.upsampler(x.to(dtype)).float()
         return (x - self.mean) / self.std
+
+
+class LtxCoreUpsample(torch.nn.Module):
+    """ltx-core's own `upsample_video` over ltx-core's modules: `verify`'s reference, independent of
+    `UpsampleVideo`. `encoder`: anything with ltx-core's `per_channel_statistics` (a `VideoEncoder`)."""
+
+    def __init__(self, upsampler: LatentUpsampler, encoder: torch.nn.Module):
+        super().__init__()
+        self.upsampler, self.encoder = upsampler, encoder
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return upsample_video(latent, self.encoder, self.upsampler)
+
+
+class _Statistics(torch.nn.Module):
+    """The part of ltx-core's `VideoEncoder` that `upsample_video` reads."""
+
+    def __init__(self, stats: PerChannelStatistics):
+        super().__init__()
+        self.per_channel_statistics = stats
+
+
+def ltx_core_reference(upsampler: Path | LatentUpsampler, vae: Path | torch.nn.Module) -> LtxCoreUpsample:
+    """fp32 `upsample_video` as ltx-core loads its pieces: a file through its own model builder (as ltx-pipelines
+    loads the spatial upscaler) and the VAE statistics through its own loader and key names; a module (seeded
+    presets) as it is."""
+    if isinstance(upsampler, Path):
+        upsampler = SingleGPUModelBuilder(model_class_configurator=LatentUpsamplerConfigurator,
+                                          model_path=str(upsampler)).build(torch.device("cpu"), torch.float32)
+    if isinstance(vae, Path):
+        prefix = "vae." + _STATS_PREFIX
+        ops = SDOps("VAE_STATISTICS").with_matching(prefix=prefix).with_replacement(prefix, "")
+        sd = SafetensorsStateDictLoader().load(str(vae), sd_ops=ops).sd
+        stats = PerChannelStatistics(sd[STATS[0]].shape[0])
+        stats.load_state_dict({k: sd[k].float() for k in STATS})
+        vae = _Statistics(stats)
+    return LtxCoreUpsample(upsampler.float().eval(), vae.float().eval())
 
 
 def save_upsampler(path: str | Path, module: LatentUpsampler, cfg: UpsamplerConfig) -> Path:

@@ -61,6 +61,9 @@ def component_weight_bytes(bundle_dir: str | os.PathLike, file: str, extra_files
     return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
 
 
+UPSAMPLER_WIDTH = 512  # mid channels of Lightricks' x2 spatial upsampler (export/upsampler.py X2_UPSAMPLER)
+
+
 def activation_bytes(component: str, model: ModelConfig, bucket: Bucket, precision: str,
                      decode: DecodeTiling | None = None) -> int:
     """A documented estimate of the live activations of one engine call for `bucket`.
@@ -70,8 +73,9 @@ def activation_bytes(component: str, model: ModelConfig, bucket: Bucket, precisi
     text_encoder: `text_activation_bytes`;
     vae_decoder: three 128-channel maps at the decoder's last internal resolution (pixels over
     patch_size squared, before its depth-to-space) for every output frame, per tile when tiled;
-    vae_encoder: the same for one frame; face_encoder: a few MB. The engine library's own memory per
-    session is SESSION_BYTES, added by `memory_needs`, not here.
+    vae_encoder: the same for one frame; upsampler: three maps of the released x2 file's width
+    (UPSAMPLER_WIDTH channels) at the output latent grid (after its pixel shuffle); face_encoder: a few
+    MB. The engine library's own memory per session is SESSION_BYTES, added by `memory_needs`, not here.
     """
     e = element_bytes(precision)
     frames, height, width = bucket.frames, bucket.height, bucket.width
@@ -89,6 +93,8 @@ def activation_bytes(component: str, model: ModelConfig, bucket: Bucket, precisi
         patch = model.vae.patch_size
         pixels = height * width // (patch * patch) * (frames if component == "vae_decoder" else 1)
         return 3 * 128 * pixels * e
+    if component == "upsampler":
+        return 3 * UPSAMPLER_WIDTH * bucket.latent_frames * bucket.latent_height * bucket.latent_width * e
     return 8 * 2**20  # face encoder: 112x112 crops
 
 
