@@ -242,6 +242,8 @@ def engine_bytes_estimate(src: Sources, backend: str, precision: str) -> dict[st
         text += _gemma_elements(src.gemma.folder)
     if text:
         elements["text_encoder"] = text
+    if src.upsampler is not None:
+        elements["upsampler"] = sum(math.prod(shape) for shape in src.upsampler.checkpoint.shapes.values())
     return {k: n * engine_itemsize(backend, precision, k) for k, n in elements.items()}
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from stdrc.engines.build import BuildConfig, build_component
 from stdrc.engines.bundle import BundleWriter
+from stdrc.engines.preflight import engine_bytes_estimate
 from stdrc.engines.verify import _reference, compare
 from stdrc.export import checkpoint
 from stdrc.export.config import get_preset
@@ -79,6 +80,8 @@ def test_upsampler_file_is_recorded_and_matches(tmp_path: Path) -> None:
                           TINY_UPSAMPLER)
     built, checked = _build(tmp_path, "onnxruntime", upsampler=path)
     source = built["entry"].build.source
+    estimate = engine_bytes_estimate(built["src"], "onnxruntime", "fp32")  # from the header, before the build
+    assert estimate == {"upsampler": 4 * sum(p.numel() for p in build_upsampler(TINY_UPSAMPLER, 0).parameters())}
     assert source["files"]["upsampler"] == {"file": path.name, "sha256": sha256_file(path)}
     assert "seeded" in source  # the tiny VAE's statistics are seeded
     _assert_matches(checked)
@@ -91,6 +94,24 @@ def test_torch_backends_build_through_torch_export(tmp_path: Path, backend: str)
     built, checked = _build(tmp_path, backend)
     assert built["entry"].file == "upsampler.pt2" and built["entry"].backend == backend
     _assert_matches(checked)
+
+
+def test_tensorrt_plan_holds_one_profile_per_stage1_grid(tmp_path: Path) -> None:
+    """What build_component hands TensorRT for the upsampler (plan_for over the same spec): one profile per
+    bucket's stage-1 grid, min = opt = max, and the runtime picks each bucket's."""
+    from stdrc.engines.tensorrt import plan_for, polygraphy_loaders
+    from stdrc.runtime.backends.tensorrt import profile_index
+
+    spec = component_specs(get_preset("tiny"), BUCKETS, rope_input=True, two_stage=True)["upsampler"]
+    plan = plan_for("upsampler", spec, "fp16", tmp_path, bucket_dims=spec.bucket_dims)
+    assert plan.profiles["latent"] == ((1, 128, 2, 1, 2), (1, 128, 2, 2, 2), (1, 128, 3, 2, 2))
+    _, config = polygraphy_loaders(plan)
+    assert len(config.profiles) == len(plan.bucket_profiles) == 2
+    for i, b in enumerate(BUCKETS):
+        h = b.half()
+        grid = (1, 128, h.latent_frames, h.latent_height, h.latent_width)
+        assert plan.bucket_profiles[i]["latent"] == (grid, grid, grid)
+        assert profile_index(plan.describe().bucket_profiles, {"latent": grid}) == i
 
 
 def test_build_refuses_an_upsampler_whose_channels_are_not_the_vaes(tmp_path: Path, capsys: pytest.CaptureFixture,
