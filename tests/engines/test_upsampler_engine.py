@@ -147,3 +147,24 @@ def test_two_stage_bundle_records_and_verifies_its_upsampler(two_stage_bundle: P
     assert manifest.created_by.sources["upsampler"] == entry.build.source
     report = verify_bundle(two_stage_bundle)["upsampler"]
     assert report.ok and report.rel_l2 <= TOL and report.buckets == ("9x128x64",)
+
+
+@pytest.mark.slow  # a two-stage tiny build (its other components from the shared stage cache) and verify: 32 s alone
+def test_verify_needs_the_upsampler_file_the_bundle_was_built_with(tmp_path: Path, cache_dir: Path) -> None:
+    from stdrc.engines.build import build_engines
+    from stdrc.engines.verify import verify_bundle
+    from stdrc.export.errors import CheckpointError
+    from stdrc.export.lora import LoraSpec
+    from stdrc.export.refine import write_random_lora
+
+    path = save_upsampler(tmp_path / "up.safetensors", build_upsampler(TINY_UPSAMPLER, 9), TINY_UPSAMPLER)
+    other = save_upsampler(tmp_path / "other.safetensors", build_upsampler(TINY_UPSAMPLER, 10), TINY_UPSAMPLER)
+    lora = LoraSpec(write_random_lora(tmp_path / "refine.safetensors", get_preset("tiny").dit))
+    bundle = build_engines(BuildConfig(out=tmp_path / "bundle", cache_dir=cache_dir, backend="onnxruntime",
+                                       progress=False, buckets=("9x128x64",), upsampler=path, refine_lora=lora))
+    with pytest.raises(CheckpointError, match=r"upsampler was built from upsampler up.safetensors .*--upsampler"):
+        verify_bundle(bundle, refine_lora=lora)
+    with pytest.raises(CheckpointError, match=r"not upsampler other.safetensors"):
+        verify_bundle(bundle, refine_lora=lora, upsampler=other)
+    report = verify_bundle(bundle, refine_lora=lora, upsampler=path)["upsampler"]
+    assert report.ok and report.rel_l2 <= TOL
