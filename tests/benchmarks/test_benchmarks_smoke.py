@@ -45,8 +45,10 @@ def run_json(module, argv: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("onnx-cache")
+def cache(cache_dir: Path) -> Path:
+    """The session's stage cache (tests/conftest.py): the tiny bundle built here and the shared `tiny_bundle`
+    are the same build, so whichever runs second exports nothing."""
+    return cache_dir
 
 
 @pytest.fixture(scope="module")
