@@ -28,7 +28,7 @@ from stdrc.export.upsampler import ltx_core_reference as ltx_core_upsample
 from stdrc.export.upsampler import seeded_upsampler
 from stdrc.export.vae import build_vae, ltx_core_reference
 from stdrc.runtime.backends import check_trust, open_engine, resolve_device
-from stdrc.runtime.manifest import bundle_path, check_files, read_manifest
+from stdrc.runtime.manifest import bundle_path, check_files, read_manifest, sha256_file
 from stdrc.runtime.options import check_path
 from stdrc.runtime.vocab import BUCKET_SIZED, STAGE_COMPONENTS
 
@@ -167,8 +167,13 @@ def refine_lora_for_verify(entry, given: LoraSpec | None, preset, seed: int, bun
         given = random_refine_lora(preset, seed, folder)
     if given is None:
         raise LoraError(f"{bundle} refines with the LoRA {entry.name}: pass it as --refine-lora FILE to verify it")
-    (spec,) = match_manifest((entry,), (given,), bundle)
-    return spec
+    if not given.path.is_file() or sha256_file(given.path) != entry.sha256:
+        raise LoraError(f"--refine-lora {given.path} is not the refinement LoRA of {bundle} ({entry.name}, sha256 "
+                        f"{entry.sha256[:12]}...): pass that file")
+    if given.strength is not None and given.strength != entry.strength:
+        raise LoraError(f"--refine-lora {given.path}:{given.strength:g} differs from the strength {entry.strength:g} "
+                        f"{bundle} was built with: leave the strength out or pass {entry.strength:g}")
+    return LoraSpec(given.path, entry.strength)
 
 
 def bucket_feeds(bundle: Path, bucket, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

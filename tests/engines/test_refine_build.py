@@ -4,6 +4,7 @@ engine reads; refusals are one `error:` line, exit 2."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -115,5 +116,29 @@ def test_verify_takes_the_bundles_refinement_lora_or_says_which(tmp_path):
     assert refine_lora_for_verify(entry, LoraSpec(given), preset, 0, tmp_path).strength == 0.6
     with pytest.raises(LoraError, match="pass it as --refine-lora FILE"):
         refine_lora_for_verify(entry, None, preset, 0, tmp_path)
-    with pytest.raises(LoraError, match="is not LoRA 1"):
+    with pytest.raises(LoraError, match="is not the refinement LoRA of"):
         refine_lora_for_verify(entry, LoraSpec(again.path), preset, 0, tmp_path, tmp_path / "verify")
+    with pytest.raises(LoraError, match="differs from the strength 0.6"):
+        refine_lora_for_verify(entry, LoraSpec(given, 0.5), preset, 0, tmp_path, tmp_path / "verify")
+
+
+@pytest.mark.slow  # a verify of the shared two-stage bundle (~30 s)
+def test_two_stage_bundle_refines_on_the_dits_weights_and_verifies(two_stage_bundle, tmp_path, capsys):
+    """The tiny two-stage bundle: two_stage.lora is the seeded random LoRA, dit_refine reads the dit's weights
+    file (same sha256) and verifies against the DiT with that LoRA fused; another LoRA is one error line."""
+    from stdrc.engines.cli import main
+    from stdrc.runtime.manifest import read_manifest
+
+    manifest = read_manifest(two_stage_bundle)
+    lora = manifest.two_stage.lora
+    assert lora.name == f"{RANDOM_LORA_PREFIX}tiny-seed0.safetensors" and lora.strength == 1.0
+    dit, refine = manifest.components["dit"], manifest.components["dit_refine"]
+    assert dit.extra_files == {"dit.onnx.data": refine.extra_files["dit.onnx.data"]}
+    assert set(refine.extra_files) == {"dit.onnx.data", "dit_refine.onnx.data"}
+    assert main(["verify", str(two_stage_bundle), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["components"]["dit_refine"]
+    assert report["ok"] and report["rel_l2"] <= 1e-5 and report["tolerance"] == 1e-4
+    other = write_random_lora(tmp_path / "other.safetensors", get_preset("tiny").dit, seed=5)
+    assert main(["verify", str(two_stage_bundle), "--refine-lora", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the refinement LoRA of" in err[0], err
