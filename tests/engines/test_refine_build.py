@@ -142,3 +142,34 @@ def test_two_stage_bundle_refines_on_the_dits_weights_and_verifies(two_stage_bun
     assert main(["verify", str(two_stage_bundle), "--refine-lora", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not the refinement LoRA of" in err[0], err
+
+
+@pytest.mark.slow  # an fp16 DiT export (20 s)
+def test_fp16_dit_refine_on_tiny23(tmp_path, cache_dir):
+    """fp16 (the CUDA EP's engines, run here on CPU): the branches find every target of LTX-2.3's DiT (gates,
+    prompt AdaLN), keep the LoRA in bf16 on disk with Casts to fp16, and equal the fp32 PyTorch refinement at
+    fp16's verify tolerance."""
+    import torch
+
+    from stdrc.export.dit import build_dit
+    from stdrc.export.refine import add_lora_branches
+
+    preset = get_preset("tiny23")
+    bucket = Bucket(**{**preset.default_bucket, "width": 128, "height": 64})
+    cfg = BuildConfig(out=tmp_path / "bundle", cache_dir=cache_dir, backend="onnxruntime", precision="fp16",
+                      two_stage=True, rope="input", progress=False)
+    specs = component_specs(preset, bucket, rope_input=True, two_stage=True)
+    lora = load_refine_lora(LoraSpec(write_random_lora(tmp_path / "r.safetensors", preset.dit), 0.5), preset.dit)
+    with BundleWriter(cfg.out) as writer:
+        dit = build_component(cfg, "onnxruntime", plan_sources(preset), bucket, specs["dit"], writer, lambda: None)
+        refine = refine_component(dit, writer.staging, specs["dit_refine"], lora, dit_shapes(preset.dit))
+        graph = onnx.load(str(writer.staging / refine.file), load_external_data=False)
+        casts = [n for n in graph.graph.node if n.op_type == "Cast" and n.name.startswith("lora")]
+        assert len(casts) == 2 * len(lora.pairs) and all(a.i == onnx.TensorProto.FLOAT16
+                                                         for n in casts for a in n.attribute)
+        feeds = specs["dit_refine"].sample_inputs(seed=3, batch=1)
+        got = open_engine(writer.staging, "dit_refine", refine).run(feeds)["velocity"]
+    with torch.no_grad():
+        module = add_lora_branches(build_dit(preset.dit, seed=0), lora)
+        want = module(*[torch.from_numpy(feeds[t.name]) for t in specs["dit"].inputs]).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-2
