@@ -36,12 +36,12 @@ from stdrc.export.dit import (
     sensitive_layer_patterns,
 )
 from stdrc.export.errors import ExportError
+from stdrc.export.fp8_scaled import FP8_E4M3_MAX, ONNX_TRANSLATIONS, fp8_qdq, qdq_form  # noqa: F401 (fp8_qdq: API)
 from stdrc.export.onnx_export import TWO_GB, param_bytes
 from stdrc.export.specs import SIGMA_INPUT
 
 log = logging.getLogger(__name__)
 
-FP8_E4M3_MAX = 448.0
 ONNX_OPSET = 20  # FP8 QuantizeLinear needs >= 19
 
 
@@ -133,27 +133,6 @@ def amax_scales(qdit: torch.nn.Module) -> dict[str, float]:
     return scales
 
 
-@torch.library.custom_op("stdrc::fp8_qdq", mutates_args=())
-def fp8_qdq(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """E4M3 quantize -> dequantize with a fixed per-tensor scale (saturating), as ONNX Q/DQ computes it."""
-    q = (x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.to(x.dtype) * scale
-
-
-@fp8_qdq.register_fake
-def _fp8_qdq_fake(x: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def _fp8_qdq_onnx(x: Any, scale: float) -> Any:
-    import onnx_ir as ir
-    from onnxscript import opset20 as op
-
-    s = op.CastLike(op.Constant(value_float=scale), x)
-    zero = op.Constant(value=ir.tensor(np.zeros((), np.uint8), dtype=ir.DataType.FLOAT8E4M3FN))
-    return op.DequantizeLinear(op.QuantizeLinear(x, s, zero, saturate=1), s, zero)
-
-
 @contextlib.contextmanager
 def qdq_export_patch(module: torch.nn.Module) -> Iterator[int]:
     """Export-only: each calibrated quantizer becomes `stdrc::fp8_qdq` with its scale; restored on exit."""
@@ -181,6 +160,9 @@ def export_qdq_onnx(
 ) -> Path:
     """Write the quantized DiT (RoPE baked) as ONNX with FP8 Q/DQ nodes, for a strongly typed TensorRT build.
 
+    The DiT is modelopt's calibrated one or one whose Linears are `ScaledFp8Linear` (a pre-quantized file's
+    scales): its E4M3 weights become FP8 initializers behind DequantizeLinear.
+
     `batch_range=(min, max)` makes axis 0 of every input dynamic, as the DiT spec's "batch" dim.
     """
     path = Path(path)
@@ -193,15 +175,17 @@ def export_qdq_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
     try:
-        with qdq_export_patch(qdit_baked) as count, warnings.catch_warnings(), torch.no_grad():
+        with qdq_export_patch(qdit_baked) as calibrated, qdq_form(qdit_baked) as given, \
+                warnings.catch_warnings(), torch.no_grad():
+            count = calibrated + given
             if count == 0:
-                raise ExportError("the module has no enabled FP8 quantizers: "
-                                  "pass the output of quantize_dit_fp8")
+                raise ExportError("the module has no enabled FP8 quantizers: pass the output of quantize_dit_fp8 "
+                                  "(or of export.fp8_scaled.scaled_fp8_dit, a pre-quantized file's scales)")
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 qdit_baked.eval(), args, input_names=names, output_names=list(DIT_OUTPUTS),
                 dynamic_shapes=dynamic, dynamo=True, optimize=True, verbose=False, opset_version=ONNX_OPSET,
-                custom_translation_table={torch.ops.stdrc.fp8_qdq.default: _fp8_qdq_onnx},
+                custom_translation_table=ONNX_TRANSLATIONS,
             )
         program.save(str(tmpdir / path.name), external_data=param_bytes(qdit_baked) > TWO_GB // 2)
         import onnx

@@ -42,11 +42,11 @@ import torch
 
 from stdrc.export.dit import STDRCTransformer, sensitive_layer_patterns
 from stdrc.export.errors import ExportError
+from stdrc.export.fp8_scaled import FP8_E4M3_MAX, file_codes, quantize_e4m3, scale_layers
 from stdrc.runtime.backends.torch import CudaGraphStep
 
 log = logging.getLogger(__name__)
 
-FP8_E4M3_MAX = 448.0
 RECALIBRATE = "recalibrate with `stdrc-export build-engines --calibrate-fp8` for these weights"
 
 
@@ -69,14 +69,6 @@ class FastPathOptions:
 
 
 # -- FP8 ----------------------------------------------------------------------------------------
-
-def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale, saturated to +-448, rounded to E4M3 (the calibration's and ONNX Q/DQ's rounding).
-
-    The division runs in fp32: rounding a bf16 quotient first would round twice.
-    """
-    return (x.float() / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-
 
 class Fp8Linear(torch.nn.Module):
     """y = x W^T + b with E4M3 x and W and per-tensor scales, through `torch._scaled_mm`.
@@ -147,8 +139,26 @@ def load_fp8_scales(path: str | Path) -> dict[str, float]:
     return {k: float(v) for k, v in scales.items()}
 
 
-def _layer_scales(dit: torch.nn.Module, scales: dict[str, float]) -> dict[str, tuple[float, float]]:
+def _file_layer_scales(dit: torch.nn.Module, scales: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """A pre-quantized file's scales: its own layer list, each weight exactly its E4M3 codes times weight_scale."""
+    layers = scale_layers(scales)
+    for name, (_, weight_scale) in layers.items():
+        try:
+            module = dit.get_submodule(name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, torch.nn.Linear):
+            raise ExportError(f"FP8 scales name {name}, which is not a Linear of this DiT: "
+                              "the scales belong to another model")
+        file_codes(module.weight, weight_scale, name)
+    return layers
+
+
+def _layer_scales(dit: torch.nn.Module, scales: dict[str, float], from_file: bool = False
+                  ) -> dict[str, tuple[float, float]]:
     """(input_scale, weight_scale) per FP8 layer, checked against the layers and their weights."""
+    if from_file:
+        return _file_layer_scales(dit, scales)
     layers = fp8_layer_names(dit)
     out = {}
     for name in layers:
@@ -205,11 +215,13 @@ def cast_copy(module: torch.nn.Module, dtype: torch.dtype,
 
 def prepare_fast_dit(dit: STDRCTransformer, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                      options: FastPathOptions = FastPathOptions(), scales: dict[str, float] | None = None,
-                     device: str | torch.device = "cpu") -> torch.nn.Module:
+                     device: str | torch.device = "cpu", scales_from_file: bool = False) -> torch.nn.Module:
     """A fast copy of `dit` (left untouched) for one bucket; a `CudaGraphStep` when `options.cuda_graph`.
 
     `scales`: `load_fp8_scales(...)` output, required with `options.fp8`. FP8 weights are
-    quantized from the fp32 weights, before the bf16 cast.
+    quantized from the fp32 weights, before the bf16 cast. `scales_from_file`: they are a pre-quantized
+    checkpoint's (export/fp8_scaled.py); its layers are the FP8 ones (its own exclusion list) and `dit` holds
+    its dequantised weights, so the FP8 weights are the file's own codes.
     """
     if options.dtype not in (torch.bfloat16, torch.float32):
         raise ExportError(f"fast path dtype {options.dtype}: use torch.bfloat16 (or float32 for checks)")
@@ -220,7 +232,7 @@ def prepare_fast_dit(dit: STDRCTransformer, rope_cos: torch.Tensor, rope_sin: to
                           f"scales=load_fp8_scales(bundle / 'fp8_scales.json'); {RECALIBRATE}")
     fp8_layers = {}
     if options.fp8:  # quantized from the original's fp32 weights
-        for name, (inp, wgt) in _layer_scales(dit, scales).items():
+        for name, (inp, wgt) in _layer_scales(dit, scales, scales_from_file).items():
             n, k = dit.get_submodule(name).weight.shape
             if n % 16 or k % 16:  # e.g. a gate over a few heads: tiny, and _scaled_mm cannot take it
                 log.info("%s (%dx%d) stays in %s: FP8 GEMMs need multiples of 16", name, n, k, options.dtype)
