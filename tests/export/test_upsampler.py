@@ -189,3 +189,18 @@ def test_header_checks_refuse_before_any_tensor_is_read(files: tuple[Path, Path]
     with pytest.raises(CheckpointError, match=message) as err:
         open_upsampler(bad, CHANNELS)
     assert "\n" not in str(err.value) and "--upsampler" in str(err.value)
+
+
+def test_low_precision_weights_keep_the_normalisation_in_fp32(files: tuple[Path, Path], ours: UpsampleVideo) -> None:
+    """The engine built for fp16/bf16 (weights in that dtype behind CastIO, as build-engines exports them): the
+    latent input stays fp32 (`fp32_inputs`) and the statistics are applied in fp32, within bf16's tolerance."""
+    from stdrc.export.onnx_export import CastIO
+
+    path, stats = files
+    half = CastIO(UpsampleVideo(load_upsampler(open_upsampler(path, CHANNELS), torch.bfloat16),
+                                read_statistics(open_checkpoint(stats))))
+    assert half.keep == {0} and half.dtype == torch.bfloat16 and half.module.std.dtype == torch.float32
+    latent = _latent(GRIDS[0], seed=4)
+    with torch.no_grad():
+        got, want = half(latent), ours(latent)
+    assert got.dtype == torch.float32 and 0 < _rel_l2(got.numpy(), want.numpy()) <= 3e-2  # verify's bf16 tolerance
