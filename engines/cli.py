@@ -56,7 +56,7 @@ def _verify(args: argparse.Namespace) -> int:
             status = "ok" if r.ok else "FAIL"
             print(f"{name:13s} {r.backend:11s} {r.precision:5s} max_abs_err={r.max_abs_err:.3e} "
                   f"rel_l2={r.rel_l2:.3e} (tol {r.tolerance:.0e}) {status}"
-                  + (f" buckets {', '.join(r.buckets)}" if len(r.buckets) > 1 else ""))
+                  + (f" buckets {', '.join(r.buckets)}" if len(r.buckets) > 1 else "") + f" vs {r.reference}")
     return 0 if result["ok"] else 1
 
 

@@ -20,9 +20,11 @@ import torch
 
 from stdrc.engines.stage_cache import release_memory
 from stdrc.export.config import ModelFamily, get_preset
+from stdrc.export.dit import LtxCoreDiT, ltx_core_dit
 from stdrc.export.errors import CheckpointError, LoraError
 from stdrc.export.lora import LoraSpec, lora_transform, match_manifest
 from stdrc.export.models import load_sources, plan_sources
+from stdrc.export.reference import token_positions
 from stdrc.export.specs import component_specs
 from stdrc.export.upsampler import ltx_core_reference as ltx_core_upsample
 from stdrc.export.upsampler import seeded_upsampler
@@ -36,6 +38,12 @@ from stdrc.runtime.vocab import BUCKET_SIZED, STAGE_COMPONENTS
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2, "fp8": 1e-1}
 
 
+# what each component was compared with (ComponentReport.reference)
+REF_FILE_CONFIG = "ltx-core, built from the file's config"  # LTXModel / VideoEncoder / VideoDecoder
+REF_PRESET_CONFIG = "ltx-core, built from the preset's config"  # seeded, or a file with no config
+REF_STDRC = "stdrc export module"
+
+
 @dataclass(frozen=True)
 class ComponentReport:
     max_abs_err: float
@@ -45,6 +53,7 @@ class ComponentReport:
     backend: str
     precision: str
     buckets: tuple[str, ...] = ()  # the bucket sizes checked (FRAMESxWIDTHxHEIGHT)
+    reference: str = REF_STDRC  # what the engine was compared with (REF_*)
 
 
 @contextmanager
@@ -128,30 +137,44 @@ def check_sources(bundle: Path, recorded: dict[str, dict], given: dict[str, dict
                               f"pass the same files to verify ({flags})")
 
 
-def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Callable | None) -> list[tuple]:
-    """PyTorch outputs (fp32, from the recorded sources) for each feed; the module is released on return.
-    A VAE whose file has a `vae` config: ltx-core's own module built from that config, not ours."""
-    vae_file = src.vae if name in ("vae_encoder", "vae_decoder") else None
-    if vae_file is not None and "vae" in (vae_file.metadata_config or {}):
-        module = ltx_core_reference(vae_file, name)
-    elif name == "dit_refine":  # the DiT with the refinement LoRA fused as ltx-core fuses it (not as branches)
-        one = load_sources(src, ("dit",), torch.float32, transform)
-        module = one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)["dit"]
-    elif name == "upsampler":  # ltx-core's LatentUpsampler + upsample_video, as ltx-core loads the files
-        module = ltx_core_upsample(
+def _reference_module(src, name: str, manifest, transform: Callable | None) -> tuple[torch.nn.Module, str]:
+    """The fp32 module `name`'s engine is compared with, and which it is. The DiT (and `dit_refine`, the DiT with
+    the refinement LoRA fused as ltx-core fuses it, not as branches) always runs ltx-core's own `LTXModel.forward`;
+    a DiT or VAE whose file has a config: ltx-core's module built from that config."""
+    dit_like = name in ("dit", "dit_refine")
+    ckpt = src.file_of("dit" if dit_like else name)
+    config = (ckpt.metadata_config or {}) if ckpt is not None else {}
+    if name in ("vae_encoder", "vae_decoder") and "vae" in config:
+        return ltx_core_reference(ckpt, name), REF_FILE_CONFIG
+    if dit_like and "transformer" in config:
+        return ltx_core_dit(ckpt, transform), REF_FILE_CONFIG
+    if dit_like:  # ltx-core's LTXModel as its configurator builds it from the preset's config
+        return LtxCoreDiT(load_sources(src, ("dit",), torch.float32, transform).dit.ltx), REF_PRESET_CONFIG
+    if name == "upsampler":  # ltx-core's LatentUpsampler + upsample_video, as ltx-core loads the files
+        return ltx_core_upsample(
             src.upsampler.path if src.upsampler else seeded_upsampler(src.seed),
-            src.vae.path if src.vae else build_vae(src.preset.vae, seed=src.seed, which="vae_encoder")[0])
-    else:
-        one = load_sources(src, (name,), torch.float32, transform if name == "dit" else None)
-        module = one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)[name]
+            src.vae.path if src.vae else build_vae(src.preset.vae, seed=src.seed, which="vae_encoder")[0]
+        ), REF_FILE_CONFIG if src.upsampler else REF_PRESET_CONFIG
+    one = load_sources(src, (name,), torch.float32, None)
+    return one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)[name], REF_STDRC
+
+
+def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Callable | None,
+               buckets: list) -> tuple[list[tuple], str]:
+    """PyTorch outputs (fp32, from the recorded sources) for each feed (of `buckets[i]`), and which module
+    gave them; the module is released on return."""
+    module, which = _reference_module(src, name, manifest, transform)
     outs = []
     with torch.no_grad():
-        for feed in feeds:
-            ref = module(*[torch.from_numpy(feed[t.name]) for t in spec.inputs])
+        for feed, bucket in zip(feeds, buckets):
+            args = {t.name: torch.from_numpy(feed[t.name]) for t in spec.inputs}
+            if isinstance(module, LtxCoreDiT):
+                grid = (bucket.latent_frames, bucket.latent_height, bucket.latent_width)
+                ref = module(token_positions(grid, manifest.rope.layout, bucket.fps), **args)
+            else:
+                ref = module(*args.values())
             outs.append(tuple(r.float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))))
-    return outs
-
-
+    return outs, which
 
 
 def refine_lora_for_verify(entry, given: LoraSpec | None, preset, seed: int, bundle: Path,
@@ -235,7 +258,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         feeds = [bucket_feeds(bundle, b, specs[name].sample_inputs(seed=seed, batch=batch))
                  for b, specs in zip(checked, per_bucket) for batch in batches]
         transform = refine_transform if name == "dit_refine" else dit_transform
-        refs = _reference(src, name, manifest, per_bucket[0][name], feeds, transform)
+        refs, which = _reference(src, name, manifest, per_bucket[0][name], feeds, transform,
+                                 [b for b in checked for _ in batches])
         release_memory()  # the PyTorch module is gone before the engine loads: one copy of the weights at a time
         expected = [{spec.name: value for spec, value in zip(entry.outputs, ref)} for ref in refs]
         with _engine_runner(bundle, name, entry, device, report, trust_code) as run:
@@ -245,7 +269,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         tol = TOLERANCE.get(entry.precision, 1e-4)
         matched = polygraphy_check(name, got, expected, tol, report)
         reports[name] = ComponentReport(worst[0], worst[1], tol, worst[1] <= tol and matched, entry.backend,
-                                        entry.precision, tuple(b.label() for b in checked) if sized else ())
+                                        entry.precision, tuple(b.label() for b in checked) if sized else (),
+                                        which)
         del got
         release_memory()
     return reports

@@ -15,6 +15,7 @@ import fnmatch
 
 import torch
 from ltx_core.guidance.perturbations import BatchedPerturbationConfig
+from ltx_core.model.transformer.modality import Modality
 from ltx_core.model.transformer.model import LTXModel
 from ltx_core.model.transformer.model_configurator import LTXVideoOnlyModelConfigurator
 from ltx_core.model.transformer.transformer_args import TransformerArgs
@@ -167,6 +168,41 @@ class BakedRopeDiT(torch.nn.Module):
     def forward(self, latent, timestep, context, context_mask, attn_mask, sigma=None):
         return self.dit(latent, timestep, context, context_mask, attn_mask, self.rope_cos, self.rope_sin,
                         sigma)
+
+
+class LtxCoreDiT(torch.nn.Module):
+    """ltx-core's own `LTXModel.forward` behind the DiT's named inputs: `verify`'s reference, independent of
+    `STDRCTransformer.forward` and of the bundle's RoPE tables (ltx-core derives RoPE from `positions`)."""
+
+    def __init__(self, ltx: LTXModel):
+        super().__init__()
+        self.ltx = ltx
+
+    def forward(self, positions: torch.Tensor, latent: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor, attn_mask: torch.Tensor, sigma: torch.Tensor | None = None,
+                **rope_tables: torch.Tensor) -> torch.Tensor:
+        batch, tokens = latent.shape[:2]
+        if sigma is None:  # read only by the prompt AdaLN, which a DiT taking no sigma lacks
+            sigma = torch.zeros(batch)
+        video = Modality(latent=latent, sigma=sigma, timesteps=timestep,
+                         positions=positions.expand(batch, -1, -1, -1), context=context,
+                         context_mask=context_mask.to(torch.int64),
+                         attention_mask=attn_mask[:, None, :].expand(-1, tokens, -1).float())  # (B, T, T) 1/0
+        out, _ = self.ltx(video=video, audio=None, perturbations=BatchedPerturbationConfig.empty(batch))
+        return out
+
+
+def ltx_core_dit(ckpt, transform=None) -> LtxCoreDiT:
+    """fp32 `LTXModel` as ltx-core's video-only configurator builds it from the checkpoint's own `config` (not
+    this project's reading of it), the file's weights streamed in one tensor at a time through `transform`
+    (fused LoRAs): what `verify` compares a bundle's DiT with when the file has a `transformer` config."""
+    from stdrc.export.checkpoint import load_streaming  # checkpoint.py imports vae.py, which imports this module
+
+    with torch.device("meta"):
+        model = LTXVideoOnlyModelConfigurator.from_config(ckpt.metadata_config)
+    model = model.to_empty(device="cpu").float().eval()
+    load_streaming(model, ckpt, "dit", "DiT", transform)
+    return LtxCoreDiT(model)
 
 
 def build_dit(cfg: DiTConfig, seed: int | None = 0) -> STDRCTransformer:

@@ -12,7 +12,7 @@ import pytest
 
 from stdrc.engines.build import BuildConfig, build_engines
 from stdrc.engines.bundle import BundleWriter
-from stdrc.engines.verify import verify_bundle
+from stdrc.engines.verify import REF_PRESET_CONFIG, verify_bundle
 from stdrc.runtime.errors import BundleError
 from stdrc.runtime.manifest import FORMAT_VERSION, Manifest, check_files, read_manifest, sha256_file
 
@@ -44,6 +44,7 @@ def test_verify_every_component_within_1e4(tiny_bundle: Path) -> None:
     for name, r in reports.items():
         assert r.ok and r.rel_l2 <= 1e-4, (name, r)
         assert r.rel_l2 > 0 or r.max_abs_err == 0
+    assert reports["dit"].reference == REF_PRESET_CONFIG  # ltx-core's LTXModel.forward on the seeded weights
 
 
 @pytest.mark.slow  # a stdrc-export verify process

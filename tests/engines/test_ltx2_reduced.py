@@ -19,6 +19,8 @@ from pathlib import Path
 import cv2
 import pytest
 
+from stdrc.engines.verify import REF_FILE_CONFIG
+
 # ~2.5 B random parameters written (5.1 GB bf16; 0.5 B of it the audio stream the build skips; 2 B before
 # 2026-12-06), exported (7.9 GB fp32 bundle) and checked: measured 4.8 min on the shared 2-core VM, lightly
 # loaded (2026-12-02: 0.5 min writing; build 3.4, verify 1.6, generate 0.9 min with two other jobs running);
@@ -89,6 +91,8 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
                         "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and set(report["components"]) == set(manifest.components)
+    for name in ("dit", "vae_encoder", "vae_decoder"):  # ltx-core's LTXModel / VAE from the file's config
+        assert report["components"][name]["reference"] == REF_FILE_CONFIG, (name, report["components"][name])
     # README: stdrc generate --bundle DIR --ref IMG --prompt TEXT -o OUT.mp4
     out = tmp_path / "out.mp4"
     assert runtime_main(["generate", "--bundle", str(bundle), "--ref", str(astronaut_png), "--prompt",
@@ -114,8 +118,8 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
 def test_ltx23_build_verify_generate(real_layout23: tuple[Path, Path], tmp_path: Path, astronaut_png: Path,
                                     capsys) -> None:
     """The LTX-2.3 file through the README's commands: its family's flags and defaults reach the bundle, and
-    verify finds the bundle's DiT and VAE equal to the PyTorch modules built from the same file (the VAE:
-    ltx-core's own, from the file's `vae` config) within 1e-5 rel L2 in fp32."""
+    verify finds the bundle's DiT and VAE equal to ltx-core's own modules (LTXModel, VideoEncoder/Decoder) built
+    from the same file's `config` and loaded with its weights, within 1e-5 rel L2 in fp32."""
     from stdrc.cli import main as runtime_main
     from stdrc.engines.cli import main as export_main
     from stdrc.export.config import ModelFamily
@@ -141,6 +145,7 @@ def test_ltx23_build_verify_generate(real_layout23: tuple[Path, Path], tmp_path:
     assert report["ok"] and report["family"] == ModelFamily.LTX23.value
     for name in ("dit", "vae_encoder", "vae_decoder"):
         assert report["components"][name]["rel_l2"] <= 1e-5, (name, report["components"][name])
+        assert report["components"][name]["reference"] == REF_FILE_CONFIG, (name, report["components"][name])
     out = tmp_path / "out.mp4"
     assert runtime_main(["generate", "--bundle", str(bundle), "--ref", str(astronaut_png), "--prompt",
                          "a woman smiles at the camera", "--steps", "2", "-o", str(out)]) == 0

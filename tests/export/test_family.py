@@ -135,6 +135,7 @@ def test_ltx23_file_builds_and_verifies(files: dict[str, Path], tmp_path: Path, 
     """A real-layout LTX-2.3 file (tiny23 width, audio stream included) through build-engines and verify: the
     bundle records its family, and every engine equals the PyTorch module loaded from the same file."""
     from stdrc.engines.cli import main
+    from stdrc.engines.verify import REF_FILE_CONFIG
     from stdrc.runtime.manifest import read_manifest
 
     bundle = tmp_path / "bundle"
@@ -148,6 +149,8 @@ def test_ltx23_file_builds_and_verifies(files: dict[str, Path], tmp_path: Path, 
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["family"] == "ltx2.3"
     assert set(report["components"]) == set(manifest.components)
+    for name in ("dit", "vae_encoder", "vae_decoder"):  # ltx-core's modules from the file's config
+        assert report["components"][name]["reference"] == REF_FILE_CONFIG, name
     from stdrc.engines.verify import verify_bundle
 
     other = r"ltx2\.safetensors is an LTX-2 checkpoint and the bundle LTX-2\.3"
