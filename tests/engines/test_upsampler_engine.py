@@ -135,7 +135,7 @@ def test_build_refuses_an_upsampler_whose_channels_are_not_the_vaes(tmp_path: Pa
 
 @pytest.mark.slow  # verify runs every component of the bundle: 17 s (+ the shared fixture, 43 s)
 def test_two_stage_bundle_records_and_verifies_its_upsampler(two_stage_bundle: Path) -> None:
-    from stdrc.engines.verify import verify_bundle
+    from stdrc.engines.verify import REF_PRESET_CONFIG, verify_bundle
     from stdrc.runtime.manifest import read_manifest
 
     manifest = read_manifest(two_stage_bundle)
@@ -145,8 +145,12 @@ def test_two_stage_bundle_records_and_verifies_its_upsampler(two_stage_bundle: P
     assert manifest.memory.weight_bytes["upsampler"] == size > 0
     assert manifest.memory.activation_bytes["upsampler"] == 3 * 512 * 2 * 2 * 4 * 4
     assert manifest.created_by.sources["upsampler"] == entry.build.source
-    report = verify_bundle(two_stage_bundle)["upsampler"]
+    reports = verify_bundle(two_stage_bundle)
+    report = reports["upsampler"]
     assert report.ok and report.rel_l2 <= TOL and report.buckets == ("9x128x64",)
+    # seeded: ltx-core's LatentUpsampler and LTXModel (the refinement LoRA fused into it) from the preset's config
+    for name in ("upsampler", "dit", "dit_refine"):
+        assert reports[name].ok and reports[name].reference == REF_PRESET_CONFIG, (name, reports[name])
 
 
 @pytest.mark.slow  # a two-stage tiny build (its other components from the shared stage cache) and verify: 32 s alone
