@@ -2,6 +2,7 @@
 
     python benchmarks/build_memory.py [--layers 1 2 4] [--precision fp16] [--work DIR] --json
     python benchmarks/build_memory.py --family ltx2.3 --points docs/build_memory_fp16.json --json
+    python benchmarks/build_memory.py --source fp8 --layers 2 --json
 
 
 Each depth builds in its own child process from a synthetic full-width LTX-2-layout checkpoint and a
@@ -19,6 +20,11 @@ measured one's (counted on the meta device, runtime_memory.py). `--points FILE` 
 measured ltx2 points instead of building; `--family ltx2.3` (which needs it: only ltx2 builds are
 measured) scales the DiT's per-layer slope by the ratio of the two families' block parameters and
 prices the 2.3 head. Arithmetic over LTX-2's measurements, not a 2.3 measurement.
+
+`--source fp8` builds from the FP8 variant of each depth's file (synthetic.write_fp8_checkpoint: Lightricks'
+pre-quantized layout, dequantised as read) and, for comparison, from the bf16 file of the same weights: each
+point carries both peaks (`bf16_peak_rss_gb`). ltx-core's FP8 files keep block 0 in bf16, so a depth needs
+two or more layers to hold any float8 weight.
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ def child(args: argparse.Namespace) -> None:
     from stdrc.engines.build import BuildConfig, build_engines
 
     work, layers = Path(args.work), args.layers[0]
-    ckpt, gemma = work / f"ltx2-{layers}layer.safetensors", work / f"gemma-3-w3840-{args.gemma_layers}layer"
+    suffix = "-fp8" if args.source == "fp8" else ""
+    ckpt, gemma = work / f"ltx2-{layers}layer{suffix}.safetensors", work / f"gemma-3-w3840-{args.gemma_layers}layer"
     components: dict[str, dict] = {}
     seen: set[Path] = set()
 
@@ -80,7 +87,7 @@ def child(args: argparse.Namespace) -> None:
         components[name] = {"peak_rss_gb": _vm_hwm() / GB, "disk_gb": sum(f.stat().st_size for f in files) / GB}
         _reset_hwm()
 
-    out, cache = work / f"bundle-{layers}-{args.precision}", work / f"cache-{layers}-{args.precision}"
+    out, cache = work / f"bundle-{layers}-{args.precision}{suffix}", work / f"cache-{layers}-{args.precision}{suffix}"
     _reset_hwm()
     cfg = BuildConfig(preset="ltx2-video", checkpoint=ckpt, text_encoder=gemma, frames=args.frames,
                       height=args.height, width=args.width, backend="onnxruntime", precision=args.precision,
@@ -90,19 +97,29 @@ def child(args: argparse.Namespace) -> None:
                       "checkpoint_gb": _du(ckpt) / GB, "gemma_gb": _du(gemma) / GB}))
 
 
-def measure(layers: int, args: argparse.Namespace, work: Path) -> dict:
+def measure(layers: int, args: argparse.Namespace, work: Path, source: str | None = None) -> dict:
+    """One depth built in a child process from the `source` file (default `args.source`); `--source fp8`
+    adds the bf16 file's build of the same weights (`bf16_peak_rss_gb`)."""
+    source = source or args.source
+    fp8 = source == "fp8"
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import synthetic, pathlib; "
-                    f"synthetic.write_all(pathlib.Path({str(work)!r}), {layers}, {args.gemma_layers})"], check=True)
+                    f"synthetic.write_all(pathlib.Path({str(work)!r}), {layers}, {args.gemma_layers}, fp8={fp8})"],
+                   check=True)
+    bf16 = measure(layers, args, work, "bf16") if fp8 else None  # measured first: its peak is the max so far
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--work", str(work), "--precision",
            args.precision, "--gemma-layers", str(args.gemma_layers), "--frames", str(args.frames), "--height",
-           str(args.height), "--width", str(args.width)]
+           str(args.height), "--width", str(args.width), "--source", source]
     done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GB  # the largest child so far
     point = json.loads(done.stdout.strip().splitlines()[-1])
-    point.update(layers=layers, precision=args.precision,
+    point.update(layers=layers, precision=args.precision, source=source,
                  peak_rss_gb=max(peak, max(c["peak_rss_gb"] for c in point["components"].values())),
                  peak_rss_is_max_so_far=before * 1024 / GB >= peak)
+    if bf16 is not None:  # the fp8 build's own peak: its components' (RUSAGE_CHILDREN keeps the bf16 max)
+        point.update(peak_rss_gb=max(c["peak_rss_gb"] for c in point["components"].values()),
+                     bf16_peak_rss_gb=max(c["peak_rss_gb"] for c in bf16["components"].values()),
+                     bf16_components=bf16["components"], bf16_checkpoint_gb=bf16["checkpoint_gb"])
     return point
 
 
@@ -187,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the family projected (ltx2.3: from ltx2 points, --points)")
     p.add_argument("--points", type=Path, default=None,
                    help="a previous run's --json report: project from its measured points, build nothing")
+    p.add_argument("--source", default="bf16", choices=("bf16", "fp8"),
+                   help="fp8: build from the pre-quantized FP8 file (and the bf16 one, to compare)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -208,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --points {args.points}: not a build_memory --json report "
                   f"({type(e).__name__}: {e}); pass one this benchmark wrote", file=sys.stderr)
             return 2
+    elif args.source == "fp8" and min(args.layers) < 2:
+        print("error: --source fp8 needs --layers of 2 or more: ltx-core's FP8 files keep block 0 in bf16, so a "
+              "1-layer file holds no float8 weight", file=sys.stderr)
+        return 2
     elif args.family != "ltx2":
         print(f"error: only ltx2 builds are measured; project {args.family} from measured ltx2 points: "
               "--points docs/build_memory_fp16.json", file=sys.stderr)
@@ -230,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         for pt in points:
-            print(f"layers={pt['layers']} peak_rss={pt['peak_rss_gb']:.2f} GB bundle={pt['bundle_gb']:.2f} GB "
+            vs = f" (bf16 file: {pt['bf16_peak_rss_gb']:.2f} GB)" if "bf16_peak_rss_gb" in pt else ""
+            print(f"layers={pt['layers']} peak_rss={pt['peak_rss_gb']:.2f} GB{vs} bundle={pt['bundle_gb']:.2f} GB "
                   f"cache={pt['cache_gb']:.2f} GB")
         print(f"projected {args.family} (48 layers + Gemma-3 12B):",
               json.dumps(result["projected"]) if result["projected"]

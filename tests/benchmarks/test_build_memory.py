@@ -74,3 +74,10 @@ def test_an_interrupted_run_keeps_the_work_folder_it_was_given(tmp_path: Path) -
     done = _interrupt(tmp_path, "--work", str(work))
     assert done.returncode == 130 and done.stderr.strip().splitlines()[-1] == f"interrupted: {work} kept"
     assert work.is_dir() and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_fp8_source_needs_two_layers(build_memory, capsys) -> None:
+    """ltx-core's FP8 files keep block 0 in bf16: a 1-layer FP8 file would hold no float8 weight to measure."""
+    assert build_memory.main(["--source", "fp8", "--layers", "1", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --source fp8 needs --layers of 2 or more")
