@@ -164,9 +164,12 @@ class LazyCheckpoint:
                 out[key.removesuffix(".weight")] = scales
         return out
 
-    def tensors(self, component: str, dtype: torch.dtype | None = None,
-                transform: Transform | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(our key, tensor) one at a time: `transform(key, tensor)` on the file's tensor, then cast to `dtype`."""
+    def tensors(self, component: str, dtype: torch.dtype | None = None, transform: Transform | None = None,
+                dequantize_to: Callable[[str], torch.dtype] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(our key, tensor) one at a time: `transform(key, tensor)` on the file's tensor, then cast to `dtype`.
+
+        A float8 weight is dequantised first: in fp32, or (no `transform`) straight into `dequantize_to(key)`,
+        the dtype its module holds, so no whole fp32 copy of it is made (build peak RSS)."""
         try:
             with open(self.path, "rb") as fh:
                 (size,) = struct.unpack("<Q", fh.read(8))
@@ -174,7 +177,8 @@ class LazyCheckpoint:
                 for key, name in self.keys[component].items():
                     tensor = _read_tensor(fh, base, header[name])
                     if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                        tensor = self._dequantized(name, tensor)
+                        into = dequantize_to(key) if dequantize_to is not None and transform is None else None
+                        tensor = self._dequantized(name, tensor, into)
                     if transform is not None:
                         tensor = transform(key, tensor)
                     yield key, tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
@@ -184,13 +188,13 @@ class LazyCheckpoint:
             raise CheckpointError(
                 f"{self.path} could not be read as safetensors ({e}): the file is corrupt or truncated") from e
 
-    def _dequantized(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A float8 tensor as fp32 [out, in], by its scale: never cast raw."""
+    def _dequantized(self, name: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A float8 tensor as [out, in] (fp32, or `dtype`), by its scale: never cast raw."""
         scales = self.fp8.scales_of(name) if self.fp8 is not None else None
         if scales is None:
             raise CheckpointError(f"{self.path}: float8 tensor {name} has no weight_scale, and a float8 tensor is "
                                   "never cast raw: re-download the file or use the bf16 checkpoint")
-        return dequantize(tensor, scales, self.fp8.layout)
+        return dequantize(tensor, scales, self.fp8.layout, dtype)
 
 
 def open_checkpoint(path: str | Path, sha256: str | None = None) -> LazyCheckpoint:
@@ -336,7 +340,8 @@ def load_streaming(module: torch.nn.Module, ckpt: LazyCheckpoint, component: str
     check_layout(module, {ours: ckpt.shape(component, k) for ours, k in names.items()}, what, ckpt.path)
     targets = module.state_dict(keep_vars=True)
     with torch.no_grad():
-        for key, tensor in ckpt.tensors(component, transform=transform):
+        for key, tensor in ckpt.tensors(component, transform=transform,
+                                        dequantize_to=lambda key: targets[prefix + key].dtype):
             target = targets[prefix + key]
             target.copy_(tensor.to(target.dtype))
             del tensor

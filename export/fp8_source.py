@@ -33,6 +33,7 @@ OUT_IN, IN_OUT = WEIGHT_LAYOUTS  # ltx-core's files are [out, in]; some conversi
 _SCALE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _FIX = "re-download the file or use the bf16 checkpoint"
 _LISTED = 3
+_DEQUANT_ROWS = 1024  # rows dequantised at a time into a lower precision (a 4096-wide block: 16 MiB of fp32)
 
 
 @dataclass(frozen=True)
@@ -149,11 +150,19 @@ def detect_fp8(path: Path, header: dict[str, Any], fh: BinaryIO, base: int) -> F
     return FP8Source(FORMAT, layout, scales, meta.get(QUANT_METADATA))
 
 
-def dequantize(weight: torch.Tensor, scales: LinearScales, layout: str) -> torch.Tensor:
-    """One float8 weight as fp32 [out, in]: `weight.float() * weight_scale` (ltx-core's fuse_loras
-    `_fuse_delta_with_scaled_fp8` dequantises so), transposed from an [in, out] file."""
-    w = weight.to(torch.float32) * scales.weight_scale
-    return w.t().contiguous() if layout == IN_OUT else w
+def dequantize(weight: torch.Tensor, scales: LinearScales, layout: str,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One float8 weight as [out, in]: `weight.float() * weight_scale` (ltx-core's fuse_loras
+    `_fuse_delta_with_scaled_fp8` dequantises so), transposed from an [in, out] file. `dtype` (not fp32):
+    the fp32 product cast to it, computed in blocks of rows, so no whole fp32 copy is held."""
+    weight = weight.t() if layout == IN_OUT else weight
+    if dtype is None or dtype == torch.float32:
+        return (weight.to(torch.float32) * scales.weight_scale).contiguous()
+    out = torch.empty(weight.shape, dtype=dtype)
+    for start in range(0, weight.shape[0], _DEQUANT_ROWS):
+        rows = slice(start, start + _DEQUANT_ROWS)
+        out[rows] = weight[rows].to(torch.float32) * scales.weight_scale
+    return out
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -229,3 +229,29 @@ def test_lora_fuses_on_the_dequantised_weights(files, tmp_path: Path) -> None:
         w = ours[f"{n}.weight"]
         bound = E4M3_REL * w.abs() + E4M3_ABS * fused[f"{n}.weight_scale"] + 1e-6 * w.abs().max()
         assert bool(((requantised - w).abs() <= bound).all()), n
+
+
+@pytest.mark.parametrize("layout", [OUT_IN, IN_OUT])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantised_into_a_lower_precision_is_the_fp32_product_cast(layout: str, dtype: torch.dtype) -> None:
+    """Straight into the engine precision in blocks of rows (no whole fp32 copy): the same values as the
+    fp32 `weight * weight_scale` cast once."""
+    from stdrc.export.fp8_source import LinearScales, dequantize, quantize
+
+    q, scale = quantize(torch.randn(2500, 48, generator=torch.Generator().manual_seed(1)))
+    stored = q.t().contiguous() if layout == IN_OUT else q
+    scales = LinearScales(scale, 1.0)
+    fp32 = dequantize(stored, scales, layout)
+    assert fp32.shape == (2500, 48) and torch.equal(fp32, q.float() * scale)
+    low = dequantize(stored, scales, layout, dtype)
+    assert low.dtype == dtype and torch.equal(low, fp32.to(dtype))
+
+
+def test_fp16_build_reads_the_dequantised_weights_in_fp16(files) -> None:
+    from stdrc.export.models import load_models
+
+    fp8 = files["tiny"][1]
+    dequantised = read_checkpoint(fp8).dit
+    state = load_models("tiny", checkpoint=fp8, components=("dit",), dtype=torch.float16).dit.ltx.state_dict()
+    for n in open_checkpoint(fp8, sha256="-").linear_scales():
+        assert torch.equal(state[f"{n}.weight"], dequantised[f"{n}.weight"].to(torch.float16)), n
