@@ -89,3 +89,9 @@ def cpp_runner(cpp_build: Path) -> Path:
 @pytest.fixture(scope="session")
 def cpp_tiles(cpp_build: Path) -> Path:
     return cpp_build / "stdrc_tiles"
+
+
+@pytest.fixture(scope="session")
+def cpp_manifest(cpp_build: Path) -> Path:
+    return cpp_build / "stdrc_manifest"
+

@@ -76,13 +76,13 @@ double number(const json& list, size_t i, const std::string& where) {
   return v.get<double>();
 }
 
-std::vector<float> sigmas(const json& data, const std::string& key) {
-  const json& v = field(data, key, "sampler");
-  if (!v.is_array() || v.size() < 2) bad("sampler." + key, v, "at least 2 non-increasing sigmas in [0, 1]");
+std::vector<float> sigmas(const json& data, const std::string& key, const std::string& where = "sampler") {
+  const json& v = field(data, key, where);
+  if (!v.is_array() || v.size() < 2) bad(where + "." + key, v, "at least 2 non-increasing sigmas in [0, 1]");
   std::vector<float> out;
   for (size_t i = 0; i < v.size(); ++i) {
-    out.push_back(static_cast<float>(number(v, i, "sampler." + key)));
-    if (i > 0 && out[i] > out[i - 1]) bad("sampler." + key, v, "non-increasing sigmas");
+    out.push_back(static_cast<float>(number(v, i, where + "." + key)));
+    if (i > 0 && out[i] > out[i - 1]) bad(where + "." + key, v, "non-increasing sigmas");
   }
   return out;
 }
@@ -144,8 +144,58 @@ Bucket parse_bucket(const json& b, const std::string& where) {
   bucket.reference_tokens = integer(b, "reference_tokens", where, 1);
   if (bucket.video_tokens != want[0] * want[1] * want[2] || bucket.reference_tokens != want[1] * want[2])
     bad(where, b, "token counts of this bucket");
-  if (b.contains("rope")) bucket.rope_file = text(object(b, "rope", where), "file", where + ".rope");
+  if (b.contains("rope")) bucket.rope_file = relative_file(object(b, "rope", where), "file", where + ".rope");
+  if (b.contains("stage1"))
+    bucket.stage1_rope_file = relative_file(object(object(b, "stage1", where), "rope", where + ".stage1"), "file",
+                                            where + ".stage1.rope");
   return bucket;
+}
+
+// "two_stage" (schema.py TwoStageConfig) with manifest.py's _check_two_stage: both stage components, a DiT fed
+// its RoPE tables, per bucket a multiple-of-64 size with its stage-1 tables. Null or absent: a one-stage bundle,
+// which holds neither stage component.
+TwoStage parse_two_stage(const json& data, const Manifest& m) {
+  TwoStage two;
+  std::string present;
+  for (const std::string& name : stage_components())
+    if (m.components.count(name)) present += (present.empty() ? "" : ", ") + name;
+  if (!data.contains("two_stage") || data.at("two_stage").is_null()) {
+    if (!present.empty()) throw BundleError("bundle manifest holds " + present + " but no two_stage section" + kFix);
+    return two;
+  }
+  const json& section = object(data, "two_stage", "manifest");
+  two.enabled = true;
+  two.sigmas = sigmas(section, "sigmas", "two_stage");
+  if (two.sigmas.back() != 0.0f || two.sigmas.front() >= 1.0f)
+    bad("two_stage.sigmas", section.at("sigmas"), "sigmas from a re-noise level below 1 down to 0");
+  two.default_stages = 2;
+  if (section.contains("default_stages")) {
+    two.default_stages = static_cast<int>(integer(section, "default_stages", "two_stage", 1));
+    if (two.default_stages > 2) bad("two_stage.default_stages", section.at("default_stages"), "1 or 2");
+  }
+  if (section.contains("lora") && !section.at("lora").is_null()) {
+    const json& lora = object(section, "lora", "two_stage");
+    two.lora_name = text(lora, "name", "two_stage.lora");
+    two.lora_strength = number(lora, "strength", "two_stage.lora", -100, 100);
+  }
+  for (const std::string& name : stage_components())
+    if (!m.components.count(name))
+      throw BundleError("bundle manifest has a two_stage section but no " + name + " component" + kFix +
+                        " --upsampler FILE --refine-lora FILE");
+  const auto& dit = m.component("dit").inputs;
+  if (std::none_of(dit.begin(), dit.end(), [](const TensorSpec& t) { return t.name == "rope_cos"; }))
+    throw BundleError("bundle manifest's two-stage DiT has its RoPE tables baked in; it runs two token grids and "
+                      "takes them as inputs" + std::string(kFix));
+  for (size_t i = 0; i < m.buckets.size(); ++i) {
+    const Bucket& b = m.buckets[i];
+    const std::string where = "buckets[" + std::to_string(i) + "]";
+    if (b.height % 64 || b.width % 64)
+      throw BundleError("bundle manifest " + where + " is " + b.label() + " (FRAMESxWIDTHxHEIGHT): a two-stage "
+                        "bucket's width and height are multiples of 64" + kFix);
+    if (b.stage1_rope_file.empty())
+      throw BundleError("bundle manifest " + where + " lacks stage1.rope (the half grid's RoPE tables)" + kFix);
+  }
+  return two;
 }
 
 Manifest parse(const json& data) {
@@ -189,6 +239,7 @@ Manifest parse(const json& data) {
         m.decode_tiling.spatial_scale < 1)
       throw BundleError("bundle manifest decode tiling " + decode.dump() + " is invalid: rebuild the bundle");
   }
+  m.two_stage = parse_two_stage(data, m);
   return m;
 }
 
@@ -198,6 +249,28 @@ const ComponentEntry& Manifest::component(const std::string& name) const {
   auto it = components.find(name);
   if (it == components.end()) throw BundleError("bundle lacks the " + name + " component: rebuild it with build-engines");
   return it->second;
+}
+
+Bucket Bucket::half() const {
+  Bucket h = *this;
+  h.height = height / 2;
+  h.width = width / 2;
+  h.latent_height = h.height / 32;
+  h.latent_width = h.width / 32;
+  h.video_tokens = h.latent_frames * h.latent_height * h.latent_width;
+  h.reference_tokens = h.latent_height * h.latent_width;
+  h.rope_file = stage1_rope_file;
+  h.stage1_rope_file.clear();
+  return h;
+}
+
+int Manifest::resolve_stages(int stages) const {
+  if (stages == 0) return two_stage.enabled ? two_stage.default_stages : 1;
+  if (stages != 1 && stages != 2) throw InputError("--stages " + std::to_string(stages) + ": use 1 or 2");
+  if (stages == 2 && !two_stage.enabled)
+    throw InputError("--stages 2: this bundle is one-stage (no upsampler, no dit_refine): pass --stages 1, or "
+                     "rebuild it with --upsampler FILE --refine-lora FILE");
+  return stages;
 }
 
 std::string Bucket::label() const {

@@ -95,7 +95,13 @@ std::map<Stream, at::Tensor> denoise_streams(const Denoiser& dit, const std::vec
 at::Tensor sample(const Denoiser& dit, const at::Tensor& noise, const std::vector<float>& sigmas,
                   const Conditioning& cond, const GuidanceScales& scales, int max_batch,
                   const std::function<void(int)>& on_step) {
-  at::Tensor x = noise.to(at::kFloat) * sigmas.front();
+  return sample_from(dit, noise.to(at::kFloat) * sigmas.front(), sigmas, cond, scales, max_batch, on_step);
+}
+
+at::Tensor sample_from(const Denoiser& dit, const at::Tensor& start, const std::vector<float>& sigmas,
+                       const Conditioning& cond, const GuidanceScales& scales, int max_batch,
+                       const std::function<void(int)>& on_step) {
+  at::Tensor x = start.to(at::kFloat);
   FixedCache fixed;  // per stream set, reused by every step
   for (size_t i = 0; i + 1 < sigmas.size(); ++i) {
     const float sigma = sigmas[i], sigma_next = sigmas[i + 1];

@@ -1,6 +1,6 @@
 // stdrc_run: sample + decode one video from a bundle of aoti packages and an inputs folder.
 //
-//   stdrc_run --bundle DIR --inputs DIR --out DIR [--bucket FxWxH] [--text-scale X] [--ref-scale X]
+//   stdrc_run --bundle DIR --inputs DIR --out DIR [--bucket FxWxH] [--stages 1|2] [--text-scale X] [--ref-scale X]
 //             [--guidance-interval LO,HI] [--cfg-rescale X] [--sigmas FILE.npy | --distilled] [--max-batch N]
 //             [--device cpu|cuda[:i]] [--trust-bundle-code] [--quiet]
 //
@@ -22,7 +22,8 @@
 namespace {
 
 constexpr const char* kUsage =
-    "usage: stdrc_run --bundle DIR --inputs DIR --out DIR [--bucket FRAMESxWIDTHxHEIGHT] [--text-scale X] [--ref-scale X] "
+    "usage: stdrc_run --bundle DIR --inputs DIR --out DIR [--bucket FRAMESxWIDTHxHEIGHT] [--stages 1|2] [--text-scale X] "
+    "[--ref-scale X] "
     "[--guidance-interval LO,HI] [--cfg-rescale X] [--sigmas FILE.npy | --distilled] [--max-batch N] "
     "[--device cpu|cuda[:i]] [--trust-bundle-code] [--quiet]";
 
@@ -32,6 +33,7 @@ struct Options {
   std::optional<std::pair<double, double>> interval;
   bool distilled = false, quiet = false, trust = false;
   int max_batch = 3;
+  int stages = 0;  // 0: as the inputs were written (else the bundle's default)
 };
 
 double number(const std::string& flag, const std::string& text) {
@@ -67,6 +69,10 @@ Options parse(int argc, char** argv) {
     else if (flag == "--ref-scale") o.ref_scale = number(flag, value);
     else if (flag == "--cfg-rescale") o.rescale = number(flag, value);
     else if (flag == "--max-batch") o.max_batch = static_cast<int>(number(flag, value));
+    else if (flag == "--stages") {
+      if (value != "1" && value != "2") throw stdrc::InputError("--stages " + value + ": use 1 or 2");
+      o.stages = value == "1" ? 1 : 2;
+    }
     else if (flag == "--guidance-interval") {
       const auto comma = value.find(',');
       if (comma == std::string::npos) throw stdrc::InputError("--guidance-interval " + value + ": use LO,HI");
@@ -105,7 +111,7 @@ int run(const Options& o) {
   const auto t0 = clock::now();
   auto runner = stdrc::Runner::from_bundle(o.bundle, c10::Device(o.device), o.trust);
   if (!o.bucket.empty()) runner->select_bucket(o.bucket);
-  stdrc::RunInputs in = runner->read_inputs(o.inputs);
+  stdrc::RunInputs in = runner->read_inputs(o.inputs, o.stages);
   if (o.distilled) in.sigmas = runner->manifest().distilled_sigmas;
   if (!o.sigmas.empty()) in.sigmas = stdrc::read_sigmas(o.sigmas);
   if (o.text_scale) in.scales.text = *o.text_scale;
@@ -113,14 +119,16 @@ int run(const Options& o) {
   if (o.rescale) in.scales.rescale = *o.rescale;
   if (o.interval) in.scales.interval = o.interval;
   const auto t1 = clock::now();
-  const int steps = static_cast<int>(in.sigmas.size()) - 1;
+  const int steps = runner->total_steps(in), stage1 = static_cast<int>(in.sigmas.size()) - 1;
   auto on_step = [&](int i) {
     if (o.quiet) return;
+    // a two-stage run names the stage as the Python CLI's bar does: guided at the half grid, then the refinement
+    const std::string stage = in.stages == 2 ? (i < stage1 ? " stage 1/2 (half size)" : " stage 2/2 (refine)") : "";
     if (g_tty) {
-      std::fprintf(stderr, "\rstep %d/%d", i + 1, steps);
+      std::fprintf(stderr, "\rstep %d/%d%s", i + 1, steps, stage.c_str());
       g_line_open = true;
     } else {
-      std::fprintf(stderr, "step %d/%d\n", i + 1, steps);
+      std::fprintf(stderr, "step %d/%d%s\n", i + 1, steps, stage.c_str());
     }
   };
   const stdrc::RunOutputs out = runner->run(in, o.max_batch, on_step);

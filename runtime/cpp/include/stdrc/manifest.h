@@ -40,8 +40,28 @@ struct Bucket {
   int64_t latent_frames = 0, latent_height = 0, latent_width = 0;
   int64_t video_tokens = 0, reference_tokens = 0;
   std::string rope_file;  // its RoPE tables (format 2); Python writes them to the inputs folder
+  std::string stage1_rope_file;  // "stage1": {"rope": ...}: the tables of its half grid (a two-stage bundle)
 
   std::string label() const;  // FRAMESxWIDTHxHEIGHT, as --bucket spells it
+  // The stage-1 grid of a two-stage run: same frames/fps/text length, height/2 and width/2 (multiples of 64
+  // make it a whole latent grid), its RoPE file the bucket's stage1 entry.
+  Bucket half() const;
+};
+
+// The components only a two-stage bundle has (stdrc/runtime/vocab.py STAGE_COMPONENTS).
+inline const std::vector<std::string>& stage_components() {
+  static const std::vector<std::string> names = {"upsampler", "dit_refine"};
+  return names;
+}
+
+// "two_stage" (stdrc/runtime/schema.py TwoStageConfig): guided sampling at half size, the upsampler,
+// re-noise to sigmas[0], then the refinement DiT over `sigmas`, one stream.
+struct TwoStage {
+  bool enabled = false;       // false: a one-stage bundle (no "two_stage" section, or null)
+  std::vector<float> sigmas;  // the stage-2 sigmas; sigmas[0] is the re-noise level
+  int default_stages = 1;     // what --stages is when not given (2 for a two-stage bundle)
+  std::string lora_name;      // the refinement LoRA's file name, for messages
+  double lora_strength = 1.0;
 };
 
 struct Manifest {
@@ -58,6 +78,10 @@ struct Manifest {
   bool timestep_conditioning = false;
   float decode_timestep = 0.0f, decode_noise_scale = 0.0f;
   DecodeTiling decode_tiling;  // "decode": spatial tiles of the VAE decode; disabled = whole latent
+  TwoStage two_stage;
+
+  // 1 or 2 as `--stages` asks (0: the bundle's default); InputError naming the fix for 2 on a one-stage bundle.
+  int resolve_stages(int stages) const;
 
   const ComponentEntry& component(const std::string& name) const;
   // Makes `bucket` the bundle's bucket spelled FRAMESxWIDTHxHEIGHT; InputError listing them if absent.

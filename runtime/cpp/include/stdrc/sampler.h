@@ -56,7 +56,13 @@ std::map<Stream, at::Tensor> denoise_streams(const Denoiser& dit, const std::vec
                                              float sigma, const Conditioning& cond, int max_batch,
                                              FixedCache* fixed = nullptr);
 
-// Euler on velocity over `sigmas`: x <- x + (sigma_next - sigma) * v, v from the guided d.
+// Euler on velocity over `sigmas` from the latent `start` (already at sigmas[0]):
+// x <- x + (sigma_next - sigma) * v, v from the guided d. `on_step(i)` after step i.
+at::Tensor sample_from(const Denoiser& dit, const at::Tensor& start, const std::vector<float>& sigmas,
+                       const Conditioning& cond, const GuidanceScales& scales, int max_batch = 3,
+                       const std::function<void(int)>& on_step = nullptr);
+
+// sample_from(noise * sigmas[0]): generation from pure noise.
 at::Tensor sample(const Denoiser& dit, const at::Tensor& noise, const std::vector<float>& sigmas,
                   const Conditioning& cond, const GuidanceScales& scales, int max_batch = 3,
                   const std::function<void(int)>& on_step = nullptr);

@@ -1,0 +1,178 @@
+"""The C++ manifest reader (`stdrc_manifest`) on hand-written manifests: the two-stage section, the buckets'
+stage-1 grids and RoPE entries, the stage count a run takes, and the refusals manifest.py makes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stdrc.runtime.schema import STAGE2_SIGMAS
+
+pytestmark = pytest.mark.slow  # the libtorch C++ build (shared with the runner tests)
+
+C, CONTEXT = 128, (8, 64)
+SHA = "0" * 64
+
+
+def _tensor(name: str, shape: list, dtype: str = "float32") -> dict:
+    return {"name": name, "shape": shape, "dtype": dtype}
+
+
+def _dit(rope: bool) -> dict:
+    inputs = [_tensor("latent", ["batch", "tokens", C]), _tensor("timestep", ["batch", "tokens"]),
+              _tensor("context", ["batch", *CONTEXT]), _tensor("context_mask", ["batch", CONTEXT[0]], "int64"),
+              _tensor("attn_mask", ["batch", "tokens"], "int64")]
+    if rope:
+        inputs += [_tensor("rope_cos", [1, 2, "tokens", 16]), _tensor("rope_sin", [1, 2, "tokens", 16])]
+    return {"backend": "aoti", "file": "dit.pt2", "sha256": SHA, "precision": "fp32", "inputs": inputs,
+            "outputs": [_tensor("velocity", ["batch", "tokens", C])],
+            "dynamic_dims": {"batch": [1, 3, 3], "tokens": [10, 40, 40]}, "build": {"device": "cpu"}}
+
+
+def _bucket(frames: int, width: int, height: int, stage1: bool = True) -> dict:
+    grid = [(frames - 1) // 8 + 1, height // 32, width // 32]
+    label = f"{frames}x{width}x{height}"
+    data = {"frames": frames, "height": height, "width": width, "text_length": CONTEXT[0], "fps": 24.0,
+            "latent_grid": grid, "video_tokens": grid[0] * grid[1] * grid[2], "reference_tokens": grid[1] * grid[2],
+            "rope": {"file": f"rope_{label}.npz", "sha256": SHA}}
+    if stage1:
+        data["stage1"] = {"rope": {"file": f"rope_s1_{label}.npz", "sha256": SHA}}
+    return data
+
+
+def manifest(two_stage: bool = True) -> dict:
+    """A two-stage (or one-stage) manifest as the bundle writer lays it out, written by hand."""
+    buckets = [_bucket(9, 128, 64, two_stage), _bucket(17, 256, 128, two_stage)]
+    components = {"dit": _dit(rope=True), "vae_decoder": {
+        "backend": "aoti", "file": "vae_decoder.pt2", "sha256": SHA, "precision": "fp32",
+        "inputs": [_tensor("latent", [1, C, "latent_frames", "latent_height", "latent_width"])],
+        "outputs": [_tensor("video", [1, 3, "frames", "height", "width"])]}}
+    data = {"format": 2, "preset": "tiny", "bucket": buckets[0], "buckets": buckets, "components": components,
+            "sampler": {"sigmas": [1.0, 0.6, 0.0], "distilled_sigmas": [1.0, 0.5, 0.0]},
+            "guidance": {"text_scale": 3.0, "ref_scale": 2.0},
+            "model_config": {"dit": {"in_channels": C}, "vae": {"timestep_conditioning": False,
+                                                                 "decode_timestep": 0.05, "decode_noise_scale": 0.025}},
+            "decode": {}}
+    if two_stage:
+        components["upsampler"] = {
+            "backend": "aoti", "file": "upsampler.pt2", "sha256": SHA, "precision": "fp32",
+            "inputs": [_tensor("latent", [1, C, "latent_frames", "stage1_height", "stage1_width"])],
+            "outputs": [_tensor("upsampled", [1, C, "latent_frames", "height", "width"])]}
+        components["dit_refine"] = {**_dit(rope=True), "file": "dit_refine.pt2"}
+        data["two_stage"] = {"sigmas": list(STAGE2_SIGMAS), "default_stages": 2,
+                             "lora": {"name": "refine.safetensors", "sha256": SHA, "strength": 0.8}}
+    return data
+
+
+def read(tool: Path, folder: Path, data: dict, *flags: str) -> subprocess.CompletedProcess:
+    folder.mkdir(exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return subprocess.run([str(tool), "--bundle", str(folder), *flags], check=False, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_two_stage_default_samples_the_half_grid(cpp_manifest: Path, tmp_path: Path) -> None:
+    done = read(cpp_manifest, tmp_path, manifest())
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["stages"] == 2
+    assert out["two_stage"] == {"sigmas": pytest.approx(list(STAGE2_SIGMAS)), "default_stages": 2,
+                                "lora": "refine.safetensors", "lora_strength": 0.8}
+    assert out["bucket"]["label"] == "9x128x64" and out["bucket"]["rope"] == "rope_9x128x64.npz"
+    half = out["sampling_grid"]
+    assert half["label"] == "9x64x32" and half["latent_grid"] == [2, 1, 2]
+    assert (half["video_tokens"], half["reference_tokens"]) == (4, 2)
+    assert half["rope"] == "rope_s1_9x128x64.npz" and half["text_length"] == CONTEXT[0]
+    assert sorted(out["components"]) == ["dit", "dit_refine", "upsampler", "vae_decoder"]
+
+
+@pytest.mark.parametrize(("flags", "stages", "grid", "tokens"), [
+    (("--stages", "1"), 1, "9x128x64", 2 * 2 * 4),
+    (("--bucket", "17x256x128"), 2, "17x128x64", 3 * 2 * 4),
+    (("--bucket", "17x256x128", "--stages", "1"), 1, "17x256x128", 3 * 4 * 8),
+])
+def test_stages_and_bucket_pick_the_grid(cpp_manifest: Path, tmp_path: Path, flags: tuple, stages: int, grid: str,
+                                         tokens: int) -> None:
+    done = read(cpp_manifest, tmp_path, manifest(), *flags)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert (out["stages"], out["sampling_grid"]["label"], out["sampling_grid"]["video_tokens"]) == (stages, grid,
+                                                                                                    tokens)
+
+
+def test_default_stages_and_one_stage_bundle(cpp_manifest: Path, tmp_path: Path) -> None:
+    data = manifest()
+    data["two_stage"]["default_stages"] = 1
+    out = json.loads(read(cpp_manifest, tmp_path / "a", data).stdout)
+    assert out["stages"] == 1 and out["sampling_grid"]["label"] == "9x128x64"
+    del data["two_stage"]["default_stages"]  # the schema's default: 2
+    assert json.loads(read(cpp_manifest, tmp_path / "b", data).stdout)["stages"] == 2
+    one = read(cpp_manifest, tmp_path / "c", manifest(two_stage=False))
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["stages"] == 1 and json.loads(one.stdout)["two_stage"] is None
+    two = read(cpp_manifest, tmp_path / "d", manifest(two_stage=False), "--stages", "2")
+    assert two.returncode == 2
+    assert two.stderr.strip() == ("stdrc_manifest: error: --stages 2: this bundle is one-stage (no upsampler, "
+                                  "no dit_refine): pass --stages 1, or rebuild it with --upsampler FILE "
+                                  "--refine-lora FILE")
+
+
+def _break(case: str) -> dict:
+    data = copy.deepcopy(manifest(two_stage=case != "stage-component-without-section"))
+    if case == "no-upsampler":
+        del data["components"]["upsampler"]
+    elif case == "no-refine":
+        del data["components"]["dit_refine"]
+    elif case == "stage-component-without-section":
+        data["components"]["upsampler"] = copy.deepcopy(data["components"]["dit"])
+    elif case == "bucket-not-64":
+        data["buckets"][1] = _bucket(17, 224, 128)
+    elif case == "no-stage1-rope":
+        del data["buckets"][1]["stage1"]
+    elif case == "stage1-rope-escapes":
+        data["buckets"][0]["stage1"]["rope"]["file"] = "../rope.npz"
+    elif case == "sigmas-not-to-zero":
+        data["two_stage"]["sigmas"] = [0.9, 0.5, 0.1]
+    elif case == "renoise-at-one":
+        data["two_stage"]["sigmas"] = [1.0, 0.5, 0.0]
+    elif case == "sigmas-increase":
+        data["two_stage"]["sigmas"] = [0.5, 0.7, 0.0]
+    elif case == "default-stages-3":
+        data["two_stage"]["default_stages"] = 3
+    elif case == "rope-baked":
+        data["components"]["dit"] = _dit(rope=False)
+    elif case == "section-not-object":
+        data["two_stage"] = [0.9, 0.0]
+    return data
+
+
+BAD = {
+    "no-upsampler": "two_stage section but no upsampler component",
+    "no-refine": "two_stage section but no dit_refine component",
+    "stage-component-without-section": "holds upsampler but no two_stage section",
+    "bucket-not-64": "buckets[1] is 17x224x128 (FRAMESxWIDTHxHEIGHT): a two-stage bucket's width and height are "
+                     "multiples of 64",
+    "no-stage1-rope": "buckets[1] lacks stage1.rope",
+    "stage1-rope-escapes": "leaves the bundle folder",
+    "sigmas-not-to-zero": "sigmas from a re-noise level below 1 down to 0",
+    "renoise-at-one": "sigmas from a re-noise level below 1 down to 0",
+    "sigmas-increase": "non-increasing sigmas",
+    "default-stages-3": "two_stage.default_stages is 3, expected 1 or 2",
+    "rope-baked": "RoPE tables baked in",
+    "section-not-object": "two_stage is [0.9,0.0], expected an object",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_two_stage_manifest_is_one_line(case: str, cpp_manifest: Path, tmp_path: Path) -> None:
+    """What manifest.py refuses in a two-stage manifest, C++ refuses too: one line naming the rebuild."""
+    data = _break(case)
+    done = read(cpp_manifest, tmp_path, data)
+    assert done.returncode == 2, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stdrc_manifest: error: bundle manifest"), lines
+    assert BAD[case] in lines[0] and "rebuild" in lines[0], lines[0]
