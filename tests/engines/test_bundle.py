@@ -47,11 +47,13 @@ def test_verify_every_component_within_1e4(tiny_bundle: Path) -> None:
     assert reports["dit"].reference == REF_PRESET_CONFIG  # ltx-core's LTXModel.forward on the seeded weights
 
 
-@pytest.mark.slow  # a stdrc-export verify process
-def test_verify_cli_json(tiny_bundle: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "stdrc.engines.cli", "verify", str(tiny_bundle), "--json"],
-                         capture_output=True, text=True, check=True)
-    data = json.loads(out.stdout)
+@pytest.mark.slow  # a second verify of the tiny bundle
+def test_verify_cli_json(tiny_bundle: Path, capsys) -> None:
+    """`stdrc-export verify --json` through its `main`, in-process (as a process: test_verify_cli_report)."""
+    from stdrc.engines.cli import main
+
+    assert main(["verify", str(tiny_bundle), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
     assert data["family"] == "ltx2"
     assert set(data["components"]["dit"]) >= {"max_abs_err", "rel_l2", "ok"}
     assert data["ok"] is True
@@ -100,7 +102,6 @@ def test_interrupted_build_leaves_no_bundle(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow  # a stdrc-export process per case
 @pytest.mark.parametrize("args,message", [
     (["--frames", "10"], "not 8k+1"),
     (["--height", "100"], "multiple of 32"),
@@ -108,12 +109,16 @@ def test_interrupted_build_leaves_no_bundle(tmp_path: Path) -> None:
     (["--checkpoint", "missing.safetensors"], "does not exist"),
     (["--backend", "onnxruntime", "--precision", "fp8"], "FP8 needs --backend tensorrt"),
 ])
-def test_build_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+def test_build_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str, capsys) -> None:
+    """`stdrc-export build-engines`'s own `main` (in-process: a process per case only re-imports torch;
+    tests/runtime/test_reliability.py runs build-engines refusals as processes)."""
+    from stdrc.engines.cli import main
+
     out = tmp_path / "b"
-    proc = subprocess.run([sys.executable, "-m", "stdrc.engines.cli", "build-engines", "-q", "--out", str(out),
-                           "--cache-dir", str(tmp_path / "c"), *args], capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr  # bad input (README: exit codes)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    code = main(["build-engines", "-q", "--out", str(out), "--cache-dir", str(tmp_path / "c"), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err  # bad input (README: exit codes)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
     assert not out.exists()
