@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,22 +17,18 @@ import torch
 
 from stdrc.calibration.data import CALIBRATION_PROMPTS, reference_photos
 from stdrc.calibration.fp8 import amax_scales, fp8_dit_error, quantize_dit_fp8
+from stdrc.export.bundle_manifest import assemble_manifest
 from stdrc.export.dit import BakedRopeDiT
 from stdrc.export.errors import ExportError
 from stdrc.export.models import ModelSet
 from stdrc.export.specs import component_specs
-from stdrc.runtime import sampler as smp
 from stdrc.runtime.backends.torch import TorchEngine
-from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
+from stdrc.runtime.manifest import Bucket, ComponentEntry, sha256_file
 from stdrc.runtime.memory import EngineSet
 from stdrc.runtime.pipeline import Pipeline
 from stdrc.runtime.schema import (
     Fp8Quality,
-    GuidanceConfig,
     ModelConfig,
-    ReferenceConfig,
-    RopeConfig,
-    SamplerConfig,
     TextConfig,
 )
 from stdrc.runtime.video import psnr
@@ -85,23 +82,18 @@ def torch_pipeline(models: ModelSet, bucket: Bucket, layout: str, dit: torch.nn.
     modules = models.export_modules(bucket, layout)
     if dit is not None:
         modules["dit"] = BakedRopeDiT(dit, tables.cos, tables.sin).eval()
-    manifest = Manifest(
-        preset=preset.name, model_config=ModelConfig.of_preset(preset), checkpoint_sha256=None,
-        buckets=(bucket,), components=entries,
-        sampler=SamplerConfig.build(preset.steps, smp.DISTILLED_SIGMAS, **smp.SCHEDULE),
-        guidance=GuidanceConfig(text_scale=preset.text_scale, ref_scale=preset.ref_scale),
-        rope=RopeConfig(file="rope.npz", sha256="0" * 64, layout=layout, type=preset.dit.rope_type),
-        text=TextConfig(tokenizer="bytes", max_length=preset.text.max_length),
-        reference=ReferenceConfig(layout=layout, video_tokens=bucket.video_tokens,
-                                  reference_tokens=bucket.reference_tokens))
+    # build-engines' manifest (export/bundle_manifest.py), with no file behind it: RoPE baked into the DiT
+    # (no table file), the model's own tokenizer passed to the Pipeline below (no tokenizer file)
+    no_file = replace(bucket, rope_file="rope.npz", rope_sha256="0" * 64)
+    manifest = assemble_manifest(preset, ModelConfig.of_preset(preset), (no_file,), entries,
+                                 TextConfig(tokenizer="bytes", max_length=preset.text.max_length), layout)
 
     def opener(name: str) -> TorchEngine | RecordingEngine:
         engine = TorchEngine(modules[name], entries[name])
         return RecordingEngine(engine, tables.cos, tables.sin) if record and name == "dit" else engine
 
-    pipe = Pipeline(Path("."), manifest, EngineSet(opener, list(entries), "all"), verify_hashes=False)
-    pipe._tokenize = models.tokenize  # the model's own tokenizer: no tokenizer file to read
-    return pipe
+    return Pipeline(Path("."), manifest, EngineSet(opener, list(entries), "all"), verify_hashes=False,
+                    tokenizer=models.tokenize)
 
 
 def _generate(pipe: Pipeline, photo: np.ndarray, prompt: str, seed: int) -> np.ndarray:

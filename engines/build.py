@@ -19,6 +19,7 @@ from stdrc.engines.bundle import BundleWriter
 from stdrc.engines.preflight import check_build, check_disk
 from stdrc.engines.refine import externalize, refine_component, refine_lora_spec, stage_refit_onnx
 from stdrc.engines.stage_cache import cache_key, cached_onnx, drop_uncached, release_memory, versions
+from stdrc.export.bundle_manifest import assemble_manifest
 from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
 from stdrc.export.lora import LoraSpec, dit_shapes, lora_transform
@@ -26,19 +27,14 @@ from stdrc.export.models import ModelSet, Sources, load_sources, plan_sources
 from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
 from stdrc.export.refine import load_refine_lora
 from stdrc.export.specs import ComponentSpec, component_specs
-from stdrc.runtime.manifest import Bucket, ComponentEntry, Manifest, sha256_file
+from stdrc.runtime.manifest import Bucket, ComponentEntry, sha256_file
 from stdrc.runtime.memory import activation_bytes, component_weight_bytes
-from stdrc.runtime.sampler import DISTILLED_SIGMAS, SCHEDULE
 from stdrc.runtime.schema import (
     BuildFacts,
     CreatedBy,
-    GuidanceConfig,
     MemoryConfig,
     ModelConfig,
     QualityConfig,
-    ReferenceConfig,
-    RopeConfig,
-    SamplerConfig,
     TextConfig,
     TwoStageConfig,
 )
@@ -354,21 +350,10 @@ def build_engines(cfg: BuildConfig) -> Path:
             activation_bytes_per_bucket=per,
             note="weights: engine files' bytes; activations: estimates (stdrc.runtime.memory)",
         )
-        manifest = Manifest(
-            preset=preset.name,
-            model_config=model,
+        manifest = assemble_manifest(
+            preset, model, buckets, components, text, cfg.layout, rope_baked=rope == "baked",
+            max_position_ratio=ratio,
             checkpoint_sha256=models.checkpoint_sha256,
-            buckets=buckets,
-            components=components,
-            sampler=SamplerConfig.build(preset.steps, DISTILLED_SIGMAS, **SCHEDULE),
-            guidance=GuidanceConfig(text_scale=preset.text_scale, ref_scale=preset.ref_scale,
-                                    null_reference="key_mask"),
-            rope=RopeConfig(file=buckets[0].rope_file, sha256=buckets[0].rope_sha256, layout=cfg.layout,
-                            type=preset.dit.rope_type, baked_in_dit=rope == "baked",
-                            max_position_ratio=ratio),
-            text=text,
-            reference=ReferenceConfig(layout=cfg.layout, video_tokens=bucket.video_tokens,
-                                      reference_tokens=bucket.reference_tokens, timestep=0.0),
             quality=quality,
             decode=tiling,
             memory=memory,

@@ -90,14 +90,17 @@ def unpatchify(tokens: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
 
 class Pipeline:
     def __init__(self, bundle_dir: Path, manifest: Manifest, engines: EngineSet,
-                 prompt_store: PromptStore | None = None, verify_hashes: bool = True):
+                 prompt_store: PromptStore | None = None, verify_hashes: bool = True,
+                 tokenizer: Callable[[str], tuple[np.ndarray, np.ndarray]] | None = None):
+        """`tokenizer`: prompt -> (token ids, mask) for the text encoder; None: the bundle's own, made from
+        the manifest's text section on first use (after the files' hashes are checked)."""
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.engines = engines
         self.bucket = manifest.bucket  # the one `generate` runs; it picks one of the manifest's buckets
         self._rope: dict[str, dict[str, np.ndarray]] = {}  # per bucket: its DiT RoPE feeds, read once
         self._hashes_pending = verify_hashes
-        self._tokenize = None  # made on first use, after the files' hashes are checked
+        self._tokenize = tokenizer
         self.prompts = PromptCache(self._encode_prompt, store=prompt_store)
         self._detector = None
         self._embedder = None

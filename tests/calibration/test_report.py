@@ -53,6 +53,10 @@ def test_held_out_frames_are_the_runtimes(tiny_models, tiny_bundle: Path) -> Non
     runtime = Pipeline.from_bundle(tiny_bundle, device="cpu", prompt_cache=None)
     want = runtime.generate(photo, prompt=prompt, seed=seed)
     pipe = torch_pipeline(tiny_models, Bucket(**tiny_models.preset.default_bucket), "tass")
+    ours, built = pipe.manifest, runtime.manifest  # one manifest assembly (export/bundle_manifest.py)
+    for section in ("preset", "model_config", "buckets", "sampler", "guidance", "reference"):
+        assert getattr(ours, section) == getattr(built, section), section
+    assert (ours.rope.layout, ours.rope.type, ours.rope.baked_in_dit) == (built.rope.layout, built.rope.type, True)
     got = pipe.generate(photo, prompt=prompt, seed=seed)
     assert pipe.manifest.model_config.vae.timestep_conditioning  # so decode noise is part of the path
     np.testing.assert_allclose(got.latent, want.latent, atol=1e-4)  # ONNX Runtime vs PyTorch float rounding
