@@ -124,7 +124,7 @@ def check_two_stage(cfg: BuildConfig, buckets: tuple[Bucket, ...]) -> bool:
 
 
 # Backends that build the two-stage refinement engine (engines/refine.py; docs/design.md says why not the others).
-REFINE_BACKENDS = ("onnxruntime", "tensorrt")
+REFINE_BACKENDS = ONNX_BACKENDS
 # Backends whose VAE decoder goes through Inductor at build time.
 INDUCTOR_BACKENDS = ("aoti",)
 DECODER_DIMS = ("latent_frames", "tile_height", "tile_width")

@@ -32,6 +32,7 @@ from stdrc.export.lora import LoraFile, LoraSpec
 from stdrc.export.refine import write_random_lora
 from stdrc.export.specs import ComponentSpec
 from stdrc.runtime.manifest import ComponentEntry, sha256_file
+from stdrc.runtime.vocab import ONNX_BACKENDS
 
 log = logging.getLogger(__name__)
 ALIGN = 64  # byte alignment of each tensor in the LoRA data file
@@ -245,7 +246,7 @@ def refine_component(dit: ComponentEntry, staging: Path, spec: ComponentSpec, lo
     the LoRA's data file."""
     graph = staging / f"{spec.name}.onnx"
     base = staging / (dit.file if dit.backend == "onnxruntime" else Path(dit.file).with_suffix(".onnx").name)
-    if dit.backend not in ("onnxruntime", "tensorrt") or not base.is_file():
+    if dit.backend not in ONNX_BACKENDS or not base.is_file():
         raise ExportError(f"the refinement engine is built on an ONNX Runtime or weight-stripped TensorRT dit, not "
                           f"{dit.backend}: pass --backend onnxruntime (or tensorrt) for a two-stage bundle")
     own = build_refine_graph(base, graph, lora, targets)

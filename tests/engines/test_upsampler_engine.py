@@ -46,7 +46,7 @@ def _build(tmp_path: Path, backend: str, upsampler: Path | None = None) -> tuple
         for b in BUCKETS:
             one = component_specs(src.preset, b, rope_input=True, two_stage=True)["upsampler"]
             feed = one.sample_inputs(seed=3)
-            (want,) = _reference(src, "upsampler", None, one, [feed], None)
+            (want,), _ = _reference(src, "upsampler", None, one, [feed], None, [b])
             checked.append((feed, engine.run(feed)["upsampled"], want[0]))
         sha = sha256_file(writer.path(entry.file))
     return {"entry": entry, "spec": spec, "src": src, "sha256": sha}, checked
