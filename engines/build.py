@@ -186,7 +186,7 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
         return CastIO(module) if dtype != torch.float32 else module
 
     if backend == "onnxruntime":
-        from stdrc.engines.onnxruntime import build_ort_engine
+        from stdrc.engines.onnxruntime import build_ort_engine, store_bf16_weights
 
         onnx_path, kept = cached_onnx(cfg, cache_key(cfg, src, bucket, spec, dtype, attention), spec, load,
                                           writer.staging, attention)
@@ -195,6 +195,8 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
             drop_uncached(onnx_path)
         if spec.name == "dit" and cfg.is_two_stage:  # dit_refine reads its weights file (engines/refine.py)
             externalize(out)
+        if spec.name == "upsampler" and precision == "fp32":  # a bf16 file's weights keep its bytes on disk
+            store_bf16_weights(out)
         extra = {f.name: sha256_file(f) for f in onnx_files(out)[1:]}
     elif backend in TORCH_BACKENDS:
         # the one-stage set at once (the DiT's fast path needs it); a stage component alone

@@ -274,3 +274,48 @@ def build_ort_engine(onnx_path: Path, out_path: Path, precision: str = "fp32",
     finally:
         Path(tmp).unlink(missing_ok=True)
     return BuildFacts(onnxruntime_version=ort.__version__, graph_optimization_level="extended")
+
+
+def store_bf16_weights(path: Path, min_elements: int = 1024) -> int:
+    """fp32 initializers whose every value is a bfloat16 value (weights read from a bf16 file) stored as bf16
+    behind a Cast to float, so an fp32 engine of a bf16 source holds the source's bytes on disk; ONNX Runtime
+    folds the Casts when it loads the engine (values unchanged: bf16 -> fp32 is exact). Returns the bytes saved.
+
+    Run on a built engine (after the offline pass, whose constant folding would undo it); its external data,
+    if any, is rewritten into one file beside it."""
+    model = onnx.load(str(path))
+    graph, saved, casts = model.graph, 0, []
+    for i, tensor in enumerate(graph.initializer):
+        if tensor.data_type != onnx.TensorProto.FLOAT or np.prod(tensor.dims, dtype=np.int64) < min_elements:
+            continue
+        bits = numpy_helper.to_array(tensor).astype(np.float32).view(np.uint32)
+        if np.any(bits & 0xFFFF):
+            continue
+        narrow = onnx.TensorProto(name=f"{tensor.name}.bf16", data_type=onnx.TensorProto.BFLOAT16,
+                                  dims=tensor.dims, raw_data=(bits >> 16).astype(np.uint16).tobytes())
+        casts.append(helper.make_node("Cast", [narrow.name], [tensor.name], to=onnx.TensorProto.FLOAT,
+                                      name=f"{tensor.name}.cast"))
+        saved += 2 * int(bits.size)
+        graph.initializer[i].CopyFrom(narrow)
+    if not casts:
+        return 0
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    external = sorted(external_files(onnx.load(str(path), load_external_data=False)))
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    try:
+        tmp = tmpdir / path.name
+        if external:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=external[0], size_threshold=1024)
+        else:
+            onnx.save_model(model, str(tmp))
+        onnx.checker.check_model(str(tmp))
+        for old in external:
+            (path.parent / old).unlink(missing_ok=True)
+        for f in tmpdir.iterdir():
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return saved

@@ -7,10 +7,13 @@ not the VAE's (one line, exit 2, no tensor read)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from stdrc.engines.build import BuildConfig, build_component
@@ -24,7 +27,7 @@ from stdrc.export.specs import component_specs
 from stdrc.export.upsampler import TINY_UPSAMPLER, UpsamplerConfig, build_upsampler, save_upsampler
 from stdrc.runtime.backends import open_engine
 from stdrc.runtime.manifest import Bucket, sha256_file
-from stdrc.runtime.memory import activation_bytes
+from stdrc.runtime.memory import activation_bytes, component_weight_bytes
 from stdrc.runtime.schema import ModelConfig
 
 BUCKETS = (Bucket(9, 128, 128, 16), Bucket(17, 64, 128, 16))  # stage-1 grids 2x2x2 and 3x1x2
@@ -49,7 +52,10 @@ def _build(tmp_path: Path, backend: str, upsampler: Path | None = None) -> tuple
             (want,), _ = _reference(src, "upsampler", None, one, [feed], None, [b])
             checked.append((feed, engine.run(feed)["upsampled"], want[0]))
         sha = sha256_file(writer.path(entry.file))
-    return {"entry": entry, "spec": spec, "src": src, "sha256": sha}, checked
+        size = component_weight_bytes(writer.staging, entry.file, entry.extra_files)
+        kept = tmp_path / "engine"
+        shutil.copytree(writer.staging, kept)
+    return {"entry": entry, "spec": spec, "src": src, "sha256": sha, "bytes": size, "folder": kept}, checked
 
 
 def _assert_matches(checked: list) -> None:
@@ -76,10 +82,17 @@ def test_seeded_tiny_upsampler_on_onnxruntime(tmp_path: Path) -> None:
 
 
 def test_upsampler_file_is_recorded_and_matches(tmp_path: Path) -> None:
-    path = save_upsampler(tmp_path / "tiny-upscaler-x2.safetensors", build_upsampler(TINY_UPSAMPLER, 9),
-                          TINY_UPSAMPLER)
+    """A bf16 file (as released): the fp32 engine keeps its weights as bf16 on disk (about the file's bytes)."""
+    path = save_upsampler(tmp_path / "tiny-upscaler-x2.safetensors",
+                          build_upsampler(TINY_UPSAMPLER, 9).to(torch.bfloat16), TINY_UPSAMPLER)
     built, checked = _build(tmp_path, "onnxruntime", upsampler=path)
-    source = built["entry"].build.source
+    entry = built["entry"]
+    engine = onnx.load(str(built["folder"] / entry.file), load_external_data=False)
+    narrowed = [t for t in engine.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16]
+    assert len(narrowed) == 3 + 2 * 2 * TINY_UPSAMPLER.num_blocks_per_stage  # every conv weight
+    ratio = built["bytes"] / path.stat().st_size
+    assert ratio <= 1.05, ratio
+    source = entry.build.source
     estimate = engine_bytes_estimate(built["src"], "onnxruntime", "fp32")  # from the header, before the build
     assert estimate == {"upsampler": 4 * sum(p.numel() for p in build_upsampler(TINY_UPSAMPLER, 0).parameters())}
     assert source["files"]["upsampler"] == {"file": path.name, "sha256": sha256_file(path)}
@@ -161,7 +174,8 @@ def test_verify_needs_the_upsampler_file_the_bundle_was_built_with(tmp_path: Pat
     from stdrc.export.lora import LoraSpec
     from stdrc.export.refine import write_random_lora
 
-    path = save_upsampler(tmp_path / "up.safetensors", build_upsampler(TINY_UPSAMPLER, 9), TINY_UPSAMPLER)
+    path = save_upsampler(tmp_path / "up.safetensors", build_upsampler(TINY_UPSAMPLER, 9).to(torch.bfloat16),
+                          TINY_UPSAMPLER)  # bf16: the engine's weights stored narrowed (store_bf16_weights)
     other = save_upsampler(tmp_path / "other.safetensors", build_upsampler(TINY_UPSAMPLER, 10), TINY_UPSAMPLER)
     lora = LoraSpec(write_random_lora(tmp_path / "refine.safetensors", get_preset("tiny").dit))
     bundle = build_engines(BuildConfig(out=tmp_path / "bundle", cache_dir=cache_dir, backend="onnxruntime",
