@@ -20,6 +20,7 @@ from stdrc.calibration.fp8 import amax_scales, fp8_dit_error, quantize_dit_fp8
 from stdrc.export.bundle_manifest import assemble_manifest
 from stdrc.export.dit import BakedRopeDiT
 from stdrc.export.errors import ExportError
+from stdrc.export.fp8_scaled import scaled_fp8_dit
 from stdrc.export.models import ModelSet
 from stdrc.export.specs import component_specs
 from stdrc.runtime.backends.torch import TorchEngine
@@ -144,4 +145,33 @@ def fp8_quality(models: ModelSet, bucket: Bucket, layout: str, out_dir: Path, se
     )
     log.info("FP8 (held out): DiT rel L2 %.4f, frame PSNR %.1f dB", result.dit_rel_l2_held_out,
              result.frame_psnr_db_held_out)
+    return result
+
+
+def file_fp8_quality(models: ModelSet, bucket: Bucket, layout: str, out_dir: Path, scales: dict[str, float],
+                     seed: int = 0) -> Fp8Quality:
+    """A pre-quantized checkpoint's own scales (no calibration): written as `fp8_scales.json`, and what FP8
+    costs on a held-out generation: ltx-core's fp8_scaled_mm arithmetic with those scales
+    (`scaled_fp8_dit`, emulated on CPU) against the file's dequantised weights in fp32."""
+    photo, prompt, eval_seed, what = held_out_generation(1, seed)
+    fp8_dit = scaled_fp8_dit(models.dit, scales)
+    reference = torch_pipeline(models, bucket, layout, record=True)
+    ref_frames = _generate(reference, photo, prompt, eval_seed)
+    fp8_frames = _generate(torch_pipeline(models, bucket, layout, dit=fp8_dit), photo, prompt, eval_seed)
+    held_out = reference.engines["dit"].recorded
+    scales_path = out_dir / FP8_SCALES_FILE
+    scales_path.write_text(json.dumps(scales, indent=1, sort_keys=True))
+    result = Fp8Quality(
+        method="the checkpoint's own FP8 scales (E4M3 per tensor, static input scales), ltx-core's "
+               "fp8_scaled_mm arithmetic emulated on CPU, against the file's dequantised weights in fp32",
+        calibration_batches=0,
+        held_out=f"1 generation ({what}): {len(held_out)} DiT batches",
+        dit_rel_l2_held_out=fp8_dit_error(models.dit, fp8_dit, held_out),
+        frame_psnr_db_held_out=psnr(fp8_frames, ref_frames),
+        scales_file=scales_path.name,
+        scales_sha256=sha256_file(scales_path),
+        scales_source="checkpoint",
+    )
+    log.info("FP8 with the checkpoint's scales (held out): DiT rel L2 %.4f, frame PSNR %.1f dB",
+             result.dit_rel_l2_held_out, result.frame_psnr_db_held_out)
     return result

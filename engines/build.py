@@ -22,7 +22,7 @@ from stdrc.engines.stage_cache import cache_key, cached_onnx, drop_uncached, rel
 from stdrc.export.bundle_manifest import assemble_manifest
 from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
-from stdrc.export.lora import LoraSpec, dit_shapes, lora_transform
+from stdrc.export.lora import Fp8LoraTransform, LoraSpec, dit_shapes, lora_transform
 from stdrc.export.models import ModelSet, Sources, load_sources, plan_sources
 from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
 from stdrc.export.refine import load_refine_lora
@@ -128,14 +128,44 @@ def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backe
 
 
 def fast_dit(cfg: BuildConfig, models: ModelSet, bucket: Bucket, fp8_scales: Path | None,
-             device: str) -> torch.nn.Module:
-    """The DiT on the PyTorch fast path (bf16, FP8 GEMMs with the calibrated scales) for torch/aoti engines."""
+             device: str, from_file: bool = False) -> torch.nn.Module:
+    """The DiT on the PyTorch fast path (bf16, FP8 GEMMs with the bundle's scales: calibrated, or the
+    pre-quantized checkpoint's own when `from_file`) for torch/aoti engines."""
     from stdrc.export.fast_path import FastPathOptions, load_fp8_scales, prepare_fast_dit
 
     _, tables = models.rope(bucket, cfg.layout)
     scales = load_fp8_scales(fp8_scales) if fp8_scales is not None else None
     return prepare_fast_dit(models.dit, tables.cos, tables.sin, FastPathOptions(fp8=fp8_scales is not None),
-                            scales, device)
+                            scales, device, scales_from_file=from_file)
+
+
+def scales_from_file(cfg: BuildConfig, src: Sources) -> bool:
+    """FP8 engines from a pre-quantized checkpoint take its own scales (`--calibrate-fp8` overrides them)."""
+    return cfg.precision == "fp8" and not cfg.calibrate_fp8 and src.checkpoint is not None \
+        and src.checkpoint.fp8 is not None
+
+
+def checkpoint_fp8_scales(cfg: BuildConfig, src: Sources) -> dict[str, float]:
+    """The checkpoint's scales as `fp8_scales.json` holds them; a LoRA's requantised weights' scales (set while
+    the DiT is read: call after loading it) replace the file's."""
+    from stdrc.export.fp8_scaled import file_scales
+
+    return file_scales(src.checkpoint.linear_scales("dit"), getattr(cfg.dit_transform, "weight_scales", None))
+
+
+def file_qdq_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, spec: ComponentSpec, scales: dict[str, float],
+                  folder: Path) -> Path:
+    """The DiT with a pre-quantized checkpoint's scales as its Q/DQ scales (no calibration): its FP8 weights as
+    initializers behind DequantizeLinear, its inputs quantized with its `input_scale`s, for TensorRT."""
+    from stdrc.calibration.fp8 import export_qdq_onnx
+    from stdrc.export.dit import BakedRopeDiT
+    from stdrc.export.fp8_scaled import scaled_fp8_dit
+
+    _, tables = models.rope(bucket, cfg.layout)
+    feeds = {k: torch.from_numpy(v) for k, v in spec.sample_inputs().items()}
+    lo, _, hi = spec.dynamic_dims["batch"]
+    baked = BakedRopeDiT(scaled_fp8_dit(models.dit, scales), tables.cos, tables.sin)
+    return export_qdq_onnx(baked, folder / "dit.onnx", feeds, (lo, hi))
 
 
 def fp8_qdq_onnx(cfg: BuildConfig, models: ModelSet, bucket: Bucket, folder: Path) -> Path:
@@ -209,7 +239,7 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
                 from stdrc.calibration.report import FP8_SCALES_FILE  # build_engines calibrated before this
 
                 scales = writer.path(FP8_SCALES_FILE)
-            module = fast_dit(cfg, models, bucket, scales, device)
+            module = fast_dit(cfg, models, bucket, scales, device, scales_from_file(cfg, src))
         else:
             precision = "fp32"  # the low-precision fast path is the DiT's; the rest stays fp32
         facts = _torch_engine(module, spec, out, backend, device)
@@ -219,7 +249,11 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
         kept = True
         if precision == "fp8" and spec.name == "dit":
             folder = cfg.cache_dir / "fp8_qdq" / cache_key(cfg, src, bucket, spec, torch.float32)[:24]
-            onnx_path = fp8_qdq_onnx(cfg, full(), bucket, folder)
+            if scales_from_file(cfg, src):
+                models = full()  # the DiT read first: a LoRA's requantised scales are known then
+                onnx_path = file_qdq_onnx(cfg, models, bucket, spec, checkpoint_fp8_scales(cfg, src), folder)
+            else:
+                onnx_path = fp8_qdq_onnx(cfg, full(), bucket, folder)
         else:
             onnx_path, kept = cached_onnx(cfg, cache_key(cfg, src, bucket, spec, dtype, attention), spec, load,
                                           writer.staging, attention)
@@ -284,12 +318,19 @@ def build_engines(cfg: BuildConfig) -> Path:
     stages.set_postfix_str("reading checkpoint headers")
     src = plan_sources(get_preset(cfg.preset), cfg.checkpoint, cfg.seed, cfg.face_weights, cfg.text_encoder,
                        cfg.base, upsampler=cfg.upsampler, two_stage=cfg.is_two_stage)
+    if scales_from_file(cfg, src):  # from the header, before any weight is read
+        from stdrc.export.fp8_scaled import check_reusable_scales
+
+        check_reusable_scales(src.checkpoint.fp8.quantization_metadata, src.checkpoint.path)
     estimate = check_disk(src, backend, cfg.precision, cfg.out, cfg.cache_dir)
     if estimate:
         log.info("engine weights, estimated from headers: %s", {k: f"{v / 2**30:.2f} GB" for k, v in estimate.items()})
     lora_set = None
     if cfg.loras:  # checked against the DiT's shapes from headers, then fused as each DiT tensor is read
         transform, lora_set = lora_transform(cfg.loras, src.preset.dit, cfg.dit_transform)
+        if scales_from_file(cfg, src):  # onto the file's FP8 weights, requantised as ltx-core does
+            quantized = frozenset(f"{n}.weight" for n in src.checkpoint.linear_scales("dit"))
+            transform = Fp8LoraTransform(lora_set, quantized, cfg.dit_transform)
         cfg = replace(cfg, dit_transform=transform)
     refine = None
     if cfg.is_two_stage:  # the refinement LoRA (given, or the tiny presets' random one) checked from its header
@@ -310,7 +351,15 @@ def build_engines(cfg: BuildConfig) -> Path:
     specs = component_specs(models.preset, buckets, tiling, rope_input=rope == "input", two_stage=two_stage)
     with BundleWriter(cfg.out) as writer:
         quality = QualityConfig()
-        if cfg.calibrate_fp8 or (cfg.precision == "fp8" and backend in TORCH_BACKENDS):
+        if scales_from_file(cfg, src):
+            stages.set_postfix_str("fp8 (the checkpoint's scales)")
+            from stdrc.calibration.report import file_fp8_quality
+
+            fp8_models = full()  # read before the scales: a LoRA's requantised ones are known then
+            fp8 = file_fp8_quality(fp8_models, bucket, cfg.layout, writer.staging, checkpoint_fp8_scales(cfg, src),
+                                   seed=cfg.seed)
+            quality = QualityConfig(fp8=fp8)
+        elif cfg.calibrate_fp8 or (cfg.precision == "fp8" and backend in TORCH_BACKENDS):
             stages.set_postfix_str("fp8 calibration")
             from stdrc.calibration.report import fp8_quality
 

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--face-weights", type=Path, default=None,
                    help="arcface_torch backbone.pth (iresnet50/100) for the face encoder (default: seeded weights)")
     b.add_argument("--calibrate-fp8", action="store_true",
-                   help="run modelopt FP8 calibration and record its measured error in the manifest")
+                   help="run modelopt FP8 calibration and record its measured error in the manifest (on a "
+                        "pre-quantized FP8 checkpoint: instead of the file's own scales)")
     b.add_argument("--decode-tile", type=int, default=None,
                    help="VAE decode tile in pixels (default: 512 when the bucket is larger; 0 = never tile)")
     b.add_argument("--decode-overlap", type=int, default=64, help="minimum tile overlap in pixels")

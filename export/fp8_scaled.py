@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -23,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stdrc.export.errors import ExportError
+from stdrc.export.errors import CheckpointError, ExportError
 
 FP8_E4M3_MAX = 448.0
+REUSABLE_QUANT_ALGO = "FP8"  # ModelOpt's quant_algo for per-tensor E4M3 weights and static input scales
 
 
 def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
@@ -196,3 +198,34 @@ def requantize_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
     scale = FP8_E4M3_MAX / torch.amax(torch.abs(w))
     codes = torch.clamp(w * scale, min=-FP8_E4M3_MAX, max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return codes, float(scale.reciprocal())
+
+
+def file_scales(linear_scales: Mapping[str, Any], weight_scales: Mapping[str, float] | None = None,
+                prefix: str = "ltx.") -> dict[str, float]:
+    """A pre-quantized file's scales (`LazyCheckpoint.linear_scales`: Linear -> `LinearScales`) in
+    `fp8_scales.json`'s format under our module names; `weight_scales` (Linear -> scale) replaces those of
+    weights requantised after a LoRA (`Fp8LoraTransform.weight_scales`)."""
+    weight_scales = weight_scales or {}
+    out = {}
+    for name, s in linear_scales.items():
+        out[f"{prefix}{name}.input_scale"] = float(s.input_scale)
+        out[f"{prefix}{name}.weight_scale"] = float(weight_scales.get(name, s.weight_scale))
+    return out
+
+
+def check_reusable_scales(quantization_metadata: str | None, path: Any) -> None:
+    """`--precision fp8` reuses a file's scales only when they are ltx-core's fp8_scaled_mm kind: per-tensor
+    E4M3 weights with static input scales (the tensors' side is checked as the header is read,
+    export/fp8_source.py). A `_quantization_metadata` naming another algorithm (ModelOpt's `quant_algo`) is
+    refused, from the header, before any weight is read."""
+    try:
+        meta = json.loads(quantization_metadata) if quantization_metadata else None
+    except json.JSONDecodeError:
+        return  # recorded, not interpreted: the tensors decide
+    quant = meta.get("quantization") if isinstance(meta, dict) else None
+    algo = quant.get("quant_algo") if isinstance(quant, dict) else None
+    if algo is not None and algo != REUSABLE_QUANT_ALGO:
+        raise CheckpointError(
+            f"{path} is quantized as {algo} (its _quantization_metadata), not FP8 with per-tensor scales: "
+            "--precision fp8 reuses only per-tensor E4M3 scales; build --precision bf16 or fp32 from it, or "
+            "pass --calibrate-fp8 to calibrate new scales")

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from stdrc.export.checkpoint import is_audio_key
 from stdrc.export.config import DiTConfig
 from stdrc.export.errors import LoraError
+from stdrc.export.fp8_scaled import requantize_per_tensor
 from stdrc.runtime.manifest import sha256_file
 from stdrc.runtime.schema import LoraEntry
 
@@ -208,9 +209,14 @@ class LoraSet:
 
     def fuse(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` with every LoRA delta for `key` added (fp32 math, tensor's dtype out); others as given."""
+        delta = self.delta(key, tensor)
+        return tensor if delta is None else (delta + tensor.to(torch.float32)).to(tensor.dtype)
+
+    def delta(self, key: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The sum of the LoRAs' (B * strength) @ A for `key` in fp32 (None: no LoRA touches it)."""
         active = [(f, f.pairs[key]) for f in self.files if key in f.pairs and f.strength != 0.0]
         if not active:
-            return tensor
+            return None
         if tuple(tensor.shape) != self.targets[key]:
             raise LoraError(f"DiT weight {key} is {list(tensor.shape)}, the LoRAs were checked against "
                             f"{list(self.targets[key])}: the checkpoint does not match its preset")
@@ -220,8 +226,7 @@ class LoraSet:
                 down = f.get_tensor(pair.down).to(torch.float32)
                 up = f.get_tensor(pair.up).to(torch.float32)
             deltas.append(torch.matmul(up * lora.strength, down))  # ltx-core's order: (B * coef) @ A
-        delta = deltas[0] if len(deltas) == 1 else torch.sum(torch.stack(deltas, dim=0), dim=0)
-        return (delta + tensor.to(torch.float32)).to(tensor.dtype)
+        return deltas[0] if len(deltas) == 1 else torch.sum(torch.stack(deltas, dim=0), dim=0)
 
     def fuse_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A whole state dict through `fuse` (today's non-streaming load path; strict loading reports gaps)."""
@@ -278,3 +283,32 @@ def lora_transform(specs: Iterable[LoraSpec], dit: DiTConfig,
     """The LoRA files checked against `dit`'s shapes (headers only, before any model weight is read)."""
     lora_set = LoraSet.load(specs, dit_shapes(dit))
     return LoraTransform(lora_set, inner), lora_set
+
+
+@dataclass(frozen=True)
+class Fp8LoraTransform:
+    """LoRAs on a pre-quantized FP8 file for FP8 engines, ltx-core's way (fuse_loras.py
+    `_fuse_delta_with_scaled_fp8`): a quantized weight (dequantised as read) plus the delta rounded to bf16 (the
+    dtype ltx-core gives deltas of an FP8 weight), requantised per tensor with max|W| / 448
+    (`requantize_per_tensor`); its new scale lands in `weight_scales` (Linear name -> scale), the input scale
+    stays the file's. Other weights fuse as `LoraTransform` does."""
+
+    loras: LoraSet
+    quantized: frozenset[str]  # our DiT keys of the file's float8 weights ("...to_q.weight")
+    inner: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    weight_scales: dict[str, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def sha256(self) -> str | None:
+        base = LoraTransform(self.loras, self.inner).sha256
+        return None if base is None else hashlib.sha256(f"fp8-requantised:{base}".encode()).hexdigest()
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.inner is not None:
+            tensor = self.inner(key, tensor)
+        delta = self.loras.delta(key, tensor) if key in self.quantized else None
+        if delta is None:
+            return self.loras.fuse(key, tensor)
+        codes, scale = requantize_per_tensor(tensor.float() + delta.to(torch.bfloat16).float())
+        self.weight_scales[key.removesuffix(".weight")] = scale
+        return (codes.float() * scale).to(tensor.dtype)

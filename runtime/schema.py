@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from stdrc.runtime.errors import BundleError
-from stdrc.runtime.vocab import LAYOUTS, MODEL_FAMILIES, SOURCE_QUANT_FORMATS, STAGES, WEIGHT_LAYOUTS
+from stdrc.runtime.vocab import FP8_SCALE_SOURCES, LAYOUTS, MODEL_FAMILIES, SOURCE_QUANT_FORMATS, STAGES, WEIGHT_LAYOUTS
 
 FIX = "rebuild the bundle with `stdrc-export build-engines`"
 MAX_STEPS = 1000  # more than this is a typo, not a schedule
@@ -436,7 +436,8 @@ class ReferenceConfig(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class Fp8Quality(Section):
-    """FP8 calibration: its scales file and the errors measured on a held-out generation."""
+    """FP8 scales (calibrated, or a pre-quantized checkpoint's own: `scales_source`), their file, and the
+    errors measured on a held-out generation."""
 
     method: str = spec(text_value)
     calibration_batches: int = spec(integer, lo=0)
@@ -445,6 +446,7 @@ class Fp8Quality(Section):
     frame_psnr_db_held_out: float = spec(measure)
     scales_file: str = spec(file_field)
     scales_sha256: str = spec(sha256)
+    scales_source: str = spec(string, "calibration", choices=FP8_SCALE_SOURCES)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,6 +32,8 @@ MODEL_FAMILIES = ("ltx2", "ltx2.3")
 # pre-quantized checkpoints read as build input (export/fp8_source.py): Lightricks' FP8 files' format, and the
 # float8 weight layouts accepted ([out, in] as ltx-core's files; [in, out] as ltx-core holds them once loaded)
 SOURCE_QUANT_FORMATS = ("float8_e4m3fn-per-tensor",)
+# where an FP8 engine's scales came from: modelopt's calibration, or the pre-quantized checkpoint's own
+FP8_SCALE_SOURCES = ("calibration", "checkpoint")
 WEIGHT_LAYOUTS = ("out_in", "in_out")
 
 LAYOUTS = ("tass", "overlap", "width_shift", "before")  # reference token positions (tass = TASS-RoPE)

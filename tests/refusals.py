@@ -11,7 +11,8 @@ from stdrc.export import checkpoint
 
 
 def assert_build_refused_before_any_read(bad: Path, tmp_path: Path, message: str,
-                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                         args: tuple[str, ...] = ("--backend", "onnxruntime")) -> None:
     """`build-engines --checkpoint bad`: one `error:` line matching `message`, exit 2, no tensor read (the
     reader is replaced by one that fails the test), no bundle folder."""
     from stdrc.engines.cli import main
@@ -24,7 +25,7 @@ def assert_build_refused_before_any_read(bad: Path, tmp_path: Path, message: str
 
     monkeypatch.setattr(checkpoint, "_read_tensor", no_read)
     out = tmp_path / "bundle"
-    rc = main(["build-engines", "--preset", "tiny", "--checkpoint", str(bad), "--backend", "onnxruntime",
+    rc = main(["build-engines", "--preset", "tiny", "--checkpoint", str(bad), *args,
                "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err

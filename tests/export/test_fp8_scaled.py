@@ -30,7 +30,13 @@ from stdrc.calibration.capture import random_dit_batches
 from stdrc.calibration.fp8 import export_qdq_onnx, rel_l2
 from stdrc.export.dit import DIT_INPUTS, BakedRopeDiT, STDRCTransformer
 from stdrc.export.errors import ExportError
-from stdrc.export.fp8_scaled import ScaledFp8Linear, qdq_form, requantize_per_tensor, scaled_fp8_dit
+from stdrc.export.fp8_scaled import (
+    ScaledFp8Linear,
+    qdq_form,
+    quantize_e4m3,
+    requantize_per_tensor,
+    scaled_fp8_dit,
+)
 from stdrc.runtime.manifest import Bucket
 
 # the same E4M3 codes and scales: only where the fp32 products are rounded and summed differs
@@ -221,3 +227,47 @@ def test_fast_path_takes_the_files_scales(fp8_file, batch):
         prepare_fast_dit(dit, batch["rope_cos"], batch["rope_sin"], FastPathOptions(fp8=True),
                          {k: v * 1.5 if k.endswith("weight_scale") else v for k, v in scales.items()},
                          scales_from_file=True)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_lora_on_fp8_weights_is_ltx_cores(tmp_path, tiny_models, fp8_file, strength):
+    """`Fp8LoraTransform` on the dequantised weights as read == ltx-core's `apply_loras` on the file's scaled
+    FP8 state (dequantise, add (B * strength) @ A as bf16, requantise per tensor): the same E4M3 codes bit for
+    bit and the same weight_scale; an unquantized weight fuses as ever, an untouched FP8 weight keeps its
+    codes and scale."""
+    from ltx_core.loader.fuse_loras import apply_loras
+    from ltx_core.loader.primitives import LoraStateDictWithStrength, StateDict
+    from safetensors.torch import save_file
+
+    from stdrc.export.lora import Fp8LoraTransform, LoraSpec, lora_transform
+
+    state, scales, dit = fp8_file
+    q, plain, untouched = ("transformer_blocks.1.attn1.to_q", "transformer_blocks.0.attn1.to_q",
+                           "transformer_blocks.1.ff.net.2")
+    gen = torch.Generator().manual_seed(3)
+    lora = {}
+    for name in (q, plain):
+        rows, cols = state[f"{name}.weight"].shape
+        lora[f"{name}.lora_A.weight"] = torch.randn(4, cols, generator=gen) * 0.3
+        lora[f"{name}.lora_B.weight"] = torch.randn(rows, 4, generator=gen) * 0.3
+    path = tmp_path / "lora.safetensors"
+    save_file({f"diffusion_model.{k}": v for k, v in lora.items()}, str(path))
+
+    loaded = {k: v.t().contiguous() if k.endswith(".weight") and v.dtype == torch.float8_e4m3fn else v
+              for k, v in state.items()}  # as ltx-core holds a scaled-FP8 model: [in, out]
+    theirs = apply_loras(StateDict(loaded, torch.device("cpu"), 0, set()),
+                         [LoraStateDictWithStrength(StateDict(lora, torch.device("cpu"), 0, set()), strength)]).sd
+    plain_lora, lora_set = lora_transform([LoraSpec(path, strength)], tiny_models.preset.dit)
+    quantized = frozenset(k[: -len("_scale")] for k in state if k.endswith(".weight_scale"))
+    transform = Fp8LoraTransform(lora_set, quantized)
+    for name in (q, untouched):
+        dequantised = state[f"{name}.weight"].float() * state[f"{name}.weight_scale"]
+        ours = transform(f"{name}.weight", dequantised)
+        codes = quantize_e4m3(ours, transform.weight_scales.get(name, float(state[f"{name}.weight_scale"])))
+        assert torch.equal(codes.view(torch.uint8), theirs[f"{name}.weight"].t().contiguous().view(torch.uint8))
+        assert torch.equal(codes.float() * float(theirs[f"{name}.weight_scale"]), ours)
+    assert transform.weight_scales == {q: float(theirs[f"{q}.weight_scale"])}  # only the LoRA's weight
+    assert transform.weight_scales[q] != float(state[f"{q}.weight_scale"])
+    bf16_weight = state[f"{plain}.weight"].float()
+    assert torch.equal(transform(f"{plain}.weight", bf16_weight), plain_lora(f"{plain}.weight", bf16_weight))
+    assert transform.sha256 != plain_lora.sha256  # another stage-cache key than the float fusion
