@@ -3,10 +3,11 @@
 
 2.3's arithmetic comes from the config flags alone (gated attention, 9-slot AdaLN with the query/context
 modulation of the cross-attention, prompt AdaLN fed by the stream's sigma, no caption projection), as in
-ltx-core. Two layers, 8 video + 4 reference tokens, 16 text tokens; ltx-core's model shares our weights
-(built on meta, assigned), so one copy is held. The aoti backend is not run at this width: one AOTInductor
-compile of a 3 GB DiT costs minutes and as much memory again; tests/export/test_dit_tiny23.py compiles the
-same graph at tiny width.
+ltx-core. One layer (the width is what this file proves: blocks chain the same way at any width, and
+tests/export/test_dit_tiny23.py checks two of them against ltx-core), 8 video + 4 reference tokens, 16 text
+tokens; ltx-core's model shares our weights (built on meta, assigned), so one copy is held. The aoti
+backend is not run at this width: one AOTInductor compile of a 2 GB DiT costs minutes and as much memory
+again; tests/export/test_dit_tiny23.py compiles the same graph at tiny width.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from stdrc.export.rope import rope_tables
 from stdrc.export.specs import component_specs
 from stdrc.runtime.manifest import Bucket
 
-# ~3.1 GB of fp32 weights, exported (external data) and loaded by ONNX Runtime: run under the heavy lock.
-# Measured 1.9 min, peak RSS 6.5 GB on the shared 2-core VM (2026-12-06)
+# ~2.0 GB of fp32 weights (3.0 GB with the second layer it had until 2026-12-06), exported (external data)
+# and loaded by ONNX Runtime: run under the heavy lock. With two layers: 1.9 min, peak RSS 6.5 GB on the
+# shared 2-core VM (2026-12-06)
 pytestmark = pytest.mark.slow
 
-LAYERS, WIDTH, HEADS = 2, 4096, 32
+LAYERS, WIDTH, HEADS = 1, 4096, 32
 BUCKET = Bucket(frames=9, height=64, width=64, text_length=16)  # latent 2x2x2: 8 video + 4 reference tokens
 GRID = (BUCKET.latent_frames, BUCKET.latent_height, BUCKET.latent_width)
 VIDEO, REF = BUCKET.video_tokens, BUCKET.reference_tokens
@@ -140,8 +142,9 @@ def test_flags_come_from_the_config(case: dict) -> None:
 def test_pytorch_matches_ltx_core(case: dict) -> None:
     assert case["ours"].shape == (2, VIDEO + REF, 128)
     assert rel_l2(case["ours"], case["theirs"]) <= TOL
-    # the prompt modulation takes the stream's sigma, not a token's timestep (0 on a conditioned frame)
-    assert rel_l2(case["first_token"], case["theirs"]) > 1e-3
+    # the prompt modulation takes the stream's sigma, not a token's timestep (0 on a conditioned frame): the
+    # wrong one is 10x the tolerance away (7e-4 measured with this one layer; 1e-3 was the bound with two)
+    assert rel_l2(case["first_token"], case["theirs"]) > 10 * TOL
 
 
 def test_onnxruntime_matches_ltx_core(case: dict) -> None:
