@@ -65,7 +65,9 @@ pipe.engines.on_stage = on_stage
 harness.reset_peak_rss()
 base = harness.rss_mb()
 gpu = []
+output = None if sys.argv[8] == "-" else sys.argv[8]  # the video too, for a caller that checks it
 result = pipe.generate(reference=ref, prompt="a woman smiles and waves", seed=0, steps=2, face_crop=False,
+                       output=output,
                        on_step=lambda i, n: gpu.append(harness.gpu_used_mb()) if device == "cuda" else None)
 print(json.dumps({"peak_rss_mb": max(peak[0], harness.peak_rss_mb()), "rss_before_mb": base, "stages": stages,
                   "gpu_peak_mb": max([g for g in gpu if g is not None], default=None),
@@ -74,13 +76,16 @@ print(json.dumps({"peak_rss_mb": max(peak[0], harness.peak_rss_mb()), "rss_befor
 """
 
 
-def measure(bundle: Path, plan: str, cached: bool, device: str, work: Path, reference: Path) -> dict:
+def measure(bundle: Path, plan: str, cached: bool, device: str, work: Path, reference: Path,
+            output: Path | None = None) -> dict:
+    """One configuration in a child process of its own; `output`: the generation also writes its video there."""
     cache = str(work / f"prompts-{plan}") if cached else "-"
     warm = work / "warm.onnx"
     if not warm.is_file():
         harness.write_warm_model(warm)
     out = subprocess.run([sys.executable, "-c", _CHILD, str(bundle), plan, cache, str(reference), device,
-                          str(Path(__file__).parent), str(warm)], capture_output=True, text=True, timeout=1800)
+                          str(Path(__file__).parent), str(warm), str(output or "-")],
+                         capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         return {"status": "failed", "reason": out.stderr.strip().splitlines()[-1] if out.stderr else "?"}
     return {"status": "ok", **json.loads(out.stdout.strip().splitlines()[-1])}
