@@ -79,6 +79,8 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.face_detector:
         pipe.use_face_detector(args.face_detector)
     bar = None
+    resolved = pipe.resolve(options)  # two stages: the bar names each (steps 0..first-1 are stage 1)
+    first = resolved.steps if resolved.stages == 2 else None
 
     def on_step(i: int, total: int) -> None:
         # the bar starts at the first step: every argument check has passed by then
@@ -86,7 +88,9 @@ def _generate(args: argparse.Namespace) -> int:
         if bar is None:
             from tqdm import tqdm
 
-            bar = tqdm(desc="sampling", unit="step", total=total, disable=args.quiet)
+            bar = tqdm(desc=stage_label(0, first), unit="step", total=total, disable=args.quiet)
+        if first is not None and i == first:
+            bar.set_description(stage_label(i, first))
         bar.update()
         if i + 1 == total:
             bar.close()  # decode and FaceSim log lines come after, on lines of their own
@@ -106,6 +110,13 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"wrote {result.files['video']} ({summary['frames']} frames, {result.files['codec']}) "
               f"and {result.files['contact_sheet']}{face}")
     return 0
+
+
+def stage_label(step: int, first: int | None) -> str:
+    """The progress bar's name for `step`: sampling, or with two stages (`first` stage-1 steps) which one."""
+    if first is None:
+        return "sampling"
+    return "stage 1/2 (half size)" if step < first else "stage 2/2 (refine)"
 
 
 def _read_prompts(source: str) -> list[str]:

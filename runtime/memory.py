@@ -5,8 +5,8 @@ a 24 GB card can hold one large engine at a time. Plans (DESIGN: "Fits a 24 GB G
 
 - ``all``: every engine opened once and kept (lowest latency for repeated generations);
 - ``staged``: each engine opened when its stage starts and released when it ends (reference
-  encode -> text encoder -> DiT sampling -> decoder -> face encoder); a cached prompt never opens
-  the text encoder;
+  encode -> text encoder -> DiT sampling -> [two stages: upsampler -> refinement DiT] -> decoder ->
+  face encoder); a cached prompt never opens the text encoder;
 - ``auto``: ``all`` when the sum fits the device's free memory (with a margin), else ``staged``.
 
 Weight bytes are the engine files' sizes (recorded in the manifest at build time); activation
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # generation order; the stage that needs each component
 STAGES = (("reference", "vae_encoder"), ("text", "text_encoder"), ("sampling", "dit"),
+          ("upsample", "upsampler"), ("refine", "dit_refine"),  # two-stage bundles only
           ("decode", "vae_decoder"), ("facesim", "face_encoder"))
 MARGIN = 1.10  # allocator slack, CUDA context, workspace: `auto` picks `all` only with 10% to spare
 # What a running engine session holds beyond its weights and the activation formula: the graph, kernels,
@@ -70,6 +71,8 @@ def activation_bytes(component: str, model: ModelConfig, bucket: Bucket, precisi
 
     dit: the widest per-layer intermediates of the guidance batch (B = 3), feed-forward (4 D) plus
     q, k, v, attention out and two residuals (6 D), no N x N term (attention is fused in the graph);
+    dit_refine: the same for one stream (stage 2 is unguided) at the output bucket (the DiT's stage 1 runs
+    at its half, a quarter of the tokens, so the `dit` figure at the bucket bounds it);
     text_encoder: `text_activation_bytes`;
     vae_decoder: three 128-channel maps at the decoder's last internal resolution (pixels over
     patch_size squared, before its depth-to-space) for every output frame, per tile when tiled;
@@ -79,11 +82,11 @@ def activation_bytes(component: str, model: ModelConfig, bucket: Bucket, precisi
     """
     e = element_bytes(precision)
     frames, height, width = bucket.frames, bucket.height, bucket.width
-    if component == "dit":
+    if component in ("dit", "dit_refine"):
         d = model.dit
         inner = d.num_attention_heads * d.attention_head_dim
-        return GUIDANCE_STREAMS * (bucket.tokens * (4 * inner + 6 * inner)
-                                   + bucket.text_length * d.cross_attention_dim) * e
+        streams = GUIDANCE_STREAMS if component == "dit" else 1
+        return streams * (bucket.tokens * (4 * inner + 6 * inner) + bucket.text_length * d.cross_attention_dim) * e
     if component == "text_encoder":
         return text_activation_bytes(model.text, bucket.text_length, e)
     if component in ("vae_decoder", "vae_encoder"):

@@ -29,6 +29,7 @@ from stdrc.runtime.video import (
 from stdrc.runtime.vocab import BACKENDS, REQUIRED_COMPONENTS
 
 log = logging.getLogger(__name__)
+UNGUIDED = smp.GuidanceScales(text=1.0, ref=1.0)  # one stream, text and reference (two-stage refinement)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,14 @@ class Prepared:
     text: Embedding | None = None  # given prompt embeddings, checked
     negative: Embedding | None = None
     facesim_scored: bool = False  # the bundle has an ONNX face encoder and the reference is a face crop
+    # two stages (options.stages == 2): the reference cropped for the stage-1 half, the refinement's sigmas
+    stage1_image: np.ndarray | None = None
+    refine_sigmas: np.ndarray | None = None
+
+    @property
+    def total_steps(self) -> int:
+        """DiT steps over every stage (what `on_step` counts to)."""
+        return len(self.sigmas) - 1 + (0 if self.refine_sigmas is None else len(self.refine_sigmas) - 1)
 
 
 def weights_and_activations(bundle_dir: Path, manifest: Manifest) -> tuple[dict[str, int], dict[str, int]]:
@@ -226,16 +235,21 @@ class Pipeline:
     def prepare_reference(self, reference: str | Path | np.ndarray, face_crop: bool = True,
                           bucket: Bucket | None = None) -> np.ndarray:
         """Largest face, cropped with margin and resized to the bucket (None: the current one); or the whole photo."""
+        return self.prepare_references(reference, face_crop, (bucket or self.bucket,))[0]
+
+    def prepare_references(self, reference: str | Path | np.ndarray, face_crop: bool,
+                           buckets: tuple[Bucket, ...]) -> list[np.ndarray]:
+        """The reference prepared for each bucket's size (two stages: the output and its half), the face
+        detected once."""
         image = load_image(reference) if isinstance(reference, (str, Path)) else as_rgb(np.asarray(reference))
-        b = bucket or self.bucket
         if not face_crop:
-            return resize_cover(image, b.height, b.width)
+            return [resize_cover(image, b.height, b.width) for b in buckets]
         from stdrc.runtime import face
 
         found = face.largest_face(self._face_detector().detect(image))
         if found is None:
             raise NoFaceError("no face found in the reference image: use a clearer photo, or pass --no-face-crop")
-        return face.crop_reference(image, found, b.height, b.width)
+        return [face.crop_reference(image, found, b.height, b.width) for b in buckets]
 
     def _face_detector(self):
         """YuNet unless `use_face_models` chose SCRFD; created on first use."""
@@ -250,10 +264,23 @@ class Pipeline:
         latent = self.run("vae_encoder", {"image": np.ascontiguousarray(pixels)})["latent"]
         return patchify(latent.astype(np.float32))
 
-    def initial_noise(self, seed: int) -> np.ndarray:
-        """The seed's starting noise, video tokens [1, N_video, C]."""
+    def initial_noise(self, seed: int, bucket: Bucket | None = None) -> np.ndarray:
+        """The seed's starting noise, video tokens [1, N_video, C] of `bucket` (None: the current one; two
+        stages: the stage-1 half's)."""
         channels = self.manifest.model_config.dit.in_channels
-        return np.random.default_rng(seed).standard_normal((1, self.bucket.video_tokens, channels), dtype=np.float32)
+        tokens = (bucket or self.bucket).video_tokens
+        return np.random.default_rng(seed).standard_normal((1, tokens, channels), dtype=np.float32)
+
+    def refine_noise(self, seed: int) -> np.ndarray:
+        """The noise the upsampled latent is re-noised with before the refinement (seed + 2; the decoder's is
+        seed + 1): video tokens [1, N_video, C] of the current (output) bucket."""
+        return self.initial_noise(seed + 2)
+
+    def upsample(self, tokens: np.ndarray, stage1: Bucket) -> np.ndarray:
+        """Stage-1 video tokens at `stage1`'s grid -> the `upsampler` engine -> tokens at twice its height
+        and width (the output bucket's grid)."""
+        latent = unpatchify(tokens, (stage1.latent_frames, stage1.latent_height, stage1.latent_width))
+        return patchify(self.run("upsampler", {"latent": latent})["upsampled"].astype(np.float32))
 
     def decode_noise(self, seed: int) -> np.ndarray | None:
         """The noise a timestep-conditioned VAE decoder mixes into its input ([1, C, F, H, W]), else None."""
@@ -297,21 +324,24 @@ class Pipeline:
         """Run the bundle's bucket of this size next (None: the default's value); one it lacks: InputError."""
         self.bucket = self.manifest.find_bucket(frames, height, width)
 
-    def rope_feeds(self) -> dict[str, np.ndarray]:
-        """The DiT's `rope_cos`/`rope_sin` for the current bucket (a DiT with tables baked in: none).
+    def rope_feeds(self, stage1: bool = False) -> dict[str, np.ndarray]:
+        """The DiT's `rope_cos`/`rope_sin` for the current bucket, or (`stage1`) its stage-1 half's (a DiT with
+        tables baked in: none).
 
-        Read once per bucket and handed over as the same arrays at every call, so the engines bind
+        Read once per file and handed over as the same arrays at every call, so the engines bind
         them once (ONNX Runtime IO binding, a TensorRT buffer copied once)."""
         if not self.manifest.rope_input:
             return {}
         b = self.bucket
-        if b.label() not in self._rope:
-            rel = b.rope_file or self.manifest.rope.file
+        rel = b.stage1_rope_file if stage1 else b.rope_file or self.manifest.rope.file
+        if rel is None:
+            raise BundleError(f"bundle bucket {b.label()} has no stage-1 RoPE tables: rebuild it two-stage")
+        if rel not in self._rope:
             self.check_hashes()
             with np.load(bundle_path(self.bundle_dir, rel), allow_pickle=False) as tables:
-                self._rope[b.label()] = {"rope_cos": np.ascontiguousarray(tables["cos"], np.float32),
-                                         "rope_sin": np.ascontiguousarray(tables["sin"], np.float32)}
-        return self._rope[b.label()]
+                self._rope[rel] = {"rope_cos": np.ascontiguousarray(tables["cos"], np.float32),
+                                   "rope_sin": np.ascontiguousarray(tables["sin"], np.float32)}
+        return self._rope[rel]
 
     @property
     def feeds_sigma(self) -> bool:
@@ -320,11 +350,19 @@ class Pipeline:
 
     def denoiser(self, latent, timestep, context, context_mask, attn_mask,
                  **sigma):
-        rope = self.rope_feeds()
-        feeds = {"latent": latent, "timestep": timestep, "context": context,
-                 "context_mask": context_mask, "attn_mask": attn_mask, **rope, **sigma}
-        # only latent, timestep (and sigma) move
-        return self.run("dit", feeds, keep=(*smp.FIXED_INPUTS, *rope))["velocity"]
+        """The `dit` engine at the current bucket."""
+        return self.denoiser_for()(latent, timestep, context, context_mask, attn_mask, **sigma)
+
+    def denoiser_for(self, component: str = "dit", stage1: bool = False) -> smp.Denoiser:
+        """A DiT engine (`dit`, or `dit_refine` for two-stage refinement) with the current bucket's RoPE
+        tables, or (`stage1`) its stage-1 half's."""
+        def denoise(latent, timestep, context, context_mask, attn_mask, **sigma):
+            rope = self.rope_feeds(stage1)
+            feeds = {"latent": latent, "timestep": timestep, "context": context,
+                     "context_mask": context_mask, "attn_mask": attn_mask, **rope, **sigma}
+            # only latent, timestep (and sigma) move
+            return self.run(component, feeds, keep=(*smp.FIXED_INPUTS, *rope))["velocity"]
+        return denoise
 
     # -- the whole thing ----------------------------------------------------------------------
 
@@ -362,10 +400,14 @@ class Pipeline:
                                     rescale=o.cfg_rescale)
         given = tuple(None if e is None else self._embeddings(p, e)
                       for p, e in ((o.prompt, text_embeddings), (o.negative_prompt, negative_embeddings)))
-        image = self.prepare_reference(reference, o.face_crop, bucket)
+        two = o.stages == 2
+        image, *stage1 = self.prepare_references(reference, o.face_crop,
+                                                 (bucket, bucket.half()) if two else (bucket,))
         encoder = self.manifest.components.get("face_encoder")
         scored = encoder is not None and encoder.backend == "onnxruntime" and o.face_crop
-        return Prepared(o, bucket, scales, sigmas, image, *given, facesim_scored=scored)
+        refine = np.array(self.manifest.two_stage.sigmas, np.float32) if two else None
+        return Prepared(o, bucket, scales, sigmas, image, *given, facesim_scored=scored,
+                        stage1_image=stage1[0] if two else None, refine_sigmas=refine)
 
     def resolve(self, options: GenerationOptions) -> GenerationOptions:
         """`options` with the bundle's values in place of None: steps (the sigmas' count), stages, guidance scales
@@ -383,23 +425,29 @@ class Pipeline:
 
     def generate_prepared(self, prepared: Prepared,
                           on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
-        """Run what `prepare` checked: encode, sample, decode, score, write."""
+        """Run what `prepare` checked: encode, sample (one stage, or two: half size, upsample, refine),
+        decode, score, write."""
         o, image = prepared.options, prepared.image
         self.bucket = prepared.bucket
         # the reference is encoded before the prompts: the VAE encoder's stage then carries nothing (the
         # prompt embeddings are not yet made), and only a few reference tokens ride into the text stage
         reference_tokens = self.encode_reference(image)
+        stage1_tokens = None if prepared.stage1_image is None else self.encode_reference(prepared.stage1_image)
         self._stage_done("vae_encoder")
         text = (self._embeddings(o.prompt, prepared.text), self._embeddings(o.negative_prompt, prepared.negative))
         self._stage_done("text_encoder")
-        cond = smp.Conditioning(reference_tokens, *text)
-        noise = self.initial_noise(o.seed)
-        sigmas = prepared.sigmas
-        total = len(sigmas) - 1
-        latent = smp.sample(self.denoiser, noise, sigmas, cond, prepared.scales, o.max_batch,
-                            on_step=(lambda i: on_step(i, total)) if on_step else None,
-                            feed_sigma=self.feeds_sigma)
-        self._stage_done("dit")
+        total = prepared.total_steps
+
+        def steps_from(first: int) -> Callable[[int], None] | None:
+            return (lambda i: on_step(first + i, total)) if on_step else None
+
+        if stage1_tokens is None:
+            cond = smp.Conditioning(reference_tokens, *text)
+            latent = smp.sample(self.denoiser, self.initial_noise(o.seed), prepared.sigmas, cond, prepared.scales,
+                                o.max_batch, on_step=steps_from(0), feed_sigma=self.feeds_sigma)
+            self._stage_done("dit")
+        else:
+            latent = self.two_stage(prepared, reference_tokens, stage1_tokens, text, steps_from)
         frames = self.decode(latent, o.seed)
         self._stage_done("vae_decoder")
         score = self.facesim(frames, image) if prepared.facesim_scored else None
@@ -408,6 +456,29 @@ class Pipeline:
         result = GenerationResult(frames, latent, image, score, facesim_scored=prepared.facesim_scored)
         files = self.write(result, o.output) if o.output is not None else {}
         return replace(result, files=files)
+
+    def two_stage(self, prepared: Prepared, reference_tokens: np.ndarray, stage1_tokens: np.ndarray,
+                  text: tuple[Embedding, Embedding],
+                  steps_from: Callable[[int], Callable[[int], None] | None]) -> np.ndarray:
+        """Guided sampling at the half-size grid (`dit`, its RoPE tables, the reference encoded at that size),
+        the x2 `upsampler`, re-noise to the refinement's first sigma (seed + 2), then `dit_refine` over the
+        refinement sigmas at the output grid, one unguided stream (text + reference). Returns the output
+        bucket's video tokens [1, N_video, C]. ltx-pipelines' TI2VidTwoStagesPipeline, docs/design.md."""
+        o, b = prepared.options, prepared.bucket
+        half = b.half()
+        stage1 = smp.sample(self.denoiser_for("dit", stage1=True), self.initial_noise(o.seed, half),
+                            prepared.sigmas, smp.Conditioning(stage1_tokens, *text), prepared.scales, o.max_batch,
+                            on_step=steps_from(0), feed_sigma=self.feeds_sigma)
+        self._stage_done("dit")
+        upsampled = self.upsample(stage1, half)
+        self._stage_done("upsampler")
+        refine_sigma = any(t.name == smp.SIGMA_INPUT for t in self.manifest.components["dit_refine"].inputs)
+        latent = smp.sample(self.denoiser_for("dit_refine"), self.refine_noise(o.seed), prepared.refine_sigmas,
+                            smp.Conditioning(reference_tokens, *text), UNGUIDED, o.max_batch,
+                            on_step=steps_from(len(prepared.sigmas) - 1), feed_sigma=refine_sigma,
+                            start=upsampled)
+        self._stage_done("dit_refine")
+        return latent
 
     def facesim(self, frames: np.ndarray, reference: np.ndarray) -> float | None:
         from stdrc.runtime import face

@@ -175,11 +175,19 @@ def sample(
     max_batch: int = 3,
     on_step: Callable[[int], None] | None = None,
     feed_sigma: bool = False,
+    start: np.ndarray | None = None,
 ) -> np.ndarray:
     """Euler on velocity over `sigmas`: x <- x + (sigma_next - sigma) * v, v from the guided d.
 
-    `feed_sigma`: the DiT takes `sigma` (its spec lists SIGMA_INPUT)."""
-    x = (noise * np.float32(sigmas[0])).astype(np.float32)
+    `feed_sigma`: the DiT takes `sigma` (its spec lists SIGMA_INPUT). `start`: a clean latent to start from
+    (two-stage refinement), noised to sigmas[0] as ltx-core's GaussianNoiser does:
+    x = noise * s0 + start * (1 - s0); None: pure noise, x = noise * s0."""
+    s0 = np.float32(sigmas[0])
+    x = (noise * s0).astype(np.float32)
+    if start is not None:
+        if start.shape != noise.shape:
+            raise ValueError(f"start latent {start.shape} and noise {noise.shape} differ")
+        x = (x + start.astype(np.float32) * (np.float32(1.0) - s0)).astype(np.float32)
     fixed: dict[tuple[str, ...], dict[str, np.ndarray]] = {}  # per stream set, reused by every step
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         sigma, sigma_next = float(sigma), float(sigma_next)

@@ -134,3 +134,31 @@ def test_fixed_inputs_are_built_once_per_stream_set() -> None:
     fresh = smp._stream_batch([smp.UNCOND, smp.REF, smp.FULL], _x(), 0.7, _cond())
     for k in smp.FIXED_INPUTS:
         assert np.array_equal(seen[1][k], fresh[k])
+
+
+def test_start_latent_is_renoised_and_stepped_as_ltx_core_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two-stage refinement: `sample(..., start=clean)` equals ltx-core's GaussianNoiser (its noise being ours)
+    followed by its Euler steps on the one (unguided) stream's denoised prediction."""
+    from ltx_core.components.diffusion_steps import EulerDiffusionStep
+    from ltx_core.components.noisers import GaussianNoiser
+    from ltx_core.types import LatentState
+
+    from stdrc.runtime.schema import STAGE2_SIGMAS
+
+    den, cond, noise, clean = ToyDenoiser(), _cond(), _x(1), _x(2)
+    sigmas = np.array(STAGE2_SIGMAS, np.float32)
+    ours = smp.sample(den, noise, sigmas, cond, smp.GuidanceScales(text=1.0, ref=1.0), start=clean)
+
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: torch.from_numpy(noise.copy()))  # its draw = ours
+    state = LatentState(latent=torch.from_numpy(clean), denoise_mask=torch.ones(1, VIDEO, 1),
+                        positions=torch.zeros(1, 3, VIDEO, 2), clean_latent=torch.from_numpy(clean))
+    x = GaussianNoiser(torch.Generator())(state, noise_scale=float(sigmas[0])).latent
+    monkeypatch.undo()
+    step, s = EulerDiffusionStep(), torch.from_numpy(sigmas)
+    for i in range(len(sigmas) - 1):
+        d = smp.denoise_streams(den, (smp.FULL,), x.numpy(), float(sigmas[i]), cond, 1)[smp.FULL]
+        x = step.step(x, torch.from_numpy(d), s, i)
+    np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=1e-6)
+    assert np.abs(ours - smp.sample(den, noise, sigmas, cond, smp.GuidanceScales(1.0, 1.0))).max() > 1e-2
+    with pytest.raises(ValueError, match="start latent"):
+        smp.sample(den, noise, sigmas, cond, smp.GuidanceScales(1.0, 1.0), start=clean[:, :2])
