@@ -144,3 +144,13 @@ def make_tiny_gemma():
 @pytest.fixture(scope="session")
 def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gemma(tmp_path_factory.mktemp("gemma") / "gemma-3-tiny")
+
+
+@pytest.fixture(scope="session")
+def aoti_tiny23_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """The tiny23 preset (LTX-2.3's DiT flags: a `sigma` input) as aoti packages, once per session: the C++
+    runner's 2.3 case and the aoti DiT's parity with ltx-core (tests/cpp, tests/engines/test_aoti.py)."""
+    from stdrc.engines.build import BuildConfig, build_engines
+
+    out = tmp_path_factory.mktemp("aoti-bundle23") / "tiny23"
+    return build_engines(BuildConfig(preset="tiny23", out=out, cache_dir=cache_dir, backend="aoti", progress=False))

@@ -99,6 +99,23 @@ def test_cpp_matches_python(case: str, cpp_runner: Path, aoti_bundle: Path, pipe
     assert np.abs(cpp.frames.astype(np.int16) - python.frames).max() <= 1  # uint8 rounding at a .5 boundary
 
 
+def test_cpp_matches_python_on_an_ltx23_bundle(cpp_runner: Path, aoti_tiny23_bundle: Path, reference: np.ndarray,
+                                               tmp_path: Path) -> None:
+    """tiny23's DiT takes the stream's `sigma` (LTX-2.3's prompt AdaLN): the runner feeds it at every step, and
+    its latent and video equal Python's on the same inputs (the aoti DiT refuses a call without it)."""
+    pipe = Pipeline.from_bundle(aoti_tiny23_bundle, trust_code=True)
+    assert pipe.feeds_sigma and pipe.manifest.components["dit"].inputs[-1].name == "sigma"
+    options = GenerationOptions(PROMPT, seed=SEED, face_crop=False, steps=3, max_batch=3)
+    inputs = write_cpp_inputs(pipe, reference, options, tmp_path / "inputs")
+    python = run_python(pipe, inputs)
+    done = run_cpp(cpp_runner, aoti_tiny23_bundle, inputs, tmp_path / "out", "--max-batch", "3")
+    assert done.returncode == 0, done.stderr
+    cpp = read_cpp_outputs(tmp_path / "out")
+    assert cpp.latent.shape == python.latent.shape and cpp.video.shape == python.video.shape
+    assert np.abs(cpp.latent - python.latent).max() <= FP32_ATOL
+    assert np.abs(cpp.video - python.video).max() <= FP32_ATOL
+
+
 def test_cli_overrides_inputs(cpp_runner: Path, aoti_bundle: Path, pipeline: Pipeline, default_inputs: Path,
                               tmp_path: Path) -> None:
     sigmas = np.array([1.0, 0.7, 0.3, 0.0], np.float32)

@@ -91,3 +91,34 @@ def test_verify_passes_on_the_aoti_bundle(aoti_bundle: Path) -> None:
     reports = verify_bundle(aoti_bundle, trust_code=True)
     assert set(reports) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
     assert all(r.backend == "aoti" and r.ok and r.rel_l2 <= 1e-4 for r in reports.values()), reports
+
+
+TINY23_TOL = 1e-5  # rel L2, fp32: the issue's DiT parity bound for LTX-2.3
+
+
+def test_ltx23_dit_matches_ltx_core(aoti_tiny23_bundle: Path) -> None:
+    """The aoti package of tiny23's DiT (gated attention, 9-slot + prompt AdaLN, `sigma` input) equals ltx-core's
+    own `LTXModel.forward` on the same seeded weights, RoPE from ltx-core's positions, at every batch size; the
+    prompt modulation reads the fed sigma, not a token's timestep."""
+    from stdrc.export.dit import LtxCoreDiT
+    from stdrc.export.models import load_models
+    from stdrc.export.reference import token_positions
+
+    manifest = read_manifest(aoti_tiny23_bundle)
+    entry, b = manifest.components["dit"], manifest.bucket
+    assert entry.backend == "aoti" and entry.inputs[-1].name == "sigma"
+    models = load_models("tiny23", components=("dit",))
+    ltx_core = LtxCoreDiT(models.dit.ltx).eval()
+    positions = token_positions((b.latent_frames, b.latent_height, b.latent_width), manifest.rope.layout, b.fps)
+    spec = component_specs(models.preset, b)["dit"]
+    engine = open_engine(aoti_tiny23_bundle, "dit", entry, trust_code=True)
+    for batch in _batches(entry.dynamic_dims):
+        feeds = spec.sample_inputs(seed=1234, batch=batch)
+        feeds["timestep"][-1, : b.latent_height * b.latent_width] = 0.0  # a conditioned first frame
+        got = engine.run(feeds)["velocity"]
+        with torch.no_grad():
+            want = ltx_core(positions, **{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+        assert got.shape == want.shape
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) <= TINY23_TOL, batch
+        feeds["sigma"] = feeds["sigma"] * 0.5  # the prompt AdaLN's input: the output follows it
+        assert not np.allclose(engine.run(feeds)["velocity"], got, atol=1e-4), batch
