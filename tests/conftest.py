@@ -149,7 +149,8 @@ def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def aoti_tiny23_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """The tiny23 preset (LTX-2.3's DiT flags: a `sigma` input) as aoti packages, once per session: the C++
-    runner's 2.3 case and the aoti DiT's parity with ltx-core (tests/cpp, tests/engines/test_aoti.py)."""
+    runner's 2.3 case and the aoti DiT's parity with ltx-core (tests/cpp, tests/engines/test_aoti.py). Five
+    AOTInductor compiles: 83 s on the shared 2-core VM, the DiT's 15 s of it (2026-12-07, load 3)."""
     from stdrc.engines.build import BuildConfig, build_engines
 
     out = tmp_path_factory.mktemp("aoti-bundle23") / "tiny23"
