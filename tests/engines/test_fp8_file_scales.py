@@ -133,3 +133,19 @@ def test_tensorrt_qdq_onnx_takes_the_files_scales(fp8_files, tmp_path: Path) -> 
         with torch.no_grad():
             ref = emulated(*[torch.from_numpy(feeds[t.name]) for t in spec.inputs])
         assert out.shape == tuple(ref.shape) and rel_l2(out, ref) < 1e-4
+
+
+def test_which_builds_take_the_files_scales(fp8_files, tmp_path: Path) -> None:
+    """FP8 engines from an FP8 file take its scales; `--calibrate-fp8` overrides them; float engines and float
+    files never do (decided from the headers)."""
+    from stdrc.engines.build import BuildConfig, scales_from_file
+    from stdrc.export.models import plan_sources
+
+    fp8 = plan_sources(get_preset("tiny"), fp8_files("tiny"), 0, None, None, None)
+    bf16 = plan_sources(get_preset("tiny"), fp8_files("tiny").with_name("tiny.safetensors"), 0, None, None, None)
+    seeded = plan_sources(get_preset("tiny"), None, 0, None, None, None)
+    assert scales_from_file(BuildConfig(precision="fp8"), fp8)
+    assert not scales_from_file(BuildConfig(precision="fp8", calibrate_fp8=True), fp8)
+    assert not scales_from_file(BuildConfig(precision="bf16"), fp8)
+    assert not scales_from_file(BuildConfig(precision="fp8"), bf16)
+    assert not scales_from_file(BuildConfig(precision="fp8"), seeded)
