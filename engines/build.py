@@ -18,7 +18,15 @@ import stdrc
 from stdrc.engines.bundle import BundleWriter
 from stdrc.engines.preflight import check_build, check_disk
 from stdrc.engines.refine import externalize, refine_component, refine_lora_spec, stage_refit_onnx
-from stdrc.engines.stage_cache import cache_key, cached_onnx, drop_uncached, release_memory, versions
+from stdrc.engines.stage_cache import (
+    cache_key,
+    cached_engine,
+    cached_onnx,
+    compile_target,
+    drop_uncached,
+    release_memory,
+    versions,
+)
 from stdrc.export.bundle_manifest import assemble_manifest
 from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
@@ -111,8 +119,7 @@ def module_dtype(backend: str, precision: str) -> torch.dtype:
     return torch.float32
 
 
-def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str,
-                  device: str) -> BuildFacts:
+def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str, device: str) -> None:
     feeds = spec.sample_inputs()
     args = tuple(torch.from_numpy(feeds[t.name]).to(device) for t in spec.inputs)
     with torch.no_grad():
@@ -124,7 +131,6 @@ def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backe
     else:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
     os.replace(tmp, out)
-    return BuildFacts(torch_version=torch.__version__, device=device)
 
 
 def fast_dit(cfg: BuildConfig, models: ModelSet, bucket: Bucket, fp8_scales: Path | None,
@@ -229,20 +235,29 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
             store_bf16_weights(out)
         extra = {f.name: sha256_file(f) for f in onnx_files(out)[1:]}
     elif backend in TORCH_BACKENDS:
-        # the one-stage set at once (the DiT's fast path needs it); a stage component alone
-        models = full() if spec.name in COMPONENTS else load_sources(src, (spec.name,), torch.float32)
-        module = models.export_modules(bucket, cfg.layout, rope_input)[spec.name]
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        if spec.name == "dit" and precision != "fp32":
-            scales = None
-            if precision == "fp8":
-                from stdrc.calibration.report import FP8_SCALES_FILE  # build_engines calibrated before this
+        scales = None
+        if spec.name == "dit" and precision == "fp8":
+            from stdrc.calibration.report import FP8_SCALES_FILE  # build_engines calibrated before this
 
-                scales = writer.path(FP8_SCALES_FILE)
-            module = fast_dit(cfg, models, bucket, scales, device, scales_from_file(cfg, src))
-        else:
+            scales = writer.path(FP8_SCALES_FILE)
+        elif spec.name != "dit" or precision == "fp32":
             precision = "fp32"  # the low-precision fast path is the DiT's; the rest stays fp32
-        facts = _torch_engine(module, spec, out, backend, device)
+
+        def compile_engine(path: Path) -> None:
+            # the one-stage set at once (the DiT's fast path needs it); a stage component alone
+            models = full() if spec.name in COMPONENTS else load_sources(src, (spec.name,), torch.float32)
+            module = models.export_modules(bucket, cfg.layout, rope_input)[spec.name]
+            if spec.name == "dit" and precision != "fp32":
+                module = fast_dit(cfg, models, bucket, scales, device, scales_from_file(cfg, src))
+            _torch_engine(module, spec, path, backend, device)
+
+        key = cache_key(cfg, src, bucket, spec, torch.float32, attention, backend=backend, device=device,
+                        precision=precision, scales=sha256_file(scales) if scales else None,
+                        scales_from_file=scales_from_file(cfg, src),
+                        target=compile_target(device) if backend == "aoti" else None)
+        cached_engine(cfg, key, out, compile_engine)
+        facts = BuildFacts(torch_version=torch.__version__, device=device)
     else:
         from stdrc.engines.tensorrt import build_engine, plan_for
 

@@ -1,9 +1,12 @@
-"""The ONNX stage cache: one entry per component, keyed on everything that changes its graph or weights.
+"""The stage cache: one entry per component (its ONNX export, or its torch/aoti `.pt2` engine), keyed on
+everything that changes its graph or weights.
 
-Keys: the component's source files' sha256 (or its seed), the model config, bucket, layout, input
-shapes, export dtype, the export code and the exporters' versions (torch, onnx, onnxscript, onnx-ir,
-ltx-core, transformers). Large components (ONNX above `CACHE_MAX_BYTES`) are not kept once their
-engine is built, so large weights exist once on disk: in the bundle.
+Keys: the component's source files' sha256 (or its seed), the model config, layout, input/output shapes
+and dynamic dims, export dtype, the export code and the exporters' versions (torch, onnx, onnxscript,
+onnx-ir, ltx-core, transformers); the bucket only for the DiT (its RoPE tables are baked, or the fast path's
+are), as every other component's engine depends on the bucket only through its spec's shapes. Large
+components (above `CACHE_MAX_BYTES`) are not kept once their engine is built, so large weights exist once
+on disk: in the bundle.
 """
 
 from __future__ import annotations
@@ -64,18 +67,24 @@ def versions() -> dict[str, str]:
     return out
 
 
+BUCKET_KEYED = {"dit"}  # engines that bake a bucket's facts beyond their spec's shapes (RoPE tables)
+
+
 def cache_key(cfg: BuildConfig, src: Sources, bucket: Bucket, spec: ComponentSpec, dtype: torch.dtype,
-              attention: str = "ort") -> str:
+              attention: str = "ort", **engine: str | bool | None) -> str:
     """Every input that changes a component's graph or weights: its source files' sha256 (or seed), the model
-    config, bucket, layout, attention op kind, input shapes, export dtype, export code and the exporters' versions."""
+    config, layout, attention op kind, input/output shapes and dynamic dims, export dtype, export code, the
+    exporters' versions, the bucket where the engine bakes it (`BUCKET_KEYED`), and `engine`'s facts (a
+    torch/aoti engine's backend, device, precision, FP8 scales)."""
     transform = getattr(cfg.dit_transform, "sha256", None) if spec.name == "dit" else None
     if spec.name == "dit" and cfg.dit_transform is not None and transform is None:
         return ""  # an unkeyed transform: never cached
-    facts = {"source": src.of()[spec.name], "preset": src.preset.to_json(), "bucket": bucket.to_json(),
+    facts = {"source": src.of()[spec.name], "preset": src.preset.to_json(),
+             "bucket": bucket.to_json() if spec.name in BUCKET_KEYED else None,
              "layout": cfg.layout, "inputs": [(t.name, t.shape, t.dtype) for t in spec.inputs],
              "outputs": [(t.name, t.shape) for t in spec.outputs], "dynamic": spec.dynamic_dims,
              "dtype": str(dtype), "code": export_code_hash(), "versions": versions(), "transform": transform,
-             "attention": attention}
+             "attention": attention, "engine": engine}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -97,6 +106,37 @@ def cached_onnx(cfg: BuildConfig, key: str, spec: ComponentSpec, load: Callable[
     if keep:
         done.write_text(sha256_file(path))
     return path, keep
+
+
+def compile_target(device: str) -> str:
+    """What an AOTInductor package's compiled code is specific to beyond the torch version: the GPU's
+    compute capability, or the CPU's vector ISA that Inductor generates code for."""
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        return f"sm{major}{minor}"
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return str(pick_vec_isa())
+
+
+def cached_engine(cfg: BuildConfig, key: str, out: Path, build: Callable[[Path], None]) -> bool:
+    """Write a torch/aoti engine at `out`: copied from the cache on a hit (True), else `build(out)` (a
+    torch.export / AOTInductor compile) and kept in the cache when small. Copies, never links: a bundle's
+    file and the cache's entry never share a mutable path."""
+    folder = cfg.cache_dir / "engines" / key[:24]
+    path, done = folder / out.name, folder / f"{out.name}.done"
+    if key and done.is_file() and path.is_file() and done.read_text() == sha256_file(path):
+        log.info("cache hit: %s", path)
+        shutil.copyfile(path, out)
+        return True
+    build(out)
+    if key and out.stat().st_size <= CACHE_MAX_BYTES:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{out.name}.tmp"
+        shutil.copyfile(out, tmp)
+        os.replace(tmp, path)
+        done.write_text(sha256_file(path))
+    return False
 
 
 def release_memory() -> None:

@@ -106,3 +106,28 @@ def test_cache_key_changes_with_each_input(files: dict[str, Path]) -> None:
     assert len(keys) == 3
     assert cache_key(cfg, real, bucket, spec, torch.float16) not in keys
     assert cache_key(BuildConfig(layout="overlap"), real, bucket, spec, torch.float32) not in keys
+
+
+def test_cache_key_is_as_specific_as_the_engine() -> None:
+    """The bucket keys only the DiT (RoPE baked); other components by their spec's shapes and dynamic dims;
+    a torch/aoti engine also by its backend, device, precision, FP8 scales and compile target."""
+    preset, cfg, src = get_preset("tiny"), BuildConfig(), plan_sources(get_preset("tiny"))
+    bucket, _ = check_bucket(cfg)
+    longer, _ = check_bucket(BuildConfig(frames=bucket.frames + 8))
+    wider, _ = check_bucket(BuildConfig(width=bucket.width + 32))
+    specs = {b: component_specs(preset, b) for b in (bucket, longer, wider)}
+
+    def key(b, name: str, **engine) -> str:
+        return cache_key(cfg, src, b, specs[b][name], torch.float32, **engine)
+
+    for name in ("text_encoder", "face_encoder"):
+        assert key(bucket, name) == key(longer, name) == key(wider, name)
+    assert key(bucket, "vae_encoder") == key(longer, "vae_encoder") != key(wider, "vae_encoder")
+    for name in ("dit", "vae_decoder"):
+        assert len({key(bucket, name), key(longer, name), key(wider, name)}) == 3
+    aoti = dict(backend="aoti", device="cpu", precision="fp32", scales=None, target="avx2")
+    engine_keys = {key(bucket, "dit"), key(bucket, "dit", **aoti)} | {
+        key(bucket, "dit", **{**aoti, field: value})
+        for field, value in (("backend", "torch"), ("device", "cuda"), ("precision", "bf16"), ("scales", "ab"),
+                             ("target", "avx512"))}
+    assert len(engine_keys) == 7

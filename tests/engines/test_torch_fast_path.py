@@ -6,6 +6,7 @@ scales); the other components stay fp32. Run here on CPU; CUDA graphs and GPU ke
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from stdrc.runtime.errors import InputError
 from stdrc.runtime.manifest import read_manifest
 from stdrc.runtime.pipeline import Pipeline
 from stdrc.runtime.video import psnr
+from stdrc.runtime.vocab import COMPONENTS
 
 pytestmark = pytest.mark.slow  # two torch.export bundles and one FP8 calibration: ~40 s on 2 CPU cores
 
@@ -67,3 +69,27 @@ def test_fp16_is_refused_for_torch(tmp_path: Path, cache_dir: Path) -> None:
     code = main(["build-engines", "--backend", "torch", "--precision", "fp16", "--out", str(tmp_path / "b"),
                  "--cache-dir", str(cache_dir), "-q"])
     assert code == 2 and not (tmp_path / "b").exists()
+
+
+def test_torch_engines_come_from_the_stage_cache(cache_dir: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A second torch build of the same inputs compiles nothing: every .pt2 is a copy of the cache's (not a
+    link to it); a longer bucket rebuilds only what depends on frames (the DiT's RoPE and shapes, the decoder)."""
+    from stdrc.engines.build import BuildConfig, build_engines
+
+    def build(name: str, **kwargs) -> tuple[Path, set[str]]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="stdrc.engines.stage_cache"):
+            out = build_engines(BuildConfig(out=tmp_path / name, cache_dir=cache_dir, backend="torch",
+                                            progress=False, **kwargs))
+        return out, {Path(r.args[0]).name for r in caplog.records if r.msg.startswith("cache hit")}
+
+    first, _ = build("first")  # fills the cache (the session's: an earlier fp32 torch build may have)
+    second, hits = build("second")
+    assert hits == {f"{name}.pt2" for name in COMPONENTS}
+    a, b = read_manifest(first).components, read_manifest(second).components
+    assert {k: v.sha256 for k, v in a.items()} == {k: v.sha256 for k, v in b.items()}
+    assert all((second / f"{name}.pt2").stat().st_nlink == 1 for name in COMPONENTS)
+    longer, hits = build("longer", frames=17)
+    assert hits == {"text_encoder.pt2", "face_encoder.pt2", "vae_encoder.pt2"}
+    assert read_manifest(longer).components["dit"].sha256 != a["dit"].sha256
