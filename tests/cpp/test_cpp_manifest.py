@@ -1,5 +1,6 @@
 """The C++ manifest reader (`stdrc_manifest`) on hand-written manifests: the two-stage section, the buckets'
-stage-1 grids and RoPE entries, the stage count a run takes, and the refusals manifest.py makes."""
+stage-1 grids and RoPE entries, the stage count a run takes, which TensorRT plans are refit at load, and the
+refusals manifest.py makes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from stdrc.engines.tensorrt import WEIGHT_STRIPPED_FLAGS
+from stdrc.runtime.backends.tensorrt import WEIGHTLESS_FLAG, refit_onnx
+from stdrc.runtime.manifest import ComponentEntry
 from stdrc.runtime.schema import STAGE2_SIGMAS
 
 pytestmark = pytest.mark.slow  # the libtorch C++ build (shared with the runner tests)
@@ -176,3 +180,84 @@ def test_bad_two_stage_manifest_is_one_line(case: str, cpp_manifest: Path, tmp_p
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stdrc_manifest: error: bundle manifest"), lines
     assert BAD[case] in lines[0] and "rebuild" in lines[0], lines[0]
+
+
+def _tensorrt(data: dict, stripped: bool = True) -> dict:
+    """`data` with its DiTs as TensorRT plans the way a two-stage TensorRT build writes them: REFIT + STRIP_PLAN
+    (engines/tensorrt.py WEIGHT_STRIPPED_FLAGS), each listing the ONNX it is refit from and the shared weights."""
+    data = copy.deepcopy(data)
+    for name in ("dit", "dit_refine"):
+        entry = data["components"][name]
+        flags = ["FP16", *WEIGHT_STRIPPED_FLAGS] if stripped else ["FP16"]
+        entry.update(backend="tensorrt", file=f"{name}.plan",
+                     extra_files={f"{name}.onnx": SHA, "dit.onnx.data": SHA},
+                     build={"tensorrt_version": "10.9.0", "compute_capability": "9.0", "builder_flags": flags})
+    return data
+
+
+def test_weight_stripped_plans_are_refit_from_their_onnx(cpp_manifest: Path, tmp_path: Path) -> None:
+    """The reader keeps `build.builder_flags`: a plan built with STRIP_PLAN is refit from `<stem>.onnx`, the file
+    runtime/backends/tensorrt.py refit_onnx names; a plan with its weights, or an aoti package, is not."""
+    done = read(cpp_manifest, tmp_path / "a", _tensorrt(manifest()))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["refit"] == {"dit": "dit.onnx", "dit_refine": "dit_refine.onnx"}
+    entry = ComponentEntry.from_json(_tensorrt(manifest())["components"]["dit_refine"], "dit_refine")
+    assert refit_onnx(tmp_path / entry.file, entry).name == "dit_refine.onnx"  # the Python runtime's choice
+    for folder, data in (("b", _tensorrt(manifest(), stripped=False)), ("c", manifest())):
+        done = read(cpp_manifest, tmp_path / folder, data)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["refit"] == {}
+
+
+def _break_refit(case: str) -> dict:
+    data = _tensorrt(manifest())
+    dit = data["components"]["dit"]
+    if case == "no-refit-onnx":
+        del dit["extra_files"]["dit.onnx"]
+    elif case == "no-extra-files":
+        del dit["extra_files"]
+    elif case == "stripped-aoti":
+        data = manifest()
+        data["components"]["dit"]["build"]["builder_flags"] = list(WEIGHT_STRIPPED_FLAGS)
+    elif case == "flags-not-list":
+        dit["build"]["builder_flags"] = WEIGHTLESS_FLAG
+    elif case == "flag-not-string":
+        dit["build"]["builder_flags"] = ["REFIT", 3]
+    return data
+
+
+BAD_REFIT = {
+    "no-refit-onnx": "dit.plan is built without its weights (STRIP_PLAN) and its entry lists no dit.onnx to refit it "
+                     "from: rebuild the bundle",
+    "no-extra-files": "lists no dit.onnx to refit it from",
+    "stripped-aoti": "components.dit is marked STRIP_PLAN (weight-stripped) but its backend is aoti",
+    "flags-not-list": "components.dit.build.builder_flags is \"STRIP_PLAN\", expected a list of flag names",
+    "flag-not-string": "expected a list of flag names",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REFIT))
+def test_weight_stripped_plan_that_cannot_be_refit_is_refused(case: str, cpp_manifest: Path, tmp_path: Path) -> None:
+    """A weight-stripped plan C++ could not refit is refused when the manifest is read, before any file is opened:
+    run as it is, it would compute with no weights."""
+    done = read(cpp_manifest, tmp_path, _break_refit(case))
+    assert done.returncode == 2, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stdrc_manifest: error: "), lines
+    assert BAD_REFIT[case] in lines[0] and "rebuild" in lines[0], lines[0]
+
+
+def test_runner_without_tensorrt_refuses_a_tensorrt_bundle(cpp_runner: Path, tmp_path: Path) -> None:
+    """The CI build (no -DSTDRC_WITH_TENSORRT) opens no TensorRT plan, weight-stripped or not: one line naming the
+    fix, exit 2, nothing written."""
+    for stripped in (True, False):
+        bundle = tmp_path / f"bundle-{stripped}"
+        bundle.mkdir()
+        (bundle / "manifest.json").write_text(json.dumps(_tensorrt(manifest(), stripped)))
+        out = tmp_path / f"out-{stripped}"
+        done = subprocess.run([str(cpp_runner), "--bundle", str(bundle), "--inputs", str(tmp_path), "--out", str(out),
+                               "--trust-bundle-code"], check=False, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == ("stdrc_run: error: bundle component dit is a tensorrt engine; this runner "
+                                       "takes aoti engines: rebuild the bundle with --backend aoti")
+        assert not out.exists()

@@ -90,7 +90,9 @@ std::unique_ptr<Engine> open_engine(const std::string& bundle_dir, const std::st
   const std::string path = bundle_file(bundle_dir, entry.file);
   if (entry.backend == "aoti") return std::make_unique<AotiEngine>(path, entry, name, device);
 #ifdef STDRC_WITH_TENSORRT
-  if (entry.backend == "tensorrt") return std::make_unique<TensorRTEngine>(path, entry, name, device);
+  if (entry.backend == "tensorrt")  // a weight-stripped plan is refit from its ONNX; a plan with weights is not
+    return std::make_unique<TensorRTEngine>(path, needs_refit(entry) ? bundle_file(bundle_dir, refit_onnx(entry)) : "",
+                                            entry, name, device);
 #endif
   throw BundleError("bundle component " + name + " uses the " + entry.backend +
                     " backend, which this C++ runtime cannot run: rebuild the bundle with --backend aoti");

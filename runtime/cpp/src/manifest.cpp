@@ -120,6 +120,19 @@ ComponentEntry component_entry(const json& data, const std::string& where) {
   if (data.contains("build"))
     for (const auto& [key, value] : data.at("build").items())
       if (value.is_string()) entry.build[key] = value.get<std::string>();
+  if (data.contains("extra_files"))
+    for (const auto& item : object(data, "extra_files", where).items()) entry.extra_files.push_back(item.key());
+  if (data.contains("build") && data.at("build").is_object() && data.at("build").contains("builder_flags")) {
+    const json& flags = data.at("build").at("builder_flags");
+    if (!flags.is_null() && (!flags.is_array() || !std::all_of(flags.begin(), flags.end(), [](const json& f) {
+          return f.is_string(); })))
+      bad(where + ".build.builder_flags", flags, "a list of flag names");
+    if (flags.is_array()) entry.builder_flags = flags.get<std::vector<std::string>>();
+  }
+  if (needs_refit(entry) && entry.backend != "tensorrt")
+    throw BundleError("bundle manifest " + where + " is marked " + kWeightlessFlag + " (weight-stripped) but its "
+                      "backend is " + entry.backend + ": only a TensorRT plan is refit at load" + kFix);
+  if (needs_refit(entry)) refit_onnx(entry);  // refused now, before any file is read
   return entry;
 }
 
@@ -245,6 +258,18 @@ Manifest parse(const json& data) {
 
 }  // namespace
 
+bool needs_refit(const ComponentEntry& entry) {
+  return std::find(entry.builder_flags.begin(), entry.builder_flags.end(), kWeightlessFlag) != entry.builder_flags.end();
+}
+
+std::string refit_onnx(const ComponentEntry& entry) {
+  const std::string onnx = fs::path(entry.file).replace_extension(".onnx").generic_string();
+  if (std::find(entry.extra_files.begin(), entry.extra_files.end(), onnx) == entry.extra_files.end())
+    throw BundleError(entry.file + " is built without its weights (" + kWeightlessFlag + ") and its entry lists no " +
+                      onnx + " to refit it from: rebuild the bundle");
+  return onnx;
+}
+
 const ComponentEntry& Manifest::component(const std::string& name) const {
   auto it = components.find(name);
   if (it == components.end()) throw BundleError("bundle lacks the " + name + " component: rebuild it with build-engines");
@@ -324,8 +349,12 @@ void check_components(const std::string& bundle_dir, const Manifest& manifest, c
     if (std::find(backends.begin(), backends.end(), entry.backend) == backends.end())
       throw BundleError("bundle component " + name + " is a " + entry.backend + " engine; this runner takes " +
                         backends.front() + " engines: rebuild the bundle with --backend " + backends.front());
-    const fs::path file = bundle_file(bundle_dir, entry.file);
-    if (!fs::is_regular_file(file)) throw BundleError("bundle file " + file.string() + " is missing: rebuild the bundle");
+    std::vector<std::string> files = {entry.file};
+    if (needs_refit(entry)) files.push_back(refit_onnx(entry));
+    for (const std::string& rel : files) {
+      const fs::path file = bundle_file(bundle_dir, rel);
+      if (!fs::is_regular_file(file)) throw BundleError("bundle file " + file.string() + " is missing: rebuild the bundle");
+    }
   }
 }
 

@@ -3,9 +3,11 @@
 
 #include <ATen/ops/empty.h>
 #include <NvInfer.h>
+#include <NvOnnxParser.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -39,6 +41,36 @@ void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw Error(std::string(what) + " failed: " + cudaGetErrorString(err) + " (check the GPU with nvidia-smi)");
 }
 
+// Fills a weight-stripped engine's weights from `onnx` with TensorRT 10's ONNX parser refitter, as
+// runtime/backends/tensorrt.py refit_from_onnx does; external data (a two-stage bundle's shared dit.onnx.data)
+// is read from the ONNX's folder. The parser refitter owns the weights it read, so it is kept until
+// refitCudaEngine returns (declared after the refitter: destroyed first).
+void refit_from_onnx(nvinfer1::ICudaEngine& engine, const std::string& onnx, nvinfer1::ILogger& logger) {
+  const std::string name = std::filesystem::path(onnx).filename().string();
+  const std::string fix = ": rebuild the bundle with `stdrc-export build-engines --backend tensorrt`";
+  std::unique_ptr<nvinfer1::IRefitter> refitter(nvinfer1::createInferRefitter(engine, logger));
+  if (!refitter) throw BundleError("TensorRT could not create a refitter for the plan of " + name + " (not built REFIT?)" + fix);
+  std::unique_ptr<nvonnxparser::IParserRefitter> parser(nvonnxparser::createParserRefitter(*refitter, logger));
+  if (!parser) throw BundleError("TensorRT could not create an ONNX refitter for " + name + fix);
+  if (!parser->refitFromFile(onnx.c_str())) {
+    std::string why = "see its log above";
+    if (parser->getNbErrors() > 0 && parser->getError(0) != nullptr) {
+      why = parser->getError(0)->desc();
+      why = why.substr(0, why.find('\n'));
+    }
+    throw BundleError("TensorRT could not read the weights of " + name + " for its plan (" + why + ")" + fix);
+  }
+  const int32_t missing = refitter->getMissingWeights(0, nullptr);
+  if (missing > 0) {
+    std::vector<char const*> names(static_cast<size_t>(missing), nullptr);
+    refitter->getMissingWeights(missing, names.data());
+    throw BundleError(name + " left " + std::to_string(missing) + " weights of its plan unset (first: " +
+                      (names[0] ? names[0] : "?") + "), so it would run without them" + fix);
+  }
+  if (!refitter->refitCudaEngine())
+    throw BundleError("TensorRT could not refit the plan of " + name + " (see its log above)" + fix);
+}
+
 }  // namespace
 
 struct TensorRTEngine::Impl {
@@ -49,7 +81,8 @@ struct TensorRTEngine::Impl {
   c10::Device device = c10::kCUDA;
 };
 
-TensorRTEngine::TensorRTEngine(const std::string& path, ComponentEntry entry, std::string name, c10::Device device)
+TensorRTEngine::TensorRTEngine(const std::string& path, const std::string& refit_onnx, ComponentEntry entry,
+                               std::string name, c10::Device device)
     : Engine(std::move(entry), std::move(name)), impl_(std::make_unique<Impl>()) {
   if (!device.is_cuda()) throw InputError("TensorRT plans run on a CUDA device: pass --device cuda");
   impl_->device = device;
@@ -75,6 +108,12 @@ TensorRTEngine::TensorRTEngine(const std::string& path, ComponentEntry entry, st
   impl_->runtime.reset(nvinfer1::createInferRuntime(impl_->logger));
   impl_->engine.reset(impl_->runtime->deserializeCudaEngine(plan.data(), plan.size()));
   if (!impl_->engine) throw BundleError("TensorRT could not deserialize " + path + " (see its log above): rebuild the bundle");
+  if (needs_refit(this->entry())) {  // no context before its weights are in: it would run without them
+    if (refit_onnx.empty())
+      throw BundleError(path + " is built without its weights (" + kWeightlessFlag + ") and no ONNX to refit it from "
+                        "was given: open it through open_engine, or rebuild the bundle");
+    refit_from_onnx(*impl_->engine, refit_onnx, impl_->logger);
+  }
   impl_->context.reset(impl_->engine->createExecutionContext());
   if (!impl_->context) throw BundleError("TensorRT could not create an execution context for " + path);
 }

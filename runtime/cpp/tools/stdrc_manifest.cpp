@@ -1,5 +1,6 @@
 // stdrc_manifest --bundle DIR [--bucket FRAMESxWIDTHxHEIGHT] [--stages 1|2]: what libstdrc reads from a
-// manifest, as JSON: the stage count a run takes, the grid stage 1 samples at, the two-stage section.
+// manifest, as JSON: the stage count a run takes, the grid stage 1 samples at, the two-stage section, and
+// "refit": component -> the ONNX a weight-stripped TensorRT plan is refit from at load.
 //
 // Opens no engine (the files need not exist), so tests/cpp/test_cpp_manifest.py can check the reader on
 // hand-written manifests. Errors print one line, `stdrc_manifest: error: ...`, and exit 2.
@@ -49,8 +50,12 @@ int run(int argc, char** argv) {
                         {"bucket", grid(m.bucket)},
                         {"sampling_grid", grid(resolved == 2 ? m.bucket.half() : m.bucket)},
                         {"two_stage", two},
-                        {"components", nlohmann::json::array()}};
-  for (const auto& [name, entry] : m.components) out["components"].push_back(name);
+                        {"components", nlohmann::json::array()},
+                        {"refit", nlohmann::json::object()}};
+  for (const auto& [name, entry] : m.components) {
+    out["components"].push_back(name);
+    if (stdrc::needs_refit(entry)) out["refit"][name] = stdrc::refit_onnx(entry);
+  }
   std::cout << out.dump() << "\n";
   return 0;
 }

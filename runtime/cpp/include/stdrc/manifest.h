@@ -14,6 +14,8 @@ namespace stdrc {
 constexpr int kFormatVersion = 2;        // a "buckets" list
 constexpr int kOldestFormatVersion = 1;  // one "bucket", still read
 constexpr const char* kManifestName = "manifest.json";
+// A TensorRT plan built without its weights (REFIT + STRIP_PLAN; runtime/backends/tensorrt.py WEIGHTLESS_FLAG).
+constexpr const char* kWeightlessFlag = "STRIP_PLAN";
 
 // One engine input or output. A symbolic dim (e.g. "batch") is stored as -1 with its name.
 struct TensorSpec {
@@ -32,7 +34,17 @@ struct ComponentEntry {
   std::vector<TensorSpec> outputs;
   std::map<std::string, std::vector<int64_t>> dynamic_dims;  // symbol -> {min, opt, max}
   std::map<std::string, std::string> build;                   // backend facts with string values
+  std::vector<std::string> builder_flags;                     // build.builder_flags (TensorRT)
+  std::vector<std::string> extra_files;                       // the extra_files' names (verify checks their sha256)
 };
+
+// A weight-stripped TensorRT plan (builder_flags holds STRIP_PLAN): it has kernels but no weights, and runs
+// right only once refit from its ONNX; the reader refuses the flag on any other backend.
+bool needs_refit(const ComponentEntry& entry);
+
+// The ONNX a weight-stripped plan is refit from: `<plan stem>.onnx` beside it, as the Python runtime finds it
+// (runtime/backends/tensorrt.py refit_onnx). BundleError when the entry does not list it among its files.
+std::string refit_onnx(const ComponentEntry& entry);
 
 struct Bucket {
   int64_t frames = 0, height = 0, width = 0, text_length = 0;
@@ -96,7 +108,7 @@ Manifest read_manifest(const std::string& bundle_dir);
 std::string bundle_file(const std::string& bundle_dir, const std::string& rel);
 
 // Refuses a bundle whose `components` (as listed) are absent, of a backend not in `backends`, or
-// whose files are missing. sha256 is not recomputed here: `stdrc verify` (Python) does that.
+// whose files (a weight-stripped plan's refit ONNX included) are missing. sha256 is not recomputed here: `stdrc verify` (Python) does that.
 void check_components(const std::string& bundle_dir, const Manifest& manifest,
                       const std::vector<std::string>& names, const std::vector<std::string>& backends);
 
