@@ -157,13 +157,16 @@ def refit_onnx(plan: Path, entry: ComponentEntry) -> Path:
 
 def refit_from_onnx(trt: ModuleType, engine: Any, onnx: Path, logger: Any) -> None:
     """Fill a weight-stripped engine's weights from `onnx` (TensorRT 10's ONNX parser refitter); its external
-    data (a two-stage bundle's shared `dit.onnx.data`) is read from the ONNX's folder."""
+    data (a two-stage bundle's shared `dit.onnx.data`) is read from the ONNX's folder. The parser refitter owns the
+    weights it read (TensorRT reads them until refit_cuda_engine returns), so it is kept alive until then."""
     refitter = trt.Refitter(engine, logger)
-    if not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(onnx)):
+    parser = trt.OnnxParserRefitter(refitter, logger)
+    if not parser.refit_from_file(str(onnx)):
         raise BundleError(f"TensorRT could not read the weights of {onnx.name} for its plan (see its log above): "
                           "rebuild the bundle")
     if not refitter.refit_cuda_engine():
         raise BundleError(f"TensorRT could not refit the plan of {onnx.name} (see its log above): rebuild the bundle")
+    del parser  # only now may its weights go
 
 
 class TensorRTEngine:
