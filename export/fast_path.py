@@ -42,7 +42,7 @@ import torch
 
 from stdrc.export.dit import STDRCTransformer, sensitive_layer_patterns
 from stdrc.export.errors import ExportError
-from stdrc.export.fp8_scaled import FP8_E4M3_MAX, file_codes, quantize_e4m3, scale_layers
+from stdrc.export.fp8_scaled import FP8_E4M3_MAX, file_codes, quantize_e4m3, scale_layers, scaled_linear
 from stdrc.runtime.backends.torch import CudaGraphStep
 
 log = logging.getLogger(__name__)
@@ -143,14 +143,7 @@ def _file_layer_scales(dit: torch.nn.Module, scales: dict[str, float]) -> dict[s
     """A pre-quantized file's scales: its own layer list, each weight exactly its E4M3 codes times weight_scale."""
     layers = scale_layers(scales)
     for name, (_, weight_scale) in layers.items():
-        try:
-            module = dit.get_submodule(name)
-        except AttributeError:
-            module = None
-        if not isinstance(module, torch.nn.Linear):
-            raise ExportError(f"FP8 scales name {name}, which is not a Linear of this DiT: "
-                              "the scales belong to another model")
-        file_codes(module.weight, weight_scale, name)
+        file_codes(scaled_linear(dit, name).weight, weight_scale, name)
     return layers
 
 

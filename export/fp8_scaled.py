@@ -154,6 +154,18 @@ def scale_layers(scales: Mapping[str, float]) -> dict[str, tuple[float, float]]:
     return {layer: (pair["input_scale"], pair["weight_scale"]) for layer, pair in sorted(layers.items())}
 
 
+def scaled_linear(dit: torch.nn.Module, name: str) -> torch.nn.Linear:
+    """The Linear a file's scales name: an ExportError when this DiT has none there (another model's scales)."""
+    try:
+        linear = dit.get_submodule(name)
+    except AttributeError:
+        linear = None
+    if not isinstance(linear, torch.nn.Linear):
+        raise ExportError(f"FP8 scales name {name}, which is not a Linear of this DiT: "
+                          "the scales belong to another model")
+    return linear
+
+
 def scaled_fp8_dit(dit: torch.nn.Module, scales: Mapping[str, float]) -> torch.nn.Module:
     """A copy of `dit` (dequantised fp32 weights) whose Linears named in `scales` run as `ScaledFp8Linear`.
 
@@ -162,13 +174,7 @@ def scaled_fp8_dit(dit: torch.nn.Module, scales: Mapping[str, float]) -> torch.n
     layers = scale_layers(scales)
     replaced = {}
     for name, (input_scale, weight_scale) in layers.items():
-        try:
-            linear = dit.get_submodule(name)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, torch.nn.Linear):
-            raise ExportError(f"FP8 scales name {name}, which is not a Linear of this DiT: "
-                              "the scales belong to another model")
+        linear = scaled_linear(dit, name)
         replaced[name] = ScaledFp8Linear.from_linear(linear, input_scale, weight_scale, name)
     shared = {id(t): t for t in (*dit.parameters(), *dit.buffers())}  # only the module tree is copied
     out = copy.deepcopy(dit, shared)

@@ -4,7 +4,6 @@ error of the bf16 file it was quantized from."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
+from bench import bench_module  # tests/bench.py
 
 from stdrc.calibration.capture import random_dit_batches
 from stdrc.export.checkpoint import open_checkpoint
@@ -19,7 +19,6 @@ from stdrc.export.config import get_preset
 from stdrc.export.models import load_models
 from stdrc.runtime.manifest import Bucket, read_manifest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 # e4m3 rounds to 3 mantissa bits: a relative error uniform within +-2^-4 at most, rms 2^-4 / sqrt(3) per
 # weight. Each quantized Linear's output is then off by at most that rms fraction (independent rounding
 # errors), and the video DiT's output by at most the quadrature sum over its quantized Linears (each
@@ -30,9 +29,7 @@ E4M3_RMS = 2.0**-4 / math.sqrt(3)
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    spec = importlib.util.spec_from_file_location("synthetic", BENCH / "synthetic.py")
-    synthetic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(synthetic)
+    synthetic = bench_module("synthetic")
     folder, out = tmp_path_factory.mktemp("fp8build"), {}
     for name in ("tiny", "tiny23"):
         bf16 = synthetic.write_checkpoint(folder / f"{name}.safetensors", get_preset(name), 2)

@@ -6,7 +6,6 @@ file; LoRAs requantised as ltx-core does; a file quantized another way refused f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from bench import bench_module  # tests/bench.py
 from refusals import assert_build_refused_before_any_read  # tests/refusals.py
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -25,16 +25,12 @@ from stdrc.export.config import get_preset
 from stdrc.export.fp8_scaled import file_scales
 from stdrc.runtime.manifest import Bucket, read_manifest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 QUANTIZED = "transformer_blocks.1.attn1.to_q"  # block 1: quantized by ltx-core's policy in both families
 
 
 @pytest.fixture(scope="module")
 def synthetic():
-    spec = importlib.util.spec_from_file_location("synthetic", BENCH / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("synthetic")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ shapes, external data past 2 GB, the Gemma text side).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+from bench import bench_module  # tests/bench.py
 
 from stdrc.engines.verify import REF_FILE_CONFIG
 
@@ -29,14 +29,13 @@ from stdrc.engines.verify import REF_FILE_CONFIG
 # process peak RSS 9.6 GB writer included)
 pytestmark = pytest.mark.slow
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _written(tmp_path_factory: pytest.TempPathFactory, preset: str,
              **layers: int) -> Iterator[tuple[Path, Path]]:
     """benchmarks/synthetic.py's (checkpoint, Gemma folder) for `preset`, removed afterwards (GBs of disk)."""
     folder = tmp_path_factory.mktemp(preset)
-    yield _bench_module("synthetic").write_all(folder, gemma_layers=2, preset=preset, **layers)
+    yield bench_module("synthetic").write_all(folder, gemma_layers=2, preset=preset, **layers)
     shutil.rmtree(folder, ignore_errors=True)  # 4.5 GB: the rest of the session needs the disk
 
 
@@ -100,7 +99,7 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
     # number (weights + activations + runtime/memory.py's measured SESSION_BYTES for the engine library's
     # per-session memory), with no slack. (`stdrc generate` itself on a real-size bundle: the LTX-2.3 test.)
     out = tmp_path / "out.mp4"
-    memory = _bench_module("runtime_memory")
+    memory = bench_module("runtime_memory")
     record = memory.measure(bundle, "staged", False, "cpu", tmp_path, astronaut_png, output=out)
     assert record["status"] == "ok", record
     video = cv2.VideoCapture(str(out))
@@ -153,16 +152,6 @@ def test_ltx23_build_verify_generate(real_layout23: tuple[Path, Path], tmp_path:
              int(video.get(cv2.CAP_PROP_FRAME_HEIGHT)))
     video.release()
     assert shape == (9, 64, 64)
-
-
-def _bench_module(name: str):
-    import sys
-
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _disk_estimate(ckpt: Path, gemma: Path) -> dict[str, int]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from bench import bench_module  # tests/bench.py
 from refusals import assert_build_refused_before_any_read  # tests/refusals.py
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -20,7 +20,6 @@ from stdrc.export.errors import CheckpointError
 from stdrc.export.family import detect_family
 from stdrc.runtime.vocab import MODEL_FAMILIES
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 FLAGS_23 = {"apply_gated_attention": True, "cross_attention_adaln": True, **V2_CAPTION_CONFIG}
 
 
@@ -33,9 +32,7 @@ def tiny23() -> Preset:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    spec = importlib.util.spec_from_file_location("synthetic", BENCH / "synthetic.py")
-    synthetic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(synthetic)
+    synthetic = bench_module("synthetic")
     folder = tmp_path_factory.mktemp("family")
     return {name: synthetic.write_checkpoint(folder / f"{name}.safetensors", preset, 2, dtype=torch.float32)
             for name, preset in (("ltx2", get_preset("tiny")), ("ltx23", tiny23()))}

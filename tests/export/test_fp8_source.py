@@ -4,13 +4,13 @@ and refused in one line before any weight is read when a scale or layout is wron
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from bench import bench_module  # tests/bench.py
 from ltx_core.model.transformer.model_configurator import LTXModelConfigurator
 from ltx_core.quantization.fp8_scaled_mm import (
     EXCLUDED_LAYER_SUBSTRINGS,
@@ -27,7 +27,6 @@ from stdrc.export.config import get_preset
 from stdrc.export.errors import CheckpointError
 from stdrc.export.fp8_source import E4M3_MAX, FORMAT, IN_OUT, OUT_IN, QUANT_METADATA
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 P = "model.diffusion_model."
 # float8_e4m3fn keeps 3 mantissa bits: round-to-nearest errs by at most 2^-4 of a normal value; below the
 # smallest normal (2^-6) the step is the subnormal one, 2^-9, so the error is at most 2^-10 (of the scale).
@@ -35,10 +34,7 @@ E4M3_REL, E4M3_ABS = 2.0**-4, 2.0**-10
 
 
 def _synthetic():
-    spec = importlib.util.spec_from_file_location("synthetic", BENCH / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("synthetic")
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@ whose components do not match the preset is refused from its header, before any 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from bench import bench_module  # tests/bench.py
 from ltx_core.model.transformer.model_configurator import LTXV_MODEL_COMFY_RENAMING_MAP, LTXModelConfigurator
 from ltx_core.model.video_vae.model_configurator import (
     VAE_DECODER_COMFY_KEYS_FILTER,
@@ -28,14 +28,9 @@ from stdrc.export.checkpoint import is_audio_key, open_checkpoint
 from stdrc.export.config import get_preset
 from stdrc.export.models import load_models
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 def _synthetic():
-    spec = importlib.util.spec_from_file_location("synthetic", BENCH / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("synthetic")
 
 
 @pytest.fixture(scope="module")

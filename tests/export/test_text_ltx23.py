@@ -8,7 +8,6 @@ FeatureExtractorV2 and EmbeddingsProcessor over the same weights as ours.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bench import bench_module  # tests/bench.py
 
 from stdrc.export.checkpoint import V2_CAPTION_CONFIG, config_from_metadata
 from stdrc.export.config import Preset, get_preset
@@ -26,7 +26,6 @@ from stdrc.runtime.text import JsonTokenizer
 PROMPTS = ["a woman smiles at the camera", "",
            "   a man walks through a rainy street at night, neon lights  "]
 LENGTH = 128  # ltx-core's connector has 128 registers: the text length is a multiple of it
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def ltx23_config(heads: int, head_dim: int, layers: int) -> dict:
@@ -251,9 +250,7 @@ def test_v2_text_side_matches_ltx_core_tiny(tiny_gemma_dir: Path, prompt: str) -
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory: pytest.TempPathFactory):
-    spec = importlib.util.spec_from_file_location("synthetic", BENCH / "synthetic.py")
-    synthetic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(synthetic)
+    synthetic = bench_module("synthetic")
     folder = tmp_path_factory.mktemp("gemma23") / "gemma-3-w3840"
     synthetic.write_gemma(folder, hidden_size=3840, layers=2)
     config = ltx23_config(heads=32, head_dim=128, layers=1)
