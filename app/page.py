@@ -11,6 +11,7 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 from stdrc.app.backends import Backend, Cancelled, Job, LocalBackend, facesim_text
+from stdrc.runtime.cli import stage_label
 from stdrc.runtime.errors import StdrcError, require_extra
 from stdrc.runtime.manifest import Bucket, Manifest
 from stdrc.runtime.options import GenerationOptions, Option, options_of
@@ -94,15 +95,17 @@ class Page:
             return "error: no reference photo: upload one (or take one with the webcam)", None, None, ""
         try:
             options = self.options(values)
+            resolved = self.preview.resolve(options)  # two stages: the progress names each (its first steps)
         except StdrcError as e:
             return f"error: {e}", None, None, ""
+        first = resolved.steps if resolved.stages == 2 else None
         job = Job(reference, options)
         cancel = self._cancel.setdefault(request.session_hash, threading.Event())
         if cancel.is_set():  # Cancel was pressed while this run waited in the queue
             return "cancelled before it started", None, None, ""
 
         def on_step(done: int, total: int) -> None:
-            progress((done, total), desc="sampling", unit="steps")
+            progress((done, total), desc=stage_label(done - 1, first), unit="steps")
 
         start = time.perf_counter()
         try:

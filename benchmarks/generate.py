@@ -24,6 +24,11 @@ of each beside frame PSNR; the FP8 quality gate is PSNR(FP8 frames, bf16 frames)
 weights (the seeded preset, or --checkpoint); FP8 scales come from --fp8-scales, the
 bundle's fp8_scales.json, or a calibration run here.
 
+Two-stage mode (--stages 1 2, issue 27; benchmarks/two_stage.py): the same seed and output size with one
+stage and with two, side by side: engine time per stage, wall time, DiT FLOPs and their ratios; without
+--bundle also the bytes of a one-stage vs a two-stage bundle against the issue's bound, and the FLOP
+projection for the full model at 768x512x121, 30 steps.
+
 Without --bundle the tiny bundle is built in a child process, so this process holds the
 runtime only (no torch on the ONNX Runtime path), as a user's would.
 """
@@ -49,6 +54,7 @@ from stdrc.runtime.vocab import BACKENDS, CONCRETE_DEVICES
 
 STAGES = ("text", "reference_prep", "reference_encode", "sampling", "decode", "write", "facesim")
 PROMPT = "a woman smiling at the camera, soft window light"
+TWO_STAGE_BUCKET = "9x256x256"  # FRAMESxWIDTHxHEIGHT, multiples of 64: the stage-1 grid is 9x128x128
 _BUILD = ("import sys; from pathlib import Path; from stdrc.engines.build import BuildConfig, build_engines; "
           "build_engines(BuildConfig(preset=sys.argv[1], backend=sys.argv[2], out=Path(sys.argv[3]), "
           "cache_dir=Path(sys.argv[4]), progress=False))")
@@ -75,6 +81,8 @@ class GenerateConfig:
     fp8_calibration_prompts: int = 4
     gate_min_psnr: float = 30.0  # dB; a convention for "visually close", not a published figure
     trust_bundle_code: bool = False  # a given torch/aoti --bundle runs code when loaded; one built here is ours
+    stages: tuple[int, ...] = ()  # two-stage mode: these stage counts side by side (1 2)
+    bucket: str = TWO_STAGE_BUCKET  # two-stage mode without --bundle: the bucket both bundles are built for
 
 
 def synthetic_reference(seed: int, size: int = 256) -> np.ndarray:
@@ -304,8 +312,13 @@ def run(cfg: GenerateConfig) -> dict:
     load_start = harness.load_average()
     with tempfile.TemporaryDirectory(prefix="stdrc-generate-") as tmp:
         tmp = Path(tmp)
-        bundle, build_s = cfg.bundle, None
-        if bundle is None:
+        bundle, build_s, pair = cfg.bundle, None, None
+        if bundle is None and cfg.stages:
+            import two_stage
+
+            pair = two_stage.build_pair("tiny", cfg.bucket, tmp, cfg.cache_dir or tmp / "cache")
+            bundle, build_s = Path(pair["bundles"]["two_stage"]), pair["build_s"]["two_stage"]
+        elif bundle is None:
             bundle = tmp / "bundle"
             build_s = build_tiny_bundle(bundle, cfg.backend, cfg.cache_dir or tmp / "cache")
         start = time.perf_counter()
@@ -315,7 +328,8 @@ def run(cfg: GenerateConfig) -> dict:
         reference = cfg.reference if cfg.reference is not None else synthetic_reference(cfg.seed)
         rep = {
             "benchmark": "generate",
-            "mode": "repeat" if cfg.repeat_generations else "fast_path" if cfg.fast_path_gate else "stages",
+            "mode": ("repeat" if cfg.repeat_generations else "fast_path" if cfg.fast_path_gate
+                     else "two_stage" if cfg.stages else "stages"),
             "timestamp": harness.timestamp(),
             "device": harness.device_info(cfg.device),
             "preset": pipe.manifest.preset,
@@ -338,6 +352,16 @@ def run(cfg: GenerateConfig) -> dict:
             rep["repeat"] = repeat_mode(pipe, reference, cfg, tmp)
         elif cfg.fast_path_gate:
             rep["fast_path"] = fast_path_mode(pipe, reference, cfg, tmp)
+        elif cfg.stages:
+            import two_stage
+
+            rep["config"]["stages"] = list(cfg.stages)
+            rep["two_stage"] = two_stage.compare(pipe, reference, cfg.stages, cfg.seed, cfg.warmup, cfg.repeats,
+                                                 PROMPT, tmp)
+            if pair is not None:
+                rep["two_stage"]["bytes"] = two_stage.bytes_check(Path(pair["bundles"]["one_stage"]), bundle,
+                                                                  pair["files"])
+            rep["two_stage"]["projection"] = two_stage.projection()
         else:
             rep.update(stage_mode(pipe, reference, cfg, tmp))
         del pipe
@@ -367,6 +391,13 @@ def print_report(rep: dict) -> None:
         return
     if rep["mode"] == "fast_path":
         print_fast_path(rep["fast_path"], c)
+        return
+    if rep["mode"] == "two_stage":
+        import two_stage
+
+        print(f"stages {' vs '.join(map(str, c['stages']))}, seed {c['seed']}, warm-up {c['warmup']}, "
+              f"repeats {c['repeats']}")
+        two_stage.print_two_stage(rep)
         return
     print(f"warm-up {c['warmup']}, repeats {c['repeats']}; ms per stage")
     print(f"{'stage':<17} {'min ms':>10} {'median ms':>10}")
@@ -427,6 +458,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
     p.add_argument("--gate-min-psnr", type=float, default=30.0, help="fast-path mode: FP8 gate, dB vs bf16")
     p.add_argument("--trust-bundle-code", action="store_true",
                    help="allow a torch/aoti --bundle: loading one runs code from it (see README, Trust)")
+    p.add_argument("--stages", type=int, nargs="+", default=[], choices=(1, 2),
+                   help="two-stage mode: these stage counts side by side, same seed and size (e.g. --stages 1 2)")
+    p.add_argument("--bucket", default=TWO_STAGE_BUCKET, metavar="FRAMESxWIDTHxHEIGHT",
+                   help="two-stage mode without --bundle: the bucket of the tiny bundles built (multiples of 64)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.bundle is None and a.preset != "tiny":
@@ -435,15 +470,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
     if a.repeats < 1 or a.warmup < 0 or a.repeat_generations < 0 or a.fp8_calibration_prompts < 1:
         p.error("--repeats and --fp8-calibration-prompts must be >= 1, "
                 "--warmup and --repeat-generations >= 0")
-    if a.fast_path_gate and a.repeat_generations:
-        p.error("--fast-path-gate and --repeat-generations are separate modes: pick one")
+    if sum(map(bool, (a.fast_path_gate, a.repeat_generations, a.stages))) > 1:
+        p.error("--fast-path-gate, --repeat-generations and --stages are separate modes: pick one")
     cfg = GenerateConfig(bundle=a.bundle, backend=a.backend, device=a.device, steps=a.steps,
                          distilled=a.distilled, max_batch=a.max_batch, warmup=a.warmup, repeats=a.repeats,
                          seed=a.seed, reference=a.ref, face_crop=a.face_crop,
                          repeat_generations=a.repeat_generations, cache_dir=a.cache_dir,
                          fast_path_gate=a.fast_path_gate, checkpoint=a.checkpoint, fp8_scales=a.fp8_scales,
                          fp8_calibration_prompts=a.fp8_calibration_prompts, gate_min_psnr=a.gate_min_psnr,
-                         trust_bundle_code=a.trust_bundle_code)
+                         trust_bundle_code=a.trust_bundle_code, stages=tuple(dict.fromkeys(a.stages)),
+                         bucket=a.bucket)
     return cfg, a.json
 
 

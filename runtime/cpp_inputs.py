@@ -4,7 +4,10 @@ The C++ runner samples and decodes; the text side and the reference encoding sta
 `write_cpp_inputs` writes exactly what the runner reads (file names shared with
 `runtime/cpp/include/stdrc/runner.h`), prepared by `Pipeline.prepare` and drawn with the same seeds
 as `Pipeline.generate`, so `run_python(pipeline, folder)` == `Pipeline.generate(reference, options)`
-== `stdrc_run --inputs folder`.
+== `stdrc_run --inputs folder`. Two stages (options.stages == 2, or a two-stage bundle's default): the
+noise, reference and RoPE tables are the stage-1 half grid's, and the `stage2_` files the output
+bucket's (the re-noise from seed + 2, the reference at the output size, the refinement's tables);
+`inputs.json` records the stage count.
 No torch import here: the Python side runs on whatever backend the bundle holds.
 """
 
@@ -19,7 +22,7 @@ import numpy as np
 from stdrc.runtime import sampler as smp
 from stdrc.runtime.errors import InputError
 from stdrc.runtime.options import GenerationOptions
-from stdrc.runtime.pipeline import Pipeline
+from stdrc.runtime.pipeline import UNGUIDED, Pipeline
 from stdrc.runtime.video import frames_to_uint8
 
 # inputs (runner.h `files::`)
@@ -27,8 +30,11 @@ NOISE, REFERENCE = "noise.npy", "reference_tokens.npy"
 TEXT_CONTEXT, TEXT_MASK = "text_context.npy", "text_mask.npy"
 NULL_CONTEXT, NULL_MASK = "null_context.npy", "null_mask.npy"
 DECODE_NOISE, SIGMAS, INPUTS_JSON = "decode_noise.npy", "sigmas.npy", "inputs.json"
+STAGE2 = "stage2_"  # two stages: the refinement's inputs at the output bucket, beside stage 1's
+STAGE2_NOISE, STAGE2_REFERENCE = f"{STAGE2}noise.npy", f"{STAGE2}reference_tokens.npy"
 # outputs
 LATENT, VIDEO, FRAMES = "latent.npy", "video.npy", "frames.npy"
+STAGE1_LATENT = "stage1_latent.npy"  # two stages: stage 1's tokens at the half grid
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class CppResult:
     latent: np.ndarray
     video: np.ndarray
     frames: np.ndarray
+    stage1_latent: np.ndarray | None = None  # two stages: stage 1's tokens at the half grid
 
 
 def write_cpp_inputs(pipeline: Pipeline, reference: str | Path | np.ndarray, options: GenerationOptions,
@@ -48,18 +55,23 @@ def write_cpp_inputs(pipeline: Pipeline, reference: str | Path | np.ndarray, opt
     samples exactly what `generate` would."""
     prepared = pipeline.prepare(reference, options)
     o, scales = prepared.options, prepared.scales
+    two = o.stages == 2
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pipeline.bucket = prepared.bucket
     text, no_text = pipeline.prompts(o.prompt), pipeline.prompts(o.negative_prompt)
-    arrays = {
-        NOISE: pipeline.initial_noise(o.seed),
-        REFERENCE: pipeline.encode_reference(prepared.image),
+    arrays = {  # the sampling grid's: the bucket, or its stage-1 half
+        NOISE: pipeline.initial_noise(o.seed, prepared.bucket.half() if two else None),
+        REFERENCE: pipeline.encode_reference(prepared.stage1_image if two else prepared.image),
         TEXT_CONTEXT: text[0], TEXT_MASK: text[1],
         NULL_CONTEXT: no_text[0], NULL_MASK: no_text[1],
         SIGMAS: prepared.sigmas,
     }
-    arrays.update({f"{name}.npy": value for name, value in pipeline.rope_feeds().items()})  # the bucket's tables
+    arrays.update({f"{name}.npy": value for name, value in pipeline.rope_feeds(stage1=two).items()})
+    if two:  # the refinement's, at the output bucket
+        arrays.update({STAGE2_NOISE: pipeline.refine_noise(o.seed),
+                       STAGE2_REFERENCE: pipeline.encode_reference(prepared.image)})
+        arrays.update({f"{STAGE2}{name}.npy": value for name, value in pipeline.rope_feeds().items()})
     decode_noise = pipeline.decode_noise(o.seed)
     if decode_noise is not None:
         arrays[DECODE_NOISE] = decode_noise
@@ -69,7 +81,8 @@ def write_cpp_inputs(pipeline: Pipeline, reference: str | Path | np.ndarray, opt
     guidance = {"text_scale": float(scales.text), "ref_scale": float(scales.ref), "rescale": float(scales.rescale),
                 "interval": None if scales.interval is None else [float(v) for v in scales.interval]}
     meta = {"format": 1, "bundle": str(pipeline.bundle_dir), "prompt": o.prompt, "negative_prompt": o.negative_prompt,
-            "seed": o.seed, "guidance": guidance, "bucket": prepared.bucket.label(), "options": o.to_json()}
+            "seed": o.seed, "guidance": guidance, "bucket": prepared.bucket.label(), "stages": o.stages,
+            "options": o.to_json()}
     (folder / INPUTS_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -92,14 +105,25 @@ def run_python(pipeline: Pipeline, folder: str | Path, max_batch: int = 3) -> Cp
 
     text, null = (load(TEXT_CONTEXT), load(TEXT_MASK)), (load(NULL_CONTEXT), load(NULL_MASK))
     cond = smp.Conditioning(load(REFERENCE), text, null)
-    latent = smp.sample(pipeline.denoiser, load(NOISE), load(SIGMAS), cond, _scales(folder), max_batch,
-                        feed_sigma=pipeline.feeds_sigma)
+    two = json.loads((folder / INPUTS_JSON).read_text()).get("stages") == 2
+    latent = smp.sample(pipeline.denoiser_for("dit", stage1=two), load(NOISE), load(SIGMAS), cond, _scales(folder),
+                        max_batch, feed_sigma=pipeline.feeds_sigma)
+    stage1 = None
+    if two:  # Pipeline.two_stage on the folder's arrays
+        stage1 = latent
+        refine = pipeline.manifest.components["dit_refine"]
+        latent = smp.sample(pipeline.denoiser_for("dit_refine"), load(STAGE2_NOISE),
+                            np.array(pipeline.manifest.two_stage.sigmas, np.float32),
+                            smp.Conditioning(load(STAGE2_REFERENCE), text, null), UNGUIDED, max_batch,
+                            feed_sigma=any(t.name == smp.SIGMA_INPUT for t in refine.inputs),
+                            start=pipeline.upsample(stage1, pipeline.bucket.half()))
     timestep_conditioned = pipeline.manifest.model_config.vae.timestep_conditioning
     video = pipeline.decode_video(latent, load(DECODE_NOISE) if timestep_conditioned else None)
-    return CppResult(latent, video.astype(np.float32), frames_to_uint8(video))
+    return CppResult(latent, video.astype(np.float32), frames_to_uint8(video), stage1)
 
 
 def read_cpp_outputs(folder: str | Path) -> CppResult:
     """What `stdrc_run --out folder` wrote."""
     folder = Path(folder)
-    return CppResult(np.load(folder / LATENT), np.load(folder / VIDEO), np.load(folder / FRAMES))
+    stage1 = np.load(folder / STAGE1_LATENT) if (folder / STAGE1_LATENT).is_file() else None
+    return CppResult(np.load(folder / LATENT), np.load(folder / VIDEO), np.load(folder / FRAMES), stage1)

@@ -136,6 +136,28 @@ def test_generate_stages_json(scripts, bundle):
     assert positive(rep["memory"]["peak_rss_mb"])
 
 
+def test_generate_two_stage_json(scripts, cache):
+    """--stages 1 2: both tiny bundles built (the two-stage one from upsampler and LoRA files), each stage count
+    timed on the two-stage bundle, DiT calls counted at their grids, the bytes check and the projection."""
+    _, generate = scripts
+    rep = run_json(generate, ["--stages", "1", "2", "--repeats", "1", "--warmup", "0", "--bucket", "9x128x64",
+                              "--cache-dir", str(cache)])
+    assert rep["mode"] == "two_stage" and rep["config"]["stages"] == [1, 2]
+    one, two = rep["two_stage"]["stages"]["1"], rep["two_stage"]["stages"]["2"]
+    assert one["frames_shape"] == two["frames_shape"] == [9, 64, 128, 3]
+    steps = rep["config"]["steps"]
+    assert one["dit_calls"] == {"dit": {"count": steps, "batch_tokens_text": [[3, 2 * 2 * 4 + 8, 16]]}}
+    assert two["dit_calls"] == {"dit": {"count": steps, "batch_tokens_text": [[3, 2 * 1 * 2 + 2, 16]]},
+                                "dit_refine": {"count": 3, "batch_tokens_text": [[1, 2 * 2 * 4 + 8, 16]]}}
+    assert set(two["engine_ms"]) >= {"dit", "upsampler", "dit_refine", "vae_decoder"}
+    assert "upsampler" not in one["engine_ms"]
+    assert rep["two_stage"]["ratios"]["dit_flops_one_over_two"] > 1 and rep["two_stage"]["ratios"]["same_output_shape"]
+    b = rep["two_stage"]["bytes"]
+    assert b["two_stage"] - b["one_stage"] == b["added"] > 0 and b["passed"] and b["limit"] > b["two_stage"]
+    p = rep["two_stage"]["projection"]
+    assert (p["tokens"], p["stage1_tokens"], p["layers"]) == (6528, 1632, 48) and 3.5 < p["ratio"] < 4
+
+
 def test_generate_repeat_json(scripts, bundle):
     _, generate = scripts
     rep = run_json(generate, ["--bundle", str(bundle), "--repeat-generations", "5", "--steps", "2"])
