@@ -252,9 +252,15 @@ def print_two_stage(rep: dict) -> None:
 
 if __name__ == "__main__":  # the children
     sys.path.insert(0, str(_HERE))
-    if sys.argv[1] == "--child-build":
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command in ("-h", "--help"):
+        print("usage: python benchmarks/generate.py --stages 1 2 [...] (this module runs through it)\n")
+        print(__doc__)
+        sys.exit(0)
+    if command == "--child-build":
         print(json.dumps(_build_pair(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]))))
-    elif sys.argv[1] == "--child-params":
+    elif command == "--child-params":
         print(json.dumps(_param_counts(sys.argv[2], int(sys.argv[3]))))
     else:
-        sys.exit(f"error: {sys.argv[1]}: this module runs through generate.py --stages 1 2")
+        print(f"error: {command or 'no arguments'}: this module runs through generate.py --stages 1 2", file=sys.stderr)
+        sys.exit(2)

@@ -214,10 +214,15 @@ def ltx23_vae_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stdrc.export.dit import build_dit
 
     channels = {"in_channels": LTX23["latent_channels"], "out_channels": LTX23["latent_channels"]}
-    dit = build_dit(replace(get_preset("tiny").dit, **channels), seed=0)
+    dit_config = replace(get_preset("tiny").dit, **channels)
+    dit = build_dit(dit_config, seed=0)
     encoder, decoder = ltx_core_vae(LTX23, seed=3)
     path = tmp_path_factory.mktemp("ltx23-vae") / "tiny-dit-ltx23-vae.safetensors"
-    save_checkpoint(path, dit.ltx, encoder, decoder, config={"transformer": channels, "vae": LTX23})
+    # a whole transformer section as LTX-2 files carry it (the 2.3 flags absent): verify builds its DiT reference
+    # with ltx-core from it
+    transformer = {k: v for k, v in dit_config.ltx_config()["transformer"].items()
+                   if v or k not in ("apply_gated_attention", "cross_attention_adaln", "caption_proj_before_connector")}
+    save_checkpoint(path, dit.ltx, encoder, decoder, config={"transformer": transformer, "vae": LTX23})
     return path
 
 
