@@ -109,10 +109,9 @@ def test_pytorch_equals_ltx_core_fused(case):
 
 
 @pytest.mark.slow  # a DiT export (30 s); tiny's refinement runs in ORT as a bundle engine (tests/engines)
+@pytest.mark.parametrize("case", ["tiny23"], indirect=True)  # the exported graph: sigma input, gates, prompt AdaLN
 def test_onnx_runtime_equals_ltx_core_fused(case, tmp_path):
-    preset, positions, spec, _, refine, ltx, _ = case
-    if preset.name != "tiny23":
-        pytest.skip("the exported graph is checked on tiny23 (sigma input, gates, prompt AdaLN)")
+    _, positions, spec, _, refine, ltx, _ = case
     path = export_onnx(refine, spec, tmp_path / "dit_refine.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
