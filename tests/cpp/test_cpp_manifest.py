@@ -79,6 +79,14 @@ def read(tool: Path, folder: Path, data: dict, *flags: str) -> subprocess.Comple
                           timeout=60)
 
 
+def assert_one_rebuild_line(done: subprocess.CompletedProcess, prefix: str, wanted: str) -> None:
+    """A refused manifest: exit 2 and one stderr line starting with `prefix`, holding `wanted` and "rebuild"."""
+    assert done.returncode == 2, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), lines
+    assert wanted in lines[0] and "rebuild" in lines[0], lines[0]
+
+
 def test_two_stage_default_samples_the_half_grid(cpp_manifest: Path, tmp_path: Path) -> None:
     done = read(cpp_manifest, tmp_path, manifest())
     assert done.returncode == 0, done.stderr
@@ -174,12 +182,8 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_two_stage_manifest_is_one_line(case: str, cpp_manifest: Path, tmp_path: Path) -> None:
     """What manifest.py refuses in a two-stage manifest, C++ refuses too: one line naming the rebuild."""
-    data = _break(case)
-    done = read(cpp_manifest, tmp_path, data)
-    assert done.returncode == 2, done.stdout
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stdrc_manifest: error: bundle manifest"), lines
-    assert BAD[case] in lines[0] and "rebuild" in lines[0], lines[0]
+    assert_one_rebuild_line(read(cpp_manifest, tmp_path, _break(case)), "stdrc_manifest: error: bundle manifest",
+                            BAD[case])
 
 
 def _tensorrt(data: dict, stripped: bool = True) -> dict:
@@ -240,11 +244,8 @@ BAD_REFIT = {
 def test_weight_stripped_plan_that_cannot_be_refit_is_refused(case: str, cpp_manifest: Path, tmp_path: Path) -> None:
     """A weight-stripped plan C++ could not refit is refused when the manifest is read, before any file is opened:
     run as it is, it would compute with no weights."""
-    done = read(cpp_manifest, tmp_path, _break_refit(case))
-    assert done.returncode == 2, done.stdout
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stdrc_manifest: error: "), lines
-    assert BAD_REFIT[case] in lines[0] and "rebuild" in lines[0], lines[0]
+    assert_one_rebuild_line(read(cpp_manifest, tmp_path, _break_refit(case)), "stdrc_manifest: error: ",
+                            BAD_REFIT[case])
 
 
 def test_runner_without_tensorrt_refuses_a_tensorrt_bundle(cpp_runner: Path, tmp_path: Path) -> None:
