@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,8 +15,20 @@ import pytest
 for _name in ("onnx_ir", "onnxscript", "torch.onnx"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-# prompt embeddings cached on disk go to a folder of this test run, never the user's ~/.cache
-os.environ.setdefault("STDRC_PROMPT_CACHE", tempfile.mkdtemp(prefix="stdrc-test-prompts-"))
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Prompt embeddings cached on disk go to a folder of this test run (never the user's ~/.cache), removed at
+    its end; a pytest run inside a test (test_cpp_skip_policy.py) inherits its parent's through the environment."""
+    if "STDRC_PROMPT_CACHE" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="stdrc-test-prompts-")
+    os.environ["STDRC_PROMPT_CACHE"] = folder
+
+    def remove() -> None:
+        os.environ.pop("STDRC_PROMPT_CACHE", None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    config.add_cleanup(remove)
 
 
 RAY_STORE = 200 * 2**20  # object store per simulated Ray node
