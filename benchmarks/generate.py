@@ -83,6 +83,8 @@ class GenerateConfig:
     trust_bundle_code: bool = False  # a given torch/aoti --bundle runs code when loaded; one built here is ours
     stages: tuple[int, ...] = ()  # two-stage mode: these stage counts side by side (1 2)
     bucket: str = TWO_STAGE_BUCKET  # two-stage mode without --bundle: the bucket both bundles are built for
+    preset: str = "tiny"  # two-stage mode without --bundle: tiny, or a full-width preset at `layers` deep
+    layers: int = 1  # two-stage mode, a full-width preset: DiT blocks of its synthetic checkpoint
 
 
 def synthetic_reference(seed: int, size: int = 256) -> np.ndarray:
@@ -316,7 +318,7 @@ def run(cfg: GenerateConfig) -> dict:
         if bundle is None and cfg.stages:
             import two_stage
 
-            pair = two_stage.build_pair("tiny", cfg.bucket, tmp, cfg.cache_dir or tmp / "cache")
+            pair = two_stage.build_pair(cfg.preset, cfg.bucket, tmp, cfg.cache_dir or tmp / "cache", cfg.layers)
             bundle, build_s = Path(pair["bundles"]["two_stage"]), pair["build_s"]["two_stage"]
         elif bundle is None:
             bundle = tmp / "bundle"
@@ -357,7 +359,7 @@ def run(cfg: GenerateConfig) -> dict:
 
             rep["config"]["stages"] = list(cfg.stages)
             rep["two_stage"] = two_stage.compare(pipe, reference, cfg.stages, cfg.seed, cfg.warmup, cfg.repeats,
-                                                 PROMPT, tmp)
+                                                 PROMPT, tmp, cfg.steps)
             if pair is not None:
                 rep["two_stage"]["bytes"] = two_stage.bytes_check(Path(pair["bundles"]["one_stage"]), bundle,
                                                                   pair["files"])
@@ -433,7 +435,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=None, help="engine bundle (default: build the tiny one)")
     p.add_argument("--preset", default="tiny",
-                   help="preset to build when no --bundle is given: only tiny builds without real weights")
+                   help="preset to build when no --bundle is given: tiny, or with --stages a full-width preset "
+                        "at --layers deep from benchmarks/synthetic.py's random real-layout files")
+    p.add_argument("--layers", type=int, default=1,
+                   help="--stages with a full-width --preset: DiT blocks of the synthetic checkpoint")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="backend of the built tiny bundle")
     p.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES)
@@ -461,12 +466,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
     p.add_argument("--stages", type=int, nargs="+", default=[], choices=(1, 2),
                    help="two-stage mode: these stage counts side by side, same seed and size (e.g. --stages 1 2)")
     p.add_argument("--bucket", default=TWO_STAGE_BUCKET, metavar="FRAMESxWIDTHxHEIGHT",
-                   help="two-stage mode without --bundle: the bucket of the tiny bundles built (multiples of 64)")
+                   help="two-stage mode without --bundle: the bucket of the bundles built (multiples of 64)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    if a.bundle is None and a.preset != "tiny":
+    if a.bundle is None and a.preset != "tiny" and not a.stages:
         p.error(f"--preset {a.preset} needs real weights (a Gemma-3 text side): build its bundle with "
-                "build-engines --checkpoint ... and pass --bundle")
+                "build-engines --checkpoint ... and pass --bundle (or compare --stages 1 2 on synthetic files)")
+    if a.preset != "tiny" and a.stages and a.preset not in ("ltx2-video", "ltx23-video"):
+        p.error(f"--stages with --preset {a.preset}: benchmarks/synthetic.py writes ltx2-video and ltx23-video "
+                "files only; pick one, or tiny")
+    if a.layers < 1:
+        p.error("--layers must be >= 1")
     if a.repeats < 1 or a.warmup < 0 or a.repeat_generations < 0 or a.fp8_calibration_prompts < 1:
         p.error("--repeats and --fp8-calibration-prompts must be >= 1, "
                 "--warmup and --repeat-generations >= 0")
@@ -479,7 +489,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
                          fast_path_gate=a.fast_path_gate, checkpoint=a.checkpoint, fp8_scales=a.fp8_scales,
                          fp8_calibration_prompts=a.fp8_calibration_prompts, gate_min_psnr=a.gate_min_psnr,
                          trust_bundle_code=a.trust_bundle_code, stages=tuple(dict.fromkeys(a.stages)),
-                         bucket=a.bucket)
+                         bucket=a.bucket, preset=a.preset, layers=a.layers)
     return cfg, a.json
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py --stages 1 2                       # builds both tiny bundles, CPU
     python benchmarks/generate.py --stages 1 2 --bucket 17x256x256 --repeats 3 --json
+    python benchmarks/generate.py --stages 1 2 --preset ltx2-video --layers 1 --steps 30   # full width, reduced depth
 
 Without --bundle it builds, in a child process (torch stays out of this one), a one-stage and a two-stage
 tiny bundle of the same bucket, the two-stage one from files it writes first: the tiny presets' seeded x2
@@ -9,7 +10,10 @@ upsampler (`export/upsampler.save_upsampler`) and a seeded rank-4 refinement LoR
 (`export/refine.write_random_lora`), passed as `--upsampler` and `--refine-lora`, so that the bundle-bytes
 check compares with the files' own bytes: two-stage bundle <= one-stage bundle + 1.05 x (upsampler file +
 LoRA file), i.e. no second copy of the DiT. (On tiny the refinement graph outweighs a rank-4 LoRA: see
-docs/benchmarks.md, refine_step.py.) With --bundle (a two-stage bundle, any preset) the bytes are not checked.
+docs/benchmarks.md, refine_step.py.) With --preset ltx2-video (or ltx23-video) --layers N both bundles are built
+from benchmarks/synthetic.py's random real-layout files (full width, N DiT blocks, 2 Gemma layers), a
+released-width x2 upsampler and a rank-384 LoRA under Lightricks' names (GBs of disk and tens of minutes: run it
+under the heavy-work lock). With --bundle (a two-stage bundle, any preset) the bytes are not checked.
 
 Every generation runs through `Pipeline.generate(stages=...)` on the two-stage bundle (`--stages 1` on it is the
 one-stage path, equal to a one-stage bundle's output). Each engine call is timed where the pipeline makes it
@@ -34,6 +38,7 @@ import numpy as np
 
 BYTES_SLACK = 1.05  # the issue's bound: the stage pieces may add at most 1.05x their own files' bytes
 DIT_COMPONENTS = ("dit", "dit_refine")
+REAL_LORA_RANK = 384  # LTX's distilled LoRA (`*-distilled-lora-384*`): the rank written beside a full-width model
 PROJECTION = {"preset": "ltx2-video", "frames": 121, "width": 768, "height": 512, "steps": 30, "streams": 3}
 _HERE = Path(__file__).resolve().parent
 
@@ -48,25 +53,48 @@ def _child(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _build_pair(preset: str, bucket: str, work: Path, cache: Path) -> dict:
-    """Both bundles of `preset` at `bucket`; the two-stage one from an upsampler and a LoRA file written here."""
+def _build_pair(preset: str, bucket: str, work: Path, cache: Path, layers: int | None) -> dict:
+    """Both bundles of `preset` at `bucket`; the two-stage one from an upsampler and a LoRA file written here.
+
+    tiny: the seeded preset, its tiny upsampler and a rank-4 LoRA. Any other preset (`layers` deep): the
+    synthetic real-layout inputs of benchmarks/synthetic.py (a full-width checkpoint with `layers` DiT blocks,
+    a 3840-wide 2-layer Gemma-3 folder, a released-width x2 upsampler) and a rank-384 LoRA over every Linear
+    under Lightricks' key names, as the reduced-depth tests use; the source files are removed once built."""
+    import shutil
+
     from stdrc.engines.build import BuildConfig, build_engines
     from stdrc.export.config import get_preset
     from stdrc.export.lora import LoraSpec
     from stdrc.export.refine import write_random_lora
     from stdrc.export.upsampler import TINY_UPSAMPLER, build_upsampler, save_upsampler
 
-    upsampler = save_upsampler(work / "upsampler-x2.safetensors", build_upsampler(TINY_UPSAMPLER, 0), TINY_UPSAMPLER)
-    lora = Path(write_random_lora(work / "refine-lora.safetensors", get_preset(preset).dit))
-    out, seconds = {}, {}
+    start = time.perf_counter()
+    source = work / "source"
+    source.mkdir(parents=True, exist_ok=True)
+    if preset == "tiny":
+        upsampler = save_upsampler(source / "upsampler-x2.safetensors", build_upsampler(TINY_UPSAMPLER, 0),
+                                   TINY_UPSAMPLER)
+        lora = Path(write_random_lora(source / "refine-lora.safetensors", get_preset(preset).dit))
+        weights = {}
+    else:
+        import synthetic
+
+        ckpt, gemma = synthetic.write_all(source, dit_layers=layers, gemma_layers=2, preset=preset)
+        upsampler = synthetic.write_upsampler(source / "upsampler-x2.safetensors")
+        lora = Path(write_random_lora(source / "refine-lora.safetensors",
+                                      synthetic.reduced_preset(preset, layers).dit, rank=REAL_LORA_RANK))
+        weights = {"checkpoint": ckpt, "text_encoder": gemma}
+    files = {"upsampler": upsampler.stat().st_size, "refine_lora": lora.stat().st_size}
+    out, seconds = {}, {"write_inputs": time.perf_counter() - start}
     for name, extra in (("one_stage", {}), ("two_stage", {"upsampler": upsampler,
                                                           "refine_lora": LoraSpec(lora, 1.0)})):
         start = time.perf_counter()
         out[name] = str(build_engines(BuildConfig(preset=preset, out=work / name, cache_dir=cache, buckets=(bucket,),
-                                                  progress=False, **extra)))
+                                                  progress=False, **weights, **extra)))
         seconds[name] = time.perf_counter() - start
-    return {"bundles": out, "build_s": seconds,
-            "files": {"upsampler": upsampler.stat().st_size, "refine_lora": lora.stat().st_size}}
+        print(f"built {name} in {seconds[name]:.0f} s", file=sys.stderr, flush=True)
+    shutil.rmtree(source, ignore_errors=True)  # GBs at full width: the bundles are all the timing needs
+    return {"bundles": out, "build_s": seconds, "files": files}
 
 
 def _param_counts(preset: str, layers: int) -> dict:
@@ -86,8 +114,8 @@ def _param_counts(preset: str, layers: int) -> dict:
             "head_dim": cfg.attention_head_dim}
 
 
-def build_pair(preset: str, bucket: str, work: Path, cache: Path) -> dict:
-    return _child("--child-build", preset, bucket, str(work), str(cache))
+def build_pair(preset: str, bucket: str, work: Path, cache: Path, layers: int | None = None) -> dict:
+    return _child("--child-build", preset, bucket, str(work), str(cache), str(layers or 0))
 
 
 def param_counts(preset: str, layers: int) -> dict:
@@ -180,9 +208,10 @@ ENGINE_ORDER = ("vae_encoder", "text_encoder", "dit", "upsampler", "dit_refine",
 
 
 def compare(pipe, reference, stages: tuple[int, ...], seed: int, warmup: int, repeats: int, prompt: str,
-            out_dir: Path) -> dict:
+            out_dir: Path, steps: int | None = None) -> dict:
     """Each stage count in turn: `warmup` untimed then `repeats` timed generations, same seed and prompt (its
-    embeddings are cached after the first, for both alike): engine ms per component, wall ms, DiT FLOPs."""
+    embeddings are cached after the first, for both alike), `steps` stage-1 steps (None: the bundle's): engine ms
+    per component, wall ms, DiT FLOPs."""
     m = pipe.manifest
     counts = param_counts(m.preset, m.model_config.dit.num_layers)["counts"]
     clock = EngineClock(pipe)
@@ -193,7 +222,7 @@ def compare(pipe, reference, stages: tuple[int, ...], seed: int, warmup: int, re
             for i in range(warmup + repeats):
                 clock.reset()
                 start = time.perf_counter()
-                result = pipe.generate(reference, prompt=prompt, seed=seed, stages=s, face_crop=False,
+                result = pipe.generate(reference, prompt=prompt, seed=seed, stages=s, steps=steps, face_crop=False,
                                        output=out_dir / f"stages-{s}.mp4")
                 wall = (time.perf_counter() - start) * 1e3
                 if i >= warmup:
@@ -258,7 +287,8 @@ if __name__ == "__main__":  # the children
         print(__doc__)
         sys.exit(0)
     if command == "--child-build":
-        print(json.dumps(_build_pair(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]))))
+        print(json.dumps(_build_pair(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]),
+                                     int(sys.argv[6]) or None)))
     elif command == "--child-params":
         print(json.dumps(_param_counts(sys.argv[2], int(sys.argv[3]))))
     else:

@@ -141,8 +141,8 @@ def test_generate_two_stage_json(scripts, cache):
     timed on the two-stage bundle, DiT calls counted at their grids, the bytes check and the projection."""
     _, generate = scripts
     rep = run_json(generate, ["--stages", "1", "2", "--repeats", "1", "--warmup", "0", "--bucket", "9x128x64",
-                              "--cache-dir", str(cache)])
-    assert rep["mode"] == "two_stage" and rep["config"]["stages"] == [1, 2]
+                              "--steps", "3", "--cache-dir", str(cache)])
+    assert rep["mode"] == "two_stage" and rep["config"]["stages"] == [1, 2] and rep["config"]["steps"] == 3
     one, two = rep["two_stage"]["stages"]["1"], rep["two_stage"]["stages"]["2"]
     assert one["frames_shape"] == two["frames_shape"] == [9, 64, 128, 3]
     steps = rep["config"]["steps"]
