@@ -129,8 +129,13 @@ class _Consts(dict):
         return self[name] if name in self else default
 
 
-def _fuse_plain_rms_norms(model: onnx.ModelProto, base_dir: Path = Path()) -> int:
-    """RMS norms without a weight (ORT's fusion needs one) -> SimplifiedLayerNormalization with a ones scale."""
+def _fuse_plain_rms_norms(model: onnx.ModelProto, base_dir: Path = Path(), shared_only: bool = False) -> int:
+    """RMS norms without a weight (ORT's fusion needs one) -> SimplifiedLayerNormalization with a ones scale.
+
+    `shared_only`: only norms whose output has several consumers. The exporter merges identical norms: on
+    LTX-2.3's text side, Gemma's first weighted norm and the V2 feature extractor's plain one of the same
+    embeddings are one `x * rsqrt(...)` feeding both; ORT's weighted fusion then deletes that shared node
+    and leaves the other consumer unfed (ORT: "Graph is not a DAG"). Fused first, it keeps its output."""
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -153,7 +158,7 @@ def _fuse_plain_rms_norms(model: onnx.ModelProto, base_dir: Path = Path()) -> in
                 or not dims or not dims[-1].dim_value or float(consts.get(pow_node.input[1], 0)) != 2.0):
             continue
         eps = next((consts[i] for i in chain[2].input if i in consts), None)
-        if eps is None or eps.size != 1:
+        if eps is None or eps.size != 1 or (shared_only and len(consumers.get(chain[-1].output[0], [])) < 2):
             continue
         dtype = helper.tensor_dtype_to_np_dtype(values[x].elem_type)  # the scale's type is the output's
         scale = numpy_helper.from_array(np.ones(dims[-1].dim_value, dtype), f"{chain[-1].name}_ones_scale")
@@ -193,6 +198,7 @@ def to_fp16(model: onnx.ModelProto, base_dir: Path = Path()) -> onnx.ModelProto:
             log.warning("%.1f GB of external fp32 weights read to convert to fp16: export in fp16 instead",
                         halved / GB)
     wrapped = OnnxModel(model)
+    _fuse_plain_rms_norms(wrapped.model, base_dir, shared_only=True)  # before ORT's fusion can cut them
     FusionSimplifiedLayerNormalization(wrapped).apply()  # norms with a weight
     wrapped.prune_graph(allow_remove_graph_inputs=False)  # the manifest lists every input (an unused timestep)
     _fuse_plain_rms_norms(wrapped.model, base_dir)

@@ -187,3 +187,46 @@ def test_fp16_export_keeps_its_fp32_islands(tmp_path: Path) -> None:
     types = _input_types(model)
     gemms = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
     assert gemms and all(types.get(i) == FLOAT16 for n in gemms for i in n.input if i), "a GEMM runs in fp32"
+
+
+class _SharedNorm(torch.nn.Module):
+    """LTX-2.3's text side in small: Gemma's first (weighted) RMS norm and the V2 feature extractor's plain
+    per-token one, each written out, over the same embeddings; the exporter merges them into one
+    `x * rsqrt(...)` feeding both."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(64, 64)
+        self.weight = torch.nn.Parameter(torch.randn(64) * 0.1)
+        self.proj = torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        e = self.embed(x)
+        h = e.float()
+        gemma = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight.float())).to(x.dtype)
+        v = e.float()
+        plain = (v * torch.rsqrt(torch.mean(v**2, dim=-1, keepdim=True) + 1e-6)).masked_fill(~mask[..., None], 0.0)
+        return self.proj(gemma) + self.proj(plain.to(x.dtype))
+
+
+def test_fp16_engine_of_a_shared_norm_keeps_both_consumers(tmp_path: Path) -> None:
+    """The merged norm feeds a weighted and a plain consumer: ORT's weighted fusion alone deleted it and the fp16
+    build failed ("Graph is not a DAG"; the LTX-2.3 text encoder at real width, benchmarks/build_memory.py); it
+    builds, and runs close to the fp32 module."""
+    import copy
+
+    from stdrc.export.onnx_export import CastIO
+
+    torch.manual_seed(0)
+    module = _SharedNorm().eval()
+    x, mask = torch.randn(1, 16, 64), torch.arange(16)[None] >= 3
+    src, out = tmp_path / "src.onnx", tmp_path / "shared.onnx"
+    with torch.no_grad():
+        want = module(x, mask).numpy()
+        torch.onnx.export(CastIO(copy.deepcopy(module).to(torch.float16)), (x, mask), str(src), dynamo=True,
+                          input_names=["x", "mask"], output_names=["y"])
+    pows = Counter(n.op_type for n in onnx.load(str(src)).graph.node)["Pow"]
+    assert pows == 1, pows  # the two norms exported as one: the case under test
+    build_ort_engine(src, out, "fp16")
+    got = _run(out, {"x": x.numpy(), "mask": mask.numpy()})
+    assert float(np.linalg.norm(got - want) / np.linalg.norm(want)) < 2e-3
