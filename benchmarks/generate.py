@@ -132,6 +132,7 @@ def staged_generation(pipe, reference, prompt: str, seed: int, cfg: GenerateConf
         return velocity
 
     with stage(times, "text"):
+        pipe.prompts.fill([prompt, ""])  # Gemma, then the head, once for both
         text, no_text = pipe.prompts(prompt), pipe.prompts("")
     with stage(times, "reference_prep"):
         image = pipe.prepare_reference(reference, cfg.face_crop)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import harness
 
-from stdrc.runtime.vocab import CONCRETE_DEVICES, FIXED_PLANS, REQUIRED_COMPONENTS
+from stdrc.runtime.vocab import CONCRETE_DEVICES, FIXED_PLANS, REQUIRED_COMPONENTS, TEXT_COMPONENTS
 
 GIB = 2**30
 CONTEXT_BYTES = GIB  # CUDA context + cuBLAS/TensorRT workspace, a fixed allowance
@@ -71,7 +71,7 @@ result = pipe.generate(reference=ref, prompt="a woman smiles and waves", seed=0,
                        on_step=lambda i, n: gpu.append(harness.gpu_used_mb()) if device == "cuda" else None)
 print(json.dumps({"peak_rss_mb": max(peak[0], harness.peak_rss_mb()), "rss_before_mb": base, "stages": stages,
                   "gpu_peak_mb": max([g for g in gpu if g is not None], default=None),
-                  "text_encoder_opened": "text_encoder" in getattr(pipe.engines, "opened", []),
+                  "text_opened": [n for n in getattr(pipe.engines, "opened", []) if n.startswith("text_")],
                   "frames_sha": __import__("hashlib").sha256(result.frames.tobytes()).hexdigest()}))
 """
 
@@ -146,8 +146,8 @@ def _meta_params(module_fn) -> dict[str, int]:
 
 
 def text_head_params(text) -> int:
-    """The text side's own parameters (feature extractor + connector; the text_encoder engine holds them
-    beside Gemma), built on the meta device. The feature extractor grows with Gemma's depth."""
+    """The text side's own parameters (feature extractor + connector: the text_head engine, which follows
+    Gemma's), built on the meta device. The feature extractor grows with Gemma's depth."""
     import torch
 
     from stdrc.export.text import TextSide
@@ -188,7 +188,7 @@ def projected(frames: int = 121, height: int = 512, width: int = 768, family: st
     preset = get_preset(FAMILY_PRESETS[family])
     counts = family_params(family)
     block_linear = counts["dit_block_gemm_weights"]
-    gemma = counts["gemma3_12b_text"] + counts["text_head"]  # the text_encoder engine: Gemma + the head
+    gemma, head = counts["gemma3_12b_text"], counts["text_head"]  # text_gemma and text_head: one stage each
     vae_enc, vae_dec = (sum(_meta_params(lambda i=i: build_vae(preset.vae, seed=None)[i]).values()) for i in (0, 1))
     bucket = Bucket(frames=frames, height=height, width=width, text_length=preset.text.max_length)
     tiling = decode_tiling(height, width, None, 64)
@@ -198,15 +198,15 @@ def projected(frames: int = 121, height: int = 512, width: int = 768, family: st
             for c in REQUIRED_COMPONENTS}
     dit_total = counts["dit"]
     weights = {
-        "fp16": {"text_encoder": 2 * gemma, "dit": 2 * dit_total, "vae_encoder": 2 * vae_enc,
+        "fp16": {"text_gemma": 2 * gemma, "text_head": 2 * head, "dit": 2 * dit_total, "vae_encoder": 2 * vae_enc,
                  "vae_decoder": 2 * vae_dec},
         # FP8 DiT: the transformer blocks' GEMM weights in 1 byte, everything else (sensitive layers) 16-bit
-        "fp8": {"text_encoder": 2 * gemma, "dit": block_linear + 2 * (dit_total - block_linear),
+        "fp8": {"text_gemma": 2 * gemma, "text_head": 2 * head, "dit": block_linear + 2 * (dit_total - block_linear),
                 "vae_encoder": 2 * vae_enc, "vae_decoder": 2 * vae_dec},
     }
 
     def peak(w: dict[str, int], plan: str, cached: bool) -> float:
-        comps = [c for c in w if not (cached and c == "text_encoder")]
+        comps = [c for c in w if not (cached and c in TEXT_COMPONENTS)]
         if plan == "all":
             need = sum(w[c] for c in comps) + max(acts[c] for c in comps)
         else:
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode, r in modes.items():
                 print(f"{plan:<7} {mode:<16} " + (f"peak RSS {r['peak_rss_mb']:.0f} MB "
                                                   f"(before {r['rss_before_mb']:.0f}),"
-                                                  f" text encoder opened: {r['text_encoder_opened']}"
+                                                  f" text engines opened: {r['text_opened']}"
                                                   if r["status"] == "ok" else f"failed: {r['reason']}"))
                 if "check" in r:
                     c = r["check"]

@@ -204,7 +204,8 @@ def bytes_check(one: Path, two: Path, files: dict[str, int]) -> dict:
             "passed": sizes["two_stage"] <= limit}
 
 
-ENGINE_ORDER = ("vae_encoder", "text_encoder", "dit", "upsampler", "dit_refine", "vae_decoder", "face_encoder")
+ENGINE_ORDER = ("vae_encoder", "text_gemma", "text_head", "dit", "upsampler", "dit_refine", "vae_decoder",
+                "face_encoder")
 
 
 def compare(pipe, reference, stages: tuple[int, ...], seed: int, warmup: int, repeats: int, prompt: str,

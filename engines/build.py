@@ -34,7 +34,7 @@ from stdrc.export.lora import Fp8LoraTransform, LoraSpec, dit_shapes, lora_trans
 from stdrc.export.models import ModelSet, Sources, load_sources, plan_sources
 from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
 from stdrc.export.refine import load_refine_lora
-from stdrc.export.specs import ComponentSpec, component_specs
+from stdrc.export.specs import STATE_DTYPES, ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, sha256_file
 from stdrc.runtime.memory import activation_bytes, component_weight_bytes
 from stdrc.runtime.schema import (
@@ -120,8 +120,7 @@ def module_dtype(backend: str, precision: str) -> torch.dtype:
 
 
 def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str, device: str) -> None:
-    feeds = spec.sample_inputs()
-    args = tuple(torch.from_numpy(feeds[t.name]).to(device) for t in spec.inputs)
+    args = spec.torch_inputs(device=device)
     with torch.no_grad():
         program = torch.export.export(module.to(device), args, dynamic_shapes=dynamic_shapes(spec))
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # aoti_compile_and_package wants a .pt2 name
@@ -329,7 +328,8 @@ def build_engines(cfg: BuildConfig) -> Path:
     backend = resolve_backend(cfg.backend)
     buckets, tiling, rope = check_build(cfg, backend)
     bucket = buckets[0]
-    stages = tqdm(total=7 + 2 * cfg.is_two_stage, desc="build-engines", unit="stage", disable=not cfg.progress)
+    stages = tqdm(total=2 + len(COMPONENTS) + 2 * cfg.is_two_stage, desc="build-engines", unit="stage",
+                  disable=not cfg.progress)
     stages.set_postfix_str("reading checkpoint headers")
     src = plan_sources(get_preset(cfg.preset), cfg.checkpoint, cfg.seed, cfg.face_weights, cfg.text_encoder,
                        cfg.base, upsampler=cfg.upsampler, two_stage=cfg.is_two_stage)
@@ -363,7 +363,8 @@ def build_engines(cfg: BuildConfig) -> Path:
 
     stages.update()
     two_stage = cfg.is_two_stage
-    specs = component_specs(models.preset, buckets, tiling, rope_input=rope == "input", two_stage=two_stage)
+    specs = component_specs(models.preset, buckets, tiling, rope_input=rope == "input", two_stage=two_stage,
+                            state_dtype=STATE_DTYPES[str(module_dtype(backend, cfg.precision))])
     with BundleWriter(cfg.out) as writer:
         quality = QualityConfig()
         if scales_from_file(cfg, src):
@@ -395,10 +396,10 @@ def build_engines(cfg: BuildConfig) -> Path:
             stages.update()
         cache.clear()
         text = text_manifest(models, writer)
-        if text.file is not None:
-            components["text_encoder"] = replace(
-                components["text_encoder"],
-                extra_files={**components["text_encoder"].extra_files, text.file: text.sha256})
+        if text.file is not None:  # the tokenizer makes text_gemma's token ids
+            components["text_gemma"] = replace(
+                components["text_gemma"],
+                extra_files={**components["text_gemma"].extra_files, text.file: text.sha256})
         buckets, ratio = write_rope_tables(models, buckets, cfg.layout, writer, two_stage)
         if quality.fp8 is not None:
             extra_files = {quality.fp8.scales_file: quality.fp8.scales_sha256}

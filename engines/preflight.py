@@ -237,11 +237,10 @@ def engine_bytes_estimate(src: Sources, backend: str, precision: str) -> dict[st
     for name, ckpt in (("dit", src.checkpoint), ("vae_encoder", src.vae), ("vae_decoder", src.vae)):
         if ckpt is not None and ckpt.has(name):
             elements[name] = sum(math.prod(ckpt.shapes[k]) for k in ckpt.keys[name].values())
-    text = sum(math.prod(src.text.shapes[k]) for k in src.text.keys["text"].values()) if src.text else 0
+    if src.text is not None:
+        elements["text_head"] = sum(math.prod(src.text.shapes[k]) for k in src.text.keys["text"].values())
     if src.gemma is not None:
-        text += _gemma_elements(src.gemma.folder)
-    if text:
-        elements["text_encoder"] = text
+        elements["text_gemma"] = _gemma_elements(src.gemma.folder)
     if src.upsampler is not None:
         elements["upsampler"] = sum(math.prod(shape) for shape in src.upsampler.checkpoint.shapes.values())
     return {k: n * engine_itemsize(backend, precision, k) for k, n in elements.items()}

@@ -26,6 +26,7 @@ from stdrc.export.lora import Fp8LoraTransform, LoraSpec, lora_transform, match_
 from stdrc.export.models import load_sources, plan_sources
 from stdrc.export.reference import token_positions
 from stdrc.export.specs import component_specs
+from stdrc.export.text import LtxCoreTextHead
 from stdrc.export.upsampler import ltx_core_reference as ltx_core_upsample
 from stdrc.export.upsampler import seeded_upsampler
 from stdrc.export.vae import build_vae, ltx_core_reference
@@ -46,6 +47,8 @@ FP8_FILE_TOLERANCE = 3e-2
 REF_FILE_CONFIG = "ltx-core, built from the file's config"  # LTXModel / VideoEncoder / VideoDecoder
 REF_PRESET_CONFIG = "ltx-core, built from the preset's config"  # seeded, or a file with no config
 REF_STDRC = "stdrc export module"
+REF_TEXT_HEAD = "ltx-core's feature extractor + embeddings connector"  # FeatureExtractorV1/V2 + Embeddings1DConnector
+REF_GEMMA = "the encoder ltx-core's GemmaTextEncoder runs (transformers' Gemma-3, every hidden state)"
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,10 @@ def _reference_module(src, name: str, manifest, transform: Callable | None,
             src.vae.path if src.vae else build_vae(src.preset.vae, seed=src.seed, which="vae_encoder")[0]
         ), REF_FILE_CONFIG if src.upsampler else REF_PRESET_CONFIG
     one = load_sources(src, (name,), torch.float32, None)
-    return one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)[name], REF_STDRC
+    if name == "text_head":  # ltx-core's own arithmetic on the head's weights (not the layer-by-layer rewrite)
+        return LtxCoreTextHead(one.text.head), REF_TEXT_HEAD
+    module = one.export_modules(manifest.bucket, manifest.rope.layout, manifest.rope_input)[name]
+    return module, REF_GEMMA if name == "text_gemma" and src.gemma is not None else REF_STDRC
 
 
 def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Callable | None,
@@ -179,7 +185,9 @@ def _reference(src, name: str, manifest, spec, feeds: list[dict], transform: Cal
     outs = []
     with torch.no_grad():
         for feed, bucket in zip(feeds, buckets):
-            args = {t.name: torch.from_numpy(feed[t.name]) for t in spec.inputs}
+            # the reference runs in fp32: 16-bit inputs (a 16-bit text head's hidden states) widened
+            args = {t.name: torch.from_numpy(np.asarray(feed[t.name], np.float32 if "float" in t.dtype else None))
+                    for t in spec.inputs}
             if isinstance(module, LtxCoreDiT):
                 grid = (bucket.latent_frames, bucket.latent_height, bucket.latent_width)
                 ref = module(token_positions(grid, manifest.rope.layout, bucket.fps), **args)
@@ -266,8 +274,9 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         refine = refine_lora_for_verify(manifest.two_stage.lora, refine_lora, src.preset, manifest.model_config.seed,
                                         bundle)
         refine_transform, _ = lora_transform((refine,), src.preset.dit, dit_transform)
-    per_bucket = [component_specs(src.preset, b, manifest.decode, manifest.rope_input, two_stage=two_stage)
-                  for b in manifest.buckets]
+    states = manifest.components["text_gemma"].outputs[0].dtype  # 16-bit in a 16-bit ONNX bundle
+    per_bucket = [component_specs(src.preset, b, manifest.decode, manifest.rope_input, two_stage=two_stage,
+                                  state_dtype=states) for b in manifest.buckets]
     reports = {}
     for name, entry in manifest.components.items():
         batches = [None] if "batch" not in entry.dynamic_dims else sorted({entry.dynamic_dims["batch"][0],

@@ -34,7 +34,7 @@ from stdrc.export.family import detect_family
 from stdrc.export.lora import LoraSet, LoraSpec, dit_shapes, lora_transform
 from stdrc.export.reference import token_positions
 from stdrc.export.rope import RopeTables, rope_tables
-from stdrc.export.text import GemmaText, TextSide, build_text_side, load_gemma
+from stdrc.export.text import GemmaText, TextSide, TextStates, build_text_side, load_gemma
 from stdrc.export.upsampler import (
     UpsamplerFile,
     UpsampleVideo,
@@ -48,7 +48,7 @@ from stdrc.export.vae import DecoderForExport, EncoderForExport, build_vae, vae_
 from stdrc.runtime.manifest import Bucket, sha256_file
 from stdrc.runtime.schema import SourceQuantization
 from stdrc.runtime.text import ByteTokenizer
-from stdrc.runtime.vocab import COMPONENTS
+from stdrc.runtime.vocab import COMPONENTS, TEXT_COMPONENTS
 
 BASE_FLAG = "--base-checkpoint"
 TEXT_PARTS = "text projection and connector"
@@ -61,7 +61,7 @@ class ModelSet:
     dit: STDRCTransformer | None
     vae_encoder: torch.nn.Module | None
     vae_decoder: torch.nn.Module | None
-    text: TextSide | None
+    text: TextSide | None  # text_head's weights; its encoder is `text_states` when both were loaded, else Identity
     face: torch.nn.Module | None
     source_sha256: str  # hash of every component's source (files' sha256, or the seeded preset config)
     checkpoint_sha256: str | None
@@ -69,6 +69,7 @@ class ModelSet:
     sources: dict[str, dict] = field(default_factory=dict)  # component -> {"file", "sha256"} or {"seeded"}
     loras: LoraSet | None = None  # fused into `dit`
     upsampler: UpsampleVideo | None = None  # two-stage bundles: the x2 latent upsampler with the VAE statistics
+    text_states: torch.nn.Module | None = None  # text_gemma's encoder (Gemma-3, or the tiny preset's)
 
     def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """[1, L] token ids and mask as the bundle's runtime tokenizer gives them (bytes, or Gemma's)."""
@@ -91,8 +92,10 @@ class ModelSet:
         `rope_input`: the DiT takes `rope_cos`/`rope_sin` as inputs (one engine, every bucket); else the
         bucket's tables are baked in as constants."""
         modules: dict[str, torch.nn.Module] = {}
+        if self.text_states is not None:
+            modules["text_gemma"] = TextStates(self.text_states)
         if self.text is not None:
-            modules["text_encoder"] = self.text
+            modules["text_head"] = self.text.head
         if self.dit is not None and rope_input:
             modules["dit"] = self.dit
         elif self.dit is not None:
@@ -128,7 +131,7 @@ class Sources:
     def file_of(self, component: str) -> LazyCheckpoint | None:
         """The checkpoint `component`'s weights are read from (None: seeded, or not from a checkpoint)."""
         return {"dit": self.checkpoint, "vae_encoder": self.vae, "vae_decoder": self.vae,
-                "text_encoder": self.text}.get(component)
+                "text_head": self.text}.get(component)
 
     def source_quantization(self) -> SourceQuantization | None:
         """The DiT file's pre-quantization, for the manifest (None: a float file, or seeded weights)."""
@@ -144,10 +147,12 @@ class Sources:
             return {"files": real} if real else seeded
 
         ck, vae = self.checkpoint, self.vae
-        text_parts = [("encoder", self.gemma.folder if self.gemma else None, self.gemma.sha256 if self.gemma else None),
-                      ("projection", self.text.path if self.text else None, self.text.sha256 if self.text else None)]
+        gemma = ("encoder", self.gemma.folder if self.gemma else None, self.gemma.sha256 if self.gemma else None)
+        head = ("projection", self.text.path if self.text else None, self.text.sha256 if self.text else None)
         out = {
-            "text_encoder": files(*text_parts),
+            # the head's shapes follow Gemma's config: its folder keys the head too
+            "text_gemma": files(gemma),
+            "text_head": files(head, gemma),
             "dit": files(("dit", ck.path if ck else None, ck.sha256 if ck else None)),
             "vae_encoder": files(("vae", self.vae.path if self.vae else None, self.vae.sha256 if self.vae else None)),
             "vae_decoder": files(("vae", self.vae.path if self.vae else None, self.vae.sha256 if self.vae else None)),
@@ -214,12 +219,12 @@ def plan_sources(
     if text_encoder is not None:
         gemma = load_gemma(text_encoder, preset.text.max_length, weights=False)
         preset = replace(preset, text=gemma.text_config(preset.text))
-        if ckpt is not None and text is None and "text_encoder" in components:
+        if ckpt is not None and text is None and "text_head" in components:
             raise CheckpointError(
                 f"{ckpt.path} holds no text projection or connector for the Gemma-3 text side: "
                 f"pass the LTX-2 checkpoint that has them as {BASE_FLAG}"
             )
-    elif preset.text.kind != "tiny" and "text_encoder" in components:
+    elif preset.text.kind != "tiny" and set(TEXT_COMPONENTS) & set(components):
         raise CheckpointError("the Gemma-3 text side needs real weights: pass --text-encoder DIR (a local Gemma-3 "
                               "folder)")
     face_sha = None
@@ -258,13 +263,13 @@ def check_layouts(src: Sources, components: tuple[str, ...] = COMPONENTS) -> Non
         real = src.file_of(name)
         if real is None:
             continue
-        part = "text" if name == "text_encoder" else name
+        part = "text" if name == "text_head" else name
         shapes = {k: real.shape(part, k) for k in real.keys[part]}
         if name == "dit":
             check_shapes(dit_shapes(src.preset.dit), shapes, "DiT", real.path)
             continue
         with torch.device("meta"):
-            if name == "text_encoder":
+            if name == "text_head":
                 parts = _text_parts(TextSide(src.preset.text, torch.nn.Identity()))
                 check_layout(parts, shapes, TEXT_PARTS, real.path)
             else:
@@ -325,20 +330,36 @@ def _load_component(src: Sources, name: str, dtype: torch.dtype, transform: Tran
             if src.vae is not None:
                 load_streaming(module, src.vae, name, VAE_WHAT[name], None)
             return module
-        if name == "text_encoder":
-            gemma = load_gemma(src.gemma.folder, preset.text.max_length, dtype=dtype) if src.gemma else None
-            # a tiny encoder is never in a checkpoint: it is the preset's, seeded (the file's projection and
-            # connector then load over the rest), else a build and its verify would draw different encoders
-            seeded = gemma is None or src.text is None
-            with _no_default_init(None if seeded else src.text):
-                side = build_text_side(preset.text, seed=seed if seeded else None, gemma=gemma).to(dtype)
-            if src.text is not None:
-                load_streaming(_text_parts(side), src.text, "text", TEXT_PARTS, None)
-            return side
+        if name in TEXT_COMPONENTS:
+            return _text_component(src, name, dtype)
         if name == "upsampler":
             module = load_upsampler(src.upsampler, dtype) if src.upsampler else seeded_upsampler(seed).to(dtype)
             return UpsampleVideo(module, vae_statistics(src))
     raise ValueError(name)
+
+
+def _text_component(src: Sources, name: str, dtype: torch.dtype) -> torch.nn.Module:
+    """`text_gemma`: the encoder alone (Gemma-3's language model, or the tiny preset's seeded one); `text_head`: a
+    TextSide whose encoder is an Identity (the head's weights only: Gemma's are never read for it)."""
+    preset, seed = src.preset, src.seed
+    if src.gemma is not None and name == "text_gemma":
+        return load_gemma(src.gemma.folder, preset.text.max_length, dtype=dtype).encoder
+    # a tiny encoder is never in a checkpoint: it is the preset's, seeded with the head (the file's projection and
+    # connector then load over the rest), else a build and its verify would draw different encoders
+    seeded = src.gemma is None or src.text is None
+    with _no_default_init(None if seeded else src.text):
+        if src.gemma is not None:  # the head on Gemma's config, never its weights
+            side = build_text_side(src.gemma.text_config(preset.text), seed=seed if seeded else None,
+                                   encoder=torch.nn.Identity())
+        else:  # the tiny preset: encoder and head seeded together, as one side
+            side = build_text_side(preset.text, seed=seed)
+        side = side.to(dtype)
+    if name == "text_gemma":
+        return side.encoder
+    side.encoder = torch.nn.Identity()
+    if src.text is not None:
+        load_streaming(_text_parts(side), src.text, "text", TEXT_PARTS, None)
+    return side
 
 
 def vae_statistics(src: Sources) -> dict[str, torch.Tensor]:
@@ -354,12 +375,15 @@ def load_sources(src: Sources, components: tuple[str, ...] = COMPONENTS, dtype: 
                  transform: Transform | None = None) -> ModelSet:
     """The requested components of `src` (the rest None). `transform(key, tensor)` sees every DiT tensor as read."""
     got = {n: _load_component(src, n, dtype, transform) for n in components if n != "face_encoder"}
+    text = got.get("text_head")
+    if text is not None and "text_gemma" in got:  # both: the whole text side, as tests run it
+        text.encoder = got["text_gemma"]
     face = _face_module(src.preset, src.seed, src.face_weights, dtype) if "face_encoder" in components else None
     sources = src.of()
     source = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()
     ckpt = src.checkpoint
     return ModelSet(src.preset, got.get("dit"), got.get("vae_encoder"), got.get("vae_decoder"),
-                    got.get("text_encoder"), face=face, source_sha256=source,
+                    text, text_states=got.get("text_gemma"), face=face, source_sha256=source,
                     checkpoint_sha256=ckpt.sha256 if ckpt else None, gemma=src.gemma, sources=sources,
                     upsampler=got.get("upsampler"))
 

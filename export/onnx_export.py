@@ -47,7 +47,8 @@ class CastIO(torch.nn.Module):
     """A module whose weights are fp16/bf16 behind fp32 inputs and outputs: the ONNX is written in the
     engine precision directly (no fp32 copy of the weights, on disk or in memory), its interface unchanged.
 
-    Inputs the module names in `fp32_inputs` (forward parameter names) stay fp32: the DiT's timestep is
+    A module with `native_outputs` keeps its outputs in its dtype (`TextStates`: half the bytes crossing to the
+    text head). Inputs the module names in `fp32_inputs` (forward parameter names) stay fp32: the DiT's timestep is
     scaled by 1000 before ltx-core's fp32 sinusoid, and an fp16 sigma there costs its embedding 2e-2 rel L2."""
 
     def __init__(self, module: torch.nn.Module):
@@ -61,6 +62,8 @@ class CastIO(torch.nn.Module):
         cast = [a.to(self.dtype) if a.is_floating_point() and i not in self.keep else a
                 for i, a in enumerate(args)]
         out = self.module(*cast)
+        if getattr(self.module, "native_outputs", False):  # hidden states crossing to the next engine as they are
+            return tuple(out)
         if isinstance(out, (tuple, list)):
             return tuple(o.float() if o.is_floating_point() else o for o in out)
         return out.float()
@@ -79,8 +82,7 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, path: str | Path, 
     ONNX Runtime, ``onnx`` (opset 23 `Attention`) for TensorRT, ``unfused`` for the decomposed baseline.
     """
     path = Path(path)
-    feeds = spec.sample_inputs(seed=seed)
-    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    args = spec.torch_inputs(seed=seed)
     external = param_bytes(module) > EXTERNAL_MIN_BYTES
     shapes = dynamic_shapes(spec)
     if isinstance(module, CastIO) and shapes is not None:

@@ -16,6 +16,14 @@ from stdrc.runtime.sampler import SIGMA_INPUT  # the DiT's last input when DiTCo
 from stdrc.runtime.tiling import DecodeTiling, decoder_tile_dims
 
 FACE_BATCH = (1, 16, 64)
+NUMPY_FLOATS = {"float32": np.float32, "float16": np.float16}
+# the torch dtype a text_gemma engine's hidden states have (its export dtype; CastIO leaves them as they are)
+STATE_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+
+
+def state_names(count: int) -> tuple[str, ...]:
+    """The hidden states crossing from text_gemma to text_head: embeddings, then one a layer."""
+    return tuple(f"hidden_state_{i}" for i in range(count))
 DIT_BATCH = (1, 3, 3)  # guidance streams: min, opt, max
 
 
@@ -30,8 +38,19 @@ class ComponentSpec:
     bucket_dims: tuple[dict[str, list[int]], ...] = ()
 
     def sample_inputs(self, seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:
+        """Feeds in each input's dtype where numpy has it (bf16 inputs stay fp32 here: `torch_inputs`)."""
         opt = self.dynamic_dims.get("batch", [1, 1, 1])[1]
-        return self.sample(batch or opt, seed)
+        feeds = self.sample(batch or opt, seed)
+        return {k: v.astype(NUMPY_FLOATS[t.dtype]) if t.dtype in NUMPY_FLOATS else v
+                for t in self.inputs for k, v in [(t.name, feeds[t.name])]}
+
+    def torch_inputs(self, seed: int = 0, device: str = "cpu") -> tuple:
+        """`sample_inputs` as torch tensors in each input's own dtype, in the spec's order (what an export traces)."""
+        import torch
+
+        feeds = self.sample_inputs(seed=seed)
+        return tuple(torch.from_numpy(feeds[t.name]).to(device=device, dtype=getattr(torch, t.dtype))
+                     for t in self.inputs)
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -77,7 +96,8 @@ def upsampler_spec(channels: int, grids: Sequence[tuple[int, int, int]]) -> Comp
 
 
 def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: DecodeTiling | None = None,
-                    rope_input: bool = False, two_stage: bool = False) -> dict[str, ComponentSpec]:
+                    rope_input: bool = False, two_stage: bool = False,
+                    state_dtype: str = "float32") -> dict[str, ComponentSpec]:
     """Specs for every component, serving every bucket of `buckets` (the first is the default).
 
     A dim that differs between buckets is symbolic with [min, opt, max] over them (DiT tokens, VAE
@@ -86,7 +106,8 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
     `tiling`, the VAE decoder takes tile sizes (dynamic where they differ), run tile by tile.
     `two_stage`: the DiT and VAE encoder also serve each bucket's stage-1 half (`Bucket.half()`: a
     TensorRT profile per grid), and the specs gain the `upsampler` (half -> bucket latent) and
-    `dit_refine` (the DiT's interface at the buckets' own grids).
+    `dit_refine` (the DiT's interface at the buckets' own grids). `state_dtype`: the hidden states' dtype
+    between `text_gemma` and `text_head` (the text engines' export dtype: 16-bit in a 16-bit ONNX engine).
     """
     buckets = (buckets,) if isinstance(buckets, Bucket) else tuple(buckets)
     halves = tuple(x.half() for x in buckets) if two_stage else ()
@@ -121,6 +142,15 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
         ids[0, length - valid] = 1
         mask = (ids != 0).astype(np.int64)
         return {"token_ids": ids, "token_mask": mask}
+
+    states = state_names(preset.text.encoder_layers + 1)
+    width = preset.text.encoder_dim
+
+    def head_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
+        r = _rng(seed + 1)  # hidden states grow with depth, as Gemma's do
+        shape = (1, length, width)
+        return {"token_mask": text_sample(batch, seed)["token_mask"],
+                **{n: (r.standard_normal(shape) * (1 + i)).astype(np.float32) for i, n in enumerate(states)}}
 
     def dit_sample(batch: int, seed: int) -> dict[str, np.ndarray]:
         r = _rng(seed)
@@ -173,12 +203,19 @@ def component_specs(preset: Preset, buckets: Bucket | Sequence[Bucket], tiling: 
 
     enc_dynamic = {k: varies[k] for k in ("height", "width") if k in varies}
     specs = {
-        "text_encoder": ComponentSpec(
-            "text_encoder",
+        "text_gemma": ComponentSpec(
+            "text_gemma",
             (TensorSpec("token_ids", (1, length), i64), TensorSpec("token_mask", (1, length), i64)),
+            tuple(TensorSpec(n, (1, length, width), state_dtype) for n in states),
+            sample=text_sample,
+        ),
+        "text_head": ComponentSpec(
+            "text_head",
+            (TensorSpec("token_mask", (1, length), i64),
+             *(TensorSpec(n, (1, length, width), state_dtype) for n in states)),
             (TensorSpec("context", (1, length, preset.text.connector_dim), f32),
              TensorSpec("context_mask", (1, length), i64)),
-            sample=text_sample,
+            sample=head_sample,
         ),
         "dit": ComponentSpec(
             "dit",

@@ -1,5 +1,8 @@
 """The text side: encoder hidden states -> LTX-2's feature extractor + connector -> DiT context.
 
+Two engines: `text_gemma` (`TextStates`: token ids -> every hidden state) and `text_head` (`TextHead`:
+hidden states -> context), so a staged run never holds Gemma and the head at once.
+
 The `tiny` preset uses a seeded byte-level encoder (no download). Real checkpoints use Gemma-3 from a
 local folder through transformers (`load_gemma`), with ltx-core's connector and its feature extractor's
 arithmetic (V1 for LTX-2, V2 for LTX-2.3, as the config says), computed one hidden state at a time
@@ -164,13 +167,15 @@ def move_valid_to_front(hidden: torch.Tensor, mask: torch.Tensor, registers: tor
     return torch.where(keep, shifted, tiled)
 
 
-class TextSide(torch.nn.Module):
-    """token ids [1, L] + mask [1, L] -> context [1, L, connector_dim] + context mask [1, L]."""
+class TextHead(torch.nn.Module):
+    """The `text_head` engine: token mask [1, L] + the encoder's L_s hidden states ([1, L, D] each, the Gemma
+    engine's outputs) -> context [1, L, connector_dim] + context mask [1, L].
 
-    def __init__(self, cfg: TextConfig, encoder: torch.nn.Module):
+    The feature extractor (one state at a time) and the connector; no encoder weights. The states arrive as
+    separate inputs in the engine precision, so nothing stacks them ([L, T, D]) on either side."""
+
+    def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.cfg = cfg
-        self.encoder = encoder
         flat = cfg.encoder_dim * (cfg.encoder_layers + 1)
         if cfg.per_token_projection:
             self.feature_extractor = LayerwiseFeatureExtractorV2(
@@ -214,8 +219,7 @@ class TextSide(torch.nn.Module):
         self.register_buffer("connector_cos", cos, persistent=False)
         self.register_buffer("connector_sin", sin, persistent=False)
 
-    def forward(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        states = self.encoder(token_ids, token_mask)
+    def forward(self, token_mask: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features, _ = self.feature_extractor(states, token_mask, "left")
         registers = self.connector.learnable_registers
         hidden = move_valid_to_front(features, token_mask, registers)
@@ -229,9 +233,9 @@ class TextSide(torch.nn.Module):
         context = rms_norm(hidden)
         return context, torch.ones_like(token_mask)
 
-    def ltx_reference(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """ltx-core's own feature extractor and connector path, for parity tests (batch 1, boolean indexing)."""
-        states = self.encoder(token_ids, token_mask)
+    def ltx_reference(self, token_mask: torch.Tensor, *states: torch.Tensor) -> torch.Tensor:
+        """ltx-core's own feature extractor and connector (its embeddings processor's video path, batch 1,
+        boolean indexing) on the same weights, for parity tests and `verify`."""
         extractor = self.feature_extractor
         if isinstance(extractor, LayerwiseFeatureExtractorV2):
             reference = FeatureExtractorV2(extractor.video_aggregate_embed, extractor.embedding_dim)
@@ -241,6 +245,59 @@ class TextSide(torch.nn.Module):
         additive = convert_to_additive_mask(token_mask, features.dtype)
         encoded, _ = self.connector(features, additive)
         return encoded
+
+
+class LtxCoreTextHead(torch.nn.Module):
+    """`TextHead.ltx_reference` with the engine's interface (context, context mask): `verify`'s reference."""
+
+    def __init__(self, head: TextHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, token_mask: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head.ltx_reference(token_mask, *states), torch.ones_like(token_mask)
+
+
+class TextStates(torch.nn.Module):
+    """The `text_gemma` engine: token ids [1, L] + mask [1, L] -> the encoder's hidden states, [1, L, D] each
+    (`hidden_state_0` the embeddings, then one a layer), in the engine precision (`native_outputs`: CastIO
+    leaves them 16-bit in a 16-bit engine: half the bytes that cross to the head)."""
+
+    native_outputs = True
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.encoder(token_ids, token_mask))
+
+
+class TextSide(torch.nn.Module):
+    """token ids [1, L] + mask [1, L] -> context [1, L, connector_dim] + context mask [1, L]: the encoder,
+    then the head. Bundles run it as two engines (`text_gemma` = `TextStates`, `text_head` = `TextHead`);
+    this whole is what tests compare with ltx-core's Gemma encoder + embeddings processor."""
+
+    def __init__(self, cfg: TextConfig, encoder: torch.nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.head = TextHead(cfg)
+
+    @property
+    def feature_extractor(self) -> torch.nn.Module:
+        return self.head.feature_extractor
+
+    @property
+    def connector(self) -> Embeddings1DConnector:
+        return self.head.connector
+
+    def forward(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(token_mask, *self.encoder(token_ids, token_mask))
+
+    def ltx_reference(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """ltx-core's own feature extractor and connector path, for parity tests (batch 1, boolean indexing)."""
+        return self.head.ltx_reference(token_mask, *self.encoder(token_ids, token_mask))
 
 
 class GemmaEncoder(torch.nn.Module):
@@ -359,10 +416,12 @@ def load_gemma(folder: str | Path, max_length: int, dtype: torch.dtype = torch.f
     )
 
 
-def build_text_side(cfg: TextConfig, seed: int | None = 0, gemma: GemmaText | None = None) -> TextSide:
-    """The text side with seeded projection and connector (a checkpoint's weights load over them)."""
-    if gemma is not None:
-        side = TextSide(gemma.text_config(cfg), gemma.encoder)
+def build_text_side(cfg: TextConfig, seed: int | None = 0, gemma: GemmaText | None = None,
+                    encoder: torch.nn.Module | None = None) -> TextSide:
+    """The text side with seeded projection and connector (a checkpoint's weights load over them). `encoder`:
+    Gemma's stand-in when only the head is wanted (`cfg` then Gemma's text config)."""
+    if gemma is not None or encoder is not None:
+        side = TextSide(gemma.text_config(cfg), gemma.encoder) if gemma is not None else TextSide(cfg, encoder)
         if seed is not None:
             init_seeded(side.feature_extractor, seed + 3, std=0.2)
             init_seeded(side.connector, seed + 4, std=0.2)

@@ -59,6 +59,7 @@ def write_cpp_inputs(pipeline: Pipeline, reference: str | Path | np.ndarray, opt
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pipeline.bucket = prepared.bucket
+    pipeline.prompts.fill([o.prompt, o.negative_prompt])  # the text engines open once for both
     text, no_text = pipeline.prompts(o.prompt), pipeline.prompts(o.negative_prompt)
     arrays = {  # the sampling grid's: the bucket, or its stage-1 half
         NOISE: pipeline.initial_noise(o.seed, prepared.bucket.half() if two else None),

@@ -32,7 +32,7 @@ from stdrc.runtime.schema import (
     TwoStageConfig,
 )
 from stdrc.runtime.tiling import DecodeTiling
-from stdrc.runtime.vocab import BACKENDS, COMPONENTS, PRECISIONS, STAGE_COMPONENTS
+from stdrc.runtime.vocab import BACKENDS, COMPONENTS, OLD_TEXT_COMPONENT, PRECISIONS, STAGE_COMPONENTS, TEXT_COMPONENTS
 
 FORMAT_VERSION = 2  # 2: a "buckets" list (format 1: one "bucket"), still read
 READ_FORMATS = (1, 2)
@@ -315,6 +315,10 @@ class Manifest:
                 f"{', '.join(map(str, READ_FORMATS))}): rebuild it with `stdrc-export build-engines`"
             )
         components = sc.section(sc.get(data, "components", "manifest"), "components")
+        if OLD_TEXT_COMPONENT in components:
+            raise BundleError(f"bundle holds the one-engine {OLD_TEXT_COMPONENT} (Gemma and the text head together, "
+                              f"built before they became {' and '.join(TEXT_COMPONENTS)}): rebuild it with "
+                              "`stdrc-export build-engines`")
         unknown = sorted(set(components) - set(COMPONENTS) - set(STAGE_COMPONENTS))
         if unknown or not components:
             raise sc.bad("components", sorted(components),

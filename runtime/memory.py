@@ -5,8 +5,8 @@ a 24 GB card can hold one large engine at a time. Plans (DESIGN: "Fits a 24 GB G
 
 - ``all``: every engine opened once and kept (lowest latency for repeated generations);
 - ``staged``: each engine opened when its stage starts and released when it ends (reference
-  encode -> text encoder -> DiT sampling -> [two stages: upsampler -> refinement DiT] -> decoder ->
-  face encoder); a cached prompt never opens the text encoder;
+  encode -> Gemma -> text head -> DiT sampling -> [two stages: upsampler -> refinement DiT] -> decoder ->
+  face encoder); a cached prompt never opens either text engine;
 - ``auto``: ``all`` when the sum fits the device's free memory (with a margin), else ``staged``.
 
 Weight bytes are the engine files' sizes (recorded in the manifest at build time); activation
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from stdrc.runtime.errors import InputError
 from stdrc.runtime.schema import SPACE_SCALE
-from stdrc.runtime.vocab import MEMORY_PLANS
+from stdrc.runtime.vocab import MEMORY_PLANS, TEXT_COMPONENTS
 
 if TYPE_CHECKING:
     from stdrc.runtime.manifest import Bucket
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 # generation order; the stage that needs each component
-STAGES = (("reference", "vae_encoder"), ("text", "text_encoder"), ("sampling", "dit"),
+STAGES = (("reference", "vae_encoder"), ("text", "text_gemma"), ("text head", "text_head"), ("sampling", "dit"),
           ("upsample", "upsampler"), ("refine", "dit_refine"),  # two-stage bundles only
           ("decode", "vae_decoder"), ("facesim", "face_encoder"))
 MARGIN = 1.10  # allocator slack, CUDA context, workspace: `auto` picks `all` only with 10% to spare
@@ -73,7 +73,7 @@ def activation_bytes(component: str, model: ModelConfig, bucket: Bucket, precisi
     q, k, v, attention out and two residuals (6 D), no N x N term (attention is fused in the graph);
     dit_refine: the same for one stream (stage 2 is unguided) at the output bucket (the DiT's stage 1 runs
     at its half, a quarter of the tokens, so the `dit` figure at the bucket bounds it);
-    text_encoder: `text_activation_bytes`;
+    text_gemma, text_head: `gemma_activation_bytes`, `head_activation_bytes`;
     vae_decoder: three 128-channel maps at the decoder's last internal resolution (pixels over
     patch_size squared, before its depth-to-space) for every output frame, per tile when tiled;
     vae_encoder: the same for one frame; upsampler: three maps of the released x2 file's width
@@ -87,8 +87,10 @@ def activation_bytes(component: str, model: ModelConfig, bucket: Bucket, precisi
         inner = d.num_attention_heads * d.attention_head_dim
         streams = GUIDANCE_STREAMS if component == "dit" else 1
         return streams * (bucket.tokens * (4 * inner + 6 * inner) + bucket.text_length * d.cross_attention_dim) * e
-    if component == "text_encoder":
-        return text_activation_bytes(model.text, bucket.text_length, e)
+    if component == "text_gemma":
+        return gemma_activation_bytes(model.text, bucket.text_length, e)
+    if component == "text_head":
+        return head_activation_bytes(model.text, bucket.text_length, e)
     if component in ("vae_decoder", "vae_encoder"):
         if component == "vae_decoder" and decode:  # tiles of at most `tile` latents a side (+ overlap)
             side = (decode.tile + decode.overlap) * SPACE_SCALE
@@ -101,28 +103,42 @@ def activation_bytes(component: str, model: ModelConfig, bucket: Bucket, precisi
     return 8 * 2**20  # face encoder: 112x112 crops
 
 
-def text_activation_bytes(text: TextModel, length: int, e: int = 4) -> int:
-    """The text encoder's live activations for `length` tokens (T), `e` bytes an element.
+def states_bytes(text: TextModel, length: int, e: int = 4) -> int:
+    """What crosses from text_gemma to text_head: every hidden state once, (L + 1) x T x D, in the engine's
+    precision (16-bit in a 16-bit engine). Gemma-3 12B, 1024 tokens: 49 x 1024 x 3840 x 2 B = 368 MiB."""
+    return (text.encoder_layers + 1) * (length or text.max_length) * text.encoder_dim * e
 
-    Three terms, each one full-size working set (the feature extraction holds one hidden state's copies,
-    never a [T, D, L] stack: export/text.py `LayerwiseFeatureExtractor`):
-    - every hidden state once, (L + 1) x T x D: what a schedule that runs the feature extraction last
-      holds (ONNX Runtime CPU frees them earlier; measured ~15 MB a layer from 3 to 4 full layers);
-    - one Gemma layer: its feed-forward (4 x T x ffn) and its unfused attention scores, heads x T x T,
-      three copies (scores, masked, softmax) in fp32 whatever the precision (the softmax is upcast);
-    - one connector block: 14 rows of its width (q, k, v, RoPE copies, norms, 4x feed-forward in and
-      out) and its heads' T x T probabilities (ONNX Runtime CPU's attention kernel), in fp32.
-    Measured, fp32 ONNX Runtime CPU, 1024 tokens, width 3840 (docs/benchmarks.md): run peak over the
-    weights minus SESSION_BYTES 353-377 MiB with narrow Gemma layers (2-28 of them; this gives 403-793),
-    402 / 671 / 735 / 748 MiB with Gemma-3 12B's own layers (1-4; this gives 792-837).
-    """
-    width, length = text.encoder_dim, length or text.max_length
+
+def gemma_activation_bytes(text: TextModel, length: int, e: int = 4) -> int:
+    """text_gemma's live activations for `length` tokens (T), `e` bytes an element: its outputs, every hidden
+    state (`states_bytes`; ONNX Runtime CPU measured ~15 MB a layer from 3 to 4 full layers), plus one Gemma
+    layer: its feed-forward (4 x T x ffn) and its unfused attention scores, heads x T x T, three copies
+    (scores, masked, softmax) in fp32 whatever the precision (the softmax is upcast)."""
+    length = length or text.max_length
+    return states_bytes(text, length, e) + 4 * length * text.ffn * e + 3 * text.heads * length * length * 4
+
+
+def head_activation_bytes(text: TextModel, length: int, e: int = 4) -> int:
+    """text_head's live activations: its inputs (`states_bytes`), the feature extraction's working set for one
+    state at a time (its normalised fp32 copy, T x D, and the fp32 sum, T x width; never a [T, D, L] stack:
+    export/text.py), and one connector block: 14 rows of its width (q, k, v, RoPE copies,
+    norms, 4x feed-forward in and out) and its heads' T x T probabilities (ONNX Runtime CPU's attention
+    kernel), in fp32."""
+    length = length or text.max_length
     c_heads = text.connector_heads
-    c_width = c_heads * text.connector_head_dim or width
-    states = (text.encoder_layers + 1) * length * width * e
-    gemma_layer = 4 * length * text.ffn * e + 3 * text.heads * length * length * 4
+    c_width = c_heads * text.connector_head_dim or text.encoder_dim
+    extraction = (length * text.encoder_dim + length * c_width) * 4
     connector = 14 * length * c_width * e + c_heads * length * length * 4
-    return states + gemma_layer + connector
+    return states_bytes(text, length, e) + extraction + connector
+
+
+def text_activation_bytes(text: TextModel, length: int, e: int = 4) -> int:
+    """Both text engines' activations as one graph held them (the hidden states counted once): what the
+    one-engine text encoder needed, measured against the runs in docs/benchmarks.md (fp32 ONNX Runtime CPU,
+    1024 tokens, width 3840: run peak over the weights minus SESSION_BYTES 353-377 MiB with narrow Gemma layers,
+    402-748 MiB with Gemma-3 12B's own). The split's stages each need less: `memory_needs` charges each its own."""
+    return gemma_activation_bytes(text, length, e) + head_activation_bytes(text, length, e) \
+        - states_bytes(text, length, e)
 
 
 @dataclass(frozen=True)
@@ -152,9 +168,9 @@ class MemoryPlanReport:
 
 def memory_needs(weights: dict[str, int], activations: dict[str, int], skip_text: bool = False) -> MemoryPlanReport:
     """Per-stage needs from per-component weight and activation bytes. `skip_text`: the prompts are
-    cached, so the text stage never runs. Each stage adds SESSION_BYTES (one session runs at a time)."""
+    cached, so neither text stage runs. Each stage adds SESSION_BYTES (one session runs at a time)."""
     stages = tuple(StageNeed(stage, comp, weights[comp], activations.get(comp, 0))
-                   for stage, comp in STAGES if comp in weights and not (skip_text and comp == "text_encoder"))
+                   for stage, comp in STAGES if comp in weights and not (skip_text and comp in TEXT_COMPONENTS))
     resident = sum(s.weight_bytes for s in stages)
     session = SESSION_BYTES if stages else 0
     largest_stage = max((s.weight_bytes + s.activation_bytes for s in stages), default=0)

@@ -137,10 +137,12 @@ class PromptStore:
 class PromptCache:
     """Text embeddings cached by prompt: in memory (LRU), then on disk (`store`), then encoded.
 
-    The empty prompt ("no text") is computed once. `encoded` counts prompts that reached the encoder.
+    `encode` takes every prompt still missing at once (the text engines then open once for them all). The
+    empty prompt ("no text") is computed once. `encoded` counts prompts that reached the encoder.
     """
 
-    def __init__(self, encode: Callable[[str], Embedding], capacity: int = 32, store: PromptStore | None = None):
+    def __init__(self, encode: Callable[[list[str]], list[Embedding]], capacity: int = 32,
+                 store: PromptStore | None = None):
         self._encode = encode
         self._capacity = capacity
         self._items: OrderedDict[str, Embedding] = OrderedDict()
@@ -151,19 +153,32 @@ class PromptCache:
         return prompt in self._items or (self.store is not None and self.store.get(prompt) is not None)
 
     def __call__(self, prompt: str) -> Embedding:
-        if prompt in self._items:
-            self._items.move_to_end(prompt)
-            return self._items[prompt]
-        value = self.store.get(prompt) if self.store is not None else None
-        if value is None:
-            value = self._encode(prompt)
+        self.fill([prompt])
+        self._items.move_to_end(prompt)
+        return self._items[prompt]
+
+    def fill(self, prompts: list[str]) -> None:
+        """Every prompt of `prompts` in memory: from memory, from disk, else encoded, the missing ones in one call."""
+        missing = []
+        for prompt in dict.fromkeys(prompts):
+            value = self._items.get(prompt)
+            if value is None and self.store is not None:
+                value = self.store.get(prompt)
+            if value is None:
+                missing.append(prompt)
+            else:
+                self._keep(prompt, value)
+        for prompt, value in zip(missing, self._encode(missing) if missing else []):
             self.encoded += 1
             if self.store is not None:
                 self.store.put(prompt, value)
+            self._keep(prompt, value)
+
+    def _keep(self, prompt: str, value: Embedding) -> None:
         self._items[prompt] = value
+        self._items.move_to_end(prompt)
         if len(self._items) > self._capacity:
             self._items.popitem(last=False)
-        return value
 
     def __len__(self) -> int:
         return len(self._items)

@@ -4,8 +4,12 @@ Everything else imports these: a CLI's `choices`, a manifest check and a build s
 """
 
 # bundle components, in build order; a bundle without a face encoder still generates (no FaceSim then)
-COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder")
-REQUIRED_COMPONENTS = ("text_encoder", "dit", "vae_encoder", "vae_decoder")
+COMPONENTS = ("text_gemma", "text_head", "dit", "vae_encoder", "vae_decoder", "face_encoder")
+REQUIRED_COMPONENTS = ("text_gemma", "text_head", "dit", "vae_encoder", "vae_decoder")
+# the text side, two engines: Gemma-3 (token ids -> every hidden state), then the head (feature extractor +
+# connector: hidden states -> DiT context); a staged run holds one at a time
+TEXT_COMPONENTS = ("text_gemma", "text_head")
+OLD_TEXT_COMPONENT = "text_encoder"  # bundles built before the split held both in this one engine: refused
 BUCKET_SIZED = ("dit", "vae_encoder", "vae_decoder")  # input shapes follow the bucket (the others: fixed)
 # a two-stage bundle's extra components: the x2 latent upsampler and the DiT with the refinement LoRA
 STAGE_COMPONENTS = ("upsampler", "dit_refine")

@@ -213,8 +213,8 @@ def test_runtime_memory_json(bundle):
     for modes in plans.values():
         for r in modes.values():
             assert r["status"] == "ok", r and positive(r["peak_rss_mb"])
-    assert plans["staged"]["cached_prompt"]["text_encoder_opened"] is False
-    assert plans["staged"]["uncached_prompt"]["text_encoder_opened"] is True
+    assert plans["staged"]["cached_prompt"]["text_opened"] == []
+    assert plans["staged"]["uncached_prompt"]["text_opened"] == ["text_gemma", "text_head"]
     p = rep["projected"]
     assert 12e9 < p["parameters"]["dit"] < 14e9 and 11e9 < p["parameters"]["gemma3_12b_text"] < 13e9
     g = p["projected_gpu_gb"]

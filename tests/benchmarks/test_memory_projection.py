@@ -40,15 +40,22 @@ def test_ltx23_counts_its_own_architecture(projections) -> None:
     assert three["vae_encoder"] != two["vae_encoder"]  # LTX-2.3's own VAE
 
 
-def test_ltx23_text_stage_holds_gemma_and_its_head(projections) -> None:
-    p = projections["ltx2.3"]
+@pytest.mark.parametrize("family", ["ltx2", "ltx2.3"])
+def test_gemma_and_its_head_are_stages_of_their_own(projections, family) -> None:
+    """The FP8 DiT staged plan peaks at Gemma's stage, the head apart: within 24 GiB for both families."""
+    p = projections[family]
     w, a, g = p["weights_gib"]["fp8"], p["activations_gib"], p["projected_gpu_gb"]
-    text_stage = w["text_encoder"] + a["text_encoder"] + p["session_gib"] + p["context_gib"]
-    dit_stage = w["dit"] + a["dit"] + p["session_gib"] + p["context_gib"]
-    assert g["fp8_staged"] == pytest.approx(max(text_stage, dit_stage))
+    fixed = p["session_gib"] + p["context_gib"]
+    stage = {c: w[c] + a[c] + fixed for c in ("text_gemma", "text_head", "dit", "vae_decoder")}
+    assert g["fp8_staged"] == pytest.approx(max(stage.values())) == pytest.approx(stage["text_gemma"])
+    assert stage["text_head"] < stage["dit"] < stage["text_gemma"] < 24
     assert g["fp8_staged_cached_prompt"] < g["fp8_staged"] < g["fp16_all"]
     n = p["parameters"]
-    assert w["text_encoder"] == pytest.approx(2 * (n["gemma3_12b_text"] + n["text_head"]) / 2**30)
+    assert w["text_gemma"] == pytest.approx(2 * n["gemma3_12b_text"] / 2**30)
+    assert w["text_head"] == pytest.approx(2 * n["text_head"] / 2**30)
+    # both hold the hidden states that cross between them (49 x 1024 x 3840, fp16) once
+    states = 49 * 1024 * 3840 * 2 / 2**30
+    assert a["text_gemma"] > states and a["text_head"] > states
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -89,7 +89,7 @@ def test_verify_passes_on_the_aoti_bundle(aoti_bundle: Path) -> None:
     from stdrc.engines.verify import verify_bundle
 
     reports = verify_bundle(aoti_bundle, trust_code=True)
-    assert set(reports) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
+    assert set(reports) == {"text_gemma", "text_head", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
     assert all(r.backend == "aoti" and r.ok and r.rel_l2 <= 1e-4 for r in reports.values()), reports
 
 

@@ -12,15 +12,21 @@ import pytest
 
 from stdrc.engines.build import BuildConfig, build_engines
 from stdrc.engines.bundle import BundleWriter
-from stdrc.engines.verify import REF_PRESET_CONFIG, verify_bundle
+from stdrc.engines.verify import REF_PRESET_CONFIG, REF_TEXT_HEAD, verify_bundle
 from stdrc.runtime.errors import BundleError
-from stdrc.runtime.manifest import FORMAT_VERSION, Manifest, check_files, read_manifest, sha256_file
+from stdrc.runtime.manifest import FORMAT_VERSION, Manifest, TensorSpec, check_files, read_manifest, sha256_file
 
 
 def test_manifest_describes_the_bundle(tiny_bundle: Path) -> None:
     m = read_manifest(tiny_bundle)
     assert m.format == FORMAT_VERSION and m.preset == "tiny"
-    assert set(m.components) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
+    assert set(m.components) == {"text_gemma", "text_head", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
+    # the hidden states cross from Gemma's engine to the head's: every state, one input each, same shapes
+    gemma, head = m.components["text_gemma"], m.components["text_head"]
+    states = m.model_config.text.encoder_layers + 1  # the embeddings and one a layer
+    assert [t.name for t in gemma.outputs] == [f"hidden_state_{i}" for i in range(states)]
+    assert head.inputs == (TensorSpec("token_mask", (1, 16), "int64"), *gemma.outputs)
+    assert [t.name for t in head.outputs] == ["context", "context_mask"]
     assert m.bucket.frames == 9 and m.bucket.video_tokens == 12 and m.bucket.reference_tokens == 6
     dit = m.components["dit"]
     assert [t.name for t in dit.inputs] == ["latent", "timestep", "context", "context_mask", "attn_mask"]
@@ -38,13 +44,32 @@ def test_manifest_describes_the_bundle(tiny_bundle: Path) -> None:
     assert Manifest.from_json(data).model_config.family == "ltx2"
 
 
+def test_a_bundle_with_the_one_engine_text_encoder_is_refused(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    """Bundles built before the text side was split (one `text_encoder` engine, Gemma and its head together):
+    one `error:` line naming the rebuild, exit 2, from the manifest alone (no engine file is read)."""
+    from stdrc.cli import main
+
+    data = json.loads((tiny_bundle / "manifest.json").read_text())
+    data["components"]["text_encoder"] = data["components"].pop("text_gemma")
+    del data["components"]["text_head"]
+    with pytest.raises(BundleError, match="one-engine text_encoder .* text_gemma and text_head.*: rebuild it with"):
+        Manifest.from_json(data)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps(data))  # no engine files at all: refused before looking
+    assert main(["plan", "--bundle", str(old)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "build-engines" in err[0], err
+
+
 def test_verify_every_component_within_1e4(tiny_bundle: Path) -> None:
     reports = verify_bundle(tiny_bundle)
-    assert set(reports) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
+    assert set(reports) == {"text_gemma", "text_head", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
     for name, r in reports.items():
         assert r.ok and r.rel_l2 <= 1e-4, (name, r)
         assert r.rel_l2 > 0 or r.max_abs_err == 0
     assert reports["dit"].reference == REF_PRESET_CONFIG  # ltx-core's LTXModel.forward on the seeded weights
+    assert reports["text_head"].reference == REF_TEXT_HEAD  # ltx-core's feature extractor + connector
 
 
 @pytest.mark.slow  # a second verify of the tiny bundle
@@ -63,7 +88,7 @@ def test_verify_cli_json(tiny_bundle: Path, capsys) -> None:
 def test_verify_cli_report(tiny_bundle: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "stdrc.engines.cli", "verify", str(tiny_bundle), "--report"],
                          capture_output=True, text=True, check=True)
-    for name in ("text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"):
+    for name in ("text_gemma", "text_head", "dit", "vae_encoder", "vae_decoder", "face_encoder"):
         assert f"Accuracy Summary | {name} vs. pytorch" in out.stdout  # polygraphy's comparison per component
     assert "Passed: 2/2 iterations" in out.stdout  # the DiT at batch 1 and 3
     lines = out.stdout.strip().splitlines()

@@ -68,7 +68,7 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
     dit = manifest.model_config.dit
     assert dit.num_attention_heads * dit.attention_head_dim == 4096
     assert manifest.model_config.text.encoder_dim == 3840
-    assert set(manifest.components) == {"text_encoder", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
+    assert set(manifest.components) == {"text_gemma", "text_head", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
     # past protobuf's 2 GiB limit (what the tiny preset never reaches): the VAE encoder's 2.6 GiB of fp32
     # weights sit in external data beside a small graph, and verify and generate below run them
     assert (bundle / "vae_encoder.onnx.data").stat().st_size > 2 * 1024**3
@@ -76,7 +76,8 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
     sources = manifest.created_by.sources
     for name in ("dit", "vae_encoder", "vae_decoder"):
         assert {f["file"] for f in sources[name]["files"].values()} == {ckpt.name}
-    assert set(sources["text_encoder"]["files"]) == {"encoder", "projection"}
+    assert set(sources["text_gemma"]["files"]) == {"encoder"}  # Gemma's folder keys the head too (its shapes)
+    assert set(sources["text_head"]["files"]) == {"encoder", "projection"}
     # the disk check's estimate (from headers, before any weight is read) is the engines' size within 5%
     weights = manifest.memory.weight_bytes
     for name, estimated in _disk_estimate(ckpt, gemma).items():

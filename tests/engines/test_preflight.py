@@ -130,7 +130,7 @@ def test_other_bucket_mixes_pass_the_decoder_check(tmp_path: Path, backend: str,
 def test_disk_needs_count_the_bundle_and_the_largest_export(tmp_path: Path) -> None:
     from stdrc.engines.preflight import DISK_MARGIN_BYTES, disk_needs
 
-    estimate = {"dit": 5 * 2**30, "vae_encoder": 3 * 2**30, "text_encoder": 2 * 2**30}
+    estimate = {"dit": 5 * 2**30, "vae_encoder": 3 * 2**30, "text_gemma": 2 * 2**30}
     out, cache = tmp_path / "new" / "bundle", tmp_path / "cache"  # neither exists yet: their disk is tmp_path's
     assert disk_needs(estimate, "onnxruntime", out, cache) == {tmp_path: 15 * 2**30 + DISK_MARGIN_BYTES}
     assert disk_needs(estimate, "aoti", out, cache) == {tmp_path: 10 * 2**30 + DISK_MARGIN_BYTES}  # no ONNX stage

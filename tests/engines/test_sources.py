@@ -60,7 +60,7 @@ def test_manifest_records_every_components_source(real_bundle: Path, files: dict
     for name in ("vae_encoder", "vae_decoder"):
         assert sources[name] == {"files": {"vae": {"file": files["base"].name, "sha256": sha["base"]}}}
     assert sources["face_encoder"] == {"files": {"face": {"file": files["face"].name, "sha256": sha["face"]}}}
-    assert "seeded" in sources["text_encoder"]  # tiny's byte-level text side has no real weights
+    assert "seeded" in sources["text_gemma"] and "seeded" in sources["text_head"]  # tiny's: no real weights
     manifest = json.loads((real_bundle / "manifest.json").read_text())
     assert manifest["components"]["vae_decoder"]["build"]["source"] == sources["vae_decoder"]
 
@@ -120,7 +120,7 @@ def test_cache_key_is_as_specific_as_the_engine() -> None:
     def key(b, name: str, **engine) -> str:
         return cache_key(cfg, src, b, specs[b][name], torch.float32, **engine)
 
-    for name in ("text_encoder", "face_encoder"):
+    for name in ("text_gemma", "text_head", "face_encoder"):
         assert key(bucket, name) == key(longer, name) == key(wider, name)
     assert key(bucket, "vae_encoder") == key(longer, "vae_encoder") != key(wider, "vae_encoder")
     for name in ("dit", "vae_decoder"):

@@ -62,7 +62,7 @@ def test_dit_profile_is_batch_1_to_3_opt_3(specs, bucket, preset):
     }
 
 
-@pytest.mark.parametrize("name", ["text_encoder", "vae_encoder", "vae_decoder"])
+@pytest.mark.parametrize("name", ["text_gemma", "text_head", "vae_encoder", "vae_decoder"])
 def test_static_components_have_fixed_profiles(specs, name):
     profiles = profile_shapes(specs[name].inputs, specs[name].dynamic_dims)
     assert set(profiles) == {t.name for t in specs[name].inputs}

@@ -91,5 +91,5 @@ def test_torch_engines_come_from_the_stage_cache(cache_dir: Path, tmp_path: Path
     assert {k: v.sha256 for k, v in a.items()} == {k: v.sha256 for k, v in b.items()}
     assert all((second / f"{name}.pt2").stat().st_nlink == 1 for name in COMPONENTS)
     longer, hits = build("longer", frames=17)
-    assert hits == {"text_encoder.pt2", "face_encoder.pt2", "vae_encoder.pt2"}
+    assert hits == {"text_gemma.pt2", "text_head.pt2", "face_encoder.pt2", "vae_encoder.pt2"}
     assert read_manifest(longer).components["dit"].sha256 != a["dit"].sha256

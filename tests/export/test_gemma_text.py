@@ -18,7 +18,7 @@ from stdrc.export.checkpoint import read_checkpoint, save_checkpoint
 from stdrc.export.config import get_preset
 from stdrc.export.errors import CheckpointError, ExportError
 from stdrc.export.models import load_models
-from stdrc.export.text import build_text_side, load_gemma
+from stdrc.export.text import TextStates, build_text_side, load_gemma
 from stdrc.runtime.text import JsonTokenizer
 
 PROMPTS = [
@@ -93,9 +93,13 @@ def test_text_side_matches_ltx_core(tiny_gemma_dir: Path, side, runtime_tokenize
         expected = processor.process_hidden_states(states, mask).video_encoding
         ids, our_mask = (torch.from_numpy(a) for a in runtime_tokenizer(prompt))
         context, context_mask = side(ids, our_mask)
+        ours = TextStates(side.encoder)(ids, our_mask)  # what the text_gemma engine hands text_head
+        from_ltx_states = side.head(our_mask, *states)[0]  # the head on ltx-core's encoder's states
     assert torch.equal(our_mask, mask.cpu())
     assert context.shape == (1, MAX_LENGTH, 32) and context_mask.all()
     assert (context - expected).abs().max().item() <= 1e-5
+    assert len(ours) == len(states) and all((a - b).abs().max().item() <= 1e-5 for a, b in zip(ours, states))
+    assert (from_ltx_states - expected).abs().max().item() <= 1e-5
 
 
 def _hidden_states(count: int, length: int, width: int, valid: int, dtype: torch.dtype, seed: int):
@@ -191,13 +195,13 @@ def test_dit_only_checkpoint_needs_a_base_checkpoint(tmp_path: Path, tiny_gemma_
     with pytest.raises(CheckpointError, match="--base-checkpoint"):
         load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir)
     with pytest.raises(CheckpointError, match="--base-checkpoint"):  # the text side alone is asked for
-        load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, components=("text_encoder",))
+        load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, components=("text_head",))
     models = load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, base_checkpoint=full)
     assert torch.equal(models.text.feature_extractor.aggregate_embed.weight,
                        donor.text.feature_extractor.aggregate_embed.weight)
     with pytest.raises(CheckpointError, match="no text projection"):
         load_models("tiny", checkpoint=dit_only, text_encoder=tiny_gemma_dir, base_checkpoint=dit_only,
-                    components=("text_encoder",))
+                    components=("text_head",))
 
 
 def test_ltx23_projection_is_refused(tmp_path: Path) -> None:
@@ -206,7 +210,7 @@ def test_ltx23_projection_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ltx23.safetensors"
     save_file({"text_embedding_projection.video_aggregate_embed.weight": torch.zeros(4, 4)}, str(path))
     with pytest.raises(CheckpointError, match="holds LTX-2.3 tensors .* but no config metadata"):
-        load_models("tiny", checkpoint=path, components=("text_encoder",))
+        load_models("tiny", checkpoint=path, components=("text_head",))
 
 
 def test_connector_config_comes_from_metadata(tmp_path: Path) -> None:
@@ -305,7 +309,7 @@ def test_gemma_bundle_builds_verifies_and_generates(tmp_path: Path, tiny_gemma_d
                                        text_encoder=tiny_gemma_dir, progress=False))
     manifest = read_manifest(bundle)
     assert manifest.text.tokenizer == "hf-tokenizers" and manifest.text.pad_id == 0
-    assert "tokenizer.json" in manifest.components["text_encoder"].extra_files
+    assert "tokenizer.json" in manifest.components["text_gemma"].extra_files
     assert manifest.model_config.text.kind == "gemma"
     reports = verify_bundle(bundle, text_encoder=tiny_gemma_dir)
     assert all(r.ok for r in reports.values()), reports
@@ -351,8 +355,8 @@ def test_a_meta_device_build_leaves_later_builds_working() -> None:
         on_meta = TextSide(cfg, TinyTextEncoder(cfg))
     assert on_meta.connector.learnable_registers.is_meta
     real = TextSide(cfg, TinyTextEncoder(cfg))
-    assert real.connector_cos.device.type == "cpu" and torch.isfinite(real.connector_cos).all()
+    assert real.head.connector_cos.device.type == "cpu" and torch.isfinite(real.head.connector_cos).all()
     rope.generate_freq_grid_np.cache_clear()
     rope.generate_freq_grid_pytorch.cache_clear()
     fresh = TextSide(cfg, TinyTextEncoder(cfg))
-    torch.testing.assert_close(real.connector_cos, fresh.connector_cos, rtol=0, atol=0)
+    torch.testing.assert_close(real.head.connector_cos, fresh.head.connector_cos, rtol=0, atol=0)

@@ -20,7 +20,7 @@ from bench import bench_module  # tests/bench.py
 from stdrc.export.checkpoint import V2_CAPTION_CONFIG, config_from_metadata
 from stdrc.export.config import Preset, get_preset
 from stdrc.export.errors import CheckpointError
-from stdrc.export.text import LayerwiseFeatureExtractorV2, TextSide, build_text_side, load_gemma
+from stdrc.export.text import LayerwiseFeatureExtractorV2, TextSide, TextStates, build_text_side, load_gemma
 from stdrc.runtime.text import JsonTokenizer
 
 PROMPTS = ["a woman smiles at the camera", "",
@@ -186,7 +186,7 @@ def test_tiny23_text_side_is_v2() -> None:
     assert side.connector.transformer_1d_blocks[0].attn1.to_gate_logits is not None
     specs = component_specs(preset, Bucket(**preset.default_bucket))
     width = dict((t.name, t.shape) for t in specs["dit"].inputs)["context"][-1]
-    assert specs["text_encoder"].outputs[0].shape[-1] == width == preset.dit.context_dim
+    assert specs["text_head"].outputs[0].shape[-1] == width == preset.dit.context_dim
     for prompt in ("a woman waves at the camera", ""):
         ids, mask = (torch.from_numpy(a) for a in ByteTokenizer(preset.text.max_length)(prompt))
         with torch.no_grad():
@@ -262,8 +262,8 @@ def wide(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.slow
 def test_v2_text_side_matches_ltx_core_at_real_width(wide, tmp_path: Path) -> None:
     """Gemma 3840 wide -> V2 -> 4096-wide gated connector: ltx-core == ours in PyTorch and through ONNX
-    Runtime (the exported text encoder graph), rel L2 <= 1e-5 fp32; the spec's context is 4096 wide; same
-    token ids."""
+    Runtime (the two exported engines: text_gemma's hidden states fed to text_head), rel L2 <= 1e-5 fp32;
+    the spec's context is 4096 wide; same token ids."""
     import onnxruntime as ort
 
     from stdrc.export.onnx_export import export_onnx
@@ -283,12 +283,16 @@ def test_v2_text_side_matches_ltx_core_at_real_width(wide, tmp_path: Path) -> No
     assert context.shape == (1, LENGTH, 4096) and context_mask.all()
     assert rel_l2(context, expected) <= 1e-5
 
-    spec = component_specs(side_preset := replace(preset, text=side.cfg),
-                           Bucket(frames=9, height=64, width=96, text_length=LENGTH))["text_encoder"]
-    assert spec.outputs[0].shape == (1, LENGTH, side_preset.text.connector_dim)
-    path = export_onnx(side, spec, tmp_path / "text_encoder.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_context, onnx_mask = session.run(None, {"token_ids": ids, "token_mask": our_mask})
+    specs = component_specs(side_preset := replace(preset, text=side.cfg),
+                            Bucket(frames=9, height=64, width=96, text_length=LENGTH))
+    assert specs["text_head"].outputs[0].shape == (1, LENGTH, side_preset.text.connector_dim)
+    assert [t.shape for t in specs["text_gemma"].outputs] == [(1, LENGTH, 3840)] * 3  # embeddings + 2 layers
+    sessions = {name: ort.InferenceSession(str(export_onnx(module, specs[name], tmp_path / f"{name}.onnx")),
+                                           providers=["CPUExecutionProvider"])
+                for name, module in (("text_gemma", TextStates(side.encoder)), ("text_head", side.head))}
+    states = sessions["text_gemma"].run(None, {"token_ids": ids, "token_mask": our_mask})
+    names = [t.name for t in specs["text_gemma"].outputs]
+    onnx_context, onnx_mask = sessions["text_head"].run(None, {"token_mask": our_mask, **dict(zip(names, states))})
     assert onnx_context.shape == (1, LENGTH, 4096) and onnx_mask.all()
     assert rel_l2(onnx_context, expected) <= 1e-5
 
@@ -320,7 +324,7 @@ def test_ltx23_text_weights_load_from_a_checkpoint(tmp_path: Path, tiny_gemma_di
     base = get_preset("tiny")
     base = replace(base, text=replace(base.text, max_length=LENGTH, connector_registers=128))
     models = load_models(preset=base, checkpoint=path, text_encoder=tiny_gemma_dir,
-                         components=("text_encoder",))
+                         components=("text_head",))
     side = models.text
     assert models.preset.family.label == "LTX-2.3"
     assert side.cfg.per_token_projection and side.cfg.connector_gated_attention

@@ -63,10 +63,13 @@ def test_byte_tokenizer_left_pads_and_truncates() -> None:
 
 def test_prompt_cache_encodes_each_prompt_once() -> None:
     calls = []
-    cache = PromptCache(lambda p: (calls.append(p), np.zeros(1))[1], capacity=2)
+    cache = PromptCache(lambda ps: (calls.append(list(ps)), [np.full(1, len(p)) for p in ps])[1], capacity=2)
     cache("a"), cache("a"), cache(""), cache("b"), cache("a")
-    assert calls == ["a", "", "b", "a"]
+    assert calls == [["a"], [""], ["b"], ["a"]]
     assert len(cache) == 2
+    cache.fill(["ccc", "a", "dd", "ccc"])  # the missing ones in one call, each once; the cached one not again
+    assert calls[-1] == ["ccc", "dd"] and cache.encoded == 6
+    assert cache("dd")[0] == 2 and cache("ccc")[0] == 3
 
 
 def test_empty_prompt_differs_from_text(tiny_models) -> None:

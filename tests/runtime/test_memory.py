@@ -18,8 +18,11 @@ from stdrc.runtime.memory import (
     MemoryPlanReport,
     activation_bytes,
     choose_plan,
+    gemma_activation_bytes,
+    head_activation_bytes,
     memory_needs,
     parse_bytes,
+    states_bytes,
     text_activation_bytes,
     trim_heap,
 )
@@ -28,7 +31,7 @@ from stdrc.runtime.schema import DitModel, ModelConfig, TextModel, VaeModel
 from stdrc.runtime.text import PromptStore
 
 PROMPT = "a woman smiles and waves"
-STAGE_ORDER = ["vae_encoder", "text_encoder", "dit", "vae_decoder"]  # the reference before the prompts
+STAGE_ORDER = ["vae_encoder", "text_gemma", "text_head", "dit", "vae_decoder"]  # the reference before the prompts
 
 
 def _generate(pipe: Pipeline, astronaut_png, **kw) -> np.ndarray:
@@ -59,10 +62,10 @@ def test_cached_prompt_never_opens_the_text_encoder(tiny_bundle, astronaut_png, 
     assert first.encode_prompts([PROMPT]) == 0
     fresh = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=cache)  # a new process's view
     frames = _generate(fresh, astronaut_png)
-    assert "text_encoder" not in fresh.engines.opened and fresh.prompts.encoded == 0
+    assert not {"text_gemma", "text_head"} & set(fresh.engines.opened) and fresh.prompts.encoded == 0
     uncached = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=None)
     assert np.array_equal(frames, _generate(uncached, astronaut_png))
-    assert uncached.engines.opened[:2] == ["vae_encoder", "text_encoder"]
+    assert uncached.engines.opened[:3] == ["vae_encoder", "text_gemma", "text_head"]  # each once for both prompts
 
 
 def test_corrupt_or_mismatched_cache_entries_are_ignored_and_rewritten(tiny_bundle, tmp_path):
@@ -97,7 +100,7 @@ def test_precomputed_embeddings_equal_the_prompt_and_bad_shapes_are_refused(tiny
     text, empty = pipe.prompts(PROMPT), pipe.prompts("")
     fresh = Pipeline.from_bundle(tiny_bundle, memory_plan="staged", prompt_cache=None)
     frames = _generate(fresh, astronaut_png, text_embeddings=text, negative_embeddings=empty)
-    assert "text_encoder" not in fresh.engines.opened
+    assert not {"text_gemma", "text_head"} & set(fresh.engines.opened)
     assert np.array_equal(frames, _generate(pipe, astronaut_png))
     opened = list(fresh.engines.opened)
     with pytest.raises(InputError, match="precomputed text embeddings"):
@@ -114,17 +117,23 @@ def test_stage_events_and_the_heap_trimmed_on_release(tiny_bundle, astronaut_png
     for name in STAGE_ORDER:  # opened when its stage starts, alone, and released when it ends
         assert [e[:2] for e in events if e[1] == name] == [("open", name), ("opened", name), ("done", name)]
         assert next(e[2] for e in events if e[:2] == ("opened", name)) == [name]
+    # Gemma is released (its "done", the release after it) before the head starts opening, for both prompts
+    order = [e[:2] for e in events]
+    assert order.index(("done", "text_gemma")) + 1 == order.index(("open", "text_head"))
+    assert order.index(("opened", "text_gemma")) + 1 == order.index(("done", "text_gemma"))
     assert trim_heap() is (platform.libc_ver()[0] == "glibc")
 
 
 def test_plan_arithmetic():
-    weights = {"text_encoder": 24, "vae_encoder": 1, "dit": 13, "vae_decoder": 2}
-    acts = {"text_encoder": 1, "vae_encoder": 1, "dit": 3, "vae_decoder": 5}
+    weights = {"text_gemma": 22, "text_head": 4, "vae_encoder": 1, "dit": 13, "vae_decoder": 2}
+    acts = {"text_gemma": 1, "text_head": 1, "vae_encoder": 1, "dit": 3, "vae_decoder": 5}
     r = memory_needs(weights, acts)
-    assert [s.component for s in r.stages] == ["vae_encoder", "text_encoder", "dit", "vae_decoder"]
+    assert [s.component for s in r.stages] == ["vae_encoder", "text_gemma", "text_head", "dit", "vae_decoder"]
     session = SESSION_BYTES  # one running session's own, once per plan's peak
-    assert r.all_peak_bytes == 40 + 5 + session and r.staged_peak_bytes == 25 + session
-    cached = memory_needs(weights, acts, skip_text=True)
+    # staged: Gemma's stage alone (22 + 1), never Gemma and its head together (27)
+    assert r.all_peak_bytes == 42 + 5 + session and r.staged_peak_bytes == 23 + session
+    cached = memory_needs(weights, acts, skip_text=True)  # neither text stage
+    assert [s.component for s in cached.stages] == ["vae_encoder", "dit", "vae_decoder"]
     assert cached.staged_peak_bytes == 16 + session and cached.all_peak_bytes == 16 + 5 + session
     assert memory_needs({}, {}).staged_peak_bytes == 0
 
@@ -143,16 +152,23 @@ def test_text_encoder_estimate_terms():
     wider = replace(_TEXT, encoder_heads=32)
     more_heads = text_activation_bytes(wider, t, 4) - text_activation_bytes(_TEXT, t)
     assert more_heads == 3 * 16 * t * t * 4
-    # 16-bit halves the rows, not the fp32 attention scores and probabilities
-    scores = (3 * 16 + 30) * t * t * 4
-    assert text_activation_bytes(_TEXT, t, 2) - scores == (text_activation_bytes(_TEXT, t, 4) - scores) // 2
+    # 16-bit halves the rows, not the fp32 attention scores and probabilities nor the extraction's fp32 copies
+    fp32 = (3 * 16 + 30) * t * t * 4 + (t * d + t * 30 * 128) * 4
+    assert text_activation_bytes(_TEXT, t, 2) - fp32 == (text_activation_bytes(_TEXT, t, 4) - fp32) // 2
     bucket = Bucket(frames=9, height=64, width=64, text_length=t)
     model = ModelConfig(dit=DitModel(in_channels=128, num_layers=1, num_attention_heads=32,
                                      attention_head_dim=128, cross_attention_dim=4096),
                         vae=VaeModel(latent_channels=128, timestep_conditioning=False, decode_timestep=0.05,
                                      decode_noise_scale=0.025), text=_TEXT)
-    assert activation_bytes("text_encoder", model, bucket, "fp16") == text_activation_bytes(_TEXT, t, 2)
-    assert activation_bytes("text_encoder", model, bucket, "fp32") == text_activation_bytes(_TEXT, t, 4)
+    for e, precision in ((2, "fp16"), (4, "fp32")):
+        gemma, head = (activation_bytes(c, model, bucket, precision) for c in ("text_gemma", "text_head"))
+        assert gemma == gemma_activation_bytes(_TEXT, t, e) and head == head_activation_bytes(_TEXT, t, e)
+        # each holds the hidden states that cross between them once; together, as one graph, once
+        assert gemma + head - states_bytes(_TEXT, t, e) == text_activation_bytes(_TEXT, t, e)
+    assert states_bytes(_TEXT, t, 2) == 49 * t * d * 2  # Gemma-3 12B at 1024 tokens, fp16: 368 MiB
+    # the head's extraction holds one state's fp32 copies, never the [T, D, L] stack
+    assert head_activation_bytes(replace(_TEXT, encoder_layers=0), t, 4) + 48 * t * d * 4 == \
+        head_activation_bytes(_TEXT, t, 4)
 
 
 @pytest.mark.parametrize("layers, heads, ffn, measured_mib", [
@@ -160,8 +176,9 @@ def test_text_encoder_estimate_terms():
     (1, 16, 15360, 450), (2, 16, 15360, 719), (4, 16, 15360, 796),  # Gemma-3 12B's own layers
 ])
 def test_text_encoder_estimate_covers_the_measured_runs(layers, heads, ffn, measured_mib):
-    """fp32 ONNX Runtime CPU runs of the reduced-depth text encoder (docs/benchmarks.md, 2026-12-02): the
-    run peak over the weights is within the estimate plus SESSION_BYTES, and not twice it."""
+    """fp32 ONNX Runtime CPU runs of the reduced-depth one-engine text encoder (docs/benchmarks.md, 2026-12-02):
+    the run peak over the weights is within both engines' estimates as one graph plus SESSION_BYTES, and not
+    twice it."""
     text = replace(_TEXT, encoder_layers=layers, encoder_heads=heads, encoder_ffn=ffn)
     need = text_activation_bytes(text, 1024, 4)
     assert measured_mib * MIB <= need + SESSION_BYTES < 2.1 * measured_mib * MIB

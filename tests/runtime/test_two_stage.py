@@ -100,7 +100,7 @@ def test_staged_plan_opens_each_stage_once(two_stage_bundle: Path, astronaut_png
     events: list[tuple[str, str, list[str]]] = []
     pipe.engines.on_stage = lambda event, name: events.append((event, name, list(pipe.engines.loaded())))
     pipe.generate(astronaut_png, prompt=PROMPT, seed=SEED, steps=2)
-    order = ["vae_encoder", "text_encoder", "dit", "upsampler", "dit_refine", "vae_decoder"]
+    order = ["vae_encoder", "text_gemma", "text_head", "dit", "upsampler", "dit_refine", "vae_decoder"]
     assert pipe.engines.opened == order and pipe.engines.loaded() == []
     for name in order:  # alone while it runs, released when its stage ends
         assert ("opened", name, [name]) in events and ("done", name, [name]) in events
@@ -114,7 +114,8 @@ def test_memory_plan_covers_the_stage_components(pipe: Pipeline) -> None:
 
     report = memory_needs(*weights_and_activations(pipe.bundle_dir, pipe.manifest))
     stages = [(s.stage, s.component) for s in report.stages]
-    assert stages[2:5] == [("sampling", "dit"), ("upsample", "upsampler"), ("refine", "dit_refine")]
+    assert stages[1:3] == [("text", "text_gemma"), ("text head", "text_head")]
+    assert stages[3:6] == [("sampling", "dit"), ("upsample", "upsampler"), ("refine", "dit_refine")]
     act = pipe.manifest.memory.activation_bytes
     assert 0 < act["dit_refine"] < act["dit"] and act["upsampler"] > 0
 

@@ -108,7 +108,7 @@ def _without(data: dict, *keys: str) -> dict:
     (lambda d: d["two_stage"].update(default_stages=3), "two_stage.default_stages is 3, expected an integer in 1..2"),
     (lambda d: d["two_stage"]["lora"].update(sha256="x"), "two_stage.lora.sha256 is 'x'"),
     (lambda d: _without(d, "two_stage.lora"), "lacks two_stage.lora"),
-    (lambda d: d["components"].update(extra=d["components"]["dit"]), "components among text_encoder"),
+    (lambda d: d["components"].update(extra=d["components"]["dit"]), "components among text_gemma, text_head"),
 ])
 def test_two_stage_manifest_refusals(one_stage: dict, edit, words: str | None) -> None:
     data = two_stage_json(one_stage)
