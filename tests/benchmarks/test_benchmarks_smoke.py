@@ -219,3 +219,21 @@ def test_runtime_memory_json(bundle):
     assert 12e9 < p["parameters"]["dit"] < 14e9 and 11e9 < p["parameters"]["gemma3_12b_text"] < 13e9
     g = p["projected_gpu_gb"]
     assert g["fp8_staged_cached_prompt"] < g["fp8_staged"] <= g["fp16_staged"] < g["fp16_all"]
+
+
+@pytest.mark.slow  # three tiny exports and three child processes
+def test_text_engines_json() -> None:
+    """benchmarks/text_engines.py on a tiny text side: one engine and two give the same context, and what
+    crosses is every hidden state, fp32 here (16 tokens x 32 wide)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        text_engines = importlib.import_module("text_engines")
+    finally:
+        sys.path.remove(str(BENCH))
+    rep = run_json(text_engines, ["--preset", "tiny", "--layers", "2", "--length", "16", "--repeats", "1", "--json"])
+    assert rep["context_rel_l2_two_vs_one"] <= 1e-6
+    assert rep["states_crossing_mb"] * 2**20 == 3 * 16 * 32 * 4
+    for name in ("one_engine", "text_gemma", "text_head"):
+        assert rep[name]["weights_mb"] > 0 and rep[name]["min_s"] > 0
+    assert rep["one_engine"]["weights_mb"] == pytest.approx(rep["text_gemma"]["weights_mb"]
+                                                            + rep["text_head"]["weights_mb"], rel=0.05)
