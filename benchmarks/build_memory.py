@@ -160,17 +160,22 @@ def project(points: list[dict], precision: str, gemma_params: float,
     dit_disk = _fit(xs, [p["components"]["dit"]["disk_gb"] for p in points])
     dit_peak, dit_disk = (dit_peak[0], dit_peak[1] * ratio), (dit_disk[0], dit_disk[1] * ratio)
     bpp = BYTES[precision]
-    text = points[-1]["components"]["text_encoder"]
-    # the measured text side's weights (synthetic Gemma + its head) in the engine precision
-    gemma_weights = (gemma_params + scale["measured_text_head_params"]) * bpp / GB
-    full_gemma = (GEMMA_12B_PARAMS + scale["text_head_params"]) * bpp / GB
-    # RSS per byte of weights at the margin, as measured on the DiT's layers, applied to Gemma's extra weights
+    comps = points[-1]["components"]
+    head, measured_head = scale["text_head_params"], scale["measured_text_head_params"]
+    # per text engine: its measured point, the measured weights (synthetic Gemma, its head) and the full model's
+    if "text_encoder" in comps:  # points recorded before issue 26's split: Gemma and its head in one engine
+        text = {"text_encoder": (gemma_params + measured_head, GEMMA_12B_PARAMS + head)}
+    else:
+        text = {"text_gemma": (gemma_params, GEMMA_12B_PARAMS), "text_head": (measured_head, head)}
+    # RSS per byte of weights at the margin, as measured on the DiT's layers, applied to each text engine's
+    # weights beyond the measured ones (in the engine precision)
     rss_per_weight_byte = dit_peak[1] / dit_disk[1] if dit_disk[1] > 0 else 1.0
-    text_peak = text["peak_rss_gb"] + rss_per_weight_byte * (full_gemma - gemma_weights)
-    text_disk = text["disk_gb"] + (full_gemma - gemma_weights)
-    others = {k: v for k, v in points[-1]["components"].items() if k not in ("dit", "text_encoder")}
-    peaks = {"dit": dit_peak[0] + dit_peak[1] * FULL_LAYERS, "text_encoder": text_peak,
+    extra = {k: (full - measured) * bpp / GB for k, (measured, full) in text.items()}
+    others = {k: v for k, v in comps.items() if k != "dit" and k not in text}
+    peaks = {"dit": dit_peak[0] + dit_peak[1] * FULL_LAYERS,
+             **{k: comps[k]["peak_rss_gb"] + rss_per_weight_byte * extra[k] for k in text},
              **{k: v["peak_rss_gb"] for k, v in others.items()}}
+    text_disk = sum(comps[k]["disk_gb"] + extra[k] for k in text)
     bundle = (dit_disk[0] + dit_disk[1] * FULL_LAYERS + text_disk + sum(v["disk_gb"] for v in others.values()))
     cache_slope = _fit(xs, [p["cache_gb"] for p in points])
     return {"peak_rss_gb": max(peaks.values()), "bundle_gb": bundle,

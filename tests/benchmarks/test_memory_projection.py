@@ -83,3 +83,26 @@ def test_build_memory_refuses_what_it_cannot_project(args, needle) -> None:
     out = _run(*args)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("error:") and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_build_memory_projects_split_text_engines() -> None:
+    """Points from a build after the split (text_gemma and text_head recorded apart): each engine's peak grows
+    by its own missing weights (Gemma's to 12B, the head's to the full head), no one-engine entry."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import build_memory
+    finally:
+        sys.path.remove(str(BENCH))
+    points = json.loads((ROOT / "docs" / "build_memory_fp16.json").read_text())["points"]
+    for p in points:  # the recorded one-engine point, as two engines of the same measured footprint
+        one = p["components"].pop("text_encoder")
+        p["components"]["text_gemma"] = one
+        p["components"]["text_head"] = {"peak_rss_gb": 1.0, "disk_gb": 0.5}
+    scale = {"dit_block_ratio": 1.0, "text_head_params": 3e8, "measured_text_head_params": 1e8}
+    report = build_memory.project(points, "fp16", 5e8, scale)
+    got, rate = report["per_component_peak_rss_gb"], report["rss_per_weight_byte"]
+    gemma_bytes = (build_memory.GEMMA_12B_PARAMS - 5e8) * 2 / build_memory.GB
+    assert "text_encoder" not in got
+    assert got["text_gemma"] == pytest.approx(points[-1]["components"]["text_gemma"]["peak_rss_gb"]
+                                              + rate * gemma_bytes)
+    assert got["text_head"] == pytest.approx(1.0 + rate * 2e8 * 2 / build_memory.GB)
