@@ -225,13 +225,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=_generate)
     e = sub.add_parser("encode-prompts", help="fill the prompt-embedding cache ahead of time",
                        formatter_class=FORMATTER,
-                       description="Encode prompts with the bundle's text encoder once and cache the embeddings on "
-                                   "disk, so generations with those prompts never load the text encoder.")
+                       description="Encode prompts with the bundle's text engines (Gemma, then its head) once and "
+                                   "cache the embeddings on disk, so generations with those prompts never load "
+                                   "either.")
     e.add_argument("--bundle", required=True, help="engine bundle folder")
     e.add_argument("prompts", help="text file with one prompt a line, or - for standard input")
     e.add_argument("--cache-dir", default=None,
                    help="prompt cache folder (default $STDRC_PROMPT_CACHE or ~/.cache/stdrc/prompts)")
-    add_device_flag(e, "where the text encoder runs (auto: CUDA when the bundle's backend can use it here)")
+    add_device_flag(e, "where the text engines run (auto: CUDA when the bundle's backend can use it here)")
     e.set_defaults(func=_encode_prompts)
     m = sub.add_parser("plan", help="memory each plan (all, staged) needs for a bundle, and whether it fits",
                        formatter_class=FORMATTER,

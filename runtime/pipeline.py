@@ -105,7 +105,7 @@ class Pipeline:
     def __init__(self, bundle_dir: Path, manifest: Manifest, engines: EngineSet,
                  prompt_store: PromptStore | None = None, verify_hashes: bool = True,
                  tokenizer: Callable[[str], tuple[np.ndarray, np.ndarray]] | None = None):
-        """`tokenizer`: prompt -> (token ids, mask) for the text encoder; None: the bundle's own, made from
+        """`tokenizer`: prompt -> (token ids, mask) for the Gemma engine; None: the bundle's own, made from
         the manifest's text section on first use (after the files' hashes are checked)."""
         self.bundle_dir = bundle_dir
         self.manifest = manifest
@@ -393,7 +393,7 @@ class Pipeline:
         `frames`/`height`/`width` pick the bundle's bucket of that size (None: the default bucket's value).
 
         `text_embeddings` / `negative_embeddings`: precomputed (context [1, L, D], mask [1, L]) for the prompt
-        and the negative prompt; with both given (or cached) the text encoder is never opened."""
+        and the negative prompt; with both given (or cached) neither text engine is opened."""
         if options is None:
             options = GenerationOptions(**fields)
         elif not isinstance(options, GenerationOptions):

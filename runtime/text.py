@@ -83,9 +83,9 @@ def default_prompt_store_dir() -> Path:
 
 
 class PromptStore:
-    """Prompt embeddings on disk, so a repeated or precomputed prompt never loads the text encoder.
+    """Prompt embeddings on disk, so a repeated or precomputed prompt never loads the text engines.
 
-    One folder per text side: its key hashes the text encoder's sha256 and the tokenizer (kind, file
+    One folder per text side: its key hashes both text engines' sha256 and the tokenizer (kind, file
     sha256, length), so another text side never reuses an entry. One `.npz` per prompt (no pickle),
     holding the prompt itself; an entry that does not load, names another prompt, or has the wrong
     shape is ignored (and rewritten by the next `put`). Writes go through a temp file and a rename.
