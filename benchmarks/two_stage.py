@@ -210,39 +210,48 @@ ENGINE_ORDER = ("vae_encoder", "text_gemma", "text_head", "dit", "upsampler", "d
 
 def compare(pipe, reference, stages: tuple[int, ...], seed: int, warmup: int, repeats: int, prompt: str,
             out_dir: Path, steps: int | None = None) -> dict:
-    """Each stage count in turn: `warmup` untimed then `repeats` timed generations, same seed and prompt (its
-    embeddings are cached after the first, for both alike), `steps` stage-1 steps (None: the bundle's): engine ms
-    per component, wall ms, DiT FLOPs."""
+    """`warmup` untimed then `repeats` timed rounds, each round one generation per stage count in turn
+    (interleaved, so a shared machine's changing load falls on both alike), same seed and prompt (its embeddings
+    are cached after the first, for both alike), `steps` stage-1 steps (None: the bundle's): engine ms per
+    component, wall ms, DiT FLOPs, and the 1-minute load average after each timed generation."""
     m = pipe.manifest
     counts = param_counts(m.preset, m.model_config.dit.num_layers)["counts"]
     clock = EngineClock(pipe)
-    rows: dict[str, dict] = {}
+    walls: dict[int, list[float]] = {s: [] for s in stages}
+    per: dict[int, list[dict]] = {s: [] for s in stages}
+    loads: dict[int, list[float | None]] = {s: [] for s in stages}
+    shape: dict[int, list[int]] = {}
+    dit_calls: dict[int, list[tuple[str, int, int, int]]] = {}
     try:
-        for s in stages:
-            walls, per, shape = [], [], None
-            for i in range(warmup + repeats):
+        for i in range(warmup + repeats):
+            for s in stages:
                 clock.reset()
                 start = time.perf_counter()
                 result = pipe.generate(reference, prompt=prompt, seed=seed, stages=s, steps=steps, face_crop=False,
                                        output=out_dir / f"stages-{s}.mp4")
                 wall = (time.perf_counter() - start) * 1e3
                 if i >= warmup:
-                    walls.append(wall)
-                    per.append(dict(clock.ms))
-                shape = list(result.frames.shape)
-            names = [c for c in ENGINE_ORDER if any(c in r for r in per)]
-            engine = {c: harness.Timing(tuple(r.get(c, 0.0) for r in per)).to_json() for c in names}
-            other = [w - sum(r.values()) for w, r in zip(walls, per)]
-            flops = flops_of(clock.dit_calls, counts, m.model_config.dit)
-            calls = {c: [list(x[1:]) for x in clock.dit_calls if x[0] == c] for c in DIT_COMPONENTS}
-            rows[str(s)] = {"wall_ms": harness.Timing(tuple(walls)).to_json(), "engine_ms": engine,
-                            "other_ms_median": float(np.median(other)), "frames_shape": shape,
-                            "dit_tflop": {c: f / 1e12 for c, f in flops.items()},
-                            "dit_tflop_total": sum(flops.values()) / 1e12,
-                            "dit_calls": {c: {"count": len(v), "batch_tokens_text": sorted({tuple(x) for x in v})}
-                                          for c, v in calls.items() if v}}
+                    walls[s].append(wall)
+                    per[s].append(dict(clock.ms))
+                    load = harness.load_average()
+                    loads[s].append(load[0] if load else None)
+                shape[s], dit_calls[s] = list(result.frames.shape), list(clock.dit_calls)
     finally:
         clock.close()
+    rows: dict[str, dict] = {}
+    for s in stages:
+        names = [c for c in ENGINE_ORDER if any(c in r for r in per[s])]
+        engine = {c: harness.Timing(tuple(r.get(c, 0.0) for r in per[s])).to_json() for c in names}
+        other = [w - sum(r.values()) for w, r in zip(walls[s], per[s])]
+        flops = flops_of(dit_calls[s], counts, m.model_config.dit)
+        calls = {c: [list(x[1:]) for x in dit_calls[s] if x[0] == c] for c in DIT_COMPONENTS}
+        rows[str(s)] = {"wall_ms": harness.Timing(tuple(walls[s])).to_json(), "engine_ms": engine,
+                        "other_ms_median": float(np.median(other)), "frames_shape": shape[s],
+                        "load_1min": loads[s],
+                        "dit_tflop": {c: f / 1e12 for c, f in flops.items()},
+                        "dit_tflop_total": sum(flops.values()) / 1e12,
+                        "dit_calls": {c: {"count": len(v), "batch_tokens_text": sorted({tuple(x) for x in v})}
+                                      for c, v in calls.items() if v}}
     out = {"stages": rows}
     if {"1", "2"} <= set(rows):
         one, two = rows["1"], rows["2"]
@@ -262,7 +271,7 @@ def print_two_stage(rep: dict) -> None:
         ms = {n: r["engine_ms"][n]["median"] for n in names if n in r["engine_ms"]}
         cells = "".join(f"{ms[n]:>13.1f}" if n in ms else f"{'-':>13}" for n in names)
         print(f"{s:<8}{cells}{r['other_ms_median']:>10.1f}{r['wall_ms']['median']:>11.1f}"
-              f"{r['dit_tflop_total']:>12.4f}")
+              f"{r['dit_tflop_total']:>12.4f}  load {r['load_1min']}")
     if "ratios" in t:
         q = t["ratios"]
         print(f"one stage / two stages: DiT FLOPs {q['dit_flops_one_over_two']:.2f}x, wall "

@@ -151,6 +151,7 @@ def test_generate_two_stage_json(scripts, cache):
                                 "dit_refine": {"count": 3, "batch_tokens_text": [[1, 2 * 2 * 4 + 8, 16]]}}
     assert set(two["engine_ms"]) >= {"dit", "upsampler", "dit_refine", "vae_decoder"}
     assert "upsampler" not in one["engine_ms"]
+    assert len(one["load_1min"]) == len(two["load_1min"]) == len(one["wall_ms"]["all"]) == 1  # after each timed one
     assert rep["two_stage"]["ratios"]["dit_flops_one_over_two"] > 1 and rep["two_stage"]["ratios"]["same_output_shape"]
     b = rep["two_stage"]["bytes"]
     assert b["two_stage"] - b["one_stage"] == b["added"] > 0 and b["passed"] and b["limit"] > b["two_stage"]
