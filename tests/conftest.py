@@ -34,10 +34,47 @@ def pytest_configure(config: pytest.Config) -> None:
 RAY_STORE = 200 * 2**20  # object store per simulated Ray node
 
 
+# Under pytest-xdist (`-n 2`) each test file is one unit of work, except these groups, each run whole on one
+# worker: the tests that need GBs of memory and disk (never two at once), those sharing the aoti bundles and the
+# C++ build (built once), and those that start Ray, Serve or the app (one cluster at a time).
+XDIST_GROUPS = {
+    "heavy": ("tests/engines/test_ltx2_reduced.py", "tests/export/test_dit_ltx23.py", "tests/export/test_text_ltx23.py",
+              "tests/benchmarks/test_build_memory.py"),
+    "aoti": ("tests/cpp/", "tests/engines/test_aoti.py"),
+    "ray": ("tests/serve/", "tests/app/", "tests/benchmarks/test_serve_load_smoke.py"),
+}
+XDIST_ORDER = ("heavy", "aoti", None, "ray")  # handed out longest first, so no worker is left alone with one at the end
+
+
+def xdist_group(file: str) -> str | None:
+    return next((name for name, paths in XDIST_GROUPS.items() if file.startswith(paths)), None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's per-module scheduling with XDIST_GROUPS, in the workers' collection order (below)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::")[0]
+            return xdist_group(file) or file
+
+    config.option.loadscopereorder = False  # not by test count: XDIST_ORDER
+    return FileGroups(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules that use `ray_cluster` run last, in their own order: one cluster, alive only while they run."""
-    ray_files = {item.nodeid.split("::")[0] for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] in ray_files)  # stable: the rest keeps its order
+    """Modules that use `ray_cluster` run last, in their own order: one cluster, alive only while they run.
+    On an xdist worker, in XDIST_ORDER (the ray group holds every `ray_cluster` module: test_xdist_groups.py)."""
+    def file(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: XDIST_ORDER.index(xdist_group(file(item))))
+        return
+    ray_files = {file(item) for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: file(item) in ray_files)  # stable: the rest keeps its order
 
 
 @pytest.fixture(scope="session")
