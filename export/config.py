@@ -151,11 +151,12 @@ def _blocks(names: tuple[str, ...], layers: tuple[int, ...], multipliers: tuple[
 
 # LTX-2.3's video VAE (LTX23.md 1c, 3P until a real header confirms it; a file's own `vae` section rules):
 # wider compressions, no timestep conditioning (no decode timestep or noise), zeros padding on both sides.
+LTX23_ENCODER_KINDS = ("compress_space_res", "compress_time_res", "compress_all_res", "compress_all_res")
+LTX23_DECODER_KINDS = ("compress_space", "compress_time", "compress_all", "compress_all")
+LTX23_DECODER_MULTIPLIERS = (2, 2, 1, 2)
 LTX23_VAE = VAEConfig(
-    encoder_blocks=_blocks(("compress_space_res", "compress_time_res", "compress_all_res", "compress_all_res"),
-                           (4, 6, 4, 2, 2), (2, 2, 2, 1)),
-    decoder_blocks=_blocks(("compress_space", "compress_time", "compress_all", "compress_all"),
-                           (4, 6, 4, 2, 2), (2, 2, 1, 2)),
+    encoder_blocks=_blocks(LTX23_ENCODER_KINDS, (4, 6, 4, 2, 2), (2, 2, 2, 1)),
+    decoder_blocks=_blocks(LTX23_DECODER_KINDS, (4, 6, 4, 2, 2), LTX23_DECODER_MULTIPLIERS),
     timestep_conditioning=False,
     encoder_spatial_padding_mode="zeros",
     decoder_spatial_padding_mode="zeros",
@@ -257,13 +258,18 @@ def _tiny() -> Preset:
 
 def _tiny23() -> Preset:
     """`tiny` with LTX-2.3's flags (gated attention, 9-slot + prompt AdaLN, context `inner_dim` wide, the
-    per-token text projection) and a gated connector as wide as that context: the 2.3 path in seconds.
-    Its steps are the family's (30), as a real 2.3 bundle's."""
+    per-token text projection), a gated connector as wide as that context, and LTX23_VAE's kind of VAE
+    (its block kinds and multipliers, zeros padding, a decoder without timestep conditioning: no decode
+    timestep or noise) at tiny size: one layer per res_x, the encoder 128 channels throughout, decoder base
+    16. The 2.3 path in seconds. Its steps are the family's (30), as a real 2.3 bundle's."""
     tiny = _tiny()
     return replace(
         tiny, name="tiny23", preset_steps=None,
         dit=replace(tiny.dit, apply_gated_attention=True, cross_attention_adaln=True,
                     caption_proj_before_connector=True),
+        vae=replace(LTX23_VAE, decoder_base_channels=16,
+                    encoder_blocks=_blocks(LTX23_ENCODER_KINDS, (1,) * 5, (1,) * 4),
+                    decoder_blocks=_blocks(LTX23_DECODER_KINDS, (1,) * 5, LTX23_DECODER_MULTIPLIERS)),
         text=replace(tiny.text, encoder_dim=64, encoder_ffn=64, connector_head_dim=32,
                      connector_gated_attention=True, per_token_projection=True),
     )

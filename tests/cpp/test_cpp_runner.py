@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stdrc.runtime.cpp_inputs import NOISE, read_cpp_outputs, run_python, write_cpp_inputs
+from stdrc.runtime.cpp_inputs import DECODE_NOISE, NOISE, read_cpp_outputs, run_python, write_cpp_inputs
 from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 
@@ -99,15 +99,34 @@ def test_cpp_matches_python(case: str, cpp_runner: Path, aoti_bundle: Path, pipe
     assert np.abs(cpp.frames.astype(np.int16) - python.frames).max() <= 1  # uint8 rounding at a .5 boundary
 
 
-def test_cpp_matches_python_on_an_ltx23_bundle(cpp_runner: Path, aoti_tiny23_bundle: Path, reference: np.ndarray,
-                                               tmp_path: Path) -> None:
-    """tiny23's DiT takes the stream's `sigma` (LTX-2.3's prompt AdaLN): the runner feeds it at every step, and
-    its latent and video equal Python's on the same inputs (the aoti DiT refuses a call without it)."""
+def _decode_read(tool: Path, bundle: Path) -> dict:
+    """What libstdrc reads from the bundle's manifest for the VAE decode (`stdrc_manifest`'s "decode")."""
+    done = subprocess.run([str(tool), "--bundle", str(bundle)], check=False, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["decode"]
+
+
+def test_cpp_matches_python_on_an_ltx23_bundle(cpp_runner: Path, cpp_manifest: Path, aoti_tiny23_bundle: Path,
+                                               aoti_bundle: Path, reference: np.ndarray, tmp_path: Path) -> None:
+    """tiny23 is LTX-2.3's kind: its DiT takes the stream's `sigma` (the prompt AdaLN), which the runner feeds at
+    every step, and its VAE decoder has no timestep conditioning: the runner reads from the manifest no decode
+    noise to mix and no timestep to feed (tiny's conditioned decoder: both), leaves a decode-noise file in the
+    inputs unread, and its latent and video equal Python's on the same inputs."""
     pipe = Pipeline.from_bundle(aoti_tiny23_bundle, trust_code=True)
     assert pipe.feeds_sigma and pipe.manifest.components["dit"].inputs[-1].name == "sigma"
+    assert [t.name for t in pipe.manifest.components["vae_decoder"].inputs] == ["latent"]
+    assert _decode_read(cpp_manifest, aoti_tiny23_bundle) == {"noise_scale": None, "timestep": None}
+    assert _decode_read(cpp_manifest, aoti_bundle) == {"noise_scale": pytest.approx(0.025),
+                                                       "timestep": pytest.approx(0.05)}
     options = GenerationOptions(PROMPT, seed=SEED, face_crop=False, steps=3, max_batch=3)
     inputs = write_cpp_inputs(pipe, reference, options, tmp_path / "inputs")
+    assert not (inputs / DECODE_NOISE).exists()  # Python draws none
     python = run_python(pipe, inputs)
+    # a decode noise the runner must neither read nor mix: NaN would reach the video
+    b = pipe.bucket
+    np.save(inputs / DECODE_NOISE, np.full((1, python.latent.shape[-1], b.latent_frames, b.latent_height,
+                                            b.latent_width), np.nan, np.float32))
     done = run_cpp(cpp_runner, aoti_tiny23_bundle, inputs, tmp_path / "out", "--max-batch", "3")
     assert done.returncode == 0, done.stderr
     cpp = read_cpp_outputs(tmp_path / "out")

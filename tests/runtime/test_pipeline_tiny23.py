@@ -76,3 +76,34 @@ def test_a_23_bundle_defaults_to_its_familys_steps(bundle23: Path) -> None:
     prepared = pipe.prepare(image, GenerationOptions(PROMPT, face_crop=False))
     assert prepared.options.steps == 30 and len(prepared.sigmas) == 31
     assert prepared.options.text_scale == pipe.manifest.guidance.text_scale == ModelFamily.LTX23.defaults.text_scale
+
+
+@pytest.mark.slow  # the bundle above
+def test_the_23_decoder_takes_the_latent_alone_and_equals_ltx_core(bundle23: Path) -> None:
+    """tiny23's VAE is LTX-2.3's kind (no timestep conditioning, zeros padding): the engine's one input is the
+    latent, the runtime draws and mixes no decode noise, and its decode equals ltx-core's own `VideoDecoder`
+    (whose forward then adds no noise either) built from the preset's 2.3 `vae` config on the same weights."""
+    import torch
+    from ltx_core.model.video_vae.model_configurator import VideoDecoderConfigurator
+
+    from stdrc.export.config import get_preset
+    from stdrc.export.models import load_models
+
+    pipe = Pipeline.from_bundle(bundle23)
+    vae = pipe.manifest.model_config.vae
+    assert vae.timestep_conditioning is False
+    assert [t.name for t in pipe.manifest.components["vae_decoder"].inputs] == ["latent"]
+    assert pipe.decode_noise(seed=SEED) is None
+    b = pipe.bucket
+    tokens = np.random.default_rng(8).standard_normal((1, b.video_tokens, vae.latent_channels)).astype(np.float32)
+    ours = pipe.decode_video(tokens, None)
+    config = get_preset("tiny23").vae.ltx_config("decoder")
+    assert config["vae"]["spatial_padding_mode"] == "zeros" and not config["vae"]["timestep_conditioning"]
+    theirs = VideoDecoderConfigurator.from_config(config).eval()
+    theirs.load_state_dict(load_models("tiny23", components=("vae_decoder",)).vae_decoder.state_dict())
+    latent = torch.from_numpy(tokens).transpose(1, 2).reshape(1, -1, b.latent_frames, b.latent_height,
+                                                               b.latent_width)
+    with torch.no_grad():
+        want = theirs(latent).numpy()
+    assert ours.shape == want.shape == (1, 3, b.frames, b.height, b.width)
+    assert np.linalg.norm(ours - want) / np.linalg.norm(want) <= 1e-5

@@ -289,6 +289,11 @@ Bucket Bucket::half() const {
   return h;
 }
 
+bool Manifest::decoder_takes_timestep() const {
+  const auto& inputs = component("vae_decoder").inputs;
+  return std::any_of(inputs.begin(), inputs.end(), [](const TensorSpec& t) { return t.name == "timestep"; });
+}
+
 int Manifest::resolve_stages(int stages) const {
   if (stages == 0) return two_stage.enabled ? two_stage.default_stages : 1;
   if (stages != 1 && stages != 2) throw InputError("--stages " + std::to_string(stages) + ": use 1 or 2");

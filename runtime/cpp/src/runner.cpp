@@ -284,9 +284,7 @@ at::Tensor Runner::decode(const at::Tensor& tokens, const at::Tensor& decode_noi
     latent = decode_noise.to(device_) * scale + latent * (1.0f - scale);
   }
   // a timestep only where the decoder engine has one (a timestep-conditioned decoder; LTX-2.3's is not)
-  const auto& inputs = manifest_.component("vae_decoder").inputs;
-  const bool with_timestep =
-      std::any_of(inputs.begin(), inputs.end(), [](const TensorSpec& t) { return t.name == "timestep"; });
+  const bool with_timestep = manifest_.decoder_takes_timestep();
   const at::Tensor timestep = at::full({1}, manifest_.decode_timestep, latent.options());
   Engine& decoder = engine("vae_decoder");
   const auto decode_part = [&decoder, &timestep, with_timestep](const at::Tensor& part) {

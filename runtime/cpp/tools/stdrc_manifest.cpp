@@ -1,6 +1,8 @@
 // stdrc_manifest --bundle DIR [--bucket FRAMESxWIDTHxHEIGHT] [--stages 1|2]: what libstdrc reads from a
 // manifest, as JSON: the stage count a run takes, the grid stage 1 samples at, the two-stage section, and
-// "refit": component -> the ONNX a weight-stripped TensorRT plan is refit from at load.
+// "refit": component -> the ONNX a weight-stripped TensorRT plan is refit from at load, and "decode": the decode
+// noise scale the runner mixes in and the timestep it feeds the VAE decoder (null: none; null when the
+// manifest lists no vae_decoder).
 //
 // Opens no engine (the files need not exist), so tests/cpp/test_cpp_manifest.py can check the reader on
 // hand-written manifests. Errors print one line, `stdrc_manifest: error: ...`, and exit 2.
@@ -52,6 +54,11 @@ int run(int argc, char** argv) {
                         {"two_stage", two},
                         {"components", nlohmann::json::array()},
                         {"refit", nlohmann::json::object()}};
+  if (m.components.count("vae_decoder"))
+    out["decode"] = {{"noise_scale", m.timestep_conditioning ? nlohmann::json(m.decode_noise_scale) : nlohmann::json()},
+                     {"timestep", m.decoder_takes_timestep() ? nlohmann::json(m.decode_timestep) : nlohmann::json()}};
+  else
+    out["decode"] = nullptr;
   for (const auto& [name, entry] : m.components) {
     out["components"].push_back(name);
     if (stdrc::needs_refit(entry)) out["refit"][name] = stdrc::refit_onnx(entry);

@@ -95,6 +95,10 @@ struct Manifest {
   // 1 or 2 as `--stages` asks (0: the bundle's default); InputError naming the fix for 2 on a one-stage bundle.
   int resolve_stages(int stages) const;
 
+  // Whether the vae_decoder engine lists a `timestep` input, the only case the decode feeds one (a
+  // timestep-conditioned decoder; LTX-2.3's is not, and then no decode noise is read or mixed either).
+  bool decoder_takes_timestep() const;
+
   const ComponentEntry& component(const std::string& name) const;
   // Makes `bucket` the bundle's bucket spelled FRAMESxWIDTHxHEIGHT; InputError listing them if absent.
   void select_bucket(const std::string& label);
