@@ -6,8 +6,8 @@ modulation of the cross-attention, prompt AdaLN fed by the stream's sigma, no ca
 ltx-core. One layer (the width is what this file proves: blocks chain the same way at any width, and
 tests/export/test_dit_tiny23.py checks two of them against ltx-core), 8 video + 4 reference tokens, 16 text
 tokens; ltx-core's model shares our weights (built on meta, assigned), so one copy is held. The aoti
-backend is not run at this width: one AOTInductor compile of a 2 GB DiT costs minutes and as much memory
-again; tests/export/test_dit_tiny23.py compiles the same graph at tiny width.
+backend is not run here at this width (its compile alone is ~51 s and 6 GB peak): `benchmarks/aoti_dit_ltx23.py`
+runs that check by hand (docs/benchmarks.md), tests/engines/test_aoti.py at tiny23 width in the suite.
 """
 
 from __future__ import annotations
