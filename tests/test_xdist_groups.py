@@ -1,11 +1,11 @@
-"""`pytest -n 2`'s groups (tests/conftest.py XDIST_GROUPS) name real test files, and every module that uses the
+"""`pytest -n 2`'s groups (tests/xdist_groups.py) name real test files, and every module that uses the
 session's Ray cluster is in the ray group, so that one worker holds the one cluster."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import XDIST_GROUPS, xdist_group  # tests/conftest.py
+from xdist_groups import XDIST_GROUPS, xdist_group  # tests/xdist_groups.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
