@@ -184,6 +184,14 @@ def test_text_encoder_estimate_covers_the_measured_runs(layers, heads, ffn, meas
     assert measured_mib * MIB <= need + SESSION_BYTES < 2.1 * measured_mib * MIB
 
 
+def test_text_head_estimate_covers_its_measured_run():
+    """benchmarks/text_engines.py, fp32 ONNX Runtime CPU, 4 narrow Gemma layers, 1024 tokens (docs/benchmarks.md,
+    2026-12-07): the head's run peak over its weights is within its estimate plus SESSION_BYTES, not twice it."""
+    text = replace(_TEXT, encoder_layers=4, encoder_heads=2, encoder_ffn=256)
+    need = head_activation_bytes(text, 1024, 4) + SESSION_BYTES
+    assert 438.4 * MIB <= need < 2 * 438.4 * MIB
+
+
 def test_text_encoder_estimate_of_old_manifests():
     """Manifests written before the head count was recorded: Gemma-3 12B's 16 heads, feed-forward 4 x width."""
     old = {k: v for k, v in _TEXT.to_json().items() if k not in ("encoder_heads", "encoder_ffn")}
