@@ -1,12 +1,14 @@
-"""Host memory and disk of `build-engines` for ltx2-video at reduced depth, projected to the full model.
+"""Host memory and disk of `build-engines` at full width and reduced depth, projected to the full model.
 
     python benchmarks/build_memory.py [--layers 1 2 4] [--precision fp16] [--work DIR] --json
+    python benchmarks/build_memory.py --family ltx2.3 --layers 1 2 --json
     python benchmarks/build_memory.py --family ltx2.3 --points docs/build_memory_fp16.json --json
     python benchmarks/build_memory.py --source fp8 --layers 2 --json
 
 
-Each depth builds in its own child process from a synthetic full-width LTX-2-layout checkpoint and a
-random 3840-wide Gemma-3 folder (benchmarks/synthetic.py). Peak RSS comes from the OS: the child's
+Each depth builds in its own child process from a synthetic full-width checkpoint of the family's layout
+(ltx2: ltx2-video, ltx2.3: ltx23-video, with its 8-layer gated connector) and a random 3840-wide Gemma-3
+folder (benchmarks/synthetic.py). Peak RSS comes from the OS: the child's
 VmHWM per component (reset between components through /proc/self/clear_refs) and the parent's
 RUSAGE_CHILDREN maximum for the whole build. The per-layer slope of the DiT's peak and disk is fitted
 and projected to 48 layers; the Gemma-3 12B text encoder is projected from its parameter bytes in the
@@ -17,9 +19,9 @@ to a temp folder removed when the run ends, fails or is interrupted.
 The text encoder engine holds the text side's head (feature extractor + connector) beside Gemma, and the
 feature extractor grows with Gemma's depth: the projection adds the full head's parameters over the
 measured one's (counted on the meta device, runtime_memory.py). `--points FILE` reuses a previous run's
-measured ltx2 points instead of building; `--family ltx2.3` (which needs it: only ltx2 builds are
-measured) scales the DiT's per-layer slope by the ratio of the two families' block parameters and
-prices the 2.3 head. Arithmetic over LTX-2's measurements, not a 2.3 measurement.
+measured points instead of building; projecting them to another family (`--family ltx2.3 --points` an
+ltx2 report) scales the DiT's per-layer slope by the ratio of the two families' block parameters and
+prices that family's head: arithmetic over the other family's measurements, not a measurement.
 
 `--source fp8` builds from the FP8 variant of each depth's file (synthetic.write_fp8_checkpoint: Lightricks'
 pre-quantized layout, dequantised as read) and, for comparison, from the bf16 file of the same weights: each
@@ -40,6 +42,8 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+
+from runtime_memory import FAMILY_PRESETS  # benchmarks/ (the script's folder)
 
 from stdrc.runtime.vocab import BACKEND_PRECISIONS, MODEL_FAMILIES
 
@@ -73,11 +77,14 @@ def _du(path: Path) -> int:
 def child(args: argparse.Namespace) -> None:
     """Build one depth; print per-component peak RSS and disk as JSON."""
     sys.path.insert(0, str(HERE))
+    import synthetic
+
     from stdrc.engines.build import BuildConfig, build_engines
 
-    work, layers = Path(args.work), args.layers[0]
-    suffix = "-fp8" if args.source == "fp8" else ""
-    ckpt, gemma = work / f"ltx2-{layers}layer{suffix}.safetensors", work / f"gemma-3-w3840-{args.gemma_layers}layer"
+    work, layers, preset = Path(args.work), args.layers[0], FAMILY_PRESETS[args.family]
+    name = synthetic.checkpoint_name(preset, layers)
+    ckpt = work / (name.replace(".safetensors", "-fp8.safetensors") if args.source == "fp8" else name)
+    gemma = work / f"gemma-3-w3840-{args.gemma_layers}layer"
     components: dict[str, dict] = {}
     seen: set[Path] = set()
 
@@ -87,9 +94,10 @@ def child(args: argparse.Namespace) -> None:
         components[name] = {"peak_rss_gb": _vm_hwm() / GB, "disk_gb": sum(f.stat().st_size for f in files) / GB}
         _reset_hwm()
 
-    out, cache = work / f"bundle-{layers}-{args.precision}{suffix}", work / f"cache-{layers}-{args.precision}{suffix}"
+    tag = f"{args.family}-{layers}-{args.precision}" + ("-fp8" if args.source == "fp8" else "")
+    out, cache = work / f"bundle-{tag}", work / f"cache-{tag}"
     _reset_hwm()
-    cfg = BuildConfig(preset="ltx2-video", checkpoint=ckpt, text_encoder=gemma, frames=args.frames,
+    cfg = BuildConfig(preset=preset, checkpoint=ckpt, text_encoder=gemma, frames=args.frames,
                       height=args.height, width=args.width, backend="onnxruntime", precision=args.precision,
                       out=out, cache_dir=cache, progress=False, on_component=on_component)
     build_engines(cfg)
@@ -103,17 +111,18 @@ def measure(layers: int, args: argparse.Namespace, work: Path, source: str | Non
     source = source or args.source
     fp8 = source == "fp8"
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import synthetic, pathlib; "
-                    f"synthetic.write_all(pathlib.Path({str(work)!r}), {layers}, {args.gemma_layers}, fp8={fp8})"],
+                    f"synthetic.write_all(pathlib.Path({str(work)!r}), {layers}, {args.gemma_layers}, "
+                    f"preset={FAMILY_PRESETS[args.family]!r}, fp8={fp8})"],
                    check=True)
     bf16 = measure(layers, args, work, "bf16") if fp8 else None  # measured first: its peak is the max so far
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--work", str(work), "--precision",
            args.precision, "--gemma-layers", str(args.gemma_layers), "--frames", str(args.frames), "--height",
-           str(args.height), "--width", str(args.width), "--source", source]
+           str(args.height), "--width", str(args.width), "--source", source, "--family", args.family]
     done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / GB  # the largest child so far
     point = json.loads(done.stdout.strip().splitlines()[-1])
-    point.update(layers=layers, precision=args.precision, source=source,
+    point.update(layers=layers, precision=args.precision, source=source, family=args.family,
                  peak_rss_gb=max(peak, max(c["peak_rss_gb"] for c in point["components"].values())),
                  peak_rss_is_max_so_far=before * 1024 / GB >= peak)
     if bf16 is not None:  # the fp8 build's own peak: its components' (RUSAGE_CHILDREN keeps the bf16 max)
@@ -132,17 +141,18 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def family_scale(family: str, gemma_layers: int) -> dict:
-    """What turns ltx2 points measured with a `gemma_layers`-deep Gemma into `family`'s full model: the ratio
-    of one DiT block's parameters (family over ltx2) and the text head's parameters, full and as measured."""
+def family_scale(family: str, gemma_layers: int, measured_family: str = "ltx2") -> dict:
+    """What turns `measured_family`'s points, measured with a `gemma_layers`-deep Gemma, into `family`'s full
+    model: the ratio of one DiT block's parameters (1 for the family measured) and the text head's
+    parameters, full and as measured."""
     import runtime_memory as rm
 
     from stdrc.export.config import get_preset
 
-    full, ltx2 = rm.family_params(family), rm.family_params("ltx2")
-    measured = replace(get_preset("ltx2-video").text, encoder_layers=gemma_layers)
-    return {"dit_block_ratio": full["dit_block"] / ltx2["dit_block"], "text_head_params": full["text_head"],
-            "measured_text_head_params": rm.text_head_params(measured)}
+    full, measured_full = rm.family_params(family), rm.family_params(measured_family)
+    measured = replace(get_preset(FAMILY_PRESETS[measured_family]).text, encoder_layers=gemma_layers)
+    return {"dit_block_ratio": full["dit_block"] / measured_full["dit_block"], "text_head_params": full["text_head"],
+            "measured_text_head_params": rm.text_head_params(measured), "measured_family": measured_family}
 
 
 def project(points: list[dict], precision: str, gemma_params: float,
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None,
                    help="folder for checkpoints, bundles and caches, kept (default: a temp one, removed)")
     p.add_argument("--family", default="ltx2", choices=MODEL_FAMILIES,
-                   help="the family projected (ltx2.3: from ltx2 points, --points)")
+                   help="the family built and projected (with --points: projected from that report's points)")
     p.add_argument("--points", type=Path, default=None,
                    help="a previous run's --json report: project from its measured points, build nothing")
     p.add_argument("--source", default="bf16", choices=("bf16", "fp8"),
@@ -228,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             gemma_params = previous.get("gemma_params") or _gemma_params(
                 synthetic.gemma_config(layers=gemma_layers).to_dict())
             args.precision = points[0]["precision"]
+            measured_family = points[0].get("family", "ltx2")  # reports before 2.3 builds measured ltx2
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             print(f"error: --points {args.points}: not a build_memory --json report "
                   f"({type(e).__name__}: {e}); pass one this benchmark wrote", file=sys.stderr)
@@ -235,10 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     elif args.source == "fp8" and min(args.layers) < 2:
         print("error: --source fp8 needs --layers of 2 or more: ltx-core's FP8 files keep block 0 in bf16, so a "
               "1-layer file holds no float8 weight", file=sys.stderr)
-        return 2
-    elif args.family != "ltx2":
-        print(f"error: only ltx2 builds are measured; project {args.family} from measured ltx2 points: "
-              "--points docs/build_memory_fp16.json", file=sys.stderr)
         return 2
     else:
         try:
@@ -249,11 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted" + ("" if args.work is None else f": {args.work} kept"), file=sys.stderr)
             return 130
-        gemma_params, gemma_layers = _gemma_params(cfg), args.gemma_layers
+        gemma_params, gemma_layers, measured_family = _gemma_params(cfg), args.gemma_layers, args.family
     result = {"machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}, "family": args.family,
               "points": points, "gemma_params": gemma_params, "gemma_layers": gemma_layers,
               "projected": project(points, args.precision, gemma_params,
-                                   family_scale(args.family, gemma_layers))}
+                                   family_scale(args.family, gemma_layers, measured_family))}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -215,15 +215,21 @@ def write_ltx2_checkpoint(path: Path, dit_layers: int = 1, gemma_layers: int = 2
                             with_vae, dtype)
 
 
+def checkpoint_name(preset: str = "ltx2-video", dit_layers: int = 1, connector_layers: int | None = None) -> str:
+    """The bf16 checkpoint's file name `write_all` writes (its FP8 variant adds `-fp8`)."""
+    stem = "ltx2" if preset == "ltx2-video" else preset.removesuffix("-video")
+    layers = f"{dit_layers}layer" + ("" if connector_layers is None else f"-{connector_layers}conn")
+    return f"{stem}-{layers}.safetensors"
+
+
 def write_all(folder: Path, dit_layers: int = 1, gemma_layers: int = 2, preset: str = "ltx2-video",
               connector_layers: int | None = None, fp8: bool = False) -> tuple[Path, Path]:
     """(checkpoint, Gemma folder) under `folder`, written once (reused when present). `preset`: ltx2-video
     (an LTX-2 file) or ltx23-video (an LTX-2.3 file: model_version 2.3.0, the 2.3 keys and config). `fp8`:
     the checkpoint is the FP8 variant of the bf16 one (`write_fp8_checkpoint`), written beside it."""
     folder.mkdir(parents=True, exist_ok=True)
-    stem = "ltx2" if preset == "ltx2-video" else preset.removesuffix("-video")
-    layers = f"{dit_layers}layer" + ("" if connector_layers is None else f"-{connector_layers}conn")
-    ckpt, gemma = folder / f"{stem}-{layers}.safetensors", folder / f"gemma-3-w3840-{gemma_layers}layer"
+    ckpt = folder / checkpoint_name(preset, dit_layers, connector_layers)
+    gemma = folder / f"gemma-3-w3840-{gemma_layers}layer"
     if not ckpt.is_file():
         write_ltx2_checkpoint(ckpt, dit_layers, gemma_layers, preset=preset, connector_layers=connector_layers)
     if fp8:

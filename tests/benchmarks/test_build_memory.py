@@ -81,3 +81,13 @@ def test_fp8_source_needs_two_layers(build_memory, capsys) -> None:
     assert build_memory.main(["--source", "fp8", "--layers", "1", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --source fp8 needs --layers of 2 or more")
+
+
+def test_points_are_projected_from_the_family_they_measured(build_memory) -> None:
+    """An LTX-2.3 build's points (`--family ltx2.3`) project with its own block size and text head; LTX-2's
+    points projected to 2.3 are scaled by the block ratio and priced at LTX-2's measured head."""
+    own, other = build_memory.family_scale("ltx2.3", 2, "ltx2.3"), build_memory.family_scale("ltx2.3", 2)
+    assert own["dit_block_ratio"] == 1.0 < other["dit_block_ratio"] < 1.01
+    assert own["text_head_params"] == other["text_head_params"]  # the full 2.3 head either way
+    # measured: the 2.3 head (8 x 4096 gated connector) against LTX-2's (2 x 3840), both on a 2-layer Gemma
+    assert own["measured_text_head_params"] > 2 * other["measured_text_head_params"]
