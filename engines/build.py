@@ -15,9 +15,10 @@ import torch
 from tqdm import tqdm
 
 import stdrc
+from stdrc.engines.aoti import CONSTANTS_SUFFIX, refine_entry, refine_package, torch_engine, write_branch_constants
 from stdrc.engines.bundle import BundleWriter
 from stdrc.engines.preflight import check_build, check_disk
-from stdrc.engines.refine import externalize, refine_component, refine_lora_spec, stage_refit_onnx
+from stdrc.engines.refine import externalize, refine_component, refine_lora_spec, refine_source, stage_refit_onnx
 from stdrc.engines.stage_cache import (
     cache_key,
     cached_engine,
@@ -30,9 +31,9 @@ from stdrc.engines.stage_cache import (
 from stdrc.export.bundle_manifest import assemble_manifest
 from stdrc.export.config import get_preset
 from stdrc.export.errors import ExportError
-from stdrc.export.lora import Fp8LoraTransform, LoraSpec, dit_shapes, lora_transform
+from stdrc.export.lora import Fp8LoraTransform, LoraFile, LoraSpec, dit_shapes, lora_transform
 from stdrc.export.models import ModelSet, Sources, load_sources, plan_sources
-from stdrc.export.onnx_export import CastIO, dynamic_shapes, onnx_files
+from stdrc.export.onnx_export import CastIO, onnx_files
 from stdrc.export.refine import load_refine_lora
 from stdrc.export.specs import STATE_DTYPES, ComponentSpec, component_specs
 from stdrc.runtime.manifest import Bucket, ComponentEntry, sha256_file
@@ -117,19 +118,6 @@ def module_dtype(backend: str, precision: str) -> torch.dtype:
     if backend in ONNX_BACKENDS and precision in ("fp16", "bf16"):
         return torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.float32
-
-
-def _torch_engine(module: torch.nn.Module, spec: ComponentSpec, out: Path, backend: str, device: str) -> None:
-    args = spec.torch_inputs(device=device)
-    with torch.no_grad():
-        program = torch.export.export(module.to(device), args, dynamic_shapes=dynamic_shapes(spec))
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # aoti_compile_and_package wants a .pt2 name
-    tmp.unlink(missing_ok=True)
-    if backend == "torch":
-        torch.export.save(program, str(tmp))
-    else:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-    os.replace(tmp, out)
 
 
 def fast_dit(cfg: BuildConfig, models: ModelSet, bucket: Bucket, fp8_scales: Path | None,
@@ -249,7 +237,7 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
             module = models.export_modules(bucket, cfg.layout, rope_input)[spec.name]
             if spec.name == "dit" and precision != "fp32":
                 module = fast_dit(cfg, models, bucket, scales, device, scales_from_file(cfg, src))
-            _torch_engine(module, spec, path, backend, device)
+            torch_engine(module, spec, path, backend, device)
 
         key = cache_key(cfg, src, bucket, spec, torch.float32, attention, backend=backend, device=device,
                         precision=precision, scales=sha256_file(scales) if scales else None,
@@ -287,6 +275,25 @@ def build_component(cfg: BuildConfig, backend: str, src: Sources, bucket: Bucket
         backend=backend, file=out.name, sha256=sha256_file(out), precision=precision,
         inputs=spec.inputs, outputs=spec.outputs, dynamic_dims=spec.dynamic_dims, extra_files=extra, build=facts,
     )
+
+
+def aoti_refine_component(cfg: BuildConfig, src: Sources, bucket: Bucket, specs: dict[str, ComponentSpec],
+                          dit: ComponentEntry, lora: LoraFile, writer: BundleWriter) -> ComponentEntry:
+    """`dit_refine` for aoti (engines/aoti.py): the refinement package without constants (cached like the other
+    engines: a hit reads no weight), the branches' A/B beside it, the `dit` package named as its weights."""
+    spec, device = specs["dit_refine"], dit.build.device
+    out = writer.path(spec.name + ENGINE_SUFFIX["aoti"])
+
+    def compile_engine(path: Path) -> None:
+        models = load_sources(src, ("dit",), torch.float32, cfg.dit_transform)
+        refine_package(models.export_modules(bucket, cfg.layout, rope_input=True)["dit"], lora, spec, path, device)
+
+    key = cache_key(cfg, src, bucket, specs["dit"], torch.float32, cfg.attention or "ort", backend="aoti",
+                    device=device, precision=dit.precision, target=compile_target(device), component=spec.name,
+                    lora=lora.sha256, strength=lora.strength)
+    cached_engine(cfg, key, out, compile_engine)
+    constants = write_branch_constants(lora, writer.path(spec.name + CONSTANTS_SUFFIX))
+    return refine_entry(dit, out, constants, spec, refine_source(lora))
 
 
 def write_rope_tables(models: ModelSet, buckets: tuple[Bucket, ...], layout: str,
@@ -384,7 +391,9 @@ def build_engines(cfg: BuildConfig) -> Path:
         components = {}
         for name in COMPONENTS + (STAGE_COMPONENTS if two_stage else ()):
             stages.set_postfix_str(f"{name} ({backend})")
-            if name == "dit_refine":  # the dit engine's graph with the LoRA's branches, on its weights file
+            if name == "dit_refine" and backend == "aoti":  # a package without constants: the dit's, the LoRA's
+                components[name] = aoti_refine_component(cfg, src, bucket, specs, components["dit"], refine, writer)
+            elif name == "dit_refine":  # the dit engine's graph with the LoRA's branches, on its weights file
                 components[name] = refine_component(components["dit"], writer.staging, specs[name], refine,
                                                     dit_shapes(src.preset.dit), cfg.cache_dir / "trt_timing.cache")
             else:

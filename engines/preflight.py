@@ -123,8 +123,9 @@ def check_two_stage(cfg: BuildConfig, buckets: tuple[Bucket, ...]) -> bool:
     return True
 
 
-# Backends that build the two-stage refinement engine (engines/refine.py; docs/design.md says why not the others).
-REFINE_BACKENDS = ONNX_BACKENDS
+# Backends that build the two-stage refinement engine (engines/refine.py, engines/aoti.py; docs/design.md says why
+# not torch: its programs hold their weights, so a refinement program would hold a second copy).
+REFINE_BACKENDS = (*ONNX_BACKENDS, "aoti")
 # Backends whose VAE decoder goes through Inductor at build time.
 INDUCTOR_BACKENDS = ("aoti",)
 DECODER_DIMS = ("latent_frames", "tile_height", "tile_width")

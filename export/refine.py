@@ -26,6 +26,7 @@ from stdrc.export.lora import LoraFile, LoraSet, LoraSpec, dit_shapes
 LORA_A, LORA_B = "lora_A", "lora_B"  # the branch buffers' names beside each target's weight and bias
 RANDOM_RANK = 4  # the tiny presets' random refinement LoRA (`--two-stage`)
 COMFY_PREFIX = "diffusion_model."  # the key layout of Lightricks' LoRA files
+MODULE_PREFIX = "ltx."  # where `add_lora_branches` puts the branches in an STDRCTransformer (its `ltx` module)
 
 
 class LoraLinear(torch.nn.Module):
@@ -65,6 +66,18 @@ def add_lora_branches(dit: STDRCTransformer, lora: LoraFile) -> STDRCTransformer
             down, up = f.get_tensor(pair.down).float(), f.get_tensor(pair.up).float()
             setattr(parent, name, LoraLinear(linear, down, up, lora.strength))
     return dit
+
+
+def branch_constants(lora: LoraFile) -> dict[str, torch.Tensor]:
+    """The branches' A and B as `add_lora_branches` names them in the DiT (`ltx.<module>.lora_A`/`lora_B`), in the
+    file's own dtype: an aoti refinement package is compiled without constants and gets these at load."""
+    out = {}
+    with safe_open(str(lora.path), framework="pt") as f:
+        for key, pair in sorted(lora.pairs.items()):
+            module = MODULE_PREFIX + key[: -len(".weight")]
+            out[f"{module}.{LORA_A}"] = f.get_tensor(pair.down).contiguous()
+            out[f"{module}.{LORA_B}"] = f.get_tensor(pair.up).contiguous()
+    return out
 
 
 def lora_targets(cfg: DiTConfig) -> tuple[str, ...]:

@@ -227,7 +227,7 @@ class ComponentEntry:
         for rel in extra:
             sc.relative_path(rel, f"{where}.extra_files")
             sc.sha256(extra, rel, f"{where}.extra_files")
-        return ComponentEntry(
+        entry = ComponentEntry(
             backend=sc.string(data, "backend", where, BACKENDS),
             file=sc.file_field(data, "file", where),
             sha256=sc.sha256(data, "sha256", where),
@@ -238,6 +238,11 @@ class ComponentEntry:
             extra_files=dict(extra),
             build=sc.BuildFacts.from_json(sc.get(data, "build", where, {}), f"{where}.build"),
         )
+        shared = (entry.build.constants_from, entry.build.constants_file)
+        if any(shared) and (entry.backend != "aoti" or not all(f in entry.extra_files for f in shared)):
+            raise sc.bad(f"{where}.build", {k: v for k, v in zip(("constants_from", "constants_file"), shared)},
+                         "an aoti engine's constants_from and constants_file, both among its extra_files")
+        return entry
 
 
 @dataclass(frozen=True)

@@ -558,3 +558,7 @@ class BuildFacts(Section):
     bucket_profiles: tuple[Ranges, ...] | None = spec(shape_ranges_list, None)  # one per bucket
     onnx_sha256: str | None = spec(text_value, None)
     cache_key: str | None = spec(text_value, None)
+    # an aoti package compiled without its constants (`dit_refine`, engines/aoti.py): the package (a bundle file)
+    # whose constants it shares, and the safetensors file of its own ones; both among the entry's extra_files
+    constants_from: str | None = spec(file_field, None)
+    constants_file: str | None = spec(file_field, None)

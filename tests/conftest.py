@@ -114,6 +114,17 @@ def two_stage_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) 
 
 
 @pytest.fixture(scope="session")
+def two_stage_tiny23_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """The tiny23 preset (LTX-2.3's DiT flags: `dit` and `dit_refine` take `sigma`) as a two-stage ONNX Runtime
+    bundle at 9x128x64: the 2.3 case of the two-stage parity and verify tests (parametrized beside tiny's)."""
+    from stdrc.engines.build import BuildConfig, build_engines
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny23-two-stage"
+    return build_engines(BuildConfig(preset="tiny23", out=out, cache_dir=cache_dir, backend="onnxruntime",
+                                     progress=False, buckets=("9x128x64",), two_stage=True))
+
+
+@pytest.fixture(scope="session")
 def astronaut_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import skimage.data
 
@@ -190,3 +201,17 @@ def aoti_tiny23_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
 
     out = tmp_path_factory.mktemp("aoti-bundle23") / "tiny23"
     return build_engines(BuildConfig(preset="tiny23", out=out, cache_dir=cache_dir, backend="aoti", progress=False))
+
+
+@pytest.fixture(scope="session")
+def aoti_two_stage_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """The tiny preset as the two-stage aoti bundle build-engines makes (bucket 9x128x64, stage 1 at 9x64x32, the
+    random tiny upsampler, the seeded rank-4 refinement LoRA at strength 1): `dit_refine` is a package without
+    constants, given the dit package's and the LoRA's at load (engines/aoti.py). Shared by the C++ two-stage tests
+    and the aoti refinement's own (tests/engines/test_refine_build.py). Seven AOTInductor compiles: 275 s on the
+    shared 2-core VM (2026-12-07, load 3)."""
+    from stdrc.engines.build import BuildConfig, build_engines
+
+    out = tmp_path_factory.mktemp("aoti-two-stage") / "tiny-two-stage"
+    return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", buckets=("9x128x64",),
+                                     two_stage=True, progress=False))

@@ -6,6 +6,7 @@ torch is imported here only, so the ONNX Runtime path never loads it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection
 from pathlib import Path
 
@@ -32,9 +33,13 @@ class TorchEngine:
         try:
             if entry.backend == "aoti":
                 module = torch._inductor.aoti_load_package(str(path))
+                if entry.build.constants_from is not None:
+                    module = SharedConstants(module, path.parent, entry, device)
             else:
                 module = torch.export.load(str(path)).module()
                 module.to(device)
+        except BundleError:
+            raise
         except Exception as e:
             reason = str(e).splitlines()[0]
             raise BundleError(f"{path} could not be loaded by torch ({reason}): rebuild the bundle") from e
@@ -48,6 +53,60 @@ class TorchEngine:
         out = out if isinstance(out, (tuple, list)) else (out,)
         return {name: value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
                 for name, value in zip(self._outputs, out)}
+
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SharedConstants:
+    """An aoti package compiled without constants (`dit_refine`, engines/aoti.py), given them at load: the
+    `constants_from` package's (read through its own runner: torch's Python package loader has no
+    `extract_constants_map`) and `constants_file`'s, user-managed (pointers, no copy). Holding this keeps them alive.
+
+    The base package is mapped here a second time, as ONNX Runtime maps a shared weights file once per session;
+    the C++ runner hands over the loaded `dit` engine's own constants instead."""
+
+    def __init__(self, package, folder: Path, entry: ComponentEntry, device: str):
+        from safetensors.torch import load_file
+
+        from stdrc.runtime.manifest import bundle_path
+
+        self.package = package
+        self.base = package_runner(bundle_path(folder, entry.build.constants_from), device)
+        base = self.base.extract_constants_map(False)
+        dtype = PRECISION_DTYPES[entry.precision]
+        self.own = {k: v.to(device=device, dtype=dtype).contiguous()
+                    for k, v in load_file(str(bundle_path(folder, entry.build.constants_file))).items()}
+        wanted = set(package.get_constant_fqns())
+        missing, clash = wanted - set(base) - set(self.own), set(base) & set(self.own)
+        if missing or clash:
+            name = sorted(missing or clash)[0]
+            raise BundleError(f"{entry.file}: constant {name} is {'in neither' if missing else 'in both'} "
+                              f"{entry.build.constants_from} and {entry.build.constants_file}: rebuild the bundle")
+        package.load_constants({**{k: base[k] for k in wanted & set(base)}, **self.own}, check_full_update=True,
+                               user_managed=True)
+
+    def __call__(self, *args: torch.Tensor):
+        return self.package(*args)
+
+
+def package_runner(path: Path, device: str):
+    """The model runner of an aoti package (its shared library unpacked to a temporary folder, removed once
+    loaded), for the constants it holds."""
+    import tempfile
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(prefix="stdrc-aoti-") as tmp:
+        names = [n for n in archive.namelist() if "/data/aotinductor/model/" in n]
+        libraries = [n for n in names if n.endswith(".so")]
+        if len(libraries) != 1:
+            raise BundleError(f"{path.name} holds {len(libraries)} model libraries, not one: rebuild the bundle")
+        archive.extractall(tmp, names)
+        library = os.path.join(tmp, libraries[0])
+        if torch.device(device).type == "cuda":
+            return torch._C._aoti.AOTIModelContainerRunnerCuda(library, 1, str(torch.device(device)),
+                                                               os.path.dirname(library))
+        return torch._C._aoti.AOTIModelContainerRunnerCpu(library, 1)
 
 
 def check_build_device(path: Path, entry: ComponentEntry, device: str) -> None:

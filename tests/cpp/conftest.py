@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -95,48 +94,3 @@ def cpp_tiles(cpp_build: Path) -> Path:
 @pytest.fixture(scope="session")
 def cpp_manifest(cpp_build: Path) -> Path:
     return cpp_build / "stdrc_manifest"
-
-
-TWO_STAGE_BUCKETS = ("9x128x64", "9x64x32")  # an output bucket and its stage-1 half
-
-
-@pytest.fixture(scope="session")
-def aoti_two_stage_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """A two-stage aoti bundle assembled from real engines, since aoti has no refinement engine (engines/refine.py
-    builds `dit_refine` on ONNX Runtime and TensorRT only) and the C++ runner runs aoti packages.
-
-    The tiny preset built for 9x128x64 and its half 9x64x32 (one DiT with dynamic tokens for both grids, one VAE
-    encoder for both sizes), an aoti `upsampler` built by `build_component` as build-engines builds it, and
-    `dit_refine` pointed at the dit package: the refinement with a LoRA of strength 0. Its one bucket is 9x128x64
-    with the half's RoPE tables as its stage-1 entry. Python and C++ then run the same engines, so their
-    comparison covers the two-stage algorithm (half grid, upsampler, re-noise, refinement, decode)."""
-    from stdrc.engines.build import BuildConfig, build_component, build_engines
-    from stdrc.engines.bundle import BundleWriter
-    from stdrc.export.config import get_preset
-    from stdrc.export.models import plan_sources
-    from stdrc.export.specs import component_specs
-    from stdrc.runtime.manifest import Bucket, Manifest
-    from stdrc.runtime.schema import LoraEntry, TwoStageConfig
-
-    root = tmp_path_factory.mktemp("aoti-two-stage")
-    base = build_engines(BuildConfig(out=root / "base", cache_dir=cache_dir, backend="aoti", buckets=TWO_STAGE_BUCKETS,
-                                     progress=False))
-    manifest = Manifest.from_json(json.loads((base / "manifest.json").read_text()))
-    out, (bucket, half) = root / "tiny-two-stage", manifest.buckets
-    shutil.copytree(base, out)
-    preset = get_preset("tiny")
-    cfg = BuildConfig(out=root / "upsampler", cache_dir=cache_dir, backend="aoti", progress=False, two_stage=True)
-    spec = component_specs(preset, (bucket,), rope_input=True, two_stage=True)["upsampler"]
-    with BundleWriter(cfg.out) as writer:
-        upsampler = build_component(cfg, "aoti", plan_sources(preset, two_stage=True), bucket, spec, writer,
-                                    full=lambda: None)
-        shutil.copy2(writer.path(upsampler.file), out / upsampler.file)
-    b = Bucket(bucket.frames, bucket.height, bucket.width, bucket.text_length, bucket.fps, rope_file=bucket.rope_file,
-               rope_sha256=bucket.rope_sha256, stage1_rope_file=half.rope_file, stage1_rope_sha256=half.rope_sha256)
-    data = manifest.to_json()
-    data.update(bucket=b.to_json(), buckets=[b.to_json()],
-                two_stage=TwoStageConfig(lora=LoraEntry("strength-0.safetensors", "0" * 64, 0.0)).to_json())
-    data["components"].update(upsampler=upsampler.to_json(), dit_refine=data["components"]["dit"])
-    Manifest.from_json(data)  # what the Python runtime reads, checked before anything runs on it
-    (out / "manifest.json").write_text(json.dumps(data, indent=2))
-    return out

@@ -262,3 +262,39 @@ def test_runner_without_tensorrt_refuses_a_tensorrt_bundle(cpp_runner: Path, tmp
         assert done.stderr.strip() == ("stdrc_run: error: bundle component dit is a tensorrt engine; this runner "
                                        "takes aoti engines: rebuild the bundle with --backend aoti")
         assert not out.exists()
+
+
+def _shared_constants(case: str) -> dict:
+    """`manifest()` with `dit_refine` as a two-stage aoti build writes it (engines/aoti.py): a package without
+    constants naming the dit package and its own constants file among its extra_files; `case` breaks that."""
+    data = manifest()
+    entry = data["components"]["dit_refine"]
+    entry["extra_files"] = {"dit.pt2": SHA, "dit_refine.lora.safetensors": SHA}
+    entry["build"] = {"device": "cpu", "constants_from": "dit.pt2", "constants_file": "dit_refine.lora.safetensors"}
+    if case == "not-listed":
+        del entry["extra_files"]["dit.pt2"]
+    elif case == "no-file":
+        del entry["build"]["constants_file"]
+    elif case == "onnxruntime":
+        entry.update(backend="onnxruntime", file="dit_refine.onnx")
+    return data
+
+
+@pytest.mark.parametrize("case", ["built", "not-listed", "no-file", "onnxruntime"])
+def test_constants_given_at_load_are_listed_files_of_an_aoti_package(case: str, cpp_manifest: Path,
+                                                                     tmp_path: Path) -> None:
+    """Both readers take the facts as built and refuse, when the manifest is read, a constants file or base package
+    outside the entry's extra_files (never hashed, never checked), one without the other, or on another backend."""
+    from stdrc.runtime.errors import BundleError
+
+    data = _shared_constants(case)
+    done = read(cpp_manifest, tmp_path, data)
+    entry = data["components"]["dit_refine"]
+    if case == "built":
+        assert done.returncode == 0, done.stderr
+        facts = ComponentEntry.from_json(entry, "components.dit_refine").build
+        assert (facts.constants_from, facts.constants_file) == ("dit.pt2", "dit_refine.lora.safetensors")
+        return
+    assert_one_rebuild_line(done, "stdrc_manifest: error: ", "components.dit_refine.build.constants_")
+    with pytest.raises(BundleError, match="components.dit_refine.build is .* expected an aoti engine's constants_from"):
+        ComponentEntry.from_json(entry, "components.dit_refine")

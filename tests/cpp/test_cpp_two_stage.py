@@ -1,5 +1,6 @@
 """The C++ runner's two-stage path (`stdrc_run`, stages 2 and 1) against the Python runtime on the same aoti
-bundle and inputs: tests/cpp/conftest.py `aoti_two_stage_bundle` (why it is assembled is said there)."""
+bundle and inputs: tests/conftest.py `aoti_two_stage_bundle`, as build-engines makes it (a real refinement: the
+seeded LoRA at strength 1, `dit_refine` given the dit package's constants at load; in C++ the loaded dit engine's)."""
 
 from __future__ import annotations
 

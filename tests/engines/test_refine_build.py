@@ -19,7 +19,7 @@ from stdrc.engines.refine import RANDOM_LORA_PREFIX, random_refine_lora, refine_
 from stdrc.export.config import get_preset
 from stdrc.export.lora import LoraSpec, dit_shapes
 from stdrc.export.models import plan_sources
-from stdrc.export.refine import load_refine_lora, write_random_lora
+from stdrc.export.refine import add_lora_branches, load_refine_lora, write_random_lora
 from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import open_engine
 from stdrc.runtime.manifest import Bucket, sha256_file
@@ -82,10 +82,62 @@ def _refused(argv: list[str], message: str, tmp_path: Path, capsys, monkeypatch)
     assert not reads and not out.exists()
 
 
-@pytest.mark.parametrize("backend", ["torch", "aoti"])
-def test_other_backends_refuse_two_stage(backend, tmp_path, capsys, monkeypatch):
-    _refused(["--preset", "tiny", "--two-stage", "--bucket", "9x128x64", "--backend", backend],
+def test_torch_backend_refuses_two_stage(tmp_path, capsys, monkeypatch):
+    """torch programs hold their weights: a refinement program would be a second copy of the DiT."""
+    _refused(["--preset", "tiny", "--two-stage", "--bucket", "9x128x64", "--backend", "torch"],
              "builds no refinement engine", tmp_path, capsys, monkeypatch)
+
+
+def test_aoti_two_stage_below_fp32_is_refused(tmp_path, capsys, monkeypatch):
+    """aoti's bf16/fp8 fast path bakes one grid's RoPE tables; two stages run two grids."""
+    _refused(["--preset", "tiny", "--two-stage", "--bucket", "9x128x64", "--backend", "aoti", "--precision", "bf16"],
+             "bakes the RoPE tables", tmp_path, capsys, monkeypatch)
+
+
+@pytest.mark.slow  # the shared two-stage aoti bundle (seven AOTInductor compiles, ~5 min)
+def test_aoti_dit_refine_shares_the_dit_packages_weights(aoti_two_stage_bundle, tiny_models, tmp_path):
+    """The aoti `dit_refine` holds kernels, no weights: it names the dit package (same sha256) and the LoRA's
+    tensors as its constants, adds at most 1.05x the LoRA's bytes beside its kernel library, and through the
+    runtime's engine equals the PyTorch refinement (the DiT with the LoRA's branches) at fp32; a constants file
+    that lacks a tensor is one BundleError at load."""
+    import copy
+    import shutil
+
+    import torch
+
+    from stdrc.engines.aoti import CONSTANTS_SUFFIX
+    from stdrc.runtime.errors import BundleError
+    from stdrc.runtime.manifest import read_manifest
+
+    manifest = read_manifest(aoti_two_stage_bundle)
+    dit, refine = manifest.components["dit"], manifest.components["dit_refine"]
+    own = f"dit_refine{CONSTANTS_SUFFIX}"
+    assert (refine.backend, refine.file, refine.build.constants_from, refine.build.constants_file) == \
+        ("aoti", "dit_refine.pt2", "dit.pt2", own)
+    assert refine.extra_files == {"dit.pt2": dit.sha256, own: sha256_file(aoti_two_stage_bundle / own)}
+    preset = get_preset("tiny")
+    lora = load_refine_lora(random_refine_lora(preset, 0, tmp_path), preset.dit)
+    assert lora.sha256 == manifest.two_stage.lora.sha256
+    assert (aoti_two_stage_bundle / own).stat().st_size <= 1.05 * lora.path.stat().st_size
+
+    feeds = component_specs(preset, Bucket(**{**preset.default_bucket, "width": 128}), rope_input=True,
+                            two_stage=True)["dit_refine"].sample_inputs(seed=4, batch=1)
+    got = open_engine(aoti_two_stage_bundle, "dit_refine", refine, trust_code=True).run(feeds)["velocity"]
+    module = add_lora_branches(copy.deepcopy(tiny_models.dit), lora).eval()
+    with torch.no_grad():
+        want = module(*[torch.from_numpy(feeds[t.name]) for t in refine.inputs]).numpy()
+        base = tiny_models.dit(*[torch.from_numpy(feeds[t.name]) for t in refine.inputs]).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+    assert np.linalg.norm(base - want) / np.linalg.norm(want) > 1e-2  # the LoRA changes the output
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(aoti_two_stage_bundle, broken)
+    tensors = load_file(str(broken / own))
+    save_file(dict(list(tensors.items())[1:]), str(broken / own))
+    with pytest.raises(BundleError, match=f"in neither dit.pt2 and {own}: rebuild the bundle"):
+        open_engine(broken, "dit_refine", refine, trust_code=True)
 
 
 def test_lora_of_another_model_is_refused_before_any_weight(tmp_path, capsys, monkeypatch):
@@ -122,23 +174,27 @@ def test_verify_takes_the_bundles_refinement_lora_or_says_which(tmp_path):
         refine_lora_for_verify(entry, LoraSpec(given, 0.5), preset, 0, tmp_path, tmp_path / "verify")
 
 
-@pytest.mark.slow  # a verify of the shared two-stage bundle (~30 s)
-def test_two_stage_bundle_refines_on_the_dits_weights_and_verifies(two_stage_bundle, tmp_path, capsys):
-    """The tiny two-stage bundle: two_stage.lora is the seeded random LoRA, dit_refine reads the dit's weights
-    file (same sha256) and verifies against the DiT with that LoRA fused; another LoRA is one error line."""
+@pytest.mark.slow  # a verify of the shared two-stage bundle (~30 s; tiny23: a bundle build of its own)
+@pytest.mark.parametrize("preset", ["tiny", "tiny23"])
+def test_two_stage_bundle_refines_on_the_dits_weights_and_verifies(preset, request, tmp_path, capsys):
+    """The tiny (and tiny23: LTX-2.3's DiT) two-stage bundle: two_stage.lora is the seeded random LoRA, dit_refine
+    reads the dit's weights file (same sha256) and verifies against the DiT with that LoRA fused; another LoRA is
+    one error line."""
     from stdrc.engines.cli import main
     from stdrc.runtime.manifest import read_manifest
 
+    two_stage_bundle = request.getfixturevalue({"tiny": "two_stage_bundle", "tiny23": "two_stage_tiny23_bundle"}
+                                               [preset])
     manifest = read_manifest(two_stage_bundle)
     lora = manifest.two_stage.lora
-    assert lora.name == f"{RANDOM_LORA_PREFIX}tiny-seed0.safetensors" and lora.strength == 1.0
+    assert lora.name == f"{RANDOM_LORA_PREFIX}{preset}-seed0.safetensors" and lora.strength == 1.0
     dit, refine = manifest.components["dit"], manifest.components["dit_refine"]
     assert dit.extra_files == {"dit.onnx.data": refine.extra_files["dit.onnx.data"]}
     assert set(refine.extra_files) == {"dit.onnx.data", "dit_refine.onnx.data"}
     assert main(["verify", str(two_stage_bundle), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["components"]["dit_refine"]
     assert report["ok"] and report["rel_l2"] <= 1e-5 and report["tolerance"] == 1e-4
-    other = write_random_lora(tmp_path / "other.safetensors", get_preset("tiny").dit, seed=5)
+    other = write_random_lora(tmp_path / "other.safetensors", get_preset(preset).dit, seed=5)
     assert main(["verify", str(two_stage_bundle), "--refine-lora", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not the refinement LoRA of" in err[0], err

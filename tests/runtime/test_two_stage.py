@@ -15,6 +15,7 @@ from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 
 PROMPT, SEED, STEPS = "a woman waving", 4, 3
+TWO_STAGE_BUNDLES = {"tiny": "two_stage_bundle", "tiny23": "two_stage_tiny23_bundle"}  # tests/conftest.py fixtures
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -204,14 +205,16 @@ def ltx_core_fused(ltx, lora_path: Path, strength: float):
     return model.eval()
 
 
-@pytest.mark.slow  # the tiny models in PyTorch, 3 + 3 ltx-core DiT steps
-def test_two_stages_equal_a_loop_of_ltx_core_pieces(pipe: Pipeline, result, astronaut_png: Path,
+@pytest.mark.slow  # the tiny models in PyTorch, 3 + 3 ltx-core DiT steps (tiny23: a bundle build of its own)
+@pytest.mark.parametrize("preset", ["tiny", "tiny23"])
+def test_two_stages_equal_a_loop_of_ltx_core_pieces(preset: str, request: pytest.FixtureRequest, astronaut_png: Path,
                                                      cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole two-stage generation in latent space == a loop of ltx-core's pieces on the bundle's weights:
     its LTXModel at the half grid (three guidance streams, our decoupled text/reference formula) stepped by its
     EulerDiffusionStep, its LatentUpsampler through `upsample_video` with its VAE encoder's statistics, its
     GaussianNoiser (drawing our seed + 2 noise), then its LTXModel with the refinement LoRA fused by its
-    `apply_loras`, one stream, Euler over the two_stage sigmas. rel L2 <= 1e-5 (fp32)."""
+    `apply_loras`, one stream, Euler over the two_stage sigmas. rel L2 <= 1e-5 (fp32). tiny23 (LTX-2.3's DiT):
+    the stream's sigma goes to both `dit` and `dit_refine` as their `sigma` input (tiny's DiT has none)."""
     import torch
     from ltx_core.components.diffusion_steps import EulerDiffusionStep
     from ltx_core.components.noisers import GaussianNoiser
@@ -226,18 +229,33 @@ def test_two_stages_equal_a_loop_of_ltx_core_pieces(pipe: Pipeline, result, astr
     from stdrc.runtime.manifest import sha256_file
     from stdrc.runtime.pipeline import patchify, unpatchify
 
-    out, _ = result
+    pipe = Pipeline.from_bundle(request.getfixturevalue(TWO_STAGE_BUNDLES[preset]), prompt_cache=None)
     m = pipe.manifest
+    fed: dict[str, list[bool]] = {}  # per engine: whether each call's `sigma` was its stream's timestep
+    run = pipe.run
+
+    def recording(component, feeds, keep=()):
+        if smp.SIGMA_INPUT in feeds:
+            fed.setdefault(component, []).append(np.array_equal(feeds[smp.SIGMA_INPUT], feeds["timestep"][:, 0]))
+        return run(component, feeds, keep)
+
+    monkeypatch.setattr(pipe, "run", recording)
+    out = pipe.generate(astronaut_png, prompt=PROMPT, seed=SEED, steps=STEPS)
+    monkeypatch.undo()
     prepared = pipe.prepare(astronaut_png, GenerationOptions(PROMPT, seed=SEED, steps=STEPS))
     b, h = prepared.bucket, prepared.bucket.half()
+    assert out.frames.shape == (b.frames, b.height, b.width, 3)
+    sigma_engines = {k for k in ("dit", "dit_refine") if smp.SIGMA_INPUT in [t.name for t in m.components[k].inputs]}
+    assert sigma_engines == ({"dit", "dit_refine"} if preset == "tiny23" else set())
+    assert set(fed) == sigma_engines and all(all(v) for v in fed.values())
     pipe.bucket = b
     # the inputs every path shares: the reference encoded at both sizes, the prompts, the seeds' noise
     text = (pipe.prompts(PROMPT), pipe.prompts(""))
     ref_h, ref_b = pipe.encode_reference(prepared.stage1_image), pipe.encode_reference(prepared.image)
     noise1, noise2 = pipe.initial_noise(SEED, h), pipe.refine_noise(SEED)
 
-    models = load_models("tiny", components=("dit", "vae_encoder"), seed=m.model_config.seed)
-    lora = random_refine_lora(get_preset("tiny"), m.model_config.seed, cache_dir / "refine_lora").path
+    models = load_models(preset, components=("dit", "vae_encoder"), seed=m.model_config.seed)
+    lora = random_refine_lora(get_preset(preset), m.model_config.seed, cache_dir / "refine_lora").path
     assert sha256_file(lora) == m.two_stage.lora.sha256  # the bundle's own refinement LoRA
     euler = EulerDiffusionStep()
 

@@ -8,11 +8,13 @@
 
 #include "stdrc/errors.h"
 #include "stdrc/npy.h"
+#include "stdrc/safetensors.h"
 #ifdef STDRC_WITH_TENSORRT
 #include "stdrc/tensorrt_engine.h"
 #endif
 
 namespace stdrc {
+namespace fs = std::filesystem;
 namespace {
 
 std::string dims(const std::vector<int64_t>& shape, const std::vector<std::string>& symbols = {}) {
@@ -62,7 +64,8 @@ std::vector<at::Tensor> Engine::run(const std::vector<at::Tensor>& inputs) {
   return run_checked(inputs);
 }
 
-AotiEngine::AotiEngine(const std::string& path, ComponentEntry entry, std::string name, c10::Device device)
+AotiEngine::AotiEngine(const std::string& path, ComponentEntry entry, std::string name, c10::Device device,
+                       const AotiEngine* base)
     : Engine(std::move(entry), std::move(name)) {
   // An exported program bakes its build device in (constants, tensor-metadata asserts): refuse any other.
   const auto built = this->entry().build.find("device");
@@ -77,18 +80,60 @@ AotiEngine::AotiEngine(const std::string& path, ComponentEntry entry, std::strin
     throw BundleError(path + " could not be loaded by libtorch (" + first_line(e.what_without_backtrace()) +
                       "): rebuild the bundle with this torch version");
   }
+  if (this->entry().build.count("constants_from"))
+    share_constants(fs::path(path).parent_path().string(), device, base);
 }
 
 AotiEngine::~AotiEngine() = default;
+
+std::unordered_map<std::string, at::Tensor> AotiEngine::constants() const {
+  return loader_->get_runner()->extract_constants_map(false);
+}
+
+void AotiEngine::share_constants(const std::string& bundle_dir, c10::Device device, const AotiEngine* base) {
+  const auto& build = entry().build;
+  const std::string from = build.at("constants_from");
+  const auto file = build.find("constants_file");
+  if (file == build.end())
+    throw BundleError(name() + ": constants_from without constants_file in its build facts: rebuild the bundle");
+  if (base == nullptr) {
+    ComponentEntry base_entry = entry();
+    base_entry.file = from;
+    base_entry.build.erase("constants_from");
+    owned_base_ = std::make_unique<AotiEngine>(bundle_file(bundle_dir, from), base_entry, name() + " base", device);
+    base = owned_base_.get();
+  }
+  const at::ScalarType dtype = entry().precision == "bf16" ? at::kBFloat16 : entry().precision == "fp16" ? at::kHalf
+                                                                                                         : at::kFloat;
+  for (auto& [key, tensor] : read_safetensors(bundle_file(bundle_dir, file->second)))
+    own_constants_.emplace(key, tensor.to(device, dtype).contiguous());
+  std::unordered_map<std::string, at::Tensor> all = base->constants();
+  std::unordered_map<std::string, at::Tensor> wanted;
+  for (const std::string& fqn : loader_->get_constant_fqns()) {
+    const auto own = own_constants_.find(fqn);
+    const auto shared = all.find(fqn);
+    if ((own == own_constants_.end()) == (shared == all.end()))
+      throw BundleError(name() + ": constant " + fqn + " is in " + (own == own_constants_.end() ? "neither" : "both") +
+                        " " + from + " and " + file->second + ": rebuild the bundle");
+    wanted.emplace(fqn, own != own_constants_.end() ? own->second : shared->second);
+  }
+  try {
+    loader_->load_constants(wanted, false, true, true);  // active buffer, every constant given, user-managed
+  } catch (const c10::Error& e) {
+    throw BundleError(name() + ": its constants from " + from + " and " + file->second + " do not load (" +
+                      first_line(e.what_without_backtrace()) + "): rebuild the bundle");
+  }
+}
 
 std::vector<at::Tensor> AotiEngine::run_checked(const std::vector<at::Tensor>& inputs) {
   return loader_->run(inputs);
 }
 
 std::unique_ptr<Engine> open_engine(const std::string& bundle_dir, const std::string& name, const ComponentEntry& entry,
-                                    c10::Device device) {
+                                    c10::Device device, const Engine* constants_from) {
   const std::string path = bundle_file(bundle_dir, entry.file);
-  if (entry.backend == "aoti") return std::make_unique<AotiEngine>(path, entry, name, device);
+  if (entry.backend == "aoti")
+    return std::make_unique<AotiEngine>(path, entry, name, device, dynamic_cast<const AotiEngine*>(constants_from));
 #ifdef STDRC_WITH_TENSORRT
   if (entry.backend == "tensorrt")  // a weight-stripped plan is refit from its ONNX; a plan with weights is not
     return std::make_unique<TensorRTEngine>(path, needs_refit(entry) ? bundle_file(bundle_dir, refit_onnx(entry)) : "",

@@ -133,6 +133,13 @@ ComponentEntry component_entry(const json& data, const std::string& where) {
     throw BundleError("bundle manifest " + where + " is marked " + kWeightlessFlag + " (weight-stripped) but its "
                       "backend is " + entry.backend + ": only a TensorRT plan is refit at load" + kFix);
   if (needs_refit(entry)) refit_onnx(entry);  // refused now, before any file is read
+  const bool shares = entry.build.count("constants_from") || entry.build.count("constants_file");
+  for (const char* key : {"constants_from", "constants_file"})  // an aoti package given its constants at load
+    if (shares && (entry.backend != "aoti" || !entry.build.count(key) ||
+                   std::find(entry.extra_files.begin(), entry.extra_files.end(), entry.build.at(key)) ==
+                       entry.extra_files.end()))
+      throw BundleError("bundle manifest " + where + ".build." + key + " must name one of its extra_files, with "
+                        "constants_from and constants_file both given, on an aoti engine" + kFix);
   return entry;
 }
 
@@ -356,6 +363,8 @@ void check_components(const std::string& bundle_dir, const Manifest& manifest, c
                         backends.front() + " engines: rebuild the bundle with --backend " + backends.front());
     std::vector<std::string> files = {entry.file};
     if (needs_refit(entry)) files.push_back(refit_onnx(entry));
+    for (const char* key : {"constants_from", "constants_file"})
+      if (entry.build.count(key)) files.push_back(entry.build.at(key));
     for (const std::string& rel : files) {
       const fs::path file = bundle_file(bundle_dir, rel);
       if (!fs::is_regular_file(file)) throw BundleError("bundle file " + file.string() + " is missing: rebuild the bundle");

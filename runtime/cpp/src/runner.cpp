@@ -121,9 +121,14 @@ std::unique_ptr<Runner> Runner::from_bundle(const std::string& bundle_dir, c10::
 
 Engine& Runner::engine(const std::string& name) {
   auto it = engines_.find(name);
-  if (it == engines_.end())
-    it = engines_.emplace(name, open_engine(bundle_dir_, name, manifest_.component(name), device_)).first;
-  return *it->second;
+  if (it != engines_.end()) return *it->second;
+  const ComponentEntry& entry = manifest_.component(name);
+  const Engine* base = nullptr;  // an aoti package without constants shares those of the component it names
+  const auto from = entry.build.find("constants_from");
+  if (from != entry.build.end())
+    for (const auto& [other, e] : manifest_.components)
+      if (other != name && e.file == from->second) base = &engine(other);
+  return *engines_.emplace(name, open_engine(bundle_dir_, name, entry, device_, base)).first->second;
 }
 
 RunInputs Runner::read_inputs(const std::string& folder, int stages) const {
