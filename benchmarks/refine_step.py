@@ -137,12 +137,12 @@ def aoti_report(args: argparse.Namespace, preset, bucket, folder: Path) -> dict:
     from stdrc.runtime.manifest import ComponentEntry, sha256_file
     from stdrc.runtime.schema import BuildFacts
 
-    specs = component_specs(preset, bucket, rope_input=True, two_stage=True)
+    specs = component_specs(preset, bucket, rope_input=True)  # the refinement has the DiT's inputs
     lora_path = write_random_lora(folder.parent / "refine.safetensors", preset.dit, rank=args.rank)
     lora = load_refine_lora(LoraSpec(lora_path, 1.0), preset.dit)
     dit = build_dit(preset.dit, seed=0).eval()
     torch_engine(dit, specs["dit"], folder / "dit.pt2", "aoti", "cpu")
-    refine_package(dit, lora, specs["dit_refine"], folder / "dit_refine.pt2", "cpu")
+    refine_package(dit, lora, specs["dit"], folder / "dit_refine.pt2", "cpu")
     del dit
     own = write_branch_constants(lora, folder / f"dit_refine{CONSTANTS_SUFFIX}")
     spec = specs["dit"]
