@@ -122,3 +122,50 @@ def test_ltx23_dit_matches_ltx_core(aoti_tiny23_bundle: Path) -> None:
         assert np.linalg.norm(got - want) / np.linalg.norm(want) <= TINY23_TOL, batch
         feeds["sigma"] = feeds["sigma"] * 0.5  # the prompt AdaLN's input: the output follows it
         assert not np.allclose(engine.run(feeds)["velocity"], got, atol=1e-4), batch
+
+
+# the shared two-stage aoti bundle (tests/conftest.py: seven AOTInductor compiles, ~5 min)
+def test_aoti_dit_refine_shares_the_dit_packages_weights(aoti_two_stage_bundle, tiny_models, tmp_path):
+    """The aoti `dit_refine` holds kernels, no weights: it names the dit package (same sha256) and the LoRA's
+    tensors as its constants, adds at most 1.05x the LoRA's bytes beside its kernel library, and through the
+    runtime's engine equals the PyTorch refinement (the DiT with the LoRA's branches) at fp32; a constants file
+    that lacks a tensor is one BundleError at load."""
+    import copy
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stdrc.engines.aoti import CONSTANTS_SUFFIX
+    from stdrc.engines.refine import random_refine_lora
+    from stdrc.export.config import get_preset
+    from stdrc.export.refine import add_lora_branches, load_refine_lora
+    from stdrc.runtime.errors import BundleError
+    from stdrc.runtime.manifest import Bucket, sha256_file
+
+    manifest = read_manifest(aoti_two_stage_bundle)
+    dit, refine = manifest.components["dit"], manifest.components["dit_refine"]
+    own = f"dit_refine{CONSTANTS_SUFFIX}"
+    assert (refine.backend, refine.file, refine.build.constants_from, refine.build.constants_file) == \
+        ("aoti", "dit_refine.pt2", "dit.pt2", own)
+    assert refine.extra_files == {"dit.pt2": dit.sha256, own: sha256_file(aoti_two_stage_bundle / own)}
+    preset = get_preset("tiny")
+    lora = load_refine_lora(random_refine_lora(preset, 0, tmp_path), preset.dit)
+    assert lora.sha256 == manifest.two_stage.lora.sha256
+    assert (aoti_two_stage_bundle / own).stat().st_size <= 1.05 * lora.path.stat().st_size
+
+    feeds = component_specs(preset, Bucket(**{**preset.default_bucket, "width": 128}), rope_input=True,
+                            two_stage=True)["dit_refine"].sample_inputs(seed=4, batch=1)
+    got = open_engine(aoti_two_stage_bundle, "dit_refine", refine, trust_code=True).run(feeds)["velocity"]
+    module = add_lora_branches(copy.deepcopy(tiny_models.dit), lora).eval()
+    with torch.no_grad():
+        want = module(*[torch.from_numpy(feeds[t.name]) for t in refine.inputs]).numpy()
+        base = tiny_models.dit(*[torch.from_numpy(feeds[t.name]) for t in refine.inputs]).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+    assert np.linalg.norm(base - want) / np.linalg.norm(want) > 1e-2  # the LoRA changes the output
+
+    broken = tmp_path / "broken"
+    shutil.copytree(aoti_two_stage_bundle, broken)
+    tensors = load_file(str(broken / own))
+    save_file(dict(list(tensors.items())[1:]), str(broken / own))
+    with pytest.raises(BundleError, match=f"in neither dit.pt2 and {own}: rebuild the bundle"):
+        open_engine(broken, "dit_refine", refine, trust_code=True)

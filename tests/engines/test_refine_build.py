@@ -19,7 +19,7 @@ from stdrc.engines.refine import RANDOM_LORA_PREFIX, random_refine_lora, refine_
 from stdrc.export.config import get_preset
 from stdrc.export.lora import LoraSpec, dit_shapes
 from stdrc.export.models import plan_sources
-from stdrc.export.refine import add_lora_branches, load_refine_lora, write_random_lora
+from stdrc.export.refine import load_refine_lora, write_random_lora
 from stdrc.export.specs import component_specs
 from stdrc.runtime.backends import open_engine
 from stdrc.runtime.manifest import Bucket, sha256_file
@@ -92,52 +92,6 @@ def test_aoti_two_stage_below_fp32_is_refused(tmp_path, capsys, monkeypatch):
     """aoti's bf16/fp8 fast path bakes one grid's RoPE tables; two stages run two grids."""
     _refused(["--preset", "tiny", "--two-stage", "--bucket", "9x128x64", "--backend", "aoti", "--precision", "bf16"],
              "bakes the RoPE tables", tmp_path, capsys, monkeypatch)
-
-
-@pytest.mark.slow  # the shared two-stage aoti bundle (seven AOTInductor compiles, ~5 min)
-def test_aoti_dit_refine_shares_the_dit_packages_weights(aoti_two_stage_bundle, tiny_models, tmp_path):
-    """The aoti `dit_refine` holds kernels, no weights: it names the dit package (same sha256) and the LoRA's
-    tensors as its constants, adds at most 1.05x the LoRA's bytes beside its kernel library, and through the
-    runtime's engine equals the PyTorch refinement (the DiT with the LoRA's branches) at fp32; a constants file
-    that lacks a tensor is one BundleError at load."""
-    import copy
-    import shutil
-
-    import torch
-
-    from stdrc.engines.aoti import CONSTANTS_SUFFIX
-    from stdrc.runtime.errors import BundleError
-    from stdrc.runtime.manifest import read_manifest
-
-    manifest = read_manifest(aoti_two_stage_bundle)
-    dit, refine = manifest.components["dit"], manifest.components["dit_refine"]
-    own = f"dit_refine{CONSTANTS_SUFFIX}"
-    assert (refine.backend, refine.file, refine.build.constants_from, refine.build.constants_file) == \
-        ("aoti", "dit_refine.pt2", "dit.pt2", own)
-    assert refine.extra_files == {"dit.pt2": dit.sha256, own: sha256_file(aoti_two_stage_bundle / own)}
-    preset = get_preset("tiny")
-    lora = load_refine_lora(random_refine_lora(preset, 0, tmp_path), preset.dit)
-    assert lora.sha256 == manifest.two_stage.lora.sha256
-    assert (aoti_two_stage_bundle / own).stat().st_size <= 1.05 * lora.path.stat().st_size
-
-    feeds = component_specs(preset, Bucket(**{**preset.default_bucket, "width": 128}), rope_input=True,
-                            two_stage=True)["dit_refine"].sample_inputs(seed=4, batch=1)
-    got = open_engine(aoti_two_stage_bundle, "dit_refine", refine, trust_code=True).run(feeds)["velocity"]
-    module = add_lora_branches(copy.deepcopy(tiny_models.dit), lora).eval()
-    with torch.no_grad():
-        want = module(*[torch.from_numpy(feeds[t.name]) for t in refine.inputs]).numpy()
-        base = tiny_models.dit(*[torch.from_numpy(feeds[t.name]) for t in refine.inputs]).numpy()
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
-    assert np.linalg.norm(base - want) / np.linalg.norm(want) > 1e-2  # the LoRA changes the output
-
-    from safetensors.torch import load_file, save_file
-
-    broken = tmp_path / "broken"
-    shutil.copytree(aoti_two_stage_bundle, broken)
-    tensors = load_file(str(broken / own))
-    save_file(dict(list(tensors.items())[1:]), str(broken / own))
-    with pytest.raises(BundleError, match=f"in neither dit.pt2 and {own}: rebuild the bundle"):
-        open_engine(broken, "dit_refine", refine, trust_code=True)
 
 
 def test_lora_of_another_model_is_refused_before_any_weight(tmp_path, capsys, monkeypatch):
