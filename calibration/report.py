@@ -30,6 +30,7 @@ from stdrc.runtime.pipeline import Pipeline
 from stdrc.runtime.schema import (
     Fp8Quality,
     ModelConfig,
+    TableFile,
     TextConfig,
 )
 from stdrc.runtime.video import psnr
@@ -85,7 +86,7 @@ def torch_pipeline(models: ModelSet, bucket: Bucket, layout: str, dit: torch.nn.
         modules["dit"] = BakedRopeDiT(dit, tables.cos, tables.sin).eval()
     # build-engines' manifest (export/bundle_manifest.py), with no file behind it: RoPE baked into the DiT
     # (no table file), the model's own tokenizer passed to the Pipeline below (no tokenizer file)
-    no_file = replace(bucket, rope_file="rope.npz", rope_sha256="0" * 64)
+    no_file = replace(bucket, rope=TableFile(file="rope.npz", sha256="0" * 64))
     manifest = assemble_manifest(preset, ModelConfig.of_preset(preset), (no_file,), entries,
                                  TextConfig(tokenizer="bytes", max_length=preset.text.max_length), layout)
 

@@ -44,6 +44,8 @@ from stdrc.runtime.schema import (
     MemoryConfig,
     ModelConfig,
     QualityConfig,
+    Stage1Tables,
+    TableFile,
     TextConfig,
     TwoStageConfig,
 )
@@ -303,22 +305,20 @@ def write_rope_tables(models: ModelSet, buckets: tuple[Bucket, ...], layout: str
     Returns the buckets naming their files, and the largest position ratio over them."""
     named, ratio = [], 0.0
 
-    def write(grid: Bucket, name: str) -> tuple[str, str]:
+    def write(grid: Bucket, name: str) -> TableFile:
         nonlocal ratio
         positions, tables = models.rope(grid, layout)
         path = writer.path(name)
         with open(path, "wb") as f:
             np.savez(f, positions=positions.numpy(), cos=tables.cos.numpy(), sin=tables.sin.numpy())
         ratio = max(ratio, tables.max_position_ratio)
-        return path.name, sha256_file(path)
+        return TableFile(file=path.name, sha256=sha256_file(path))
 
     for i, b in enumerate(buckets):
         suffix = "" if i == 0 else f"_{b.label()}"
-        file, digest = write(b, f"rope{suffix}.npz")
-        b = replace(b, rope_file=file, rope_sha256=digest)
+        b = replace(b, rope=write(b, f"rope{suffix}.npz"))
         if two_stage:
-            file, digest = write(b.half(), f"rope_s1{suffix}.npz")
-            b = replace(b, stage1_rope_file=file, stage1_rope_sha256=digest)
+            b = replace(b, stage1=Stage1Tables(rope=write(b.half(), f"rope_s1{suffix}.npz")))
         named.append(b)
     return tuple(named), ratio
 

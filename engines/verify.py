@@ -221,9 +221,9 @@ def refine_lora_for_verify(entry, given: LoraSpec | None, preset, seed: int, bun
 
 def bucket_feeds(bundle: Path, bucket, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A DiT taking RoPE inputs is fed the bucket's own tables from the bundle (not random ones)."""
-    if "rope_cos" not in feeds or bucket.rope_file is None:
+    if "rope_cos" not in feeds or bucket.rope is None:
         return feeds
-    with np.load(bundle_path(bundle, bucket.rope_file), allow_pickle=False) as tables:
+    with np.load(bundle_path(bundle, bucket.rope.file), allow_pickle=False) as tables:
         return {**feeds, "rope_cos": tables["cos"].astype(np.float32), "rope_sin": tables["sin"].astype(np.float32)}
 
 

@@ -84,7 +84,7 @@ class LoraFile:
     pairs: dict[str, LoraPair]  # DiT weight key -> pair
 
     def entry(self) -> LoraEntry:
-        return LoraEntry(name=self.path.name, sha256=self.sha256, strength=self.strength)
+        return LoraEntry(name=self.path.name, sha256=self.sha256, strength=float(self.strength))
 
 
 def dit_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:

@@ -10,9 +10,9 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from stdrc.runtime import schema as sc
 from stdrc.runtime.errors import BundleError, InputError
@@ -28,8 +28,13 @@ from stdrc.runtime.schema import (
     ReferenceConfig,
     RopeConfig,
     SamplerConfig,
+    Stage1Tables,
+    TableFile,
     TextConfig,
     TwoStageConfig,
+    nested,
+    nested_list,
+    spec,
 )
 from stdrc.runtime.tiling import DecodeTiling
 from stdrc.runtime.vocab import BACKENDS, COMPONENTS, OLD_TEXT_COMPONENT, PRECISIONS, STAGE_COMPONENTS, TEXT_COMPONENTS
@@ -42,20 +47,19 @@ DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "uint8", "
 
 
 @dataclass(frozen=True)
-class Bucket:
+class Bucket(sc.Section):
     """One static shape the engines are built for: frames = 8k+1, sizes multiples of 32."""
 
-    frames: int
-    height: int
-    width: int
-    text_length: int
-    fps: float = 24.0
-    # this bucket's RoPE table file in the bundle (format 2); not part of the shape
-    rope_file: str | None = field(default=None, compare=False)
-    rope_sha256: str | None = field(default=None, compare=False)
+    frames: int = spec(sc.integer, lo=1)
+    height: int = spec(sc.integer, lo=1)
+    width: int = spec(sc.integer, lo=1)
+    text_length: int = spec(sc.integer, lo=1)
+    fps: float = spec(sc.number, 24.0, required=True, lo=0)
+    # this bucket's RoPE tables in the bundle (format 2); not part of the shape
+    rope: TableFile | None = spec(nested(TableFile), None, compare=False)
     # a two-stage bundle: the RoPE tables of this bucket's stage-1 grid (`half()`), beside its own
-    stage1_rope_file: str | None = field(default=None, compare=False)
-    stage1_rope_sha256: str | None = field(default=None, compare=False)
+    stage1: Stage1Tables | None = spec(nested(Stage1Tables), None, compare=False)
+    DERIVED: ClassVar[tuple[str, ...]] = ("latent_grid", "video_tokens", "reference_tokens")  # C++ reads these
 
     def __post_init__(self) -> None:
         if self.frames < 1 or (self.frames - 1) % TIME_SCALE:
@@ -84,6 +88,10 @@ class Bucket:
     @property
     def latent_width(self) -> int:
         return self.width // SPACE_SCALE
+
+    @property
+    def latent_grid(self) -> tuple[int, int, int]:
+        return self.latent_frames, self.latent_height, self.latent_width
 
     @property
     def video_tokens(self) -> int:
@@ -118,126 +126,66 @@ class Bucket:
     def same_size(self, frames: int, height: int, width: int) -> bool:
         return (self.frames, self.height, self.width) == (frames, height, width)
 
-    def to_json(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if "rope_" not in k}
-        if self.rope_file is not None:
-            data["rope"] = {"file": self.rope_file, "sha256": self.rope_sha256}
-        if self.stage1_rope_file is not None:
-            data["stage1"] = {"rope": {"file": self.stage1_rope_file, "sha256": self.stage1_rope_sha256}}
-        return {
-            **data,
-            "latent_grid": [self.latent_frames, self.latent_height, self.latent_width],
-            "video_tokens": self.video_tokens,
-            "reference_tokens": self.reference_tokens,
-        }
 
-    @staticmethod
-    def from_json(data: Any, where: str = "bucket") -> Bucket:
-        data = sc.section(data, where)
-        try:
-            bucket = Bucket(**{k: sc.integer(data, k, where, lo=1) for k in ("frames", "height", "width",
-                                                                                "text_length")},
-                            fps=sc.number(data, "fps", where, lo=0))
-        except InputError as e:
-            raise BundleError(f"bundle manifest {where}: {e} ({sc.FIX})") from e
-        if "rope" in data:
-            rope = sc.section(data["rope"], f"{where}.rope")
-            bucket = replace(bucket, rope_file=sc.file_field(rope, "file", f"{where}.rope"),
-                             rope_sha256=sc.sha256(rope, "sha256", f"{where}.rope"))
-        if "stage1" in data:
-            at = f"{where}.stage1.rope"
-            rope = sc.section(sc.get(sc.section(data["stage1"], f"{where}.stage1"), "rope", f"{where}.stage1"), at)
-            bucket = replace(bucket, stage1_rope_file=sc.file_field(rope, "file", at),
-                             stage1_rope_sha256=sc.sha256(rope, "sha256", at))
-        facts = {"latent_grid": [bucket.latent_frames, bucket.latent_height, bucket.latent_width],
-                 "video_tokens": bucket.video_tokens, "reference_tokens": bucket.reference_tokens}
-        for key, want in facts.items():  # C++ apps read these as written
-            if key in data and data[key] != want:
-                raise sc.bad(f"{where}.{key}", data[key], f"{want} for this bucket")
-        return bucket
+def symbolic_shape(data: dict, key: str, where: str) -> tuple[int | str, ...]:
+    """Sizes >= 0 and symbolic names ("batch")."""
+    shape = sc.get(data, key, where)
+    if not isinstance(shape, list) or not all(
+            (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and d) for d in shape):
+        raise sc.bad(f"{where}.{key}", shape, "a list of sizes >= 0 or symbolic names")
+    return tuple(shape)
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(sc.Section):
     """A named engine input or output. Symbolic dims are strings (e.g. "batch")."""
 
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: str
+    name: str = spec(sc.string)
+    shape: tuple[int | str, ...] = spec(symbolic_shape)
+    dtype: str = spec(sc.string, choices=DTYPES)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
-    @staticmethod
-    def from_json(data: Any, where: str = "tensor") -> TensorSpec:
-        data = sc.section(data, where)
-        shape = sc.get(data, "shape", where)
-        if not isinstance(shape, list) or not all(
-                (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and d)
-                for d in shape):
-            raise sc.bad(f"{where}.shape", shape, "a list of sizes >= 0 or symbolic names")
-        return TensorSpec(sc.string(data, "name", where), tuple(shape), sc.string(data, "dtype", where, DTYPES))
+def dim_ranges(data: dict, key: str, where: str) -> dict[str, list[int]]:
+    """[min, opt, max] per symbolic dim, 1 <= min <= opt <= max."""
+    dims = {}
+    for name, span in sc.section(sc.get(data, key, where), f"{where}.{key}").items():
+        ok = isinstance(span, list) and len(span) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in span) and 1 <= span[0] <= span[1] <= span[2]
+        if not ok:
+            raise sc.bad(f"{where}.{key}.{name}", span, "[min, opt, max] with 1 <= min <= opt <= max")
+        dims[name] = list(span)
+    return dims
+
+
+def file_hashes(data: dict, key: str, where: str) -> dict[str, str]:
+    """Files relative to the bundle folder -> their sha256."""
+    files = sc.section(sc.get(data, key, where), f"{where}.{key}")
+    for rel in files:
+        sc.relative_path(rel, f"{where}.{key}")
+        sc.sha256(files, rel, f"{where}.{key}")
+    return dict(files)
 
 
 @dataclass(frozen=True)
-class ComponentEntry:
+class ComponentEntry(sc.Section):
     """One engine file in the bundle and its interface."""
 
-    backend: str
-    file: str
-    sha256: str
-    precision: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    backend: str = spec(sc.string, choices=BACKENDS)
+    file: str = spec(sc.file_field)
+    sha256: str = spec(sc.sha256)
+    precision: str = spec(sc.string, choices=PRECISIONS)
+    inputs: tuple[TensorSpec, ...] = spec(nested_list(TensorSpec, empty=False))
+    outputs: tuple[TensorSpec, ...] = spec(nested_list(TensorSpec, empty=False))
     # min/opt/max per symbolic dim, e.g. {"batch": [1, 3, 3]}
-    dynamic_dims: dict[str, list[int]] = field(default_factory=dict)
-    extra_files: dict[str, str] = field(default_factory=dict)  # relative file -> sha256
-    build: sc.BuildFacts = field(default_factory=sc.BuildFacts)  # backend-specific (TRT version, GPU, flags)
+    dynamic_dims: dict[str, list[int]] = spec(dim_ranges, {})
+    extra_files: dict[str, str] = spec(file_hashes, {})  # relative file -> sha256
+    build: sc.BuildFacts = spec(nested(sc.BuildFacts), sc.BuildFacts())  # backend-specific (TRT version, GPU, flags)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "file": self.file,
-            "sha256": self.sha256,
-            "precision": self.precision,
-            "inputs": [t.to_json() for t in self.inputs],
-            "outputs": [t.to_json() for t in self.outputs],
-            "dynamic_dims": self.dynamic_dims,
-            "extra_files": self.extra_files,
-            "build": self.build.to_json(),
-        }
-
-    @staticmethod
-    def from_json(data: Any, where: str = "component") -> ComponentEntry:
-        data = sc.section(data, where)
-        tensors = {}
-        for key in ("inputs", "outputs"):
-            items = sc.get(data, key, where)
-            if not isinstance(items, list) or not items:
-                raise sc.bad(f"{where}.{key}", items, "a non-empty list of tensors")
-            tensors[key] = tuple(TensorSpec.from_json(t, f"{where}.{key}[{i}]") for i, t in enumerate(items))
-        dims = {}
-        for name, span in sc.section(sc.get(data, "dynamic_dims", where, {}), f"{where}.dynamic_dims").items():
-            ok = isinstance(span, list) and len(span) == 3 and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in span) and 1 <= span[0] <= span[1] <= span[2]
-            if not ok:
-                raise sc.bad(f"{where}.dynamic_dims.{name}", span, "[min, opt, max] with 1 <= min <= opt <= max")
-            dims[name] = list(span)
-        extra = sc.section(sc.get(data, "extra_files", where, {}), f"{where}.extra_files")
-        for rel in extra:
-            sc.relative_path(rel, f"{where}.extra_files")
-            sc.sha256(extra, rel, f"{where}.extra_files")
-        entry = ComponentEntry(
-            backend=sc.string(data, "backend", where, BACKENDS),
-            file=sc.file_field(data, "file", where),
-            sha256=sc.sha256(data, "sha256", where),
-            precision=sc.string(data, "precision", where, PRECISIONS),
-            inputs=tensors["inputs"],
-            outputs=tensors["outputs"],
-            dynamic_dims=dims,
-            extra_files=dict(extra),
-            build=sc.BuildFacts.from_json(sc.get(data, "build", where, {}), f"{where}.build"),
-        )
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> ComponentEntry:
+        """The fields' checks, then the one that spans two: an aoti engine sharing another's constants names both
+        files among its extra files."""
+        entry = super().from_json(data, where)
         shared = (entry.build.constants_from, entry.build.constants_file)
         if any(shared) and (entry.backend != "aoti" or not all(f in entry.extra_files for f in shared)):
             raise sc.bad(f"{where}.build", {k: v for k, v in zip(("constants_from", "constants_file"), shared)},
@@ -339,7 +287,7 @@ class Manifest:
             checkpoint_sha256=checkpoint,
             buckets=_buckets(data, fmt),
             components={k: ComponentEntry.from_json(v, f"components.{k}") for k, v in components.items()},
-            decode=DecodeTiling.from_json(sc.get(data, "decode", "manifest", {})),
+            decode=_decode(sc.get(data, "decode", "manifest", {})),
             **sections,
             format=fmt,
             loras=_loras(sc.get(data, "loras", "manifest", [])),
@@ -355,17 +303,17 @@ class Manifest:
 
 def _buckets(data: dict, fmt: int) -> tuple[Bucket, ...]:
     if fmt == 1:
-        return (Bucket.from_json(sc.get(data, "bucket", "manifest")),)
+        return (Bucket.from_json(sc.get(data, "bucket", "manifest"), "bucket"),)
     items = sc.get(data, "buckets", "manifest")
     if not isinstance(items, list) or not items:
         raise sc.bad("buckets", items, "a non-empty list of buckets")
     buckets = tuple(Bucket.from_json(b, f"buckets[{i}]") for i, b in enumerate(items))
     if len({(b.frames, b.height, b.width) for b in buckets}) != len(buckets):
         raise sc.bad("buckets", [b.label() for b in buckets], "buckets of different sizes")
-    if len(buckets) > 1 and any(b.rope_file is None for b in buckets):
+    if len(buckets) > 1 and any(b.rope is None for b in buckets):
         raise sc.bad("buckets", [b.label() for b in buckets], "a RoPE table file per bucket")
     if "bucket" in data:  # the default, repeated for format 1 readers: it must be the first
-        default = Bucket.from_json(data["bucket"])
+        default = Bucket.from_json(data["bucket"], "bucket")
         if default != buckets[0]:
             raise sc.bad("bucket", default.label(), f"the first of buckets ({buckets[0].label()})")
     return buckets
@@ -389,17 +337,19 @@ def _check_two_stage(m: Manifest) -> None:
             b.half()
         except InputError as e:
             raise BundleError(f"bundle manifest buckets[{i}]: {e} ({sc.FIX})") from e
-        if b.stage1_rope_file is None:
+        if b.stage1 is None:
             raise sc.bad(f"buckets[{i}].stage1", None, "the stage-1 RoPE tables of a two_stage bundle")
 
 
+def _decode(data: Any) -> DecodeTiling | None:
+    """The `decode` section; {} (as written for one tile): the whole latent at once."""
+    return None if sc.section(data, "decode") == {} else DecodeTiling.from_json(data, "decode")
+
+
 def _loras(data: Any) -> tuple[LoraEntry, ...]:
-    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+    if not isinstance(data, list):
         raise sc.bad("loras", data, "a list of {name, sha256, strength} objects")
-    try:
-        return tuple(LoraEntry.from_json(x) for x in data)
-    except (KeyError, TypeError, ValueError) as e:
-        raise sc.bad("loras", data, "a list of {name, sha256, strength} objects") from e
+    return tuple(LoraEntry.from_json(x, f"loras[{i}]") for i, x in enumerate(data))
 
 
 SECTIONS = {"model_config": ModelConfig, "sampler": SamplerConfig, "guidance": GuidanceConfig,
@@ -451,9 +401,8 @@ def bundle_files(manifest: Manifest) -> dict[str, str]:
     """Every file the runtime reads, relative path -> sha256 (engines, their data, RoPE, tokenizer)."""
     files: dict[str, str] = {}
     named = [(manifest.rope.file, manifest.rope.sha256)]
-    named += [(b.rope_file, b.rope_sha256) for b in manifest.buckets if b.rope_file is not None]
-    named += [(b.stage1_rope_file, b.stage1_rope_sha256) for b in manifest.buckets
-              if b.stage1_rope_file is not None]
+    tables = [b.rope for b in manifest.buckets] + [b.stage1.rope for b in manifest.buckets if b.stage1]
+    named += [(t.file, t.sha256) for t in tables if t is not None]
     if manifest.text.file is not None:
         named.append((manifest.text.file, manifest.text.sha256))
     for entry in manifest.components.values():

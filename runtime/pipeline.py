@@ -351,9 +351,9 @@ class Pipeline:
         if not self.manifest.rope_input:
             return {}
         b = self.bucket
-        rel = b.stage1_rope_file if stage1 else b.rope_file or self.manifest.rope.file
-        if rel is None:
+        if stage1 and b.stage1 is None:
             raise BundleError(f"bundle bucket {b.label()} has no stage-1 RoPE tables: rebuild it two-stage")
+        rel = b.stage1.rope.file if stage1 else (b.rope or self.manifest.rope).file
         if rel not in self._rope:
             self.check_hashes()
             with np.load(bundle_path(self.bundle_dir, rel), allow_pickle=False) as tables:

@@ -14,11 +14,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from stdrc.runtime.errors import BundleError
+from stdrc.runtime.errors import BundleError, InputError
 from stdrc.runtime.vocab import FP8_SCALE_SOURCES, LAYOUTS, MODEL_FAMILIES, SOURCE_QUANT_FORMATS, STAGES, WEIGHT_LAYOUTS
 
 FIX = "rebuild the bundle with `stdrc-export build-engines`"
@@ -129,14 +129,17 @@ def file_field(data: dict, key: str, where: str) -> str:
 # Each manifest section is a frozen dataclass whose fields say how they are read (`spec`): the
 # loader and the writer walk the same field list, so a field is declared once.
 
-def spec(read: Callable[..., Any], default: Any = MISSING, **args: Any) -> Any:
-    """A section field read by `read(data, key, where, **args)`; `default`: its value when absent."""
-    meta = {"read": read, "args": args}
+def spec(read: Callable[..., Any], default: Any = MISSING, required: bool = False, compare: bool = True,
+         kw_only: Any = dataclasses.MISSING, **args: Any) -> Any:
+    """A section field read by `read(data, key, where, **args)`; `default`: its value when absent, unless
+    `required` (a default for Python callers only); `compare=False`: not part of the section's equality;
+    `kw_only=True`: a keyword-only argument of the constructor (still written where it is declared)."""
+    meta = {"read": read, "args": args, "required": required}
     if default is MISSING:
-        return field(metadata=meta)
+        return field(compare=compare, kw_only=kw_only, metadata=meta)
     if isinstance(default, dict):
-        return field(default_factory=dict, metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=dict, compare=compare, kw_only=kw_only, metadata=meta)
+    return field(default=default, compare=compare, kw_only=kw_only, metadata=meta)
 
 
 def sigma_list(data: dict, key: str, where: str) -> tuple[float, ...]:
@@ -192,10 +195,20 @@ def nested(cls: type) -> Callable[..., Any]:
     return read
 
 
+def nested_list(cls: type, empty: bool = True) -> Callable[..., Any]:
+    """The reader of a list of sub-sections of type `cls` (`empty=False`: at least one)."""
+    def read(data: dict, key: str, where: str) -> tuple:
+        items = get(data, key, where)
+        if not isinstance(items, list) or not (empty or items):
+            raise bad(f"{where}.{key}", items, f"a {'' if empty else 'non-empty '}list of {cls.__name__} objects")
+        return tuple(cls.from_json(item, f"{where}.{key}[{i}]") for i, item in enumerate(items))
+    return read
+
+
 def _plain(value: Any) -> Any:
-    if isinstance(value, (Section, LoraEntry)):
+    if isinstance(value, Section):
         return value.to_json()
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -204,7 +217,12 @@ def _plain(value: Any) -> Any:
 
 class Section:
     """A manifest section: `from_json` reads every field with its `spec` reader, `to_json` writes
-    them back (None: left out, as a section that never had the key); unknown keys are ignored."""
+    them back (None: left out, as a section that never had the key); unknown keys are ignored.
+
+    `DERIVED` names properties written after the fields for readers that do not compute them (C++);
+    read back, a written one must equal the property."""
+
+    DERIVED: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> Any:
@@ -213,13 +231,23 @@ class Section:
         for f in fields(cls):
             default = (f.default if f.default is not dataclasses.MISSING
                        else f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
-            values[f.name] = default if f.name not in data and default is not MISSING \
-                else f.metadata["read"](data, f.name, where, **f.metadata["args"])
-        return cls(**values)
+            absent = f.name not in data and default is not MISSING and not f.metadata["required"]
+            values[f.name] = default if absent else f.metadata["read"](data, f.name, where, **f.metadata["args"])
+        try:
+            made = cls(**values)
+        except InputError as e:  # a check written for people's sizes (Bucket), here of a written manifest
+            raise BundleError(f"bundle manifest {where}: {e} ({FIX})") from e
+        for key, want in made.derived().items():
+            if key in data and data[key] != want:
+                raise bad(f"{where}.{key}", data[key], f"{want} for this {cls.__name__.lower()}")
+        return made
+
+    def derived(self) -> dict[str, Any]:
+        return {key: _plain(getattr(self, key)) for key in self.DERIVED}
 
     def to_json(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: _plain(v) for k, v in values.items() if v is not None}
+        return {**{k: _plain(v) for k, v in values.items() if v is not None}, **self.derived()}
 
     @classmethod
     def of(cls, config: Any, **more: Any) -> Any:
@@ -275,38 +303,27 @@ class TextModel(Section):
 
 
 @dataclass(frozen=True)
-class LoraEntry:
+class LoraEntry(Section):
     """A LoRA fused into the DiT at build time: file name, sha256, strength (DESIGN.md §4)."""
 
-    name: str
-    sha256: str
-    strength: float
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise BundleError(f"manifest LoRA name {self.name!r} is not a file name: rebuild the bundle")
-        if not (isinstance(self.sha256, str) and len(self.sha256) == 64
-                and all(c in "0123456789abcdef" for c in self.sha256)):
-            raise BundleError(f"manifest LoRA {self.name} sha256 {self.sha256!r} is not 64 hex digits: "
-                              "rebuild the bundle")
-        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
-                or self.strength != self.strength or abs(self.strength) == float("inf"):
-            raise BundleError(f"manifest LoRA {self.name} strength {self.strength!r} is not a finite number: "
-                              "rebuild the bundle")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "sha256": self.sha256, "strength": float(self.strength)}
-
-    @staticmethod
-    def from_json(data: dict[str, Any]) -> LoraEntry:
-        return LoraEntry(data["name"], data["sha256"], data["strength"])
+    name: str = spec(string)
+    sha256: str = spec(sha256)
+    strength: float = spec(number)
 
 
-def lora_entry(data: dict, key: str, where: str) -> LoraEntry:
-    """A {name, sha256, strength} object."""
-    entry = section(get(data, key, where), f"{where}.{key}")
-    return LoraEntry(string(entry, "name", f"{where}.{key}"), sha256(entry, "sha256", f"{where}.{key}"),
-                     number(entry, "strength", f"{where}.{key}"))
+@dataclass(frozen=True)
+class TableFile(Section):
+    """A RoPE table file in the bundle (an .npz of cos/sin) and its sha256."""
+
+    file: str = spec(file_field)
+    sha256: str = spec(sha256)
+
+
+@dataclass(frozen=True)
+class Stage1Tables(Section):
+    """A two-stage bucket's stage-1 grid (its `half()`): the RoPE tables the DiT runs there."""
+
+    rope: TableFile = spec(nested(TableFile))
 
 
 # LTX-2's distilled stage-2 sigmas (ltx_pipelines STAGE_2_DISTILLED_SIGMA_VALUES): 3 Euler steps, the first
@@ -325,7 +342,7 @@ class TwoStageConfig(Section):
     `dit_refine` (the DiT with the refinement LoRA `lora`) over `sigmas`, one unguided stream."""
 
     sigmas: tuple[float, ...] = spec(sigma_list, STAGE2_SIGMAS)
-    lora: LoraEntry = spec(lora_entry)
+    lora: LoraEntry = spec(nested(LoraEntry))
     default_stages: int = spec(stage_count, 2)
 
     def __post_init__(self) -> None:

@@ -18,32 +18,28 @@ import numpy as np
 
 from stdrc.runtime import schema as sc
 from stdrc.runtime.errors import BundleError, InputError
-from stdrc.runtime.schema import SPACE_SCALE
+from stdrc.runtime.schema import SPACE_SCALE, spec
 
 PLACEMENT = "ltx-core"  # manifest "decode" tilings without it (equal tiles spread evenly) are refused
 
 
+def placement(data: dict, key: str, where: str) -> str:
+    if data.get(key) != PLACEMENT:
+        raise BundleError("this bundle's decode tiles predate ltx-core's tile placement: rebuild it with "
+                          "stdrc-export build-engines")
+    return PLACEMENT
+
+
 @dataclass(frozen=True)
-class DecodeTiling:
-    """ltx-core's `SpatialTilingConfig` in latent units (x 32 pixels): tile on the long side, overlap."""
+class DecodeTiling(sc.Section):
+    """ltx-core's `SpatialTilingConfig` in latent units (x 32 pixels): tile on the long side, overlap.
 
-    tile: int
-    overlap: int
+    The manifest's `decode` section; `{}` there (None here) decodes the whole latent at once."""
 
-    def to_json(self) -> dict:
-        return {"placement": PLACEMENT, "tile": self.tile, "overlap": self.overlap, "spatial_scale": SPACE_SCALE}
-
-    @staticmethod
-    def from_json(data: object, where: str = "decode") -> DecodeTiling | None:
-        """The manifest's `decode` section ({}: the whole latent at once); an older placement is refused."""
-        data = sc.section(data, where)
-        if not data:
-            return None
-        if data.get("placement") != PLACEMENT:
-            raise BundleError("this bundle's decode tiles predate ltx-core's tile placement: rebuild it with "
-                              "stdrc-export build-engines")
-        sc.integer(data, "spatial_scale", where, lo=SPACE_SCALE, hi=SPACE_SCALE)
-        return DecodeTiling(sc.integer(data, "tile", where, lo=1), sc.integer(data, "overlap", where, lo=0))
+    placement: str = spec(placement, PLACEMENT, required=True, kw_only=True)
+    tile: int = spec(sc.integer, lo=1)
+    overlap: int = spec(sc.integer, lo=0)
+    spatial_scale: int = spec(sc.integer, SPACE_SCALE, required=True, kw_only=True, lo=SPACE_SCALE, hi=SPACE_SCALE)
 
     def axis_size(self, length: int, long_side: int) -> int:
         """ltx-core `_prepare_tiles.enable_on_axis`: the tile scaled to this axis (Python's round: half to even)."""

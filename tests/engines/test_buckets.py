@@ -56,9 +56,9 @@ def test_manifest_lists_every_bucket_with_its_rope_table(multi_bundle: Path) -> 
     assert m.format == 2
     assert [b.label() for b in m.buckets] == list(BUCKETS)
     assert m.bucket == m.buckets[0] and m.rope.baked_in_dit is False
-    assert len({b.rope_file for b in m.buckets}) == 3
+    assert len({b.rope.file for b in m.buckets}) == 3
     for b in m.buckets:
-        with np.load(multi_bundle / b.rope_file) as t:
+        with np.load(multi_bundle / b.rope.file) as t:
             assert t["cos"].shape[1] == b.tokens  # interleaved (1, N, inner)
     dit = m.components["dit"]
     names = [t.name for t in dit.inputs]

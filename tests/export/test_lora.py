@@ -270,12 +270,12 @@ def test_cli_errors_are_one_line_before_any_weight(tmp_path, tiny_shapes, capsys
 
 def test_manifest_entry_validates():
     entry = LoraEntry("a.safetensors", "ab" * 32, 0.5)
-    assert LoraEntry.from_json(json.loads(json.dumps(entry.to_json()))) == entry
+    assert LoraEntry.from_json(json.loads(json.dumps(entry.to_json())), "loras[0]") == entry
     for bad in ({"name": "", "sha256": "ab" * 32, "strength": 1.0}, {"name": "a", "sha256": "xyz", "strength": 1.0},
                 {"name": "a", "sha256": "ab" * 32, "strength": "1"},
                 {"name": "a", "sha256": "ab" * 32, "strength": float("nan")}):
         with pytest.raises(BundleError):
-            LoraEntry.from_json(bad)
+            LoraEntry.from_json(bad, "loras[0]")
 
 
 @pytest.mark.slow  # a bundle build and verify

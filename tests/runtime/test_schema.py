@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stdrc.runtime import manifest as mf
 from stdrc.runtime import schema as sc
 from stdrc.runtime.errors import BundleError
-from stdrc.runtime.manifest import MANIFEST_NAME, Manifest, read_manifest
+from stdrc.runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, write_json_atomic
 from stdrc.runtime.pipeline import Pipeline
 from stdrc.runtime.sampler import ltx2_sigmas
 
@@ -28,9 +29,18 @@ def _copy(bundle: Path, folder: Path, edit) -> Path:
     return folder
 
 
+# manifests of real tiny builds (build-engines --backend onnxruntime: the default; two-stage, buckets 9x128x64 and
+# 17x128x128, one LoRA at 0.5; 9x192x64 decoded in tiles) as main wrote them at 2bec9e3, before Bucket,
+# ComponentEntry and DecodeTiling were sections
+WRITTEN_BEFORE = sorted((Path(__file__).parent / "manifests").glob("*.json"))
+DELETE = object()
+
+
 def _sections() -> list[type]:
-    return [Manifest, *[c for c in vars(sc).values() if isinstance(c, type) and issubclass(c, sc.Section)
-                        and c is not sc.Section]]
+    found = {c for module in (sc, mf) for c in vars(module).values()
+             if isinstance(c, type) and issubclass(c, sc.Section) and c is not sc.Section}
+    assert {mf.Bucket, mf.TensorSpec, mf.ComponentEntry, sc.LoraEntry} <= found
+    return [Manifest, *sorted(found, key=lambda c: c.__name__)]
 
 
 def test_every_section_is_typed() -> None:
@@ -41,11 +51,34 @@ def test_every_section_is_typed() -> None:
             assert cls is Manifest or "read" in f.metadata, (cls.__name__, f.name)
 
 
-def test_written_manifest_is_the_typed_one(tiny_bundle: Path) -> None:
+@pytest.mark.parametrize("path", WRITTEN_BEFORE, ids=lambda p: p.stem)
+def test_manifests_written_before_write_back_byte_for_byte(path: Path, tmp_path: Path) -> None:
+    """A manifest an earlier stdrc wrote, read and written back as BundleWriter writes it: the same bytes."""
+    m = Manifest.from_json(json.loads(path.read_text()))
+    write_json_atomic(tmp_path / MANIFEST_NAME, m.to_json())
+    assert (tmp_path / MANIFEST_NAME).read_bytes() == path.read_bytes()
+    assert Manifest.from_json(json.loads(path.read_text())) == m
+
+
+def test_written_before_cover_every_written_part() -> None:
+    """The files above hold what the byte test must cover: per-bucket and stage-1 RoPE files, a LoRA, two stages,
+    dynamic dims, extra files and decode tiles."""
+    assert [p.name for p in WRITTEN_BEFORE] == ["tiny-tiled-decode.json", "tiny-two-stage-two-buckets-lora.json",
+                                                 "tiny.json"]
+    assert Manifest.from_json(json.loads(WRITTEN_BEFORE[0].read_text())).decode is not None
+    two = Manifest.from_json(json.loads(WRITTEN_BEFORE[1].read_text()))
+    assert len(two.buckets) == 2 and all(b.rope and b.stage1 for b in two.buckets)
+    assert two.loras and two.two_stage and two.components["dit"].dynamic_dims["tokens"]
+    assert two.components["dit"].extra_files and two.components["dit"].build.source
+
+
+def test_written_manifest_is_the_typed_one(tiny_bundle: Path, tmp_path: Path) -> None:
     """The file on disk is exactly what the dataclasses write, and reads back equal (one field list)."""
-    data = json.loads((tiny_bundle / MANIFEST_NAME).read_text())
+    text = (tiny_bundle / MANIFEST_NAME).read_text()
+    data = json.loads(text)
     m = Manifest.from_json(data)
-    assert m.to_json() == data
+    write_json_atomic(tmp_path / MANIFEST_NAME, m.to_json())
+    assert (tmp_path / MANIFEST_NAME).read_text() == text
     assert Manifest.from_json(json.loads(json.dumps(m.to_json()))) == m
     assert m.model_config.family == "ltx2" and isinstance(m.model_config.dit, sc.DitModel)
     assert m.rope_input is False and m.rope.baked_in_dit is True
@@ -121,6 +154,29 @@ def test_old_manifests_read_with_defaults(tiny_bundle: Path) -> None:
                                              "quantized_linears": 0}, "source_quantization.quantized_linears is 0"),
     (["components", "dit", "build", "device"], 0, "components.dit.build.device is 0, expected a string"),
     (["components", "dit", "build", "bucket_profiles"], [{"x": [[1]]}], "build.bucket_profiles[0] is"),
+    (["components", "dit", "inputs"], [], "components.dit.inputs is [], expected a non-empty list of TensorSpec"),
+    (["components", "dit", "inputs", 0, "dtype"], "float64", "components.dit.inputs[0].dtype is 'float64'"),
+    (["components", "dit", "inputs", 0, "shape"], [-1], "components.dit.inputs[0].shape is [-1]"),
+    (["components", "dit", "outputs", 0, "name"], DELETE, "lacks components.dit.outputs[0].name"),
+    (["components", "dit", "dynamic_dims", "batch"], [3, 1, 1], "components.dit.dynamic_dims.batch is [3, 1, 1]"),
+    (["components", "dit", "backend"], "onnx", "components.dit.backend is 'onnx', expected one of"),
+    (["components", "dit", "precision"], "fp4", "components.dit.precision is 'fp4', expected one of"),
+    (["components", "dit", "sha256"], DELETE, "lacks components.dit.sha256"),
+    (["buckets", 0, "frames"], 10, "bundle manifest buckets[0]: frames=10 is not 8k+1"),
+    (["buckets", 0, "fps"], DELETE, "lacks buckets[0].fps"),
+    (["buckets", 0, "width"], "64", "buckets[0].width is '64', expected an integer >= 1"),
+    (["buckets", 0, "video_tokens"], 5, "buckets[0].video_tokens is 5, expected 12 for this bucket"),
+    (["buckets", 0, "latent_grid"], [1, 1, 1], "buckets[0].latent_grid is [1, 1, 1], expected [2, 2, 3]"),
+    (["buckets", 0, "rope"], {"file": "/rope.npz", "sha256": "0" * 64}, "buckets[0].rope.file is '/rope.npz'"),
+    (["buckets", 0, "stage1"], {"rope": 1}, "buckets[0].stage1.rope is 1, expected an object"),
+    (["bucket"], {"frames": 9, "height": 96, "width": 96, "text_length": 16, "fps": 24.0},
+     "bucket is '9x96x96', expected the first of buckets (9x96x64)"),
+    (["loras"], {}, "loras is {}, expected a list"),
+    (["decode"], {"placement": "ltx-core", "tile": 0, "overlap": 0, "spatial_scale": 32},
+     "decode.tile is 0, expected an integer >= 1"),
+    (["decode"], {"tile": 4, "overlap": 1, "spatial_scale": 32}, "predate ltx-core's tile placement"),
+    (["loras"], [{"name": "a", "sha256": "xyz", "strength": 1}], "loras[0].sha256 is 'xyz', expected a sha256"),
+    (["loras"], [{"name": "a", "sha256": "0" * 64}], "lacks loras[0].strength"),
 ])
 def test_bad_sections_are_one_line_with_the_fix(tiny_bundle: Path, path: list, value: object, word: str
                                                ) -> None:
@@ -128,7 +184,10 @@ def test_bad_sections_are_one_line_with_the_fix(tiny_bundle: Path, path: list, v
     target = data
     for key in path[:-1]:
         target = target[key]
-    target[path[-1]] = value
+    if value is DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
     with pytest.raises(BundleError) as info:
         Manifest.from_json(data)
     message = str(info.value)
@@ -157,3 +216,12 @@ def test_tensorrt_build_facts_read_as_older_builds_wrote_them() -> None:
 def test_hf_tokenizer_needs_its_file() -> None:
     with pytest.raises(BundleError, match="tokenizer file"):
         sc.TextConfig.from_json({"tokenizer": "hf-tokenizers", "max_length": 8}, "text")
+
+
+def test_a_section_built_in_python_with_lists_writes_json() -> None:
+    """Lists where the fields say tuples (a caller's shapes) are written as the JSON lists they are."""
+    entry = mf.ComponentEntry("onnxruntime", "a.onnx", "0" * 64, "fp32", [mf.TensorSpec("x", [1, "batch"], "float32")],
+                              (mf.TensorSpec("y", (2,), "int64"),), {"batch": [1, 2, 3]})
+    data = json.loads(json.dumps(entry.to_json()))
+    assert data["inputs"] == [{"name": "x", "shape": [1, "batch"], "dtype": "float32"}]
+    assert mf.ComponentEntry.from_json(data, "components.x").inputs == (mf.TensorSpec("x", (1, "batch"), "float32"),)

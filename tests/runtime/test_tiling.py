@@ -146,10 +146,12 @@ def test_tiling_policy() -> None:
 
 
 def test_old_placement_manifests_are_refused() -> None:
-    assert DecodeTiling.from_json(DecodeTiling(16, 2).to_json()) == DecodeTiling(16, 2)
-    assert DecodeTiling.from_json({}) is None
-    with pytest.raises(BundleError, match="rebuild"):
-        DecodeTiling.from_json({"tile_height": 16, "tile_width": 16, "overlap": 2, "spatial_scale": 32})
+    assert DecodeTiling.from_json(DecodeTiling(16, 2).to_json(), "decode") == DecodeTiling(16, 2)
+    assert DecodeTiling(16, 2).to_json() == {"placement": "ltx-core", "tile": 16, "overlap": 2, "spatial_scale": 32}
+    with pytest.raises(BundleError, match="predate ltx-core's tile placement: rebuild"):
+        DecodeTiling.from_json({"tile_height": 16, "tile_width": 16, "overlap": 2, "spatial_scale": 32}, "decode")
+    with pytest.raises(BundleError, match="decode.spatial_scale is 16, expected an integer in 32..32"):
+        DecodeTiling.from_json({"placement": "ltx-core", "tile": 16, "overlap": 2, "spatial_scale": 16}, "decode")
 
 
 TILED = {"height": 64, "width": 192, "decode_tile": 96, "decode_overlap": 32}  # columns [0,3) [2,5) [4,6)

@@ -67,7 +67,7 @@ def test_two_stage_manifest_round_trip(one_stage: dict) -> None:
     ts = m.two_stage
     assert ts == sc.TwoStageConfig(lora=sc.LoraEntry(LORA["name"], LORA["sha256"], 0.8))
     assert ts.sigmas == sc.STAGE2_SIGMAS and m.default_stages == 2 and set(STAGE_COMPONENTS) <= set(m.components)
-    assert (m.bucket.stage1_rope_file, m.bucket.stage1_rope_sha256) == ("rope_s1.npz", "02" * 32)
+    assert m.bucket.stage1 == sc.Stage1Tables(rope=sc.TableFile(file="rope_s1.npz", sha256="02" * 32))
     back = m.to_json()
     assert back["two_stage"] == data["two_stage"]
     assert back["buckets"][0]["stage1"] == {"rope": {"file": "rope_s1.npz", "sha256": "02" * 32}}
@@ -80,7 +80,7 @@ def test_two_stage_manifest_round_trip(one_stage: dict) -> None:
 
 def test_one_stage_manifests_read_as_before(one_stage: dict) -> None:
     m = Manifest.from_json(one_stage)
-    assert m.two_stage is None and m.default_stages == 1 and m.bucket.stage1_rope_file is None
+    assert m.two_stage is None and m.default_stages == 1 and m.bucket.stage1 is None
     assert "two_stage" not in m.to_json() and "stage1" not in m.to_json()["buckets"][0]
     assert m.to_json() == one_stage
 
@@ -172,15 +172,15 @@ def test_stage1_rope_tables_are_written_beside_each_buckets(tiny_models, tmp_pat
     buckets = (Bucket(9, 64, 128, 16), Bucket(9, 128, 128, 16))
     with BundleWriter(tmp_path / "out") as writer:
         named, _ = write_rope_tables(tiny_models, buckets, "tass", writer, two_stage=True)
-        assert [(x.rope_file, x.stage1_rope_file) for x in named] == [
+        assert [(x.rope.file, x.stage1.rope.file) for x in named] == [
             ("rope.npz", "rope_s1.npz"), ("rope_9x128x128.npz", "rope_s1_9x128x128.npz")]
         for x in named:
-            with np.load(writer.path(x.stage1_rope_file)) as s1, np.load(writer.path(x.rope_file)) as own:
+            with np.load(writer.path(x.stage1.rope.file)) as s1, np.load(writer.path(x.rope.file)) as own:
                 _, tables = tiny_models.rope(x.half(), "tass")
                 np.testing.assert_array_equal(s1["cos"], tables.cos.numpy())
                 assert s1["cos"].shape[1] == x.half().tokens and own["cos"].shape[1] == x.tokens
         one, _ = write_rope_tables(tiny_models, buckets[:1], "tass", writer)
-        assert one[0].stage1_rope_file is None
+        assert one[0].stage1 is None
 
 
 def test_stages_option(tiny_bundle: Path) -> None:
