@@ -71,6 +71,18 @@ def test_a_new_field_reaches_the_app_inputs(checks: Pipeline, tmp_path: Path) ->
     assert checks.engines.loaded() == []  # the page's preview never opened an engine
 
 
+def test_a_new_field_reaches_the_cpp_inputs(tiny_bundle: Path, astronaut_png: Path, tmp_path: Path) -> None:
+    """The runner's inputs.json records the new field as the serve form parsed it, bundle defaults filled in."""
+    from stdrc.runtime.cpp_inputs import INPUTS_JSON, write_cpp_inputs
+    from stdrc.serve.request import parse_form
+
+    pipe = Pipeline.from_bundle(tiny_bundle, prompt_cache=None)
+    request = parse_form({"prompt": "p", "motion": "0.5", "seed": "3"}, WithMotion)
+    meta = json.loads((write_cpp_inputs(pipe, astronaut_png, request, tmp_path) / INPUTS_JSON).read_text())
+    assert meta["options"]["motion"] == 0.5 and meta["seed"] == 3
+    assert WithMotion.from_json(meta["options"]) == pipe.prepare(astronaut_png, request).options
+
+
 def test_every_field_is_offered_where_its_knob_says(checks: Pipeline, tmp_path: Path) -> None:
     (sub,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     generate = sub.choices["generate"].format_help()
