@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from stdrc.export.errors import CheckpointError, ExportError
+from stdrc.runtime.face import FACE_SIZE  # the aligned crop the runtime feeds the encoder
 
 log = logging.getLogger(__name__)
 
 FACE_INPUTS = ("image",)
 FACE_OUTPUTS = ("embedding",)
-FACE_SIZE = 112
 EMBED_DIM = 512
 MAX_BATCH = 64
 
