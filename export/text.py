@@ -270,7 +270,11 @@ class TextStates(torch.nn.Module):
         self.encoder = encoder
 
     def forward(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.encoder(token_ids, token_mask))
+        # padding zeroed: what Gemma leaves there (fully masked attention rows) differs between runtimes, and the
+        # head masks those positions out anyway (both feature extractors)
+        states = self.encoder(token_ids, token_mask)
+        keep = token_mask[..., None].to(states[0].dtype)
+        return tuple(h * keep for h in states)
 
 
 class TextSide(torch.nn.Module):

@@ -78,10 +78,12 @@ def test_build_verify_generate(real_layout: tuple[Path, Path], tmp_path: Path, a
         assert {f["file"] for f in sources[name]["files"].values()} == {ckpt.name}
     assert set(sources["text_gemma"]["files"]) == {"encoder"}  # Gemma's folder keys the head too (its shapes)
     assert set(sources["text_head"]["files"]) == {"encoder", "projection"}
-    # the disk check's estimate (from headers, before any weight is read) is the engines' size within 5%
+    # the disk check's estimate (from headers, before any weight is read) is the engines' size within 5%, plus
+    # 8 MiB of graph constants the headers do not show (the 2-layer Gemma engine alone, 52 MB of weights, measured
+    # 4.2 MB over them, 8%, which the head hid while one engine held both; a 1024 x 1024 fp32 mask is 4 MiB)
     weights = manifest.memory.weight_bytes
     for name, estimated in _disk_estimate(ckpt, gemma).items():
-        assert abs(weights[name] - estimated) <= 0.05 * estimated, (name, weights[name], estimated)
+        assert abs(weights[name] - estimated) <= 0.05 * estimated + 8 * 2**20, (name, weights[name], estimated)
     # one copy on disk: large components are not kept in the stage cache beside the bundle
     cached = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.exists() else 0
     assert cached < 300 * 1024**2
