@@ -37,7 +37,7 @@ from stdrc.runtime.backends.onnxruntime import OrtEngine
 from stdrc.runtime.manifest import ComponentEntry
 path, entry, feeds, out, repeats = Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])
 harness.warm_onnxruntime(sys.argv[7])
-entry = ComponentEntry.from_json(json.loads(Path(entry).read_text()))
+entry = ComponentEntry.from_json(json.loads(Path(entry).read_text()), "component")
 with np.load(feeds) as f:
     feeds = {k: f[k] for k in f.files}
 harness.reset_peak_rss()
