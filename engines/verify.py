@@ -228,7 +228,7 @@ def bucket_feeds(bundle: Path, bucket, feeds: dict[str, np.ndarray]) -> dict[str
 
 
 def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed: int = 1234,
-                  device: str = "cpu", text_encoder: str | Path | None = None,
+                  device: str = "auto", text_encoder: str | Path | None = None,
                   base_checkpoint: str | Path | None = None,
                   face_weights: str | Path | None = None, loras: tuple[LoraSpec, ...] = (),
                   dit_transform: Callable | None = None, report: bool = False,
