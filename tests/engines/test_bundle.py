@@ -93,7 +93,7 @@ def test_verify_cli_report(tiny_bundle: Path) -> None:
     assert "Passed: 2/2 iterations" in out.stdout  # the DiT at batch 1 and 3
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("face_encoder  onnxruntime fp32")
-    assert lines[-6].split() == ["model", "ltx2"]  # before the five component lines
+    assert lines[-7].split() == ["model", "ltx2"]  # before the six component lines
 
 
 def test_tampered_engine_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
