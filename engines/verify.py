@@ -274,7 +274,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path | None = None, seed
         refine = refine_lora_for_verify(manifest.two_stage.lora, refine_lora, src.preset, manifest.model_config.seed,
                                         bundle)
         refine_transform, _ = lora_transform((refine,), src.preset.dit, dit_transform)
-    states = manifest.components["text_gemma"].outputs[0].dtype  # 16-bit in a 16-bit ONNX bundle
+    gemma = manifest.components.get("text_gemma")  # absent from a bundle verified in parts
+    states = gemma.outputs[0].dtype if gemma else "float32"  # 16-bit in a 16-bit ONNX bundle
     per_bucket = [component_specs(src.preset, b, manifest.decode, manifest.rope_input, two_stage=two_stage,
                                   state_dtype=states) for b in manifest.buckets]
     reports = {}
