@@ -34,23 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness  # benchmarks/harness.py: the peak RSS of each phase
+
 HERE = Path(__file__).resolve().parent
 GB = 1024**3
 TOL = 1e-5  # rel L2, fp32: issue 26's DiT parity bound
-
-
-def _vm_hwm() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / GB
-    return 0.0
-
-
-def _reset_hwm() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux or not allowed: the peaks then accumulate (reported as measured)
 
 
 def run(layers: int, work: Path) -> dict:
@@ -71,11 +59,12 @@ def run(layers: int, work: Path) -> dict:
     phases: dict[str, dict] = {}
 
     def phase(name: str, start: float) -> None:
-        phases[name] = {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(_vm_hwm(), 2)}
-        _reset_hwm()
+        peak_gb = harness.peak_rss_mb() / 1024
+        phases[name] = {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak_gb, 2)}
+        harness.reset_peak_rss()
 
     t = time.perf_counter()
-    _reset_hwm()
+    harness.reset_peak_rss()
     config = {"transformer": synthetic.real_config(synthetic.reduced_preset("ltx23-video", layers))["transformer"]}
     preset = config_from_metadata(get_preset("ltx2-video"), config)
     d = preset.dit
