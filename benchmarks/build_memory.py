@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import harness  # benchmarks/harness.py: the per-component peak RSS
 from runtime_memory import FAMILY_PRESETS  # benchmarks/ (the script's folder)
 
 from stdrc.runtime.vocab import BACKEND_PRECISIONS, MODEL_FAMILIES
@@ -52,20 +53,6 @@ GB = 1024**3
 FULL_LAYERS = 48
 GEMMA_12B_PARAMS = 11.77e9  # Gemma-3 12B's language model (the text side reads its hidden states only)
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-def _vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux or not allowed: the peaks then accumulate (reported as measured)
 
 
 def _du(path: Path) -> int:
@@ -91,12 +78,13 @@ def child(args: argparse.Namespace) -> None:
     def on_component(name: str, staging: Path) -> None:
         files = {f for f in staging.rglob("*") if f.is_file()} - seen
         seen.update(files)
-        components[name] = {"peak_rss_gb": _vm_hwm() / GB, "disk_gb": sum(f.stat().st_size for f in files) / GB}
-        _reset_hwm()
+        components[name] = {"peak_rss_gb": harness.peak_rss_mb() * 2**20 / GB,
+                            "disk_gb": sum(f.stat().st_size for f in files) / GB}
+        harness.reset_peak_rss()
 
     tag = f"{args.family}-{layers}-{args.precision}" + ("-fp8" if args.source == "fp8" else "")
     out, cache = work / f"bundle-{tag}", work / f"cache-{tag}"
-    _reset_hwm()
+    harness.reset_peak_rss()  # not Linux or not allowed: the peaks then accumulate (reported as measured)
     cfg = BuildConfig(preset=preset, checkpoint=ckpt, text_encoder=gemma, frames=args.frames,
                       height=args.height, width=args.width, backend="onnxruntime", precision=args.precision,
                       out=out, cache_dir=cache, progress=False, on_component=on_component)

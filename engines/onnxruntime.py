@@ -24,13 +24,13 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from stdrc.export.errors import ExportError
+from stdrc.export.onnx_export import TWO_GB
 from stdrc.runtime.schema import BuildFacts
 from stdrc.runtime.vocab import BACKEND_PRECISIONS
 
 log = logging.getLogger(__name__)
 PRECISIONS = BACKEND_PRECISIONS["onnxruntime"]
 GB = 1024**3
-TWO_GB = 2 * GB
 
 
 def uses_external_data(path: Path) -> bool:

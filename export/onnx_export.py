@@ -24,7 +24,7 @@ from stdrc.export.specs import ComponentSpec
 from stdrc.runtime.manifest import SPACE_SCALE
 
 log = logging.getLogger(__name__)
-TWO_GB = 2 * 1024**3
+TWO_GB = 2 * 1024**3  # protobuf's message limit: an ONNX file past it keeps its weights as external data
 PIXEL_DIMS = {"height", "width"}  # symbolic image sizes (the VAE encoder's), multiples of SPACE_SCALE
 # Weights above this go to one external file: engine builds then edit the graph without reading them
 # (engines/onnxruntime.py), and the file moves into the bundle as it is. Below it, one inline file.
