@@ -41,7 +41,7 @@ from typing import NamedTuple
 import harness
 import numpy as np
 
-from stdrc.runtime.vocab import CONCRETE_DEVICES, ONNX_BACKENDS
+from stdrc.runtime.vocab import ONNX_BACKENDS
 
 BASELINE = "ltx-eager"
 BF16_BASELINE = "ltx-eager-bf16"
@@ -620,7 +620,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StepConfig, bool]:
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES)
+    harness.add_device_flag(p)
     p.add_argument("--backends", nargs="+", default=["auto"], choices=(*BACKENDS, "auto", "all"),
                    help="default auto: all but aoti on CPU (slow to compile), all on CUDA")
     p.add_argument("--warmup", type=int, default=3)
@@ -641,6 +641,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[StepConfig, bool]:
     a = p.parse_args(argv)
     if a.layers is not None and a.layers < 1:
         p.error("--layers must be >= 1")
+    engines = {b.split("-")[0] if b.startswith(("onnxruntime", "tensorrt")) else "aoti" if b == "aoti" else "torch"
+               for b in a.backends if b in BACKENDS}  # the runtime backend each row runs on; auto/all: torch's
+    a.device = harness.resolve_device(a.device, engines or ["torch"])
     if a.repeats < 1 or a.warmup < 0 or a.fp8_calibration_batches < 1:
         p.error("--repeats and --fp8-calibration-batches must be >= 1 and --warmup >= 0")
     cfg = StepConfig(preset=a.preset, layers=a.layers, frames=a.frames, height=a.height, width=a.width,

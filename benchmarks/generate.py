@@ -50,7 +50,7 @@ from pathlib import Path
 import harness
 import numpy as np
 
-from stdrc.runtime.vocab import BACKENDS, CONCRETE_DEVICES
+from stdrc.runtime.vocab import BACKENDS
 
 STAGES = ("text", "reference_prep", "reference_encode", "sampling", "decode", "write", "facesim")
 PROMPT = "a woman smiling at the camera, soft window light"
@@ -442,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
                    help="--stages with a full-width --preset: DiT blocks of the synthetic checkpoint")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="backend of the built tiny bundle")
-    p.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES)
+    harness.add_device_flag(p)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bundle's)")
     p.add_argument("--distilled", action="store_true")
     p.add_argument("--max-batch", type=int, default=3)
@@ -483,6 +483,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[GenerateConfig, bool]:
                 "--warmup and --repeat-generations >= 0")
     if sum(map(bool, (a.fast_path_gate, a.repeat_generations, a.stages))) > 1:
         p.error("--fast-path-gate, --repeat-generations and --stages are separate modes: pick one")
+    a.device = harness.resolve_device(a.device, harness.bundle_backends(a.bundle) if a.bundle else [a.backend])
     cfg = GenerateConfig(bundle=a.bundle, backend=a.backend, device=a.device, steps=a.steps,
                          distilled=a.distilled, max_batch=a.max_batch, warmup=a.warmup, repeats=a.repeats,
                          seed=a.seed, reference=a.ref, face_crop=a.face_crop,

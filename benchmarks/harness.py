@@ -20,7 +20,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +53,29 @@ class Timing:
     def to_json(self) -> dict:
         return {"min": round(self.min_ms, 4), "median": round(self.median_ms, 4),
                 "all": [round(t, 4) for t in self.times_ms]}
+
+
+def add_device_flag(parser) -> None:
+    """`--device`, defaulting to auto as every stdrc CLI does (resolve_device below)."""
+    from stdrc.runtime.vocab import DEVICES
+
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="default auto: CUDA when every backend measured can run there, else CPU (the report "
+                             "records the device used)")
+
+
+def resolve_device(device: str, backends: Iterable[str]) -> str:
+    """`--device` resolved as the CLIs resolve it (stdrc.runtime.backends.resolve_device over `backends`)."""
+    from stdrc.runtime.backends import resolve_device as resolve
+
+    return resolve(device, backends)
+
+
+def bundle_backends(bundle: Path) -> set[str]:
+    """The backends of a bundle's engines, from its manifest."""
+    from stdrc.runtime.manifest import read_manifest
+
+    return {entry.backend for entry in read_manifest(bundle).components.values()}
 
 
 def cuda_sync(device: str) -> Callable[[], None]:

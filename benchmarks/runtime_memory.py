@@ -34,7 +34,7 @@ from pathlib import Path
 
 import harness
 
-from stdrc.runtime.vocab import CONCRETE_DEVICES, FIXED_PLANS, REQUIRED_COMPONENTS, TEXT_COMPONENTS
+from stdrc.runtime.vocab import FIXED_PLANS, REQUIRED_COMPONENTS, TEXT_COMPONENTS
 
 GIB = 2**30
 CONTEXT_BYTES = GIB  # CUDA context + cuBLAS/TensorRT workspace, a fixed allowance
@@ -263,12 +263,14 @@ def run(bundle: Path | None, device: str, cached_modes: tuple[bool, ...] = (Fals
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=None, help="bundle to measure (default: build tiny)")
-    p.add_argument("--device", default="cpu", choices=CONCRETE_DEVICES)
+    harness.add_device_flag(p)
     p.add_argument("--projection-only", action="store_true", help="print the full-model projection only")
     p.add_argument("--family", default="ltx2", choices=tuple(FAMILY_PRESETS),
                    help="the model family whose full-size preset the projection counts")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if not a.projection_only:
+        a.device = harness.resolve_device(a.device, harness.bundle_backends(a.bundle) if a.bundle else ["onnxruntime"])
     rep = ({"projected": projected(family=a.family)} if a.projection_only
            else run(a.bundle, a.device, family=a.family))
     if a.json:

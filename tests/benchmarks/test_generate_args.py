@@ -30,3 +30,18 @@ def test_refusals(generate, capsys, argv: list[str], needle: str) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_benchmarks_default_to_the_clis_device(generate, tiny_bundle) -> None:
+    """Issue 29, one device default: generate.py and dit_step.py take `--device auto` and resolve it as the
+    stdrc CLIs do over the backends they run (here: CPU unless that backend can use CUDA), explicit values kept."""
+    from stdrc.runtime.backends import resolve_device
+
+    assert generate.parse_args([])[0].device == resolve_device("auto", ["onnxruntime"])
+    assert generate.parse_args(["--bundle", str(tiny_bundle)])[0].device == resolve_device("auto", ["onnxruntime"])
+    assert generate.parse_args(["--device", "cpu"])[0].device == "cpu"
+    dit_step = bench_module("dit_step")
+    assert dit_step.parse_args(["--backends", "onnxruntime"])[0].device == resolve_device("auto", ["onnxruntime"])
+    assert dit_step.parse_args([])[0].device == resolve_device("auto", ["torch"])
+    with pytest.raises(SystemExit):
+        dit_step.parse_args(["--device", "gpu"])
