@@ -77,6 +77,18 @@ def test_build_memory_projects_ltx23_from_recorded_points() -> None:
     assert three["peak_rss_gb"] == max(three["per_component_peak_rss_gb"].values())
 
 
+def test_build_memory_projects_ltx23_from_its_own_points() -> None:
+    """The measured 2.3 points (docs/build_memory_ltx23_fp16.json, docs/benchmarks.md): projected with their own
+    family's block (no LTX-2 scaling), two text engines, the peak within issue 26's 32 GB build target."""
+    out = _run("--family", "ltx2.3", "--points", "docs/build_memory_ltx23_fp16.json", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)["projected"]
+    assert got["measured_family"] == "ltx2.3" and got["dit_block_ratio"] == 1.0
+    assert {"text_gemma", "text_head"} <= set(got["per_component_peak_rss_gb"])
+    assert "text_encoder" not in got["per_component_peak_rss_gb"]
+    assert got["peak_rss_gb"] == max(got["per_component_peak_rss_gb"].values()) <= 32
+
+
 def test_build_memory_refuses_what_it_cannot_project() -> None:
     """A --points report that is not there: one error line naming the flag (`--family ltx2.3` alone builds 2.3)."""
     out, needle = _run("--points", "no-such-report.json"), "--points"
