@@ -47,7 +47,7 @@ def run(layers: int, work: Path) -> dict:
     import torch
     from ltx_core.model.transformer.model_configurator import LTXVideoOnlyModelConfigurator
 
-    from stdrc.engines.build import _torch_engine
+    from stdrc.engines.aoti import torch_engine
     from stdrc.export.checkpoint import config_from_metadata
     from stdrc.export.config import get_preset
     from stdrc.export.dit import BakedRopeDiT, LtxCoreDiT, build_dit, init_seeded
@@ -94,7 +94,7 @@ def run(layers: int, work: Path) -> dict:
 
     t = time.perf_counter()
     package = work / "dit.pt2"
-    _torch_engine(BakedRopeDiT(dit, tables.cos, tables.sin).eval(), spec, package, "aoti", "cpu")
+    torch_engine(BakedRopeDiT(dit, tables.cos, tables.sin).eval(), spec, package, "aoti", "cpu")
     phase("export_and_compile", t)
     del dit, theirs, reference
     gc.collect()

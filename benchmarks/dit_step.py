@@ -641,7 +641,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[StepConfig, bool]:
     a = p.parse_args(argv)
     if a.layers is not None and a.layers < 1:
         p.error("--layers must be >= 1")
-    engines = {b.split("-")[0] if b.startswith(("onnxruntime", "tensorrt")) else "aoti" if b == "aoti" else "torch"
+    engines = {b.split("-")[0] if b.startswith(ONNX_BACKENDS) else "aoti" if b == "aoti" else "torch"
                for b in a.backends if b in BACKENDS}  # the runtime backend each row runs on; auto/all: torch's
     a.device = harness.resolve_device(a.device, engines or ["torch"])
     if a.repeats < 1 or a.warmup < 0 or a.fp8_calibration_batches < 1:
