@@ -128,16 +128,17 @@ def test_build_engines_refuses_before_any_read(files: dict[str, Path], tmp_path:
     assert_build_refused_before_any_read(bad, tmp_path, message, monkeypatch, capsys)
 
 
-def test_ltx23_file_builds_and_verifies(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_ltx23_file_builds_and_verifies(files: dict[str, Path], tmp_path: Path, cache_dir: Path, capsys) -> None:
     """A real-layout LTX-2.3 file (tiny23 width, audio stream included) through build-engines and verify: the
-    bundle records its family, and every engine equals the PyTorch module loaded from the same file."""
+    bundle records its family, and every engine equals the PyTorch module loaded from the same file. The
+    session's stage cache: the seeded text encoder and face encoder come from an earlier tiny23 build's."""
     from stdrc.engines.cli import main
     from stdrc.engines.verify import REF_FILE_CONFIG
     from stdrc.runtime.manifest import read_manifest
 
     bundle = tmp_path / "bundle"
     assert main(["build-engines", "--preset", "tiny23", "--checkpoint", str(files["ltx23"]), "--backend",
-                 "onnxruntime", "--out", str(bundle), "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+                 "onnxruntime", "--out", str(bundle), "--cache-dir", str(cache_dir), "-q"]) == 0
     manifest = read_manifest(bundle)
     assert manifest.model_config.family == "ltx2.3" and manifest.checkpoint_sha256
     assert {t.name for t in manifest.components["dit"].inputs} >= {"sigma"}
