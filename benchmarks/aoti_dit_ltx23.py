@@ -13,10 +13,9 @@ on two kinds of stream: the spec's sample inputs, and those with a conditioned f
 (timestep 0 there, so the prompt AdaLN's sigma is no token's timestep). Pass: rel L2 <= 1e-5 (fp32) at every
 call (exit 0; else 1).
 
-Not a test: at 1 layer the compile alone takes ~51 s and the run peaks at 6.0 GB on the project's shared 2-core
-machine, 90 s in all (docs/benchmarks.md, "LTX-2.3's aoti DiT at real width"), on a suite cut to its bone;
-tests/engines/test_aoti.py runs the same check at tiny23 width, tests/export/test_dit_ltx23.py PyTorch and ONNX
-Runtime at this width.
+The suite runs the same check at 1 layer (tests/export/test_dit_ltx23.py, beside PyTorch and ONNX Runtime); this
+script runs it at any depth, with each phase's time and peak RSS (docs/benchmarks.md, "LTX-2.3's aoti DiT at real
+width").
 Peak RSS: this process's VmHWM per phase (reset between phases through /proc/self/clear_refs) and the
 largest child's (the C++ compiler AOTInductor runs).
 """
