@@ -207,9 +207,10 @@ def aoti_tiny23_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
 def aoti_two_stage_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """The tiny preset as the two-stage aoti bundle build-engines makes (bucket 9x128x64, stage 1 at 9x64x32, the
     random tiny upsampler, the seeded rank-4 refinement LoRA at strength 1): `dit_refine` is a package without
-    constants, given the dit package's and the LoRA's at load (engines/aoti.py). Shared by the C++ two-stage tests
-    and the aoti refinement's own (tests/engines/test_aoti.py). Seven AOTInductor compiles: 275 s on the
-    shared 2-core VM (2026-12-07, load 3)."""
+    constants, given the dit package's and the LoRA's at load (engines/aoti.py). Shared by the C++ runner's tests,
+    one-stage (`stages=1`) and two-stage, and the aoti parity tests (tests/engines/test_aoti.py): one build instead
+    of a second tiny one-stage bundle. Seven AOTInductor compiles: 275 s on the shared 2-core VM (2026-12-07,
+    load 3)."""
     from stdrc.engines.build import BuildConfig, build_engines
 
     out = tmp_path_factory.mktemp("aoti-two-stage") / "tiny-two-stage"

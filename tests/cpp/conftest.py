@@ -1,4 +1,5 @@
-"""Fixtures for the C++ runtime tests: the tiny aoti bundle and the `stdrc_run` binary, once per session."""
+"""Fixtures for the C++ runtime tests: the tiled-buckets aoti bundle and the `stdrc_run` binary, once per session
+(the one-stage and two-stage runner tests share tests/conftest.py `aoti_two_stage_bundle`)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,6 @@ CPP_DIR = Path(__file__).resolve().parents[2] / "runtime" / "cpp"
 JSON_HEADER_DIRS = (Path("/usr/include"), Path("/usr/local/include"))
 
 
-def build_aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """The tiny preset as aoti packages, built once per session (shared with tests/engines/test_aoti.py)."""
-    from stdrc.engines.build import BuildConfig, build_engines
-
-    out = tmp_path_factory.getbasetemp() / "aoti-bundle" / "tiny"
-    if not (out / "manifest.json").is_file():  # BundleWriter renames the folder into place only when complete
-        build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", progress=False))
-    return out
-
-
 @pytest.fixture(scope="session")
 def aoti_tiled_buckets_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """The tiny preset as aoti packages for two buckets of different frame counts at 64x192, decoded in 96 px
@@ -37,11 +28,6 @@ def aoti_tiled_buckets_bundle(tmp_path_factory: pytest.TempPathFactory, cache_di
     out = tmp_path_factory.mktemp("aoti-tiled-buckets") / "tiny-tiled-buckets"
     return build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", buckets=("9x192x64", "17x192x64"),
                                      decode_tile=96, decode_overlap=32, progress=False))
-
-
-@pytest.fixture(scope="session")
-def aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    return build_aoti_bundle(tmp_path_factory, cache_dir)
 
 
 def _missing_tools() -> str | None:

@@ -1,4 +1,8 @@
-"""The C++ runner (`runtime/cpp`, `stdrc_run`) against the Python runtime on the same aoti bundle and inputs."""
+"""The C++ runner (`runtime/cpp`, `stdrc_run`) against the Python runtime on the same aoti bundle and inputs.
+
+The one-stage runs use tests/conftest.py `aoti_two_stage_bundle` with `stages=1` (the path a one-stage bundle
+takes, at 9x128x64 with the DiT's RoPE tables as inputs): one build serves these and the two-stage tests (each aoti
+bundle is minutes of Inductor); the baked-RoPE DiT is the 2.3 case's (`aoti_tiny23_bundle`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from stdrc.runtime.cpp_inputs import DECODE_NOISE, NOISE, read_cpp_outputs, run_
 from stdrc.runtime.options import GenerationOptions
 from stdrc.runtime.pipeline import Pipeline
 
-pytestmark = pytest.mark.slow  # the aoti bundle (shared with test_aoti.py) and a libtorch C++ build
+pytestmark = pytest.mark.slow  # the aoti bundles (shared with test_aoti.py) and a libtorch C++ build
 
 FP32_ATOL = 1e-4
 PROMPT, SEED = "a person waving", 11
@@ -29,6 +33,15 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
+def aoti_bundle(aoti_two_stage_bundle: Path) -> Path:
+    """The bundle of the one-stage runs: every run here passes `stages=1` (ONE_STAGE)."""
+    return aoti_two_stage_bundle
+
+
+ONE_STAGE = {"stages": 1}  # the one-stage path on the shared two-stage bundle (its default is 2)
+
+
+@pytest.fixture(scope="module")
 def pipeline(aoti_bundle: Path) -> Pipeline:
     return Pipeline.from_bundle(aoti_bundle, trust_code=True)
 
@@ -40,7 +53,7 @@ def reference() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def default_inputs(pipeline: Pipeline, reference: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cpp_inputs(pipeline, reference, GenerationOptions(PROMPT, seed=SEED, face_crop=False),
+    return write_cpp_inputs(pipeline, reference, GenerationOptions(PROMPT, seed=SEED, face_crop=False, **ONE_STAGE),
                             tmp_path_factory.mktemp("cpp-inputs"))
 
 
@@ -80,7 +93,7 @@ def test_cpp_runs_each_bucket_with_tiled_decode(cpp_runner: Path, aoti_tiled_buc
 @pytest.mark.parametrize("case", list(CASES))
 def test_cpp_matches_python(case: str, cpp_runner: Path, aoti_bundle: Path, pipeline: Pipeline,
                             reference: np.ndarray, tmp_path: Path) -> None:
-    options = GenerationOptions(PROMPT, seed=SEED, face_crop=False, **CASES[case])
+    options = GenerationOptions(PROMPT, seed=SEED, face_crop=False, **ONE_STAGE, **CASES[case])
     max_batch = options.max_batch
     inputs = write_cpp_inputs(pipeline, reference, options, tmp_path / "inputs")
     python = run_python(pipeline, inputs, max_batch=max_batch)
@@ -92,7 +105,8 @@ def test_cpp_matches_python(case: str, cpp_runner: Path, aoti_bundle: Path, pipe
     done = run_cpp(cpp_runner, aoti_bundle, inputs, tmp_path / "out", "--max-batch", str(max_batch))
     assert done.returncode == 0, done.stderr
     cpp = read_cpp_outputs(tmp_path / "out")
-    assert cpp.latent.shape == python.latent.shape and cpp.latent.dtype == np.float32
+    assert cpp.stage1_latent is None and cpp.latent.shape == python.latent.shape == (1, 16, 128)  # 9x128x64: 2x2x4
+    assert cpp.latent.dtype == np.float32
     assert cpp.video.shape == python.video.shape and cpp.frames.dtype == np.uint8
     assert np.abs(cpp.latent - python.latent).max() <= FP32_ATOL
     assert np.abs(cpp.video - python.video).max() <= FP32_ATOL
@@ -235,7 +249,7 @@ BAD = {
     "path-escape": "leaves the bundle folder",
     "negative-sigma": "sampler.sigmas",
     "untrusted": "--trust-bundle-code",
-    "noise-shape": "noise.npy has shape [1, 5, 128], the bundle needs [1, 12, 128]",
+    "noise-shape": "noise.npy has shape [1, 5, 128], the bundle needs [1, 16, 128]",
     "noise-dtype": "holds int32 values, the runner needs float32",
     "noise-truncated": "truncated",
     "noise-missing": "noise.npy is missing",

@@ -14,23 +14,19 @@ from stdrc.runtime.backends.torch import TorchEngine
 from stdrc.runtime.manifest import read_manifest
 from stdrc.runtime.pipeline import Pipeline
 from stdrc.runtime.video import psnr
-from stdrc.runtime.vocab import COMPONENTS
+from stdrc.runtime.vocab import COMPONENTS, STAGE_COMPONENTS
 
-pytestmark = pytest.mark.slow  # ~75-120 s on 2 CPU cores, almost all of it the five AOTInductor compiles
+pytestmark = pytest.mark.slow  # minutes on 2 CPU cores, almost all of it the shared bundles' AOTInductor compiles
 
 FP32_ATOL = 1e-4
 PSNR_MIN_DB = 40.0
 
 
 @pytest.fixture(scope="session")
-def aoti_bundle(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """Built once per session; tests/cpp/conftest.py reuses the same folder."""
-    from stdrc.engines.build import BuildConfig, build_engines
-
-    out = tmp_path_factory.getbasetemp() / "aoti-bundle" / "tiny"
-    if not (out / "manifest.json").is_file():  # BundleWriter renames the folder into place only when complete
-        build_engines(BuildConfig(out=out, cache_dir=cache_dir, backend="aoti", progress=False))
-    return out
+def aoti_bundle(aoti_two_stage_bundle: Path) -> Path:
+    """tests/conftest.py's two-stage aoti bundle (9x128x64, the DiT's RoPE tables as inputs): one build serves
+    these tests and the C++ runner's; the baked-RoPE DiT is tiny23's (test_ltx23_dit_matches_ltx_core)."""
+    return aoti_two_stage_bundle
 
 
 def _batches(dynamic: dict[str, list[int]]) -> list[int | None]:
@@ -42,21 +38,24 @@ def _batches(dynamic: dict[str, list[int]]) -> list[int | None]:
 
 def test_manifest_records_aoti_packages(aoti_bundle: Path) -> None:
     manifest = read_manifest(aoti_bundle)
-    assert set(manifest.components) == set(COMPONENTS)
+    assert set(manifest.components) == set(COMPONENTS + STAGE_COMPONENTS)
     for name, entry in manifest.components.items():
         assert entry.backend == "aoti", name
         assert entry.file == f"{name}.pt2"
         assert entry.build.torch_version == torch.__version__
-    assert manifest.components["dit"].dynamic_dims == {"batch": [1, 3, 3]}
+    # tokens: the stage-1 half 9x64x32 (4 video + 2 reference) up to the bucket 9x128x64 (16 + 8)
+    assert manifest.components["dit"].dynamic_dims == {"batch": [1, 3, 3], "tokens": [6, 24, 24]}
 
 
 def test_every_component_matches_pytorch(aoti_bundle: Path, tiny_models) -> None:
+    """The one-stage components; `dit_refine` has its own test below, the upsampler verify's (against ltx-core)."""
     manifest = read_manifest(aoti_bundle)
-    modules = tiny_models.export_modules(manifest.bucket, manifest.rope.layout)
-    specs = component_specs(tiny_models.preset, manifest.bucket)
-    assert set(manifest.components) <= set(specs), "a bundle component has no parity case"
+    modules = tiny_models.export_modules(manifest.bucket, manifest.rope.layout, rope_input=True)
+    specs = component_specs(tiny_models.preset, manifest.bucket, rope_input=True, two_stage=True)
+    assert set(COMPONENTS) <= set(modules), "a bundle component has no parity case"
     errors = {}
-    for name, entry in manifest.components.items():
+    for name in COMPONENTS:
+        entry = manifest.components[name]
         engine = open_engine(aoti_bundle, name, entry, trust_code=True)
         assert isinstance(engine, TorchEngine)
         for batch in _batches(entry.dynamic_dims):
@@ -72,15 +71,18 @@ def test_every_component_matches_pytorch(aoti_bundle: Path, tiny_models) -> None
     assert not bad, f"aoti vs PyTorch max abs error over {FP32_ATOL}: {bad}"
 
 
-def test_generate_matches_onnxruntime(aoti_bundle: Path, tiny_bundle: Path) -> None:
+@pytest.mark.parametrize("stages", [1, 2])
+def test_generate_matches_onnxruntime(stages: int, aoti_bundle: Path, two_stage_bundle: Path) -> None:
+    """The same two-stage bundle (9x128x64) built for aoti and for ONNX Runtime: one stage, and both."""
     reference = np.random.default_rng(7).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     results = {}
-    for label, bundle in (("aoti", aoti_bundle), ("onnxruntime", tiny_bundle)):
+    for label, bundle in (("aoti", aoti_bundle), ("onnxruntime", two_stage_bundle)):
         pipeline = Pipeline.from_bundle(bundle, trust_code=True)
         assert {e.entry.backend for e in pipeline.engines.values()} == {label}
-        results[label] = pipeline.generate(reference, prompt="a person waving", seed=5, face_crop=False)
+        results[label] = pipeline.generate(reference, prompt="a person waving", seed=5, face_crop=False,
+                                           stages=stages)
     aoti, ort = results["aoti"], results["onnxruntime"]
-    assert aoti.frames.shape == ort.frames.shape == (9, 64, 96, 3)
+    assert aoti.frames.shape == ort.frames.shape == (9, 64, 128, 3)
     assert np.abs(aoti.latent - ort.latent).max() <= 1e-3
     assert psnr(aoti.frames, ort.frames) >= PSNR_MIN_DB
 
@@ -89,7 +91,8 @@ def test_verify_passes_on_the_aoti_bundle(aoti_bundle: Path) -> None:
     from stdrc.engines.verify import verify_bundle
 
     reports = verify_bundle(aoti_bundle, trust_code=True)
-    assert set(reports) == {"text_gemma", "text_head", "dit", "vae_encoder", "vae_decoder", "face_encoder"}
+    assert set(reports) == {"text_gemma", "text_head", "dit", "vae_encoder", "vae_decoder", "face_encoder",
+                            "upsampler", "dit_refine"}
     assert all(r.backend == "aoti" and r.ok and r.rel_l2 <= 1e-4 for r in reports.values()), reports
 
 
