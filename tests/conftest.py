@@ -51,14 +51,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules that use `ray_cluster` run last, in their own order: one cluster, alive only while they run.
-    On an xdist worker, in XDIST_ORDER (the ray group holds every `ray_cluster` module: test_xdist_groups.py)."""
+    On an xdist worker, groups in XDIST_ORDER and the `ray_cluster` modules last within theirs (the ray group
+    holds every `ray_cluster` module: test_xdist_groups.py)."""
     def file(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0]
 
-    if hasattr(config, "workerinput"):
-        items.sort(key=lambda item: XDIST_ORDER.index(xdist_group(file(item))))
-        return
     ray_files = {file(item) for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    if hasattr(config, "workerinput"):  # a test starting Ray of its own (serve_load) must run before the cluster
+        items.sort(key=lambda item: (XDIST_ORDER.index(xdist_group(file(item))), file(item) in ray_files))
+        return
     items.sort(key=lambda item: file(item) in ray_files)  # stable: the rest keeps its order
 
 
