@@ -19,7 +19,12 @@ for _name in ("onnx_ir", "onnxscript", "torch.onnx"):
 
 def pytest_configure(config: pytest.Config) -> None:
     """Prompt embeddings cached on disk go to a folder of this test run (never the user's ~/.cache), removed at
-    its end; a pytest run inside a test (test_cpp_skip_policy.py) inherits its parent's through the environment."""
+    its end; a pytest run inside a test (test_cpp_skip_policy.py) inherits its parent's through the environment.
+    Under `-n` the workers get one OpenMP thread each."""
+    if getattr(config.option, "numprocesses", None):  # the xdist controller, before it starts the workers
+        # one OpenMP/BLAS thread per worker: with two workers on two cores, two threads each spin and contend
+        # (tests/export's fast lane on the quiet 2-core VM: 67-69 s, 133 s of CPU, vs 78-86 s, 154-164 s)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if "STDRC_PROMPT_CACHE" in os.environ:
         return
     folder = tempfile.mkdtemp(prefix="stdrc-test-prompts-")
