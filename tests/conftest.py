@@ -22,8 +22,8 @@ def pytest_configure(config: pytest.Config) -> None:
     its end; a pytest run inside a test (test_cpp_skip_policy.py) inherits its parent's through the environment.
     Under `-n` the workers get one OpenMP thread each."""
     if getattr(config.option, "numprocesses", None):  # the xdist controller, before it starts the workers
-        # one OpenMP/BLAS thread per worker: with two workers on two cores, two threads each spin and contend
-        # (tests/export's fast lane on the quiet 2-core VM: 67-69 s, 133 s of CPU, vs 78-86 s, 154-164 s)
+        # one OpenMP/BLAS thread per worker: two workers on two cores with two threads each contend
+        # (docs/development.md, "Test lanes": the measured difference)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     if "STDRC_PROMPT_CACHE" in os.environ:
         return
@@ -62,10 +62,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return item.nodeid.split("::")[0]
 
     ray_files = {file(item) for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
-    if hasattr(config, "workerinput"):  # a test starting Ray of its own (serve_load) must run before the cluster
-        items.sort(key=lambda item: (XDIST_ORDER.index(xdist_group(file(item))), file(item) in ray_files))
-        return
-    items.sort(key=lambda item: file(item) in ray_files)  # stable: the rest keeps its order
+    on_worker = hasattr(config, "workerinput")
+    # stable: the rest keeps its order; a test starting Ray of its own (serve_load) runs before the cluster
+    items.sort(key=lambda item: (XDIST_ORDER.index(xdist_group(file(item))) if on_worker else 0,
+                                 file(item) in ray_files))
 
 
 @pytest.fixture(scope="session")
